@@ -1,0 +1,72 @@
+"""What every command shares: the console, output modes, and turning user errors into one line.
+
+Nothing here imports torch, scanpy or gears: `regina --help` must answer instantly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+
+from regina_cli.errors import ReginaError
+
+console = Console(stderr=True, highlight=False)
+_state = {"quiet": False, "json": False}
+
+
+def set_output_mode(*, quiet: bool, json_output: bool) -> None:
+    _state["quiet"] = quiet or json_output
+    _state["json"] = json_output
+
+
+def is_quiet() -> bool:
+    return _state["quiet"]
+
+
+def info(message: str) -> None:
+    """A human-readable status line on stderr (silenced by --quiet/--json)."""
+    if not _state["quiet"]:
+        console.print(message)
+
+
+def show(renderable: Any) -> None:
+    """A rich table or panel on stderr (silenced by --quiet/--json)."""
+    if not _state["quiet"]:
+        console.print(renderable)
+
+
+def emit_result(result: dict) -> None:
+    """With --json, the command's result as one JSON document on stdout (for scripts)."""
+    if _state["json"]:
+        sys.stdout.write(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn a `ReginaError` into `error: <message>` and a non-zero exit; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ReginaError as exc:
+            console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("[bold red]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+# --- Options shared by several commands --------------------------------------------------------
+DataDirOpt = typer.Option(
+    None, "--data-dir", help="Data folder (default: $REGINA_DATA, else ./data).", show_default=False
+)
+SetOpt = typer.Option(None, "--set", help="Config override section.key=value (repeatable).")
+ConfigOpt = typer.Option(None, "--config", help="YAML config file (see docs/configuration.md).")
+

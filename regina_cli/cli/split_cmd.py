@@ -1,0 +1,12 @@
+"""`regina split` (not built yet)."""
+
+from regina_cli.cli.app import app
+from regina_cli.cli.common import user_errors
+from regina_cli.errors import ReginaError
+
+
+@app.command("split", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@user_errors
+def split_command() -> None:
+    """Not built yet."""
+    raise ReginaError("'regina split' is not built yet")

@@ -1,0 +1,305 @@
+"""Configuration: dataclasses with commented defaults, named presets, YAML files and dotted
+`--set section.key=value` overrides.
+
+Every key carries its meaning in `field(metadata={"help": ...})`; `docs/configuration.md` is
+generated from these (see `config_reference_markdown`) so the documentation cannot drift.
+Unknown keys and wrongly typed values are errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from regina_cli.errors import ReginaError
+
+
+def _opt(default: Any, help: str):
+    """A config field: default plus the one-line meaning shown in the generated docs."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    """Network shapes (original sizes: `original_facts.md`, dixit/adamson/norman)."""
+
+    seq_len: int = _opt(16, "Tokens per cell; each token holds ceil(n_genes / seq_len) genes.")
+    d_model: int = _opt(512, "Transformer width of encoder and decoder.")
+    n_layers: int = _opt(4, "Pre-norm Transformer layers in the encoder and in the decoder.")
+    n_heads: int = _opt(8, "Attention heads.")
+    ff_mult: int = _opt(4, "Feed-forward width as a multiple of d_model.")
+    z_dim: int = _opt(256, "Latent size (after the encoder's final LayerNorm).")
+    dropout: float = _opt(0.1, "Dropout inside the Transformer layers.")
+    classifier_hidden: int = _opt(128, "Hidden width of the spectral-normalised latent classifier.")
+    classifier_dropout: float = _opt(0.2, "Dropout in the latent classifier.")
+    transition_hidden: int = _opt(512, "Width of the forward/backward transition blocks.")
+    transition_blocks: int = _opt(2, "Residual blocks in each transition block.")
+    discriminator_hidden: list = _opt([512, 256], "Hidden widths of the conditioned discriminator.")
+
+
+@dataclass
+class AEConfig:
+    """Phase 1: regularised autoencoder with latent classifier (L_AE in the method)."""
+
+    batch_size: int = _opt(64, "Cells per optimisation step (per process).")
+    max_epochs: int = _opt(100, "Upper bound on epochs; consistency early stopping usually ends sooner.")
+    lr: float = _opt(1e-4, "AdamW learning rate of encoder and decoder.")
+    weight_decay: float = _opt(1e-3, "AdamW weight decay.")
+    grad_clip: float = _opt(0.5, "Gradient norm clip (0 disables).")
+    classifier_lr: float = _opt(1e-3, "AdamW learning rate of the latent classifier (L_sg step).")
+    lr_scale_batch: bool = _opt(False, "Scale learning rates linearly with batch_size / 64 (large-batch GPU runs).")
+    lambda_mse: float = _opt(1.5, "Weight of the reconstruction loss L_MSE.")
+    lambda_center: float = _opt(0.5, "Weight of the center loss L_CE.")
+    lambda_reg: float = _opt(1e-4, "Weight of the latent regulariser L_reg.")
+    lambda_clf: float = _opt(1.0, "Weight of L_CLF (classification through the encoder).")
+    lambda_cons: float = _opt(0.0, "Weight of L_cons as a training term (0: monitoring only, as in the method).")
+    consistency_patience: int = _opt(5, "Stop after this many epochs in a row in which validation L_cons increased.")
+    consistency_min_delta: float = _opt(1e-4, "An increase smaller than this does not count as an increase.")
+    min_epochs: int = _opt(3, "Never stop before this many epochs.")
+    selection: str = _opt("variance_preservation", "Best-checkpoint criterion on validation: variance_preservation or val_mse.")
+
+
+@dataclass
+class GANConfig:
+    """Phase 2: latent cycle-GAN with perturbation prompts."""
+
+    batch_size: int = _opt(64, "Control/perturbed pairs per step (per process).")
+    max_epochs: int = _opt(100, "Upper bound on epochs.")
+    patience: int = _opt(10, "Stop after this many epochs without a better validation Pearson delta.")
+    lr: float = _opt(4e-4, "AdamW learning rate of the transition blocks.")
+    beta1: float = _opt(0.5, "AdamW beta1 (transitions and discriminator).")
+    beta2: float = _opt(0.999, "AdamW beta2 (transitions and discriminator).")
+    decoder_lr: float = _opt(5e-5, "Learning rate of the decoder, which keeps training in phase 2.")
+    discriminator_lr: float = _opt(4e-4, "AdamW learning rate of the discriminator.")
+    discriminator_every: int = _opt(5, "Update the discriminator every N-th step.")
+    real_target: float = _opt(0.9, "Target for real latents in L_D (one-sided label smoothing).")
+    instance_noise: float = _opt(0.1, "Std of instance noise added to discriminator inputs.")
+    noise_decay_start: int = _opt(20, "Epoch at which instance noise starts decaying linearly.")
+    noise_decay_end: int = _opt(80, "Epoch at which instance noise reaches zero.")
+    lambda_cycle: float = _opt(5.0, "Weight of the cycle loss L_cycle.")
+    lambda_adv: float = _opt(3.5, "Weight of the generator loss L_G.")
+    lambda_anchor: float = _opt(1.0, "Weight of the reconstruction anchor (decode real latents).")
+    lambda_pred: float = _opt(1.0, "Weight of MSE between decoded prediction and the perturbed cell.")
+    prompt_value: float = _opt(-1.0, "Value written into targeted genes to build X_fake (negative: knock-down).")
+    lr_scale_batch: bool = _opt(False, "Scale learning rates linearly with batch_size / 64.")
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how to run; does not change the model."""
+
+    seed: int = _opt(0, "Seed for weights, pairing and sampling (rank is added per process).")
+    device: str = _opt("auto", "auto, cpu or cuda.")
+    amp: str = _opt("auto", "Mixed precision: auto (bf16 on GPUs that support it), bf16 or off.")
+    compile: bool = _opt(False, "torch.compile the encoder and decoder (GPU).")
+    device_data: str = _opt("auto", "Keep the training matrix on the device: auto (when it fits), always or never (stream).")
+    stream_chunk_cells: int = _opt(8192, "Cells read at a time when streaming from the h5ad.")
+
+
+@dataclass
+class ReginaConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ae: AEConfig = field(default_factory=AEConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = get_type_hints(ReginaConfig)
+
+# --- Presets ---------------------------------------------------------------------------------
+# Each preset is a dict of overrides on the defaults (which are the original sizes). Loss
+# weights: adamson and dixit are the original's two presets; norman used adamson's.
+_ADAMSON = {
+    "ae": {"lambda_mse": 1.5, "lambda_center": 0.5, "lambda_clf": 1.0, "lambda_reg": 1e-4},
+    "gan": {"lambda_cycle": 5.0, "lambda_adv": 3.5, "prompt_value": -1.0},
+}
+PRESETS: dict[str, dict] = {
+    "adamson": _ADAMSON,
+    "norman": _ADAMSON,
+    "dixit": {
+        "ae": {"lambda_mse": 3.0, "lambda_center": 0.5, "lambda_clf": 0.1, "lambda_reg": 1e-4},
+        "gan": {"lambda_cycle": 1.0, "lambda_adv": 0.1, "prompt_value": -0.1},
+    },
+    "demo": {
+        "model": {
+            "d_model": 64, "n_layers": 2, "n_heads": 4, "z_dim": 64, "classifier_hidden": 64,
+            "transition_hidden": 128, "discriminator_hidden": [128, 64],
+        },
+        "ae": {"batch_size": 256, "max_epochs": 30, "lr": 1e-3, "min_epochs": 5},
+        "gan": {"batch_size": 256, "max_epochs": 30, "lr": 1e-3, "discriminator_lr": 1e-3,
+                "decoder_lr": 1e-4, "patience": 6, "noise_decay_start": 5, "noise_decay_end": 20},
+    },
+}
+
+
+def auto_preset(n_genes: int) -> dict:
+    """Model and schedule sized to the gene count, for datasets without a named preset.
+
+    Keeps the original's 16 tokens and scales width with the token size, so a screen of a
+    few thousand cells and ~500 genes trains both phases on 2 CPU cores in minutes.
+    """
+    tokens = 16
+    width = 2 ** max(6, min(9, math.ceil(math.log2(max(n_genes, 1) / tokens)) + 1))
+    layers = 2 if width < 256 else 4
+    return {
+        "model": {
+            "seq_len": tokens, "d_model": width, "n_layers": layers, "n_heads": max(2, width // 64),
+            "z_dim": min(256, width), "classifier_hidden": min(128, width),
+            "transition_hidden": 2 * width, "discriminator_hidden": [2 * width, width],
+        },
+        "ae": {"batch_size": 128, "max_epochs": 40, "lr": 5e-4},
+        "gan": {"batch_size": 128, "max_epochs": 40, "lr": 5e-4, "patience": 8,
+                "noise_decay_start": 5, "noise_decay_end": 30},
+    }
+
+
+# --- Building a config -----------------------------------------------------------------------
+def _coerce(section: str, key: str, value: Any, target_type: Any) -> Any:
+    name = f"{section}.{key}"
+    if target_type is bool:
+        if isinstance(value, bool):
+            return value
+        raise ReginaError(f"config key {name} takes true or false, not {value!r}")
+    if target_type is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ReginaError(f"config key {name} takes a number, not {value!r}")
+    if target_type is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ReginaError(f"config key {name} takes a whole number, not {value!r}")
+    if target_type is str:
+        return str(value)
+    if target_type is list:
+        if isinstance(value, list):
+            return list(value)
+        raise ReginaError(f"config key {name} takes a list like [512, 256], not {value!r}")
+    return value
+
+
+def apply_overrides(config: ReginaConfig, overrides: dict) -> ReginaConfig:
+    """Return a copy of `config` with nested `{section: {key: value}}` overrides applied."""
+    config = dataclasses.replace(
+        config, **{s: dataclasses.replace(getattr(config, s)) for s in SECTIONS}
+    )
+    if not isinstance(overrides, dict):
+        raise ReginaError("a config file must be a mapping of sections (model, ae, gan, runtime)")
+    for section, values in overrides.items():
+        if section not in SECTIONS:
+            raise ReginaError(
+                f"unknown config section {section!r}; known sections: {', '.join(SECTIONS)}"
+            )
+        if not isinstance(values, dict):
+            raise ReginaError(f"config section {section!r} must be a mapping of key: value")
+        target = getattr(config, section)
+        hints = get_type_hints(type(target))
+        for key, value in values.items():
+            if key not in hints:
+                raise ReginaError(
+                    f"unknown config key {section}.{key}; known keys: {', '.join(hints)}"
+                )
+            setattr(target, key, _coerce(section, key, value, hints[key]))
+    return config
+
+
+def parse_set(assignments: list[str] | None) -> dict:
+    """Turn `["ae.lr=1e-3", "model.discriminator_hidden=[256,128]"]` into nested overrides."""
+    nested: dict = {}
+    for item in assignments or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ReginaError(f"--set takes section.key=value (e.g. ae.lr=1e-3), not {item!r}")
+        dotted, raw = item.split("=", 1)
+        section, key = dotted.strip().split(".", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ReginaError(f"--set {item!r}: cannot read the value ({exc.problem})") from None
+        nested.setdefault(section, {})[key] = value
+    return nested
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ReginaError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ReginaError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ReginaError(f"config file {path} must be a mapping of sections")
+    return data
+
+
+def build_config(
+    *,
+    preset: str | None = None,
+    n_genes: int | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> ReginaConfig:
+    """Defaults, then the preset (named, or sized to `n_genes`), then a file, then `--set`."""
+    config = ReginaConfig()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ReginaError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        config = apply_overrides(config, PRESETS[preset])
+    elif n_genes is not None:
+        config = apply_overrides(config, auto_preset(n_genes))
+    if config_file is not None:
+        config = apply_overrides(config, load_yaml(config_file))
+    return apply_overrides(config, parse_set(overrides))
+
+
+def config_from_dict(data: dict) -> ReginaConfig:
+    """Rebuild a config saved as `config.yaml` in a run directory."""
+    return apply_overrides(ReginaConfig(), data)
+
+
+def to_yaml(config: ReginaConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def config_reference_markdown() -> str:
+    """Every key with type, default and meaning, generated from the dataclasses."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by `python -m regina_cli.config`; do not edit by hand. -->",
+        "",
+        "Set keys in a YAML file passed with `--config FILE`, or one at a time with",
+        "`--set section.key=value` (repeatable; the value is read as YAML, so `--set",
+        "model.discriminator_hidden=[256,128]` works). Order of precedence, lowest first:",
+        "built-in defaults, the preset (`--preset`, else a model sized to the gene count),",
+        "the config file, `--set`. Unknown keys are errors.",
+        "",
+        "Presets: " + ", ".join(f"`{p}`" for p in PRESETS) + ".",
+        "",
+    ]
+    for section, cls in SECTIONS.items():
+        lines += [f"## `{section}`", "", (cls.__doc__ or "").strip(), ""]
+        lines += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(
+                f"| `{section}.{f.name}` | {hints[f.name].__name__} | `{default}` | {f.metadata['help']} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(config_reference_markdown(), end="")

@@ -1,0 +1,79 @@
+"""Every obs/var/uns key, file name and default location, defined once.
+
+GEARS field names are kept verbatim so that files written here open in cell-gears and vice
+versa.
+"""
+
+import os
+from pathlib import Path
+
+# --- AnnData keys (GEARS layout) ------------------------------------------------------------
+OBS_CONDITION = "condition"  # "ctrl", "A+ctrl", "A+B"
+OBS_CELL_TYPE = "cell_type"
+OBS_CONTROL = "control"  # 1 for control cells, 0 otherwise
+OBS_CONDITION_NAME = "condition_name"  # "<cell_type>_<condition>_1+1"
+OBS_DOSE = "dose_val"  # "1+1" / "1"
+VAR_GENE_NAME = "gene_name"
+UNS_RANK_GENES = "rank_genes_groups_cov_all"
+UNS_TOP_DE_20 = "top_non_dropout_de_20"
+UNS_NON_DROPOUT_IDX = "non_dropout_gene_idx"
+UNS_TOP_NON_ZERO_DE_20 = "top_non_zero_de_20"
+UNS_NON_ZEROS_IDX = "non_zeros_gene_idx"
+UNS_REGINA = "regina"  # provenance written by REGINA (source, normalisation, versions)
+
+# --- REGINA-specific keys --------------------------------------------------------------------
+OBS_CELL_STATE = "cell_state"  # label used by the latent classifier
+OBS_CONTROL_CELL = "control_cell"  # predictions: which control cell a prediction came from
+
+# --- Label vocabulary ------------------------------------------------------------------------
+CTRL = "ctrl"
+GENE_SEPARATOR = "+"
+
+# --- File names ------------------------------------------------------------------------------
+DATA_FILE = "perturb_processed.h5ad"
+CHECKSUM_SUFFIX = ".sha256"
+SPLITS_DIR = "splits"
+LABELS_DIR = "labels"
+AE_DIR = "ae"
+GAN_DIR = "gan"
+CONFIG_FILE = "config.yaml"
+META_FILE = "meta.json"
+HISTORY_FILE = "history.csv"
+MODEL_FILE = "model.pt"
+BEST_CHECKPOINT = "best.pt"
+LAST_CHECKPOINT = "last.pt"
+PREDICTIONS_FILE = "predictions.h5ad"
+EVAL_DIR = "eval"
+METRICS_FILE = "metrics.json"
+PER_CONDITION_FILE = "per_condition.csv"
+
+# --- Locations -------------------------------------------------------------------------------
+ENV_DATA_DIR = "REGINA_DATA"
+DEFAULT_DATA_DIR = "data"
+DEFAULT_RUNS_DIR = "runs"
+
+
+def data_root(data_dir: str | Path | None = None) -> Path:
+    """The data folder: an explicit option, else `$REGINA_DATA`, else `./data`."""
+    if data_dir is not None:
+        return Path(data_dir)
+    return Path(os.environ.get(ENV_DATA_DIR) or DEFAULT_DATA_DIR)
+
+
+def dataset_dir(name: str, data_dir: str | Path | None = None) -> Path:
+    return data_root(data_dir) / name
+
+
+def dataset_file(name: str, data_dir: str | Path | None = None) -> Path:
+    return dataset_dir(name, data_dir) / DATA_FILE
+
+
+def split_file(name: str, split: str, data_dir: str | Path | None = None) -> Path:
+    """`split` is `<mode>_<seed>`, e.g. `simulation_1`."""
+    return dataset_dir(name, data_dir) / SPLITS_DIR / f"{split}.json"
+
+
+def labels_file(name: str, method: str, data_dir: str | Path | None = None) -> Path:
+    """`method` as given to `regina label` (`stress`, `cell-cycle`, `obs:<column>`)."""
+    safe = method.replace(":", "_").replace("/", "_")
+    return dataset_dir(name, data_dir) / LABELS_DIR / f"{safe}.csv"

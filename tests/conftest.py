@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny synthetic AnnData in GEARS layout and the real screens in ../shared/data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+PAPALEXI = SHARED_DATA / "papalexi21_thp1_crisprko.h5ad"
+MCFALINE = SHARED_DATA / "mcfaline23_gbm_crispri.h5ad"
+
+
+def shared_file(path: Path) -> Path:
+    if not path.is_file():
+        pytest.skip(f"real screen {path.name} not found in {SHARED_DATA} (shared data absent)")
+    return path
+
+
+@pytest.fixture
+def papalexi_path() -> Path:
+    return shared_file(PAPALEXI)
+
+
+@pytest.fixture
+def mcfaline_path() -> Path:
+    return shared_file(MCFALINE)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_data_dir(tmp_path, monkeypatch):
+    """Every test writes under its own tmp folder, never into ./data or ./runs."""
+    monkeypatch.setenv("REGINA_DATA", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
