@@ -1,0 +1,83 @@
+"""Config: presets, YAML files and --set overrides, with unknown keys and bad types refused."""
+
+import pytest
+
+from regina_cli.config import (
+    PRESETS,
+    ReginaConfig,
+    auto_preset,
+    build_config,
+    config_from_dict,
+    parse_set,
+    to_yaml,
+)
+from regina_cli.errors import ReginaError
+
+
+def test_defaults_are_the_original_sizes():
+    config = ReginaConfig()
+    assert (config.model.seq_len, config.model.d_model, config.model.n_layers) == (16, 512, 4)
+    assert (config.model.n_heads, config.model.z_dim) == (8, 256)
+    assert config.ae.lr == 1e-4 and config.ae.grad_clip == 0.5 and config.ae.batch_size == 64
+    assert config.gan.discriminator_every == 5 and config.gan.real_target == 0.9
+
+
+def test_dixit_preset_carries_its_loss_weights():
+    config = build_config(preset="dixit")
+    assert config.ae.lambda_mse == 3.0 and config.ae.lambda_clf == 0.1
+    assert config.gan.lambda_cycle == 1.0 and config.gan.prompt_value == -0.1
+
+
+def test_precedence_preset_then_file_then_set(tmp_path):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("ae:\n  lr: 0.01\n  batch_size: 32\n")
+    config = build_config(preset="demo", config_file=config_file, overrides=["ae.batch_size=8"])
+    assert config.ae.lr == 0.01  # file beats preset
+    assert config.ae.batch_size == 8  # --set beats file
+    assert config.model.d_model == PRESETS["demo"]["model"]["d_model"]
+
+
+def test_set_parses_yaml_values():
+    assert parse_set(["model.discriminator_hidden=[256, 128]", "runtime.compile=true"]) == {
+        "model": {"discriminator_hidden": [256, 128]},
+        "runtime": {"compile": True},
+    }
+    assert build_config(overrides=["ae.lr=3"]).ae.lr == 3.0  # int accepted for a float
+
+
+@pytest.mark.parametrize(
+    "assignment, message",
+    [
+        ("ae.learning_rate=1", "unknown config key ae.learning_rate"),
+        ("optim.lr=1", "unknown config section"),
+        ("ae.batch_size=1.5", "whole number"),
+        ("runtime.compile=maybe", "true or false"),
+        ("lr=1", "section.key=value"),
+    ],
+)
+def test_bad_overrides_are_one_line_errors(assignment, message):
+    with pytest.raises(ReginaError, match=message):
+        build_config(overrides=[assignment])
+
+
+def test_unknown_preset_and_missing_file(tmp_path):
+    with pytest.raises(ReginaError, match="unknown preset"):
+        build_config(preset="nope")
+    with pytest.raises(ReginaError, match="does not exist"):
+        build_config(config_file=tmp_path / "missing.yaml")
+
+
+def test_yaml_round_trip():
+    config = build_config(preset="norman", overrides=["gan.prompt_value=1.0"])
+    import yaml
+
+    assert config_from_dict(yaml.safe_load(to_yaml(config))) == config
+
+
+@pytest.mark.parametrize("n_genes", [300, 500, 1000, 5045])
+def test_auto_preset_sizes_fit_the_gene_count(n_genes):
+    config = build_config(n_genes=n_genes)
+    assert config.model.d_model % config.model.n_heads == 0
+    assert config.model.d_model <= 512
+    assert config == build_config(n_genes=n_genes)
+    assert auto_preset(500)["model"]["d_model"] < auto_preset(5045)["model"]["d_model"]
