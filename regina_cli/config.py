@@ -155,7 +155,8 @@ def auto_preset(n_genes: int) -> dict:
         "model": {
             "seq_len": tokens, "d_model": width, "n_layers": layers, "n_heads": max(2, width // 64),
             "z_dim": min(256, width), "classifier_hidden": min(128, width),
-            "transition_hidden": 2 * width, "discriminator_hidden": [2 * width, width],
+            "transition_hidden": min(512, 2 * width),
+            "discriminator_hidden": [min(512, 2 * width), min(256, width)],
         },
         "ae": {"batch_size": 128, "max_epochs": 40, "lr": 5e-4},
         "gan": {"batch_size": 128, "max_epochs": 40, "lr": 5e-4, "patience": 8,
