@@ -1,12 +1,50 @@
-"""`regina split` (not built yet)."""
+"""`regina split`: train/val/test conditions, identical to cell-gears' splits for a mode and seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
 
 from regina_cli.cli.app import app
-from regina_cli.cli.common import user_errors
-from regina_cli.errors import ReginaError
+from regina_cli.cli.common import DataDirOpt, emit_result, info, show, user_errors
+
+# Defaults repeated here (not imported) so that `regina --help` does not load numpy/pandas;
+# tests/test_split_cli.py checks they equal regina_cli.data.split's.
+_MODES = "simulation, simulation_single, combo_seen0, combo_seen1, combo_seen2, single, no_test"
 
 
-@app.command("split", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command("split")
 @user_errors
-def split_command() -> None:
-    """Not built yet."""
-    raise ReginaError("'regina split' is not built yet")
+def split_command(
+    name: str = typer.Argument(..., help="Dataset name (a folder of the data dir, see `regina fetch`)."),
+    mode: str = typer.Option("simulation", "--mode", help=f"GEARS split mode: {_MODES}."),
+    seed: int = typer.Option(1, "--seed", help="Split seed (same seed, same split as cell-gears)."),
+    train_gene_frac: float = typer.Option(
+        0.75, "--train-gene-frac", help="Simulation modes: share of perturbed genes seen in training."
+    ),
+    split_file: Path = typer.Option(
+        None, "--split-file", help="Use your own {train, val, test} dict (JSON or GEARS pickle) instead.",
+        show_default=False,
+    ),
+    data_dir: Path = DataDirOpt,
+) -> None:
+    """Split the conditions of dataset NAME into train/val/test and write splits/<mode>_<seed>.json."""
+    from regina_cli.data.split import split_dataset
+
+    outcome = split_dataset(
+        name, mode=mode, seed=seed, train_gene_frac=train_gene_frac, split_file=split_file, data_dir=data_dir
+    )
+    split = outcome.split
+    table = Table(title=f"{name}: split {split.name}")
+    for column in ("set", "subgroup", "conditions", "cells"):
+        table.add_column(column, justify="right" if column in ("conditions", "cells") else "left")
+    for row in outcome.summary:
+        table.add_row(row["set"], row["subgroup"], str(row["conditions"]), str(row["cells"]))
+    show(table)
+    if outcome.n_unassigned:
+        info(f"{outcome.n_unassigned} condition(s) are in no set (GEARS leaves them out in mode {split.mode})")
+    info(f"wrote {outcome.path}; later steps take it as --split {split.name}")
+    emit_result({"split": split.name, "path": str(outcome.path), "summary": outcome.summary,
+                 "unassigned_conditions": outcome.n_unassigned})

@@ -1,0 +1,301 @@
+"""Cell-state labels for the latent classifier: `stress`, `cell-cycle`, or an obs column.
+
+Gene scores follow scanpy's `score_genes` (Seurat's method): mean expression of the marker genes
+minus that of reference genes drawn, bin by bin, among genes of similar average expression. The
+reference draw depends on the cells it is computed on, so the score is *fitted* on the training
+cells of a split (reference genes from their averages, and for `stress` the quantile threshold
+from their scores) and then *applied* unchanged to every cell: validation and test cells never
+influence their own labels (the original computed threshold and references per split).
+Without a split, fitting on all cells gives exactly `sc.tl.score_genes` on the whole dataset;
+`tests/test_label*.py` checks both against scanpy itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from regina_cli import keys
+from regina_cli.errors import ReginaError
+from regina_cli.io import atomic_path, write_json
+
+STRESS = "stress"
+CELL_CYCLE = "cell-cycle"
+OBS_PREFIX = "obs:"
+METHODS_HELP = "stress, cell-cycle or obs:<column>"
+
+STRESS_PREFIXES = ("HSP", "ATF", "DNAJ", "ERN", "EIF2", "CEBP")
+STRESS_CLASSES = ("Homeostasis", "Stressed")
+CELL_CYCLE_CLASSES = ("G1", "S", "G2M")
+DEFAULT_QUANTILE = 0.7
+
+# scanpy.tl.score_genes defaults: reference genes per expression bin, bins, and the seed of the draw.
+SCORE_CTRL_SIZE = 50
+SCORE_N_BINS = 25
+SCORE_RANDOM_STATE = 0
+
+S_GENES_FILE = "cell_cycle_s_genes.txt"
+G2M_GENES_FILE = "cell_cycle_g2m_genes.txt"
+# Tirosh symbols renamed by HGNC since 2016; used only when the old symbol is absent.
+CURRENT_SYMBOLS = {"MLF1IP": "CENPU", "FAM64A": "PIMREG", "HN1": "JPT1"}
+
+
+def cell_cycle_genes() -> tuple[list[str], list[str]]:
+    """The shipped S and G2/M gene lists (Tirosh et al. 2016)."""
+
+    def read(name: str) -> list[str]:
+        text = resources.files("regina_cli").joinpath("resources", name).read_text()
+        return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+    return read(S_GENES_FILE), read(G2M_GENES_FILE)
+
+
+def gene_names(adata) -> pd.Index:
+    if keys.VAR_GENE_NAME in adata.var:
+        return pd.Index(adata.var[keys.VAR_GENE_NAME].astype(str))
+    return pd.Index(adata.var_names.astype(str))
+
+
+def _column_means(x) -> np.ndarray:
+    """Per-gene means in float64, computed as scanpy does (sum in float64, then divide)."""
+    if sp.issparse(x):
+        return np.asarray(x.sum(axis=0, dtype=np.float64)).ravel() / x.shape[0]
+    return np.nanmean(np.asarray(x), axis=0, dtype=np.float64)
+
+
+def _row_means(x, columns: np.ndarray) -> np.ndarray:
+    sub = x[:, columns]
+    if sp.issparse(sub):
+        return np.asarray(sub.sum(axis=1, dtype=np.float64)).ravel() / len(columns)
+    return np.nanmean(np.asarray(sub), axis=1, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class GeneScore:
+    """A fitted gene-set score: column indices of the markers and of their reference genes."""
+
+    markers: np.ndarray
+    reference: np.ndarray
+
+    @classmethod
+    def fit(cls, x, markers: np.ndarray, *, ctrl_size: int = SCORE_CTRL_SIZE, n_bins: int = SCORE_N_BINS,
+            random_state: int = SCORE_RANDOM_STATE) -> "GeneScore":
+        """Draw reference genes exactly as `sc.tl.score_genes` does on the cells in `x`.
+
+        Genes are ranked by mean expression and cut into bins; for each bin holding a marker,
+        `ctrl_size` genes of that bin are sampled (the same legacy NumPy draws scanpy makes after
+        `np.random.seed(random_state)`), and markers are removed from the references.
+        """
+        markers = np.unique(markers)
+        means = _column_means(x)
+        pool = np.flatnonzero(np.isfinite(means))
+        n_items = int(np.round(len(pool) / (n_bins - 1)))
+        if n_items == 0:
+            raise ReginaError(f"gene scores need at least {n_bins // 2 + 1} genes with finite means")
+        cut = np.full(len(means), np.nan)
+        cut[pool] = pd.Series(means[pool]).rank(method="min").to_numpy() // n_items
+        rng = np.random.RandomState(random_state)
+        reference: set[int] = set()
+        for value in np.unique(cut[markers]):
+            in_bin = pool[cut[pool] == value]
+            if ctrl_size < len(in_bin):
+                in_bin = in_bin[rng.choice(len(in_bin), ctrl_size, replace=False)]
+            reference.update(int(i) for i in np.setdiff1d(in_bin, markers))
+        if not reference:
+            raise ReginaError("no reference genes of matching expression for the markers: the dataset has too few genes")
+        return cls(markers, np.array(sorted(reference), dtype=np.int64))
+
+    def apply(self, x) -> np.ndarray:
+        """Score of every cell in `x`: mean of the markers minus mean of the references."""
+        return _row_means(x, self.markers) - _row_means(x, self.reference)
+
+
+def _marker_columns(names: pd.Index, wanted: list[str]) -> np.ndarray:
+    present = set(names)
+    resolved = [g if g in present else CURRENT_SYMBOLS.get(g, g) for g in wanted]
+    return np.flatnonzero(names.isin(resolved))
+
+
+def stress_markers(names: pd.Index) -> np.ndarray:
+    return np.flatnonzero(names.str.startswith(STRESS_PREFIXES))
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Labels for every cell, the class vocabulary, and how they were obtained."""
+
+    cell_state: pd.Series
+    classes: tuple[str, ...]
+    details: dict
+
+
+def stress_labels(adata, train: np.ndarray, quantile: float = DEFAULT_QUANTILE) -> Labels:
+    """`Stressed` above the `quantile` of the training cells' stress score, else `Homeostasis`."""
+    if not 0.0 < quantile < 1.0:
+        raise ReginaError(f"--quantile must lie strictly between 0 and 1, got {quantile}")
+    names = gene_names(adata)
+    markers = stress_markers(names)
+    if len(markers) == 0:
+        raise ReginaError(
+            f"no stress marker gene (names starting with {', '.join(STRESS_PREFIXES)}) among the "
+            f"{len(names)} genes: choose --method cell-cycle or obs:<column>"
+        )
+    score = GeneScore.fit(adata.X[train], markers)
+    values = score.apply(adata.X)
+    threshold = float(np.quantile(values[train], quantile))
+    states = np.where(values > threshold, STRESS_CLASSES[1], STRESS_CLASSES[0])
+    details = {
+        "quantile": quantile,
+        "threshold": threshold,
+        "markers": sorted(names[markers]),
+        "n_reference_genes": len(score.reference),
+    }
+    return Labels(pd.Series(states, index=adata.obs_names), STRESS_CLASSES, details)
+
+
+def cell_cycle_labels(adata, train: np.ndarray) -> Labels:
+    """G1/S/G2M by scanpy's rule on S and G2/M scores fitted on the training cells."""
+    names = gene_names(adata)
+    s_list, g2m_list = cell_cycle_genes()
+    ctrl_size = min(len(s_list), len(g2m_list))  # as score_genes_cell_cycle
+    scores, details = {}, {}
+    for phase, wanted in (("S", s_list), ("G2M", g2m_list)):
+        markers = _marker_columns(names, wanted)
+        if len(markers) == 0:
+            raise ReginaError(
+                f"none of the {len(wanted)} {phase}-phase marker genes is among the dataset's genes: "
+                "choose --method stress or obs:<column>"
+            )
+        score = GeneScore.fit(adata.X[train], markers, ctrl_size=ctrl_size)
+        scores[phase] = score.apply(adata.X)
+        details[f"{phase}_markers"] = sorted(names[markers])
+        details[f"{phase}_n_reference_genes"] = len(score.reference)
+    states = np.where(scores["G2M"] > scores["S"], "G2M", "S")
+    states[(scores["S"] < 0) & (scores["G2M"] < 0)] = "G1"
+    return Labels(pd.Series(states, index=adata.obs_names), CELL_CYCLE_CLASSES, details)
+
+
+def obs_labels(adata, column: str) -> Labels:
+    """Any existing categorical obs column, taken as is."""
+    if column not in adata.obs:
+        raise ReginaError(f"obs has no column {column!r}; columns: {', '.join(map(str, adata.obs.columns))}")
+    values = adata.obs[column]
+    if pd.api.types.is_float_dtype(values) or (
+        pd.api.types.is_numeric_dtype(values) and not isinstance(values.dtype, pd.CategoricalDtype)
+        and values.nunique() > 20
+    ):
+        raise ReginaError(f"obs column {column!r} is numeric, not categorical: choose a column of classes")
+    if values.isna().any():
+        raise ReginaError(f"obs column {column!r} has {int(values.isna().sum())} cells without a value")
+    states = values.astype(str)
+    return Labels(pd.Series(states.to_numpy(), index=adata.obs_names), tuple(sorted(states.unique())), {})
+
+
+def obs_column_of(method: str) -> str | None:
+    """The column of an `obs:<column>` method, None for a scoring method; unknown -> error."""
+    if method in (STRESS, CELL_CYCLE):
+        return None
+    if method.startswith(OBS_PREFIX) and method[len(OBS_PREFIX):]:
+        return method[len(OBS_PREFIX):]
+    raise ReginaError(f"unknown label method {method!r}: choose {METHODS_HELP}")
+
+
+def compute_labels(adata, method: str, *, train: np.ndarray | None = None,
+                   quantile: float | None = None) -> Labels:
+    """Labels for `method` (`stress`, `cell-cycle`, `obs:<column>`), fitted on `train` cells.
+
+    `train`: boolean mask of the cells to fit on (all cells when None). Refuses a class that no
+    training cell carries, since the classifier could never learn it.
+    """
+    column = obs_column_of(method)
+    train = np.ones(adata.n_obs, dtype=bool) if train is None else np.asarray(train, dtype=bool)
+    if not train.any():
+        raise ReginaError("no training cell to fit the labels on: check the split matches the dataset")
+    if quantile is not None and method != STRESS:
+        raise ReginaError("--quantile applies to --method stress only")
+    if method == STRESS:
+        labels = stress_labels(adata, train, DEFAULT_QUANTILE if quantile is None else quantile)
+    elif method == CELL_CYCLE:
+        labels = cell_cycle_labels(adata, train)
+    else:
+        labels = obs_labels(adata, column)
+        if len(labels.classes) < 2:
+            raise ReginaError(f"{method} has a single class ({labels.classes[0]}): the classifier needs two or more")
+    train_counts = labels.cell_state[train].value_counts()
+    empty = [c for c in labels.classes if train_counts.get(c, 0) == 0]
+    if empty:
+        raise ReginaError(
+            f"class {empty[0]!r} of {method} would be empty among the {int(train.sum())} training cells: "
+            "the classifier could not learn it; choose another method or quantile"
+        )
+    return labels
+
+
+@dataclass(frozen=True)
+class LabelOutcome:
+    path: Path
+    labels: Labels
+    fitted_on: str  # human-readable: which cells the labels were fitted on
+    balance: list[dict]  # one row per class: cells overall and per split set
+
+
+def _balance(labels: Labels, sets: dict[str, np.ndarray]) -> list[dict]:
+    rows = []
+    n = len(labels.cell_state)
+    for cls in labels.classes:
+        is_cls = (labels.cell_state == cls).to_numpy()
+        row = {"class": cls, "cells": int(is_cls.sum()), "share": round(float(is_cls.sum()) / n, 4)}
+        row.update({s: int((is_cls & mask).sum()) for s, mask in sets.items()})
+        rows.append(row)
+    return rows
+
+
+def label_dataset(name: str, method: str, *, quantile: float | None = None, split: str | None = None,
+                  data_dir: str | Path | None = None) -> LabelOutcome:
+    """`regina label`: compute the labels and write `labels/<method>.csv` (+ a JSON record)."""
+    from regina_cli.data.dataset import read_dataset
+    from regina_cli.data.split import SETS, load_split
+
+    is_obs = obs_column_of(method) is not None  # checked before the (slow) read
+    adata = read_dataset(name, data_dir, backed=is_obs)  # obs columns need no expression matrix
+    try:
+        split_obj = load_split(name, split, data_dir) if split is not None else None
+        condition = adata.obs[keys.OBS_CONDITION].astype(str).to_numpy()
+        sets = {s: np.isin(condition, getattr(split_obj, s)) for s in SETS} if split_obj else {}
+        train = sets.get("train")
+        labels = compute_labels(adata, method, train=train, quantile=quantile)
+    finally:
+        if adata.isbacked:
+            adata.file.close()
+    if split_obj is None:
+        fitted_on = f"all {len(condition)} cells (no --split given)"
+    else:
+        fitted_on = f"the {int(train.sum())} training cells of split {split_obj.name}"
+
+    path = keys.labels_file(name, method, data_dir)
+    record = {"dataset": name, "method": method, "split": split_obj.name if split_obj else None,
+              "fitted_on": fitted_on, "classes": list(labels.classes), **labels.details}
+    balance = _balance(labels, sets)
+    record["balance"] = balance
+    write_json(path.with_suffix(".json"), record)
+    table = pd.DataFrame({"cell": labels.cell_state.index.astype(str), keys.OBS_CELL_STATE: labels.cell_state.to_numpy()})
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+    return LabelOutcome(path, labels, fitted_on, balance)
+
+
+def load_labels(name: str, method: str, data_dir: str | Path | None = None) -> pd.Series:
+    """Labels written by `regina label`: a Series of class names indexed by obs_names."""
+    path = keys.labels_file(name, method, data_dir)
+    if not path.is_file():
+        raise ReginaError(f"labels {method!r} of {name} not found at {path}: run `regina label {name} --method {method}`")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if list(table.columns) != ["cell", keys.OBS_CELL_STATE]:
+        raise ReginaError(f"{path} must have the columns cell,{keys.OBS_CELL_STATE}: run `regina label` again")
+    return pd.Series(table[keys.OBS_CELL_STATE].to_numpy(), index=pd.Index(table["cell"], name="cell"),
+                     name=keys.OBS_CELL_STATE)
