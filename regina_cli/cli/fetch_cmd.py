@@ -1,12 +1,91 @@
-"""`regina fetch` (not built yet)."""
+"""`regina fetch`: download, import or simulate a dataset into data/<name>/perturb_processed.h5ad."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
 
 from regina_cli.cli.app import app
-from regina_cli.cli.common import user_errors
-from regina_cli.errors import ReginaError
+from regina_cli.cli.common import DataDirOpt, emit_result, info, is_quiet, show, user_errors
+
+# Names repeated here (not imported) so that `regina --help` loads nothing heavy;
+# tests/test_data_fetch.py checks they equal regina_cli.data.fetch.DATASETS.
+_DATASETS = "demo, norman, adamson, dixit, replogle_k562_essential, replogle_rpe1_essential"
 
 
-@app.command("fetch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command("fetch")
 @user_errors
-def fetch_command() -> None:
-    """Not built yet."""
-    raise ReginaError("'regina fetch' is not built yet")
+def fetch_command(
+    name: str = typer.Argument(..., help=f"Dataset name: {_DATASETS}, or any name with --from."),
+    data_dir: Path = DataDirOpt,
+    source: str = typer.Option(
+        None, "--from", help="Import a local copy (.h5ad, .zip or folder) or download this URL instead.",
+        show_default=False,
+    ),
+    force: bool = typer.Option(False, "--force", help="Fetch again even if the dataset is present."),
+    control: list[str] = typer.Option(
+        None, "--control", help="Extra label that marks control cells (repeatable); "
+        "ctrl, control, non-targeting are always recognised.", show_default=False,
+    ),
+    condition_key: str = typer.Option(
+        None, "--condition-key", help="obs column holding the perturbation (default: condition).",
+        show_default=False,
+    ),
+    cell_type_key: str = typer.Option(
+        None, "--cell-type-key", help="obs column holding the cell type (default: cell_type).",
+        show_default=False,
+    ),
+    separator: str = typer.Option(
+        None, "--separator", help="Separator between genes of a combination, e.g. _ for A_B (+ always works).",
+        show_default=False,
+    ),
+    cells: int = typer.Option(None, "--cells", help="demo: number of cells [4000].", show_default=False),
+    genes: int = typer.Option(None, "--genes", help="demo: number of genes [1000].", show_default=False),
+    singles: int = typer.Option(None, "--singles", help="demo: single perturbations [40].", show_default=False),
+    doubles: int = typer.Option(None, "--doubles", help="demo: double perturbations [30].", show_default=False),
+    cell_types: int = typer.Option(None, "--cell-types", help="demo: cell types [1].", show_default=False),
+    seed: int = typer.Option(None, "--seed", help="demo: simulation seed [0].", show_default=False),
+) -> None:
+    """Put dataset NAME at <data-dir>/NAME/perturb_processed.h5ad (GEARS layout, SHA-256 recorded)."""
+    import sys
+
+    from regina_cli.data.fetch import fetch
+    from regina_cli.data.importer import ImportOptions
+
+    demo = {
+        key: value
+        for key, value in dict(
+            n_cells=cells, n_genes=genes, n_singles=singles, n_doubles=doubles, n_cell_types=cell_types, seed=seed
+        ).items()
+        if value is not None
+    }
+    options = ImportOptions(
+        control=tuple(control or ()), condition_key=condition_key, separator=separator, cell_type_key=cell_type_key
+    )
+    result = fetch(
+        name, data_dir=data_dir, source=source, force=force, options=options, demo=demo, log=info,
+        progress=sys.stderr.isatty() and not is_quiet(),
+    )
+    table = Table(title=f"{result.name}: {result.action}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    rows = [
+        ("cells", f"{result.n_cells:,}"),
+        ("genes", f"{result.n_genes:,}"),
+        ("control cells", f"{result.n_controls:,}"),
+        ("single perturbations", str(result.n_singles)),
+        ("combinations", str(result.n_doubles)),
+        ("cell types", ", ".join(result.cell_types)),
+        ("normalisation", result.normalisation),
+        ("source", result.source),
+        ("path", result.path),
+        ("sha256", result.sha256),
+    ]
+    for field, value in rows:
+        table.add_row(field, value)
+    show(table)
+    for note in result.notes if result.action == "already present" else ():
+        info(note)
+    emit_result(result.as_dict())

@@ -1,0 +1,130 @@
+"""Reading and writing `data/<name>/perturb_processed.h5ad`, with its recorded SHA-256.
+
+A dataset counts as present only when its h5ad and the checksum beside it agree: the checksum is
+written last, so an interrupted fetch never leaves something that looks complete, and a file that
+was changed (or half-copied) after it was verified is refused instead of silently used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import h5py
+
+from regina_cli import keys
+from regina_cli.errors import ReginaError
+from regina_cli.io import write_h5ad, write_text
+
+GEARS_OBS = (keys.OBS_CONDITION, keys.OBS_CELL_TYPE, keys.OBS_CONTROL, keys.OBS_CONDITION_NAME, keys.OBS_DOSE)
+GEARS_VAR = (keys.VAR_GENE_NAME,)
+GEARS_UNS = (
+    keys.UNS_RANK_GENES,
+    keys.UNS_TOP_DE_20,
+    keys.UNS_NON_DROPOUT_IDX,
+    keys.UNS_TOP_NON_ZERO_DE_20,
+    keys.UNS_NON_ZEROS_IDX,
+)
+_HASH_BLOCK = 1 << 20
+
+
+def checksum_file(data_file: Path) -> Path:
+    return data_file.with_name(data_file.name + keys.CHECKSUM_SUFFIX)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record_checksum(data_file: Path) -> str:
+    """Write `<file>.sha256` in `sha256sum` format (so `sha256sum -c` works too)."""
+    digest = sha256_of(data_file)
+    write_text(checksum_file(data_file), f"{digest}  {data_file.name}\n")
+    return digest
+
+
+def recorded_checksum(data_file: Path) -> str | None:
+    path = checksum_file(data_file)
+    if not path.is_file():
+        return None
+    fields = path.read_text().split()
+    return fields[0] if fields else None
+
+
+def is_complete(name: str, data_dir=None) -> bool:
+    """Both the h5ad and its checksum exist (the content is checked on read)."""
+    data_file = keys.dataset_file(name, data_dir)
+    return data_file.is_file() and recorded_checksum(data_file) is not None
+
+
+def verify_checksum(name: str, data_file: Path) -> str:
+    recorded = recorded_checksum(data_file)
+    if recorded is None:
+        raise ReginaError(
+            f"{data_file} has no recorded checksum (interrupted fetch?): run `regina fetch {name} --force`"
+        )
+    actual = sha256_of(data_file)
+    if actual != recorded:
+        raise ReginaError(
+            f"{data_file} changed after it was verified (SHA-256 mismatch): "
+            f"run `regina fetch {name} --force` to fetch it again"
+        )
+    return actual
+
+
+def _h5_columns(group) -> set[str]:
+    """Column names of an obs/var/uns entry, for both the group layout and old compound tables."""
+    if isinstance(group, h5py.Dataset):
+        return set(group.dtype.names or ())
+    return set(group.keys())
+
+
+def missing_gears_fields(path: Path) -> list[str]:
+    """GEARS fields absent from an h5ad file, read from the HDF5 index only (no matrix loaded).
+
+    Raises ReginaError when the file is not an h5ad at all.
+    """
+    try:
+        with h5py.File(path, "r") as handle:
+            present = {part: _h5_columns(handle[part]) if part in handle else set() for part in ("obs", "var", "uns")}
+            has_x = "X" in handle
+    except OSError as exc:
+        raise ReginaError(f"{path} is not a readable h5ad file ({exc.__class__.__name__}): check the file") from None
+    missing = [] if has_x else ["X"]
+    for part, wanted in (("obs", GEARS_OBS), ("var", GEARS_VAR), ("uns", GEARS_UNS)):
+        missing += [f"{part}['{key}']" for key in wanted if key not in present[part]]
+    return missing
+
+
+def check_gears_layout(adata, source: str) -> None:
+    """Refuse an AnnData that lacks any GEARS field (names the missing ones)."""
+    missing = [f"obs['{k}']" for k in GEARS_OBS if k not in adata.obs]
+    missing += [f"var['{k}']" for k in GEARS_VAR if k not in adata.var]
+    missing += [f"uns['{k}']" for k in GEARS_UNS if k not in adata.uns]
+    if missing:
+        raise ReginaError(f"{source} lacks the GEARS fields {', '.join(missing)}: fetch or import it again")
+
+
+def write_dataset(adata, name: str, data_dir=None) -> tuple[Path, str]:
+    """Write the dataset atomically, then its checksum (the mark of a complete fetch)."""
+    data_file = keys.dataset_file(name, data_dir)
+    checksum_file(data_file).unlink(missing_ok=True)
+    write_h5ad(adata, data_file)
+    return data_file, record_checksum(data_file)
+
+
+def read_dataset(name: str, data_dir=None, *, backed: bool = False):
+    """Open `data/<name>/perturb_processed.h5ad` after checking its SHA-256 and GEARS fields."""
+    import anndata
+
+    data_file = keys.dataset_file(name, data_dir)
+    if not data_file.is_file():
+        raise ReginaError(f"dataset {name!r} not found at {data_file}: run `regina fetch {name}` first")
+    verify_checksum(name, data_file)
+    adata = anndata.read_h5ad(data_file, backed="r" if backed else None)
+    check_gears_layout(adata, str(data_file))
+    return adata

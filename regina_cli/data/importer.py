@@ -1,0 +1,371 @@
+"""`regina fetch NAME --from PATH`: bring a real-world screen into the GEARS layout.
+
+Real files label the same things many ways (`ctrl`, `control`, `non-targeting`; `A`, `A+ctrl`,
+`ctrl+A`, `A+B`, `A_B`), keep their perturbation in differently named columns, and ship raw
+counts or log-normalised values. The importer settles all of that once, so every later step can
+assume GEARS labels, log-normalised CSR float32 and the GEARS DE fields. A file that already is in
+GEARS layout (a `perturb_processed.h5ad` from GEARS) keeps its labels and DE fields verbatim, so
+numbers stay comparable with the literature.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from regina_cli import __version__, keys
+from regina_cli.data.conditions import canonical_condition, parse_condition
+from regina_cli.data.dataset import GEARS_OBS, GEARS_UNS
+from regina_cli.data.download import looks_like_html
+from regina_cli.errors import ReginaError
+
+CONTROL_LABELS = ("ctrl", "control", "non-targeting", "nontargeting", "non_targeting", "NTC")
+CELL_TYPE_FALLBACK_NOTE = "no cell-type column: every cell gets the cell type {!r}"
+TARGET_SUM = 1e4
+MIN_CELLS = 2  # scanpy's t-test needs two cells per group
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+ZIP_MAGIC = b"PK\x03\x04"
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class ImportOptions:
+    """How to read the user's labels (each None means: detect)."""
+
+    control: tuple[str, ...] = ()
+    condition_key: str | None = None
+    separator: str | None = None
+    cell_type_key: str | None = None
+
+
+@dataclass
+class ImportNotes:
+    """What the importer changed, for the summary and for uns['regina']."""
+
+    normalisation: str = "none (already log-normalised)"
+    relabelled: int = 0
+    dropped_cells: int = 0
+    unmeasured_targets: list[str] = field(default_factory=list)
+    kept_gears_fields: bool = False
+    messages: list[str] = field(default_factory=list)
+
+
+def file_kind(path: Path) -> str:
+    """'h5ad', 'zip', 'html' or 'unknown', from the first bytes (names and URLs lie)."""
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if head.startswith(HDF5_MAGIC):
+        return "h5ad"
+    if head.startswith(ZIP_MAGIC):
+        return "zip"
+    return "html" if looks_like_html(head) else "unknown"
+
+
+def _pick_member(names: list[str], name: str, where: str) -> str:
+    """The dataset inside an archive or folder: `<name>/perturb_processed.h5ad`, any
+    `perturb_processed.h5ad`, or the only `.h5ad`."""
+    h5ads = [n for n in names if n.endswith(".h5ad") and not Path(n).name.startswith(".")]
+    for wanted in (f"{name}/{keys.DATA_FILE}", keys.DATA_FILE):
+        hits = [n for n in h5ads if n == wanted or n.endswith("/" + wanted)]
+        if len(hits) == 1:
+            return hits[0]
+    gears = [n for n in h5ads if Path(n).name == keys.DATA_FILE]
+    candidates = gears or h5ads
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise ReginaError(f"{where} holds no .h5ad file: point --from at the dataset file itself")
+    raise ReginaError(
+        f"{where} holds several .h5ad files ({', '.join(sorted(candidates)[:4])}): point --from at one of them"
+    )
+
+
+def extract_zip(archive: Path, name: str, workdir: Path) -> Path:
+    """Test the zip's integrity (every CRC) and extract the dataset member into `workdir`."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            broken = zf.testzip()
+            if broken is not None:
+                raise ReginaError(f"{archive.name} is corrupt (bad CRC in {broken}): download it again")
+            member = _pick_member(zf.namelist(), name, archive.name)
+            target = workdir / keys.DATA_FILE
+            with zf.open(member) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            return target
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
+        raise ReginaError(f"{archive.name} is not a valid zip archive (truncated or corrupt: {exc}): download it again") from None
+
+
+def locate_h5ad(source: Path, name: str) -> Path:
+    """The h5ad behind a folder or an h5ad path (zips are handled by `extract_zip`)."""
+    if not source.exists():
+        raise ReginaError(f"{source} does not exist: check the path given to --from")
+    if source.is_dir():
+        found = [str(p.relative_to(source)) for p in source.rglob("*.h5ad")]
+        return source / _pick_member(found, name, str(source))
+    kind = file_kind(source)
+    if kind == "h5ad":
+        return source
+    if kind == "html":
+        raise ReginaError(f"{source} is a web page (an error or login page?), not data: download it again")
+    raise ReginaError(f"{source} is neither an h5ad file, a zip nor a folder: give a .h5ad, .zip or folder")
+
+
+def read_h5ad(path: Path):
+    import anndata
+
+    try:
+        return anndata.read_h5ad(path)
+    except Exception as exc:  # h5py/anndata raise many types for a damaged or foreign file
+        raise ReginaError(f"{path} could not be read as an h5ad file ({exc.__class__.__name__}): check the file") from None
+
+
+# --- Checks on the matrix and names ---------------------------------------------------------------
+
+
+def check_names(adata) -> None:
+    duplicated = adata.obs_names[adata.obs_names.duplicated()]
+    if len(duplicated):
+        raise ReginaError(
+            f"{len(duplicated)} duplicate cell names (e.g. {duplicated[0]!r}): make obs_names unique first"
+        )
+
+
+def gene_names(adata, notes: ImportNotes, log: Log) -> pd.Index:
+    """Gene symbols from var['gene_name'] when present, else var_names, made unique if needed."""
+    names = adata.var[keys.VAR_GENE_NAME] if keys.VAR_GENE_NAME in adata.var else adata.var_names
+    names = pd.Index(np.asarray(names).astype(str))
+    if names.duplicated().any():
+        from anndata.utils import make_index_unique
+
+        notes.messages.append(
+            f"{int(names.duplicated().sum())} duplicate gene symbols made unique (e.g. "
+            f"{names[names.duplicated()][0]!r} -> {names[names.duplicated()][0]}-1)"
+        )
+        log(notes.messages[-1])
+        names = make_index_unique(names)
+    return names
+
+
+def rekey_de_genes(uns: dict, old_index: pd.Index, genes: pd.Index) -> None:
+    """GEARS names DE genes by var_names (Ensembl IDs in its own files); name them by symbol."""
+    symbol_of = pd.Series(genes.to_numpy(), index=old_index.astype(str))
+    for key in (keys.UNS_RANK_GENES, keys.UNS_TOP_DE_20, keys.UNS_TOP_NON_ZERO_DE_20):
+        for group, listed in uns[key].items():
+            renamed = symbol_of.reindex(np.asarray(listed).astype(str))
+            if renamed.isna().any():
+                raise ReginaError(f"uns['{key}'][{group!r}] names genes that are not in var: the file is damaged")
+            uns[key][group] = renamed.to_numpy().astype(str)
+
+
+def as_csr_float32(X) -> sp.csr_matrix:
+    X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
+    X = X.astype(np.float32, copy=False)
+    if not np.isfinite(X.data).all():
+        raise ReginaError("the expression matrix contains NaN or infinite values: clean X before importing")
+    if (X.data < 0).any():
+        raise ReginaError(
+            "the expression matrix has negative values (scaled or centred data?): import raw counts or "
+            "log-normalised expression"
+        )
+    return X
+
+
+def is_raw_counts(X: sp.csr_matrix) -> bool:
+    """Integer-valued with some value above 1: counts (log1p values are almost never integers)."""
+    data = X.data
+    return data.size > 0 and bool(np.all(data == np.round(data))) and float(data.max()) > 1
+
+
+def normalise_counts(adata) -> str:
+    """normalize_total(target_sum=1e4) + log1p, as GEARS' datasets were prepared."""
+    import scanpy as sc
+
+    sc.pp.normalize_total(adata, target_sum=TARGET_SUM)
+    sc.pp.log1p(adata)
+    adata.X = adata.X.astype(np.float32)
+    return f"raw counts detected: normalize_total(target_sum={TARGET_SUM:g}) + log1p"
+
+
+# --- Labels ---------------------------------------------------------------------------------------
+
+
+def pick_condition_column(adata, key: str | None) -> str:
+    if key is not None:
+        if key not in adata.obs:
+            raise ReginaError(
+                f"obs has no column {key!r} (columns: {', '.join(map(str, adata.obs.columns))}): "
+                "fix --condition-key"
+            )
+        return key
+    if keys.OBS_CONDITION in adata.obs:
+        return keys.OBS_CONDITION
+    raise ReginaError(
+        f"obs has no {keys.OBS_CONDITION!r} column (columns: {', '.join(map(str, adata.obs.columns))}): "
+        "name the perturbation column with --condition-key"
+    )
+
+
+def normalise_label(label: str, controls: set[str], separator: str) -> str:
+    """One raw label -> GEARS spelling: controls -> "ctrl", "A"/"ctrl+A" -> "A+ctrl", "A_B" -> "A+B"."""
+    if label.strip().lower() in controls:
+        return keys.CTRL
+    parts = label.replace(separator, keys.GENE_SEPARATOR).split(keys.GENE_SEPARATOR)
+    genes = [p.strip() for p in parts if p.strip() and p.strip().lower() not in controls]
+    return canonical_condition(dict.fromkeys(genes))
+
+
+def normalise_conditions(raw: pd.Series, options: ImportOptions) -> pd.Series:
+    """Map every distinct raw label once (labels repeat over thousands of cells)."""
+    if raw.isna().any():
+        raise ReginaError(
+            f"{int(raw.isna().sum())} cells have no perturbation label: drop them or fill the column"
+        )
+    controls = {c.lower() for c in CONTROL_LABELS + tuple(options.control)}
+    separator = options.separator or keys.GENE_SEPARATOR
+    mapping = {label: normalise_label(label, controls, separator) for label in pd.unique(raw.astype(str))}
+    too_many = [label for label, condition in mapping.items() if len(parse_condition(condition)) > 2]
+    if too_many:
+        raise ReginaError(
+            f"{len(too_many)} labels target more than two genes (e.g. {too_many[0]!r}): the GEARS layout "
+            "holds singles and pairs only; drop those cells or check --separator"
+        )
+    return raw.astype(str).map(mapping)
+
+
+def check_controls(obs: pd.DataFrame) -> None:
+    condition = obs[keys.OBS_CONDITION].astype(str)
+    cell_type = obs[keys.OBS_CELL_TYPE].astype(str)
+    control = condition == keys.CTRL
+    if not control.any():
+        raise ReginaError(
+            f"no control cells found (looked for {', '.join(CONTROL_LABELS)}): name your control label "
+            "with --control"
+        )
+    lacking = sorted(set(cell_type[~control]) - set(cell_type[control]))
+    if lacking:
+        raise ReginaError(
+            f"cell type(s) {', '.join(lacking)} have no control cells: controls are matched by cell type"
+        )
+
+
+def drop_tiny_groups(adata, notes: ImportNotes, log: Log):
+    """Drop (cell type, condition) groups with fewer than two cells: no DE test is possible."""
+    groups = adata.obs[keys.OBS_CELL_TYPE].astype(str) + "\t" + adata.obs[keys.OBS_CONDITION].astype(str)
+    sizes = groups.map(groups.value_counts())
+    tiny = (sizes < MIN_CELLS).to_numpy()
+    if tiny.any():
+        notes.dropped_cells = int(tiny.sum())
+        notes.messages.append(
+            f"dropped {notes.dropped_cells} cells whose condition has fewer than {MIN_CELLS} cells in their cell type"
+        )
+        log(notes.messages[-1])
+        adata = adata[~tiny].copy()
+    return adata
+
+
+def relabel(adata, name: str, options: ImportOptions, notes: ImportNotes, log: Log) -> None:
+    """obs `condition` and `cell_type` in GEARS spelling (the original column is kept beside)."""
+    column = pick_condition_column(adata, options.condition_key)
+    raw = adata.obs[column]
+    condition = normalise_conditions(raw, options)
+    notes.relabelled = int((condition != raw.astype(str)).sum())
+    if notes.relabelled:
+        changed = {a: b for a, b in zip(raw.astype(str), condition) if a != b}
+        examples = ", ".join(f"{a!r} -> {b!r}" for a, b in list(changed.items())[:3])
+        notes.messages.append(f"relabelled {notes.relabelled:,} cells to GEARS spelling ({examples}, ...)")
+        log(notes.messages[-1])
+    if options.cell_type_key is not None and options.cell_type_key not in adata.obs:
+        raise ReginaError(f"obs has no column {options.cell_type_key!r}: fix --cell-type-key")
+    cell_type_key = options.cell_type_key or keys.OBS_CELL_TYPE
+    if cell_type_key in adata.obs:
+        cell_type = adata.obs[cell_type_key].astype(str).to_numpy()
+    else:
+        cell_type = name
+        notes.messages.append(CELL_TYPE_FALLBACK_NOTE.format(name))
+        log(notes.messages[-1])
+    if notes.relabelled and column == keys.OBS_CONDITION:
+        adata.obs[f"{keys.OBS_CONDITION}_original"] = raw.to_numpy()
+    adata.obs[keys.OBS_CONDITION] = condition.to_numpy()
+    adata.obs[keys.OBS_CELL_TYPE] = cell_type
+
+
+def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
+    """The imported AnnData in GEARS layout (X normalised, labels canonical, DE fields), plus notes."""
+    from regina_cli.data.gears_de import add_gears_de
+
+    notes = ImportNotes()
+    check_names(adata)
+    genes = gene_names(adata, notes, log)
+    X = as_csr_float32(adata.X)
+    counts = is_raw_counts(X)
+    is_gears = all(k in adata.obs for k in GEARS_OBS) and all(k in adata.uns for k in GEARS_UNS)
+    relabelling = options.condition_key is not None or bool(options.control) or options.separator is not None
+    keep_gears = is_gears and not relabelling and not counts
+    uns = {k: dict(adata.uns[k]) for k in GEARS_UNS} if keep_gears else {}
+    original_index = adata.var_names.copy()
+    adata = adata.__class__(X=X, obs=adata.obs.copy(), var=adata.var.copy(), uns=uns)
+    adata.var_names = genes
+    adata.var[keys.VAR_GENE_NAME] = genes.to_numpy()
+
+    if keep_gears:
+        notes.kept_gears_fields = True
+        notes.messages.append("GEARS layout found: labels and DE fields kept as they are")
+        log(notes.messages[-1])
+        if not original_index.astype(str).equals(genes):
+            rekey_de_genes(adata.uns, original_index, genes)
+            notes.messages.append("var_names switched to gene symbols (var['gene_name']); DE gene lists renamed")
+            log(notes.messages[-1])
+        check_controls(adata.obs)
+    else:
+        relabel(adata, name, options, notes, log)
+        if counts:
+            notes.normalisation = normalise_counts(adata)
+            log(notes.normalisation)
+        adata = drop_tiny_groups(adata, notes, log)
+        check_controls(adata.obs)
+        add_gears_de(adata)
+
+    targets = sorted({g for c in adata.obs[keys.OBS_CONDITION].astype(str).unique() for g in parse_condition(c)})
+    notes.unmeasured_targets = [g for g in targets if g not in adata.var_names]
+    if notes.unmeasured_targets:
+        notes.messages.append(
+            f"{len(notes.unmeasured_targets)} of {len(targets)} targeted genes are not measured "
+            "(kept: their perturbations still act on the measured genes)"
+        )
+        log(notes.messages[-1])
+    return adata, notes
+
+
+def import_screen(source: Path, name: str, options: ImportOptions, *, scratch_root: Path, log: Log):
+    """Read a zip, folder or h5ad and return it in GEARS layout, with notes on what changed."""
+    source = Path(source)
+    if source.is_file() and file_kind(source) == "zip":
+        scratch_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".import-", dir=scratch_root) as workdir:
+            adata = read_h5ad(extract_zip(source, name, Path(workdir)))
+    else:
+        adata = read_h5ad(locate_h5ad(source, name))
+    adata, notes = to_gears_layout(adata, name, options, log)
+    adata.uns[keys.UNS_REGINA] = {
+        "source": str(source),
+        "regina_version": __version__,
+        "normalisation": notes.normalisation,
+        "relabelled_cells": notes.relabelled,
+        "dropped_cells": notes.dropped_cells,
+        "kept_gears_fields": notes.kept_gears_fields,
+        "control_labels": list(CONTROL_LABELS + tuple(options.control)),
+        "condition_key": options.condition_key or keys.OBS_CONDITION,
+        "separator": options.separator or keys.GENE_SEPARATOR,
+    }
+    return adata, notes

@@ -1,0 +1,144 @@
+"""`regina fetch demo`: the simulated screen is deterministic, in GEARS layout, and has the
+structure the issue asks for (programs, knock-downs that propagate, non-additive doubles,
+stress and cell-cycle genes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from typer.testing import CliRunner
+
+from regina_cli import keys
+from regina_cli.cli import app
+from regina_cli.data.conditions import parse_condition
+from regina_cli.data.dataset import GEARS_OBS, GEARS_UNS, read_dataset, write_dataset
+from regina_cli.data.demo import STRESS_GENES, simulate_screen
+from regina_cli.data.label import STRESS_PREFIXES, cell_cycle_genes
+
+SMALL = dict(n_cells=1500, n_genes=300, n_singles=10, n_doubles=12)
+
+
+@pytest.fixture(scope="module")
+def screen():
+    return simulate_screen(**SMALL, seed=1)
+
+
+def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
+    tiny = dict(n_cells=500, n_genes=200, n_singles=5, n_doubles=3)
+    first, digest_a = write_dataset(simulate_screen(**tiny, seed=4), "a", tmp_path)
+    second, digest_b = write_dataset(simulate_screen(**tiny, seed=4), "b", tmp_path)
+    assert first.read_bytes() == second.read_bytes() and digest_a == digest_b
+    other = simulate_screen(**tiny, seed=5)
+    assert (other.X != read_dataset("a", tmp_path).X).nnz > 0
+
+
+def test_gears_layout(screen):
+    assert sp.isspmatrix_csr(screen.X) and screen.X.dtype == np.float32
+    assert all(key in screen.obs for key in GEARS_OBS) and all(key in screen.uns for key in GEARS_UNS)
+    assert list(screen.var[keys.VAR_GENE_NAME]) == list(screen.var_names)
+    sizes = [len(parse_condition(c)) for c in screen.obs[keys.OBS_CONDITION].unique()]
+    assert sizes.count(0) == 1 and sizes.count(1) == 10 and sizes.count(2) == 12
+    assert len(screen.uns[keys.UNS_RANK_GENES]) == 22
+    assert screen.X.min() >= 0 and 0.1 < screen.X.nnz / np.prod(screen.shape) < 0.9  # sparse log1p
+
+
+def test_label_marker_genes_are_present(screen):
+    genes = set(screen.var_names)
+    assert set(STRESS_GENES) <= genes and all(g.startswith(STRESS_PREFIXES) for g in STRESS_GENES)
+    s_phase, g2m = cell_cycle_genes()
+    assert set(s_phase) <= genes and set(g2m) <= genes
+    generic = [g for g in genes if g not in STRESS_GENES]
+    assert not any(g.startswith(STRESS_PREFIXES) for g in generic)
+
+
+def _mean_correlation(X: np.ndarray) -> float:
+    corr = np.corrcoef(X.T)
+    return float(corr[np.triu_indices_from(corr, 1)].mean())
+
+
+def test_programs_make_genes_covary(screen):
+    """Stress and S-phase genes move together from cell to cell; random genes barely do."""
+    X = screen.X.toarray()
+    names = list(screen.var_names)
+    stress = X[:, [names.index(g) for g in STRESS_GENES]]
+    s_phase = X[:, [names.index(g) for g in cell_cycle_genes()[0]]]
+    generic = X[:, [i for i, g in enumerate(names) if g.startswith("G0")][:40]]
+    assert _mean_correlation(stress) > 0.1 and _mean_correlation(s_phase) > 0.1
+    assert _mean_correlation(generic) < _mean_correlation(stress) / 2
+
+
+def _condition_means(adata) -> dict[str, np.ndarray]:
+    X, conditions = adata.X.toarray(), adata.obs[keys.OBS_CONDITION].astype(str).to_numpy()
+    return {c: X[conditions == c].mean(0) for c in np.unique(conditions)}
+
+
+def test_singles_hit_their_target_and_beyond(screen):
+    means = _condition_means(screen)
+    ctrl = means[keys.CTRL]
+    names = list(screen.var_names)
+    for condition, mean in means.items():
+        genes = parse_condition(condition)
+        if len(genes) != 1:
+            continue
+        delta = np.abs(mean - ctrl)
+        target = names.index(genes[0])
+        assert (delta > delta[target]).sum() < 50, condition  # target among the most changed
+        assert (np.delete(delta, target) > 0.2).sum() >= 3, condition  # propagated to other genes
+
+
+def test_some_doubles_are_not_additive(screen):
+    means = _condition_means(screen)
+    ctrl = means[keys.CTRL]
+    deviation = {}
+    for combo, kind in screen.uns[keys.UNS_REGINA]["simulation"]["interactions"].items():
+        a, b = parse_condition(combo)
+        additive = ctrl + (means[f"{a}+ctrl"] - ctrl) + (means[f"{b}+ctrl"] - ctrl)
+        deviation.setdefault(kind == "additive", []).append(np.linalg.norm(means[combo] - additive))
+    assert len(deviation[False]) > 0 and len(deviation[True]) > 0
+    assert np.mean(deviation[False]) > 1.3 * np.mean(deviation[True])
+
+
+def test_cli_demo_sizes_and_no_op():
+    runner = CliRunner()
+    args = ["fetch", "demo", "--cells", "600", "--genes", "250", "--singles", "6", "--doubles", "3"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert read_dataset("demo").shape == (600, 250)
+    again = runner.invoke(app, ["--json", "fetch", "demo"])
+    assert again.exit_code == 0 and '"action": "already present"' in again.output
+    assert runner.invoke(app, ["fetch", "norman", "--cells", "10"]).exit_code != 0
+    assert "only apply with --from" in runner.invoke(app, ["fetch", "norman", "--control", "NT"]).output
+    too_small = runner.invoke(app, ["fetch", "demo", "--force", "--genes", "50"])
+    assert too_small.exit_code != 0 and "--genes must be at least" in too_small.output
+    assert read_dataset("demo").shape == (600, 250)  # a refused --force leaves the old data intact
+
+
+def test_cli_lists_the_datasets_it_knows():
+    from regina_cli.cli import fetch_cmd
+    from regina_cli.data.fetch import DATASETS
+
+    assert fetch_cmd._DATASETS == ", ".join(DATASETS)
+    result = CliRunner().invoke(app, ["fetch", "no_such_set"])
+    assert result.exit_code != 0 and "unknown dataset" in result.output
+
+
+def test_label_step_finds_the_simulated_states():
+    """`regina label` on the demo: cell-cycle recovers the simulated phase; stress is raised by
+    perturbations (so the classifier has state transitions to learn)."""
+    import pandas as pd
+
+    from regina_cli.data.demo import PHASE_COLUMN
+
+    runner = CliRunner()
+    sizes = ["--cells", "1500", "--genes", "300", "--singles", "10", "--doubles", "12"]
+    assert runner.invoke(app, ["fetch", "demo", *sizes]).exit_code == 0
+    obs = read_dataset("demo").obs
+    for method in ("cell-cycle", "stress"):
+        result = runner.invoke(app, ["label", "demo", "--method", method])
+        assert result.exit_code == 0, result.output
+    phase = pd.read_csv(keys.labels_file("demo", "cell-cycle"), index_col="cell")["cell_state"]
+    assert (phase.loc[obs.index] == obs[PHASE_COLUMN]).mean() > 0.7  # 74 % measured (G1 the hard class)
+    stressed = pd.read_csv(keys.labels_file("demo", "stress"), index_col="cell")["cell_state"] == "Stressed"
+    control = obs[keys.OBS_CONDITION] == keys.CTRL
+    assert stressed.loc[obs.index[~control]].mean() > 1.5 * stressed.loc[obs.index[control]].mean()

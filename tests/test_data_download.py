@@ -1,0 +1,206 @@
+"""`regina fetch` downloads against a real HTTP server on 127.0.0.1 (GEARS' servers are unreachable
+here): good zip, resumed download, truncated transfer, corrupt zip, HTML page, 403, and a data
+file changed after it was verified."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from typer.testing import CliRunner
+
+from regina_cli import keys
+from regina_cli.cli import app
+from regina_cli.data import download as download_module
+from regina_cli.data.dataset import checksum_file, read_dataset, write_dataset
+from regina_cli.data.demo import simulate_screen
+from regina_cli.data.fetch import DOWNLOADS_DIR, fetch
+from regina_cli.errors import ReginaError
+
+HTML_PAGE = b"<!DOCTYPE html><html><body>Access denied, please log in</body></html>"
+
+
+@pytest.fixture(scope="module")
+def gears_zip(tmp_path_factory) -> bytes:
+    """A zip laid out like GEARS' Dataverse files: `<name>/perturb_processed.h5ad` plus extras."""
+    folder = tmp_path_factory.mktemp("gears")
+    adata = simulate_screen(n_cells=500, n_genes=200, n_singles=6, n_doubles=3, seed=3)
+    h5ad, _ = write_dataset(adata, "norman", folder)
+    archive = folder / "norman.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.write(h5ad, "norman/perturb_processed.h5ad")
+        zf.writestr("norman/go.csv", "source,target\n")
+    return archive.read_bytes()
+
+
+class Server:
+    """Serves fixed routes; records the Range header of every request."""
+
+    def __init__(self, routes: dict):
+        self.routes, self.ranges = routes, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def do_GET(self):
+                server.ranges.append(self.headers.get("Range"))
+                kind, body = server.routes.get(self.path, ("missing", b""))
+                if kind == "forbidden":
+                    self.send_error(403)
+                elif kind == "missing":
+                    self.send_error(404)
+                elif kind == "html":
+                    self._send(200, body, "text/html; charset=utf-8")
+                elif kind == "truncated":  # announces the full length, sends half, hangs up
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body[: len(body) // 2])
+                    self.close_connection = True
+                else:
+                    self._send_ranged(body)
+
+            def _send(self, status, body, content_type="application/octet-stream", extra=()):
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                for key, value in extra:
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _send_ranged(self, body):
+                requested = self.headers.get("Range")
+                if requested:
+                    start = int(requested.split("=")[1].split("-")[0])
+                    if start >= len(body):
+                        self.send_error(416)
+                        return
+                    content_range = ("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                    self._send(206, body[start:], extra=[content_range])
+                else:
+                    self._send(200, body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(gears_zip):
+    corrupt = bytearray(gears_zip)
+    corrupt[len(corrupt) // 3 : len(corrupt) // 3 + 64] = b"\0" * 64  # damaged inside, same length
+    srv = Server(
+        {
+            "/norman.zip": ("file", gears_zip),
+            "/truncated.zip": ("truncated", gears_zip),
+            "/corrupt.zip": ("file", bytes(corrupt)),
+            "/error.html": ("html", HTML_PAGE),
+            "/page.bin": ("file", HTML_PAGE),
+            "/forbidden.zip": ("forbidden", b""),
+        }
+    )
+    yield srv
+    srv.close()
+
+
+def nothing_complete(name: str) -> bool:
+    """Neither the data file nor its checksum exist (a .part may stay behind for resuming)."""
+    data_file = keys.dataset_file(name)
+    return not data_file.exists() and not checksum_file(data_file).exists()
+
+
+def test_named_dataset_downloads_from_gears_address(server, monkeypatch):
+    monkeypatch.setitem(download_module.GEARS_URLS, "norman", f"{server.url}/norman.zip")
+    lines = []
+    result = fetch("norman", log=lines.append, progress=False)
+    assert result.action == "downloaded" and result.n_singles == 6 and result.n_doubles == 3
+    assert any("100%" in line for line in lines)  # plain progress lines off a terminal
+    data_file = keys.dataset_file("norman")
+    recorded = checksum_file(data_file).read_text().split()[0]
+    assert recorded == hashlib.sha256(data_file.read_bytes()).hexdigest() == result.sha256
+    adata = read_dataset("norman")
+    assert adata.uns[keys.UNS_REGINA]["kept_gears_fields"]
+    backed = read_dataset("norman", backed=True)
+    assert backed.isbacked and backed.shape == adata.shape
+    backed.file.close()
+    assert not (keys.data_root() / DOWNLOADS_DIR).exists()  # archive removed after import
+    # Re-running is a no-op (no request), --force fetches again.
+    before = len(server.ranges)
+    assert fetch("norman", log=lines.append, progress=False).action == "already present"
+    assert len(server.ranges) == before
+    assert fetch("norman", force=True, log=lines.append, progress=False).action == "downloaded"
+
+
+def test_resumes_from_partial_file(server, gears_zip):
+    part = keys.data_root() / DOWNLOADS_DIR / "resumed.download.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(gears_zip[:1000])
+    lines = []
+    fetch("resumed", source=f"{server.url}/norman.zip", log=lines.append, progress=False)
+    assert server.ranges[-1] == "bytes=1000-"
+    assert any("resuming" in line for line in lines)
+    assert read_dataset("resumed").n_obs == 500
+    assert not part.exists()
+
+
+def test_truncated_transfer_keeps_only_the_part_and_resumes(server):
+    url = f"{server.url}/truncated.zip"
+    with pytest.raises(ReginaError, match="incomplete|broke off"):
+        fetch("cut", source=url, progress=False)
+    assert nothing_complete("cut")
+    assert (keys.data_root() / DOWNLOADS_DIR / "cut.download.part").stat().st_size > 0
+    # The same command resumes (the server now honours Range for this path).
+    server.routes["/truncated.zip"] = ("file", server.routes["/norman.zip"][1])
+    fetch("cut", source=url, progress=False)
+    assert server.ranges[-1].startswith("bytes=")
+    assert read_dataset("cut").n_obs == 500
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("/corrupt.zip", "not a valid zip|corrupt"),
+        ("/error.html", "web page"),
+        ("/page.bin", "web page"),
+        ("/forbidden.zip", "HTTP 403"),
+        ("/nowhere.zip", "HTTP 404"),
+    ],
+)
+def test_bad_downloads_are_refused_and_leave_nothing(server, path, message):
+    with pytest.raises(ReginaError, match=message):
+        fetch("bad", source=f"{server.url}{path}", progress=False)
+    assert nothing_complete("bad")
+    downloads = keys.data_root() / DOWNLOADS_DIR
+    assert not downloads.exists() or not any(downloads.iterdir())
+
+
+def test_unreachable_server_is_one_line_error():
+    result = CliRunner().invoke(app, ["fetch", "x", "--from", "http://127.0.0.1:9/none.zip"])
+    assert result.exit_code != 0
+    assert "cannot reach" in result.output and "Traceback" not in result.output
+    assert nothing_complete("x")
+
+
+def test_file_changed_after_verification_is_refused(server):
+    fetch("changed", source=f"{server.url}/norman.zip", progress=False)
+    data_file = keys.dataset_file("changed")
+    raw = bytearray(data_file.read_bytes())
+    raw[-100] ^= 0xFF
+    data_file.write_bytes(bytes(raw))
+    with pytest.raises(ReginaError, match="changed after it was verified"):
+        read_dataset("changed")
+    result = CliRunner().invoke(app, ["fetch", "changed"])  # the no-op re-check catches it too
+    assert result.exit_code != 0 and "--force" in result.output
+    checksum_file(data_file).unlink()
+    with pytest.raises(ReginaError, match="no recorded checksum"):
+        read_dataset("changed")

@@ -1,0 +1,201 @@
+"""`regina fetch NAME --from PATH`: real screens, label spellings, GEARS files, and bad inputs."""
+
+from __future__ import annotations
+
+import zipfile
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from typer.testing import CliRunner
+
+from regina_cli import keys
+from regina_cli.cli import app
+from regina_cli.data.dataset import GEARS_UNS, read_dataset, write_dataset
+from regina_cli.data.demo import simulate_screen
+from regina_cli.data.importer import CONTROL_LABELS, normalise_label
+
+runner = CliRunner()
+
+
+def fetch_cli(*args: str):
+    return runner.invoke(app, ["fetch", *map(str, args)])
+
+
+def tiny_screen(rng, labels=("NT", "A", "B", "A_B"), n_per=12, counts=True, key="perturbation") -> ad.AnnData:
+    """Raw counts, 40 genes named A, B, G2.., labels in a user's spelling under obs[key]."""
+    n = n_per * len(labels)
+    X = rng.poisson(3.0, (n, 40)).astype(np.float32)
+    if not counts:
+        X = np.log1p(X / X.sum(1, keepdims=True) * 1e4).astype(np.float32)
+    genes = ["A", "B"] + [f"G{i}" for i in range(2, 40)]
+    obs = pd.DataFrame({key: np.repeat(labels, n_per)}, index=[f"c{i}" for i in range(n)])
+    return ad.AnnData(X=sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=genes))
+
+
+@pytest.mark.parametrize(
+    "label, separator, expected",
+    [
+        ("ctrl", "+", "ctrl"),
+        ("control", "+", "ctrl"),
+        ("Non-Targeting", "+", "ctrl"),
+        ("non_targeting", "_", "ctrl"),
+        ("KLF1", "+", "KLF1+ctrl"),
+        ("KLF1+ctrl", "+", "KLF1+ctrl"),
+        ("ctrl+KLF1", "+", "KLF1+ctrl"),
+        ("KLF1+CEBPA", "+", "KLF1+CEBPA"),
+        ("KLF1_CEBPA", "_", "KLF1+CEBPA"),
+        ("KLF1_ctrl", "_", "KLF1+ctrl"),
+    ],
+)
+def test_label_spellings(label, separator, expected):
+    controls = {c.lower() for c in CONTROL_LABELS}
+    assert normalise_label(label, controls, separator) == expected
+
+
+def test_papalexi_raw_counts_are_normalised(papalexi_path):
+    result = fetch_cli("papalexi", "--from", papalexi_path)
+    assert result.exit_code == 0, result.output
+    assert "raw counts detected" in result.output
+    assert "16 of 25 targeted genes are not measured" in result.output
+    adata = read_dataset("papalexi")
+    assert adata.shape == (20729, 299)
+    assert sp.isspmatrix_csr(adata.X) and adata.X.dtype == np.float32
+    assert not np.allclose(adata.X.data, np.round(adata.X.data))  # log1p, not counts
+    totals = np.expm1(adata.X[:50].toarray()).sum(1)
+    np.testing.assert_allclose(totals, 1e4, rtol=1e-3)
+    assert adata.uns[keys.UNS_REGINA]["normalisation"].startswith("raw counts detected")
+    conditions = set(adata.obs[keys.OBS_CONDITION])
+    assert keys.CTRL in conditions and len(conditions) == 26
+    assert (adata.obs[keys.OBS_CONTROL].astype(int) == 1).sum() == 2386
+    assert len(adata.uns[keys.UNS_RANK_GENES]) == 25
+    assert all(len(top) == 20 for top in adata.uns[keys.UNS_TOP_DE_20].values())
+
+
+def test_mcfaline_bare_names_and_three_cell_lines(mcfaline_path):
+    result = fetch_cli("mcfaline", "--from", mcfaline_path)
+    assert result.exit_code == 0, result.output
+    assert "relabelled" in result.output and "raw counts" not in result.output
+    adata = read_dataset("mcfaline")
+    conditions = set(adata.obs[keys.OBS_CONDITION])
+    assert keys.CTRL in conditions and all(c == keys.CTRL or c.endswith("+ctrl") for c in conditions)
+    assert set(adata.obs[keys.OBS_CELL_TYPE]) == {"A172", "T98G", "U87MG"}
+    ranked = adata.uns[keys.UNS_RANK_GENES]
+    assert len(ranked) == 9 * 3  # every target, in every cell line, against that line's controls
+    assert "U87MG_SGK1+ctrl_1+1" in ranked
+    source = ad.read_h5ad(mcfaline_path)
+    np.testing.assert_array_equal(adata.X.toarray(), source.X.toarray())  # log-normalised: untouched
+
+
+def test_options_relabel_a_users_screen(tmp_path, rng):
+    screen = tiny_screen(rng)
+    screen.obs["line"] = np.tile(["K562", "RPE1"], screen.n_obs // 2)
+    screen.write_h5ad(tmp_path / "screen.h5ad")
+    result = fetch_cli(
+        "mine", "--from", tmp_path / "screen.h5ad", "--condition-key", "perturbation",
+        "--control", "NT", "--separator", "_",
+    )
+    assert result.exit_code == 0, result.output
+    adata = read_dataset("mine")
+    assert set(adata.obs[keys.OBS_CONDITION]) == {"ctrl", "A+ctrl", "B+ctrl", "A+B"}
+    assert set(adata.obs[keys.OBS_CELL_TYPE]) == {"mine"}  # no cell-type column: named after the dataset
+    assert adata.uns[keys.UNS_REGINA]["condition_key"] == "perturbation"
+    by_line = fetch_cli(
+        "lines", "--from", tmp_path / "screen.h5ad", "--condition-key", "perturbation",
+        "--control", "NT", "--separator", "_", "--cell-type-key", "line",
+    )
+    assert by_line.exit_code == 0, by_line.output
+    assert "RPE1_A+B_1+1" in read_dataset("lines").uns[keys.UNS_RANK_GENES]
+
+
+def test_zip_and_folder_sources(tmp_path, rng):
+    folder = tmp_path / "copy" / "screen"
+    folder.mkdir(parents=True)
+    tiny_screen(rng, labels=("control", "A", "B"), key="condition").write_h5ad(folder / keys.DATA_FILE)
+    with zipfile.ZipFile(tmp_path / "copy.zip", "w") as zf:
+        zf.write(folder / keys.DATA_FILE, f"screen/{keys.DATA_FILE}")
+    assert fetch_cli("from_folder", "--from", tmp_path / "copy").exit_code == 0
+    assert fetch_cli("from_zip", "--from", tmp_path / "copy.zip").exit_code == 0
+    a, b = read_dataset("from_folder"), read_dataset("from_zip")
+    np.testing.assert_array_equal(a.X.toarray(), b.X.toarray())
+    assert set(a.obs[keys.OBS_CONDITION]) == {"ctrl", "A+ctrl", "B+ctrl"}
+
+
+def test_gears_file_is_kept_verbatim(tmp_path):
+    """GEARS' own files index var by Ensembl ID and name DE genes by that ID; we use symbols."""
+    demo = simulate_screen(n_cells=400, n_genes=180, n_singles=5, n_doubles=2, seed=5)
+    gears = demo.copy()
+    ensembl = {g: f"ENSG{i:011d}" for i, g in enumerate(demo.var_names)}
+    gears.var_names = [ensembl[g] for g in demo.var_names]
+    for key in (keys.UNS_RANK_GENES, keys.UNS_TOP_DE_20, keys.UNS_TOP_NON_ZERO_DE_20):
+        gears.uns[key] = {k: np.array([ensembl[g] for g in v]) for k, v in demo.uns[key].items()}
+    source, _ = write_dataset(gears, "gears_copy", tmp_path)
+    result = fetch_cli("gears_copy", "--from", source)
+    assert result.exit_code == 0, result.output
+    assert "GEARS layout found" in result.output and "DE gene lists renamed" in result.output
+    adata = read_dataset("gears_copy")
+    assert list(adata.var_names) == list(demo.var_names)
+    for key in GEARS_UNS:
+        assert set(adata.uns[key]) == set(demo.uns[key])
+        for group, value in demo.uns[key].items():
+            np.testing.assert_array_equal(np.asarray(adata.uns[key][group]), np.asarray(value))
+
+
+def _bad(tmp_path, rng, case: str):
+    path = tmp_path / "bad.h5ad"
+    args = []
+    if case == "missing file":
+        return tmp_path / "absent.h5ad", args, "does not exist"
+    if case == "not an h5ad":
+        path.write_text("gene,value\nA,1\n")
+        return path, args, "neither an h5ad"
+    screen = tiny_screen(rng, key="condition", labels=("control", "A", "B"))
+    message = {
+        "no control cells": "no control cells",
+        "unknown condition column": "no column 'guide'",
+        "duplicate cell names": "duplicate cell names",
+        "NaN in X": "NaN",
+        "cell type without controls": "have no control cells",
+        "three genes in one label": "more than two genes",
+    }[case]
+    if case == "no control cells":
+        screen.obs["condition"] = np.repeat(["A", "B", "A+B"], 12)
+    elif case == "unknown condition column":
+        args = ["--condition-key", "guide"]
+    elif case == "duplicate cell names":
+        screen.obs_names = ["same"] + list(screen.obs_names[1:-1]) + ["same"]
+    elif case == "NaN in X":
+        screen.X = screen.X.toarray()
+        screen.X[3, 4] = np.nan
+    elif case == "three genes in one label":
+        screen.obs["condition"] = screen.obs["condition"].replace({"B": "A+B+G2"})
+    elif case == "cell type without controls":
+        screen.obs["cell_type"] = np.where(screen.obs["condition"] == "B", "other", "main")
+    screen.write_h5ad(path)
+    return path, args, message
+
+
+@pytest.mark.filterwarnings("ignore:Observation names are not unique")
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing file",
+        "not an h5ad",
+        "no control cells",
+        "unknown condition column",
+        "duplicate cell names",
+        "NaN in X",
+        "cell type without controls",
+        "three genes in one label",
+    ],
+)
+def test_bad_inputs_give_one_line_error_and_no_output(tmp_path, rng, case):
+    path, args, message = _bad(tmp_path, rng, case)
+    result = fetch_cli("bad", "--from", path, *args)
+    assert result.exit_code != 0
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.output
+    assert "Traceback" not in result.output
+    assert not keys.dataset_dir("bad").exists()
