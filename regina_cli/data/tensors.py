@@ -1,0 +1,438 @@
+"""The training data as tensors: expression rows, codes, control pools and perturbation targets.
+
+Speed comes from keeping the expression matrix of the training and validation cells on the
+device as one dense float32 tensor (`runtime.device_data`): batches and control partners are
+then gathered by index on the device, with no per-cell Python. When the matrix does not fit,
+rows stream from the h5ad in chunks of `runtime.stream_chunk_cells` cells (bounded memory);
+only the training controls, which every step samples from, stay on the device.
+
+Row indices used everywhere here are *local*: positions among the kept (train + val) cells,
+in file order; `obs_names[i]` names row i.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from regina_cli import keys
+from regina_cli.data.conditions import is_control, parse_condition
+from regina_cli.errors import ReginaError
+
+DEVICE_DATA_MODES = ("auto", "always", "never")
+# Fraction of free memory the dense matrix may take: the rest is for the model and activations.
+_DEVICE_SHARE = 0.5
+# Streaming reads: rows closer than this are read as one contiguous block.
+_MAX_ROW_GAP = 64
+
+
+# --- Reading rows from an AnnData or its h5ad --------------------------------------------------
+class RowReader:
+    """Dense float32 rows of X, from an in-memory AnnData or straight from a backed h5ad.
+
+    Reading a backed file goes through h5py: CSR rows are read as contiguous runs of
+    `indptr`, so a chunk of neighbouring rows costs one read instead of one per row.
+    """
+
+    def __init__(self, adata):
+        self.n_genes = adata.n_vars
+        self._matrix = None
+        self._h5 = None
+        if adata.isbacked:
+            import h5py
+
+            self._h5 = h5py.File(Path(adata.filename), "r")
+            x = self._h5["X"]
+            if isinstance(x, h5py.Dataset):
+                self._dense_ds = x
+            else:
+                encoding = x.attrs.get("encoding-type", "")
+                if encoding != "csr_matrix":
+                    raise ReginaError(f"X in {adata.filename} is stored as {encoding!r}; "
+                                      "streaming needs CSR or dense X (re-run `regina fetch`)")
+                self._dense_ds = None
+                self._indptr = x["indptr"][:]
+                self._indices = x["indices"]
+                self._data = x["data"]
+        else:
+            self._matrix = adata.X
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Rows `rows` (strictly increasing file positions) as a dense [len(rows), G] array."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self._matrix is not None:
+            block = self._matrix[rows]
+            block = block.toarray() if hasattr(block, "toarray") else np.asarray(block)
+            return block.astype(np.float32, copy=False)
+        if self._dense_ds is not None:
+            return np.asarray(self._dense_ds[rows], dtype=np.float32)
+        out = np.zeros((len(rows), self.n_genes), dtype=np.float32)
+        # Group rows into runs with small gaps: one h5py read per run (reading a few unneeded
+        # rows is far cheaper than one read per row when train/val cells interleave with test).
+        breaks = np.flatnonzero(np.diff(rows) > _MAX_ROW_GAP) + 1
+        for run_start, run in zip(np.r_[0, breaks], np.split(rows, breaks)):
+            first, last = run[0], run[-1]
+            lo, hi = self._indptr[first], self._indptr[last + 1]
+            block = sp.csr_matrix((self._data[lo:hi], self._indices[lo:hi], self._indptr[first: last + 2] - lo),
+                                  shape=(last - first + 1, self.n_genes))
+            out[run_start: run_start + len(run)] = block[run - first].toarray()
+        return out
+
+    def close(self) -> None:
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
+
+
+# --- Memory -----------------------------------------------------------------------------------------
+def dense_bytes(n_cells: int, n_genes: int) -> int:
+    return int(n_cells) * int(n_genes) * 4
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory on `device` (GPU: CUDA's count; CPU: available RAM)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on Linux: assume it fits
+        return 1 << 62
+
+
+def use_dense(mode: str, n_cells: int, n_genes: int, device: torch.device) -> bool:
+    """Whether the matrix goes onto the device as one dense tensor (`runtime.device_data`)."""
+    if mode not in DEVICE_DATA_MODES:
+        raise ReginaError(f"runtime.device_data must be one of {', '.join(DEVICE_DATA_MODES)}, not {mode!r}")
+    if mode != "auto":
+        return mode == "always"
+    return dense_bytes(n_cells, n_genes) <= _DEVICE_SHARE * free_memory_bytes(device)
+
+
+# --- The tensors ----------------------------------------------------------------------------------------
+@dataclass
+class CellTensors:
+    """Everything the training loops index by cell or condition, on one device.
+
+    Per cell (local row i): `condition_codes`, `cell_type_codes`, `labels` (-1 without
+    labels), `is_control`. Per condition (code c): `target_idx[c]` gene indices of its
+    measured targets and `unmeasured_idx[c]` indices into `unmeasured_genes` (both padded
+    with -1), `n_targets[c]` all its targets, `usable[c]` whether every target is measured or
+    has a learned prompt. Index sets: `train_idx`, `val_idx`, and their perturbed-only parts.
+    """
+
+    genes: list[str]
+    obs_names: np.ndarray
+    file_rows: np.ndarray
+    device: torch.device
+    dense: bool
+    x: torch.Tensor | None
+    labels: torch.Tensor
+    label_classes: list[str]
+    conditions: list[str]
+    condition_codes: torch.Tensor
+    cell_types: list[str]
+    cell_type_codes: torch.Tensor
+    is_control: torch.Tensor
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+    unmeasured_genes: list[str]
+    target_idx: torch.Tensor
+    unmeasured_idx: torch.Tensor
+    n_targets: torch.Tensor
+    usable: torch.Tensor
+    chunk_cells: int = 8192
+    notes: list[str] = field(default_factory=list)
+    _reader: RowReader | None = None
+    _pool_rows: torch.Tensor | None = None
+    _pool_offset: torch.Tensor | None = None
+    _pool_size: torch.Tensor | None = None
+    _control_cache: torch.Tensor | None = None
+    _control_pos: torch.Tensor | None = None
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_anndata(
+        cls,
+        adata,
+        split,
+        labels: pd.Series | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        device_data: str = "auto",
+        chunk_cells: int = 8192,
+        label_classes: Sequence[str] | None = None,
+        genes: Sequence[str] | None = None,
+        unmeasured_genes: Sequence[str] | None = None,
+    ) -> "CellTensors":
+        """Build from a dataset (in memory or backed), its `Split` and optional cell labels.
+
+        `genes`, `label_classes` and `unmeasured_genes` come from a trained run's metadata when
+        continuing one; a mismatch with the data is a ReginaError.
+        """
+        device = torch.device(device)
+        data_genes = [str(g) for g in adata.var_names]
+        if genes is not None and list(genes) != data_genes:
+            missing = len(set(genes) - set(data_genes))
+            raise ReginaError(
+                f"gene set mismatch: the run was trained on {len(genes)} genes, the data has "
+                f"{len(data_genes)} ({missing} of the run's genes missing, or reordered); use the "
+                "dataset the run was trained on"
+            )
+        obs = adata.obs
+        condition = obs[keys.OBS_CONDITION].astype(str).to_numpy()
+        keep_conditions = set(split.train) | set(split.val)
+        _check_split_conditions(split, set(condition))
+        file_rows = np.flatnonzero(np.isin(condition, list(keep_conditions)))
+        if len(file_rows) == 0:
+            raise ReginaError("no cells of the split's train/val conditions are in the data; "
+                              "re-run `regina split` for this dataset")
+        kept_condition = condition[file_rows]
+        obs_names = np.asarray(adata.obs_names[file_rows]).astype(str)
+
+        cell_type = (obs[keys.OBS_CELL_TYPE].astype(str).to_numpy()[file_rows]
+                     if keys.OBS_CELL_TYPE in obs else np.full(len(file_rows), "all"))
+        cell_types = sorted(set(cell_type))
+        conditions = sorted(set(kept_condition))
+        control = np.array([is_control(c) for c in conditions])[np.searchsorted(conditions, kept_condition)]
+
+        label_codes, classes = _label_codes(labels, obs_names, label_classes)
+
+        train_set = set(split.train)
+        in_train = np.isin(kept_condition, list(train_set))
+        unmeasured = (list(unmeasured_genes) if unmeasured_genes is not None
+                      else sorted({g for c in train_set for g in parse_condition(c)} - set(data_genes)))
+        target_idx, unmeasured_idx, n_targets, usable = condition_targets(conditions, data_genes, unmeasured)
+
+        as_long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long, device=device)  # noqa: E731
+        dense = use_dense(device_data, len(file_rows), len(data_genes), device)
+        reader = RowReader(adata)
+        x = _read_dense(reader, file_rows, device, chunk_cells) if dense else None
+        cells = cls(
+            genes=data_genes, obs_names=obs_names, file_rows=file_rows, device=device, dense=dense, x=x,
+            labels=as_long(label_codes), label_classes=classes, conditions=conditions,
+            condition_codes=as_long(np.searchsorted(conditions, kept_condition)),
+            cell_types=cell_types, cell_type_codes=as_long(np.searchsorted(cell_types, cell_type)),
+            is_control=torch.as_tensor(control, device=device),
+            train_idx=as_long(np.flatnonzero(in_train)), val_idx=as_long(np.flatnonzero(~in_train)),
+            unmeasured_genes=unmeasured, target_idx=as_long(target_idx),
+            unmeasured_idx=as_long(unmeasured_idx), n_targets=as_long(n_targets),
+            usable=torch.as_tensor(usable, device=device), chunk_cells=chunk_cells,
+            _reader=None if dense else reader,
+        )
+        if dense:
+            reader.close()
+        cells._build_control_pools(control & in_train, cell_type)
+        return cells
+
+    def _build_control_pools(self, train_control: np.ndarray, cell_type: np.ndarray) -> None:
+        """Training controls grouped by cell type, as flat index arrays for on-device sampling."""
+        if not train_control.any():
+            raise ReginaError("the split's training conditions contain no control cells; "
+                              "controls (`ctrl`) must be in train")
+        rows, offsets, sizes = [], [], []
+        all_controls = np.flatnonzero(train_control)
+        for t, name in enumerate(self.cell_types):
+            pool = np.flatnonzero(train_control & (cell_type == name))
+            if len(pool) == 0:
+                self.notes.append(f"cell type {name!r} has no training controls: its cells are "
+                                  "paired with controls of every cell type")
+                pool = all_controls
+            offsets.append(sum(len(r) for r in rows))
+            sizes.append(len(pool))
+            rows.append(pool)
+        flat = np.concatenate(rows)
+        self._pool_rows = torch.as_tensor(flat, dtype=torch.long, device=self.device)
+        self._pool_offset = torch.as_tensor(offsets, dtype=torch.long, device=self.device)
+        self._pool_size = torch.as_tensor(sizes, dtype=torch.long, device=self.device)
+        if not self.dense:
+            controls = np.unique(flat)
+            self._control_cache = _read_dense(self._reader, self.file_rows[controls], self.device, self.chunk_cells)
+            pos = np.full(len(self.obs_names), -1, dtype=np.int64)
+            pos[controls] = np.arange(len(controls))
+            self._control_pos = torch.as_tensor(pos, device=self.device)
+
+    # -- sizes ------------------------------------------------------------------------------
+    @property
+    def n_cells(self) -> int:
+        return len(self.obs_names)
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    @property
+    def train_perturbed_idx(self) -> torch.Tensor:
+        return self.train_idx[~self.is_control[self.train_idx]]
+
+    @property
+    def val_perturbed_idx(self) -> torch.Tensor:
+        return self.val_idx[~self.is_control[self.val_idx]]
+
+    # -- rows -------------------------------------------------------------------------------
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Expression [len(idx), G] of local rows `idx`, on the device, in `idx` order."""
+        if self.dense:
+            return self.x[idx]
+        if bool(self.is_control[idx].all()) and bool((self._control_pos[idx] >= 0).all()):
+            return self._control_cache[self._control_pos[idx]]
+        idx_np = idx.cpu().numpy()
+        order = np.argsort(self.file_rows[idx_np], kind="stable")
+        unique_rows, inverse = np.unique(self.file_rows[idx_np][order], return_inverse=True)
+        block = torch.from_numpy(self._reader.read(unique_rows)).to(self.device)
+        out = torch.empty((len(idx_np), self.n_genes), dtype=torch.float32, device=self.device)
+        out[torch.as_tensor(order, device=self.device)] = block[torch.as_tensor(inverse, device=self.device)]
+        return out
+
+    def batches(
+        self,
+        indices: torch.Tensor,
+        batch_size: int,
+        *,
+        generator: torch.Generator | None = None,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch over `indices` as (row indices, expression) batches on the device.
+
+        Dense: a device permutation, gathered per batch. Streaming: the cells are cut into
+        chunks of `chunk_cells` neighbouring rows read in shuffled chunk order and shuffled
+        within each chunk, so memory stays bounded while every cell is seen once. For
+        data-parallel runs each rank takes every `world_size`-th cell of the same order
+        (give every rank a generator in the same state) and all ranks get equal batch counts.
+        """
+        indices = indices.to(self.device)
+        if self.dense:
+            order = self._order(len(indices), generator, shuffle)
+            yield from self._dense_batches(indices[self._shard(order, rank, world_size)], batch_size)
+            return
+        yield from self._streaming_batches(indices, batch_size, generator, shuffle, rank, world_size)
+
+    def _order(self, n: int, generator: torch.Generator | None, shuffle: bool) -> torch.Tensor:
+        if not shuffle:
+            return torch.arange(n, device=self.device)
+        gen_device = generator.device if generator is not None else self.device
+        return torch.randperm(n, generator=generator, device=gen_device).to(self.device)
+
+    @staticmethod
+    def _shard(order: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+        if world_size == 1:
+            return order
+        usable = len(order) - len(order) % world_size
+        return order[:usable][rank::world_size]
+
+    def _dense_batches(self, idx: torch.Tensor, batch_size: int):
+        for start in range(0, len(idx), batch_size):
+            batch = idx[start: start + batch_size]
+            yield batch, self.x[batch]
+
+    def _streaming_batches(self, indices, batch_size, generator, shuffle, rank, world_size):
+        by_file = np.argsort(self.file_rows[indices.cpu().numpy()], kind="stable")
+        chunks = list(torch.split(indices[torch.as_tensor(by_file, device=self.device)], self.chunk_cells))
+        # Every rank serves the same number of cells: the smallest share any rank gets.
+        quota = min(sum(len(range(r, len(c), world_size)) for c in chunks) for r in range(world_size))
+        carry_idx = carry_x = None
+        for c in self._order(len(chunks), generator, shuffle).tolist():
+            idx = chunks[c][self._order(len(chunks[c]), generator, shuffle)[rank::world_size]]
+            x = self.rows(idx)
+            if carry_idx is not None:
+                idx, x = torch.cat([carry_idx, idx]), torch.cat([carry_x, x])
+            full = len(idx) - len(idx) % batch_size
+            for start in range(0, full, batch_size):
+                take = min(batch_size, quota)
+                if take <= 0:
+                    return
+                quota -= take
+                yield idx[start: start + take], x[start: start + take]
+            carry_idx, carry_x = idx[full:], x[full:]
+        if carry_idx is not None and quota > 0:
+            yield carry_idx[:quota], carry_x[:quota]
+
+    # -- control partners -------------------------------------------------------------------
+    def sample_controls(self, cell_type_codes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A fresh uniformly random training control of the same cell type for every entry.
+
+        Vectorised: one uniform draw per entry scaled into that cell type's slice of the
+        flat control pool. `generator` must live on `self.device`.
+        """
+        size = self._pool_size[cell_type_codes]
+        u = torch.rand(cell_type_codes.shape, generator=generator, device=self.device)
+        pick = (u * size).long().clamp_max(size - 1)
+        return self._pool_rows[self._pool_offset[cell_type_codes] + pick]
+
+    def control_partners(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Control rows paired with the cells `idx` (same cell type), for one step."""
+        return self.sample_controls(self.cell_type_codes[idx], generator)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+def condition_targets(conditions: Sequence[str], genes: Sequence[str], unmeasured_genes: Sequence[str]):
+    """Padded target arrays for `conditions`: (target_idx, unmeasured_idx, n_targets, usable).
+
+    `target_idx[c, j]` is the gene index of the j-th target if measured, else -1;
+    `unmeasured_idx[c, j]` its index in `unmeasured_genes` if it has a learned prompt, else -1.
+    """
+    gene_pos = {g: i for i, g in enumerate(genes)}
+    unmeasured_pos = {g: i for i, g in enumerate(unmeasured_genes)}
+    parsed = [parse_condition(c) for c in conditions]
+    width = max([1, *(len(p) for p in parsed)])
+    target_idx = np.full((len(conditions), width), -1, dtype=np.int64)
+    unmeasured_idx = np.full((len(conditions), width), -1, dtype=np.int64)
+    usable = np.ones(len(conditions), dtype=bool)
+    for c, targets in enumerate(parsed):
+        for j, gene in enumerate(targets):
+            if gene in gene_pos:
+                target_idx[c, j] = gene_pos[gene]
+            elif gene in unmeasured_pos:
+                unmeasured_idx[c, j] = unmeasured_pos[gene]
+            else:
+                usable[c] = False
+    n_targets = np.array([len(p) for p in parsed], dtype=np.int64)
+    return target_idx, unmeasured_idx, n_targets, usable
+
+
+def _check_split_conditions(split, data_conditions: set[str]) -> None:
+    missing = sorted((set(split.train) | set(split.val)) - data_conditions)
+    if missing:
+        raise ReginaError(
+            f"the split lists {len(missing)} train/val conditions that are not in the data "
+            f"(e.g. {', '.join(missing[:3])}); it was made for another dataset: re-run `regina split`"
+        )
+
+
+def _label_codes(labels: pd.Series | None, obs_names: np.ndarray, label_classes: Sequence[str] | None):
+    if labels is None:
+        return np.full(len(obs_names), -1, dtype=np.int64), list(label_classes or [])
+    values = labels.reindex(obs_names)
+    missing = int(values.isna().sum())
+    if missing:
+        raise ReginaError(f"the labels miss {missing} of {len(obs_names)} cells; they were made for "
+                          "another dataset: re-run `regina label`")
+    values = values.astype(str)
+    classes = list(label_classes) if label_classes is not None else sorted(values.unique())
+    codes = pd.Categorical(values, categories=classes).codes.astype(np.int64)
+    if (codes < 0).any():
+        unknown = sorted(set(values) - set(classes))
+        raise ReginaError(f"labels contain classes the run was not trained on ({', '.join(unknown[:3])}); "
+                          "use the labels the run was trained with")
+    return codes, classes
+
+
+def _read_dense(reader: RowReader, file_rows: np.ndarray, device: torch.device, chunk_cells: int) -> torch.Tensor:
+    """Rows `file_rows` (increasing) as one dense device tensor, filled chunk by chunk."""
+    out = torch.empty((len(file_rows), reader.n_genes), dtype=torch.float32, device=device)
+    for start in range(0, len(file_rows), chunk_cells):
+        block = reader.read(file_rows[start: start + chunk_cells])
+        out[start: start + len(block)] = torch.from_numpy(block).to(device, non_blocking=False)
+    return out

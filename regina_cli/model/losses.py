@@ -1,0 +1,160 @@
+"""Every loss of the method, named as in `REGINA_method.md`; pure functions of tensors.
+
+Phase 1 returns `AELossTerms` (a small dataclass of named terms) so the training loop and the
+logger never depend on how the model computes them. Reconstruction is compared on the
+unpadded gene vector only (`Decoder.forward` cuts the padding), so padding is in no loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from regina_cli.config import AEConfig
+from regina_cli.model.autoencoder import Autoencoder
+
+
+@dataclass
+class AELossTerms:
+    """L_AE and its terms for one batch; `latent` and `logits` are kept for reuse, not logged.
+
+    `latent` is E(X) with its graph: the classifier's L_sg step uses `latent.detach()` so it
+    needs no second encoder pass.
+    """
+
+    total: torch.Tensor
+    mse: torch.Tensor
+    center: torch.Tensor
+    reg: torch.Tensor
+    clf: torch.Tensor
+    cons: torch.Tensor | None
+    latent: torch.Tensor
+    logits: torch.Tensor
+
+    def as_dict(self) -> dict[str, float]:
+        """The loss terms as floats (one device sync), for history and progress bars."""
+        names = ["total", "mse", "center", "reg", "clf"] + (["cons"] if self.cons is not None else [])
+        values = torch.stack([getattr(self, n).detach().float() for n in names]).tolist()
+        return dict(zip(names, values))
+
+
+def reconstruction_loss(x_rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L_MSE over the real genes (both tensors unpadded, [B, n_genes])."""
+    return F.mse_loss(x_rec.float(), x.float())
+
+
+def latent_regulariser(z: torch.Tensor) -> torch.Tensor:
+    """L_reg: mean squared latent (L2).
+
+    LayerNorm fixes each latent's scale only up to its learnable gain and bias, and no other
+    term pins those (the decoder can absorb any scale, and L_CE is scale-free). A small L2
+    keeps the latent bounded, which keeps gradients through the decoder steady and gives
+    phase 2 a latent distribution that does not drift.
+    """
+    return z.float().pow(2).mean()
+
+
+def classification_loss(model: Autoencoder, z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_CLF = CE(C(E(X)), c) with gradients into encoder and classifier; returns (loss, logits)."""
+    logits = model.classifier(z)
+    return F.cross_entropy(logits.float(), labels), logits
+
+
+def classifier_sg_loss(model: Autoencoder, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """L_sg = CE(C(sg[E(X)]), c): trains the classifier only; the encoder gets no gradient."""
+    return F.cross_entropy(model.classifier(z.detach()).float(), labels)
+
+
+def consistency_loss(model: Autoencoder, z: torch.Tensor) -> torch.Tensor:
+    """L_cons = CE(C(z), C(E(D(z)))): the class prediction must survive decode + re-encode.
+
+    C(z) is the (soft, detached) target and C(z_rec) the prediction, so the term asks the
+    round trip to agree with the original latent, never the other way round. It includes the
+    target's entropy, so its absolute value is not zero at perfect consistency; the trend is
+    what early stopping watches.
+    """
+    target = F.softmax(model.classifier(z).float(), dim=-1).detach()
+    z_rec = model.encoder(model.decoder(z))
+    return F.cross_entropy(model.classifier(z_rec).float(), target)
+
+
+def ae_losses(model: Autoencoder, x: torch.Tensor, labels: torch.Tensor, cfg: AEConfig) -> AELossTerms:
+    """L_AE = l_mse L_MSE + l_center L_CE + l_reg L_reg + l_clf L_CLF (+ l_cons L_cons if > 0)."""
+    z = model.encoder(x)
+    x_rec = model.decoder(z)
+    mse = reconstruction_loss(x_rec, x)
+    center = model.center_loss(z.float(), labels)
+    reg = latent_regulariser(z)
+    clf, logits = classification_loss(model, z, labels)
+    total = cfg.lambda_mse * mse + cfg.lambda_center * center + cfg.lambda_reg * reg + cfg.lambda_clf * clf
+    cons = None
+    if cfg.lambda_cons > 0:
+        cons = consistency_loss(model, z)
+        total = total + cfg.lambda_cons * cons
+    return AELossTerms(total=total, mse=mse, center=center, reg=reg, clf=clf, cons=cons,
+                       latent=z, logits=logits)
+
+
+# --- Phase 2 -----------------------------------------------------------------------------------
+def _with_noise(z: torch.Tensor, noise_std: float, generator: torch.Generator | None) -> torch.Tensor:
+    if noise_std <= 0:
+        return z
+    noise = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
+    return z + noise_std * noise
+
+
+def discriminator_loss(
+    discriminator,
+    z_real: torch.Tensor,
+    z_fake: torch.Tensor,
+    prompt: torch.Tensor,
+    *,
+    real_target: float = 1.0,
+    noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """L_D = MSE(D(Z_real, p), real_target) + MSE(D(T(Z), p), 0) (least squares).
+
+    `z_fake` is detached here (this step trains the discriminator only). `real_target` < 1 is
+    one-sided label smoothing; `noise_std` adds instance noise to both inputs' latents.
+    """
+    real = discriminator(_with_noise(z_real, noise_std, generator), prompt).float()
+    fake = discriminator(_with_noise(z_fake.detach(), noise_std, generator), prompt).float()
+    return F.mse_loss(real, torch.full_like(real, real_target)) + F.mse_loss(fake, torch.zeros_like(fake))
+
+
+def generator_loss(
+    discriminator,
+    z_fake: torch.Tensor,
+    prompt: torch.Tensor,
+    *,
+    noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """L_G = MSE(D(T(Z), p), 1): the transition tries to be judged real."""
+    score = discriminator(_with_noise(z_fake, noise_std, generator), prompt).float()
+    return F.mse_loss(score, torch.ones_like(score))
+
+
+def cycle_loss(
+    gan,
+    z_ctrl: torch.Tensor,
+    z_pert: torch.Tensor,
+    prompt: torch.Tensor,
+    *,
+    fake_pert: torch.Tensor | None = None,
+    fake_ctrl: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """L_cycle = MSE(Z_ctrl, T_bwd(T_fwd(Z_ctrl))) + MSE(Z_pert, T_fwd(T_bwd(Z_pert))).
+
+    One prompt per control/perturbed pair, the same for both directions (the method). Pass
+    `fake_pert = T_fwd(z_ctrl)` and `fake_ctrl = T_bwd(z_pert)` when the loop already has
+    them (for L_G) to skip recomputing them.
+    """
+    fake_pert = gan.forward_block(z_ctrl, prompt) if fake_pert is None else fake_pert
+    fake_ctrl = gan.backward_block(z_pert, prompt) if fake_ctrl is None else fake_ctrl
+    ctrl_cycle = gan.backward_block(fake_pert, prompt)
+    pert_cycle = gan.forward_block(fake_ctrl, prompt)
+    return F.mse_loss(ctrl_cycle.float(), z_ctrl.float()) + F.mse_loss(pert_cycle.float(), z_pert.float())

@@ -1,0 +1,145 @@
+"""Shapes, padding, spectral norm, the zero-initialised transition and the losses of the method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+from regina_cli.config import AEConfig, ModelConfig
+from regina_cli.model.autoencoder import Autoencoder, token_width
+from regina_cli.model.gan import LatentCycleGAN
+from regina_cli.model.losses import (
+    ae_losses, classifier_sg_loss, consistency_loss, cycle_loss, discriminator_loss, generator_loss,
+)
+from regina_cli.model.transition import TransitionBlock
+
+N_GENES = 37  # not a multiple of seq_len: the last token is padded
+
+
+@pytest.fixture
+def cfg() -> ModelConfig:
+    return ModelConfig(seq_len=4, d_model=16, n_layers=1, n_heads=2, z_dim=8, classifier_hidden=8,
+                       transition_hidden=16, discriminator_hidden=[16, 8], dropout=0.0)
+
+
+@pytest.fixture
+def model(cfg) -> Autoencoder:
+    torch.manual_seed(0)
+    return Autoencoder(N_GENES, 3, cfg)
+
+
+def test_shapes_and_padding_width(model, cfg):
+    x = torch.randn(5, N_GENES)
+    z, x_rec = model(x)
+    assert token_width(N_GENES, cfg.seq_len) == 10
+    assert z.shape == (5, cfg.z_dim) and x_rec.shape == (5, N_GENES)
+    assert model.decoder.forward_padded(z).shape == (5, 40)
+    assert model.classifier(z).shape == (5, 3)
+
+
+def test_padding_never_reaches_the_losses(model, monkeypatch):
+    """Garbage written into the decoder's padded outputs changes no loss term."""
+    torch.manual_seed(1)
+    x, labels = torch.randn(6, N_GENES), torch.randint(0, 3, (6,))
+    model.eval()
+    before = ae_losses(model, x, labels, AEConfig(lambda_cons=1.0)).as_dict()
+    original = model.decoder.forward_padded
+
+    def garbage_padding(z):
+        out = original(z).clone()
+        out[:, N_GENES:] = 1e6
+        return out
+
+    monkeypatch.setattr(model.decoder, "forward_padded", garbage_padding)
+    after = ae_losses(model, x, labels, AEConfig(lambda_cons=1.0)).as_dict()
+    assert after == pytest.approx(before, rel=1e-6)
+
+
+def test_classifier_is_spectrally_normalised(model):
+    linears = [m for m in model.classifier.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 and all(parametrize.is_parametrized(m, "weight") for m in linears)
+    model.train()
+    for _ in range(20):  # power iterations converge in training mode
+        model.classifier(torch.randn(16, 8))
+    for m in linears:
+        assert torch.linalg.matrix_norm(m.weight.detach(), ord=2) == pytest.approx(1.0, abs=0.05)
+
+
+def test_ae_terms_and_stop_gradient(model):
+    x, labels = torch.randn(8, N_GENES), torch.randint(0, 3, (8,))
+    terms = ae_losses(model, x, labels, AEConfig())
+    assert set(terms.as_dict()) == {"total", "mse", "center", "reg", "clf"}
+    weighted = 1.5 * terms.mse + 0.5 * terms.center + 1e-4 * terms.reg + 1.0 * terms.clf
+    assert terms.total.item() == pytest.approx(weighted.item(), rel=1e-6)
+    model.zero_grad()
+    classifier_sg_loss(model, terms.latent, labels).backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.classifier.parameters())
+    terms.total.backward()  # L_CLF reaches the encoder
+    assert model.encoder.to_latent.weight.grad.abs().sum() > 0
+    assert model.center_loss.centers.grad.abs().sum() > 0
+
+
+def test_center_loss_is_scale_free_and_rewards_clusters(model):
+    labels = torch.tensor([0, 0, 1, 1])
+    centers = model.center_loss.centers
+    with torch.no_grad():
+        centers.zero_()
+        centers[0] = -1.0
+        centers[1] = 1.0
+    clustered = torch.tensor([[-1.0] * 8, [-1.1] * 8, [1.0] * 8, [0.9] * 8])
+    mixed = clustered[[0, 2, 1, 3]]
+    assert model.center_loss(clustered, labels) < 0.1 < model.center_loss(mixed, labels)
+    with torch.no_grad():  # shrinking latents and centers together cannot lower it
+        loss = model.center_loss(clustered, labels).item()
+        centers.mul_(0.01)
+        assert model.center_loss(clustered * 0.01, labels).item() == pytest.approx(loss, rel=1e-2)
+
+
+def test_consistency_loss_uses_first_prediction_as_soft_target(model):
+    model.eval()
+    z = model.encoder(torch.randn(4, N_GENES))
+    probs = torch.softmax(model.classifier(z), -1)
+    rec_logits = model.classifier(model.encoder(model.decoder(z)))
+    expected = -(probs * torch.log_softmax(rec_logits, -1)).sum(-1).mean()
+    assert consistency_loss(model, z).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_transition_starts_as_identity_plus_prompt(cfg):
+    z, prompt = torch.randn(5, 8), torch.randn(5, 8)
+    forward = TransitionBlock(8, cfg, direction=1)
+    backward = TransitionBlock(8, cfg, direction=-1)
+    assert torch.allclose(forward(z, prompt), z + prompt)
+    assert torch.allclose(backward(forward(z, prompt), prompt), z, atol=1e-6)
+
+
+def test_gan_losses(cfg):
+    torch.manual_seed(0)
+    gan = LatentCycleGAN(8, cfg, unmeasured_genes=["U1", "U2"])
+    z_ctrl, z_pert, prompt = torch.randn(6, 8), torch.randn(6, 8) + 2, torch.randn(6, 8)
+    assert cycle_loss(gan, z_ctrl, z_pert, prompt).item() < 1e-10  # exact inverses at init
+    fake = gan(z_ctrl, prompt)
+    l_d = discriminator_loss(gan.discriminator, z_pert, fake, prompt, real_target=0.9)
+    real = gan.discriminator(z_pert, prompt)
+    score = gan.discriminator(fake, prompt)
+    expected = ((real - 0.9) ** 2).mean() + (score ** 2).mean()
+    assert l_d.item() == pytest.approx(expected.item(), rel=1e-5)
+    l_g = generator_loss(gan.discriminator, fake, prompt)
+    assert l_g.item() == pytest.approx(((score - 1) ** 2).mean().item(), rel=1e-5)
+    l_d.backward()
+    assert all(p.grad is None for p in gan.forward_block.parameters())  # fake is detached in L_D
+    noisy = discriminator_loss(gan.discriminator, z_pert, fake, prompt, noise_std=0.5,
+                               generator=torch.Generator().manual_seed(0))
+    assert noisy.item() != pytest.approx(l_d.item())
+
+
+def test_unmeasured_gene_embeddings_are_added(cfg):
+    gan = LatentCycleGAN(8, cfg, unmeasured_genes=["U1", "U2"])
+    prompt = torch.zeros(3, 8)
+    idx = torch.tensor([[-1, -1], [0, -1], [0, 1]])
+    out = gan.add_unmeasured(prompt, idx)
+    table = gan.unmeasured_embedding.detach()
+    assert torch.allclose(out[0], torch.zeros(8))
+    assert torch.allclose(out[1], table[0]) and torch.allclose(out[2], table[0] + table[1])
+    assert any(p is gan.unmeasured_embedding for p in gan.transition_parameters())

@@ -1,0 +1,168 @@
+"""`regina predict` on a tiny run saved in the run-directory format of engine/checkpoint.py.
+
+The run is untrained: its transitions are then exactly identity plus prompt, which lets the
+test recompute a prediction by hand. Training itself is covered by TRAIN's tests.
+"""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from regina_cli import keys
+from regina_cli.cli import app
+from regina_cli.config import build_config
+from regina_cli.data.dataset import write_dataset
+from regina_cli.data.split import save_split
+from regina_cli.engine import checkpoint as ckpt
+from regina_cli.engine.predict import predict, sample_plan
+from regina_cli.engine.prompt import build_prompt
+from regina_cli.errors import ReginaError
+from regina_cli.model.autoencoder import Autoencoder
+from regina_cli.model.gan import LatentCycleGAN
+from test_tensors import GENES, tiny_labels, tiny_screen, tiny_split
+
+CELLS = 10
+
+
+TINY_MODEL = ["model.seq_len=4", "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.z_dim=8",
+              "model.classifier_hidden=8", "model.transition_hidden=16", "model.discriminator_hidden=[16,8]"]
+
+
+def write_tiny_dataset():
+    """Dataset `tiny` (GEARS layout), its split and `stress` labels in the data dir."""
+    adata = tiny_screen()
+    adata.obs[keys.OBS_CONDITION_NAME] = "A_" + adata.obs[keys.OBS_CONDITION].astype(str) + "_1+1"
+    adata.obs[keys.OBS_DOSE] = "1+1"
+    for field in (keys.UNS_RANK_GENES, keys.UNS_TOP_DE_20, keys.UNS_NON_DROPOUT_IDX,
+                  keys.UNS_TOP_NON_ZERO_DE_20, keys.UNS_NON_ZEROS_IDX):
+        adata.uns[field] = {"A_G1+ctrl_1+1": np.array(GENES[:3])}
+    write_dataset(adata, "tiny")
+    split = tiny_split()
+    save_split(split)
+    labels = tiny_labels(adata)
+    path = keys.labels_file("tiny", "stress")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"cell": labels.index, keys.OBS_CELL_STATE: labels.to_numpy()}).to_csv(path, index=False)
+    return adata, split
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """Dataset `tiny` in the data dir and an untrained two-phase run `runs/tiny`."""
+    adata, split = write_tiny_dataset()
+    config = build_config(overrides=[*TINY_MODEL, "gan.prompt_value=-2.0"])
+    torch.manual_seed(0)
+    ae_model = Autoencoder(len(GENES), 2, config.model)
+    gan = LatentCycleGAN(config.model.z_dim, config.model, unmeasured_genes=["NOTMEASURED"])
+    run = tmp_path / "runs" / "tiny"
+    meta = {"dataset": "tiny", "split": split.name, "labels": "stress", "gene_names": GENES,
+            "label_classes": ["Homeostasis", "Stressed"]}
+    ae_paths, gan_paths = ckpt.ae_paths(run), ckpt.gan_paths(run)
+    for paths in (ae_paths, gan_paths):
+        ckpt.write_config(paths, config)
+    ckpt.write_meta(ae_paths, {**meta, "status": "trained"})
+    ckpt.write_meta(gan_paths, {**meta, "status": "trained", "unmeasured_genes": gan.unmeasured_genes})
+    ckpt.save_torch(ae_paths.model, ckpt.state_dict_to_cpu(ae_model))
+    phase2 = torch.nn.ModuleDict({"gan": gan, "decoder": ae_model.decoder})  # engine/run.py's layout
+    ckpt.save_torch(gan_paths.model, ckpt.state_dict_to_cpu(phase2))
+    return run, adata, ae_model, gan
+
+
+def test_predict_seen_unseen_unmeasured_and_combinations(tiny_run):
+    run, adata, ae_model, gan = tiny_run
+    conditions = ["G4+ctrl", "G3+G1", "NOTMEASURED+ctrl", "NOTMEASURED+G4", "G1+G2+G3", "G7"]
+    path = predict(run, ",".join(conditions), n_cells=CELLS, seed=3, device="cpu")
+    assert path == run / keys.PREDICTIONS_FILE
+    pred = ad.read_h5ad(path)
+    assert list(pred.var_names) == GENES and pred.X.shape == (CELLS * len(conditions), len(GENES))
+    expected_labels = conditions[:-1] + ["G7+ctrl"]  # GEARS spelling for a label the data lacks
+    assert pred.obs[keys.OBS_CONDITION].value_counts().to_dict() == {c: CELLS for c in expected_labels}
+    controls = adata.obs.loc[pred.obs[keys.OBS_CONTROL_CELL]]
+    assert (controls[keys.OBS_CONDITION] == "ctrl").all()
+    assert (controls[keys.OBS_CELL_TYPE].to_numpy() == pred.obs[keys.OBS_CELL_TYPE].to_numpy()).all()
+    assert set(pred.obs[keys.OBS_CELL_TYPE]) == {"A", "B"}  # measured in both: 5 + 5 cells
+    assert np.isfinite(pred.X).all()
+
+    # Untrained transitions are identity + prompt: recompute one combination cell by hand.
+    row = int(np.flatnonzero(pred.obs[keys.OBS_CONDITION] == "NOTMEASURED+G4")[0])
+    x_ctrl = torch.as_tensor(adata[pred.obs[keys.OBS_CONTROL_CELL].iloc[row]].X.toarray())
+    ae_model.eval()
+    with torch.no_grad():
+        z = ae_model.encoder(x_ctrl)
+        prompt = build_prompt(ae_model.encoder, x_ctrl, torch.tensor([[-1, 4]]), -2.0, n_targets=torch.tensor([2]))
+        fake = x_ctrl.clone()
+        fake[0, 4] = -4.0  # prompt value x two targets, the unmeasured one counted too
+        assert torch.allclose(prompt, z - ae_model.encoder(fake), atol=1e-6)
+        expected = ae_model.decoder(z + prompt + gan.unmeasured_embedding[0])
+    np.testing.assert_allclose(pred.X[row], expected[0].numpy(), rtol=1e-4, atol=1e-5)
+
+    again = ad.read_h5ad(predict(run, ",".join(conditions), n_cells=CELLS, seed=3, device="cpu",
+                                 out=run / "again.h5ad"))
+    np.testing.assert_array_equal(again.X, pred.X)
+    assert list(again.obs[keys.OBS_CONTROL_CELL]) == list(pred.obs[keys.OBS_CONTROL_CELL])
+
+
+def test_predict_test_set_through_cli(tiny_run):
+    run = tiny_run[0]
+    (run / "conds.txt").write_text("# my list\nG4+ctrl\n\nG3+G1\n")
+    result = CliRunner().invoke(app, ["--json", "predict", "--run", str(run), "--cells", "4",
+                                      "--device", "cpu", "--out", str(run / "p.h5ad")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["skipped"] == ["UNKNOWNGENE+ctrl"]  # no prompt exists for it
+    pred = ad.read_h5ad(run / "p.h5ad")
+    assert set(pred.obs[keys.OBS_CONDITION]) == {"G4+ctrl"} and pred.n_obs == 4
+    assert list(pred.uns[keys.UNS_REGINA]["skipped_conditions"]) == ["UNKNOWNGENE+ctrl"]
+    result = CliRunner().invoke(app, ["predict", "--run", str(run), "--conditions-file", str(run / "conds.txt"),
+                                      "--cells", "3", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert ad.read_h5ad(run / keys.PREDICTIONS_FILE).n_obs == 6
+
+
+def test_unknown_gene_is_a_clear_error(tiny_run):
+    run = tiny_run[0]
+    with pytest.raises(ReginaError, match=r"gene 'g10' \(condition 'g10\+ctrl'\).*close names: G10, "):
+        predict(run, "g10", device="cpu")
+    with pytest.raises(ReginaError, match="was not perturbed in training"):
+        predict(run, "UNMEASURED2+G1", device="cpu")
+    result = CliRunner().invoke(app, ["predict", "--run", str(run), "--conditions", "ctrl", "--device", "cpu"])
+    assert result.exit_code != 0 and "control condition" in result.output
+    assert not (run / keys.PREDICTIONS_FILE).exists()
+
+
+def test_predict_from_a_run_trained_by_the_engine(tmp_path):
+    """The run directory TRAIN's engine writes loads and predicts (one epoch per phase)."""
+    from regina_cli.engine.train_ae import train_autoencoder
+    from regina_cli.engine.train_gan import train_gan
+
+    write_tiny_dataset()
+    config = build_config(overrides=[*TINY_MODEL, "ae.max_epochs=1", "ae.min_epochs=1", "ae.batch_size=32",
+                                     "gan.max_epochs=1", "gan.batch_size=32"])
+    run = tmp_path / "runs" / "trained"
+    train_autoencoder("tiny", split="custom_1", labels="stress", run_dir=run, config=config, device="cpu",
+                      progress="silent")
+    train_gan(run, device="cpu", progress="silent")
+    pred = ad.read_h5ad(predict(run, "all", n_cells=6, device="cpu"))
+    trained_on = {"G1+ctrl", "G2+ctrl", "G1+G2", "NOTMEASURED+ctrl", "G3+ctrl", "G3+G1", "G4+ctrl"}
+    assert set(pred.obs[keys.OBS_CONDITION]) == trained_on and pred.n_obs == 6 * len(trained_on)
+    assert np.isfinite(pred.X).all() and pred.X.std(0).max() > 0
+
+
+def test_cells_follow_the_conditions_cell_type_mix():
+    obs = pd.DataFrame({
+        keys.OBS_CONDITION: ["ctrl"] * 6 + ["A+ctrl"] * 4 + ["B+ctrl"] * 3,
+        keys.OBS_CELL_TYPE: ["x", "x", "y", "y", "z", "z"] + ["x", "y", "y", "y"] + ["z"] * 3,
+    }, index=[f"c{i}" for i in range(13)])
+    plan = sample_plan(obs, ["A+ctrl", "B+ctrl", "NEW+ctrl"], ["ctrl", "A+ctrl"], 8, seed=0)
+    per_type = plan.groupby(["condition_index", "cell_type"]).size().to_dict()
+    assert per_type == {(0, "x"): 2, (0, "y"): 6, (1, "z"): 8, (2, "x"): 3, (2, "y"): 3, (2, "z"): 2}
+    assert plan.attrs["n_new"] == 1  # NEW+ctrl has no real cells: spread over every cell type
+    controls = obs.iloc[plan["control_row"]]
+    assert (controls[keys.OBS_CONDITION] == "ctrl").all()
+    assert (controls[keys.OBS_CELL_TYPE].to_numpy() == plan["cell_type"].to_numpy()).all()
