@@ -1,0 +1,195 @@
+"""`regina evaluate` end to end on a small simulated screen: outputs, forms, determinism, bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from regina_cli import keys
+from regina_cli.cli import app
+from regina_cli.data.dataset import write_dataset
+from regina_cli.data.demo import simulate_screen
+from regina_cli.data.split import make_split, save_split
+from regina_cli.evaluate.metrics import METRICS
+
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def screen(data_dir):
+    """A dataset and a split whose test set holds unseen singles and doubles of trained singles."""
+    adata = simulate_screen(n_cells=1200, n_genes=160, n_singles=8, n_doubles=8, seed=5)
+    write_dataset(adata, NAME, data_dir)
+    conditions = sorted(set(adata.obs[keys.OBS_CONDITION]))
+    singles = [c for c in conditions if c.endswith("+ctrl")]
+    doubles = [c for c in conditions if "ctrl" not in c]
+    train_singles, test_singles = singles[:-2], singles[-2:]
+    trained = {c.split("+")[0] for c in train_singles}
+    test_doubles = [d for d in doubles if set(d.split("+")) <= trained][:2] + [d for d in doubles if not set(d.split("+")) <= trained][:1]
+    train_doubles = [d for d in doubles if d not in test_doubles]
+    user = {"train": ["ctrl"] + train_singles + train_doubles[:-1], "val": train_doubles[-1:],
+            "test": test_singles + test_doubles}
+    split = make_split(NAME, conditions, user_split=user)
+    save_split(split, data_dir)
+    return adata, split
+
+
+def _predictions(adata, conditions, path, *, n=30, seed=0):
+    """Noisy resampled true cells, with the control cells they 'came from'."""
+    rng = np.random.default_rng(seed)
+    controls = np.flatnonzero(adata.obs[keys.OBS_CONDITION] == "ctrl")
+    blocks, labels, sources = [], [], []
+    for c in conditions:
+        rows = rng.choice(np.flatnonzero(adata.obs[keys.OBS_CONDITION] == c), n)
+        blocks.append(adata.X[rows].toarray() + rng.normal(0, 0.1, (n, adata.n_vars)))
+        labels += [c] * n
+        sources += list(adata.obs_names[rng.choice(controls, n)])
+    pred = ad.AnnData(np.vstack(blocks).astype(np.float32))
+    pred.obs_names = [f"p{i}" for i in range(pred.n_obs)]
+    pred.var_names = adata.var_names.copy()
+    pred.obs[keys.OBS_CONDITION] = labels
+    pred.obs[keys.OBS_CELL_TYPE] = "simulated"
+    pred.obs[keys.OBS_CONTROL_CELL] = sources
+    pred.write_h5ad(path)
+    return pred
+
+
+@pytest.fixture
+def run(data_dir):
+    def invoke(*args):
+        return CliRunner().invoke(app, ["evaluate", NAME, "--data-dir", str(data_dir), *map(str, args)])
+
+    return invoke
+
+
+def test_cli_writes_metrics_table_and_plots_deterministically(screen, run, tmp_path):
+    adata, split = screen
+    _predictions(adata, split.test, tmp_path / "pred.h5ad")
+    first = run("--predictions", tmp_path / "pred.h5ad", "--split", split.name, "--out", tmp_path / "a")
+    assert first.exit_code == 0, first.output
+    assert "no_change" in first.output and "model wins" in first.output
+    again = run("--predictions", tmp_path / "pred.h5ad", "--split", split.name, "--out", tmp_path / "b", "--no-plots")
+    assert again.exit_code == 0, again.output
+
+    for name in (keys.PER_CONDITION_FILE,):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    summary = json.loads((tmp_path / "a" / keys.METRICS_FILE).read_text())
+    rerun = json.loads((tmp_path / "b" / keys.METRICS_FILE).read_text())
+    assert summary["results"] == rerun["results"] and summary["comparison"] == rerun["comparison"]
+
+    table = pd.read_csv(tmp_path / "a" / keys.PER_CONDITION_FILE)
+    assert list(table.columns[:4]) == ["condition", "model", "subgroup", "n_cells"]
+    assert list(table.columns[4:]) == list(METRICS) and set(summary["metrics"]) == set(METRICS)
+    assert set(table["model"]) == {"regina", "no_change", "train_mean", "additive", "linear"}
+    assert set(table.loc[table.model == "additive", "condition"]) <= {c for c in split.test if "ctrl" not in c}
+    ours = table[table.model == "regina"]
+    assert len(ours) == len(split.test) and ours[list(METRICS)].notna().all().all()
+
+    overall = summary["results"]["regina"]["overall"]
+    assert overall["n_conditions"] == len(split.test)
+    assert overall["pearson_delta"] == pytest.approx(ours["pearson_delta"].mean(), rel=1e-5)
+    assert {"unseen_single", "combo_seen2"} <= set(summary["results"]["regina"])
+    assert summary["split"] == split.name and summary["versions"]["regina"]
+    # resampled true cells must beat "no change" on the headline precision metrics
+    assert summary["comparison"]["no_change"]["metrics"]["pearson_delta"]["model_better"]
+    for png in summary["plots"]:
+        assert (tmp_path / "a" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mean_profiles_in_another_gene_order_give_the_same_precision(screen, run, tmp_path):
+    adata, split = screen
+    cells = _predictions(adata, split.test, tmp_path / "cells.h5ad")
+    means = cells.to_df().groupby(cells.obs[keys.OBS_CONDITION].to_numpy()).mean()
+    profiles = ad.AnnData(means.iloc[:, ::-1].to_numpy(np.float32))  # GEARS form, genes reversed
+    profiles.var_names = list(means.columns[::-1])
+    profiles.obs_names = [f"m{i}" for i in range(len(means))]
+    profiles.obs["perturbation"] = ["ctrl+" + c.split("+")[0] if c.endswith("+ctrl") else c for c in means.index]
+    profiles.write_h5ad(tmp_path / "means.h5ad")
+
+    for name, extra in (("cells", []), ("means", ["--condition-key", "perturbation"])):
+        result = run("--predictions", tmp_path / f"{name}.h5ad", "--split", split.name, "--out", tmp_path / name,
+                      "--no-plots", "--baselines", "none", *extra)
+        assert result.exit_code == 0, result.output
+    cell_form = pd.read_csv(tmp_path / "cells" / keys.PER_CONDITION_FILE).set_index("condition")
+    mean_form = pd.read_csv(tmp_path / "means" / keys.PER_CONDITION_FILE).set_index("condition").loc[cell_form.index]
+    precision = [m for m, i in METRICS.items() if i.kind == "precision"]
+    np.testing.assert_allclose(mean_form[precision], cell_form[precision], rtol=1e-5, atol=1e-7)
+    distribution = [m for m, i in METRICS.items() if i.kind == "distribution"]
+    assert mean_form[distribution].isna().all().all() and (mean_form["n_cells"] == 0).all()
+    assert json.loads((tmp_path / "means" / keys.METRICS_FILE).read_text())["prediction_form"] == "means"
+
+
+def test_unknown_conditions_are_skipped_and_counted(screen, run, tmp_path):
+    adata, split = screen
+    pred = _predictions(adata, split.test[:2], tmp_path / "pred.h5ad")
+    extra = pred[:5].copy()
+    extra.obs_names = [f"x{i}" for i in range(5)]
+    extra.obs[keys.OBS_CONDITION] = "NOPE+ctrl"
+    ad.concat([pred, extra]).write_h5ad(tmp_path / "pred.h5ad")
+    result = run("--predictions", tmp_path / "pred.h5ad", "--split", split.name, "--out", tmp_path / "e", "--no-plots")
+    assert result.exit_code == 0, result.output
+    assert "NOPE+ctrl" in result.output
+    summary = json.loads((tmp_path / "e" / keys.METRICS_FILE).read_text())
+    assert summary["n_skipped_not_in_dataset"] == 1 and summary["skipped_not_in_dataset"] == ["NOPE+ctrl"]
+    assert summary["n_test_conditions_not_predicted"] == len(split.test) - 2
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: p[:, 5:].copy(), "lacks 5 of"),
+        (lambda p: _with_nan(p), "NaN"),
+        (lambda p: _renamed_obs(p), "no obs column 'condition'"),
+    ],
+)
+def test_bad_predictions_fail_in_one_line_and_write_nothing(screen, run, tmp_path, damage, message):
+    adata, split = screen
+    damage(_predictions(adata, split.test, tmp_path / "pred.h5ad")).write_h5ad(tmp_path / "bad.h5ad")
+    result = run("--predictions", tmp_path / "bad.h5ad", "--split", split.name, "--out", tmp_path / "out")
+    assert result.exit_code != 0 and message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def _with_nan(pred):
+    pred.X[3, 7] = np.nan
+    return pred
+
+
+def _renamed_obs(pred):
+    pred.obs = pred.obs.rename(columns={keys.OBS_CONDITION: "perturbation"})
+    return pred
+
+
+def test_missing_split_and_unknown_baseline_are_user_errors(screen, run, tmp_path):
+    adata, split = screen
+    _predictions(adata, split.test, tmp_path / "pred.h5ad")
+    result = run("--predictions", tmp_path / "pred.h5ad", "--split", "simulation_9")
+    assert result.exit_code != 0 and "regina split" in result.output
+    result = run("--predictions", tmp_path / "pred.h5ad", "--baselines", "mean")
+    assert result.exit_code != 0 and "unknown baseline" in result.output
+    result = run("--predictions", tmp_path / "missing.h5ad", "--split", split.name)
+    assert result.exit_code != 0 and "not found" in result.output
+
+
+def test_split_defaults_to_the_one_recorded_by_predict(screen, run, tmp_path, data_dir):
+    adata, split = screen
+    splits = keys.dataset_dir(NAME, data_dir) / keys.SPLITS_DIR
+    (splits / "other_7.json").write_text((splits / f"{split.name}.json").read_text())  # two splits on disk
+    pred = _predictions(adata, split.test[:1], tmp_path / "pred.h5ad")
+    pred.uns[keys.UNS_REGINA] = {"split": split.name, "dataset": NAME, "seed": 0}
+    pred.write_h5ad(tmp_path / "pred.h5ad")
+    result = run("--predictions", tmp_path / "pred.h5ad", "--no-plots", "--baselines", "none", "--out", tmp_path / "e")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "e" / keys.METRICS_FILE).read_text())
+    assert summary["split"] == split.name and summary["predictions_provenance"]["seed"] == 0
