@@ -1,21 +1,102 @@
-"""`regina train-ae` and `regina train-gan` (not built yet)."""
+"""`regina train-ae` (phase 1) and `regina train-gan` (phase 2): parse, call the engine, summarise."""
 
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from regina_cli import keys
 from regina_cli.cli.app import app
-from regina_cli.cli.common import user_errors
-from regina_cli.errors import ReginaError
+from regina_cli.cli.common import (ConfigOpt, DataDirOpt, SetOpt, emit_result, info, is_quiet, show,
+                                   user_errors)
 
-_LOOSE = {"allow_extra_args": True, "ignore_unknown_options": True}
+GpusOpt = typer.Option(1, "--gpus", help="Data-parallel processes (GPUs; CPU processes with --device cpu). "
+                       "Under torchrun or srun, joins the existing launch instead.")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+ResumeOpt = typer.Option(False, "--resume", help="Continue from last.pt exactly (optimisers, RNG, epoch).")
 
 
-@app.command("train-ae", context_settings=_LOOSE)
+@app.command("train-ae")
 @user_errors
-def train_ae_command() -> None:
-    """Not built yet."""
-    raise ReginaError("'regina train-ae' is not built yet")
+def train_ae_command(
+    name: str = typer.Argument(..., help="Dataset name, as given to `regina fetch`."),
+    split: str = typer.Option(..., "--split", help="Split as <mode>_<seed>, e.g. simulation_1."),
+    labels: str = typer.Option(..., "--labels", help="Label method, as given to `regina label` (stress, cell-cycle, obs:COL)."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/<NAME>)."),
+    config_file: Optional[Path] = ConfigOpt,
+    preset: Optional[str] = typer.Option(None, "--preset", help="norman, adamson, dixit or demo (default: the "
+                                         "dataset's name if it is one, else sizes fitted to the gene count)."),
+    overrides: Optional[List[str]] = SetOpt,
+    gpus: int = GpusOpt,
+    device: str = DeviceOpt,
+    max_epochs: Optional[int] = typer.Option(None, "--max-epochs", help="Shortcut for --set ae.max_epochs=N."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Shortcut for --set ae.batch_size=N (per process)."),
+    resume: bool = ResumeOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+) -> None:
+    """Phase 1: train the regularised autoencoder with its latent classifier."""
+    from regina_cli.engine.train_ae import resolve_ae_config, train_autoencoder
+
+    run_dir = run or Path(keys.DEFAULT_RUNS_DIR) / name
+    sets = list(overrides or []) + _shortcuts("ae", max_epochs, batch_size)
+    config, source = resolve_ae_config(name, preset=preset, config_file=config_file, overrides=sets,
+                                       data_dir=data_dir, resume_from=run_dir if resume else None)
+    m, ae = config.model, config.ae
+    info(f"model ({source}): {m.seq_len} tokens, d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, "
+         f"z_dim {m.z_dim}; batch {ae.batch_size}, up to {ae.max_epochs} epochs, lr {ae.lr:g}")
+    summary = train_autoencoder(name, split=split, labels=labels, run_dir=run_dir, config=config,
+                                data_dir=data_dir, gpus=gpus, device=device, resume=resume,
+                                progress=_progress_mode())
+    _report("train-ae", summary, run_dir / keys.AE_DIR)
 
 
-@app.command("train-gan", context_settings=_LOOSE)
+@app.command("train-gan")
 @user_errors
-def train_gan_command() -> None:
-    """Not built yet."""
-    raise ReginaError("'regina train-gan' is not built yet")
+def train_gan_command(
+    run: Path = typer.Option(..., "--run", help="Run directory holding a trained ae/ (from `regina train-ae`)."),
+    overrides: Optional[List[str]] = SetOpt,
+    gpus: int = GpusOpt,
+    device: str = DeviceOpt,
+    max_epochs: Optional[int] = typer.Option(None, "--max-epochs", help="Shortcut for --set gan.max_epochs=N."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Shortcut for --set gan.batch_size=N (per process)."),
+    resume: bool = ResumeOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+) -> None:
+    """Phase 2: train the prompt-conditioned latent cycle-GAN on top of a phase-1 run."""
+    from regina_cli.engine.train_gan import train_gan
+
+    sets = list(overrides or []) + _shortcuts("gan", max_epochs, batch_size)
+    summary = train_gan(run, config_overrides=sets, data_dir=data_dir, gpus=gpus, device=device,
+                        resume=resume, progress=_progress_mode())
+    _report("train-gan", summary, run / keys.GAN_DIR)
+
+
+def _shortcuts(section: str, max_epochs: int | None, batch_size: int | None) -> list[str]:
+    out = []
+    if max_epochs is not None:
+        out.append(f"{section}.max_epochs={max_epochs}")
+    if batch_size is not None:
+        out.append(f"{section}.batch_size={batch_size}")
+    return out
+
+
+def _progress_mode() -> str:
+    return "silent" if is_quiet() else "auto"
+
+
+def _report(command: str, summary: dict, phase_dir: Path) -> None:
+    table = Table(title=f"{command}: {phase_dir}", show_header=False)
+    table.add_row("stopped", summary["stop_reason"])
+    table.add_row("epochs", str(summary["epochs"]))
+    table.add_row("best epoch", f"{summary['best_epoch']} ({summary['best_metric']} = {summary['best_value']:.4f})")
+    last = summary.get("last") or {}
+    for key in sorted(k for k in last if k.startswith("val_")):
+        table.add_row(f"last {key}", f"{last[key]:.4g}")
+    if "cells_per_s" in last:
+        table.add_row("throughput", f"{last['cells_per_s']:,.0f} training cells/s")
+    table.add_row("weights", str(phase_dir / keys.MODEL_FILE))
+    show(table)
+    emit_result(summary)

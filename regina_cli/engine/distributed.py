@@ -1,0 +1,204 @@
+"""Data-parallel training with torch.distributed, nanoGPT-style: a few readable lines.
+
+A process learns its place from the environment: `RANK`/`LOCAL_RANK`/`WORLD_SIZE` (torchrun,
+or the processes `--gpus N` spawns through torchrun's own elastic launcher), else
+`SLURM_PROCID`/`SLURM_LOCALID`/`SLURM_NTASKS` under `srun`. NCCL on GPUs, gloo on the CPU.
+One `is_main` flag gates every print and every write.
+
+Gradients are averaged with one all-reduce of a flat bucket per optimiser step, which is what
+DDP does; we do it by hand because the method's steps call submodules directly (a classifier
+step on detached latents, a discriminator step every N-th step), which DDP's forward hooks do
+not see.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from regina_cli.errors import ReginaError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_scheduler() -> tuple[int, int, int] | None:
+    """(rank, local_rank, world_size) when torchrun or `srun` started several of us, else None."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env and int(env["WORLD_SIZE"]) > 1:
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", 0))
+        # init_process_group(env://) reads these; the sbatch script may set MASTER_ADDR itself.
+        env.setdefault("MASTER_ADDR", env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+        env.setdefault("MASTER_PORT", str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local)
+        return rank, local, world
+    return None
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """`auto` picks the GPU when there is one; asking for `cuda` without one is a user error."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ReginaError(f"--device takes auto, cpu or cuda, not {device!r}")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ReginaError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def check_process_count(gpus: int, device: str) -> None:
+    """Fail before spawning anything when `--gpus` cannot be honoured."""
+    if gpus < 1:
+        raise ReginaError(f"--gpus takes a positive number, not {gpus}")
+    if resolve_device(device).type == "cuda" and gpus > torch.cuda.device_count():
+        raise ReginaError(
+            f"--gpus {gpus} asks for more GPUs than the {torch.cuda.device_count()} visible; "
+            f"lower --gpus or use --device cpu for CPU processes"
+        )
+
+
+def setup(device: str) -> DistContext:
+    """Join the process group when launched as one of several processes; else a single process."""
+    launched = launched_by_scheduler()
+    if launched is None:
+        return DistContext(0, 0, 1, resolve_device(device))
+    rank, local_rank, world = launched
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                device_id=dev if dev.type == "cuda" else None)
+    return DistContext(rank, local_rank, world, dev)
+
+
+def teardown(ctx: DistContext) -> None:
+    if ctx.is_distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_distributed(target: Callable, kwargs: dict, *, gpus: int, device: str) -> Any:
+    """Run `target(ctx, **kwargs)`: in this process, joined to an existing launch, or in `gpus`
+    processes started through torchrun's elastic launcher (rank 0's result is returned)."""
+    if gpus > 1 and launched_by_scheduler() is None:
+        return _spawn(target, kwargs, nprocs=gpus, device=device)
+    return _run_here(target, kwargs, device)
+
+
+def _run_here(target: Callable, kwargs: dict, device: str) -> Any:
+    ctx = setup(device)
+    try:
+        return target(ctx, **kwargs)
+    finally:
+        teardown(ctx)
+
+
+def _spawn(target: Callable, kwargs: dict, *, nprocs: int, device: str) -> Any:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from regina_cli.engine.preemption import TrainingInterrupted
+
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
+        start_method="spawn",
+    )
+    entry = f"{target.__module__}:{target.__qualname__}"
+    try:
+        results = elastic_launch(config, _worker)(entry, kwargs, device, nprocs)
+    except SignalException as exc:  # the launcher passed SIGTERM/SIGINT on; workers saved last.pt
+        raise TrainingInterrupted(f"training interrupted by signal {int(exc.sigval)}; the processes "
+                                  f"saved their state at the next step: continue with --resume",
+                                  int(exc.sigval)) from None
+    except ChildFailedError as exc:
+        raise RuntimeError(f"a training process failed: {exc}") from exc
+    outcome = results[0]
+    if "user_error" in outcome:
+        error = ReginaError(outcome["user_error"])
+        error.exit_code = outcome["exit_code"]
+        raise error
+    return outcome["result"] if len(results) == 1 else {**outcome["result"], "per_rank": [
+        results[r]["result"] for r in sorted(results)]}
+
+
+def _worker(entry: str, kwargs: dict, device: str, nprocs: int) -> dict:
+    """Body of each spawned process: share the CPU fairly, run the target, report user errors."""
+    import importlib
+
+    module, name = entry.split(":")
+    target = getattr(importlib.import_module(module), name)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
+    try:
+        return {"result": _run_here(target, kwargs, device)}
+    except ReginaError as exc:
+        return {"user_error": str(exc), "exit_code": exc.exit_code}
+
+
+# --- Collectives (no-ops in a single process) -----------------------------------------------------
+def average_gradients(params: list[torch.nn.Parameter], ctx: DistContext) -> None:
+    """Mean of every gradient over the ranks, in one flat all-reduce."""
+    if not ctx.is_distributed:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= ctx.world_size
+    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)
+
+
+def broadcast_state(module: torch.nn.Module, ctx: DistContext, *, buffers_only: bool = False) -> None:
+    """Rank 0's parameters (at start) or buffers (BatchNorm statistics, per epoch) to all ranks."""
+    if not ctx.is_distributed:
+        return
+    tensors = list(module.buffers()) if buffers_only else list(module.state_dict().values())
+    for tensor in tensors:
+        dist.broadcast(tensor.data, src=0)
+
+
+def broadcast_floats(values: list[float], ctx: DistContext) -> list[float]:
+    """Rank 0's numbers to every rank, so decisions (early stopping, best) agree exactly."""
+    if not ctx.is_distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    dist.broadcast(t, src=0)
+    return t.tolist()
+
+
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank when it is true on any (a stop signal seen by one process)."""
+    if not ctx.is_distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.is_distributed:
+        dist.barrier()

@@ -1,0 +1,240 @@
+"""The epoch loop both phases share: steps, validation, history, checkpoints, resume, signals.
+
+A phase (`train_ae.AutoencoderPhase`, `train_gan.CycleGANPhase`) supplies the math: its
+modules, optimisers, schedulers, random generators, `train_step` and `validate`. This loop owns
+everything around it, once: exact resume (mid-epoch too), early stopping, best checkpoint,
+rank-0-only writes, and the pre-emption save.
+
+Per-step work stays on the device: loss terms are accumulated as tensors and read back only
+when the progress display refreshes and at the end of an epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Protocol
+
+import torch
+
+from regina_cli.engine import checkpoint as ckpt
+from regina_cli.engine.distributed import DistContext, any_rank, barrier, broadcast_floats, broadcast_state
+from regina_cli.engine.early_stopping import BestTracker
+from regina_cli.engine.preemption import StopOnSignal, TrainingInterrupted
+from regina_cli.engine.progress import TrainingProgress
+from regina_cli.errors import ReginaError
+
+CHECKPOINT_FORMAT = 1
+SIGNAL_POLL_STEPS = 8  # several processes agree on a stop every this many steps
+
+
+class Phase(Protocol):
+    name: str
+    loss_names: list[str]
+    cells_per_step: int
+
+    def modules(self) -> dict[str, torch.nn.Module]: ...
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]: ...
+    def schedulers(self) -> dict[str, object]: ...
+    def generators(self) -> dict[str, torch.Generator]: ...
+    def steps_per_epoch(self) -> int: ...
+    def begin_epoch(self, epoch: int) -> None: ...
+    def train_step(self, epoch: int, step: int) -> torch.Tensor: ...
+    def end_epoch(self, epoch: int) -> None: ...
+    def validate(self, epoch: int) -> dict[str, float]: ...
+    def weights(self) -> dict[str, torch.Tensor]: ...
+
+
+def amp_context(device: torch.device, setting: str):
+    """bf16 autocast where the GPU supports it (`runtime.amp`: auto, bf16, off)."""
+    if setting not in ("auto", "bf16", "off"):
+        raise ReginaError(f"runtime.amp takes auto, bf16 or off, not {setting!r}")
+    if setting == "off" or device.type != "cuda":
+        return contextlib.nullcontext()
+    if setting == "auto" and not torch.cuda.is_bf16_supported():
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def fit(
+    phase: Phase,
+    ctx: DistContext,
+    paths: ckpt.PhasePaths,
+    *,
+    max_epochs: int,
+    stopper,
+    best: BestTracker,
+    progress: TrainingProgress,
+    resume: bool,
+) -> dict:
+    """Train `phase` for up to `max_epochs`; returns a summary (also written by the caller)."""
+    start_epoch, step0, running, stop_reason = 1, 0, None, ""
+    if resume:
+        start_epoch, step0, running, stop_reason = _restore(phase, paths, stopper, best, ctx)
+    n_terms = len(phase.loss_names)
+    history_tail: dict = {}
+    with StopOnSignal() as signals, progress:
+        if stop_reason:
+            progress.message(f"{phase.name}: already finished ({stop_reason}); nothing to resume")
+        epoch = start_epoch
+        while not stop_reason and epoch <= max_epochs:
+            phase.begin_epoch(epoch)
+            n_steps = phase.steps_per_epoch()
+            if running is None:
+                running = torch.zeros(n_terms, device=ctx.device)
+            progress.start_epoch(epoch, n_steps, done=step0)
+            t0 = time.perf_counter()
+            step = step0
+            for step in range(step0 + 1, n_steps + 1):
+                running += phase.train_step(epoch, step).float()
+                progress.step(step, lambda: _means(phase.loss_names, running, step))
+                if step < n_steps and _should_stop(signals, step, ctx):
+                    _save_state(phase, paths, ctx, epoch=epoch - 1, step=step, running=running,
+                                stopper=stopper, best=best, stop_reason="")
+                    raise _interrupted(signals, phase.name, epoch, step, paths)
+            seconds = time.perf_counter() - t0
+            train_terms = _means(phase.loss_names, running, max(n_steps, 1))
+            for module in phase.modules().values():
+                broadcast_state(module, ctx, buffers_only=True)
+            val = _validate(phase, epoch, ctx)
+            cells = (n_steps - step0) * phase.cells_per_step * ctx.world_size
+            is_best = best.update(epoch, val[best.metric])
+            should_stop = stopper.update(epoch, val[stopper.metric])
+            if should_stop:
+                stop_reason = stopper.reason
+            elif epoch == max_epochs:
+                stop_reason = f"max_epochs: reached {max_epochs} epochs"
+            row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_terms.items()},
+                   **{f"val_{k}": v for k, v in val.items()}, "stop_counter": stopper.counter,
+                   "best": int(is_best), "seconds": seconds, "cells_per_s": cells / max(seconds, 1e-9),
+                   **_learning_rates(phase)}
+            phase.end_epoch(epoch)
+            if ctx.is_main:
+                ckpt.append_history(paths, row)
+            _save_state(phase, paths, ctx, epoch=epoch, step=0, running=None, stopper=stopper,
+                        best=best, stop_reason=stop_reason, is_best=is_best)
+            progress.end_epoch({**train_terms, **{f"val_{k}": v for k, v in val.items()}},
+                               note="*best*" if is_best else "")
+            history_tail = row
+            running, step0 = None, 0
+            if any_rank(signals.requested, ctx) and not stop_reason:
+                raise _interrupted(signals, phase.name, epoch, n_steps, paths)
+            epoch += 1
+    barrier(ctx)
+    stop_reason = stop_reason or f"max_epochs: reached {max_epochs} epochs"
+    return {"stop_reason": stop_reason, "best_epoch": best.epoch, "best_metric": best.metric,
+            "best_value": best.value, "epochs": epoch - 1, "last": history_tail}
+
+
+def _means(names: list[str], running: torch.Tensor, steps: int) -> dict[str, float]:
+    return dict(zip(names, (running / steps).tolist()))
+
+
+def _learning_rates(phase: Phase) -> dict[str, float]:
+    return {f"lr_{name}": opt.param_groups[0]["lr"] for name, opt in phase.optimizers().items()}
+
+
+def _should_stop(signals: StopOnSignal, step: int, ctx: DistContext) -> bool:
+    """A signal stops every rank at the same step: single processes look at every step,
+    several processes agree (one small all-reduce) every SIGNAL_POLL_STEPS steps."""
+    if not ctx.is_distributed:
+        return signals.requested
+    return step % SIGNAL_POLL_STEPS == 0 and any_rank(signals.requested, ctx)
+
+
+def _interrupted(signals: StopOnSignal, name: str, epoch: int, step: int, paths) -> TrainingInterrupted:
+    signum = signals.signum or 15
+    return TrainingInterrupted(
+        f"{name} training interrupted by signal {signum} at epoch {epoch} step {step}; "
+        f"state saved to {paths.last}; continue with --resume", signum)
+
+
+def _validate(phase: Phase, epoch: int, ctx: DistContext) -> dict[str, float]:
+    """Rank 0 validates; its numbers go to every rank so all take the same decisions."""
+    values = phase.validate(epoch) if ctx.is_main else None
+    if not ctx.is_distributed:
+        return values
+    names = sorted(values) if values is not None else None
+    names = _broadcast_names(names, ctx)
+    numbers = broadcast_floats([values[n] for n in names] if values else [0.0] * len(names), ctx)
+    return dict(zip(names, numbers))
+
+
+def _broadcast_names(names, ctx: DistContext) -> list[str]:
+    import torch.distributed as dist
+
+    box = [names]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --- Checkpoint state --------------------------------------------------------------------------------
+def _state(phase: Phase, *, epoch, step, running, stopper, best, stop_reason, rng_per_rank) -> dict:
+    return {
+        "format": CHECKPOINT_FORMAT, "phase": phase.name, "epoch": epoch, "step": step,
+        "world_size": len(rng_per_rank),
+        "running": running.detach().cpu() if running is not None else None,
+        "modules": {k: ckpt.state_dict_to_cpu(m) for k, m in phase.modules().items()},
+        "optimizers": {k: o.state_dict() for k, o in phase.optimizers().items()},
+        "schedulers": {k: s.state_dict() for k, s in phase.schedulers().items()},
+        "rng": rng_per_rank,  # one entry per rank: every process resumes its own random streams
+        "stopper": stopper.state_dict(), "best": best.state_dict(), "stop_reason": stop_reason,
+    }
+
+
+def _gather_rng(phase: Phase, ctx: DistContext) -> list[dict] | None:
+    """Every rank's RNG state, collected on rank 0 (all ranks must call this together)."""
+    state = ckpt.capture_rng_state(phase.generators())
+    if not ctx.is_distributed:
+        return [state]
+    import torch.distributed as dist
+
+    states = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(state, states, dst=0)
+    return states
+
+
+def _save_state(phase, paths, ctx, *, epoch, step, running, stopper, best, stop_reason, is_best=False) -> None:
+    rng_per_rank = _gather_rng(phase, ctx)
+    if not ctx.is_main:
+        return
+    state = _state(phase, epoch=epoch, step=step, running=running, stopper=stopper, best=best,
+                   stop_reason=stop_reason, rng_per_rank=rng_per_rank)
+    ckpt.save_torch(paths.last, state)
+    if is_best:
+        ckpt.save_torch(paths.best, state)
+        ckpt.save_torch(paths.model, phase.weights())
+
+
+def _restore(phase: Phase, paths, stopper, best, ctx: DistContext):
+    """Load `last.pt` into the phase; returns (next epoch, steps done in it, running sums, reason)."""
+    if not paths.last.is_file():
+        raise ReginaError(f"nothing to resume: {paths.last} does not exist; drop --resume to start")
+    state = ckpt.load_torch(paths.last, map_location=ctx.device)
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("phase") != phase.name:
+        raise ReginaError(f"{paths.last} is not a {phase.name} checkpoint of this REGINA version")
+    for name, module in phase.modules().items():
+        module_state = state["modules"][name]
+        target = getattr(module, "_orig_mod", module)
+        target.load_state_dict(module_state)
+    for name, opt in phase.optimizers().items():
+        opt.load_state_dict(state["optimizers"][name])
+    for name, sched in phase.schedulers().items():
+        sched.load_state_dict(state["schedulers"][name])
+    if len(state["rng"]) == ctx.world_size:
+        ckpt.restore_rng_state(state["rng"][ctx.rank], phase.generators())
+    else:  # resumed with another process count: rank 0's streams, offset per rank
+        ckpt.restore_rng_state(state["rng"][0], phase.generators())
+        if ctx.rank:
+            torch.manual_seed(torch.initial_seed() + 7919 * ctx.rank + state["epoch"])
+            for g in phase.generators().values():
+                g.manual_seed(g.initial_seed() + 7919 * ctx.rank + state["epoch"])
+    stopper.load_state_dict(state["stopper"])
+    best.load_state_dict(state["best"])
+    if ctx.is_main:
+        ckpt.truncate_history(paths, state["epoch"])
+    running = state["running"].to(ctx.device) if state["running"] is not None else None
+    reason = state["stop_reason"]
+    if reason.startswith("max_epochs"):  # a larger --max-epochs continues a finished run
+        reason = ""
+    return state["epoch"] + 1, state["step"], running, reason

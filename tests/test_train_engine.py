@@ -1,0 +1,151 @@
+"""Training engine parts that need no dataset: stopping rules, checkpoints, signals, progress,
+process discovery."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from regina_cli.engine import checkpoint as ckpt
+from regina_cli.engine.distributed import launched_by_scheduler, resolve_device
+from regina_cli.engine.early_stopping import BestTracker, ConsistencyStopper, PatienceStopper
+from regina_cli.engine.preemption import StopOnSignal, TrainingInterrupted
+from regina_cli.engine.progress import TrainingProgress
+from regina_cli.engine.train_gan import instance_noise_std
+from regina_cli.config import GANConfig
+from regina_cli.errors import ReginaError
+
+
+def _first_stop(stopper, values) -> int | None:
+    for epoch, value in enumerate(values, start=1):
+        if stopper.update(epoch, value):
+            return epoch
+    return None
+
+
+def test_consistency_stopper_stops_after_patience_rises_in_a_row():
+    values = [1.0, 0.8, 0.6, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75]  # rises from epoch 5 on
+    stopper = ConsistencyStopper(patience=3, min_delta=0.01, min_epochs=1)
+    assert _first_stop(stopper, values) == 7
+    assert "3 epochs in a row" in stopper.reason and "epoch 7" in stopper.reason
+
+
+def test_consistency_stopper_ignores_noise_small_rises_and_early_epochs():
+    noisy = [1.0, 1.1, 0.9, 1.0, 0.8, 0.9, 0.7, 0.8, 0.6]  # never two rises in a row
+    assert _first_stop(ConsistencyStopper(patience=2, min_delta=0.0, min_epochs=1), noisy) is None
+    creeping = [1.0 + 1e-5 * i for i in range(20)]  # rises below min_delta do not count
+    assert _first_stop(ConsistencyStopper(patience=2, min_delta=1e-4, min_epochs=1), creeping) is None
+    rising = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert _first_stop(ConsistencyStopper(patience=2, min_delta=0.0, min_epochs=5), rising) == 5
+
+
+def test_stopper_state_round_trips():
+    a = ConsistencyStopper(patience=3, min_delta=0.0, min_epochs=1)
+    for epoch, value in enumerate([1.0, 1.5, 2.0], 1):
+        a.update(epoch, value)
+    b = ConsistencyStopper(patience=3, min_delta=0.0, min_epochs=1)
+    b.load_state_dict(a.state_dict())
+    assert b.update(4, 2.5) and a.update(4, 2.5)
+
+
+def test_patience_stopper_and_best_tracker():
+    stopper = PatienceStopper(metric="pearson_delta", patience=2)
+    assert _first_stop(stopper, [0.1, 0.3, 0.2, 0.25, 0.4]) == 4
+    best = BestTracker("mse", "min")
+    flags = [best.update(e, v) for e, v in enumerate([3.0, 2.0, float("nan"), 2.5, 1.0], 1)]
+    assert flags == [True, True, False, False, True] and best.epoch == 5
+
+
+def test_instance_noise_decays_linearly_between_start_and_end():
+    cfg = GANConfig(instance_noise=0.1, noise_decay_start=20, noise_decay_end=80)
+    assert instance_noise_std(cfg, 1) == 0.1
+    assert instance_noise_std(cfg, 50) == pytest.approx(0.05)
+    assert instance_noise_std(cfg, 80) == 0.0
+
+
+def test_rng_state_and_checkpoint_round_trip_with_weights_only(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    state = ckpt.capture_rng_state({"pairing": gen})
+    expected = (torch.rand(3), np.random.rand(), random.random(), torch.rand(2, generator=gen))
+    path = tmp_path / "state.pt"
+    ckpt.save_torch(path, {"rng": state, "weights": torch.nn.Linear(2, 2).state_dict()})
+    loaded = torch.load(path, weights_only=True)  # the promise: no pickled objects
+    gen2 = torch.Generator().manual_seed(99)
+    ckpt.restore_rng_state(loaded["rng"], {"pairing": gen2})
+    again = (torch.rand(3), np.random.rand(), random.random(), torch.rand(2, generator=gen2))
+    assert torch.equal(expected[0], again[0]) and expected[1] == again[1] and expected[2] == again[2]
+    assert torch.equal(expected[3], again[3])
+    assert not list(tmp_path.glob(".*part*")), "no temporary file left behind"
+
+
+def test_history_appends_and_truncates_on_resume(tmp_path):
+    paths = ckpt.ae_paths(tmp_path / "run")
+    for epoch in (1, 2, 3):
+        ckpt.append_history(paths, {"epoch": epoch, "train_mse": 1.0 / epoch})
+    ckpt.append_history(paths, {"epoch": 4, "train_mse": 0.2, "val_cons": 0.5})
+    rows = ckpt.read_history(paths)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"] and rows[3]["val_cons"] == "0.5"
+    ckpt.truncate_history(paths, 2)
+    assert [r["epoch"] for r in ckpt.read_history(paths)] == ["1", "2"]
+
+
+def test_damaged_checkpoint_is_a_user_error(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ReginaError, match="cannot read checkpoint"):
+        ckpt.load_torch(bad)
+
+
+def test_stop_on_signal_turns_sigterm_into_a_flag_and_restores_the_handler():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopOnSignal() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.requested and signals.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert TrainingInterrupted("x", signal.SIGTERM).exit_code == 128 + signal.SIGTERM
+
+
+def test_progress_plain_lines_and_silence(capsys):
+    with TrainingProgress("train-ae", max_epochs=2, mode="plain") as bar:
+        bar.start_epoch(1, 3)
+        for step in (1, 2, 3):
+            bar.step(step, lambda: {"mse": 0.5})
+        bar.end_epoch({"mse": 0.5, "val_cons": 0.25})
+    assert "train-ae epoch 1/2 mse=0.5 val_cons=0.25" in capsys.readouterr().err
+    with TrainingProgress("train-ae", max_epochs=2, mode="silent") as bar:
+        bar.start_epoch(1, 1)
+        bar.end_epoch({"mse": 0.5})
+    assert capsys.readouterr().err == ""
+
+
+def test_process_discovery_from_torchrun_and_slurm(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
+                "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID"):
+        monkeypatch.setenv(var, "")  # recorded, so what discovery writes is undone afterwards
+        monkeypatch.delenv(var)
+    assert launched_by_scheduler() is None
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert launched_by_scheduler() is None  # one task: nothing to join
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    assert launched_by_scheduler() == (3, 1, 4)
+    assert os.environ["RANK"] == "3" and os.environ["MASTER_PORT"] == str(15000 + 1234)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert launched_by_scheduler() == (1, 0, 2)  # torchrun's variables win
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_gpu_is_a_user_error():
+    with pytest.raises(ReginaError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"

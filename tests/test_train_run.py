@@ -1,0 +1,247 @@
+"""Both training phases end to end on CPU with a tiny model: on the demo screen and a real one,
+early stopping, exact resume, the pre-emption save, and one-line errors for bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from regina_cli import keys
+from regina_cli.cli import app
+from regina_cli.config import build_config
+from regina_cli.engine import checkpoint as ckpt
+from regina_cli.engine.preemption import TrainingInterrupted
+from regina_cli.engine.train_ae import AutoencoderPhase, train_autoencoder
+from regina_cli.engine.train_gan import train_gan
+
+TINY = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.z_dim=16", "model.ff_mult=2",
+        "model.classifier_hidden=16", "model.transition_hidden=32", "model.discriminator_hidden=[32,16]",
+        "ae.batch_size=64", "ae.lr=0.003", "gan.batch_size=64", "gan.discriminator_every=2"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: a second intra-op thread costs more than it gains (and on a shared CPU,
+    OpenMP's spinning threads make it many times slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(*extra: str):
+    return build_config(preset="demo", overrides=TINY + list(extra))
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    """A small simulated screen with a split and stress labels, shared by this module's tests."""
+    from regina_cli.data.dataset import write_dataset
+    from regina_cli.data.demo import simulate_screen
+    from regina_cli.data.label import label_dataset
+    from regina_cli.data.split import split_dataset
+
+    data_dir = tmp_path_factory.mktemp("data")
+    write_dataset(simulate_screen(n_cells=400, n_genes=160, n_singles=8, n_doubles=4, seed=0), "screen", data_dir)
+    split_dataset("screen", mode="simulation", seed=1, data_dir=data_dir)
+    label_dataset("screen", "stress", split="simulation_1", data_dir=data_dir)
+    return data_dir
+
+
+def train(data_dir, run_dir, config, **kw):
+    return train_autoencoder("screen", split="simulation_1", labels="stress", run_dir=run_dir, config=config,
+                             data_dir=data_dir, device="cpu", progress="silent", **kw)
+
+
+def history(run_dir, phase=keys.AE_DIR):
+    return ckpt.read_history(ckpt.PhasePaths(run_dir, phase))
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_cli_trains_both_phases_on_the_demo(demo_data, tmp_path):
+    run_dir = tmp_path / "runs" / "demo"
+    sets = [a for s in TINY for a in ("--set", s)]
+    result = CliRunner().invoke(app, ["train-ae", "screen", "--split", "simulation_1", "--labels", "stress",
+                                      "--run", str(run_dir), "--data-dir", str(demo_data), "--device", "cpu",
+                                      "--max-epochs", "3", *sets])
+    assert result.exit_code == 0, result.output
+    assert "d_model 16" in result.output  # the chosen sizes are printed
+    rows = history(run_dir)
+    assert len(rows) == 3 and float(rows[-1]["train_mse"]) < float(rows[0]["train_mse"])
+    for name in ("config.yaml", "meta.json", "history.csv", "model.pt", "best.pt", "last.pt"):
+        assert (run_dir / "ae" / name).is_file()
+    meta = json.loads((run_dir / "ae" / "meta.json").read_text())
+    assert meta["dataset"] == "screen" and meta["label_classes"] == ["Homeostasis", "Stressed"]
+    assert len(meta["gene_names"]) == 160 and meta["training"]["stop_reason"].startswith("max_epochs")
+    assert meta["selection"] == "variance_preservation"
+    assert "encoder.token_proj.weight" in weights(run_dir / "ae" / "model.pt")
+
+    result = CliRunner().invoke(app, ["train-gan", "--run", str(run_dir), "--data-dir", str(demo_data),
+                                      "--device", "cpu", "--max-epochs", "2"])
+    assert result.exit_code == 0, result.output
+    rows = history(run_dir, keys.GAN_DIR)
+    assert len(rows) == 2 and {"val_pearson_delta", "val_pearson_delta_top20_de", "train_cycle",
+                               "train_disc"} <= set(rows[0])
+    gan_meta = json.loads((run_dir / "gan" / "meta.json").read_text())
+    assert gan_meta["selection"] == "pearson_delta" and gan_meta["validation_conditions_scored"]
+
+    from regina_cli.engine.run import load_trained
+
+    trained = load_trained(run_dir, device="cpu")
+    assert trained.gan is not None and trained.meta["gene_names"] == meta["gene_names"]
+    phase2_decoder = weights(run_dir / "gan" / "model.pt")
+    assert torch.equal(trained.autoencoder.decoder.token_out.weight, phase2_decoder["decoder.token_out.weight"])
+
+
+def test_real_screen_trains_and_reconstruction_improves(mcfaline_path, tmp_path):
+    runner = CliRunner()
+    data_dir = str(tmp_path / "data")
+    for args in (["fetch", "mcfaline", "--from", str(mcfaline_path)], ["split", "mcfaline", "--seed", "1"],
+                 ["label", "mcfaline", "--method", "stress", "--split", "simulation_1"]):
+        result = runner.invoke(app, [*args, "--data-dir", data_dir])
+        assert result.exit_code == 0, result.output
+    config = build_config(preset="demo", overrides=TINY + ["ae.max_epochs=2", "gan.max_epochs=1"])
+    summary = train_autoencoder("mcfaline", split="simulation_1", labels="stress", run_dir=tmp_path / "run",
+                                config=config, data_dir=data_dir, device="cpu", progress="silent")
+    rows = history(tmp_path / "run")
+    assert summary["epochs"] == 2 and float(rows[-1]["train_mse"]) < float(rows[0]["train_mse"])
+    meta = json.loads((tmp_path / "run" / "ae" / "meta.json").read_text())
+    assert len(meta["cell_types"]) == 3  # controls are matched per cell line
+    summary = train_gan(tmp_path / "run", data_dir=data_dir, device="cpu", progress="silent")
+    assert summary["epochs"] == 1
+    gan_meta = json.loads((tmp_path / "run" / "gan" / "meta.json").read_text())
+    # none of McFaline's CRISPRi targets is among its 500 measured genes: learned prompts only
+    assert len(gan_meta["unmeasured_genes"]) == len(meta["train_conditions"]) - 1 and gan_meta["validation_source"].startswith("training")
+
+
+def test_consistency_early_stopping_triggers_on_rising_l_cons(demo_data, tmp_path, monkeypatch):
+    real_validate = AutoencoderPhase.validate
+
+    def drifting(self, epoch):  # an injected run whose round trip drifts more every epoch
+        return {**real_validate(self, epoch), "cons": 0.1 * epoch}
+
+    monkeypatch.setattr(AutoencoderPhase, "validate", drifting)
+    config = tiny_config("ae.max_epochs=10", "ae.consistency_patience=2", "ae.min_epochs=3")
+    summary = train(demo_data, tmp_path / "run", config)
+    assert summary["epochs"] == 3 and summary["stop_reason"].startswith("consistency")
+    meta = json.loads((tmp_path / "run" / "ae" / "meta.json").read_text())
+    assert meta["training"]["stop_reason"] == summary["stop_reason"]
+    assert [r["stop_counter"] for r in history(tmp_path / "run")] == ["0", "1", "2"]
+
+
+def test_consistency_early_stopping_stays_quiet_on_a_healthy_run(demo_data, tmp_path, monkeypatch):
+    real_validate = AutoencoderPhase.validate
+    monkeypatch.setattr(AutoencoderPhase, "validate",
+                        lambda self, epoch: {**real_validate(self, epoch), "cons": 1.0 / epoch})
+    summary = train(demo_data, tmp_path / "run", tiny_config("ae.max_epochs=4", "ae.consistency_patience=1",
+                                                             "ae.min_epochs=1"))
+    assert summary["epochs"] == 4 and summary["stop_reason"].startswith("max_epochs")
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(demo_data, tmp_path, monkeypatch):
+    config = tiny_config("ae.max_epochs=3")
+    train(demo_data, tmp_path / "straight", config)
+
+    real_step = AutoencoderPhase.train_step
+
+    def preempted(self, epoch, step):
+        if (epoch, step) == (2, 2):
+            os.kill(os.getpid(), signal.SIGTERM)  # what Slurm sends before pre-empting a job
+        return real_step(self, epoch, step)
+
+    monkeypatch.setattr(AutoencoderPhase, "train_step", preempted)
+    with pytest.raises(TrainingInterrupted, match="--resume") as stopped:
+        train(demo_data, tmp_path / "resumed", config)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    state = weights(tmp_path / "resumed" / "ae" / "last.pt")
+    assert (state["epoch"], state["step"]) == (1, 2)  # mid-epoch: one epoch done, two steps into the next
+    monkeypatch.setattr(AutoencoderPhase, "train_step", real_step)
+
+    train(demo_data, tmp_path / "resumed", config, resume=True)
+    a = weights(tmp_path / "straight" / "ae" / "last.pt")["modules"]["autoencoder"]
+    b = weights(tmp_path / "resumed" / "ae" / "last.pt")["modules"]["autoencoder"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["epoch"] for r in history(tmp_path / "resumed")] == ["1", "2", "3"]
+    assert history(tmp_path / "resumed")[-1]["train_mse"] == history(tmp_path / "straight")[-1]["train_mse"]
+
+
+def test_gan_resume_after_preemption_matches_an_uninterrupted_run(demo_data, tmp_path, monkeypatch):
+    import shutil
+
+    from regina_cli.engine.train_gan import CycleGANPhase
+
+    train(demo_data, tmp_path / "run", tiny_config("ae.max_epochs=1"))
+    shutil.copytree(tmp_path / "run", tmp_path / "other")
+    gan = dict(config_overrides=["gan.max_epochs=2"], data_dir=demo_data, device="cpu", progress="silent")
+    train_gan(tmp_path / "run", **gan)
+
+    real_step = CycleGANPhase.train_step
+
+    def preempted(self, epoch, step):
+        if (epoch, step) == (2, 1):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, epoch, step)
+
+    monkeypatch.setattr(CycleGANPhase, "train_step", preempted)
+    with pytest.raises(TrainingInterrupted):
+        train_gan(tmp_path / "other", **gan)
+    monkeypatch.setattr(CycleGANPhase, "train_step", real_step)
+    train_gan(tmp_path / "other", **gan, resume=True)
+    a = weights(tmp_path / "run" / "gan" / "last.pt")["modules"]
+    b = weights(tmp_path / "other" / "gan" / "last.pt")["modules"]
+    assert history(tmp_path / "run", keys.GAN_DIR)[-1]["train_total"] == history(tmp_path / "other", keys.GAN_DIR)[-1]["train_total"]
+    for part in ("gan", "decoder"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+
+
+def _one_line_error(args):
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error:") and "Traceback" not in result.output
+    return lines[-1]
+
+
+def test_bad_inputs_give_one_line_errors(demo_data, tmp_path):
+    base = ["train-ae", "screen", "--data-dir", str(demo_data), "--device", "cpu", "--max-epochs", "1",
+            *[a for s in TINY for a in ("--set", s)]]
+    assert "regina split" in _one_line_error([*base, "--split", "simulation_9", "--labels", "stress"])
+    assert "regina label" in _one_line_error([*base, "--split", "simulation_1", "--labels", "cell-cycle"])
+    assert "regina train-ae" in _one_line_error(["train-gan", "--run", str(tmp_path / "nothing")])
+
+    run_dir = tmp_path / "run"
+    train(demo_data, run_dir, tiny_config("ae.max_epochs=1"))
+    assert "--resume" in _one_line_error([*base, "--split", "simulation_1", "--labels", "stress",
+                                          "--run", str(run_dir)])
+    meta_path = run_dir / "ae" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    json.dump({**meta, "dataset": "other"}, meta_path.open("w"))
+    assert "another --run" in _one_line_error([*base, "--split", "simulation_1", "--labels", "stress",
+                                               "--run", str(run_dir), "--resume"])
+    json.dump({**meta, "gene_names": meta["gene_names"][::-1]}, meta_path.open("w"))
+    assert "gene set mismatch" in _one_line_error(["train-gan", "--run", str(run_dir), "--data-dir",
+                                                   str(demo_data), "--device", "cpu"])
+    assert "fixed by the phase-1 run" in _one_line_error(["train-gan", "--run", str(run_dir), "--set",
+                                                          "model.z_dim=8"])
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in _one_line_error([*base, "--split", "simulation_1", "--labels", "stress",
+                                                 "--run", str(tmp_path / "gpu"), "--device", "cuda"])
+
+
+def test_streaming_from_the_h5ad_trains_both_phases(demo_data, tmp_path):
+    """`runtime.device_data=never`: rows stream from the file in chunks instead of a dense matrix."""
+    config = tiny_config("ae.max_epochs=1", "gan.max_epochs=1", "runtime.device_data=never",
+                         "runtime.stream_chunk_cells=64")
+    train(demo_data, tmp_path / "run", config)
+    meta = json.loads((tmp_path / "run" / "ae" / "meta.json").read_text())
+    assert meta["dense_on_device"] is False
+    summary = train_gan(tmp_path / "run", data_dir=demo_data, device="cpu", progress="silent")
+    assert summary["epochs"] == 1 and summary["best_value"] == summary["best_value"]  # not NaN
