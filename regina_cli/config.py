@@ -174,6 +174,11 @@ def _coerce(section: str, key: str, value: Any, target_type: Any) -> Any:
     if target_type is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as text
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ReginaError(f"config key {name} takes a number, not {value!r}")
     if target_type is int:
         if isinstance(value, int) and not isinstance(value, bool):

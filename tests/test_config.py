@@ -43,6 +43,7 @@ def test_set_parses_yaml_values():
         "runtime": {"compile": True},
     }
     assert build_config(overrides=["ae.lr=3"]).ae.lr == 3.0  # int accepted for a float
+    assert build_config(overrides=["ae.lr=1e-3"]).ae.lr == 1e-3  # YAML reads 1e-3 as text
 
 
 @pytest.mark.parametrize(
@@ -51,6 +52,7 @@ def test_set_parses_yaml_values():
         ("ae.learning_rate=1", "unknown config key ae.learning_rate"),
         ("optim.lr=1", "unknown config section"),
         ("ae.batch_size=1.5", "whole number"),
+        ("ae.lr=fast", "takes a number"),
         ("runtime.compile=maybe", "true or false"),
         ("lr=1", "section.key=value"),
     ],

@@ -9,6 +9,7 @@ the real pipeline end to end on a tiny demo screen.
 from __future__ import annotations
 
 import os
+import sys
 import signal
 import subprocess
 import time
@@ -277,6 +278,8 @@ def test_pipeline_end_to_end_on_a_tiny_demo(tmp_path):
     if missing:
         pytest.skip(f"commands not built yet: {', '.join(missing)}")
     env = clean_environ()
+    # The `regina` of the interpreter running the tests, also when its venv is not activated.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(DATA_DIR=str(tmp_path / "data"), RUNS_DIR=str(tmp_path / "runs"), DEVICE="cpu",
                MAX_EPOCHS="2", PREDICT_CELLS="20", FETCH_ARGS="--cells 600 --genes 200 --singles 10 --doubles 6")
     first = subprocess.run(["bash", str(PIPELINE), "demo"], env=env, capture_output=True,

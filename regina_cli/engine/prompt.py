@@ -21,11 +21,14 @@ def fake_expression(x_ctrl: torch.Tensor, target_idx: torch.Tensor, value: float
     valid = target_idx >= 0
     if n_targets is None:
         n_targets = valid.sum(1)
-    x_fake = x_ctrl.clone()
-    rows = torch.arange(x_ctrl.shape[0], device=x_ctrl.device).unsqueeze(1).expand_as(target_idx)
-    values = (value * n_targets.to(x_ctrl.dtype)).unsqueeze(1).expand_as(target_idx)
-    x_fake[rows[valid], target_idx[valid]] = values[valid]
-    return x_fake
+    # Scatter into one spare column that absorbs the -1 (no target) entries: no boolean
+    # indexing, so no device-to-host sync inside the training step.
+    n_genes = x_ctrl.shape[1]
+    x_fake = torch.nn.functional.pad(x_ctrl, (0, 1))
+    columns = torch.where(valid, target_idx, n_genes)
+    values = (value * n_targets.to(x_ctrl.dtype)).unsqueeze(1).expand_as(columns)
+    x_fake.scatter_(1, columns, values.to(x_fake.dtype))
+    return x_fake[:, :n_genes]
 
 
 def build_prompt(encoder, x_ctrl: torch.Tensor, target_idx: torch.Tensor, value: float, *,
