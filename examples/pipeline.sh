@@ -31,10 +31,7 @@ SEED="${SEED:-1}"                             # split seed
 LABELS="${LABELS:-stress}"                    # stress, cell-cycle or obs:<column>
 CONFIG="${CONFIG:-}"                          # config file (see configs/); empty: train-ae uses the
                                               # preset named like the dataset, else sizes the model
-# MAX_EPOCHS caps both training phases (empty: the config's). The demo is a quick tour: unless
-# MAX_EPOCHS is set (even to ""), its preset's 30 epochs are capped at 10.
-[[ $NAME == demo ]] && MAX_EPOCHS="${MAX_EPOCHS-10}"
-MAX_EPOCHS="${MAX_EPOCHS-}"
+MAX_EPOCHS="${MAX_EPOCHS:-}"                  # cap on both training phases; empty: the config's
 PREDICT_CELLS="${PREDICT_CELLS:-100}"         # predicted cells per test condition
 FETCH_FROM="${FETCH_FROM:-}"                  # local copy (zip, folder, .h5ad) instead of a download
 FETCH_ARGS="${FETCH_ARGS:-}"                  # extra fetch options (e.g. the demo's size)

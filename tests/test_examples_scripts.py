@@ -140,10 +140,10 @@ def test_pipeline_runs_the_seven_commands_in_order(fake_env):
 
 @pytest.mark.parametrize(
     ("name", "max_epochs", "expected"),
-    [("demo", None, "--max-epochs 10"), ("demo", "", None), ("demo", "4", "--max-epochs 4"),
-     ("norman", None, None)],
+    [("demo", None, None), ("demo", "", None), ("demo", "4", "--max-epochs 4"),
+     ("norman", None, None), ("norman", "7", "--max-epochs 7")],
 )
-def test_only_the_demo_caps_epochs_by_default(fake_env, name, max_epochs, expected):
+def test_max_epochs_caps_both_phases_only_when_set(fake_env, name, max_epochs, expected):
     env = fake_env if max_epochs is None else {**fake_env, "MAX_EPOCHS": max_epochs}
     result = run(["bash", str(PIPELINE), name], env)
     assert result.returncode == 0, result.stderr

@@ -212,6 +212,7 @@ def _allocate(weights: pd.Series, total: int) -> dict[str, int]:
 def _run_networks(trained, adata, plan: pd.DataFrame, conditions, genes, unmeasured) -> np.ndarray:
     from regina_cli.data.tensors import RowReader, condition_targets
     from regina_cli.engine.prompt import condition_prompt
+    from regina_cli.model.gan import decode_prediction
 
     ae, gan = trained.autoencoder.eval(), trained.gan.eval()
     device = next(ae.parameters()).device
@@ -233,7 +234,9 @@ def _run_networks(trained, adata, plan: pd.DataFrame, conditions, genes, unmeasu
         z_ctrl = ae.encoder(x_ctrl)
         prompt = condition_prompt(ae.encoder, gan, x_ctrl, target_idx[c], unmeasured_idx[c], n_targets[c],
                                   value, z_ctrl=z_ctrl)
-        out[sl] = ae.decoder(gan(z_ctrl, prompt)).float().cpu().numpy()
+        pred = decode_prediction(ae.decoder, gan(z_ctrl, prompt), x_ctrl=x_ctrl, z_ctrl=z_ctrl,
+                                 residual=trained.config.gan.residual_decoding)
+        out[sl] = pred.float().cpu().numpy()
     return out
 
 

@@ -38,6 +38,7 @@ from regina_cli.engine.progress import TrainingProgress
 from regina_cli.engine.train_ae import (EpochBatches, compile_modules, parameter_checksum,
                                         prepare_run_dir, scaled_lr, seed_everything, steps_per_epoch)
 from regina_cli.errors import ReginaError
+from regina_cli.model.gan import decode_prediction
 
 SELECTION_METRIC = "pearson_delta"  # the original's criterion; top-20 DE is recorded beside it
 VAL_CELLS_PER_CONDITION = 256
@@ -150,6 +151,8 @@ class CycleGANPhase:
             cycle = L.cycle_loss(self.gan, z_ctrl, z_pert, prompt, fake_pert=fake_pert, fake_ctrl=fake_ctrl)
             decoded = self.ae.decoder(torch.cat([z_ctrl, z_pert, fake_pert])).float()
             rec_ctrl, rec_pert, pred = decoded.chunk(3)
+            if g.residual_decoding:  # same as model.gan.decode_prediction, reusing rec_ctrl
+                pred = x_ctrl + pred - rec_ctrl
             anchor = F.mse_loss(rec_ctrl, x_ctrl) + F.mse_loss(rec_pert, x_pert)
             pred_mse = F.mse_loss(pred, x_pert)
             total = g.lambda_cycle * cycle + g.lambda_adv * adv + g.lambda_anchor * anchor + g.lambda_pred * pred_mse
@@ -195,10 +198,13 @@ class CycleGANPhase:
         for rows, groups in zip(plan["rows"].split(VAL_CHUNK), plan["groups"].split(VAL_CHUNK)):
             codes = cells.condition_codes[rows]
             ctrl = cells.control_partners(rows, generator)
+            x_ctrl, z_ctrl = cells.rows(ctrl), self.latents[ctrl]
             with amp_context(dev, self.config.runtime.amp):
-                prompt = self.gan.add_unmeasured(self.base_prompt(ctrl, cells.rows(ctrl), codes),
+                prompt = self.gan.add_unmeasured(self.base_prompt(ctrl, x_ctrl, codes),
                                                  cells.unmeasured_idx[codes])
-                pred = self.ae.decoder(self.gan.forward_block(self.latents[ctrl], prompt)).double()
+                pred = decode_prediction(self.ae.decoder, self.gan.forward_block(z_ctrl, prompt),
+                                         x_ctrl=x_ctrl, z_ctrl=z_ctrl,
+                                         residual=self.config.gan.residual_decoding).double()
             pred_sum.index_add_(0, groups, pred)
             true_sum.index_add_(0, groups, cells.rows(rows).double())
             ref_sum.index_add_(0, groups, plan["control_mean"][cells.cell_type_codes[rows]])

@@ -54,3 +54,17 @@ class LatentCycleGAN(nn.Module):
 
     def discriminator_parameters(self) -> list[nn.Parameter]:
         return [*self.discriminator.parameters(), *self.control_discriminator.parameters()]
+
+
+def decode_prediction(decoder: nn.Module, z_pred: torch.Tensor, *, x_ctrl: torch.Tensor,
+                      z_ctrl: torch.Tensor, residual: bool) -> torch.Tensor:
+    """Expression of a predicted perturbed latent.
+
+    The method decodes T(z_ctrl) directly. `residual` instead adds the decoded change to the
+    real control cell, X_ctrl + D(T(z_ctrl)) - D(z_ctrl): the decoder's reconstruction error
+    cancels and the control's own cell-to-cell variation is kept.
+    """
+    if not residual:
+        return decoder(z_pred)
+    decoded_pred, decoded_ctrl = decoder(torch.cat([z_pred, z_ctrl])).chunk(2)
+    return x_ctrl + (decoded_pred - decoded_ctrl).to(x_ctrl.dtype)
