@@ -9,10 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from typer.testing import CliRunner
 
+from cli_helpers import assert_user_error, invoke
 from regina_cli import keys
-from regina_cli.cli import app
 from regina_cli.data.dataset import write_dataset
 from regina_cli.data.label import (
     CELL_CYCLE_CLASSES,
@@ -58,16 +57,6 @@ def train_mask(adata, split="simulation_1"):
     return adata.obs["condition"].astype(str).isin(load_split("demo", split).train).to_numpy()
 
 
-def run(*args):
-    return CliRunner().invoke(app, list(args))
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def labels_dir():
@@ -209,7 +198,7 @@ def test_quantile_checks(demo_adata):
 
 
 def test_cli_stress_with_split_writes_csv_and_record(demo):
-    result = run("label", "demo", "--method", "stress", "--split", "simulation_1")
+    result = invoke("label", "demo", "--method", "stress", "--split", "simulation_1")
     assert result.exit_code == 0, result.output
     assert "training cells of split simulation_1" in result.output and "Stressed" in result.output
     path = keys.labels_file("demo", "stress")
@@ -225,19 +214,19 @@ def test_cli_stress_with_split_writes_csv_and_record(demo):
     train_row = {r["class"]: r["train"] for r in record["balance"]}
     assert train_row["Stressed"] == int((expected.cell_state[train_mask(demo)] == "Stressed").sum())
     first = path.read_bytes()
-    assert run("label", "demo", "--method", "stress", "--split", "simulation_1").exit_code == 0
+    assert invoke("label", "demo", "--method", "stress", "--split", "simulation_1").exit_code == 0
     assert path.read_bytes() == first
 
 
 def test_cli_without_split_says_so(demo):
-    result = run("label", "demo", "--method", "cell-cycle")
+    result = invoke("label", "demo", "--method", "cell-cycle")
     assert result.exit_code == 0, result.output
     assert "no --split given" in result.output
     assert set(load_labels("demo", "cell-cycle")) <= set(CELL_CYCLE_CLASSES)
 
 
 def test_cli_obs_column_json_output(demo):
-    result = run("--json", "label", "demo", "--method", "obs:condition")
+    result = invoke("--json", "label", "demo", "--method", "obs:condition")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert sum(row["cells"] for row in out["balance"]) == demo.n_obs
@@ -256,7 +245,7 @@ def test_cli_obs_column_json_output(demo):
     ],
 )
 def test_cli_bad_inputs_give_one_line_and_no_file(demo, args, fragments):
-    assert_one_line_error(run(*args), *fragments)
+    assert_user_error(invoke(*args), *fragments)
     assert not labels_dir().exists()
 
 
@@ -272,17 +261,17 @@ def test_mcfaline_labels_from_the_cli(mcfaline_path):
     from regina_cli.data.fetch import fetch
 
     fetch("mcfaline", source=str(mcfaline_path), log=lambda message: None)
-    assert run("split", "mcfaline").exit_code == 0
-    result = run("label", "mcfaline", "--method", "stress", "--split", "simulation_1")
+    assert invoke("split", "mcfaline").exit_code == 0
+    result = invoke("label", "mcfaline", "--method", "stress", "--split", "simulation_1")
     assert result.exit_code == 0, result.output
     record = json.loads(keys.labels_file("mcfaline", "stress").with_suffix(".json").read_text())
     assert record["markers"] == ["HSPA5", "HSPA6"]  # the only stress genes among its 500 HVGs
     train = {r["class"]: r["train"] for r in record["balance"]}
     assert train["Stressed"] / (train["Stressed"] + train["Homeostasis"]) == pytest.approx(0.3, abs=0.01)
     # its 500 highly variable genes hold no S-phase marker: refused, nothing written
-    assert_one_line_error(run("label", "mcfaline", "--method", "cell-cycle"), "S-phase marker")
+    assert_user_error(invoke("label", "mcfaline", "--method", "cell-cycle"), "S-phase marker")
     assert not keys.labels_file("mcfaline", "cell-cycle").exists()
-    assert run("label", "mcfaline", "--method", "obs:cell_type").exit_code == 0
+    assert invoke("label", "mcfaline", "--method", "obs:cell_type").exit_code == 0
     assert load_labels("mcfaline", "obs:cell_type").nunique() == 3
 
 

@@ -14,10 +14,9 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
+from cli_helpers import assert_user_error, invoke
 from regina_cli import keys
-from regina_cli.cli import app
 from regina_cli.cli.split_cmd import split_command
 from regina_cli.data import split as split_mod
 from regina_cli.data.conditions import parse_condition
@@ -63,16 +62,6 @@ def demo(demo_adata, demo_files):
     return demo_adata
 
 
-def run(*args):
-    return CliRunner().invoke(app, list(args))
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def splits_dir():
@@ -165,7 +154,7 @@ def test_cli_defaults_equal_the_engine_defaults():
 
 
 def test_cli_writes_the_split_with_a_summary_and_same_seed_same_bytes(demo):
-    result = run("split", "demo", "--seed", "1")
+    result = invoke("split", "demo", "--seed", "1")
     assert result.exit_code == 0, result.output
     for word in ("train", "val", "test", "unseen_single", "conditions", "cells"):
         assert word in result.output
@@ -175,13 +164,13 @@ def test_cli_writes_the_split_with_a_summary_and_same_seed_same_bytes(demo):
     cells = demo.obs[keys.OBS_CONDITION].astype(str).value_counts()
     train_cells = int(cells[split.train].sum())
     assert f"{train_cells}" in result.output
-    assert run("split", "demo", "--seed", "1").exit_code == 0
+    assert invoke("split", "demo", "--seed", "1").exit_code == 0
     assert path.read_bytes() == first
     assert [p.name for p in splits_dir().iterdir()] == ["simulation_1.json"]  # no temporary left
 
 
 def test_cli_json_output_for_scripts(demo):
-    result = run("--json", "split", "demo", "--mode", "combo_seen1", "--seed", "3")
+    result = invoke("--json", "split", "demo", "--mode", "combo_seen1", "--seed", "3")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["split"] == "combo_seen1_3"
@@ -198,7 +187,7 @@ def test_cli_json_output_for_scripts(demo):
     ],
 )
 def test_cli_bad_inputs_give_one_line_and_no_file(demo, args, fragments):
-    assert_one_line_error(run(*args), *fragments)
+    assert_user_error(invoke(*args), *fragments)
     assert not splits_dir().exists()
 
 
@@ -207,7 +196,7 @@ def test_cli_refuses_an_empty_set(demo_adata):
     singles = [c for c in pd.unique(conditions) if len(parse_condition(c)) == 1][:3]
     write_dataset(demo_adata[conditions.isin(["ctrl", *singles]).to_numpy()].copy(), "demo")
     # mode single holds out int(3 singles * 10 %) = 0 genes: an empty test set is refused
-    assert_one_line_error(run("split", "demo", "--mode", "single"), "set of demo empty", "--split-file")
+    assert_user_error(invoke("split", "demo", "--mode", "single"), "set of demo empty", "--split-file")
     assert not splits_dir().exists()
 
 
@@ -227,7 +216,7 @@ def test_user_split_file_is_validated_and_written(demo, tmp_path, fmt):
         source.write_text(json.dumps(user))
     else:
         source.write_bytes(pickle.dumps({k: np.array(v) for k, v in user.items()}))
-    result = run("split", "demo", "--split-file", str(source), "--seed", "7")
+    result = invoke("split", "demo", "--split-file", str(source), "--seed", "7")
     assert result.exit_code == 0, result.output
     split = load_split("demo", "custom_7")
     assert split.mode == "custom" and split.train_gene_frac is None
@@ -251,7 +240,7 @@ def test_user_split_file_errors(demo, tmp_path, change, fragment):
     change(user)
     source = tmp_path / "mine.json"
     source.write_text(json.dumps(user))
-    assert_one_line_error(run("split", "demo", "--split-file", str(source)), fragment)
+    assert_user_error(invoke("split", "demo", "--split-file", str(source)), fragment)
     assert not splits_dir().exists()
 
 
@@ -263,13 +252,13 @@ class _Exploit:
 def test_split_pickle_that_runs_code_is_refused(demo, tmp_path):
     source = tmp_path / "evil.pkl"
     source.write_bytes(pickle.dumps({"train": [_Exploit()], "val": [], "test": []}))
-    assert_one_line_error(run("split", "demo", "--split-file", str(source)), "neither JSON nor a GEARS split pickle")
+    assert_user_error(invoke("split", "demo", "--split-file", str(source)), "neither JSON nor a GEARS split pickle")
 
 
 def test_not_a_split_file(demo, tmp_path):
     source = tmp_path / "notes.txt"
     source.write_text("train: A")
-    assert_one_line_error(run("split", "demo", "--split-file", str(source)), "neither JSON")
+    assert_user_error(invoke("split", "demo", "--split-file", str(source)), "neither JSON")
 
 
 # --- real screens -------------------------------------------------------------------------------
@@ -292,12 +281,12 @@ def test_mcfaline_imported_then_split_from_the_cli(mcfaline_path):
     from regina_cli.data.fetch import fetch
 
     fetch("mcfaline", source=str(mcfaline_path), log=lambda message: None)
-    result = run("split", "mcfaline", "--mode", "simulation", "--seed", "1")
+    result = invoke("split", "mcfaline", "--mode", "simulation", "--seed", "1")
     assert result.exit_code == 0, result.output
     split = load_split("mcfaline", "simulation_1")
     # 9 CRISPRi targets: int(9 * 0.75) = 6 training genes, of which int(6 * 0.9) = 5 stay in train
     assert (len(split.train), len(split.val), len(split.test)) == (6, 1, 3)
     assert all(c.endswith("+ctrl") for c in split.val + split.test)
     # a 10 % validation draw of 9 conditions is empty: refused, not written
-    assert_one_line_error(run("split", "mcfaline", "--mode", "no_test"), "val set of mcfaline empty")
+    assert_user_error(invoke("split", "mcfaline", "--mode", "no_test"), "val set of mcfaline empty")
     assert not keys.split_file("mcfaline", "no_test_1").exists()

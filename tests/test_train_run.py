@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cli_helpers import assert_user_error, invoke
 from regina_cli import keys
 from regina_cli.cli import app
 from regina_cli.config import build_config
@@ -203,11 +204,7 @@ def test_gan_resume_after_preemption_matches_an_uninterrupted_run(demo_data, tmp
 
 
 def _one_line_error(args):
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert lines[-1].startswith("error:") and "Traceback" not in result.output
-    return lines[-1]
+    return assert_user_error(invoke(*args), only_line=False)
 
 
 def test_bad_inputs_give_one_line_errors(demo_data, tmp_path):
