@@ -28,6 +28,14 @@ def mcfaline_path() -> Path:
     return shared_file(MCFALINE)
 
 
+@pytest.fixture(scope="session")
+def demo_adata():
+    """A small simulated screen in GEARS layout (600 cells x 200 genes); treat as read-only."""
+    from regina_cli.data.demo import simulate_screen
+
+    return simulate_screen(n_cells=600, n_genes=200, n_singles=12, n_doubles=10, seed=0)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)

@@ -30,13 +30,6 @@ sc = pytest.importorskip("scanpy")
 
 
 @pytest.fixture(scope="module")
-def demo_adata():
-    from regina_cli.data.demo import simulate_screen
-
-    return simulate_screen(n_cells=600, n_genes=200, n_singles=12, n_doubles=10, seed=0)
-
-
-@pytest.fixture(scope="module")
 def demo_files(demo_adata, tmp_path_factory):
     """The demo plus its simulation_1 split, written once; each test gets a copy."""
     folder = tmp_path_factory.mktemp("demo_data")

@@ -42,13 +42,6 @@ def toy_conditions(n_genes=24, n_combos=40, seed=0, singles_only=False) -> list[
 
 
 @pytest.fixture(scope="module")
-def demo_adata():
-    from regina_cli.data.demo import simulate_screen
-
-    return simulate_screen(n_cells=600, n_genes=200, n_singles=12, n_doubles=10, seed=0)
-
-
-@pytest.fixture(scope="module")
 def demo_files(demo_adata, tmp_path_factory):
     """The demo written once (h5ad + checksum); each test gets a copy in its own data folder."""
     folder = tmp_path_factory.mktemp("demo_data")
