@@ -7,10 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from typer.testing import CliRunner
 
+from cli_helpers import invoke
 from regina_cli import keys
-from regina_cli.cli import app
 from regina_cli.data.conditions import parse_condition
 from regina_cli.data.dataset import GEARS_OBS, GEARS_UNS, read_dataset, write_dataset
 from regina_cli.data.demo import STRESS_GENES, simulate_screen
@@ -100,16 +99,15 @@ def test_some_doubles_are_not_additive(screen):
 
 
 def test_cli_demo_sizes_and_no_op():
-    runner = CliRunner()
     args = ["fetch", "demo", "--cells", "600", "--genes", "250", "--singles", "6", "--doubles", "3"]
-    first = runner.invoke(app, args)
+    first = invoke(*args)
     assert first.exit_code == 0, first.output
     assert read_dataset("demo").shape == (600, 250)
-    again = runner.invoke(app, ["--json", "fetch", "demo"])
+    again = invoke("--json", "fetch", "demo")
     assert again.exit_code == 0 and '"action": "already present"' in again.output
-    assert runner.invoke(app, ["fetch", "norman", "--cells", "10"]).exit_code != 0
-    assert "only apply with --from" in runner.invoke(app, ["fetch", "norman", "--control", "NT"]).output
-    too_small = runner.invoke(app, ["fetch", "demo", "--force", "--genes", "50"])
+    assert invoke("fetch", "norman", "--cells", "10").exit_code != 0
+    assert "only apply with --from" in invoke("fetch", "norman", "--control", "NT").output
+    too_small = invoke("fetch", "demo", "--force", "--genes", "50")
     assert too_small.exit_code != 0 and "--genes must be at least" in too_small.output
     assert read_dataset("demo").shape == (600, 250)  # a refused --force leaves the old data intact
 
@@ -119,7 +117,7 @@ def test_cli_lists_the_datasets_it_knows():
     from regina_cli.data.fetch import DATASETS
 
     assert fetch_cmd._DATASETS == ", ".join(DATASETS)
-    result = CliRunner().invoke(app, ["fetch", "no_such_set"])
+    result = invoke("fetch", "no_such_set")
     assert result.exit_code != 0 and "unknown dataset" in result.output
 
 
@@ -130,12 +128,11 @@ def test_label_step_finds_the_simulated_states():
 
     from regina_cli.data.demo import PHASE_COLUMN
 
-    runner = CliRunner()
     sizes = ["--cells", "1500", "--genes", "300", "--singles", "10", "--doubles", "12"]
-    assert runner.invoke(app, ["fetch", "demo", *sizes]).exit_code == 0
+    assert invoke("fetch", "demo", *sizes).exit_code == 0
     obs = read_dataset("demo").obs
     for method in ("cell-cycle", "stress"):
-        result = runner.invoke(app, ["label", "demo", "--method", method])
+        result = invoke("label", "demo", "--method", method)
         assert result.exit_code == 0, result.output
     phase = pd.read_csv(keys.labels_file("demo", "cell-cycle"), index_col="cell")["cell_state"]
     assert (phase.loc[obs.index] == obs[PHASE_COLUMN]).mean() > 0.7  # 74 % measured (G1 the hard class)

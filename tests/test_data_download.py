@@ -10,10 +10,9 @@ import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from typer.testing import CliRunner
 
+from cli_helpers import invoke
 from regina_cli import keys
-from regina_cli.cli import app
 from regina_cli.data import download as download_module
 from regina_cli.data.dataset import checksum_file, read_dataset, write_dataset
 from regina_cli.data.demo import simulate_screen
@@ -185,7 +184,7 @@ def test_bad_downloads_are_refused_and_leave_nothing(server, path, message):
 
 
 def test_unreachable_server_is_one_line_error():
-    result = CliRunner().invoke(app, ["fetch", "x", "--from", "http://127.0.0.1:9/none.zip"])
+    result = invoke("fetch", "x", "--from", "http://127.0.0.1:9/none.zip")
     assert result.exit_code != 0
     assert "cannot reach" in result.output and "Traceback" not in result.output
     assert nothing_complete("x")
@@ -199,7 +198,7 @@ def test_file_changed_after_verification_is_refused(server):
     data_file.write_bytes(bytes(raw))
     with pytest.raises(ReginaError, match="changed after it was verified"):
         read_dataset("changed")
-    result = CliRunner().invoke(app, ["fetch", "changed"])  # the no-op re-check catches it too
+    result = invoke("fetch", "changed")  # the no-op re-check catches it too
     assert result.exit_code != 0 and "--force" in result.output
     checksum_file(data_file).unlink()
     with pytest.raises(ReginaError, match="no recorded checksum"):

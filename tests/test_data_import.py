@@ -9,19 +9,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from typer.testing import CliRunner
 
+from cli_helpers import invoke
 from regina_cli import keys
-from regina_cli.cli import app
 from regina_cli.data.dataset import GEARS_UNS, read_dataset, write_dataset
 from regina_cli.data.demo import simulate_screen
 from regina_cli.data.importer import CONTROL_LABELS, normalise_label
 
-runner = CliRunner()
-
 
 def fetch_cli(*args: str):
-    return runner.invoke(app, ["fetch", *map(str, args)])
+    return invoke("fetch", *args)
 
 
 def tiny_screen(rng, labels=("NT", "A", "B", "A_B"), n_per=12, counts=True, key="perturbation") -> ad.AnnData:

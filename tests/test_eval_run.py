@@ -8,10 +8,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
+from cli_helpers import invoke
 from regina_cli import keys
-from regina_cli.cli import app
 from regina_cli.data.dataset import write_dataset
 from regina_cli.data.demo import simulate_screen
 from regina_cli.data.split import make_split, save_split
@@ -66,10 +65,7 @@ def _predictions(adata, conditions, path, *, n=30, seed=0):
 
 @pytest.fixture
 def run(data_dir):
-    def invoke(*args):
-        return CliRunner().invoke(app, ["evaluate", NAME, "--data-dir", str(data_dir), *map(str, args)])
-
-    return invoke
+    return lambda *args: invoke("evaluate", NAME, "--data-dir", data_dir, *args)
 
 
 def test_cli_writes_metrics_table_and_plots_deterministically(screen, run, tmp_path):

@@ -5,16 +5,11 @@ from __future__ import annotations
 import json
 
 import torch
-from typer.testing import CliRunner
 
+from cli_helpers import invoke
 from regina_cli import __version__
-from regina_cli.cli import app
 from regina_cli.data.dataset import write_dataset
 from regina_cli.data.demo import simulate_screen
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, list(args))
 
 
 def test_info_prints_versions_and_the_device():

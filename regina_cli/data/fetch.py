@@ -16,10 +16,10 @@ from typing import Callable
 import pandas as pd
 
 from regina_cli import keys
-from regina_cli.data.conditions import parse_condition
+from regina_cli.data.conditions import is_control, parse_condition
 from regina_cli.data.dataset import is_complete, missing_gears_fields, verify_checksum, write_dataset
 from regina_cli.data.download import GEARS_URLS, download
-from regina_cli.data.importer import ImportOptions, import_screen
+from regina_cli.data.importer import ImportOptions, file_kind, import_screen
 from regina_cli.errors import ReginaError
 
 DEMO = "demo"
@@ -54,10 +54,11 @@ class FetchResult:
 
 def _counts(obs: pd.DataFrame) -> dict:
     conditions = obs[keys.OBS_CONDITION].astype(str)
-    sizes = pd.Series([len(parse_condition(c)) for c in conditions.unique()])
+    unique = conditions.unique()
+    sizes = pd.Series([len(parse_condition(c)) for c in unique])
     return {
         "n_cells": len(obs),
-        "n_controls": int((conditions.map(lambda c: len(parse_condition(c)) == 0)).sum()),
+        "n_controls": int(conditions.isin([c for c in unique if is_control(c)]).sum()),
         "n_singles": int((sizes == 1).sum()),
         "n_doubles": int((sizes >= 2).sum()),
         "cell_types": sorted(obs[keys.OBS_CELL_TYPE].astype(str).unique()),
@@ -91,11 +92,8 @@ def _download_and_import(url: str, name: str, data_dir, options: ImportOptions, 
     root = keys.data_root(data_dir)
     archive = download(url, root / DOWNLOADS_DIR / f"{name}.download", log=log, progress=progress)
     try:
-        if require_gears:
-            from regina_cli.data.importer import file_kind
-
-            if file_kind(archive) == "h5ad" and (missing := missing_gears_fields(archive)):
-                raise ReginaError(f"{url} is not a GEARS dataset (missing {', '.join(missing)})")
+        if require_gears and file_kind(archive) == "h5ad" and (missing := missing_gears_fields(archive)):
+            raise ReginaError(f"{url} is not a GEARS dataset (missing {', '.join(missing)})")
         adata, notes = import_screen(archive, name, options, scratch_root=root / DOWNLOADS_DIR, log=log)
         if require_gears and not notes.kept_gears_fields:
             raise ReginaError(f"{url} did not hold a complete GEARS perturb_processed.h5ad: download it again")

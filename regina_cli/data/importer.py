@@ -23,7 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from regina_cli import __version__, keys
-from regina_cli.data.conditions import canonical_condition, parse_condition
+from regina_cli.data.conditions import canonical_condition, condition_genes, parse_condition
 from regina_cli.data.dataset import GEARS_OBS, GEARS_UNS
 from regina_cli.data.download import looks_like_html
 from regina_cli.errors import ReginaError
@@ -336,7 +336,7 @@ def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
         check_controls(adata.obs)
         add_gears_de(adata)
 
-    targets = sorted({g for c in adata.obs[keys.OBS_CONDITION].astype(str).unique() for g in parse_condition(c)})
+    targets = sorted(condition_genes(adata.obs[keys.OBS_CONDITION].astype(str).unique()))
     notes.unmeasured_targets = [g for g in targets if g not in adata.var_names]
     if notes.unmeasured_targets:
         notes.messages.append(

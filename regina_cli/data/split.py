@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from regina_cli import keys
-from regina_cli.data.conditions import is_control, parse_condition
+from regina_cli.data.conditions import condition_genes, is_combination, is_control, parse_condition
 from regina_cli.errors import ReginaError
 from regina_cli.io import write_json
 
@@ -103,19 +103,15 @@ def _is_single(p: str) -> bool:
     return len(parse_condition(p)) == 1
 
 
-def _is_combo(p: str) -> bool:
-    return len(parse_condition(p)) > 1
-
-
 def _genes_of(perts: Iterable[str]) -> list[str]:
     """Sorted unique targeted genes (GEARS `get_genes_from_perts`, i.e. `np.unique`)."""
-    return sorted({g for p in perts for g in parse_condition(p)})
+    return sorted(condition_genes(perts))
 
 
 def _perts_with_genes(genes: Iterable[str], perts: Sequence[str], kind: str) -> list[str]:
     """Singles or combinations of `perts` that target any of `genes`, in `perts` order."""
     genes = set(genes)
-    keep = _is_single if kind == "single" else _is_combo
+    keep = _is_single if kind == "single" else is_combination
     return [p for p in perts if keep(p) and genes.intersection(parse_condition(p))]
 
 
@@ -151,7 +147,7 @@ def _simulation_split(perts: Sequence[str], gene_frac: float, combo_frac: float,
 
 def _simulation_single_split(perts: Sequence[str], gene_frac: float, seed: int):
     """GEARS `get_simulation_split_single`: hold out whole genes; singles only."""
-    if any(_is_combo(p) for p in perts):
+    if any(is_combination(p) for p in perts):
         raise ReginaError("mode simulation_single needs a screen without combinations: use --mode simulation")
     genes = _genes_of(perts)
     train_genes = set(_choice(np.random.RandomState(seed), genes, int(len(genes) * gene_frac), replace=False))
@@ -164,7 +160,7 @@ def _split_list(perts: Sequence[str], rng: np.random.RandomState, mode: str, siz
     Returns (kept, held_out); conditions in neither are dropped from the split, as in GEARS.
     """
     singles = [p for p in perts if _is_single(p)]
-    combos = [p for p in perts if _is_combo(p)]
+    combos = [p for p in perts if is_combination(p)]
     # GEARS always draws the test genes (with replacement), even in branches that ignore them.
     test_genes = set(_choice(rng, _genes_of(perts), int(len(singles) * size), replace=True))
     dropped: list[str] = []
@@ -227,7 +223,7 @@ def derived_subgroups(train: Iterable[str], held_out: Iterable[str]) -> dict[str
 
     A held-out single whose gene is trained on inside a combination is in no subgroup.
     """
-    seen = {g for c in train for g in parse_condition(c)}
+    seen = condition_genes(train)
     groups: dict[str, list[str]] = {g: [] for g in SUBGROUPS}
     for c in held_out:
         genes = parse_condition(c)

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 import torch
 
 from regina_cli import keys
-from regina_cli.data.conditions import is_control, parse_condition
+from regina_cli.data.conditions import condition_genes, is_control, parse_condition
 from regina_cli.errors import ReginaError
 
 DEVICE_DATA_MODES = ("auto", "always", "never")
@@ -207,7 +207,7 @@ class CellTensors:
         train_set = set(split.train)
         in_train = np.isin(kept_condition, list(train_set))
         unmeasured = (list(unmeasured_genes) if unmeasured_genes is not None
-                      else sorted({g for c in train_set for g in parse_condition(c)} - set(data_genes)))
+                      else sorted(condition_genes(train_set) - set(data_genes)))
         target_idx, unmeasured_idx, n_targets, usable = condition_targets(conditions, data_genes, unmeasured)
 
         as_long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long, device=device)  # noqa: E731

@@ -87,9 +87,10 @@ def load_predictions(path: str | Path, truth: Truth, *, condition_key: str = key
     labels = pred.obs[condition_key].astype(str).to_numpy()
     control_cell = pred.obs[keys.OBS_CONTROL_CELL].astype(str).to_numpy() if keys.OBS_CONTROL_CELL in pred.obs else None
     names, counts = np.unique(labels, return_counts=True)
-    perturbed = [n for n in names if not is_control(n)]
+    control = np.array([is_control(n) for n in names], dtype=bool)
+    perturbed = list(names[~control])
     # One row per condition is GEARS's output form; a single predicted cell cannot be told apart.
-    form = MEANS if all(c == 1 for n, c in zip(names, counts) if not is_control(n)) else CELLS
+    form = MEANS if (counts[~control] == 1).all() else CELLS
 
     grouped: dict[str, np.ndarray] = {}
     skipped = []
@@ -113,6 +114,6 @@ def load_predictions(path: str | Path, truth: Truth, *, condition_key: str = key
         cells=cells,
         control_cells=[None if control_cell is None else control_cell[grouped[c]] for c in conditions],
         skipped=sorted(skipped),
-        n_control_rows=int(counts[[is_control(n) for n in names]].sum()),
+        n_control_rows=int(counts[control].sum()),
         provenance=dict(pred.uns.get(keys.UNS_REGINA, {})),
     )

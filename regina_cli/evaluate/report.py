@@ -15,13 +15,15 @@ import numpy as np
 import pandas as pd
 
 from regina_cli import __version__, keys
+from regina_cli.data.split import SUBGROUPS
 from regina_cli.evaluate.baselines import BASELINES
 from regina_cli.evaluate.metrics import METRICS
 from regina_cli.io import atomic_path, write_json
 
 MODEL = "regina"
 OVERALL = "overall"
-TEST_SUBGROUPS = ("combo_seen0", "combo_seen1", "combo_seen2", "unseen_single", "test")
+OTHER_SUBGROUP = "test"  # a test condition outside GEARS's four subgroups
+TEST_SUBGROUPS = (*SUBGROUPS, OTHER_SUBGROUP)
 HEADLINE = (
     "pearson_delta",
     "pearson_delta_top20_de",

@@ -26,7 +26,7 @@ from regina_cli.evaluate import report
 from regina_cli.evaluate.baselines import baseline_profiles, parse_baselines, training_data
 from regina_cli.evaluate.distribution import PredictedCells, TrueCells, distribution_metrics, random_projections
 from regina_cli.evaluate.metrics import DISTRIBUTION_METRICS, PRECISION_METRICS, TOP_K, GeneSets, precision_metrics
-from regina_cli.evaluate.report import MODEL
+from regina_cli.evaluate.report import MODEL, OTHER_SUBGROUP
 from regina_cli.evaluate.predictions import CELLS, Predictions, load_predictions
 from regina_cli.evaluate.truth import Truth
 
@@ -34,7 +34,6 @@ from regina_cli.evaluate.truth import Truth
 # up to 100, as the original evaluation did; their cost grows with its square. Means and standard
 # deviations always use every true cell.
 MAX_TRUE_CELLS = 100
-OTHER_SUBGROUP = "test"  # a test condition outside GEARS's four subgroups
 
 
 def resolve_device(device: str) -> torch.device:
