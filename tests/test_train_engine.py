@@ -149,3 +149,38 @@ def test_cuda_without_gpu_is_a_user_error():
     with pytest.raises(ReginaError, match="no CUDA GPU"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+
+
+def test_gan_validation_works_with_fewer_genes_than_top_de():
+    """A screen of fewer than TOP_DE (20) genes: validation ranks all of its genes (topk used to fail)."""
+    import anndata as ad
+    import pandas as pd
+
+    from regina_cli.config import build_config
+    from regina_cli.data.split import Split
+    from regina_cli.data.tensors import CellTensors
+    from regina_cli.engine.distributed import DistContext
+    from regina_cli.engine.train_gan import TOP_DE, CycleGANPhase, validation_plan
+    from regina_cli.model.autoencoder import Autoencoder
+    from regina_cli.model.gan import LatentCycleGAN
+
+    genes = [f"G{i}" for i in range(12)]
+    assert len(genes) < TOP_DE
+    conditions = ["ctrl"] * 30 + ["G1+ctrl"] * 10 + ["G2+ctrl"] * 10 + ["G3+ctrl"] * 10
+    x = np.random.default_rng(0).random((len(conditions), len(genes))).astype(np.float32)
+    adata = ad.AnnData(x, obs=pd.DataFrame({"condition": conditions}, index=[f"c{i}" for i in range(len(x))]),
+                       var=pd.DataFrame(index=genes))
+    split = Split(dataset="tiny", mode="custom", seed=0, train_gene_frac=None, train=["ctrl", "G1+ctrl", "G2+ctrl"],
+                  val=["G3+ctrl"], test=[], subgroups={})
+    config = build_config(preset="demo", overrides=["model.d_model=16", "model.n_layers=1", "model.n_heads=2",
+                                                    "model.z_dim=8", "model.ff_mult=2", "model.classifier_hidden=8",
+                                                    "model.transition_hidden=16", "model.discriminator_hidden=[16]"])
+    cells = CellTensors.from_anndata(adata, split, device_data="always")
+    ae = Autoencoder(cells.n_genes, 2, config.model).eval()
+    gan = LatentCycleGAN(ae.z_dim, config.model, unmeasured_genes=cells.unmeasured_genes)
+    plan = validation_plan(cells, adata, seed=0)
+    assert plan["conditions"] == ["G3+ctrl"]
+    phase = CycleGANPhase(ae, gan, cells, config, DistContext(0, 0, 1, torch.device("cpu")), plan)
+    values = phase.validate(1)
+    assert set(values) == {"pearson_delta", "pearson_delta_top20_de", "mse_delta"}
+    assert all(np.isfinite(v) for v in values.values())

@@ -280,8 +280,9 @@ class CellTensors:
         """Expression [len(idx), G] of local rows `idx`, on the device, in `idx` order."""
         if self.dense:
             return self.x[idx]
-        if bool(self.is_control[idx].all()) and bool((self._control_pos[idx] >= 0).all()):
-            return self._control_cache[self._control_pos[idx]]
+        pos = self._control_pos[idx]  # >= 0 exactly for the cached training controls
+        if bool((pos >= 0).all()):  # one host sync: the control partners of every step
+            return self._control_cache[pos]
         idx_np = idx.cpu().numpy()
         order = np.argsort(self.file_rows[idx_np], kind="stable")
         unique_rows, inverse = np.unique(self.file_rows[idx_np][order], return_inverse=True)

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,12 @@ def save_torch(path: str | Path, obj: Any) -> None:
     """`torch.save` through a temporary file, renamed only when complete."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def copy_file(src: str | Path, dst: str | Path) -> None:
+    """Copy a written file (e.g. `last.pt` to `best.pt`) atomically, without re-serialising it."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def load_torch(path: str | Path, *, map_location: Any = "cpu") -> Any:

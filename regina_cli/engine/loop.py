@@ -202,7 +202,7 @@ def _save_state(phase, paths, ctx, *, epoch, step, running, stopper, best, stop_
                    stop_reason=stop_reason, rng_per_rank=rng_per_rank)
     ckpt.save_torch(paths.last, state)
     if is_best:
-        ckpt.save_torch(paths.best, state)
+        ckpt.copy_file(paths.last, paths.best)  # the same state: no second serialisation
         ckpt.save_torch(paths.model, phase.weights())
 
 

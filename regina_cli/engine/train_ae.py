@@ -23,7 +23,7 @@ import torch
 
 from regina_cli import keys
 from regina_cli.config import ReginaConfig
-from regina_cli.data.conditions import parse_condition
+from regina_cli.data.conditions import condition_genes
 from regina_cli.engine import checkpoint as ckpt
 from regina_cli.engine.distributed import (DistContext, average_gradients, broadcast_state,
                                            check_process_count, run_distributed)
@@ -239,6 +239,8 @@ def _train_ae_process(ctx: DistContext, *, name, split, labels, run_dir, config:
     from regina_cli.data.tensors import CellTensors
     from regina_cli.model.autoencoder import Autoencoder
 
+    if config.ae.selection not in SELECTION:  # before any data is read or file written
+        raise ReginaError(f"ae.selection takes {' or '.join(SELECTION)}, not {config.ae.selection!r}")
     paths = ckpt.ae_paths(run_dir)
     split_obj = load_split(name, split, data_dir)
     label_series = load_labels(name, labels, data_dir)
@@ -262,7 +264,7 @@ def _train_ae_process(ctx: DistContext, *, name, split, labels, run_dir, config:
             "label_classes": cells.label_classes, "cell_types": cells.cell_types,
             "conditions": cells.conditions, "train_conditions": list(split_obj.train),
             "val_conditions": list(split_obj.val), "test_conditions": list(split_obj.test),
-            "perturbed_genes": sorted({g for c in cells.conditions for g in parse_condition(c)}),
+            "perturbed_genes": sorted(condition_genes(cells.conditions)),
             "n_train_cells": int(len(cells.train_idx)), "n_val_cells": int(len(cells.val_idx)),
             "dense_on_device": cells.dense, "world_size": ctx.world_size,
             "selection": config.ae.selection, "notes": cells.notes}
@@ -270,8 +272,6 @@ def _train_ae_process(ctx: DistContext, *, name, split, labels, run_dir, config:
         ckpt.write_config(paths, config)
         ckpt.write_meta(paths, {**meta, "status": "training"})
 
-    if config.ae.selection not in SELECTION:
-        raise ReginaError(f"ae.selection takes {' or '.join(SELECTION)}, not {config.ae.selection!r}")
     metric, mode = SELECTION[config.ae.selection]
     phase = AutoencoderPhase(model, cells, config, ctx)
     stopper = ConsistencyStopper(patience=config.ae.consistency_patience,

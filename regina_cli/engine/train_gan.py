@@ -38,6 +38,7 @@ from regina_cli.engine.progress import TrainingProgress
 from regina_cli.engine.train_ae import (EpochBatches, compile_modules, parameter_checksum,
                                         prepare_run_dir, scaled_lr, seed_everything, steps_per_epoch)
 from regina_cli.errors import ReginaError
+from regina_cli.evaluate.metrics import pearson
 from regina_cli.model.gan import decode_prediction
 
 SELECTION_METRIC = "pearson_delta"  # the original's criterion; top-20 DE is recorded beside it
@@ -121,15 +122,16 @@ class CycleGANPhase:
                                      seed=self.config.runtime.seed, epoch=epoch, ctx=self.ctx)
         self._epoch_offset = (epoch - 1) * self.steps_per_epoch()
 
-    def base_prompt(self, ctrl: torch.Tensor, x_ctrl: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """E(X_ctrl) - E(X_fake) for control rows `ctrl` under conditions `codes` (without the
-        learned unmeasured-gene embeddings). E(X_ctrl) comes from the latent cache, so the
-        frozen encoder runs once per step, on X_fake only."""
+    def condition_prompt(self, x_ctrl: torch.Tensor, z_ctrl: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """The prompt for controls `x_ctrl` (latents `z_ctrl`, from the cache) under conditions
+        `codes`: E(X_ctrl) - E(X_fake) (`engine.prompt.build_prompt`, so the frozen encoder runs
+        once per step, on X_fake only) plus the learned unmeasured-gene embeddings."""
         cells = self.cells
-        x_fake = self.prompt.fake_expression(x_ctrl, cells.target_idx[codes], self.config.gan.prompt_value,
-                                             cells.n_targets[codes])
         with torch.no_grad():
-            return self.latents[ctrl] - self.ae.encoder(x_fake).float()
+            base = self.prompt.build_prompt(self.ae.encoder, x_ctrl, cells.target_idx[codes],
+                                            self.config.gan.prompt_value, n_targets=cells.n_targets[codes],
+                                            z_ctrl=z_ctrl)
+        return self.gan.add_unmeasured(base, cells.unmeasured_idx[codes])
 
     def train_step(self, epoch: int, step: int) -> torch.Tensor:
         g, L = self.config.gan, self.losses
@@ -140,8 +142,7 @@ class CycleGANPhase:
         z_ctrl, z_pert = self.latents[ctrl], self.latents[idx]
         noise = dict(noise_std=self._noise, generator=self.noise_generator)
         with amp_context(self.ctx.device, self.config.runtime.amp):
-            base_prompt = self.base_prompt(ctrl, x_ctrl, codes)
-            prompt = self.gan.add_unmeasured(base_prompt, self.cells.unmeasured_idx[codes])
+            prompt = self.condition_prompt(x_ctrl, z_ctrl, codes)
             fake_pert = self.gan.forward_block(z_ctrl, prompt)
             fake_ctrl = self.gan.backward_block(z_pert, prompt)
             self.gan.discriminator.requires_grad_(False)
@@ -192,32 +193,27 @@ class CycleGANPhase:
         plan, cells, dev = self.val_plan, self.cells, self.ctx.device
         n_groups = len(plan["conditions"])
         pred_sum = torch.zeros((n_groups, cells.n_genes), dtype=torch.float64, device=dev)
-        true_sum = torch.zeros_like(pred_sum)
-        ref_sum = torch.zeros_like(pred_sum)
         generator = torch.Generator(dev).manual_seed(self.config.runtime.seed + 7)  # same controls each epoch
         for rows, groups in zip(plan["rows"].split(VAL_CHUNK), plan["groups"].split(VAL_CHUNK)):
             codes = cells.condition_codes[rows]
             ctrl = cells.control_partners(rows, generator)
             x_ctrl, z_ctrl = cells.rows(ctrl), self.latents[ctrl]
             with amp_context(dev, self.config.runtime.amp):
-                prompt = self.gan.add_unmeasured(self.base_prompt(ctrl, x_ctrl, codes),
-                                                 cells.unmeasured_idx[codes])
+                prompt = self.condition_prompt(x_ctrl, z_ctrl, codes)
                 pred = decode_prediction(self.ae.decoder, self.gan.forward_block(z_ctrl, prompt),
                                          x_ctrl=x_ctrl, z_ctrl=z_ctrl,
                                          residual=self.config.gan.residual_decoding).double()
             pred_sum.index_add_(0, groups, pred)
-            true_sum.index_add_(0, groups, cells.rows(rows).double())
-            ref_sum.index_add_(0, groups, plan["control_mean"][cells.cell_type_codes[rows]])
         self.gan.train()
         self.ae.decoder.train()
-        counts = plan["counts"].unsqueeze(1)
-        ref = ref_sum / counts
-        delta_pred, delta_true = pred_sum / counts - ref, true_sum / counts - ref
-        top = plan["top_de"]
-        top = torch.where(top >= 0, top, delta_true.abs().topk(TOP_DE, dim=1).indices[:, : top.shape[1]])
+        delta_pred = pred_sum / plan["counts"].unsqueeze(1) - plan["reference"]
+        delta_true = plan["delta_true"]
+        k = min(TOP_DE, cells.n_genes)  # a screen of fewer than 20 genes ranks all of them
+        top = plan["top_de"][:, :k]
+        top = torch.where(top >= 0, top, delta_true.abs().topk(k, dim=1).indices)
         values = torch.stack([
-            _rowwise_pearson(delta_pred, delta_true).nanmean(),
-            _rowwise_pearson(delta_pred.gather(1, top), delta_true.gather(1, top)).nanmean(),
+            pearson(delta_pred, delta_true).nanmean(),
+            pearson(delta_pred.gather(1, top), delta_true.gather(1, top)).nanmean(),
             ((delta_pred - delta_true) ** 2).mean(),
         ])
         pearson_all, pearson_top, mse = values.tolist()
@@ -241,17 +237,12 @@ def encode_all(encoder, cells, amp: str) -> torch.Tensor:
     return latents
 
 
-def _rowwise_pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a = a - a.mean(1, keepdim=True)
-    b = b - b.mean(1, keepdim=True)
-    denom = a.norm(dim=1) * b.norm(dim=1)
-    return torch.where(denom > 0, (a * b).sum(1) / denom.clamp_min(1e-300), torch.nan)
-
-
 # --- Validation plan ------------------------------------------------------------------------------------
 def validation_plan(cells, adata, *, seed: int) -> dict:
     """Which validation cells to predict (at most VAL_CELLS_PER_CONDITION per usable condition,
-    fixed for the run), their condition groups, control means per cell type and top-20 DE.
+    fixed for the run), their condition groups and top-20 DE, and what does not change from
+    epoch to epoch: each group's reference (mean of its cells' cell-type control means) and
+    true mean delta against it, so validation reads the real cells once, not every epoch.
 
     A validation condition is usable when each target is measured or has a learned prompt.
     When none is (e.g. a screen whose targets are all unmeasured, and held-out genes have no
@@ -264,10 +255,18 @@ def validation_plan(cells, adata, *, seed: int) -> dict:
         rows, groups, conditions = _condition_groups(cells, cells.train_perturbed_idx, seed)
     dev = cells.device
     as_long = lambda a: torch.as_tensor(np.concatenate(a), dtype=torch.long, device=dev)  # noqa: E731
+    plan_rows, plan_groups = as_long(rows), as_long(groups)
+    counts = torch.as_tensor([len(r) for r in rows], dtype=torch.float64, device=dev)
+    control_mean = control_means(cells)
+    true_sum = torch.zeros((len(conditions), cells.n_genes), dtype=torch.float64, device=dev)
+    ref_sum = torch.zeros_like(true_sum)
+    for chunk, chunk_groups in zip(plan_rows.split(VAL_CHUNK), plan_groups.split(VAL_CHUNK)):
+        true_sum.index_add_(0, chunk_groups, cells.rows(chunk).double())
+        ref_sum.index_add_(0, chunk_groups, control_mean[cells.cell_type_codes[chunk]])
+    reference = ref_sum / counts.unsqueeze(1)
     return {
-        "source": source, "conditions": conditions, "rows": as_long(rows), "groups": as_long(groups),
-        "counts": torch.as_tensor([len(r) for r in rows], dtype=torch.float64, device=dev),
-        "control_mean": control_means(cells),
+        "source": source, "conditions": conditions, "rows": plan_rows, "groups": plan_groups,
+        "counts": counts, "reference": reference, "delta_true": true_sum / counts.unsqueeze(1) - reference,
         "top_de": torch.as_tensor(top_de_indices(adata, conditions, cells.genes), device=dev),
     }
 
@@ -312,11 +311,10 @@ def top_de_indices(adata, conditions: list[str], genes: list[str]) -> np.ndarray
         return out
     obs = adata.obs[[keys.OBS_CONDITION, keys.OBS_CONDITION_NAME]].astype(str)
     most_common = obs.groupby(keys.OBS_CONDITION)[keys.OBS_CONDITION_NAME].agg(lambda s: s.value_counts().index[0])
-    gene_pos = {g: i for i, g in enumerate(genes)}
-    var_pos = {str(v): i for i, v in enumerate(adata.var_names)}
+    gene_pos = {g: i for i, g in enumerate(genes)}  # `genes` are adata.var_names (CellTensors checks)
     for k, condition in enumerate(conditions):
         listed = de.get(most_common.get(condition, ""), [])
-        idx = [gene_pos.get(str(g), var_pos.get(str(g), -1)) for g in list(listed)[:TOP_DE]]
+        idx = [gene_pos.get(str(g), -1) for g in list(listed)[:TOP_DE]]
         idx = [i for i in idx if i >= 0]
         if len(idx) == TOP_DE:
             out[k] = idx
@@ -374,9 +372,9 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
     cells = CellTensors.from_anndata(
         adata, split_obj, device=ctx.device, device_data=config.runtime.device_data,
         chunk_cells=config.runtime.stream_chunk_cells, genes=ae_meta["gene_names"])
-    plan = validation_plan(cells, adata, seed=config.runtime.seed)
-    if len(cells.train_perturbed_idx) == 0:
+    if len(cells.train_perturbed_idx) == 0:  # before the plan, which may fall back on training cells
         raise ReginaError(f"split {split} has no perturbed training cells")
+    plan = validation_plan(cells, adata, seed=config.runtime.seed)
 
     autoencoder = Autoencoder(cells.n_genes, len(ae_meta["label_classes"]), config.model)
     autoencoder.load_state_dict(ckpt.load_torch(ae_paths.model))
