@@ -93,8 +93,10 @@ def main() -> None:
 
     from regina_cli.config import build_config
     from regina_cli.data.tensors import CellTensors
-    from regina_cli.engine.distributed import DistContext, resolve_device
-    from regina_cli.engine.train_ae import AutoencoderPhase, seed_everything
+    from regina_cli.devices import resolve_device
+    from regina_cli.engine.distributed import DistContext
+    from regina_cli.engine.loop import compile_modules, seed_everything
+    from regina_cli.engine.train_ae import AutoencoderPhase
     from regina_cli.engine.train_gan import CycleGANPhase
     from regina_cli.model.autoencoder import Autoencoder
     from regina_cli.model.gan import LatentCycleGAN
@@ -122,10 +124,7 @@ def main() -> None:
           f"amp {args.amp}; compile {args.compile}; {steps} timed steps after {warmup} warm-up")
 
     model = Autoencoder(cells.n_genes, len(cells.label_classes), config.model).to(device)
-    if config.runtime.compile and gpu:
-        from regina_cli.engine.train_ae import compile_modules
-
-        compile_modules([model.encoder, model.decoder], True, device)
+    compile_modules([model.encoder, model.decoder], config.runtime.compile, device)
     results = {}
     if args.phase in ("ae", "both"):
         seconds = timed_steps(AutoencoderPhase(model, cells, config, ctx), steps, warmup, device)
@@ -138,7 +137,7 @@ def main() -> None:
         # Training caches E(X) of every cell once (the encoder is frozen); that one-off pass is
         # not a training step, so random latents of the right shape stand in for it here.
         latents = torch.randn(cells.n_cells, model.z_dim, device=device)
-        phase = CycleGANPhase(model, gan, cells, config, ctx, val_plan={}, latents=latents)
+        phase = CycleGANPhase(model, gan, cells, config, ctx, val_plan=None, latents=latents)
         seconds = timed_steps(phase, steps, warmup, device)
         results["phase 2 (train-gan)"] = steps * batch / seconds
     for phase, rate in results.items():

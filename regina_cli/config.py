@@ -19,28 +19,39 @@ import yaml
 from regina_cli.errors import ReginaError
 
 
-def _opt(default: Any, help: str):
-    """A config field: default plus the one-line meaning shown in the generated docs."""
+def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, low: float | None = None,
+         high: float | None = None, open_low: bool = False, open_high: bool = False):
+    """A config field: default, the one-line meaning shown in the generated docs, and its allowed
+    values (`choices`, or a range `low`..`high`, open at an end when `open_low`/`open_high`),
+    checked when a config is resolved (`validate`) so a bad value fails before any work starts."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "open_low": open_low,
+            "open_high": open_high}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_POSITIVE = dict(low=0, open_low=True)
+_NON_NEGATIVE = dict(low=0)
+_AT_LEAST_1 = dict(low=1)
+_FRACTION = dict(low=0, high=1, open_high=True)
 
 
 @dataclass
 class ModelConfig:
     """Network shapes (original sizes: `original_facts.md`, dixit/adamson/norman)."""
 
-    seq_len: int = _opt(16, "Tokens per cell; each token holds ceil(n_genes / seq_len) genes.")
-    d_model: int = _opt(512, "Transformer width of encoder and decoder.")
-    n_layers: int = _opt(4, "Pre-norm Transformer layers in the encoder and in the decoder.")
-    n_heads: int = _opt(8, "Attention heads.")
-    ff_mult: int = _opt(4, "Feed-forward width as a multiple of d_model.")
-    z_dim: int = _opt(256, "Latent size (after the encoder's final LayerNorm).")
-    dropout: float = _opt(0.1, "Dropout inside the Transformer layers.")
-    classifier_hidden: int = _opt(128, "Hidden width of the spectral-normalised latent classifier.")
-    classifier_dropout: float = _opt(0.2, "Dropout in the latent classifier.")
-    transition_hidden: int = _opt(512, "Width of the forward/backward transition blocks.")
-    transition_blocks: int = _opt(2, "Residual blocks in each transition block.")
+    seq_len: int = _opt(16, "Tokens per cell; each token holds ceil(n_genes / seq_len) genes.", **_AT_LEAST_1)
+    d_model: int = _opt(512, "Transformer width of encoder and decoder (a multiple of n_heads).", **_AT_LEAST_1)
+    n_layers: int = _opt(4, "Pre-norm Transformer layers in the encoder and in the decoder.", **_AT_LEAST_1)
+    n_heads: int = _opt(8, "Attention heads.", **_AT_LEAST_1)
+    ff_mult: int = _opt(4, "Feed-forward width as a multiple of d_model.", **_AT_LEAST_1)
+    z_dim: int = _opt(256, "Latent size (after the encoder's final LayerNorm).", **_AT_LEAST_1)
+    dropout: float = _opt(0.1, "Dropout inside the Transformer layers.", **_FRACTION)
+    classifier_hidden: int = _opt(128, "Hidden width of the spectral-normalised latent classifier.", **_AT_LEAST_1)
+    classifier_dropout: float = _opt(0.2, "Dropout in the latent classifier.", **_FRACTION)
+    transition_hidden: int = _opt(512, "Width of the forward/backward transition blocks.", **_AT_LEAST_1)
+    transition_blocks: int = _opt(2, "Residual blocks in each transition block.", **_NON_NEGATIVE)
     discriminator_hidden: list = _opt([512, 256], "Hidden widths of the conditioned discriminator.")
 
 
@@ -48,45 +59,46 @@ class ModelConfig:
 class AEConfig:
     """Phase 1: regularised autoencoder with latent classifier (L_AE in the method)."""
 
-    batch_size: int = _opt(64, "Cells per optimisation step (per process).")
-    max_epochs: int = _opt(100, "Upper bound on epochs; consistency early stopping usually ends sooner.")
-    lr: float = _opt(1e-4, "AdamW learning rate of encoder and decoder.")
-    weight_decay: float = _opt(1e-3, "AdamW weight decay.")
-    grad_clip: float = _opt(0.5, "Gradient norm clip (0 disables).")
-    classifier_lr: float = _opt(1e-3, "AdamW learning rate of the latent classifier (L_sg step).")
+    batch_size: int = _opt(64, "Cells per optimisation step (per process).", low=2)
+    max_epochs: int = _opt(100, "Upper bound on epochs; consistency early stopping usually ends sooner.", **_AT_LEAST_1)
+    lr: float = _opt(1e-4, "AdamW learning rate of encoder and decoder.", **_POSITIVE)
+    weight_decay: float = _opt(1e-3, "AdamW weight decay.", **_NON_NEGATIVE)
+    grad_clip: float = _opt(0.5, "Gradient norm clip (0 disables).", **_NON_NEGATIVE)
+    classifier_lr: float = _opt(1e-3, "AdamW learning rate of the latent classifier (L_sg step).", **_POSITIVE)
     lr_scale_batch: bool = _opt(False, "Scale learning rates linearly with batch_size / 64 (large-batch GPU runs).")
-    lambda_mse: float = _opt(1.5, "Weight of the reconstruction loss L_MSE.")
-    lambda_center: float = _opt(0.5, "Weight of the center loss L_CE.")
-    lambda_reg: float = _opt(1e-4, "Weight of the latent regulariser L_reg.")
-    lambda_clf: float = _opt(1.0, "Weight of L_CLF (classification through the encoder).")
-    lambda_cons: float = _opt(0.0, "Weight of L_cons as a training term (0: monitoring only, as in the method).")
-    consistency_patience: int = _opt(5, "Stop after this many epochs in a row in which validation L_cons increased.")
-    consistency_min_delta: float = _opt(1e-4, "An increase smaller than this does not count as an increase.")
-    min_epochs: int = _opt(3, "Never stop before this many epochs.")
-    selection: str = _opt("variance_preservation", "Best-checkpoint criterion on validation: variance_preservation or val_mse.")
+    lambda_mse: float = _opt(1.5, "Weight of the reconstruction loss L_MSE.", **_NON_NEGATIVE)
+    lambda_center: float = _opt(0.5, "Weight of the center loss L_CE.", **_NON_NEGATIVE)
+    lambda_reg: float = _opt(1e-4, "Weight of the latent regulariser L_reg.", **_NON_NEGATIVE)
+    lambda_clf: float = _opt(1.0, "Weight of L_CLF (classification through the encoder).", **_NON_NEGATIVE)
+    lambda_cons: float = _opt(0.0, "Weight of L_cons as a training term (0: monitoring only, as in the method).", **_NON_NEGATIVE)
+    consistency_patience: int = _opt(5, "Stop after this many epochs in a row in which validation L_cons increased.", **_AT_LEAST_1)
+    consistency_min_delta: float = _opt(1e-4, "An increase smaller than this does not count as an increase.", **_NON_NEGATIVE)
+    min_epochs: int = _opt(3, "Never stop before this many epochs.", **_NON_NEGATIVE)
+    selection: str = _opt("variance_preservation", "Best-checkpoint criterion on validation: variance_preservation or val_mse.",
+                           choices=("variance_preservation", "val_mse"))
 
 
 @dataclass
 class GANConfig:
     """Phase 2: latent cycle-GAN with perturbation prompts."""
 
-    batch_size: int = _opt(64, "Control/perturbed pairs per step (per process).")
-    max_epochs: int = _opt(100, "Upper bound on epochs.")
-    patience: int = _opt(10, "Stop after this many epochs without a better validation Pearson delta.")
-    lr: float = _opt(4e-4, "AdamW learning rate of the transition blocks.")
-    beta1: float = _opt(0.5, "AdamW beta1 (transitions and discriminator).")
-    beta2: float = _opt(0.999, "AdamW beta2 (transitions and discriminator).")
-    decoder_lr: float = _opt(5e-5, "Learning rate of the decoder, which keeps training in phase 2.")
-    discriminator_lr: float = _opt(4e-4, "AdamW learning rate of the discriminator.")
-    discriminator_every: int = _opt(5, "Update the discriminator every N-th step.")
-    real_target: float = _opt(0.9, "Target for real latents in L_D (one-sided label smoothing).")
-    instance_noise: float = _opt(0.1, "Std of instance noise added to discriminator inputs.")
-    noise_decay_start: int = _opt(20, "Epoch at which instance noise starts decaying linearly.")
-    noise_decay_end: int = _opt(80, "Epoch at which instance noise reaches zero.")
-    lambda_cycle: float = _opt(5.0, "Weight of the cycle loss L_cycle.")
-    lambda_adv: float = _opt(3.5, "Weight of the generator loss L_G.")
-    lambda_anchor: float = _opt(1.0, "Weight of the reconstruction anchor (decode real latents).")
-    lambda_pred: float = _opt(1.0, "Weight of MSE between decoded prediction and the perturbed cell.")
+    batch_size: int = _opt(64, "Control/perturbed pairs per step (per process).", low=2)
+    max_epochs: int = _opt(100, "Upper bound on epochs.", **_AT_LEAST_1)
+    patience: int = _opt(10, "Stop after this many epochs without a better validation Pearson delta.", **_AT_LEAST_1)
+    lr: float = _opt(4e-4, "AdamW learning rate of the transition blocks.", **_POSITIVE)
+    beta1: float = _opt(0.5, "AdamW beta1 (transitions and discriminator).", **_FRACTION)
+    beta2: float = _opt(0.999, "AdamW beta2 (transitions and discriminator).", **_FRACTION)
+    decoder_lr: float = _opt(5e-5, "Learning rate of the decoder, which keeps training in phase 2 (0 freezes it).", **_NON_NEGATIVE)
+    discriminator_lr: float = _opt(4e-4, "AdamW learning rate of the discriminator.", **_POSITIVE)
+    discriminator_every: int = _opt(5, "Update the discriminator every N-th step.", **_AT_LEAST_1)
+    real_target: float = _opt(0.9, "Target for real latents in L_D (one-sided label smoothing).", low=0, high=1, open_low=True)
+    instance_noise: float = _opt(0.1, "Std of instance noise added to discriminator inputs.", **_NON_NEGATIVE)
+    noise_decay_start: int = _opt(20, "Epoch at which instance noise starts decaying linearly.", **_NON_NEGATIVE)
+    noise_decay_end: int = _opt(80, "Epoch at which instance noise reaches zero (not before noise_decay_start).", **_NON_NEGATIVE)
+    lambda_cycle: float = _opt(5.0, "Weight of the cycle loss L_cycle.", **_NON_NEGATIVE)
+    lambda_adv: float = _opt(3.5, "Weight of the generator loss L_G.", **_NON_NEGATIVE)
+    lambda_anchor: float = _opt(1.0, "Weight of the reconstruction anchor (decode real latents).", **_NON_NEGATIVE)
+    lambda_pred: float = _opt(1.0, "Weight of MSE between decoded prediction and the perturbed cell.", **_NON_NEGATIVE)
     prompt_value: float = _opt(-1.0, "Value written into targeted genes to build X_fake (negative: knock-down).")
     residual_decoding: bool = _opt(False, "Predict X_ctrl + D(T(z)) - D(z) instead of the method's D(T(z)) (cancels decoder error).")
     lr_scale_batch: bool = _opt(False, "Scale learning rates linearly with batch_size / 64.")
@@ -96,12 +108,13 @@ class GANConfig:
 class RuntimeConfig:
     """Where and how to run; does not change the model."""
 
-    seed: int = _opt(0, "Seed for weights, pairing and sampling (rank is added per process).")
-    device: str = _opt("auto", "auto, cpu or cuda.")
-    amp: str = _opt("auto", "Mixed precision: auto (bf16 on GPUs that support it), bf16 or off.")
+    seed: int = _opt(0, "Seed for weights, pairing and sampling (rank is added per process).", low=0, high=2**31 - 1)
+    amp: str = _opt("auto", "Mixed precision: auto (bf16 on GPUs that support it), bf16 or off.",
+                     choices=("auto", "bf16", "off"))
     compile: bool = _opt(False, "torch.compile the encoder and decoder (GPU).")
-    device_data: str = _opt("auto", "Keep the training matrix on the device: auto (when it fits), always or never (stream).")
-    stream_chunk_cells: int = _opt(8192, "Cells read at a time when streaming from the h5ad.")
+    device_data: str = _opt("auto", "Keep the training matrix on the device: auto (when it fits), always or never (stream).",
+                             choices=("auto", "always", "never"))
+    stream_chunk_cells: int = _opt(8192, "Cells read at a time when streaming from the h5ad.", **_AT_LEAST_1)
 
 
 @dataclass
@@ -254,33 +267,103 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def layered(base: ReginaConfig, *, config_file: str | Path | None = None,
+            overrides: list[str] | dict | None = None, flags: dict | None = None) -> ReginaConfig:
+    """`base`, then a YAML file, then `--set` overrides (strings or nested dict), then typed CLI
+    flags (`{"ae": {"max_epochs": 5}}`); the result is validated. The one layering rule every
+    command uses, for a fresh run and a resumed one alike."""
+    config = base
+    if config_file is not None:
+        config = apply_overrides(config, load_yaml(config_file))
+    nested = overrides if isinstance(overrides, dict) else parse_set(overrides)
+    config = apply_overrides(config, nested)
+    config = apply_overrides(config, flags or {})
+    validate(config)
+    return config
+
+
+def preset_config(preset: str | None = None, n_genes: int | None = None) -> ReginaConfig:
+    """Defaults with a named preset, else with sizes fitted to `n_genes`, else plain defaults."""
+    config = ReginaConfig()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ReginaError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        return apply_overrides(config, PRESETS[preset])
+    if n_genes is not None:
+        return apply_overrides(config, auto_preset(n_genes))
+    return config
+
+
 def build_config(
     *,
     preset: str | None = None,
     n_genes: int | None = None,
     config_file: str | Path | None = None,
-    overrides: list[str] | None = None,
+    overrides: list[str] | dict | None = None,
+    flags: dict | None = None,
 ) -> ReginaConfig:
-    """Defaults, then the preset (named, or sized to `n_genes`), then a file, then `--set`."""
-    config = ReginaConfig()
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ReginaError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        config = apply_overrides(config, PRESETS[preset])
-    elif n_genes is not None:
-        config = apply_overrides(config, auto_preset(n_genes))
-    if config_file is not None:
-        config = apply_overrides(config, load_yaml(config_file))
-    return apply_overrides(config, parse_set(overrides))
+    """Defaults, then the preset (named, or sized to `n_genes`), then a file, `--set`, flags."""
+    return layered(preset_config(preset, n_genes), config_file=config_file, overrides=overrides, flags=flags)
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    return ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
+
+
+def _range_error(value: float, meta: dict) -> str | None:
+    low, high = meta["low"], meta["high"]
+    if low is not None and (value < low or (meta["open_low"] and value == low)):
+        return f"{'>' if meta['open_low'] else '>='} {low:g}"
+    if high is not None and (value > high or (meta["open_high"] and value == high)):
+        return f"{'<' if meta['open_high'] else '<='} {high:g}"
+    return None
+
+
+def validate(config: ReginaConfig) -> None:
+    """Every value within its allowed set or range, and the rules that tie keys together."""
+    for section in SECTIONS:
+        part = getattr(config, section)
+        for f in dataclasses.fields(part):
+            value, meta, name = getattr(part, f.name), f.metadata, f"{section}.{f.name}"
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ReginaError(f"config key {name} takes {_one_of(meta['choices'])}, not {value!r}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if not math.isfinite(value):
+                    raise ReginaError(f"config key {name} must be a finite number, not {value!r}")
+                bound = _range_error(value, meta)
+                if bound:
+                    raise ReginaError(f"config key {name} must be {bound}, not {value:g}")
+    hidden = config.model.discriminator_hidden
+    if not hidden or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in hidden):
+        raise ReginaError(f"config key model.discriminator_hidden takes a list of positive widths like [512, 256], "
+                          f"not {hidden!r}")
+    if config.model.d_model % config.model.n_heads:
+        raise ReginaError(f"model.d_model ({config.model.d_model}) must be a multiple of model.n_heads "
+                          f"({config.model.n_heads})")
+    if config.gan.noise_decay_end < config.gan.noise_decay_start:
+        raise ReginaError("gan.noise_decay_end must not be before gan.noise_decay_start")
 
 
 def config_from_dict(data: dict) -> ReginaConfig:
     """Rebuild a config saved as `config.yaml` in a run directory."""
-    return apply_overrides(ReginaConfig(), data)
+    config = apply_overrides(ReginaConfig(), data)
+    validate(config)
+    return config
 
 
 def to_yaml(config: ReginaConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def _allowed(meta: dict) -> str:
+    if meta.get("choices"):
+        return ", ".join(f"`{c}`" for c in meta["choices"])
+    parts = []
+    if meta.get("low") is not None:
+        parts.append(f"{'>' if meta['open_low'] else '>='} {meta['low']:g}")
+    if meta.get("high") is not None:
+        parts.append(f"{'<' if meta['open_high'] else '<='} {meta['high']:g}")
+    return ", ".join(parts)
 
 
 def config_reference_markdown() -> str:
@@ -294,20 +377,22 @@ def config_reference_markdown() -> str:
         "`--set section.key=value` (repeatable; the value is read as YAML, so `--set",
         "model.discriminator_hidden=[256,128]` works). Order of precedence, lowest first:",
         "built-in defaults, the preset (`--preset`, else a model sized to the gene count),",
-        "the config file, `--set`. Unknown keys are errors.",
+        "the config file, `--set`, then command flags such as `--max-epochs`. `train-gan` and",
+        "`--resume` start from the run's saved config instead of a preset, with the same layers on",
+        "top. Unknown keys, values outside the allowed set and network shapes that cannot work",
+        "(d_model not a multiple of n_heads) are one-line errors before anything runs.",
         "",
         "Presets: " + ", ".join(f"`{p}`" for p in PRESETS) + ".",
         "",
     ]
     for section, cls in SECTIONS.items():
         lines += [f"## `{section}`", "", (cls.__doc__ or "").strip(), ""]
-        lines += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        lines += ["| key | type | default | allowed | meaning |", "| --- | --- | --- | --- | --- |"]
         hints = get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(
-                f"| `{section}.{f.name}` | {hints[f.name].__name__} | `{default}` | {f.metadata['help']} |"
-            )
+            lines.append(f"| `{section}.{f.name}` | {hints[f.name].__name__} | `{default}` | "
+                         f"{_allowed(f.metadata)} | {f.metadata['help']} |")
         lines.append("")
     return "\n".join(lines)
 

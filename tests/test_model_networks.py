@@ -43,7 +43,7 @@ def test_padding_never_reaches_the_losses(model, monkeypatch):
     torch.manual_seed(1)
     x, labels = torch.randn(6, N_GENES), torch.randint(0, 3, (6,))
     model.eval()
-    before = ae_losses(model, x, labels, AEConfig(lambda_cons=1.0)).as_dict()
+    before = {k: v.item() for k, v in ae_losses(model, x, labels, AEConfig(lambda_cons=1.0)).logged().items()}
     original = model.decoder.forward_padded
 
     def garbage_padding(z):
@@ -52,7 +52,8 @@ def test_padding_never_reaches_the_losses(model, monkeypatch):
         return out
 
     monkeypatch.setattr(model.decoder, "forward_padded", garbage_padding)
-    after = ae_losses(model, x, labels, AEConfig(lambda_cons=1.0)).as_dict()
+    after = {k: v.item() for k, v in ae_losses(model, x, labels, AEConfig(lambda_cons=1.0)).logged().items()}
+    assert "cons" in after  # a weighted term is logged
     assert after == pytest.approx(before, rel=1e-6)
 
 
@@ -68,15 +69,16 @@ def test_classifier_is_spectrally_normalised(model):
 
 def test_ae_terms_and_stop_gradient(model):
     x, labels = torch.randn(8, N_GENES), torch.randint(0, 3, (8,))
-    terms = ae_losses(model, x, labels, AEConfig())
-    assert set(terms.as_dict()) == {"total", "mse", "center", "reg", "clf"}
-    weighted = 1.5 * terms.mse + 0.5 * terms.center + 1e-4 * terms.reg + 1.0 * terms.clf
-    assert terms.total.item() == pytest.approx(weighted.item(), rel=1e-6)
+    out = ae_losses(model, x, labels, AEConfig())
+    assert set(out.logged()) == {"total", "mse", "center", "reg", "clf"}
+    t = out.terms
+    weighted = 1.5 * t["mse"] + 0.5 * t["center"] + 1e-4 * t["reg"] + 1.0 * t["clf"]
+    assert out.total.item() == pytest.approx(weighted.item(), rel=1e-6)
     model.zero_grad()
-    classifier_sg_loss(model, terms.latent, labels).backward()
+    classifier_sg_loss(model, out.extra["latent"], labels).backward()
     assert all(p.grad is None for p in model.encoder.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.classifier.parameters())
-    terms.total.backward()  # L_CLF reaches the encoder
+    out.total.backward()  # L_CLF reaches the encoder
     assert model.encoder.to_latent.weight.grad.abs().sum() > 0
     assert model.center_loss.centers.grad.abs().sum() > 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from regina_cli.engine.prompt import build_prompt, fake_expression
+from regina_cli.model.prompt import build_prompt, fake_expression
 
 
 def test_fake_expression_scales_with_number_of_targets():

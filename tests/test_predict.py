@@ -22,7 +22,8 @@ from regina_cli.data.dataset import write_dataset
 from regina_cli.data.split import save_split
 from regina_cli.engine import checkpoint as ckpt
 from regina_cli.engine.predict import predict, sample_plan
-from regina_cli.engine.prompt import build_prompt
+from regina_cli.engine.run_meta import RunMeta, write_meta
+from regina_cli.model.prompt import build_prompt
 from regina_cli.errors import ReginaError
 from regina_cli.model.autoencoder import Autoencoder
 from regina_cli.model.gan import LatentCycleGAN
@@ -62,15 +63,18 @@ def tiny_run(tmp_path):
     ae_model = Autoencoder(len(GENES), 2, config.model)
     gan = LatentCycleGAN(config.model.z_dim, config.model, unmeasured_genes=["NOTMEASURED"])
     run = tmp_path / "runs" / "tiny"
-    meta = {"dataset": "tiny", "split": split.name, "labels": "stress", "gene_names": GENES,
-            "label_classes": ["Homeostasis", "Stressed"]}
+    meta = RunMeta(phase="ae", dataset="tiny", split=split.name, labels="stress", gene_names=GENES,
+                   label_classes=["Homeostasis", "Stressed"], cell_types=["k562"], conditions=[],
+                   train_conditions=list(split.train), val_conditions=list(split.val),
+                   test_conditions=list(split.test), perturbed_genes=[], selection="variance_preservation",
+                   status="trained")
     ae_paths, gan_paths = ckpt.ae_paths(run), ckpt.gan_paths(run)
     for paths in (ae_paths, gan_paths):
         ckpt.write_config(paths, config)
-    ckpt.write_meta(ae_paths, {**meta, "status": "trained"})
-    ckpt.write_meta(gan_paths, {**meta, "status": "trained", "unmeasured_genes": gan.unmeasured_genes})
+    write_meta(ae_paths, meta)
+    write_meta(gan_paths, meta.for_phase("gan", status="trained", unmeasured_genes=gan.unmeasured_genes))
     ckpt.save_torch(ae_paths.model, ckpt.state_dict_to_cpu(ae_model))
-    phase2 = torch.nn.ModuleDict({"gan": gan, "decoder": ae_model.decoder})  # engine/run.py's layout
+    phase2 = torch.nn.ModuleDict({"gan": gan, "decoder": ae_model.decoder})  # engine/trained.py's layout
     ckpt.save_torch(gan_paths.model, ckpt.state_dict_to_cpu(phase2))
     return run, adata, ae_model, gan
 
@@ -160,9 +164,10 @@ def test_cells_follow_the_conditions_cell_type_mix():
         keys.OBS_CELL_TYPE: ["x", "x", "y", "y", "z", "z"] + ["x", "y", "y", "y"] + ["z"] * 3,
     }, index=[f"c{i}" for i in range(13)])
     plan = sample_plan(obs, ["A+ctrl", "B+ctrl", "NEW+ctrl"], ["ctrl", "A+ctrl"], 8, seed=0)
-    per_type = plan.groupby(["condition_index", "cell_type"]).size().to_dict()
+    per_type = plan.cells.groupby(["condition_index", "cell_type"]).size().to_dict()
     assert per_type == {(0, "x"): 2, (0, "y"): 6, (1, "z"): 8, (2, "x"): 3, (2, "y"): 3, (2, "z"): 2}
-    assert plan.attrs["n_new"] == 1  # NEW+ctrl has no real cells: spread over every cell type
-    controls = obs.iloc[plan["control_row"]]
+    assert plan.n_new == 1  # NEW+ctrl has no real cells: spread over every cell type
+    controls = obs.iloc[plan.cells["control_row"]]
     assert (controls[keys.OBS_CONDITION] == "ctrl").all()
-    assert (controls[keys.OBS_CELL_TYPE].to_numpy() == plan["cell_type"].to_numpy()).all()
+    assert (controls[keys.OBS_CELL_TYPE].to_numpy() == plan.cells["cell_type"].to_numpy()).all()
+    assert list(plan.control_names) == list(controls.index)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from regina_cli.engine import checkpoint as ckpt
-from regina_cli.engine.distributed import launched_by_scheduler, resolve_device
+from regina_cli.devices import resolve_device
+from regina_cli.engine.distributed import launched_by_scheduler
 from regina_cli.engine.early_stopping import BestTracker, ConsistencyStopper, PatienceStopper
 from regina_cli.engine.preemption import StopOnSignal, TrainingInterrupted
 from regina_cli.engine.progress import TrainingProgress
@@ -160,7 +161,8 @@ def test_gan_validation_works_with_fewer_genes_than_top_de():
     from regina_cli.data.split import Split
     from regina_cli.data.tensors import CellTensors
     from regina_cli.engine.distributed import DistContext
-    from regina_cli.engine.train_gan import TOP_DE, CycleGANPhase, validation_plan
+    from regina_cli.engine.gan_validation import TOP_DE, build_plan
+    from regina_cli.engine.train_gan import CycleGANPhase
     from regina_cli.model.autoencoder import Autoencoder
     from regina_cli.model.gan import LatentCycleGAN
 
@@ -178,8 +180,8 @@ def test_gan_validation_works_with_fewer_genes_than_top_de():
     cells = CellTensors.from_anndata(adata, split, device_data="always")
     ae = Autoencoder(cells.n_genes, 2, config.model).eval()
     gan = LatentCycleGAN(ae.z_dim, config.model, unmeasured_genes=cells.unmeasured_genes)
-    plan = validation_plan(cells, adata, seed=0)
-    assert plan["conditions"] == ["G3+ctrl"]
+    plan = build_plan(cells, adata, seed=0)
+    assert plan.conditions == ["G3+ctrl"]
     phase = CycleGANPhase(ae, gan, cells, config, DistContext(0, 0, 1, torch.device("cpu")), plan)
     values = phase.validate(1)
     assert set(values) == {"pearson_delta", "pearson_delta_top20_de", "mse_delta"}

@@ -17,6 +17,7 @@ from regina_cli.cli import app
 from regina_cli.config import build_config
 from regina_cli.engine import checkpoint as ckpt
 from regina_cli.engine.preemption import TrainingInterrupted
+from regina_cli.engine.run_config import ConfigRequest, resolve_run_config
 from regina_cli.engine.train_ae import AutoencoderPhase, train_autoencoder
 from regina_cli.engine.train_gan import train_gan
 
@@ -94,10 +95,10 @@ def test_cli_trains_both_phases_on_the_demo(demo_data, tmp_path):
     gan_meta = json.loads((run_dir / "gan" / "meta.json").read_text())
     assert gan_meta["selection"] == "pearson_delta" and gan_meta["validation_conditions_scored"]
 
-    from regina_cli.engine.run import load_trained
+    from regina_cli.engine.trained import load_trained
 
     trained = load_trained(run_dir, device="cpu")
-    assert trained.gan is not None and trained.meta["gene_names"] == meta["gene_names"]
+    assert trained.gan is not None and trained.meta.gene_names == meta["gene_names"]
     phase2_decoder = weights(run_dir / "gan" / "model.pt")
     assert torch.equal(trained.autoencoder.decoder.token_out.weight, phase2_decoder["decoder.token_out.weight"])
 
@@ -181,8 +182,9 @@ def test_gan_resume_after_preemption_matches_an_uninterrupted_run(demo_data, tmp
 
     train(demo_data, tmp_path / "run", tiny_config("ae.max_epochs=1"))
     shutil.copytree(tmp_path / "run", tmp_path / "other")
-    gan = dict(config_overrides=["gan.max_epochs=2"], data_dir=demo_data, device="cpu", progress="silent")
-    train_gan(tmp_path / "run", **gan)
+    gan = dict(data_dir=demo_data, device="cpu", progress="silent")
+    request = ConfigRequest(overrides=["gan.max_epochs=2"])
+    train_gan(tmp_path / "run", config=resolve_run_config("gan", tmp_path / "run", request)[0], **gan)
 
     real_step = CycleGANPhase.train_step
 
@@ -193,9 +195,10 @@ def test_gan_resume_after_preemption_matches_an_uninterrupted_run(demo_data, tmp
 
     monkeypatch.setattr(CycleGANPhase, "train_step", preempted)
     with pytest.raises(TrainingInterrupted):
-        train_gan(tmp_path / "other", **gan)
+        train_gan(tmp_path / "other", config=resolve_run_config("gan", tmp_path / "other", request)[0], **gan)
     monkeypatch.setattr(CycleGANPhase, "train_step", real_step)
-    train_gan(tmp_path / "other", **gan, resume=True)
+    resumed = resolve_run_config("gan", tmp_path / "other", request, resume=True)[0]
+    train_gan(tmp_path / "other", config=resumed, **gan, resume=True)
     a = weights(tmp_path / "run" / "gan" / "last.pt")["modules"]
     b = weights(tmp_path / "other" / "gan" / "last.pt")["modules"]
     assert history(tmp_path / "run", keys.GAN_DIR)[-1]["train_total"] == history(tmp_path / "other", keys.GAN_DIR)[-1]["train_total"]

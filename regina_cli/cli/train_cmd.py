@@ -38,12 +38,14 @@ def train_ae_command(
     data_dir: Optional[Path] = DataDirOpt,
 ) -> None:
     """Phase 1: train the regularised autoencoder with its latent classifier."""
-    from regina_cli.engine.train_ae import resolve_ae_config, train_autoencoder
+    from regina_cli.engine.run_config import ConfigRequest, phase_flags, resolve_run_config
+    from regina_cli.engine.train_ae import train_autoencoder
 
     run_dir = run or Path(keys.DEFAULT_RUNS_DIR) / name
-    sets = list(overrides or []) + _shortcuts("ae", max_epochs, batch_size)
-    config, source = resolve_ae_config(name, preset=preset, config_file=config_file, overrides=sets,
-                                       data_dir=data_dir, resume_from=run_dir if resume else None)
+    request = ConfigRequest(preset=preset, config_file=config_file, overrides=overrides,
+                            flags=phase_flags("ae", max_epochs=max_epochs, batch_size=batch_size))
+    config, source = resolve_run_config(keys.AE_DIR, run_dir, request, dataset=name, resume=resume,
+                                        data_dir=data_dir)
     m, ae = config.model, config.ae
     info(f"model ({source}): {m.seq_len} tokens, d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, "
          f"z_dim {m.z_dim}; batch {ae.batch_size}, up to {ae.max_epochs} epochs, lr {ae.lr:g}")
@@ -57,6 +59,7 @@ def train_ae_command(
 @user_errors
 def train_gan_command(
     run: Path = typer.Option(..., "--run", help="Run directory holding a trained ae/ (from `regina train-ae`)."),
+    config_file: Optional[Path] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
     gpus: int = GpusOpt,
     device: str = DeviceOpt,
@@ -66,21 +69,18 @@ def train_gan_command(
     data_dir: Optional[Path] = DataDirOpt,
 ) -> None:
     """Phase 2: train the prompt-conditioned latent cycle-GAN on top of a phase-1 run."""
+    from regina_cli.engine.run_config import ConfigRequest, phase_flags, resolve_run_config
     from regina_cli.engine.train_gan import train_gan
 
-    sets = list(overrides or []) + _shortcuts("gan", max_epochs, batch_size)
-    summary = train_gan(run, config_overrides=sets, data_dir=data_dir, gpus=gpus, device=device,
+    request = ConfigRequest(config_file=config_file, overrides=overrides,
+                            flags=phase_flags("gan", max_epochs=max_epochs, batch_size=batch_size))
+    config, source = resolve_run_config(keys.GAN_DIR, run, request, resume=resume)
+    g = config.gan
+    info(f"phase 2 ({source}): batch {g.batch_size}, up to {g.max_epochs} epochs, lr {g.lr:g}, "
+         f"lambda cycle {g.lambda_cycle:g} / adv {g.lambda_adv:g} / pred {g.lambda_pred:g}")
+    summary = train_gan(run, config=config, data_dir=data_dir, gpus=gpus, device=device,
                         resume=resume, progress=_progress_mode())
     _report("train-gan", summary, run / keys.GAN_DIR)
-
-
-def _shortcuts(section: str, max_epochs: int | None, batch_size: int | None) -> list[str]:
-    out = []
-    if max_epochs is not None:
-        out.append(f"{section}.max_epochs={max_epochs}")
-    if batch_size is not None:
-        out.append(f"{section}.batch_size={batch_size}")
-    return out
 
 
 def _progress_mode() -> str:

@@ -36,3 +36,9 @@ def canonical_condition(genes: Iterable[str]) -> str:
     if len(genes) == 1:
         return f"{genes[0]}{GENE_SEPARATOR}{CTRL}"
     return GENE_SEPARATOR.join(genes)
+
+
+def gears_condition_names(conditions: Iterable[str], condition_names: Iterable[str]) -> dict[str, str]:
+    """condition -> GEARS `condition_name`, mapped as GEARS does (`dict(zip(...))` over cells, so
+    the last cell's name wins); the key into its per-condition DE lists."""
+    return dict(zip(map(str, conditions), map(str, condition_names)))

@@ -128,3 +128,17 @@ def read_dataset(name: str, data_dir=None, *, backed: bool = False):
     adata = anndata.read_h5ad(data_file, backed="r" if backed else None)
     check_gears_layout(adata, str(data_file))
     return adata
+
+
+def gene_count(name: str, data_dir=None) -> int:
+    """Genes in a fetched dataset, read from the h5ad header (no matrix load, no checksum)."""
+    path = keys.dataset_file(name, data_dir)
+    if not path.is_file():
+        raise ReginaError(f"dataset {name!r} not found at {path}: run `regina fetch {name}` first")
+    try:
+        with h5py.File(path, "r") as fh:
+            x = fh["X"]
+            return int(x.shape[1] if isinstance(x, h5py.Dataset) else x.attrs["shape"][1])
+    except (OSError, KeyError) as exc:
+        raise ReginaError(f"{path} is not a readable h5ad file ({exc.__class__.__name__}): "
+                          f"run `regina fetch {name} --force`") from None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import random
 import shutil
 from dataclasses import dataclass
@@ -20,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from regina_cli import __version__, keys
+from regina_cli import keys
 from regina_cli.errors import ReginaError
-from regina_cli.io import atomic_path, write_json, write_text
+from regina_cli.io import atomic_path, write_text
 
 
 @dataclass(frozen=True)
@@ -129,18 +128,7 @@ def restore_rng_state(state: dict, generators: dict[str, torch.Generator] | None
             g.set_state(state["generators"][name])
 
 
-# --- Metadata, config, history ---------------------------------------------------------------------
-def write_meta(paths: PhasePaths, meta: dict) -> None:
-    write_json(paths.meta, {**meta, "phase": paths.phase, "regina_version": __version__})
-
-
-def read_meta(paths: PhasePaths) -> dict:
-    if not paths.meta.is_file():
-        raise ReginaError(f"{paths.dir} is not a trained {paths.phase} run (no {keys.META_FILE}); "
-                          f"run `regina train-{paths.phase}` first")
-    return json.loads(paths.meta.read_text())
-
-
+# --- Config and history ---------------------------------------------------------------------------
 def write_config(paths: PhasePaths, config) -> None:
     from regina_cli.config import to_yaml
 
@@ -188,29 +176,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float):
         return f"{value:.6g}"
     return value
-
-
-# --- Guarding a run directory ------------------------------------------------------------------------
-def check_run_matches(paths: PhasePaths, *, dataset: str, gene_names: list[str]) -> None:
-    """Refuse to reuse a run directory that was trained on another dataset or gene set."""
-    if not paths.meta.is_file():
-        return
-    meta = read_meta(paths)
-    if meta.get("dataset") != dataset:
-        raise ReginaError(
-            f"run directory {paths.run_dir} was trained on dataset {meta.get('dataset')!r}, not "
-            f"{dataset!r}; choose another --run"
-        )
-    check_genes_match(meta, gene_names, where=str(paths.run_dir))
-
-
-def check_genes_match(meta: dict, gene_names: list[str], *, where: str) -> None:
-    trained = meta.get("gene_names", [])
-    if list(trained) != list(gene_names):
-        missing = len(set(trained) - set(gene_names))
-        extra = len(set(gene_names) - set(trained))
-        raise ReginaError(
-            f"gene set mismatch: {where} was trained on {len(trained)} genes, the data has "
-            f"{len(gene_names)} ({missing} missing, {extra} new, or reordered); re-fetch the "
-            f"same dataset or train a new run"
-        )

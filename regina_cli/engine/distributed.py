@@ -5,10 +5,11 @@ or the processes `--gpus N` spawns through torchrun's own elastic launcher), els
 `SLURM_PROCID`/`SLURM_LOCALID`/`SLURM_NTASKS` under `srun`. NCCL on GPUs, gloo on the CPU.
 One `is_main` flag gates every print and every write.
 
-Gradients are averaged with one all-reduce of a flat bucket per optimiser step, which is what
-DDP does; we do it by hand because the method's steps call submodules directly (a classifier
-step on detached latents, a discriminator step every N-th step), which DDP's forward hooks do
-not see.
+Gradients are averaged inside `optimizer.step()` itself (`data_parallel` registers a step
+pre-hook: one flat all-reduce, public `torch.distributed` API), which is what DDP does, so no
+step can forget it. DDP's own wrapper does not fit the method: its steps call submodules
+directly (a classifier step on detached latents, a discriminator step every N-th step), whose
+gradients DDP's forward hooks would silently leave unsynchronised.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from regina_cli.devices import resolve_device
 from regina_cli.errors import ReginaError
 
 
@@ -56,21 +58,12 @@ def launched_by_scheduler() -> tuple[int, int, int] | None:
     return None
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """`auto` picks the GPU when there is one; asking for `cuda` without one is a user error."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ReginaError(f"--device takes auto, cpu or cuda, not {device!r}")
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ReginaError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
-
-
 def check_process_count(gpus: int, device: str) -> None:
     """Fail before spawning anything when `--gpus` cannot be honoured."""
     if gpus < 1:
         raise ReginaError(f"--gpus takes a positive number, not {gpus}")
+    if gpus > 1 and ":" in str(device):
+        raise ReginaError(f"--device {device} names one GPU; with --gpus {gpus} use --device cuda (one GPU per process)")
     if resolve_device(device).type == "cuda" and gpus > torch.cuda.device_count():
         raise ReginaError(
             f"--gpus {gpus} asks for more GPUs than the {torch.cuda.device_count()} visible; "
@@ -126,9 +119,8 @@ def _spawn(target: Callable, kwargs: dict, *, nprocs: int, device: str) -> Any:
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
         start_method="spawn",
     )
-    entry = f"{target.__module__}:{target.__qualname__}"
     try:
-        results = elastic_launch(config, _worker)(entry, kwargs, device, nprocs)
+        results = elastic_launch(config, _worker)(target, kwargs, device, nprocs)
     except SignalException as exc:  # the launcher passed SIGTERM/SIGINT on; workers saved last.pt
         raise TrainingInterrupted(f"training interrupted by signal {int(exc.sigval)}; the processes "
                                   f"saved their state at the next step: continue with --resume",
@@ -144,12 +136,10 @@ def _spawn(target: Callable, kwargs: dict, *, nprocs: int, device: str) -> Any:
         results[r]["result"] for r in sorted(results)]}
 
 
-def _worker(entry: str, kwargs: dict, device: str, nprocs: int) -> dict:
-    """Body of each spawned process: share the CPU fairly, run the target, report user errors."""
-    import importlib
+def _worker(target: Callable, kwargs: dict, device: str, nprocs: int) -> dict:
+    """Body of each spawned process: share the CPU fairly, run the target, report user errors.
 
-    module, name = entry.split(":")
-    target = getattr(importlib.import_module(module), name)
+    `target` must be a module-level function: the spawned process unpickles it by reference."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
     try:
         return {"result": _run_here(target, kwargs, device)}
@@ -158,18 +148,38 @@ def _worker(entry: str, kwargs: dict, device: str, nprocs: int) -> dict:
 
 
 # --- Collectives (no-ops in a single process) -----------------------------------------------------
-def average_gradients(params: list[torch.nn.Parameter], ctx: DistContext) -> None:
-    """Mean of every gradient over the ranks, in one flat all-reduce."""
-    if not ctx.is_distributed:
+def data_parallel(optimizer: torch.optim.Optimizer, ctx: DistContext, *, clip: float = 0.0) -> torch.optim.Optimizer:
+    """Make every `optimizer.step()` first average its gradients over the processes (one flat
+    all-reduce) and then clip their global norm to `clip` (0: no clipping), in that order, so
+    the clip sees the same averaged gradient on every rank. Returns `optimizer`."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def before_step(_optimizer, _args, _kwargs) -> None:
+        if ctx.is_distributed:
+            _all_reduce_mean([p.grad for p in params if p.grad is not None], ctx)
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+
+    optimizer.register_step_pre_hook(before_step)
+    return optimizer
+
+
+def _all_reduce_mean(tensors: list[torch.Tensor], ctx: DistContext) -> None:
+    if not tensors:
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch._utils._flatten_dense_tensors(grads)
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     flat /= ctx.world_size
-    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        grad.copy_(synced)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset: offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def parameter_checksum(module: torch.nn.Module) -> float:
+    """One number per model (sum of all weights): equal on every rank when ranks stay in sync."""
+    with torch.no_grad():
+        return float(sum(p.double().sum() for p in module.parameters()).item())
 
 
 def broadcast_state(module: torch.nn.Module, ctx: DistContext, *, buffers_only: bool = False) -> None:

@@ -1,9 +1,10 @@
 """The epoch loop both phases share: steps, validation, history, checkpoints, resume, signals.
 
 A phase (`train_ae.AutoencoderPhase`, `train_gan.CycleGANPhase`) supplies the math: its
-modules, optimisers, schedulers, random generators, `train_step` and `validate`. This loop owns
-everything around it, once: exact resume (mid-epoch too), early stopping, best checkpoint,
-rank-0-only writes, and the pre-emption save.
+modules, optimisers, schedulers, random generators, `train_step` (named loss terms) and
+`validate`. This loop owns everything around it, once: exact resume (mid-epoch too), early
+stopping, best checkpoint, rank-0-only writes, and the pre-emption save; and the plumbing both
+phases use to get there (seeding, epoch batches, mixed precision, compilation).
 
 Per-step work stays on the device: loss terms are accumulated as tensors and read back only
 when the progress display refreshes and at the end of an epoch.
@@ -12,9 +13,11 @@ when the progress display refreshes and at the end of an epoch.
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from regina_cli.engine import checkpoint as ckpt
@@ -24,13 +27,12 @@ from regina_cli.engine.preemption import StopOnSignal, TrainingInterrupted
 from regina_cli.engine.progress import TrainingProgress
 from regina_cli.errors import ReginaError
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: named running loss terms
 SIGNAL_POLL_STEPS = 8  # several processes agree on a stop every this many steps
 
 
 class Phase(Protocol):
     name: str
-    loss_names: list[str]
     cells_per_step: int
 
     def modules(self) -> dict[str, torch.nn.Module]: ...
@@ -39,16 +41,67 @@ class Phase(Protocol):
     def generators(self) -> dict[str, torch.Generator]: ...
     def steps_per_epoch(self) -> int: ...
     def begin_epoch(self, epoch: int) -> None: ...
-    def train_step(self, epoch: int, step: int) -> torch.Tensor: ...
+    def train_step(self, epoch: int, step: int) -> dict[str, torch.Tensor]:
+        """One optimisation step; returns its named, detached scalar terms (logged as train_<name>)."""
     def end_epoch(self, epoch: int) -> None: ...
     def validate(self, epoch: int) -> dict[str, float]: ...
     def weights(self) -> dict[str, torch.Tensor]: ...
 
 
+# --- Plumbing both phases share ---------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed every random stream; also flush denormal floats to zero, which on CPUs otherwise
+    slow small matmuls down tenfold once tiny gradients appear (measured in phase 2)."""
+    torch.set_flush_denormal(True)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def scaled_lr(lr: float, enabled: bool, global_batch: int) -> float:
+    """Linear learning-rate scaling for large batches (Goyal et al. 2017), reference batch 64."""
+    return lr * global_batch / 64 if enabled else lr
+
+
+def compile_modules(modules, enabled: bool, device: torch.device) -> None:
+    """torch.compile the forward of each module in place (state_dict keys stay unchanged)."""
+    if enabled and device.type == "cuda":
+        for module in modules:
+            module.forward = torch.compile(module.forward)
+
+
+def steps_per_epoch(n_cells: int, batch_size: int, ctx: DistContext) -> int:
+    """Full batches per rank (the last partial batch is dropped: BatchNorm needs > 1 cell)."""
+    share = n_cells // ctx.world_size
+    if share < 2:
+        raise ReginaError(f"only {n_cells} training cells for {ctx.world_size} process(es); "
+                          "use a larger split or fewer --gpus")
+    return max(1, share // batch_size)
+
+
+class EpochBatches:
+    """One epoch of (row indices, expression) batches from `CellTensors.batches`, by step.
+
+    The shuffle depends on (seed, epoch) only, so a resumed run and every rank see the same
+    order without storing it; `get(step)` skips the batches a mid-epoch resume already did.
+    """
+
+    def __init__(self, cells, index: torch.Tensor, batch_size: int, *, seed: int, epoch: int, ctx: DistContext):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        self._iterator = cells.batches(index, batch_size, generator=generator, rank=ctx.rank,
+                                       world_size=ctx.world_size)
+        self._position = 0
+
+    def get(self, step: int):
+        while self._position < step:
+            batch = next(self._iterator)
+            self._position += 1
+        return batch
+
+
 def amp_context(device: torch.device, setting: str):
-    """bf16 autocast where the GPU supports it (`runtime.amp`: auto, bf16, off)."""
-    if setting not in ("auto", "bf16", "off"):
-        raise ReginaError(f"runtime.amp takes auto, bf16 or off, not {setting!r}")
+    """bf16 autocast where the GPU supports it (`runtime.amp`: auto, bf16, off; the config
+    checks the value)."""
     if setting == "off" or device.type != "cuda":
         return contextlib.nullcontext()
     if setting == "auto" and not torch.cuda.is_bf16_supported():
@@ -71,7 +124,6 @@ def fit(
     start_epoch, step0, running, stop_reason = 1, 0, None, ""
     if resume:
         start_epoch, step0, running, stop_reason = _restore(phase, paths, stopper, best, ctx)
-    n_terms = len(phase.loss_names)
     history_tail: dict = {}
     with StopOnSignal() as signals, progress:
         if stop_reason:
@@ -80,20 +132,18 @@ def fit(
         while not stop_reason and epoch <= max_epochs:
             phase.begin_epoch(epoch)
             n_steps = phase.steps_per_epoch()
-            if running is None:
-                running = torch.zeros(n_terms, device=ctx.device)
             progress.start_epoch(epoch, n_steps, done=step0)
             t0 = time.perf_counter()
             step = step0
             for step in range(step0 + 1, n_steps + 1):
-                running += phase.train_step(epoch, step).float()
-                progress.step(step, lambda: _means(phase.loss_names, running, step))
+                running = _accumulate(running, phase.train_step(epoch, step))
+                progress.step(step, lambda: running.means(step))
                 if step < n_steps and _should_stop(signals, step, ctx):
                     _save_state(phase, paths, ctx, epoch=epoch - 1, step=step, running=running,
                                 stopper=stopper, best=best, stop_reason="")
                     raise _interrupted(signals, phase.name, epoch, step, paths)
             seconds = time.perf_counter() - t0
-            train_terms = _means(phase.loss_names, running, max(n_steps, 1))
+            train_terms = running.means(max(n_steps, 1)) if running is not None else {}
             for module in phase.modules().values():
                 broadcast_state(module, ctx, buffers_only=True)
             val = _validate(phase, epoch, ctx)
@@ -126,8 +176,31 @@ def fit(
             "best_value": best.value, "epochs": epoch - 1, "last": history_tail}
 
 
-def _means(names: list[str], running: torch.Tensor, steps: int) -> dict[str, float]:
-    return dict(zip(names, (running / steps).tolist()))
+class RunningTerms:
+    """Sums of the named loss terms over an epoch's steps, kept on the device as one tensor."""
+
+    def __init__(self, names: list[str], sums: torch.Tensor):
+        self.names, self.sums = names, sums
+
+    def means(self, steps: int) -> dict[str, float]:
+        return dict(zip(self.names, (self.sums / steps).tolist()))  # the one host sync
+
+    def state_dict(self) -> dict:
+        return {"names": self.names, "sums": self.sums.detach().cpu()}
+
+    @classmethod
+    def from_state(cls, state: dict | None, device) -> "RunningTerms | None":
+        return None if state is None else cls(list(state["names"]), state["sums"].to(device))
+
+
+def _accumulate(running: RunningTerms | None, terms: dict[str, torch.Tensor]) -> RunningTerms:
+    values = torch.stack(list(terms.values())).float()
+    if running is None:
+        return RunningTerms(list(terms), values)
+    if list(terms) != running.names:
+        raise RuntimeError(f"a phase's loss terms changed between steps: {running.names} -> {list(terms)}")
+    running.sums += values
+    return running
 
 
 def _learning_rates(phase: Phase) -> dict[str, float]:
@@ -173,7 +246,7 @@ def _state(phase: Phase, *, epoch, step, running, stopper, best, stop_reason, rn
     return {
         "format": CHECKPOINT_FORMAT, "phase": phase.name, "epoch": epoch, "step": step,
         "world_size": len(rng_per_rank),
-        "running": running.detach().cpu() if running is not None else None,
+        "running": running.state_dict() if running is not None else None,
         "modules": {k: ckpt.state_dict_to_cpu(m) for k, m in phase.modules().items()},
         "optimizers": {k: o.state_dict() for k, o in phase.optimizers().items()},
         "schedulers": {k: s.state_dict() for k, s in phase.schedulers().items()},
@@ -233,7 +306,7 @@ def _restore(phase: Phase, paths, stopper, best, ctx: DistContext):
     best.load_state_dict(state["best"])
     if ctx.is_main:
         ckpt.truncate_history(paths, state["epoch"])
-    running = state["running"].to(ctx.device) if state["running"] is not None else None
+    running = RunningTerms.from_state(state["running"], ctx.device)
     reason = state["stop_reason"]
     if reason.startswith("max_epochs"):  # a larger --max-epochs continues a finished run
         reason = ""

@@ -54,7 +54,7 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
     """`predict` plus what the CLI reports (counts, device, time)."""
     from regina_cli.data.dataset import read_dataset
     from regina_cli.data.split import load_split
-    from regina_cli.engine.run import load_trained
+    from regina_cli.engine.trained import load_trained
     from regina_cli.io import write_h5ad
 
     started = time.perf_counter()
@@ -65,13 +65,13 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
     if trained.gan is None:
         raise ReginaError(f"{run_dir} has no trained phase 2; run `regina train-gan --run {run_dir}` first")
     meta = trained.meta
-    genes = list(meta["gene_names"])
+    genes = list(meta.gene_names)
     unmeasured = list(trained.gan.unmeasured_genes)
-    split = load_split(meta["dataset"], meta["split"], data_dir)
-    adata = read_dataset(meta["dataset"], data_dir, backed=True)
+    split = load_split(meta.dataset, meta.split, data_dir)
+    adata = read_dataset(meta.dataset, data_dir, backed=True)
     try:
         if [str(g) for g in adata.var_names] != genes:
-            raise ReginaError(f"dataset {meta['dataset']!r} no longer has the genes {run_dir} was trained "
+            raise ReginaError(f"dataset {meta.dataset!r} no longer has the genes {run_dir} was trained "
                               "on; re-fetch the same dataset")
         requested = resolve_conditions(conditions, split, adata.obs[keys.OBS_CONDITION].astype(str).unique())
         skipped = []
@@ -92,7 +92,7 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
                               n_cells=n_cells, prompt_value=trained.config.gan.prompt_value, skipped=skipped)
     write_h5ad(predictions, path)
     return PredictionResult(path=path, n_conditions=len(requested), n_cells=int(len(plan)),
-                            n_new_conditions=int(plan.attrs["n_new"]), skipped=skipped,
+                            n_new_conditions=plan.n_new, skipped=skipped,
                             device=str(trained.device), seconds=time.perf_counter() - started)
 
 
@@ -161,9 +161,23 @@ def close_names(gene: str, names: Sequence[str], n: int = 5) -> list[str]:
 
 
 # --- Which control cells ------------------------------------------------------------------------
+@dataclass
+class SamplePlan:
+    """One row of `cells` per predicted cell: `condition_index`, `cell_type` and `control_row`
+    (the dataset row of the control it starts from, named `control_names`); `n_new` counts the
+    conditions without real cells in the dataset."""
+
+    cells: pd.DataFrame
+    control_names: np.ndarray
+    n_new: int
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+
 def sample_plan(obs: pd.DataFrame, conditions: Sequence[str], train_conditions: Sequence[str],
-                n_cells: int, seed: int) -> pd.DataFrame:
-    """One row per predicted cell: condition index, cell type and the control cell it starts from.
+                n_cells: int, seed: int) -> SamplePlan:
+    """Which control cell each predicted cell starts from, per condition and cell type.
 
     Controls come from the training controls of the same cell type, drawn with replacement
     only when a cell type has fewer controls than cells requested.
@@ -190,10 +204,8 @@ def sample_plan(obs: pd.DataFrame, conditions: Sequence[str], train_conditions: 
         for ct, k in _allocate(weights, n_cells).items():
             picks = rng.choice(pools[ct], size=k, replace=k > len(pools[ct]))
             parts.append(pd.DataFrame({"condition_index": c_idx, "cell_type": ct, "control_row": picks}))
-    plan = pd.concat(parts, ignore_index=True)
-    plan.attrs["n_new"] = n_new
-    plan.attrs["control_names"] = np.asarray(obs.index)[plan["control_row"].to_numpy()].astype(str)
-    return plan
+    cells = pd.concat(parts, ignore_index=True)
+    return SamplePlan(cells, np.asarray(obs.index)[cells["control_row"].to_numpy()].astype(str), n_new)
 
 
 def _allocate(weights: pd.Series, total: int) -> dict[str, int]:
@@ -209,14 +221,14 @@ def _allocate(weights: pd.Series, total: int) -> dict[str, int]:
 
 # --- Networks --------------------------------------------------------------------------------------
 @torch.no_grad()
-def _run_networks(trained, adata, plan: pd.DataFrame, conditions, genes, unmeasured) -> np.ndarray:
+def _run_networks(trained, adata, plan: SamplePlan, conditions, genes, unmeasured) -> np.ndarray:
     from regina_cli.data.tensors import RowReader, condition_targets
-    from regina_cli.engine.prompt import condition_prompt
+    from regina_cli.model.prompt import condition_prompt
     from regina_cli.model.gan import decode_prediction
 
     ae, gan = trained.autoencoder.eval(), trained.gan.eval()
     device = next(ae.parameters()).device
-    unique_rows, inverse = np.unique(plan["control_row"].to_numpy(), return_inverse=True)
+    unique_rows, inverse = np.unique(plan.cells["control_row"].to_numpy(), return_inverse=True)
     reader = RowReader(adata)
     controls = torch.from_numpy(reader.read(unique_rows)).to(device)
     reader.close()
@@ -224,7 +236,7 @@ def _run_networks(trained, adata, plan: pd.DataFrame, conditions, genes, unmeasu
     target_idx, unmeasured_idx, n_targets = (torch.as_tensor(a, device=device)
                                              for a in (target_idx, unmeasured_idx, n_targets))
     control_pos = torch.as_tensor(inverse, device=device)
-    cond_of_row = torch.as_tensor(plan["condition_index"].to_numpy(), device=device)
+    cond_of_row = torch.as_tensor(plan.cells["condition_index"].to_numpy(), device=device)
     value = trained.config.gan.prompt_value
     out = np.empty((len(plan), len(genes)), dtype=np.float32)
     for start in range(0, len(plan), BATCH_CELLS):
@@ -240,21 +252,21 @@ def _run_networks(trained, adata, plan: pd.DataFrame, conditions, genes, unmeasu
     return out
 
 
-def _as_anndata(x: np.ndarray, plan: pd.DataFrame, conditions, genes, *, run_dir: Path, meta: dict,
+def _as_anndata(x: np.ndarray, plan: SamplePlan, conditions, genes, *, run_dir: Path, meta,
                 seed: int, n_cells: int, prompt_value: float, skipped: list[str]):
     import anndata
 
     from regina_cli import __version__
 
     obs = pd.DataFrame({
-        keys.OBS_CONDITION: np.asarray(conditions, dtype=object)[plan["condition_index"].to_numpy()],
-        keys.OBS_CELL_TYPE: plan["cell_type"].astype(str).to_numpy(),
-        keys.OBS_CONTROL_CELL: plan.attrs["control_names"],
+        keys.OBS_CONDITION: np.asarray(conditions, dtype=object)[plan.cells["condition_index"].to_numpy()],
+        keys.OBS_CELL_TYPE: plan.cells["cell_type"].astype(str).to_numpy(),
+        keys.OBS_CONTROL_CELL: plan.control_names,
     }, index=[f"pred_{i}" for i in range(len(plan))])
     for column in (keys.OBS_CONDITION, keys.OBS_CELL_TYPE):
         obs[column] = obs[column].astype("category")
     var = pd.DataFrame({keys.VAR_GENE_NAME: genes}, index=pd.Index(genes))
-    provenance = {"run": str(run_dir), "dataset": meta["dataset"], "split": meta["split"], "seed": seed,
+    provenance = {"run": str(run_dir), "dataset": meta.dataset, "split": meta.split, "seed": seed,
                   "cells_per_condition": n_cells, "prompt_value": prompt_value, "regina_version": __version__,
                   "skipped_conditions": list(skipped)}
     return anndata.AnnData(X=x, obs=obs, var=var, uns={keys.UNS_REGINA: provenance})

@@ -15,21 +15,22 @@ of real and reconstructed cells) and classifier accuracy. L_cons drives early st
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from regina_cli import keys
 from regina_cli.config import ReginaConfig
 from regina_cli.data.conditions import condition_genes
 from regina_cli.engine import checkpoint as ckpt
-from regina_cli.engine.distributed import (DistContext, average_gradients, broadcast_state,
-                                           check_process_count, run_distributed)
+from regina_cli.engine.distributed import (DistContext, broadcast_state, check_process_count, data_parallel,
+                                           parameter_checksum, run_distributed)
 from regina_cli.engine.early_stopping import BestTracker, ConsistencyStopper
-from regina_cli.engine.loop import amp_context, fit
+from regina_cli.engine.loop import (EpochBatches, amp_context, compile_modules, fit, scaled_lr, seed_everything,
+                                    steps_per_epoch)
 from regina_cli.engine.progress import TrainingProgress
+from regina_cli.engine.run_config import check_fixed_shapes, resolve_run_config
+from regina_cli.engine.run_meta import RunMeta, prepare_run_dir, write_meta
 from regina_cli.errors import ReginaError
 
 # ae.selection -> (validation metric, direction). Variance preservation is the original's
@@ -39,61 +40,10 @@ SELECTION = {"variance_preservation": ("variance_preservation", "max"), "val_mse
 VAL_CHUNK = 4096
 
 
-def seed_everything(seed: int) -> None:
-    """Seed every random stream; also flush denormal floats to zero, which on CPUs otherwise
-    slow small matmuls down tenfold once tiny gradients appear (measured in phase 2)."""
-    torch.set_flush_denormal(True)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def scaled_lr(lr: float, enabled: bool, global_batch: int) -> float:
-    """Linear learning-rate scaling for large batches (Goyal et al. 2017), reference batch 64."""
-    return lr * global_batch / 64 if enabled else lr
-
-
-class EpochBatches:
-    """One epoch of (row indices, expression) batches from `CellTensors.batches`, by step.
-
-    The shuffle depends on (seed, epoch) only, so a resumed run and every rank see the same
-    order without storing it; `get(step)` skips the batches a mid-epoch resume already did.
-    """
-
-    def __init__(self, cells, index: torch.Tensor, batch_size: int, *, seed: int, epoch: int, ctx: DistContext):
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        self._iterator = cells.batches(index, batch_size, generator=generator, rank=ctx.rank,
-                                       world_size=ctx.world_size)
-        self._position = 0
-
-    def get(self, step: int):
-        while self._position < step:
-            batch = next(self._iterator)
-            self._position += 1
-        return batch
-
-
-def steps_per_epoch(n_cells: int, batch_size: int, ctx: DistContext) -> int:
-    """Full batches per rank (the last partial batch is dropped: BatchNorm needs > 1 cell)."""
-    share = n_cells // ctx.world_size
-    if share < 2:
-        raise ReginaError(f"only {n_cells} training cells for {ctx.world_size} process(es); "
-                          "use a larger split or fewer --gpus")
-    return max(1, share // batch_size)
-
-
-def compile_modules(modules, enabled: bool, device: torch.device) -> None:
-    """torch.compile the forward of each module in place (state_dict keys stay unchanged)."""
-    if enabled and device.type == "cuda":
-        for module in modules:
-            module.forward = torch.compile(module.forward)
-
-
 class AutoencoderPhase:
     """Phase-1 math for the shared epoch loop (`engine.loop.fit`)."""
 
     name = keys.AE_DIR
-    loss_names = ["total", "mse", "center", "reg", "clf", "sg", "clf_acc"]
 
     def __init__(self, model, cells, config: ReginaConfig, ctx: DistContext):
         from regina_cli.model import losses
@@ -105,15 +55,15 @@ class AutoencoderPhase:
         centers = list(model.center_loss.parameters())
         center_ids = {id(p) for p in centers}
         fused = ctx.device.type == "cuda"
-        self.ae_params = model.autoencoder_parameters()
-        self.ae_optimizer = torch.optim.AdamW(
-            [{"params": [p for p in self.ae_params if id(p) not in center_ids]},
+        ae_params = model.autoencoder_parameters()
+        self.ae_optimizer = data_parallel(torch.optim.AdamW(
+            [{"params": [p for p in ae_params if id(p) not in center_ids]},
              {"params": centers, "weight_decay": 0.0}],  # decay would pull centers to the origin
-            lr=scaled_lr(ae.lr, ae.lr_scale_batch, global_batch), weight_decay=ae.weight_decay, fused=fused)
-        self.clf_params = list(model.classifier.parameters())
-        self.clf_optimizer = torch.optim.AdamW(
-            self.clf_params, lr=scaled_lr(ae.classifier_lr, ae.lr_scale_batch, global_batch),
-            weight_decay=ae.weight_decay, fused=fused)
+            lr=scaled_lr(ae.lr, ae.lr_scale_batch, global_batch), weight_decay=ae.weight_decay, fused=fused),
+            ctx, clip=ae.grad_clip)
+        self.clf_optimizer = data_parallel(torch.optim.AdamW(
+            model.classifier.parameters(), lr=scaled_lr(ae.classifier_lr, ae.lr_scale_batch, global_batch),
+            weight_decay=ae.weight_decay, fused=fused), ctx)
         self.train_index = cells.train_idx
         self.val_index = cells.val_idx
         self.batch_size = ae.batch_size
@@ -141,22 +91,19 @@ class AutoencoderPhase:
         self._batches = EpochBatches(self.cells, self.train_index, self.batch_size,
                                      seed=self.config.runtime.seed, epoch=epoch, ctx=self.ctx)
 
-    def train_step(self, epoch: int, step: int) -> torch.Tensor:
+    def train_step(self, epoch: int, step: int) -> dict[str, torch.Tensor]:
         idx, x = self._batches.get(step)
         labels = self.cells.labels[idx]
         with amp_context(self.ctx.device, self.amp):
-            terms = self.losses.ae_losses(self.model, x, labels, self.config.ae)
-            sg = self.losses.classifier_sg_loss(self.model, terms.latent, labels)
+            out = self.losses.ae_losses(self.model, x, labels, self.config.ae)
+            sg = self.losses.classifier_sg_loss(self.model, out.extra["latent"], labels)
         self.ae_optimizer.zero_grad(set_to_none=True)
         self.clf_optimizer.zero_grad(set_to_none=True)
-        (terms.total + sg).backward()
-        average_gradients(self.ae_params + self.clf_params, self.ctx)
-        if self.config.ae.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.ae_params, self.config.ae.grad_clip, foreach=True)
-        self.ae_optimizer.step()
+        (out.total + sg).backward()
+        self.ae_optimizer.step()  # averages over processes and clips first (distributed.data_parallel)
         self.clf_optimizer.step()
-        accuracy = (terms.logits.argmax(1) == labels).float().mean()
-        return torch.stack([terms.total, terms.mse, terms.center, terms.reg, terms.clf, sg, accuracy]).detach()
+        accuracy = (out.extra["logits"].argmax(1) == labels).float().mean()
+        return {**out.logged(), "sg": sg.detach(), "clf_acc": accuracy}
 
     def end_epoch(self, epoch: int) -> None:
         pass
@@ -212,7 +159,7 @@ def train_autoencoder(
     split: str,
     labels: str,
     run_dir: str | Path,
-    config: ReginaConfig,
+    config: ReginaConfig | None = None,
     data_dir: str | Path | None = None,
     gpus: int = 1,
     device: str = "auto",
@@ -221,10 +168,14 @@ def train_autoencoder(
 ) -> dict:
     """Train phase 1 on dataset `name`; writes `run_dir/ae/` and returns a summary.
 
-    `progress`: "auto" (rich bar on a terminal, plain lines otherwise), "plain" or "silent".
-    With `gpus` > 1 it runs that many data-parallel processes (or joins an existing torchrun /
-    Slurm launch).
+    `config`: a resolved config (`run_config.resolve_run_config`); by default the one that rule
+    gives with no options. `progress`: "auto" (rich bar on a terminal, plain lines otherwise),
+    "plain" or "silent". With `gpus` > 1 it runs that many data-parallel processes (or joins an
+    existing torchrun / Slurm launch).
     """
+    if config is None:
+        config, _ = resolve_run_config(keys.AE_DIR, run_dir, dataset=name, resume=resume, data_dir=data_dir)
+    check_fixed_shapes(keys.AE_DIR, run_dir, config, resume=resume)
     check_process_count(gpus, device)
     kwargs = dict(name=name, split=split, labels=labels, run_dir=str(run_dir), config=config,
                   data_dir=None if data_dir is None else str(data_dir), resume=resume, progress=progress)
@@ -239,8 +190,6 @@ def _train_ae_process(ctx: DistContext, *, name, split, labels, run_dir, config:
     from regina_cli.data.tensors import CellTensors
     from regina_cli.model.autoencoder import Autoencoder
 
-    if config.ae.selection not in SELECTION:  # before any data is read or file written
-        raise ReginaError(f"ae.selection takes {' or '.join(SELECTION)}, not {config.ae.selection!r}")
     paths = ckpt.ae_paths(run_dir)
     split_obj = load_split(name, split, data_dir)
     label_series = load_labels(name, labels, data_dir)
@@ -260,17 +209,16 @@ def _train_ae_process(ctx: DistContext, *, name, split, labels, run_dir, config:
     broadcast_state(model, ctx)
     compile_modules([model.encoder, model.decoder], config.runtime.compile, ctx.device)
 
-    meta = {"dataset": name, "split": split, "labels": labels, "gene_names": genes,
-            "label_classes": cells.label_classes, "cell_types": cells.cell_types,
-            "conditions": cells.conditions, "train_conditions": list(split_obj.train),
-            "val_conditions": list(split_obj.val), "test_conditions": list(split_obj.test),
-            "perturbed_genes": sorted(condition_genes(cells.conditions)),
-            "n_train_cells": int(len(cells.train_idx)), "n_val_cells": int(len(cells.val_idx)),
-            "dense_on_device": cells.dense, "world_size": ctx.world_size,
-            "selection": config.ae.selection, "notes": cells.notes}
+    meta = RunMeta(
+        phase=keys.AE_DIR, dataset=name, split=split, labels=labels, gene_names=genes,
+        label_classes=cells.label_classes, cell_types=cells.cell_types, conditions=cells.conditions,
+        train_conditions=list(split_obj.train), val_conditions=list(split_obj.val),
+        test_conditions=list(split_obj.test), perturbed_genes=sorted(condition_genes(cells.conditions)),
+        selection=config.ae.selection, world_size=ctx.world_size, notes=cells.notes,
+        n_train_cells=int(len(cells.train_idx)), n_val_cells=int(len(cells.val_idx)), dense_on_device=cells.dense)
     if ctx.is_main:
         ckpt.write_config(paths, config)
-        ckpt.write_meta(paths, {**meta, "status": "training"})
+        write_meta(paths, meta)
 
     metric, mode = SELECTION[config.ae.selection]
     phase = AutoencoderPhase(model, cells, config, ctx)
@@ -283,56 +231,6 @@ def _train_ae_process(ctx: DistContext, *, name, split, labels, run_dir, config:
     summary.update({"run_dir": str(paths.run_dir), "phase": paths.phase, "selection": config.ae.selection,
                     "parameter_checksum": parameter_checksum(model)})
     if ctx.is_main:
-        ckpt.write_meta(paths, {**meta, "status": "trained", "training": summary})
+        write_meta(paths, meta.trained(summary))
     cells.close()
     return summary
-
-
-def prepare_run_dir(paths: ckpt.PhasePaths, *, dataset: str, genes: list[str], resume: bool) -> None:
-    """A fresh phase needs an empty directory; a resumed one must match the data."""
-    ckpt.check_run_matches(paths, dataset=dataset, gene_names=genes)
-    if not resume and (paths.last.is_file() or paths.model.is_file()):
-        raise ReginaError(f"{paths.dir} already holds a trained {paths.phase} phase; pass --resume "
-                          f"to continue it or choose another --run")
-
-
-def parameter_checksum(module: torch.nn.Module) -> float:
-    """One number per model (sum of all weights): equal on every rank when ranks stay in sync."""
-    with torch.no_grad():
-        return float(sum(p.double().sum() for p in module.parameters()).item())
-
-
-# --- Configuration for a dataset -----------------------------------------------------------------------
-def dataset_gene_count(name: str, data_dir: str | Path | None = None) -> int:
-    """Genes in a fetched dataset, read from the h5ad header (no matrix load, no checksum)."""
-    import h5py
-
-    path = keys.dataset_file(name, data_dir)
-    if not path.is_file():
-        raise ReginaError(f"dataset {name!r} not found at {path}: run `regina fetch {name}` first")
-    with h5py.File(path, "r") as fh:
-        x = fh["X"]
-        return int(x.shape[1] if isinstance(x, h5py.Dataset) else x.attrs["shape"][1])
-
-
-def resolve_ae_config(name: str, *, preset: str | None = None, config_file: str | Path | None = None,
-                      overrides: list[str] | None = None, data_dir: str | Path | None = None,
-                      resume_from: str | Path | None = None) -> tuple[ReginaConfig, str]:
-    """The run's config and where its sizes come from: the saved config of the run being
-    resumed, else `--preset`, else the preset named like the dataset (norman, adamson, dixit,
-    demo), else sizes fitted to the dataset's gene count. File and `--set` apply on top."""
-    from regina_cli.config import PRESETS, apply_overrides, build_config, load_yaml, parse_set
-
-    saved = ckpt.ae_paths(resume_from).config if resume_from is not None else None
-    if saved is not None and saved.is_file():
-        config = ckpt.read_config(ckpt.ae_paths(resume_from))
-        if config_file is not None:
-            config = apply_overrides(config, load_yaml(config_file))
-        return apply_overrides(config, parse_set(overrides)), f"resumed from {saved}"
-    if preset is None and name in PRESETS:
-        preset = name
-    if preset is not None:
-        return build_config(preset=preset, config_file=config_file, overrides=overrides), f"preset {preset}"
-    n_genes = dataset_gene_count(name, data_dir)
-    config = build_config(n_genes=n_genes, config_file=config_file, overrides=overrides)
-    return config, f"sized for {n_genes} genes"

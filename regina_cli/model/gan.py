@@ -56,15 +56,17 @@ class LatentCycleGAN(nn.Module):
         return [*self.discriminator.parameters(), *self.control_discriminator.parameters()]
 
 
+def decode_with_residual(decoded: torch.Tensor, decoded_ctrl: torch.Tensor, x_ctrl: torch.Tensor) -> torch.Tensor:
+    """Residual decoding, X_ctrl + D(T(z_ctrl)) - D(z_ctrl): the decoder's reconstruction error
+    cancels and the control's own cell-to-cell variation is kept."""
+    return x_ctrl + (decoded - decoded_ctrl).to(x_ctrl.dtype)
+
+
 def decode_prediction(decoder: nn.Module, z_pred: torch.Tensor, *, x_ctrl: torch.Tensor,
                       z_ctrl: torch.Tensor, residual: bool) -> torch.Tensor:
-    """Expression of a predicted perturbed latent.
-
-    The method decodes T(z_ctrl) directly. `residual` instead adds the decoded change to the
-    real control cell, X_ctrl + D(T(z_ctrl)) - D(z_ctrl): the decoder's reconstruction error
-    cancels and the control's own cell-to-cell variation is kept.
-    """
+    """Expression of a predicted perturbed latent: the method's D(T(z_ctrl)), or with `residual`
+    the decoded change added to the real control cell (`decode_with_residual`)."""
     if not residual:
         return decoder(z_pred)
     decoded_pred, decoded_ctrl = decoder(torch.cat([z_pred, z_ctrl])).chunk(2)
-    return x_ctrl + (decoded_pred - decoded_ctrl).to(x_ctrl.dtype)
+    return decode_with_residual(decoded_pred, decoded_ctrl, x_ctrl)

@@ -1,43 +1,46 @@
 """Every loss of the method, named as in `REGINA_method.md`; pure functions of tensors.
 
-Phase 1 returns `AELossTerms` (a small dataclass of named terms) so the training loop and the
-logger never depend on how the model computes them. Reconstruction is compared on the
-unpadded gene vector only (`Decoder.forward` cuts the padding), so padding is in no loss.
+Each phase's objective returns a `LossOutput`: the total to back-propagate and its named,
+unweighted terms, so the training loop and the logger never depend on how the model computes
+them. A term named `x` is weighted by the config key `lambda_x` of its phase: adding a loss is
+one function here, one entry in its phase's objective, and one config weight. Reconstruction is
+compared on the unpadded gene vector only (`Decoder.forward` cuts the padding), so padding is in
+no loss.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
 
-from regina_cli.config import AEConfig
+from regina_cli.config import AEConfig, GANConfig
 from regina_cli.model.autoencoder import Autoencoder
+from regina_cli.model.gan import decode_with_residual
 
 
 @dataclass
-class AELossTerms:
-    """L_AE and its terms for one batch; `latent` and `logits` are kept for reuse, not logged.
-
-    `latent` is E(X) with its graph: the classifier's L_sg step uses `latent.detach()` so it
-    needs no second encoder pass.
-    """
+class LossOutput:
+    """One step's objective: `total`, its named unweighted `terms` (logged), and `extra` tensors
+    the step reuses without logging them (phase 1: the latent and the classifier logits)."""
 
     total: torch.Tensor
-    mse: torch.Tensor
-    center: torch.Tensor
-    reg: torch.Tensor
-    clf: torch.Tensor
-    cons: torch.Tensor | None
-    latent: torch.Tensor
-    logits: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, float]:
-        """The loss terms as floats (one device sync), for history and progress bars."""
-        names = ["total", "mse", "center", "reg", "clf"] + (["cons"] if self.cons is not None else [])
-        values = torch.stack([getattr(self, n).detach().float() for n in names]).tolist()
-        return dict(zip(names, values))
+    def logged(self) -> dict[str, torch.Tensor]:
+        """`total` and every term, detached: what the training loop accumulates."""
+        return {name: value.detach() for name, value in {"total": self.total, **self.terms}.items()}
+
+
+def weighted_total(terms: dict[str, torch.Tensor], section) -> torch.Tensor:
+    """sum of `lambda_<name> * term` over the terms, in their order."""
+    total = None
+    for name, value in terms.items():
+        weighted = getattr(section, f"lambda_{name}") * value
+        total = weighted if total is None else total + weighted
+    return total
 
 
 def reconstruction_loss(x_rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -80,21 +83,19 @@ def consistency_loss(model: Autoencoder, z: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model.classifier(z_rec).float(), target)
 
 
-def ae_losses(model: Autoencoder, x: torch.Tensor, labels: torch.Tensor, cfg: AEConfig) -> AELossTerms:
-    """L_AE = l_mse L_MSE + l_center L_CE + l_reg L_reg + l_clf L_CLF (+ l_cons L_cons if > 0)."""
+def ae_losses(model: Autoencoder, x: torch.Tensor, labels: torch.Tensor, cfg: AEConfig) -> LossOutput:
+    """L_AE = l_mse L_MSE + l_center L_CE + l_reg L_reg + l_clf L_CLF (+ l_cons L_cons if > 0).
+
+    `extra["latent"]` is E(X) with its graph (the classifier's L_sg step uses it detached, so it
+    needs no second encoder pass) and `extra["logits"]` is C(E(X)).
+    """
     z = model.encoder(x)
-    x_rec = model.decoder(z)
-    mse = reconstruction_loss(x_rec, x)
-    center = model.center_loss(z.float(), labels)
-    reg = latent_regulariser(z)
-    clf, logits = classification_loss(model, z, labels)
-    total = cfg.lambda_mse * mse + cfg.lambda_center * center + cfg.lambda_reg * reg + cfg.lambda_clf * clf
-    cons = None
+    terms = {"mse": reconstruction_loss(model.decoder(z), x), "center": model.center_loss(z.float(), labels),
+             "reg": latent_regulariser(z)}
+    terms["clf"], logits = classification_loss(model, z, labels)
     if cfg.lambda_cons > 0:
-        cons = consistency_loss(model, z)
-        total = total + cfg.lambda_cons * cons
-    return AELossTerms(total=total, mse=mse, center=center, reg=reg, clf=clf, cons=cons,
-                       latent=z, logits=logits)
+        terms["cons"] = consistency_loss(model, z)
+    return LossOutput(weighted_total(terms, cfg), terms, {"latent": z, "logits": logits})
 
 
 # --- Phase 2 -----------------------------------------------------------------------------------
@@ -158,3 +159,40 @@ def cycle_loss(
     ctrl_cycle = gan.backward_block(fake_pert, prompt)
     pert_cycle = gan.forward_block(fake_ctrl, prompt)
     return F.mse_loss(ctrl_cycle.float(), z_ctrl.float()) + F.mse_loss(pert_cycle.float(), z_pert.float())
+
+
+def generator_losses(gan, decoder, *, z_ctrl: torch.Tensor, z_pert: torch.Tensor, x_ctrl: torch.Tensor,
+                     x_pert: torch.Tensor, prompt: torch.Tensor, cfg: GANConfig, noise_std: float = 0.0,
+                     generator: torch.Generator | None = None) -> LossOutput:
+    """The transitions' (and decoder's) phase-2 objective for a batch of random control/perturbed pairs:
+
+      cycle  = L_cycle
+      adv    = L_G(fwd) + L_G(bwd), each against its domain's conditioned discriminator
+      anchor = MSE(D(z_ctrl), X_ctrl) + MSE(D(z_pert), X_pert)   (the decoder keeps decoding real cells)
+      pred   = MSE(D(T_fwd(z_ctrl)), X_pert)                     (residual-decoded when configured)
+
+    `extra` holds T_fwd(z_ctrl) and T_bwd(z_pert) for the discriminator step. The discriminators
+    must be frozen by the caller (their parameters get no gradient from L_G).
+    """
+    fake_pert = gan.forward_block(z_ctrl, prompt)
+    fake_ctrl = gan.backward_block(z_pert, prompt)
+    noise = dict(noise_std=noise_std, generator=generator)
+    adv = (generator_loss(gan.discriminator, fake_pert, prompt, **noise)
+           + generator_loss(gan.control_discriminator, fake_ctrl, prompt, **noise))
+    cycle = cycle_loss(gan, z_ctrl, z_pert, prompt, fake_pert=fake_pert, fake_ctrl=fake_ctrl)
+    rec_ctrl, rec_pert, pred = decoder(torch.cat([z_ctrl, z_pert, fake_pert])).float().chunk(3)
+    if cfg.residual_decoding:
+        pred = decode_with_residual(pred, rec_ctrl, x_ctrl)
+    terms = {"cycle": cycle, "adv": adv,
+             "anchor": F.mse_loss(rec_ctrl, x_ctrl) + F.mse_loss(rec_pert, x_pert),
+             "pred": F.mse_loss(pred, x_pert)}
+    return LossOutput(weighted_total(terms, cfg), terms, {"fake_pert": fake_pert, "fake_ctrl": fake_ctrl})
+
+
+def discriminator_losses(gan, *, z_ctrl: torch.Tensor, z_pert: torch.Tensor, fake_pert: torch.Tensor,
+                         fake_ctrl: torch.Tensor, prompt: torch.Tensor, cfg: GANConfig, noise_std: float = 0.0,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """L_D of both conditioned discriminators: real perturbed vs T_fwd(z_ctrl), real control vs T_bwd(z_pert)."""
+    noise = dict(real_target=cfg.real_target, noise_std=noise_std, generator=generator)
+    return (discriminator_loss(gan.discriminator, z_pert, fake_pert.detach(), prompt, **noise)
+            + discriminator_loss(gan.control_discriminator, z_ctrl, fake_ctrl.detach(), prompt, **noise))

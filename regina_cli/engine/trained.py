@@ -10,7 +10,8 @@ import torch
 
 from regina_cli.config import ReginaConfig
 from regina_cli.engine import checkpoint as ckpt
-from regina_cli.engine.distributed import resolve_device
+from regina_cli.devices import resolve_device
+from regina_cli.engine.run_meta import RunMeta, read_trained_meta
 
 
 @dataclass
@@ -18,29 +19,30 @@ class TrainedRun:
     run_dir: Path
     autoencoder: torch.nn.Module
     gan: torch.nn.Module | None
-    meta: dict  # phase-2 metadata when trained (it repeats phase 1's keys), else phase 1's
+    meta: RunMeta  # phase 2's when trained (it repeats phase 1's fields), else phase 1's
     config: ReginaConfig
     device: torch.device
 
 
 def load_trained(run_dir: str | Path, *, device: str = "auto") -> TrainedRun:
     """Load the best weights of `run_dir` in eval mode. The decoder is phase 2's when phase 2
-    was trained (it keeps training there), else phase 1's; `.gan` is None without phase 2."""
+    was trained (it keeps training there), else phase 1's; `.gan` is None without phase 2. A
+    phase that was interrupted is refused (its `model.pt` is an intermediate best)."""
     from regina_cli.model.autoencoder import Autoencoder
     from regina_cli.model.gan import LatentCycleGAN
 
     run_dir = Path(run_dir)
     dev = resolve_device(device)
     ae_paths, gan_paths = ckpt.ae_paths(run_dir), ckpt.gan_paths(run_dir)
-    meta = ckpt.read_meta(ae_paths)
+    meta = read_trained_meta(ae_paths)
     config = ckpt.read_config(ae_paths)
-    autoencoder = Autoencoder(len(meta["gene_names"]), len(meta["label_classes"]), config.model)
+    autoencoder = Autoencoder(len(meta.gene_names), len(meta.label_classes), config.model)
     autoencoder.load_state_dict(ckpt.load_torch(ae_paths.model))
     gan = None
-    if gan_paths.model.is_file():
-        meta = ckpt.read_meta(gan_paths)
+    if gan_paths.meta.is_file():
+        meta = read_trained_meta(gan_paths)
         config = ckpt.read_config(gan_paths)
-        gan = LatentCycleGAN(autoencoder.z_dim, config.model, unmeasured_genes=meta["unmeasured_genes"])
+        gan = LatentCycleGAN(autoencoder.z_dim, config.model, unmeasured_genes=meta.unmeasured_genes or [])
         container = torch.nn.ModuleDict({"gan": gan, "decoder": autoencoder.decoder})
         container.load_state_dict(ckpt.load_torch(gan_paths.model))
         gan.to(dev).eval()

@@ -46,6 +46,9 @@ def build_prompt(encoder, x_ctrl: torch.Tensor, target_idx: torch.Tensor, value:
 def condition_prompt(encoder, gan, x_ctrl: torch.Tensor, target_idx: torch.Tensor,
                      unmeasured_idx: torch.Tensor, n_targets: torch.Tensor, value: float, *,
                      z_ctrl: torch.Tensor | None = None) -> torch.Tensor:
-    """The full prompt the transition sees: measured-gene prompt + unmeasured-gene embeddings."""
-    prompt = build_prompt(encoder, x_ctrl, target_idx, value, n_targets=n_targets, z_ctrl=z_ctrl)
+    """The full prompt the transition sees: the measured-gene prompt E(X_ctrl) - E(X_fake)
+    (the encoder is frozen in phase 2, so no gradient flows into it) plus the learned embeddings
+    of unmeasured targets (which do train)."""
+    with torch.no_grad():
+        prompt = build_prompt(encoder, x_ctrl, target_idx, value, n_targets=n_targets, z_ctrl=z_ctrl)
     return gan.add_unmeasured(prompt, unmeasured_idx)

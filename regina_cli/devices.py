@@ -1,0 +1,28 @@
+"""Which torch device a command runs on: one rule for training, prediction and evaluation."""
+
+from __future__ import annotations
+
+import re
+
+from regina_cli.errors import ReginaError
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
+
+
+def resolve_device(spec: str, local_rank: int = 0):
+    """`auto` (the GPU when there is one), `cpu`, `cuda` (GPU `local_rank`, for data-parallel
+    processes) or `cuda:N`; a GPU that is not there is a user error, not a CUDA traceback."""
+    import torch
+
+    match = _DEVICE.match(str(spec))
+    if match is None or (match.group(2) is not None and match.group(1) != "cuda"):
+        raise ReginaError(f"--device takes auto, cpu, cuda or cuda:N, not {spec!r}")
+    kind, index = match.group(1), match.group(2)
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ReginaError(f"--device {spec} was asked for but no CUDA GPU is visible; use --device cpu")
+    count = torch.cuda.device_count()
+    if index is not None and int(index) >= count:
+        raise ReginaError(f"--device {spec}: only {count} GPU(s) are visible (cuda:0 to cuda:{count - 1})")
+    return torch.device("cuda", int(index) if index is not None else local_rank % count)
