@@ -55,6 +55,19 @@ def test_set_parses_yaml_values():
         ("ae.lr=fast", "takes a number"),
         ("runtime.compile=maybe", "true or false"),
         ("lr=1", "section.key=value"),
+        ("runtime.device_data=sometimes", "runtime.device_data takes auto, always or never"),
+        ("runtime.amp=fp8", "runtime.amp takes auto, bf16 or off"),
+        ("ae.selection=best", "ae.selection takes"),
+        ("ae.lr=-1", "ae.lr must be > 0"),
+        ("ae.batch_size=0", "ae.batch_size must be >= 2"),
+        ("gan.max_epochs=0", "gan.max_epochs must be >= 1"),
+        ("runtime.seed=-1", "runtime.seed must be >= 0"),
+        ("runtime.seed=4294967296", "runtime.seed must be <="),
+        ("model.dropout=1.0", "model.dropout must be < 1"),
+        ("model.n_heads=3", "multiple of model.n_heads"),
+        ("model.discriminator_hidden=[0]", "positive widths"),
+        ("ae.lr=.inf", "finite"),
+        ("gan.noise_decay_end=1", "noise_decay_end must not be before"),
     ],
 )
 def test_bad_overrides_are_one_line_errors(assignment, message):
@@ -83,3 +96,10 @@ def test_auto_preset_sizes_fit_the_gene_count(n_genes):
     assert config.model.d_model <= 512
     assert config == build_config(n_genes=n_genes)
     assert auto_preset(500)["model"]["d_model"] < auto_preset(5045)["model"]["d_model"]
+
+
+def test_flags_layer_on_top_of_set_and_are_validated():
+    config = build_config(preset="demo", overrides=["ae.max_epochs=3"], flags={"ae": {"max_epochs": 7}})
+    assert config.ae.max_epochs == 7
+    with pytest.raises(ReginaError, match="ae.batch_size must be >= 2"):
+        build_config(flags={"ae": {"batch_size": -3}})

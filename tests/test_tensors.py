@@ -128,8 +128,6 @@ def test_mismatches_are_user_errors():
         CellTensors.from_anndata(adata, bad_split)
     with pytest.raises(ReginaError, match="re-run `regina label`"):
         CellTensors.from_anndata(adata, tiny_split(), tiny_labels(adata).iloc[:5])
-    with pytest.raises(ReginaError, match="device_data"):
-        CellTensors.from_anndata(adata, tiny_split(), device_data="sometimes")
 
 
 def test_real_screen_streams_like_dense_and_pairs_by_cell_line(mcfaline_path):

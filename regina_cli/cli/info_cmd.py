@@ -57,7 +57,7 @@ def dataset_fit(name: str, *, data_dir=None, device: str) -> dict:
     import torch
 
     from regina_cli.data.dataset import read_dataset
-    from regina_cli.data.tensors import dense_bytes, free_memory_bytes, use_dense
+    from regina_cli.data.memory import dense_bytes, free_memory_bytes, use_dense
 
     adata = read_dataset(name, data_dir, backed=True)
     n_cells, n_genes = (int(n) for n in adata.shape)
@@ -79,7 +79,7 @@ def system_report(dataset: str | None = None, *, data_dir=None) -> dict:
     """Versions, device and GPUs; with `dataset`, whether its dense matrix fits on the device."""
     import torch
 
-    from regina_cli.data.tensors import free_memory_bytes
+    from regina_cli.data.memory import free_memory_bytes
 
     cuda = torch.cuda.is_available()
     gpus = _gpus() if cuda else []

@@ -12,107 +12,18 @@ in file order; `obs_names[i]` names row i.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 
 from regina_cli import keys
 from regina_cli.data.conditions import condition_genes, is_control, parse_condition
+from regina_cli.data.memory import use_dense
+from regina_cli.data.rows import RowReader
 from regina_cli.errors import ReginaError
-
-DEVICE_DATA_MODES = ("auto", "always", "never")
-# Fraction of free memory the dense matrix may take: the rest is for the model and activations.
-_DEVICE_SHARE = 0.5
-# Streaming reads: rows closer than this are read as one contiguous block.
-_MAX_ROW_GAP = 64
-
-
-# --- Reading rows from an AnnData or its h5ad --------------------------------------------------
-class RowReader:
-    """Dense float32 rows of X, from an in-memory AnnData or straight from a backed h5ad.
-
-    Reading a backed file goes through h5py: CSR rows are read as contiguous runs of
-    `indptr`, so a chunk of neighbouring rows costs one read instead of one per row.
-    """
-
-    def __init__(self, adata):
-        self.n_genes = adata.n_vars
-        self._matrix = None
-        self._h5 = None
-        if adata.isbacked:
-            import h5py
-
-            self._h5 = h5py.File(Path(adata.filename), "r")
-            x = self._h5["X"]
-            if isinstance(x, h5py.Dataset):
-                self._dense_ds = x
-            else:
-                encoding = x.attrs.get("encoding-type", "")
-                if encoding != "csr_matrix":
-                    raise ReginaError(f"X in {adata.filename} is stored as {encoding!r}; "
-                                      "streaming needs CSR or dense X (re-run `regina fetch`)")
-                self._dense_ds = None
-                self._indptr = x["indptr"][:]
-                self._indices = x["indices"]
-                self._data = x["data"]
-        else:
-            self._matrix = adata.X
-
-    def read(self, rows: np.ndarray) -> np.ndarray:
-        """Rows `rows` (strictly increasing file positions) as a dense [len(rows), G] array."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if self._matrix is not None:
-            block = self._matrix[rows]
-            block = block.toarray() if hasattr(block, "toarray") else np.asarray(block)
-            return block.astype(np.float32, copy=False)
-        if self._dense_ds is not None:
-            return np.asarray(self._dense_ds[rows], dtype=np.float32)
-        out = np.zeros((len(rows), self.n_genes), dtype=np.float32)
-        # Group rows into runs with small gaps: one h5py read per run (reading a few unneeded
-        # rows is far cheaper than one read per row when train/val cells interleave with test).
-        breaks = np.flatnonzero(np.diff(rows) > _MAX_ROW_GAP) + 1
-        for run_start, run in zip(np.r_[0, breaks], np.split(rows, breaks)):
-            first, last = run[0], run[-1]
-            lo, hi = self._indptr[first], self._indptr[last + 1]
-            block = sp.csr_matrix((self._data[lo:hi], self._indices[lo:hi], self._indptr[first: last + 2] - lo),
-                                  shape=(last - first + 1, self.n_genes))
-            out[run_start: run_start + len(run)] = block[run - first].toarray()
-        return out
-
-    def close(self) -> None:
-        if self._h5 is not None:
-            self._h5.close()
-            self._h5 = None
-
-
-# --- Memory -----------------------------------------------------------------------------------------
-def dense_bytes(n_cells: int, n_genes: int) -> int:
-    return int(n_cells) * int(n_genes) * 4
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    """Free memory on `device` (GPU: CUDA's count; CPU: available RAM)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not on Linux: assume it fits
-        return 1 << 62
-
-
-def use_dense(mode: str, n_cells: int, n_genes: int, device: torch.device) -> bool:
-    """Whether the matrix goes onto the device as one dense tensor (`runtime.device_data`)."""
-    if mode not in DEVICE_DATA_MODES:
-        raise ReginaError(f"runtime.device_data must be one of {', '.join(DEVICE_DATA_MODES)}, not {mode!r}")
-    if mode != "auto":
-        return mode == "always"
-    return dense_bytes(n_cells, n_genes) <= _DEVICE_SHARE * free_memory_bytes(device)
 
 
 # --- The tensors ----------------------------------------------------------------------------------------

@@ -222,7 +222,8 @@ def _allocate(weights: pd.Series, total: int) -> dict[str, int]:
 # --- Networks --------------------------------------------------------------------------------------
 @torch.no_grad()
 def _run_networks(trained, adata, plan: SamplePlan, conditions, genes, unmeasured) -> np.ndarray:
-    from regina_cli.data.tensors import RowReader, condition_targets
+    from regina_cli.data.rows import RowReader
+    from regina_cli.data.tensors import condition_targets
     from regina_cli.model.prompt import condition_prompt
     from regina_cli.model.gan import decode_prediction
 
