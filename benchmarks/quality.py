@@ -1,0 +1,228 @@
+"""Prediction quality of the whole pipeline against honest baselines, over split seeds.
+
+    python benchmarks/quality.py                       # demo, papalexi, mcfaline x seeds 1 2 3, test sets
+    python benchmarks/quality.py --on val --datasets demo --seeds 1 2 --set gan.lambda_adv=0.1
+    python benchmarks/quality.py --preset original --tag original
+
+For each dataset and split seed it runs the real command line, exactly as a user would:
+`regina fetch` (the demo, or the screens in ../shared/data with --from), `split --seed S`,
+`label`, `train-ae`, `train-gan`, `predict --conditions test|val`, `evaluate`. It then reads
+`per_condition.csv` and compares REGINA with every baseline *on the conditions both predict*
+(additive only predicts combinations; linear only measured targets), and measures the collapse
+index: the mean pairwise Pearson correlation of the predicted mean deltas across conditions,
+beside the same for the true deltas (a model that predicts one shift for every condition has
+an index near 1 whatever the truth). The table goes to `benchmarks/results/quality.md` (or
+`--out`) with mean and spread over seeds and the wall time of each run.
+
+Model choices are made with `--on val` (validation conditions); `--on test` is for reporting.
+Each (dataset, seed) gets its own data folder, so splits and labels of different seeds never
+share a file. `--jobs 2` runs two pipelines at once, each on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+DATASETS = {
+    # name: (fetch arguments, label method)
+    "demo": ([], "stress"),
+    "papalexi": (["--from", str(SHARED / "papalexi21_thp1_crisprko.h5ad")], "cell-cycle"),
+    "mcfaline": (["--from", str(SHARED / "mcfaline23_gbm_crispri.h5ad")], "obs:cell_type"),
+}
+METRICS = ("pearson_delta", "pearson_delta_top20_de", "mse_top20_de", "mmd_rbf", "energy_distance",
+           "variance_pearson")
+LOWER_IS_BETTER = {"mse_top20_de", "mmd_rbf", "energy_distance"}
+MODEL = "regina"
+
+
+def regina_command() -> list[str]:
+    beside = Path(sys.executable).with_name("regina")
+    return [str(beside)] if beside.is_file() else [sys.executable, "-m", "regina_cli"]
+
+
+class StepFailed(RuntimeError):
+    """A command of the pipeline exited non-zero; the message is its `error:` line."""
+
+
+def run(args: list[str], log: Path, env: dict) -> None:
+    with log.open("a") as fh:
+        fh.write(f"$ regina {' '.join(args)}\n")
+        fh.flush()
+        done = subprocess.run([*regina_command(), *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0:
+        errors = [line for line in log.read_text().splitlines() if line.startswith("error:")]
+        raise StepFailed(f"`regina {args[0] if args[0] != '--quiet' else args[1]}`: "
+                         f"{errors[-1] if errors else f'exit {done.returncode}, see {log}'}")
+
+
+def pipeline(dataset: str, seed: int, opts) -> dict:
+    """One dataset and split seed through all seven commands; returns the run's scores."""
+    folder = Path(opts.workdir) / dataset / f"seed{seed}"
+    data, run_dir = folder / "data", folder / "runs" / opts.tag
+    log = folder / f"{opts.tag}.log"
+    folder.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    log.unlink(missing_ok=True)
+    env = {**os.environ, "REGINA_DATA": str(data), "OMP_NUM_THREADS": str(opts.threads),
+           "MKL_NUM_THREADS": str(opts.threads)}
+    fetch_args, labels = DATASETS[dataset]
+    split = f"simulation_{seed}"
+    started = time.perf_counter()
+    run(["--quiet", "fetch", dataset, *fetch_args], log, env)
+    if not (data / dataset / "splits" / f"{split}.json").is_file():
+        run(["--quiet", "split", dataset, "--seed", str(seed)], log, env)
+    run(["--quiet", "label", dataset, "--method", labels, "--split", split], log, env)
+    sets = [a for s in opts.set for a in ("--set", s)]
+    preset = ["--preset", opts.preset] if opts.preset else []
+    trained = time.perf_counter()
+    run(["train-ae", dataset, "--split", split, "--labels", labels, "--run", str(run_dir), "--device", "cpu",
+         *preset, *sets], log, env)
+    run(["train-gan", "--run", str(run_dir), "--device", "cpu", *sets], log, env)
+    train_seconds = time.perf_counter() - trained
+    predictions = run_dir / "predictions.h5ad"
+    try:
+        run(["--quiet", "predict", "--run", str(run_dir), "--conditions", opts.on, "--device", "cpu"], log, env)
+    except StepFailed as failure:  # e.g. no test condition has a target the model can prompt
+        return {"dataset": dataset, "seed": seed, "failed": str(failure), "train_seconds": train_seconds,
+                "seconds": time.perf_counter() - started}
+    eval_dir = run_dir / "eval"
+    on = ["--on", opts.on] if opts.on != "test" else []
+    run(["--quiet", "evaluate", dataset, "--predictions", str(predictions), "--split", split, "--out",
+         str(eval_dir), "--no-plots", "--device", "cpu", *on], log, env)
+    table = pd.read_csv(eval_dir / "per_condition.csv")
+    collapse = collapse_index(dataset, data, predictions, table)
+    return {"dataset": dataset, "seed": seed, "table": table, **collapse,
+            "train_seconds": train_seconds, "seconds": time.perf_counter() - started}
+
+
+def collapse_index(dataset: str, data: Path, predictions: Path, table: pd.DataFrame) -> dict:
+    """Mean pairwise Pearson of mean deltas across the scored conditions, predicted and true."""
+    import anndata
+
+    real = anndata.read_h5ad(data / dataset / "perturb_processed.h5ad")
+    pred = anndata.read_h5ad(predictions)
+    conditions = sorted(set(table.loc[table["model"] == MODEL, "condition"]))
+    control = np.asarray(real.X[(real.obs["condition"].astype(str) == "ctrl").to_numpy()].mean(0)).ravel()
+    genes = list(pred.var_names)
+    real_x = real[:, genes]
+
+    def mean_delta(adata, reference, condition):
+        rows = (adata.obs["condition"].astype(str) == condition).to_numpy()
+        return np.asarray(adata.X[rows].mean(0)).ravel() - reference
+
+    reference = control[[real.var_names.get_loc(g) for g in genes]]
+    predicted = np.stack([mean_delta(pred, reference, c) for c in conditions])
+    true = np.stack([mean_delta(real_x, reference, c) for c in conditions])
+    return {"collapse_index": _mean_offdiagonal(predicted), "collapse_index_true": _mean_offdiagonal(true),
+            "n_collapse_conditions": len(conditions)}
+
+
+def _mean_offdiagonal(deltas: np.ndarray) -> float:
+    if len(deltas) < 2:
+        return float("nan")
+    corr = np.corrcoef(deltas)
+    return float(corr[~np.eye(len(corr), dtype=bool)].mean())
+
+
+def summarise(results: list[dict]) -> pd.DataFrame:
+    """One row per (dataset, seed, model): means over the conditions the model and REGINA share."""
+    rows = []
+    for r in results:
+        if "failed" in r:
+            rows.append({"dataset": r["dataset"], "seed": r["seed"], "model": MODEL, "n": 0, "failed": r["failed"],
+                         "train_seconds": r["train_seconds"], "seconds": r["seconds"]})
+            continue
+        table = r["table"]
+        ours = table[table["model"] == MODEL].set_index("condition")
+        for model, frame in table.groupby("model", sort=False):
+            shared = frame.set_index("condition").index.intersection(ours.index)
+            row = {"dataset": r["dataset"], "seed": r["seed"], "model": model, "n": len(shared)}
+            for m in METRICS:
+                if m in frame.columns:
+                    row[m] = float(frame.set_index("condition").loc[shared, m].mean())
+                    row[f"regina_{m}"] = float(ours.loc[shared, m].mean())
+            if model == MODEL:
+                row.update({k: r[k] for k in ("collapse_index", "collapse_index_true", "train_seconds", "seconds")})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown(summary: pd.DataFrame, opts, load: str) -> str:
+    lines = [f"# Prediction quality ({opts.on} conditions)", "",
+             f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`  ",
+             f"Date: {time.strftime('%Y-%m-%d %H:%M')}; load average at the end: {load}; "
+             f"seeds {' '.join(map(str, opts.seeds))}; config: {opts.preset or 'defaults'} "
+             f"{' '.join(opts.set)}", "",
+             "Each cell: mean over split seeds (± standard deviation over seeds) of the mean over the conditions "
+             "that the model and REGINA both predict (n = conditions per seed). `Δ vs REGINA`: the baseline's "
+             "score minus REGINA's on those conditions; REGINA wins where the sign favours it. Collapse index: "
+             "mean pairwise Pearson of predicted mean deltas across conditions (truth beside it).", ""]
+    for dataset, frame in summary.groupby("dataset", sort=False):
+        lines += [f"## {dataset}", "", "| model | n | " + " | ".join(METRICS) + " |",
+                  "| --- | --- |" + " --- |" * len(METRICS)]
+        for model, rows in frame.groupby("model", sort=False):
+            cells = []
+            for m in METRICS:
+                if m not in rows or rows[m].isna().all():
+                    cells.append("-")
+                    continue
+                text = f"{rows[m].mean():.3f} ± {rows[m].std(ddof=0):.3f}"
+                if model != MODEL:
+                    diff = (rows[m] - rows[f"regina_{m}"]).mean()
+                    wins = diff > 0 if m in LOWER_IS_BETTER else diff < 0
+                    text += f" ({'REGINA +' if wins else 'baseline +'}{abs(diff):.3f})"
+                cells.append(text)
+            lines.append(f"| {model} | {rows['n'].mean():.1f} | " + " | ".join(cells) + " |")
+        ours = frame[frame["model"] == MODEL]
+        for _, failed in ours[ours.get("failed", pd.Series(index=ours.index, dtype=object)).notna()].iterrows():
+            lines.append(f"\nSeed {failed['seed']}: nothing scored ({failed['failed']}).")
+        lines += ["", f"Collapse index: REGINA {ours['collapse_index'].mean():.3f} ± "
+                      f"{ours['collapse_index'].std(ddof=0):.3f}, truth {ours['collapse_index_true'].mean():.3f}. "
+                      f"Wall time per seed: {ours['seconds'].mean():.0f} s (training {ours['train_seconds'].mean():.0f} s).",
+                  ""]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--on", choices=["test", "val"], default="test")
+    parser.add_argument("--set", action="append", default=[], help="config override for both phases")
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--tag", default="default", help="run name (several configs can share a workdir)")
+    parser.add_argument("--workdir", default=str(ROOT / "benchmarks" / "work"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.md"))
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per pipeline")
+    opts = parser.parse_args()
+
+    jobs = [(d, s) for d in opts.datasets for s in opts.seeds]
+    with ThreadPoolExecutor(max_workers=opts.jobs) as pool:
+        results = list(pool.map(lambda job: pipeline(*job, opts), jobs))
+    summary = summarise(results)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    text = markdown(summary, opts, load)
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(opts.out).write_text(text)
+    Path(opts.out).with_suffix(".json").write_text(
+        json.dumps(summary.to_dict(orient="records"), indent=1, default=float))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
