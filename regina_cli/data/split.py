@@ -13,7 +13,6 @@ from the genes targeted by training conditions, so evaluation can always aggrega
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import pandas as pd
 
 from regina_cli import keys
 from regina_cli.data.conditions import condition_genes, is_combination, is_control, parse_condition
+from regina_cli.data.safe_pickle import is_pickle, safe_loads
 from regina_cli.errors import ReginaError
 from regina_cli.io import write_json
 
@@ -242,21 +242,6 @@ def _complete(groups: dict[str, list[str]]) -> dict[str, list[str]]:
 # --- User split files --------------------------------------------------------------------------
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """GEARS split pickles hold dicts of lists of strings: refuse anything that runs code."""
-
-    _ALLOWED = {
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    }
-
-    def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a split file")
-
-
 def read_split_file(path: str | Path) -> dict:
     """A user's {train, val, test} dict from JSON or a GEARS split pickle."""
     path = Path(path)
@@ -264,7 +249,7 @@ def read_split_file(path: str | Path) -> dict:
         raise ReginaError(f"split file {path} not found")
     raw = path.read_bytes()
     try:
-        obj = _SafeUnpickler(io.BytesIO(raw)).load() if raw[:1] == b"\x80" else json.loads(raw)
+        obj = safe_loads(raw) if is_pickle(raw) else json.loads(raw)
     except (pickle.UnpicklingError, ValueError, EOFError) as exc:
         raise ReginaError(f"split file {path} is neither JSON nor a GEARS split pickle ({exc})") from None
     if not isinstance(obj, dict) or any(s not in obj for s in SETS):
