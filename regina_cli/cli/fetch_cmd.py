@@ -65,6 +65,14 @@ def fetch_command(
         None, "--separator", help="Separator between genes of a combination, e.g. _ for A_B (+ always works).",
         show_default=False,
     ),
+    n_top_genes: int = typer.Option(
+        None, "--n-top-genes", help="Keep the N most variable genes, plus every measured target gene.",
+        show_default=False,
+    ),
+    gene_list: Path = typer.Option(
+        None, "--gene-list", help="Keep the genes listed in FILE (one per line), plus every measured target gene.",
+        show_default=False,
+    ),
     cells: int = typer.Option(None, "--cells", help="demo: number of cells [4000].", show_default=False),
     genes: int = typer.Option(None, "--genes", help="demo: number of genes [1000].", show_default=False),
     singles: int = typer.Option(None, "--singles", help="demo: single perturbations [40].", show_default=False),
@@ -86,7 +94,8 @@ def fetch_command(
         if value is not None
     }
     options = ImportOptions(
-        control=tuple(control or ()), condition_key=condition_key, separator=separator, cell_type_key=cell_type_key
+        control=tuple(control or ()), condition_key=condition_key, separator=separator, cell_type_key=cell_type_key,
+        n_top_genes=n_top_genes, gene_list=None if gene_list is None else str(gene_list),
     )
     progress = sys.stderr.isatty() and not is_quiet()
     if name == GO:

@@ -136,7 +136,9 @@ def fetch(
         raise ReginaError("the simulation size options only apply to `regina fetch demo` without --from")
     options = options or ImportOptions()
     if options != ImportOptions() and source is None:
-        raise ReginaError("--control, --condition-key, --cell-type-key and --separator only apply with --from")
+        raise ReginaError(
+            "--control, --condition-key, --cell-type-key, --separator, --n-top-genes and --gene-list only apply with --from"
+        )
     data_file = keys.dataset_file(name, data_dir)
     if not force and is_complete(name, data_dir):
         return _present(name, data_file)
