@@ -79,6 +79,10 @@ def fetch_command(
     doubles: int = typer.Option(None, "--doubles", help="demo: double perturbations [30].", show_default=False),
     cell_types: int = typer.Option(None, "--cell-types", help="demo: cell types [1].", show_default=False),
     seed: int = typer.Option(None, "--seed", help="demo: simulation seed [0].", show_default=False),
+    drop_targets: float = typer.Option(
+        None, "--drop-targets", help="demo: fraction of the targets left out of the measured genes [0].",
+        show_default=False,
+    ),
 ) -> None:
     """Put dataset NAME at <data-dir>/NAME/perturb_processed.h5ad (GEARS layout, SHA-256 recorded)."""
     import sys
@@ -89,7 +93,8 @@ def fetch_command(
     demo = {
         key: value
         for key, value in dict(
-            n_cells=cells, n_genes=genes, n_singles=singles, n_doubles=doubles, n_cell_types=cell_types, seed=seed
+            n_cells=cells, n_genes=genes, n_singles=singles, n_doubles=doubles, n_cell_types=cell_types, seed=seed,
+            drop_targets=drop_targets,
         ).items()
         if value is not None
     }

@@ -114,6 +114,23 @@ def _download_and_import(url: str, name: str, data_dir, options: ImportOptions, 
     return adata, notes
 
 
+def _write_demo_knowledge(adata, annotation: str, name: str, data_dir, log: Log) -> list[str]:
+    """The demo's synthetic GO-like annotation beside the dataset (written first: a complete
+    dataset always has it); notes for the summary."""
+    from regina_cli.io import write_text
+
+    path = keys.dataset_dir(name, data_dir) / keys.GENE_KNOWLEDGE_FILE
+    write_text(path, annotation)
+    notes = [f"synthetic GO-like gene annotation written to {path} (use it with --gene-knowledge {path})"]
+    dropped = list(adata.uns[keys.UNS_REGINA]["simulation"]["dropped_targets"])
+    if dropped:
+        notes.append(f"{len(dropped)} targets left out of the measured genes (their conditions kept): "
+                     + ", ".join(dropped))
+    for note in notes:
+        log(note)
+    return notes
+
+
 def fetch(
     name: str,
     *,
@@ -155,12 +172,13 @@ def fetch(
             action = "imported"
         notes, normalisation = imported.messages, imported.normalisation
     elif name == DEMO:
-        from regina_cli.data.demo import simulate_screen
+        from regina_cli.data.demo import simulate_demo
 
         log("simulating the demo screen")
-        adata = simulate_screen(**(demo or {}))
+        adata, annotation = simulate_demo(**(demo or {}))
         action, source = "simulated", adata.uns[keys.UNS_REGINA]["source"]
         normalisation = adata.uns[keys.UNS_REGINA]["normalisation"]
+        notes = _write_demo_knowledge(adata, annotation, name, data_dir, log)
     elif name in GEARS_URLS:
         source = GEARS_URLS[name]
         adata, imported = _download_and_import(source, name, data_dir, options, require_gears=True,
