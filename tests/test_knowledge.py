@@ -35,6 +35,8 @@ def _embedding_files(folder) -> dict:
     frame.to_csv(paths["e.tsv"], sep="\t")
     paths["e.csv.gz"].write_bytes(gzip.compress(paths["e.csv"].read_bytes()))
     np.savez(paths["e.npz"], genes=np.array(GENES), embeddings=VECTORS)
+    paths["genept.pkl"] = folder / "genept.pkl"  # GenePT ships a dict gene -> list of floats
+    paths["genept.pkl"].write_bytes(pickle.dumps({g: list(v) for g, v in zip(GENES, VECTORS)}))
     frame.reset_index().to_parquet(paths["e.parquet"])
     frame.to_csv(paths["noheader.txt"], sep="\t", header=False)
     return paths
@@ -135,7 +137,8 @@ def _write(path, content):
         ("one.csv", "TP53\nMYC\n", "at least two columns"),
         ("blob.bin", b"\x00\x01\xfe\xff\x10binary", "unknown format"),
         ("bad.gz", b"\x1f\x8b\x08\x00broken", "damaged gzip"),
-        ("list.pkl", pickle.dumps(["TP53", "MYC"]), "not a dict gene -> set of GO terms"),
+        ("list.pkl", pickle.dumps(["TP53", "MYC"]), "neither a dict gene -> set of GO terms"),
+        ("ragged.pkl", pickle.dumps({"TP53": [1.0, 2.0], "MYC": [1.0]}), "dict gene -> vector of equal length"),
         ("short.gaf", "!gaf-version: 2.2\nUniProtKB\tP1\tTP53\n", "not a GAF file"),
     ],
 )

@@ -10,9 +10,10 @@ Two kinds of prior knowledge are read, both keyed by gene symbol:
   each row summing to 1), so a map learned on the anchors transfers by similarity.
 
 Readers: CSV/TSV (first column gene, then numbers; or two columns gene, term), GAF 2.x, Parquet,
-NPZ (`genes` + `vectors`/`embeddings`), and GEARS' gene2go pickle, unpickled without running code
-(`regina_cli.data.safe_pickle`). Text files may be gzipped. Symbols match exactly, else
-case-insensitively. `predictability` says which conditions a model can predict at all.
+NPZ (`genes` + `vectors`/`embeddings`), and pickled dicts (GEARS' gene2go: gene -> GO terms;
+GenePT: gene -> vector), unpickled without running code (`regina_cli.data.safe_pickle`). Text
+files may be gzipped. Symbols match exactly, else case-insensitively. `predictability` says which
+conditions a model can predict at all.
 """
 
 from __future__ import annotations
@@ -218,18 +219,25 @@ def _read_parquet(path: Path, digest: str) -> GeneKnowledge:
     return _embedding(path, digest, genes, values.to_numpy(dtype=np.float64))
 
 
-def _read_gene2go(path: Path, digest: str, raw: bytes) -> GeneKnowledge:
+def _read_pickle(path: Path, digest: str, raw: bytes) -> GeneKnowledge:
+    """A dict gene -> set of GO terms (GEARS' gene2go) or gene -> vector (GenePT's release)."""
     try:
         obj = safe_loads(raw)
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise _fail(path, f"is not a plain gene -> GO terms pickle, refused unread ({exc})") from None
-    if not isinstance(obj, dict) or not all(
-        isinstance(terms, (set, frozenset, list, tuple)) and all(isinstance(t, str) for t in terms)
-        for terms in obj.values()
-    ):
-        raise _fail(path, "is a pickle but not a dict gene -> set of GO terms (GEARS' gene2go format)")
-    pairs = pd.DataFrame([(str(g), t) for g, terms in obj.items() for t in terms], columns=["gene", "term"])
-    return _annotation(path, digest, pairs)
+        raise _fail(path, f"is not a plain data pickle, refused unread ({exc})") from None
+    values = list(obj.values()) if isinstance(obj, dict) else []
+    if values and all(isinstance(v, (set, frozenset, list, tuple)) and all(isinstance(t, str) for t in v)
+                      for v in values):
+        pairs = pd.DataFrame([(str(g), t) for g, terms in obj.items() for t in terms], columns=["gene", "term"])
+        return _annotation(path, digest, pairs)
+    try:
+        vectors = np.array(values, dtype=np.float64) if values else None
+    except (TypeError, ValueError):
+        vectors = None
+    if vectors is None or vectors.ndim != 2:
+        raise _fail(path, "is a pickle but neither a dict gene -> set of GO terms (GEARS' gene2go) "
+                          "nor a dict gene -> vector of equal length")
+    return _embedding(path, digest, obj.keys(), vectors)
 
 
 def load_gene_knowledge(path: str | Path) -> GeneKnowledge:
@@ -245,7 +253,7 @@ def load_gene_knowledge(path: str | Path) -> GeneKnowledge:
         except (OSError, EOFError) as exc:
             raise _fail(path, f"is a damaged gzip file ({exc})") from None
     if is_pickle(raw):
-        return _read_gene2go(path, digest, raw)
+        return _read_pickle(path, digest, raw)
     if raw.startswith(_ZIP):
         return _read_npz(path, digest, raw)
     if raw.startswith(_PARQUET):
