@@ -46,6 +46,9 @@ PREDICTIONS_FILE = "predictions.h5ad"
 EVAL_DIR = "eval"
 METRICS_FILE = "metrics.json"
 PER_CONDITION_FILE = "per_condition.csv"
+GO_DIR = "go"  # under the data folder: what `regina fetch go` downloads
+GENE2GO_FILE = "gene2go_all.pkl"  # GEARS' gene -> GO terms dict (name kept as GEARS has it)
+GENE_KNOWLEDGE_FILE = "gene_knowledge.tsv"  # demo: synthetic GO-like annotation beside the dataset
 
 # --- Locations -------------------------------------------------------------------------------
 ENV_DATA_DIR = "REGINA_DATA"
@@ -58,6 +61,11 @@ def data_root(data_dir: str | Path | None = None) -> Path:
     if data_dir is not None:
         return Path(data_dir)
     return Path(os.environ.get(ENV_DATA_DIR) or DEFAULT_DATA_DIR)
+
+
+def go_file(data_dir: str | Path | None = None) -> Path:
+    """GEARS' gene2go pickle as `regina fetch go` stores it."""
+    return data_root(data_dir) / GO_DIR / GENE2GO_FILE
 
 
 def dataset_dir(name: str, data_dir: str | Path | None = None) -> Path:

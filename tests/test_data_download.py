@@ -203,3 +203,86 @@ def test_file_changed_after_verification_is_refused(server):
     checksum_file(data_file).unlink()
     with pytest.raises(ReginaError, match="no recorded checksum"):
         read_dataset("changed")
+
+
+# --- `regina fetch go`: GEARS' gene2go pickle -----------------------------------------------------
+
+GENE2GO = {"TP53": {"GO:0006915", "GO:0006977"}, "MYC": {"GO:0006915"}, "KLF1": {"GO:0030218"}}
+
+
+@pytest.fixture
+def go_server(monkeypatch):
+    import pickle
+
+    body = pickle.dumps(GENE2GO, protocol=3)
+    srv = Server({"/gene2go": ("file", body), "/cut": ("truncated", body), "/page": ("html", HTML_PAGE),
+                  "/plain": ("file", HTML_PAGE)})
+    monkeypatch.setattr(download_module, "GO_URL", f"{srv.url}/gene2go")
+    monkeypatch.setattr("regina_cli.data.fetch.GO_URL", f"{srv.url}/gene2go")
+    yield srv
+    srv.close()
+
+
+def test_fetch_go_downloads_verifies_and_is_a_no_op_after(go_server):
+    from regina_cli.data.knowledge import resolve_knowledge
+
+    result = invoke("--json", "fetch", "go")
+    assert result.exit_code == 0, result.output
+    assert '"action": "downloaded"' in result.output and '"n_genes": 3' in result.output
+    path = keys.go_file()
+    assert path.parent == keys.data_root() / keys.GO_DIR
+    assert checksum_file(path).read_text().split()[0] == hashlib.sha256(path.read_bytes()).hexdigest()
+    knowledge = resolve_knowledge("go")
+    assert dict(zip(knowledge.genes, knowledge.terms)) == GENE2GO
+    assert not (keys.data_root() / DOWNLOADS_DIR).exists()
+    before = len(go_server.ranges)
+    again = invoke("--json", "fetch", "go")
+    assert '"action": "already present"' in again.output and len(go_server.ranges) == before
+    path.write_bytes(path.read_bytes() + b"x")
+    assert "changed after it was verified" in invoke("fetch", "go").output
+    assert invoke("fetch", "go", "--force").exit_code == 0
+
+
+def test_fetch_go_truncated_keeps_part_then_resumes(go_server):
+    url = f"{go_server.url}/cut"
+    result = invoke("fetch", "go", "--from", url)
+    assert result.exit_code == 2 and ("incomplete" in result.output or "broke off" in result.output)
+    assert not keys.go_file().exists()
+    assert (keys.data_root() / DOWNLOADS_DIR / "go.download.part").stat().st_size > 0
+    go_server.routes["/cut"] = go_server.routes["/gene2go"]
+    assert invoke("fetch", "go", "--from", url).exit_code == 0
+    assert go_server.ranges[-1].startswith("bytes=") and keys.go_file().is_file()
+
+
+@pytest.mark.parametrize("route, message", [("/page", "web page"), ("/plain", "web page")])
+def test_fetch_go_refuses_html(go_server, route, message):
+    result = invoke("fetch", "go", "--from", f"{go_server.url}{route}")
+    assert result.exit_code == 2 and message in result.output
+    assert not keys.go_file().exists() and not (keys.data_root() / DOWNLOADS_DIR).exists()
+
+
+def test_fetch_go_offline_copy_and_refusals(tmp_path):
+    import os
+    import pickle
+
+    folder = tmp_path / "gears_data"
+    folder.mkdir()
+    (folder / "gene2go.pkl").write_bytes(pickle.dumps(GENE2GO))
+    result = invoke("--json", "fetch", "go", "--from", folder)
+    assert result.exit_code == 0 and '"action": "imported"' in result.output
+    assert keys.go_file().read_bytes() == (folder / "gene2go.pkl").read_bytes()
+    terms = tmp_path / "terms.tsv"
+    terms.write_text("TP53\tGO:1\n")
+    refused = invoke("fetch", "go", "--force", "--from", terms)
+    assert refused.exit_code == 2 and "not GEARS' gene2go pickle" in refused.output
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'owned'}",))
+
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"TP53": Exploit()}))
+    assert "refused unread" in invoke("fetch", "go", "--force", "--from", evil).output
+    assert not (tmp_path / "owned").exists()
+    assert keys.go_file().read_bytes() == (folder / "gene2go.pkl").read_bytes()  # old copy kept
+    assert "takes only --from" in invoke("fetch", "go", "--cells", "10").output

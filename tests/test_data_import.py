@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
 
 import anndata as ad
@@ -56,7 +57,7 @@ def test_papalexi_raw_counts_are_normalised(papalexi_path):
     result = fetch_cli("papalexi", "--from", papalexi_path)
     assert result.exit_code == 0, result.output
     assert "raw counts detected" in result.output
-    assert "16 of 25 targeted genes are not measured" in result.output
+    assert "9 of 25 targets measured; not measured: " in result.output
     adata = read_dataset("papalexi")
     assert adata.shape == (20729, 299)
     assert sp.isspmatrix_csr(adata.X) and adata.X.dtype == np.float32
@@ -67,6 +68,9 @@ def test_papalexi_raw_counts_are_normalised(papalexi_path):
     conditions = set(adata.obs[keys.OBS_CONDITION])
     assert keys.CTRL in conditions and len(conditions) == 26
     assert (adata.obs[keys.OBS_CONTROL].astype(int) == 1).sum() == 2386
+    provenance = adata.uns[keys.UNS_REGINA]
+    assert provenance["targets"] == 25 and provenance["targets_measured"] == 9
+    assert len(provenance["unmeasured_targets"]) == 16 and provenance["gene_filter"] == "none"
     assert len(adata.uns[keys.UNS_RANK_GENES]) == 25
     assert all(len(top) == 20 for top in adata.uns[keys.UNS_TOP_DE_20].values())
 
@@ -196,3 +200,53 @@ def test_bad_inputs_give_one_line_error_and_no_output(tmp_path, rng, case):
     assert len(errors) == 1 and message in errors[0], result.output
     assert "Traceback" not in result.output
     assert not keys.dataset_dir("bad").exists()
+
+
+def test_gene_filters_keep_every_measured_target(tmp_path, rng):
+    screen = tiny_screen(rng, labels=("NT", "A", "B", "Z", "A_B"))
+    screen.write_h5ad(tmp_path / "screen.h5ad")
+    common = ["--from", tmp_path / "screen.h5ad", "--condition-key", "perturbation", "--control", "NT",
+              "--separator", "_"]
+    listed = tmp_path / "genes.txt"
+    listed.write_text("# my panel\nG2\nG3\nNOPE\n\n")
+    result = invoke("--json", "fetch", "panel", *common, "--gene-list", listed)
+    assert result.exit_code == 0, result.output
+    notes = json.loads(result.output)["notes"]
+    assert "1 of 3 listed genes are not measured (e.g. NOPE)" in notes
+    assert any(n.startswith("kept 2 of 40 genes") and "plus 2 targeted genes the filter would drop" in n for n in notes)
+    assert any(n.startswith("2 of 3 targets measured; not measured: Z (kept") for n in notes)
+    adata = read_dataset("panel")
+    assert sorted(adata.var_names) == ["A", "B", "G2", "G3"]
+    provenance = adata.uns[keys.UNS_REGINA]
+    assert provenance["targets_measured"] == 2 and list(provenance["unmeasured_targets"]) == ["Z"]
+    assert provenance["gene_filter"].endswith("+ 2 measured targets")
+    assert set(adata.uns[keys.UNS_RANK_GENES]["panel_A+ctrl_1+1"]) <= set(adata.var_names)  # DE on kept genes
+
+    hvg = invoke("--json", "fetch", "hvg", *common, "--n-top-genes", "5")
+    assert hvg.exit_code == 0, hvg.output
+    kept = read_dataset("hvg").var_names
+    note = next(n for n in json.loads(hvg.output)["notes"] if "n_top_genes=5" in n)
+    picked, rescued = int(note.split()[1]), int(note.split("plus ")[1].split(" targeted")[0])
+    assert {"A", "B"} <= set(kept) and len(kept) == picked + rescued and picked < 40
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--n-top-genes", "0"], "--n-top-genes must be at least 1"),
+        (["--n-top-genes", "5", "--gene-list", "genes.txt"], "not both"),
+        (["--gene-list", "absent.txt"], "cannot read the gene list"),
+        (["--gene-list", "empty.txt"], "names no gene"),
+    ],
+)
+def test_gene_filter_errors(tmp_path, rng, args, message):
+    tiny_screen(rng, labels=("control", "A", "B"), key="condition").write_h5ad(tmp_path / "screen.h5ad")
+    (tmp_path / "genes.txt").write_text("A\n")
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    result = fetch_cli("bad", "--from", tmp_path / "screen.h5ad", *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not keys.dataset_dir("bad").exists()
+
+
+def test_gene_filter_needs_from():
+    assert "only apply with --from" in fetch_cli("demo", "--n-top-genes", "50").output

@@ -35,7 +35,8 @@ def screen(data_dir):
     train_singles, test_singles = singles[:-2], singles[-2:]
     trained = {c.split("+")[0] for c in train_singles}
     test_doubles = [d for d in doubles if set(d.split("+")) <= trained][:2] + [d for d in doubles if not set(d.split("+")) <= trained][:1]
-    train_doubles = [d for d in doubles if d not in test_doubles]
+    held_out = {c.split("+")[0] for c in test_singles}  # unseen singles: in no training double either
+    train_doubles = [d for d in doubles if d not in test_doubles and not held_out & set(d.split("+"))]
     user = {"train": ["ctrl"] + train_singles + train_doubles[:-1], "val": train_doubles[-1:],
             "test": test_singles + test_doubles}
     split = make_split(NAME, conditions, user_split=user)

@@ -283,3 +283,51 @@ def test_mcfaline_imported_then_split_from_the_cli(mcfaline_path):
     # a 10 % validation draw of 9 conditions is empty: refused, not written
     assert_user_error(invoke("split", "mcfaline", "--mode", "no_test"), "val set of mcfaline empty")
     assert not keys.split_file("mcfaline", "no_test_1").exists()
+
+
+# --- predictable conditions -------------------------------------------------------------------
+
+
+@pytest.fixture
+def dropped_demo():
+    """A demo whose half of the targets the screen does not measure, with its gene annotation."""
+    from regina_cli.data.demo import simulate_demo
+
+    adata, annotation = simulate_demo(n_cells=800, n_genes=300, n_singles=12, n_doubles=6, seed=2, drop_targets=0.5)
+    write_dataset(adata, "demo")
+    (keys.dataset_dir("demo") / keys.GENE_KNOWLEDGE_FILE).write_text(annotation)
+    return set(adata.uns[keys.UNS_REGINA]["simulation"]["dropped_targets"])
+
+
+def test_split_counts_unpredictable_conditions_and_warns_with_the_fix(dropped_demo):
+    result = invoke("--json", "split", "demo")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    split = load_split("demo", "simulation_1")
+    trained = {g for c in split.train for g in parse_condition(c)}
+    rows = {(r["set"], r["subgroup"]): r for r in out["summary"]}
+    for set_name in ("train", "val", "test"):
+        genes = [set(parse_condition(c)) for c in getattr(split, set_name)]
+        assert rows[(set_name, "all")]["unmeasured"] == sum(bool(g & dropped_demo) for g in genes)
+        assert rows[(set_name, "all")]["unpredictable"] == sum(bool((g & dropped_demo) - trained) for g in genes)
+    n_test = rows[("test", "all")]["unpredictable"]
+    assert n_test == 6 and rows[("train", "all")]["unpredictable"] == 0
+    assert out["warnings"] == [
+        f"6 of 7 test conditions are unpredictable: a target is neither measured, nor perturbed in training, nor "
+        "known to the gene knowledge; pass --gene-knowledge FILE (gene embeddings or GO terms) at train-ae and "
+        "predict, or run `regina fetch go` and pass --gene-knowledge go"
+    ]
+    human = invoke("split", "demo")
+    assert "warning: 6 of 7 test conditions are unpredictable" in " ".join(human.output.split())
+
+
+def test_split_with_gene_knowledge_counts_what_it_makes_predictable(dropped_demo, tmp_path):
+    knowledge = keys.dataset_dir("demo") / keys.GENE_KNOWLEDGE_FILE
+    informed = json.loads(invoke("--json", "split", "demo", "--gene-knowledge", knowledge).stdout)
+    assert informed["warnings"] == []
+    assert all(r["unpredictable"] == 0 for r in informed["summary"])
+    unrelated = tmp_path / "other.tsv"
+    unrelated.write_text("gene,x\nNOT_A_GENE,1.0\n")
+    still = json.loads(invoke("--json", "split", "demo", "--gene-knowledge", unrelated).stdout)
+    assert "pass a gene knowledge file that covers those genes" in still["warnings"][0]
+    assert_user_error(invoke("split", "demo", "--gene-knowledge", "go"), "run `regina fetch go`")

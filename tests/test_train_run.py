@@ -149,7 +149,7 @@ def test_consistency_early_stopping_stays_quiet_on_a_healthy_run(demo_data, tmp_
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(demo_data, tmp_path, monkeypatch):
-    config = tiny_config("ae.max_epochs=3")
+    config = tiny_config("ae.max_epochs=3", "ae.batch_size=32")  # 191 training cells: 5 steps an epoch
     train(demo_data, tmp_path / "straight", config)
 
     real_step = AutoencoderPhase.train_step

@@ -9,19 +9,43 @@ from rich.table import Table
 
 from regina_cli.cli.app import app
 from regina_cli.cli.common import DataDirOpt, emit_result, info, is_quiet, show, user_errors
+from regina_cli.errors import ReginaError
 
 # Names repeated here (not imported) so that `regina --help` loads nothing heavy;
 # tests/test_data_fetch.py checks they equal regina_cli.data.fetch.DATASETS.
 _DATASETS = "demo, norman, adamson, dixit, replogle_k562_essential, replogle_rpe1_essential"
 
 
+def _summary(title: str, rows: list[tuple[str, str]]) -> None:
+    table = Table(title=title, show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for field, value in rows:
+        table.add_row(field, value)
+    show(table)
+
+
+def _show_go(result) -> None:
+    _summary(f"GO annotation: {result.action}", [
+        ("genes annotated", f"{result.n_genes:,}"),
+        ("GO terms", f"{result.n_terms:,}"),
+        ("source", result.source),
+        ("path", result.path),
+        ("sha256", result.sha256),
+    ])
+    info("use it with --gene-knowledge go")
+    emit_result(result.as_dict())
+
+
 @app.command("fetch")
 @user_errors
 def fetch_command(
-    name: str = typer.Argument(..., help=f"Dataset name: {_DATASETS}, or any name with --from."),
+    name: str = typer.Argument(
+        ..., help=f"Dataset name: {_DATASETS}, or any name with --from; `go` fetches GEARS' GO annotation."
+    ),
     data_dir: Path = DataDirOpt,
     source: str = typer.Option(
-        None, "--from", help="Import a local copy (.h5ad, .zip or folder) or download this URL instead.",
+        None, "--from", help="Import a local copy (.h5ad, .zip or folder; go: gene2go pickle) or download this URL instead.",
         show_default=False,
     ),
     force: bool = typer.Option(False, "--force", help="Fetch again even if the dataset is present."),
@@ -41,37 +65,54 @@ def fetch_command(
         None, "--separator", help="Separator between genes of a combination, e.g. _ for A_B (+ always works).",
         show_default=False,
     ),
+    n_top_genes: int = typer.Option(
+        None, "--n-top-genes", help="Keep the N most variable genes, plus every measured target gene.",
+        show_default=False,
+    ),
+    gene_list: Path = typer.Option(
+        None, "--gene-list", help="Keep the genes listed in FILE (one per line), plus every measured target gene.",
+        show_default=False,
+    ),
     cells: int = typer.Option(None, "--cells", help="demo: number of cells [4000].", show_default=False),
     genes: int = typer.Option(None, "--genes", help="demo: number of genes [1000].", show_default=False),
     singles: int = typer.Option(None, "--singles", help="demo: single perturbations [40].", show_default=False),
     doubles: int = typer.Option(None, "--doubles", help="demo: double perturbations [30].", show_default=False),
     cell_types: int = typer.Option(None, "--cell-types", help="demo: cell types [1].", show_default=False),
     seed: int = typer.Option(None, "--seed", help="demo: simulation seed [0].", show_default=False),
+    drop_targets: float = typer.Option(
+        None, "--drop-targets", help="demo: fraction of the targets left out of the measured genes [0].",
+        show_default=False,
+    ),
 ) -> None:
     """Put dataset NAME at <data-dir>/NAME/perturb_processed.h5ad (GEARS layout, SHA-256 recorded)."""
     import sys
 
-    from regina_cli.data.fetch import fetch
+    from regina_cli.data.fetch import GO, fetch, fetch_go
     from regina_cli.data.importer import ImportOptions
 
     demo = {
         key: value
         for key, value in dict(
-            n_cells=cells, n_genes=genes, n_singles=singles, n_doubles=doubles, n_cell_types=cell_types, seed=seed
+            n_cells=cells, n_genes=genes, n_singles=singles, n_doubles=doubles, n_cell_types=cell_types, seed=seed,
+            drop_targets=drop_targets,
         ).items()
         if value is not None
     }
     options = ImportOptions(
-        control=tuple(control or ()), condition_key=condition_key, separator=separator, cell_type_key=cell_type_key
+        control=tuple(control or ()), condition_key=condition_key, separator=separator, cell_type_key=cell_type_key,
+        n_top_genes=n_top_genes, gene_list=None if gene_list is None else str(gene_list),
     )
+    progress = sys.stderr.isatty() and not is_quiet()
+    if name == GO:
+        if demo or options != ImportOptions():
+            raise ReginaError("`regina fetch go` takes only --from, --force and --data-dir")
+        _show_go(fetch_go(data_dir=data_dir, source=source, force=force, log=info, progress=progress))
+        return
     result = fetch(
         name, data_dir=data_dir, source=source, force=force, options=options, demo=demo, log=info,
-        progress=sys.stderr.isatty() and not is_quiet(),
+        progress=progress,
     )
-    table = Table(title=f"{result.name}: {result.action}", show_header=False)
-    table.add_column("field", style="bold")
-    table.add_column("value")
-    rows = [
+    _summary(f"{result.name}: {result.action}", [
         ("cells", f"{result.n_cells:,}"),
         ("genes", f"{result.n_genes:,}"),
         ("control cells", f"{result.n_controls:,}"),
@@ -82,10 +123,7 @@ def fetch_command(
         ("source", result.source),
         ("path", result.path),
         ("sha256", result.sha256),
-    ]
-    for field, value in rows:
-        table.add_row(field, value)
-    show(table)
+    ])
     for note in result.notes if result.action == "already present" else ():
         info(note)
     emit_result(result.as_dict())

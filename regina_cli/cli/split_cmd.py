@@ -28,23 +28,31 @@ def split_command(
         None, "--split-file", help="Use your own {train, val, test} dict (JSON or GEARS pickle) instead.",
         show_default=False,
     ),
+    gene_knowledge: str = typer.Option(
+        None, "--gene-knowledge", help="Gene knowledge (a file, or `go` after `regina fetch go`) to count "
+        "conditions whose unmeasured targets it makes predictable.", show_default=False,
+    ),
     data_dir: Path = DataDirOpt,
 ) -> None:
     """Split the conditions of dataset NAME into train/val/test and write splits/<mode>_<seed>.json."""
     from regina_cli.data.split import split_dataset
 
     outcome = split_dataset(
-        name, mode=mode, seed=seed, train_gene_frac=train_gene_frac, split_file=split_file, data_dir=data_dir
+        name, mode=mode, seed=seed, train_gene_frac=train_gene_frac, split_file=split_file, data_dir=data_dir,
+        gene_knowledge=gene_knowledge,
     )
     split = outcome.split
     table = Table(title=f"{name}: split {split.name}")
-    for column in ("set", "subgroup", "conditions", "cells"):
-        table.add_column(column, justify="right" if column in ("conditions", "cells") else "left")
+    columns = ("set", "subgroup", "conditions", "cells", "unmeasured", "unpredictable")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("set", "subgroup") else "right")
     for row in outcome.summary:
-        table.add_row(row["set"], row["subgroup"], str(row["conditions"]), str(row["cells"]))
+        table.add_row(*(str(row[column]) for column in columns))
     show(table)
     if outcome.n_unassigned:
         info(f"{outcome.n_unassigned} condition(s) are in no set (GEARS leaves them out in mode {split.mode})")
+    for warning in outcome.warnings:
+        info(f"[yellow]warning:[/] {warning}")
     info(f"wrote {outcome.path}; later steps take it as --split {split.name}")
     emit_result({"split": split.name, "path": str(outcome.path), "summary": outcome.summary,
-                 "unassigned_conditions": outcome.n_unassigned})
+                 "unassigned_conditions": outcome.n_unassigned, "warnings": outcome.warnings})

@@ -9,11 +9,22 @@ laptop. The generative model follows the usual picture of a CRISPR screen:
   phase (S and G2/M programs over the standard marker genes) and a stress program over
   HSP*/DNAJ*/ATF*/ERN*/EIF2*/CEBP* genes;
 * a single perturbation knocks its target down (or up, activation-style) with a per-cell
-  efficiency and shifts a few programs, so its effect propagates to downstream genes; some
+  efficiency and shifts the programs the target itself belongs to, in proportion to its
+  loadings on them, times the direction and strength of the perturbation, plus a smaller
+  idiosyncratic push on 1-3 random programs. Real screens look like this: knocking down members
+  of one complex or pathway gives similar profiles, other targets give different ones, so
+  conditions differ from each other (with one shared random shift they would not), and prior
+  knowledge about a gene says something, but not everything, about its effect. Some
   perturbations also raise stress, which is what `regina label --method stress` picks up;
 * a double perturbation adds the two singles' effects, and for some pairs the programs respond
   non-additively (synergy, buffering, or a new program switched on);
 * counts are normalised to 10,000 per cell and log1p-transformed, stored as CSR float32.
+
+Beside the screen, `regina fetch demo` writes `gene_knowledge.tsv`, a GO-like annotation whose
+terms are the true programs (each membership annotated with probability 0.8, plus a few wrong
+terms), so that knowledge-based prompts can be tested honestly; `--drop-targets FRAC` leaves
+that fraction of the targets out of the measured genes (their conditions stay), as small gene
+panels do in real screens.
 
 Everything is vectorised and generated in fixed-size chunks of cells (bounded memory, and the
 output is identical for a given seed). The default (4,000 x 1,000) takes about two seconds;
@@ -22,6 +33,9 @@ core (66 s simulation, mostly Poisson draws; 22 s GEARS DE) and 5 GB of memory.
 """
 
 from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -54,6 +68,10 @@ PHASES = ("G1", "S", "G2M")  # same class names as `regina label --method cell-c
 PHASE_COLUMN = "simulated_phase"
 MIN_CELLS_PER_CONDITION = 3  # per cell type; scanpy's t-test needs at least two
 _CHUNK = 4096  # cells generated at once: bounds memory, and fixes the random stream
+TARGET_GAIN = 1.0  # norm of a target's program shift per unit of knock-down/up strength
+IDIOSYNCRATIC_SCALE = 0.4  # the part of an effect that the target's programs do not explain
+ANNOTATION_KEPT = 0.8  # synthetic annotation: chance that a true program membership is annotated
+FALSE_TERMS_PER_GENE = 0.15  # synthetic annotation: mean number of wrong terms per gene
 
 
 def _gene_names(n_genes: int, markers: list[str], rng: np.random.Generator) -> np.ndarray:
@@ -74,28 +92,56 @@ def _programs(genes: np.ndarray, n_programs: int, rng: np.random.Generator) -> n
 
 
 def _sparse_shift(n_programs: int, rng: np.random.Generator, scale: float) -> np.ndarray:
-    """A perturbation's effect on program activities: 1-3 generic programs, random signs."""
+    """A random push on 1-3 generic programs, random signs (idiosyncratic or neomorphic effects)."""
     shift = np.zeros(n_programs, dtype=np.float32)
     hit = rng.choice(np.arange(3, n_programs), size=rng.integers(1, 4), replace=False)
     shift[hit] = rng.normal(0.0, scale, len(hit)) + np.sign(rng.normal(size=len(hit))) * scale
     return shift
 
 
-def _design(genes, markers, base, n_programs: int, n_singles: int, n_doubles: int, rng):
-    """Conditions with their program shifts [conditions, programs] and direct effects on targets.
-
-    Targets are drawn among the better-expressed half of the non-marker genes, as screens target
-    genes that are expressed (a knock-down of a silent gene shows nothing).
-    Returns (conditions, program_shift, target_effect [conditions, genes], interactions).
-    """
+def _pick_targets(genes, markers, base, loadings, n_singles: int, rng) -> np.ndarray:
+    """Targets among the better-expressed half of the non-marker genes (screens target expressed
+    genes: a knock-down of a silent gene shows nothing); each belongs to a generic program, so
+    its effect follows what it does. A picked gene in no program joins one (small panels)."""
     generic = ~np.isin(genes, markers)
     candidates = np.flatnonzero(generic & (base >= np.median(base[generic])))
     if len(candidates) < n_singles:
         raise ReginaError(f"--genes is too small for {n_singles} single perturbations: raise --genes")
     targets = rng.choice(candidates, size=n_singles, replace=False)
+    lonely = targets[~loadings[3:, targets].any(axis=0)]
+    rows = rng.integers(3, loadings.shape[0], len(lonely))
+    loadings[rows, lonely] = rng.choice([-1.0, 1.0], len(lonely)) * rng.uniform(0.4, 1.0, len(lonely))
+    return targets
+
+
+@dataclass
+class Design:
+    """The simulated screen's hidden structure: programs, conditions and their true effects."""
+
+    genes: np.ndarray
+    base: np.ndarray  # baseline log-rate per gene
+    loadings: np.ndarray  # [programs, genes]: stress, S, G2/M, then generic programs
+    targets: np.ndarray  # gene index of each single perturbation's target
+    conditions: np.ndarray
+    program_shift: np.ndarray  # [conditions, programs]
+    effect: np.ndarray  # [conditions, genes]: direct knock-down/up of the targets
+    interactions: dict
+
+
+def design_screen(rng: np.random.Generator, *, n_genes: int, n_singles: int, n_doubles: int) -> Design:
+    """Genes, programs and conditions with their effects; no cell is simulated (cheap)."""
+    markers = [g for group in marker_genes() for g in group]
+    genes = _gene_names(n_genes, markers, rng)
+    n_programs = 3 + max(8, n_genes // 40)
+    loadings = _programs(genes, n_programs, rng)
+    base = rng.normal(0.0, 1.3, n_genes).astype(np.float32)
+    targets = _pick_targets(genes, markers, base, loadings, n_singles, rng)
     direction = np.where(rng.random(n_singles) < 0.75, -1.0, 1.0)  # mostly knock-down
-    strength = rng.uniform(1.2, 2.5, n_singles) * direction
-    single_shift = np.stack([_sparse_shift(n_programs, rng, 1.0) for _ in range(n_singles)])
+    strength = (rng.uniform(1.2, 2.5, n_singles) * direction).astype(np.float32)
+    member = loadings[3:, targets].T  # the targets' own program memberships
+    single_shift = np.zeros((n_singles, n_programs), dtype=np.float32)
+    single_shift[:, 3:] = TARGET_GAIN * strength[:, None] * member / np.linalg.norm(member, axis=1, keepdims=True)
+    single_shift += np.stack([_sparse_shift(n_programs, rng, IDIOSYNCRATIC_SCALE) for _ in range(n_singles)])
     stressful = rng.random(n_singles) < 0.35
     single_shift[stressful, 0] += rng.uniform(1.0, 2.5, stressful.sum()).astype(np.float32)
 
@@ -123,7 +169,31 @@ def _design(genes, markers, base, n_programs: int, n_singles: int, n_doubles: in
         shifts.append(shift.astype(np.float32))
         effect[row, [targets[a], targets[b]]] = strength[[a, b]]
         interactions[condition] = str(kind)
-    return np.array(conditions), np.stack(shifts), effect, interactions
+    return Design(genes, base, loadings, targets, np.array(conditions), np.stack(shifts), effect, interactions)
+
+
+def program_terms(n_programs: int) -> list[str]:
+    """GO-like term names of the programs (the synthetic annotation's vocabulary)."""
+    return ["SIM:stress", "SIM:S_phase", "SIM:G2M_phase"] + [f"SIM:program_{p:03d}" for p in range(3, n_programs)]
+
+
+def gene_annotation(design: Design, seed: int) -> str:
+    """Synthetic GO-like annotation as gene<TAB>term text: each true program membership kept with
+    probability ANNOTATION_KEPT, plus a few false terms (Poisson, FALSE_TERMS_PER_GENE a gene).
+
+    Its own random stream, so the annotation never changes the simulated cells.
+    """
+    rng = np.random.default_rng([seed, 1])
+    terms = np.array(program_terms(design.loadings.shape[0]))
+    member = design.loadings != 0
+    annotated = member & (rng.random(member.shape) < ANNOTATION_KEPT)
+    wrong = rng.poisson(FALSE_TERMS_PER_GENE, member.shape[1])
+    for gene in np.flatnonzero(wrong):
+        others = np.flatnonzero(~member[:, gene])
+        annotated[rng.choice(others, size=min(wrong[gene], len(others)), replace=False), gene] = True
+    programs, genes = np.nonzero(annotated)
+    pairs = sorted(zip(design.genes[genes], terms[programs]))
+    return "gene\tterm\n" + "".join(f"{g}\t{t}\n" for g, t in pairs)
 
 
 def _allocate_cells(n_cells: int, n_conditions: int, n_cell_types: int, control_fraction: float, rng):
@@ -146,22 +216,22 @@ def _allocate_cells(n_cells: int, n_conditions: int, n_cell_types: int, control_
     return np.concatenate(codes)[order], np.concatenate(types)[order]
 
 
-def _simulate_counts_chunk(rng, base, loadings, program_shift, effect, cond, phase, n_programs):
-    """Log-normalised expression of one chunk of cells, as CSR float32."""
-    n = len(cond)
+def _simulate_counts_chunk(rng, base, design: Design, cond, phase, measured):
+    """Log-normalised expression of one chunk of cells over the measured genes, as CSR float32."""
+    n, n_programs = len(cond), design.loadings.shape[0]
     efficiency = rng.beta(6.0, 2.0, n).astype(np.float32)  # knock-down works partly in some cells
     activity = rng.normal(0.0, 0.5, (n, n_programs)).astype(np.float32)  # cell-to-cell noise
     activity[:, 0] += rng.normal(0.0, 0.6, n).astype(np.float32)  # stress varies a lot
     activity[:, 1:3] *= 0.5  # the phase, not noise, drives the cell-cycle programs
     activity[:, 1] += np.where(phase == 1, 2.0, 0.0).astype(np.float32)  # S phase
     activity[:, 2] += np.where(phase == 2, 2.0, 0.0).astype(np.float32)  # G2/M phase
-    activity += efficiency[:, None] * program_shift[cond]
-    logits = base + activity @ loadings + efficiency[:, None] * effect[cond]
+    activity += efficiency[:, None] * design.program_shift[cond]
+    logits = base + activity @ design.loadings + efficiency[:, None] * design.effect[cond]
     logits -= logits.max(axis=1, keepdims=True)
     proportions = np.exp(logits)
     proportions /= proportions.sum(axis=1, keepdims=True)
     library = rng.lognormal(np.log(2.0 * base.shape[-1]), 0.35, n)
-    counts = rng.poisson(proportions * library[:, None])
+    counts = rng.poisson(proportions * library[:, None])[:, measured]  # a panel without some genes
     rows, cols = np.nonzero(counts)  # row-major order: already CSR order
     values = counts[rows, cols].astype(np.float32)
     totals = np.maximum(counts.sum(axis=1), 1).astype(np.float32)
@@ -170,7 +240,15 @@ def _simulate_counts_chunk(rng, base, loadings, program_shift, effect, cond, pha
     return sp.csr_matrix((values, cols.astype(np.int32), indptr), shape=counts.shape)
 
 
-def simulate_screen(
+def _dropped_targets(design: Design, drop_targets: float, seed: int) -> np.ndarray:
+    """Gene indices of the targets left unmeasured: round(FRAC x targets), at least one if FRAC > 0."""
+    if not 0.0 <= drop_targets <= 1.0:
+        raise ReginaError(f"--drop-targets is a fraction of the targets, between 0 and 1; got {drop_targets}")
+    n_drop = max(int(round(drop_targets * len(design.targets))), int(drop_targets > 0))
+    return np.sort(np.random.default_rng([seed, 2]).choice(design.targets, size=n_drop, replace=False))
+
+
+def simulate_demo(
     *,
     n_cells: int = 4000,
     n_genes: int = 1000,
@@ -178,9 +256,11 @@ def simulate_screen(
     n_doubles: int = 30,
     n_cell_types: int = 1,
     control_fraction: float = 0.15,
+    drop_targets: float = 0.0,
     seed: int = 0,
-) -> AnnData:
-    """A simulated CRISPR screen in full GEARS layout (DE fields included); same seed, same data."""
+) -> tuple[AnnData, str]:
+    """(the simulated screen in full GEARS layout, its gene annotation as TSV text); same seed,
+    same data. `drop_targets` leaves that fraction of the targets out of the measured genes."""
     markers = [g for group in marker_genes() for g in group]
     if n_genes < len(markers) + n_singles:
         raise ReginaError(
@@ -190,38 +270,33 @@ def simulate_screen(
     if n_singles < 2 or n_cell_types < 1 or not 0 < control_fraction < 1:
         raise ReginaError("the demo needs at least 2 singles, 1 cell type and a control fraction in (0, 1)")
     rng = np.random.default_rng(seed)
-    genes = _gene_names(n_genes, markers, rng)
-    n_programs = 3 + max(8, n_genes // 40)
-    loadings = _programs(genes, n_programs, rng)
-    base = rng.normal(0.0, 1.3, n_genes).astype(np.float32)
-    conditions, program_shift, effect, interactions = _design(
-        genes, markers, base, n_programs, n_singles, n_doubles, rng
-    )
-    cond, cell_type = _allocate_cells(n_cells, len(conditions), n_cell_types, control_fraction, rng)
+    design = design_screen(rng, n_genes=n_genes, n_singles=n_singles, n_doubles=n_doubles)
+    dropped = _dropped_targets(design, drop_targets, seed)
+    measured = ~np.isin(np.arange(n_genes), dropped)
+    cond, cell_type = _allocate_cells(n_cells, len(design.conditions), n_cell_types, control_fraction, rng)
     phase = rng.choice(len(PHASES), size=n_cells, p=[0.5, 0.3, 0.2])
-    base_by_type = base + rng.normal(0.0, 0.3, (n_cell_types, n_genes)).astype(np.float32)
+    base_by_type = design.base + rng.normal(0.0, 0.3, (n_cell_types, n_genes)).astype(np.float32)
 
     chunks = []
     for start in range(0, n_cells, _CHUNK):
         rows = slice(start, start + _CHUNK)
         chunks.append(
-            _simulate_counts_chunk(
-                rng, base_by_type[cell_type[rows]], loadings, program_shift, effect,
-                cond[rows], phase[rows], n_programs,
-            )
+            _simulate_counts_chunk(rng, base_by_type[cell_type[rows]], design, cond[rows], phase[rows], measured)
         )
     type_names = ["simulated"] if n_cell_types == 1 else [f"simulated_{i + 1}" for i in range(n_cell_types)]
     obs = pd.DataFrame(
         {
-            keys.OBS_CONDITION: conditions[cond],
+            keys.OBS_CONDITION: design.conditions[cond],
             keys.OBS_CELL_TYPE: np.array(type_names)[cell_type],
             PHASE_COLUMN: np.array(PHASES)[phase],  # ground truth for `regina label`
         },
         index=[f"cell{i:06d}" for i in range(n_cells)],
     )
+    genes = design.genes[measured]
     var = pd.DataFrame({keys.VAR_GENE_NAME: genes}, index=pd.Index(genes))
     adata = AnnData(X=sp.vstack(chunks, format="csr"), obs=obs, var=var)
     add_gears_de(adata)
+    annotation = gene_annotation(design, seed)
     adata.uns[keys.UNS_REGINA] = {
         "source": "demo",
         "regina_version": __version__,
@@ -234,7 +309,20 @@ def simulate_screen(
             "n_doubles": n_doubles,
             "n_cell_types": n_cell_types,
             "control_fraction": control_fraction,
-            "interactions": interactions,
+            "interactions": design.interactions,
+            "drop_targets": drop_targets,
+            "dropped_targets": np.array(sorted(design.genes[dropped]), dtype=str),
+            "gene_knowledge": {
+                "file": keys.GENE_KNOWLEDGE_FILE,
+                "sha256": hashlib.sha256(annotation.encode()).hexdigest(),
+                "true_term_kept": ANNOTATION_KEPT,
+                "false_terms_per_gene": FALSE_TERMS_PER_GENE,
+            },
         },
     }
-    return adata
+    return adata, annotation
+
+
+def simulate_screen(**kwargs) -> AnnData:
+    """The simulated screen alone (see `simulate_demo` for the arguments)."""
+    return simulate_demo(**kwargs)[0]

@@ -31,6 +31,10 @@ GEARS_URLS = {
     "replogle_rpe1_essential": "https://dataverse.harvard.edu/api/access/datafile/7458694",
 }
 
+# GEARS' gene -> GO terms dict (cell-gears 0.1.2, gears/pertdata.py `PertData.__init__`, saved there
+# as gene2go_all.pkl): the annotation its GO graph is built from.
+GO_URL = "https://dataverse.harvard.edu/api/access/datafile/6153417"
+
 CHUNK = 1 << 20
 TIMEOUT_S = 60
 PART_SUFFIX = ".part"

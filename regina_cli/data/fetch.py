@@ -3,7 +3,8 @@
 Three origins, one result: the embedded simulation (`demo`), GEARS' own Harvard Dataverse files
 (named datasets), or a local/remote copy given with `--from`. Whatever the origin, the file is
 written atomically and its SHA-256 recorded last, so a dataset is either complete and verified
-or absent.
+or absent. `regina fetch go` does the same for GEARS' GO annotation (`data/go/gene2go_all.pkl`),
+the gene knowledge that gives unmeasured targets a prompt.
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ import pandas as pd
 
 from regina_cli import keys
 from regina_cli.data.conditions import is_control, parse_condition
-from regina_cli.data.dataset import is_complete, missing_gears_fields, verify_checksum, write_dataset
-from regina_cli.data.download import GEARS_URLS, download
+from regina_cli.data.dataset import (checksum_file, is_complete, missing_gears_fields, record_checksum,
+                                     recorded_checksum, verify_checksum, write_dataset)
+from regina_cli.data.download import GEARS_URLS, GO_URL, download
 from regina_cli.data.importer import ImportOptions, file_kind, import_screen
+from regina_cli.data.safe_pickle import is_pickle
 from regina_cli.errors import ReginaError
 
 DEMO = "demo"
+GO = "go"  # `regina fetch go`: not a dataset, GEARS' GO annotation
+GO_NAMES = (keys.GENE2GO_FILE, "gene2go.pkl")  # what GEARS calls the file in its two code paths
 DATASETS = (DEMO, *GEARS_URLS)
 DOWNLOADS_DIR = ".downloads"  # under the data folder: partial downloads wait here to be resumed
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -87,6 +92,13 @@ def _is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
+def _discard(download_file: Path) -> None:
+    """Remove a download once used or refused (never resumed), and the downloads folder if empty."""
+    download_file.unlink(missing_ok=True)
+    if download_file.parent.is_dir() and not any(download_file.parent.iterdir()):
+        download_file.parent.rmdir()
+
+
 def _download_and_import(url: str, name: str, data_dir, options: ImportOptions, *, require_gears: bool,
                          log: Log, progress: bool | None):
     root = keys.data_root(data_dir)
@@ -98,10 +110,25 @@ def _download_and_import(url: str, name: str, data_dir, options: ImportOptions, 
         if require_gears and not notes.kept_gears_fields:
             raise ReginaError(f"{url} did not hold a complete GEARS perturb_processed.h5ad: download it again")
     finally:
-        archive.unlink(missing_ok=True)  # verified or refused: either way never resumed
-        if not any(archive.parent.iterdir()):
-            archive.parent.rmdir()
+        _discard(archive)
     return adata, notes
+
+
+def _write_demo_knowledge(adata, annotation: str, name: str, data_dir, log: Log) -> list[str]:
+    """The demo's synthetic GO-like annotation beside the dataset (written first: a complete
+    dataset always has it); notes for the summary."""
+    from regina_cli.io import write_text
+
+    path = keys.dataset_dir(name, data_dir) / keys.GENE_KNOWLEDGE_FILE
+    write_text(path, annotation)
+    notes = [f"synthetic GO-like gene annotation written to {path} (use it with --gene-knowledge {path})"]
+    dropped = list(adata.uns[keys.UNS_REGINA]["simulation"]["dropped_targets"])
+    if dropped:
+        notes.append(f"{len(dropped)} targets left out of the measured genes (their conditions kept): "
+                     + ", ".join(dropped))
+    for note in notes:
+        log(note)
+    return notes
 
 
 def fetch(
@@ -126,7 +153,9 @@ def fetch(
         raise ReginaError("the simulation size options only apply to `regina fetch demo` without --from")
     options = options or ImportOptions()
     if options != ImportOptions() and source is None:
-        raise ReginaError("--control, --condition-key, --cell-type-key and --separator only apply with --from")
+        raise ReginaError(
+            "--control, --condition-key, --cell-type-key, --separator, --n-top-genes and --gene-list only apply with --from"
+        )
     data_file = keys.dataset_file(name, data_dir)
     if not force and is_complete(name, data_dir):
         return _present(name, data_file)
@@ -143,12 +172,13 @@ def fetch(
             action = "imported"
         notes, normalisation = imported.messages, imported.normalisation
     elif name == DEMO:
-        from regina_cli.data.demo import simulate_screen
+        from regina_cli.data.demo import simulate_demo
 
         log("simulating the demo screen")
-        adata = simulate_screen(**(demo or {}))
+        adata, annotation = simulate_demo(**(demo or {}))
         action, source = "simulated", adata.uns[keys.UNS_REGINA]["source"]
         normalisation = adata.uns[keys.UNS_REGINA]["normalisation"]
+        notes = _write_demo_knowledge(adata, annotation, name, data_dir, log)
     elif name in GEARS_URLS:
         source = GEARS_URLS[name]
         adata, imported = _download_and_import(source, name, data_dir, options, require_gears=True,
@@ -163,3 +193,63 @@ def fetch(
         name=name, path=str(path), sha256=digest, action=action, source=str(source),
         n_genes=adata.n_vars, normalisation=normalisation, notes=notes, **_counts(adata.obs),
     )
+
+
+@dataclass
+class GoResult:
+    """What `regina fetch go` did (the CLI's summary and --json)."""
+
+    path: str
+    sha256: str
+    action: str  # "downloaded", "imported" or "already present"
+    source: str
+    n_genes: int
+    n_terms: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _local_go_file(source: Path) -> Path:
+    if source.is_dir():
+        found = [source / n for n in GO_NAMES if (source / n).is_file()]
+        if not found:
+            raise ReginaError(f"{source} holds no {' or '.join(GO_NAMES)}: point --from at GEARS' gene2go pickle")
+        return found[0]
+    if not source.is_file():
+        raise ReginaError(f"{source} does not exist: check the path given to --from")
+    return source
+
+
+def fetch_go(*, data_dir=None, source: str | None = None, force: bool = False, log: Log = print,
+             progress: bool | None = None) -> GoResult:
+    """GEARS' gene -> GO terms pickle into `<data-dir>/go/`, checked (read safely) before it is kept."""
+    from regina_cli.data.knowledge import ANNOTATION, load_gene_knowledge
+    from regina_cli.io import atomic_path
+
+    target = keys.go_file(data_dir)
+    if not force and target.is_file() and recorded_checksum(target) is not None:
+        verify_checksum(GO, target)
+        knowledge, action, source = load_gene_knowledge(target), "already present", str(target)
+    else:
+        source = source or GO_URL
+        staged = (download(source, keys.data_root(data_dir) / DOWNLOADS_DIR / "go.download", log=log,
+                           progress=progress) if _is_url(source) else _local_go_file(Path(source)))
+        try:
+            knowledge = load_gene_knowledge(staged)
+            with open(staged, "rb") as handle:
+                pickled = is_pickle(handle.read(1))
+            if knowledge.kind != ANNOTATION or not pickled:
+                raise ReginaError(
+                    f"{source} is not GEARS' gene2go pickle: give other knowledge files to --gene-knowledge directly"
+                )
+            checksum_file(target).unlink(missing_ok=True)
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(staged.read_bytes())
+        finally:
+            if _is_url(source):
+                _discard(staged)
+        record_checksum(target)
+        action = "downloaded" if _is_url(source) else "imported"
+    n_terms = len(set().union(*knowledge.terms))
+    return GoResult(str(target), knowledge.sha256(), action, str(source), len(knowledge.genes), n_terms)

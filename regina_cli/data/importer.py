@@ -46,6 +46,8 @@ class ImportOptions:
     condition_key: str | None = None
     separator: str | None = None
     cell_type_key: str | None = None
+    n_top_genes: int | None = None  # keep the N most variable genes (plus every measured target)
+    gene_list: str | None = None  # or the genes listed in this file (plus every measured target)
 
 
 @dataclass
@@ -55,7 +57,9 @@ class ImportNotes:
     normalisation: str = "none (already log-normalised)"
     relabelled: int = 0
     dropped_cells: int = 0
+    targets: int = 0
     unmeasured_targets: list[str] = field(default_factory=list)
+    gene_filter: str = "none"
     kept_gears_fields: bool = False
     messages: list[str] = field(default_factory=list)
 
@@ -274,6 +278,71 @@ def drop_tiny_groups(adata, notes: ImportNotes, log: Log):
     return adata
 
 
+def _listed_genes(path: str) -> list[str]:
+    """One gene per line; blank lines and `#` comments ignored."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReginaError(f"cannot read the gene list {path} ({exc.__class__.__name__}): give a text file, one gene per line") from None
+    genes = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not genes:
+        raise ReginaError(f"the gene list {path} names no gene: give one gene per line")
+    return genes
+
+
+def _picked_genes(adata, options: ImportOptions, notes: ImportNotes, log: Log) -> tuple[np.ndarray, str]:
+    """Mask of the genes the filter picks, and its description."""
+    if options.gene_list is not None:
+        listed = _listed_genes(options.gene_list)
+        absent = [g for g in listed if g not in adata.var_names]
+        if absent:
+            notes.messages.append(f"{len(absent)} of {len(listed)} listed genes are not measured (e.g. {absent[0]})")
+            log(notes.messages[-1])
+        return adata.var_names.isin(listed), f"gene list {options.gene_list}"
+    if options.n_top_genes < 1:
+        raise ReginaError(f"--n-top-genes must be at least 1, got {options.n_top_genes}")
+    if options.n_top_genes >= adata.n_vars:
+        return np.ones(adata.n_vars, dtype=bool), f"n_top_genes={options.n_top_genes}: every gene"
+    import scanpy as sc
+
+    hvg = sc.pp.highly_variable_genes(adata, n_top_genes=options.n_top_genes, flavor="seurat", inplace=False)
+    return hvg["highly_variable"].to_numpy(), f"highly variable, seurat flavour, n_top_genes={options.n_top_genes}"
+
+
+def select_genes(adata, options: ImportOptions, targets: set[str], notes: ImportNotes, log: Log):
+    """Apply --n-top-genes / --gene-list, keeping every measured target the filter would drop:
+    a perturbed gene's own expression is the first readout of its perturbation."""
+    if options.n_top_genes is None and options.gene_list is None:
+        return adata
+    if options.n_top_genes is not None and options.gene_list is not None:
+        raise ReginaError("give --n-top-genes or --gene-list, not both")
+    picked, description = _picked_genes(adata, options, notes, log)
+    rescued = adata.var_names.isin(list(targets)) & ~picked
+    notes.gene_filter = f"{description} + {int(rescued.sum())} measured targets"
+    notes.messages.append(
+        f"kept {int(picked.sum())} of {adata.n_vars} genes ({description}) plus {int(rescued.sum())} "
+        "targeted genes the filter would drop"
+    )
+    log(notes.messages[-1])
+    return adata[:, picked | rescued].copy()
+
+
+def report_targets(targets: set[str], measured: pd.Index, notes: ImportNotes, log: Log) -> None:
+    """`k of n targets measured`, naming the unmeasured ones (all of them go to uns['regina'])."""
+    notes.targets = len(targets)
+    notes.unmeasured_targets = sorted(g for g in targets if g not in measured)
+    if not targets:
+        return
+    message = f"{len(targets) - len(notes.unmeasured_targets)} of {len(targets)} targets measured"
+    if notes.unmeasured_targets:
+        shown = notes.unmeasured_targets[:12]
+        more = len(notes.unmeasured_targets) - len(shown)
+        message += (f"; not measured: {', '.join(shown)}{f' and {more} more' if more else ''} "
+                    "(kept: their perturbations still act on the measured genes)")
+    notes.messages.append(message)
+    log(message)
+
+
 def relabel(adata, name: str, options: ImportOptions, notes: ImportNotes, log: Log) -> None:
     """obs `condition` and `cell_type` in GEARS spelling (the original column is kept beside)."""
     column = pick_condition_column(adata, options.condition_key)
@@ -311,7 +380,8 @@ def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
     counts = is_raw_counts(X)
     is_gears = all(k in adata.obs for k in GEARS_OBS) and all(k in adata.uns for k in GEARS_UNS)
     relabelling = options.condition_key is not None or bool(options.control) or options.separator is not None
-    keep_gears = is_gears and not relabelling and not counts
+    filtering = options.n_top_genes is not None or options.gene_list is not None
+    keep_gears = is_gears and not relabelling and not counts and not filtering  # DE fields index var
     uns = {k: dict(adata.uns[k]) for k in GEARS_UNS} if keep_gears else {}
     original_index = adata.var_names.copy()
     adata = adata.__class__(X=X, obs=adata.obs.copy(), var=adata.var.copy(), uns=uns)
@@ -334,16 +404,12 @@ def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
             log(notes.normalisation)
         adata = drop_tiny_groups(adata, notes, log)
         check_controls(adata.obs)
+        targets = condition_genes(adata.obs[keys.OBS_CONDITION].astype(str).unique())
+        adata = select_genes(adata, options, targets, notes, log)
         add_gears_de(adata)
 
-    targets = sorted(condition_genes(adata.obs[keys.OBS_CONDITION].astype(str).unique()))
-    notes.unmeasured_targets = [g for g in targets if g not in adata.var_names]
-    if notes.unmeasured_targets:
-        notes.messages.append(
-            f"{len(notes.unmeasured_targets)} of {len(targets)} targeted genes are not measured "
-            "(kept: their perturbations still act on the measured genes)"
-        )
-        log(notes.messages[-1])
+    targets = condition_genes(adata.obs[keys.OBS_CONDITION].astype(str).unique())
+    report_targets(targets, adata.var_names, notes, log)
     return adata, notes
 
 
@@ -367,5 +433,9 @@ def import_screen(source: Path, name: str, options: ImportOptions, *, scratch_ro
         "control_labels": list(CONTROL_LABELS + tuple(options.control)),
         "condition_key": options.condition_key or keys.OBS_CONDITION,
         "separator": options.separator or keys.GENE_SEPARATOR,
+        "gene_filter": notes.gene_filter,
+        "targets": notes.targets,
+        "targets_measured": notes.targets - len(notes.unmeasured_targets),
+        "unmeasured_targets": np.array(notes.unmeasured_targets, dtype=str),
     }
     return adata, notes

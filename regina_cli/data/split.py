@@ -13,7 +13,6 @@ from the genes targeted by training conditions, so evaluation can always aggrega
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import pandas as pd
 
 from regina_cli import keys
 from regina_cli.data.conditions import condition_genes, is_combination, is_control, parse_condition
+from regina_cli.data.safe_pickle import is_pickle, safe_loads
 from regina_cli.errors import ReginaError
 from regina_cli.io import write_json
 
@@ -242,21 +242,6 @@ def _complete(groups: dict[str, list[str]]) -> dict[str, list[str]]:
 # --- User split files --------------------------------------------------------------------------
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """GEARS split pickles hold dicts of lists of strings: refuse anything that runs code."""
-
-    _ALLOWED = {
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    }
-
-    def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a split file")
-
-
 def read_split_file(path: str | Path) -> dict:
     """A user's {train, val, test} dict from JSON or a GEARS split pickle."""
     path = Path(path)
@@ -264,7 +249,7 @@ def read_split_file(path: str | Path) -> dict:
         raise ReginaError(f"split file {path} not found")
     raw = path.read_bytes()
     try:
-        obj = _SafeUnpickler(io.BytesIO(raw)).load() if raw[:1] == b"\x80" else json.loads(raw)
+        obj = safe_loads(raw) if is_pickle(raw) else json.loads(raw)
     except (pickle.UnpicklingError, ValueError, EOFError) as exc:
         raise ReginaError(f"split file {path} is neither JSON nor a GEARS split pickle ({exc})") from None
     if not isinstance(obj, dict) or any(s not in obj for s in SETS):
@@ -370,12 +355,20 @@ def conditions_in_order(obs: pd.DataFrame) -> list[str]:
     return [str(c) for c in pd.unique(obs[keys.OBS_CONDITION].astype(str))]
 
 
-def split_summary(split: Split, cells_per_condition: dict[str, int]) -> list[dict]:
-    """Rows (set, subgroup, conditions, cells) for the summary table."""
+def split_summary(split: Split, cells_per_condition: dict[str, int], measured_genes: Sequence[str],
+                  knowledge=None) -> list[dict]:
+    """Rows (set, subgroup, conditions, cells, unmeasured, unpredictable) for the summary table.
+
+    unmeasured: conditions with a target the screen does not measure; unpredictable: those with a
+    target that is neither measured, nor perturbed in training, nor known to `knowledge`.
+    """
+    from regina_cli.data.knowledge import predictability
 
     def row(set_name: str, subgroup: str, conditions: list[str]) -> dict:
         cells = sum(cells_per_condition.get(c, 0) for c in conditions)
-        return {"set": set_name, "subgroup": subgroup, "conditions": len(conditions), "cells": cells}
+        counts = predictability(conditions, measured_genes, split.train, knowledge)
+        return {"set": set_name, "subgroup": subgroup, "conditions": len(conditions), "cells": cells,
+                "unmeasured": counts["unmeasured"], "unpredictable": counts["unpredictable"]}
 
     rows = []
     for set_name in SETS:
@@ -392,6 +385,19 @@ class SplitOutcome:
     path: Path
     summary: list[dict]
     n_unassigned: int  # dataset conditions in no set (GEARS drops some in combo/single modes)
+    warnings: list[str]
+
+
+def unpredictable_warning(summary: list[dict], knowledge_given: bool) -> str | None:
+    """The warning for a test set with conditions no model can predict, with the fix."""
+    test = next(r for r in summary if r["set"] == "test" and r["subgroup"] == "all")
+    if not test["unpredictable"]:
+        return None
+    fix = ("pass a gene knowledge file that covers those genes" if knowledge_given else
+           "pass --gene-knowledge FILE (gene embeddings or GO terms) at train-ae and predict, "
+           "or run `regina fetch go` and pass --gene-knowledge go")
+    return (f"{test['unpredictable']} of {test['conditions']} test conditions are unpredictable: a target is "
+            f"neither measured, nor perturbed in training, nor known to the gene knowledge; {fix}")
 
 
 def split_dataset(
@@ -402,16 +408,22 @@ def split_dataset(
     train_gene_frac: float = DEFAULT_TRAIN_GENE_FRAC,
     split_file: str | Path | None = None,
     data_dir: str | Path | None = None,
+    gene_knowledge: str | None = None,
 ) -> SplitOutcome:
-    """`regina split`: read the dataset's conditions, make the split, write it atomically."""
+    """`regina split`: read the dataset's conditions, make the split, write it atomically.
+
+    `gene_knowledge` (a path or `go`) only informs the summary of predictable conditions.
+    """
     from regina_cli.data.dataset import read_dataset
+    from regina_cli.data.knowledge import resolve_knowledge
 
     if split_file is None and mode not in MODES:
         raise ReginaError(f"unknown split mode {mode!r}: choose one of {', '.join(MODES)}")
     user_split = read_split_file(split_file) if split_file is not None else None
+    knowledge = resolve_knowledge(gene_knowledge, data_dir) if gene_knowledge is not None else None
     adata = read_dataset(name, data_dir, backed=True)
     try:
-        obs = adata.obs
+        obs, measured = adata.obs, list(adata.var_names)
     finally:
         if adata.isbacked:
             adata.file.close()
@@ -423,4 +435,7 @@ def split_dataset(
     path = save_split(split, data_dir)
     counts = obs[keys.OBS_CONDITION].astype(str).value_counts().to_dict()
     assigned = set(split.train) | set(split.val) | set(split.test)
-    return SplitOutcome(split, path, split_summary(split, counts), sum(c not in assigned for c in conditions))
+    summary = split_summary(split, counts, measured, knowledge)
+    warning = unpredictable_warning(summary, knowledge is not None)
+    return SplitOutcome(split, path, summary, sum(c not in assigned for c in conditions),
+                        [warning] if warning else [])

@@ -1,0 +1,199 @@
+"""Gene knowledge files: every reader on good and bad files, the GO-similarity weighting, the
+restricted unpickler, `go` resolution, and which conditions are predictable."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from regina_cli import keys
+from regina_cli.data.knowledge import (
+    ANNOTATION,
+    EMBEDDING,
+    TOP_K,
+    load_gene_knowledge,
+    predictability,
+    resolve_knowledge,
+)
+from regina_cli.errors import ReginaError
+
+GENES = ["TP53", "MYC", "KLF1"]
+VECTORS = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [-1.0, 0.5, 0.0]])
+TERMS = {"TP53": {"GO:1", "GO:2"}, "MYC": {"GO:2"}, "KLF1": {"GO:3"}}
+
+
+def _embedding_files(folder) -> dict:
+    frame = pd.DataFrame(VECTORS, index=pd.Index(GENES, name="gene"), columns=["d0", "d1", "d2"])
+    paths = {name: folder / name for name in ("e.csv", "e.tsv", "e.csv.gz", "e.npz", "e.parquet", "noheader.txt")}
+    frame.to_csv(paths["e.csv"])
+    frame.to_csv(paths["e.tsv"], sep="\t")
+    paths["e.csv.gz"].write_bytes(gzip.compress(paths["e.csv"].read_bytes()))
+    np.savez(paths["e.npz"], genes=np.array(GENES), embeddings=VECTORS)
+    paths["genept.pkl"] = folder / "genept.pkl"  # GenePT ships a dict gene -> list of floats
+    paths["genept.pkl"].write_bytes(pickle.dumps({g: list(v) for g, v in zip(GENES, VECTORS)}))
+    frame.reset_index().to_parquet(paths["e.parquet"])
+    frame.to_csv(paths["noheader.txt"], sep="\t", header=False)
+    return paths
+
+
+def test_embedding_readers_agree(tmp_path):
+    for name, path in _embedding_files(tmp_path).items():
+        knowledge = load_gene_knowledge(path)
+        assert knowledge.kind == EMBEDDING and knowledge.genes == GENES, name
+        vectors, known = knowledge.vectors(["klf1", "TP53", "NOPE"], anchors=["MYC"])
+        np.testing.assert_allclose(vectors, [VECTORS[2], VECTORS[0], [0, 0, 0]], err_msg=name)
+        assert vectors.dtype == np.float32 and known.tolist() == [True, True, False]
+        assert knowledge.sha256() == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert knowledge.source == str(path) and knowledge.knows("myc") and not knowledge.knows("NOPE")
+
+
+def _gaf_line(gene: str, term: str, qualifier: str = "") -> str:
+    return "\t".join(["UniProtKB", f"P{gene}", gene, qualifier, term, "PMID:1", "IDA", "", "P", "", "", "protein",
+                      "taxon:9606", "20200101", "UniProt"])
+
+
+def _annotation_files(folder) -> dict:
+    pairs = [(g, t) for g, terms in TERMS.items() for t in sorted(terms)]
+    paths = {}
+    paths["a.tsv"] = folder / "a.tsv"
+    paths["a.tsv"].write_text("gene\tterm\n" + "".join(f"{g}\t{t}\n" for g, t in pairs) + "BRCA1\t\n")
+    paths["a.csv.gz"] = folder / "a.csv.gz"
+    paths["a.csv.gz"].write_bytes(gzip.compress("".join(f"{g},{t}\n" for g, t in pairs).encode()))
+    paths["a.gaf"] = folder / "goa_human.gaf"
+    lines = ["!gaf-version: 2.2", "!generated-by: test"] + [_gaf_line(g, t) for g, t in pairs]
+    paths["a.gaf"].write_text("\n".join(lines + [_gaf_line("KLF1", "GO:9", "NOT|enables")]) + "\n")
+    for protocol in (2, 4):
+        paths[f"gene2go{protocol}.pkl"] = folder / f"gene2go{protocol}.pkl"
+        paths[f"gene2go{protocol}.pkl"].write_bytes(pickle.dumps(TERMS, protocol=protocol))
+    return paths
+
+
+def test_annotation_readers_agree(tmp_path):
+    for name, path in _annotation_files(tmp_path).items():
+        knowledge = load_gene_knowledge(path)
+        assert knowledge.kind == ANNOTATION, name
+        assert dict(zip(knowledge.genes, knowledge.terms)) == TERMS, name  # NOT and empty lines skipped
+
+
+def test_go_similarity_is_jaccard_top_k_rows_sum_to_one(tmp_path):
+    knowledge = load_gene_knowledge(_annotation_files(tmp_path)["a.tsv"])
+    vectors, usable = knowledge.vectors(["TP53", "MYC", "KLF1", "NOPE"], anchors=["TP53", "MYC"])
+    # TP53 vs (TP53, MYC): Jaccard 1 and 1/2 -> 2/3, 1/3; MYC: 1/2 and 1 -> 1/3, 2/3.
+    np.testing.assert_allclose(vectors[:2], [[2 / 3, 1 / 3], [1 / 3, 2 / 3]], rtol=1e-6)
+    assert usable.tolist() == [True, True, False, False]  # KLF1 is known but shares no term
+    assert not vectors[2:].any()
+
+    anchors = [f"A{i}" for i in range(TOP_K + 10)]
+    terms = {a: {f"T{j}" for j in range(i + 1)} for i, a in enumerate(anchors)}  # nested term sets
+    terms["X"] = {f"T{j}" for j in range(TOP_K + 10)}
+    path = tmp_path / "nested.pkl"
+    path.write_bytes(pickle.dumps(terms))
+    row, _ = load_gene_knowledge(path).vectors(["X"], anchors=anchors)
+    jaccard = np.arange(1, TOP_K + 11) / (TOP_K + 10)
+    expected = np.where(np.arange(TOP_K + 10) >= 10, jaccard, 0.0)  # the 20 most similar anchors
+    np.testing.assert_allclose(row[0], expected / expected.sum(), rtol=1e-6)
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_unrun(tmp_path):
+    marker = tmp_path / "owned"
+    path = tmp_path / "gene2go.pkl"
+    path.write_bytes(pickle.dumps({"TP53": {"GO:1"}, "EVIL": _Exploit(marker)}))
+    with pytest.raises(ReginaError, match="refused unread"):
+        load_gene_knowledge(path)
+    assert not marker.exists()
+
+
+def _write(path, content):
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("text.csv", "gene,a,b\nTP53,x,y\nMYC,z,w\n", "no numeric columns"),
+        ("dup.csv", "gene,a\nTP53,1\nMYC,2\nTP53,3\n", "'TP53' more than once"),
+        ("nan.tsv", "gene\ta\tb\nTP53\t1\t\nMYC\t2\t3\n", "NaN, missing or infinite values (first in gene 'TP53')"),
+        ("mixed.csv", "gene,a\nTP53,1\nMYC,high\nKLF1,2\n", "holds text 'high'"),
+        ("empty.csv", "", "is empty"),
+        ("header.csv", "gene,a,b\n", "is empty"),
+        ("one.csv", "TP53\nMYC\n", "at least two columns"),
+        ("blob.bin", b"\x00\x01\xfe\xff\x10binary", "unknown format"),
+        ("bad.gz", b"\x1f\x8b\x08\x00broken", "damaged gzip"),
+        ("list.pkl", pickle.dumps(["TP53", "MYC"]), "neither a dict gene -> set of GO terms"),
+        ("ragged.pkl", pickle.dumps({"TP53": [1.0, 2.0], "MYC": [1.0]}), "dict gene -> vector of equal length"),
+        ("short.gaf", "!gaf-version: 2.2\nUniProtKB\tP1\tTP53\n", "not a GAF file"),
+    ],
+)
+def test_bad_files_name_the_file_and_the_problem(tmp_path, name, content, message):
+    path = _write(tmp_path / name, content)
+    with pytest.raises(ReginaError, match="gene knowledge file") as error:
+        load_gene_knowledge(path)
+    assert message in str(error.value) and str(path) in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_npz_files(tmp_path):
+    np.savez(tmp_path / "keys.npz", names=np.array(GENES), vectors=VECTORS)
+    np.savez(tmp_path / "objects.npz", genes=np.array(GENES, dtype=object), vectors=VECTORS)
+    np.savez(tmp_path / "lengths.npz", genes=np.array(GENES[:2]), vectors=VECTORS)
+    for name, message in [("keys", "must hold arrays 'genes' and 'vectors'"), ("objects", "without unpickling"),
+                          ("lengths", "2 genes but 3 vectors")]:
+        with pytest.raises(ReginaError, match=message):
+            load_gene_knowledge(tmp_path / f"{name}.npz")
+
+
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
+    path = _embedding_files(tmp_path)["e.parquet"]
+
+    def no_engine(*args, **kwargs):
+        raise ImportError("Unable to find a usable engine")
+
+    monkeypatch.setattr(pd, "read_parquet", no_engine)
+    with pytest.raises(ReginaError, match="needs pyarrow: pip install pyarrow"):
+        load_gene_knowledge(path)
+
+
+def test_resolve_go_and_paths(tmp_path):
+    with pytest.raises(ReginaError, match="run `regina fetch go`"):
+        resolve_knowledge("go")
+    with pytest.raises(ReginaError, match="not found"):
+        resolve_knowledge(str(tmp_path / "absent.tsv"))
+    keys.go_file().parent.mkdir(parents=True)
+    keys.go_file().write_bytes(pickle.dumps(TERMS))
+    assert resolve_knowledge("go").genes == sorted(TERMS)
+    assert resolve_knowledge(str(keys.go_file())).kind == ANNOTATION
+
+
+def test_predictability_counts_what_has_no_prompt(tmp_path):
+    conditions = ["ctrl", "A+ctrl", "U+ctrl", "T+ctrl", "K+ctrl", "A+U", "T+K"]
+    train = ["ctrl", "A+ctrl", "T+ctrl"]
+    measured = ["A", "B", "C"]
+    plain = predictability(conditions, measured, train)
+    assert plain["conditions"] == 6  # ctrl is no condition to predict
+    assert plain["unmeasured_conditions"] == ["A+U", "K+ctrl", "T+K", "T+ctrl", "U+ctrl"]
+    assert plain["unpredictable_conditions"] == ["A+U", "K+ctrl", "T+K", "U+ctrl"]  # T is trained
+    assert plain["unpredictable_genes"] == ["K", "U"]
+    path = tmp_path / "terms.tsv"
+    path.write_text("U\tGO:1\nB\tGO:1\nK\tGO:7\n")  # U shares a term with measured B; K with nobody
+    informed = predictability(conditions, measured, train, load_gene_knowledge(path))
+    assert informed["unpredictable_conditions"] == ["K+ctrl", "T+K"] and informed["unpredictable"] == 2
+    path.write_text("gene,x\nK,1.0\nU,2.0\n")
+    assert predictability(conditions, measured, train, load_gene_knowledge(path))["unpredictable"] == 0
