@@ -16,7 +16,9 @@ an index near 1 whatever the truth). The table goes to `benchmarks/results/quali
 
 Model choices are made with `--on val` (validation conditions); `--on test` is for reporting.
 Each (dataset, seed) gets its own data folder, so splits and labels of different seeds never
-share a file. `--jobs 2` runs two pipelines at once, each on one CPU thread.
+share a file. `--jobs 2` runs two pipelines at once, each on one CPU thread. Each finished run
+keeps its scores in `<workdir>/<dataset>/seed<S>/runs/<tag>/`; `--reuse` scores them again
+without retraining, and a run that fails is reported without stopping the others.
 """
 
 from __future__ import annotations
@@ -35,12 +37,11 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 DATASETS = {
-    # name: (fetch arguments, label method)
-    "demo": ([], "stress"),
-    "papalexi": (["--from", str(SHARED / "papalexi21_thp1_crisprko.h5ad")], "cell-cycle"),
-    "mcfaline": (["--from", str(SHARED / "mcfaline23_gbm_crispri.h5ad")], "obs:cell_type"),
+    # name: (file in the shared data folder, or None for the embedded demo; label method)
+    "demo": (None, "stress"),
+    "papalexi": ("papalexi21_thp1_crisprko.h5ad", "cell-cycle"),
+    "mcfaline": ("mcfaline23_gbm_crispri.h5ad", "obs:cell_type"),
 }
 METRICS = ("pearson_delta", "pearson_delta_top20_de", "mse_top20_de", "mmd_rbf", "energy_distance",
            "variance_pearson")
@@ -70,16 +71,29 @@ def run(args: list[str], log: Path, env: dict) -> None:
 
 def pipeline(dataset: str, seed: int, opts) -> dict:
     """One dataset and split seed through all seven commands; returns the run's scores."""
+    try:
+        return _pipeline(dataset, seed, opts)
+    except Exception as exc:  # report it with the others instead of losing every run
+        return {"dataset": dataset, "seed": seed, "failed": f"{type(exc).__name__}: {exc}",
+                "train_seconds": float("nan"), "seconds": float("nan")}
+
+
+def _pipeline(dataset: str, seed: int, opts) -> dict:
     folder = Path(opts.workdir) / dataset / f"seed{seed}"
     data, run_dir = folder / "data", folder / "runs" / opts.tag
     log = folder / f"{opts.tag}.log"
+    record = run_dir / "quality.json"
+    if opts.reuse and record.is_file():
+        kept = json.loads(record.read_text())
+        return {**kept, "table": pd.read_csv(run_dir / "eval" / "per_condition.csv")} if "failed" not in kept else kept
     folder.mkdir(parents=True, exist_ok=True)
     if run_dir.exists():
         shutil.rmtree(run_dir)
     log.unlink(missing_ok=True)
     env = {**os.environ, "REGINA_DATA": str(data), "OMP_NUM_THREADS": str(opts.threads),
            "MKL_NUM_THREADS": str(opts.threads)}
-    fetch_args, labels = DATASETS[dataset]
+    source, labels = DATASETS[dataset]
+    fetch_args = [] if source is None else ["--from", str(Path(opts.shared_data) / source)]
     split = f"simulation_{seed}"
     started = time.perf_counter()
     run(["--quiet", "fetch", dataset, *fetch_args], log, env)
@@ -97,16 +111,19 @@ def pipeline(dataset: str, seed: int, opts) -> dict:
     try:
         run(["--quiet", "predict", "--run", str(run_dir), "--conditions", opts.on, "--device", "cpu"], log, env)
     except StepFailed as failure:  # e.g. no test condition has a target the model can prompt
-        return {"dataset": dataset, "seed": seed, "failed": str(failure), "train_seconds": train_seconds,
-                "seconds": time.perf_counter() - started}
+        result = {"dataset": dataset, "seed": seed, "failed": str(failure), "train_seconds": train_seconds,
+                  "seconds": time.perf_counter() - started}
+        record.write_text(json.dumps(result))
+        return result
     eval_dir = run_dir / "eval"
     on = ["--on", opts.on] if opts.on != "test" else []
     run(["--quiet", "evaluate", dataset, "--predictions", str(predictions), "--split", split, "--out",
          str(eval_dir), "--no-plots", "--device", "cpu", *on], log, env)
     table = pd.read_csv(eval_dir / "per_condition.csv")
-    collapse = collapse_index(dataset, data, predictions, table)
-    return {"dataset": dataset, "seed": seed, "table": table, **collapse,
-            "train_seconds": train_seconds, "seconds": time.perf_counter() - started}
+    result = {"dataset": dataset, "seed": seed, **collapse_index(dataset, data, predictions, table),
+              "train_seconds": train_seconds, "seconds": time.perf_counter() - started}
+    record.write_text(json.dumps(result))
+    return {**result, "table": table}
 
 
 def collapse_index(dataset: str, data: Path, predictions: Path, table: pd.DataFrame) -> dict:
@@ -115,6 +132,8 @@ def collapse_index(dataset: str, data: Path, predictions: Path, table: pd.DataFr
 
     real = anndata.read_h5ad(data / dataset / "perturb_processed.h5ad")
     pred = anndata.read_h5ad(predictions)
+    if "prompt_source" in pred.obs:  # predictions written with their control cells
+        pred = pred[pred.obs["prompt_source"].astype(str) != "control"]
     conditions = sorted(set(table.loc[table["model"] == MODEL, "condition"]))
     control = np.asarray(real.X[(real.obs["condition"].astype(str) == "ctrl").to_numpy()].mean(0)).ravel()
     genes = list(pred.var_names)
@@ -188,8 +207,9 @@ def markdown(summary: pd.DataFrame, opts, load: str) -> str:
                 cells.append(text)
             lines.append(f"| {model} | {rows['n'].mean():.1f} | " + " | ".join(cells) + " |")
         ours = frame[frame["model"] == MODEL]
-        for _, failed in ours[ours.get("failed", pd.Series(index=ours.index, dtype=object)).notna()].iterrows():
-            lines.append(f"\nSeed {failed['seed']}: nothing scored ({failed['failed']}).")
+        if "failed" in ours:
+            for _, failed in ours[ours["failed"].notna()].iterrows():
+                lines.append(f"\nSeed {failed['seed']}: nothing scored ({failed['failed']}).")
         lines += ["", f"Collapse index: REGINA {ours['collapse_index'].mean():.3f} ± "
                       f"{ours['collapse_index'].std(ddof=0):.3f}, truth {ours['collapse_index_true'].mean():.3f}. "
                       f"Wall time per seed: {ours['seconds'].mean():.0f} s (training {ours['train_seconds'].mean():.0f} s).",
@@ -209,6 +229,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.md"))
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per pipeline")
+    parser.add_argument("--shared-data", default=str(ROOT.parent / "shared" / "data"),
+                        help="folder with the real screens (papalexi, mcfaline)")
+    parser.add_argument("--reuse", action="store_true", help="score finished runs of this tag again, do not retrain")
     opts = parser.parse_args()
 
     jobs = [(d, s) for d in opts.datasets for s in opts.seeds]

@@ -133,7 +133,8 @@ def main() -> None:
         for frozen in (model.encoder, model.classifier):
             frozen.requires_grad_(False)
             frozen.eval()
-        gan = LatentCycleGAN(model.z_dim, config.model, unmeasured_genes=cells.unmeasured_genes).to(device)
+        gan = LatentCycleGAN(model.z_dim, config.model, prompt_genes=cells.prompt_genes,
+                             learned_genes=cells.prompt_genes).to(device)
         # Training caches E(X) of every cell once (the encoder is frozen); that one-off pass is
         # not a training step, so random latents of the right shape stand in for it here.
         latents = torch.randn(cells.n_cells, model.z_dim, device=device)

@@ -99,7 +99,40 @@ class GANConfig:
     lambda_adv: float = _opt(3.5, "Weight of the generator loss L_G.", **_NON_NEGATIVE)
     lambda_anchor: float = _opt(1.0, "Weight of the reconstruction anchor (decode real latents).", **_NON_NEGATIVE)
     lambda_pred: float = _opt(1.0, "Weight of MSE between decoded prediction and the perturbed cell.", **_NON_NEGATIVE)
-    prompt_value: float = _opt(-1.0, "Value written into targeted genes to build X_fake (negative: knock-down).")
+    lambda_moment: float = _opt(0.0, "Weight of per-condition latent moment matching: mean and spread of T_fwd(z_ctrl) "
+                                "against the real perturbed latents of the same condition (needs no pairing).",
+                                **_NON_NEGATIVE)
+    lambda_bulk: float = _opt(0.0, "Weight of per-condition pseudo-bulk matching: the mean decoded prediction of a "
+                              "condition against the mean of its real cells.", **_NON_NEGATIVE)
+    grad_clip: float = _opt(0.0, "Gradient norm clip of the transitions and the decoder (0 disables; the first "
+                            "research code clipped at 0.5).", **_NON_NEGATIVE)
+    prompt_value: float = _opt(-1.0, "Value written into every targeted gene of X_fake (times the number of targets); "
+                               "its sign follows gan.modality unless that is as_given.")
+    modality: str = _opt("as_given", "What the screen does to its targets: interference or knockout (X_fake's targets "
+                         "are set to -|prompt_value|), activation (+|prompt_value|), or as_given (prompt_value as written).",
+                         choices=("as_given", "interference", "knockout", "activation"))
+    prompt_sign: str = _opt("method", "Encoder prompt direction: method (Z_ctrl - Z_fake, as the method text writes "
+                            "it) or perturbation (Z_fake - Z_ctrl, towards X_fake, as the first research code ran "
+                            "it).", choices=("method", "perturbation"))
+    prompt_scale: str = _opt("raw", "Encoder prompt scale: raw, or matched (rescaled once so its mean norm over the "
+                             "training conditions equals that of their real latent shifts).", choices=("raw", "matched"))
+    gene_features: str = _opt("none", "Gene representation mapped into the prompt by a learned layer, so genes never "
+                              "perturbed in training get a prompt: none, or coexpression (each measured gene's "
+                              "loadings on the principal components of the training cells).",
+                              choices=("none", "coexpression"))
+    gene_feature_dim: int = _opt(32, "Principal components in the co-expression gene representation.", **_AT_LEAST_1)
+    learned_prompts: str = _opt("unmeasured", "Genes with a learned prompt vector: unmeasured (perturbed in training "
+                                "but not measured, whose encoder prompt is empty) or perturbed (every gene perturbed "
+                                "in training).", choices=("unmeasured", "perturbed"))
+    learned_prompt_init: str = _opt("small", "Initial learned prompt vectors: small (0.01 x noise) or shift (the "
+                                    "gene's mean latent shift in its training condition, the scale of real shifts).",
+                                    choices=("small", "shift"))
+    prompt_dropout: float = _opt(0.0, "Probability of hiding a gene's learned prompt vector in a training step, so "
+                                 "the rest of the prompt must carry the condition alone (as for unseen genes).",
+                                 **_FRACTION)
+    validation_holdout: float = _opt(0.0, "When no validation condition can be predicted, hold out this share of the "
+                                     "training perturbations (at least 2) from phase 2 to validate on; 0 validates "
+                                     "on the training conditions instead.", **_FRACTION)
     residual_decoding: bool = _opt(False, "Predict X_ctrl + D(T(z)) - D(z) instead of the method's D(T(z)) (cancels decoder error).")
     lr_scale_batch: bool = _opt(False, "Scale learning rates linearly with batch_size / 64.")
 

@@ -24,6 +24,8 @@ UNS_REGINA = "regina"  # provenance written by REGINA (source, normalisation, ve
 # --- REGINA-specific keys --------------------------------------------------------------------
 OBS_CELL_STATE = "cell_state"  # label used by the latent classifier
 OBS_CONTROL_CELL = "control_cell"  # predictions: which control cell a prediction came from
+OBS_PROMPT_SOURCE = "prompt_source"  # predictions: learned, measured, knowledge (or control)
+VARM_RECONSTRUCTION = "reconstruction"  # predictions: mean decoded control per condition (genes x conditions)
 
 # --- Label vocabulary ------------------------------------------------------------------------
 CTRL = "ctrl"

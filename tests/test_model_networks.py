@@ -118,7 +118,7 @@ def test_transition_starts_as_identity_plus_prompt(cfg):
 
 def test_gan_losses(cfg):
     torch.manual_seed(0)
-    gan = LatentCycleGAN(8, cfg, unmeasured_genes=["U1", "U2"])
+    gan = LatentCycleGAN(8, cfg, prompt_genes=["U1", "U2"], learned_genes=["U1", "U2"])
     z_ctrl, z_pert, prompt = torch.randn(6, 8), torch.randn(6, 8) + 2, torch.randn(6, 8)
     assert cycle_loss(gan, z_ctrl, z_pert, prompt).item() < 1e-10  # exact inverses at init
     fake = gan(z_ctrl, prompt)
@@ -136,12 +136,20 @@ def test_gan_losses(cfg):
     assert noisy.item() != pytest.approx(l_d.item())
 
 
-def test_unmeasured_gene_embeddings_are_added(cfg):
-    gan = LatentCycleGAN(8, cfg, unmeasured_genes=["U1", "U2"])
-    prompt = torch.zeros(3, 8)
-    idx = torch.tensor([[-1, -1], [0, -1], [0, 1]])
-    out = gan.add_unmeasured(prompt, idx)
-    table = gan.unmeasured_embedding.detach()
+def test_gene_prompts_sum_learned_vectors_and_mapped_features(cfg):
+    features = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    gan = LatentCycleGAN(8, cfg, prompt_genes=["A", "B", "C"], gene_features=features, learned_genes=["C", "A"])
+    prompts = gan.gene_prompts
+    assert prompts.learned_genes == ["C", "A"] and prompts.learned.shape == (2, 8)
+    idx = torch.tensor([[-1, -1], [0, -1], [0, 1], [2, -1]])
+    out = gan.add_gene_prompts(torch.zeros(4, 8), idx)
+    mapped = prompts.feature_map(features).detach()
+    learned = prompts.learned.detach()
     assert torch.allclose(out[0], torch.zeros(8))
-    assert torch.allclose(out[1], table[0]) and torch.allclose(out[2], table[0] + table[1])
-    assert any(p is gan.unmeasured_embedding for p in gan.transition_parameters())
+    assert torch.allclose(out[1], mapped[0] + learned[1], atol=1e-6)  # A: its feature map + its learned row
+    assert torch.allclose(out[2], mapped[0] + learned[1] + mapped[1], atol=1e-6)  # B has no learned vector
+    assert torch.allclose(out[3], mapped[2] + learned[0], atol=1e-6)
+    hidden = gan.add_gene_prompts(torch.zeros(4, 8), idx, keep_learned=torch.zeros(4, 2, dtype=torch.bool))
+    assert torch.allclose(hidden[3], mapped[2], atol=1e-6)  # prompt dropout hides the learned part only
+    assert any(p is prompts.learned for p in gan.transition_parameters())
+    assert any(p is prompts.feature_map.weight for p in gan.transition_parameters())

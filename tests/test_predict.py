@@ -10,6 +10,7 @@ import json
 
 import anndata as ad
 import numpy as np
+import scipy.sparse as sp
 import pandas as pd
 import pytest
 import torch
@@ -22,6 +23,7 @@ from regina_cli.data.dataset import write_dataset
 from regina_cli.data.split import save_split
 from regina_cli.engine import checkpoint as ckpt
 from regina_cli.engine.predict import predict, sample_plan
+from regina_cli.engine.prediction_file import FileOptions
 from regina_cli.engine.run_meta import RunMeta, write_meta
 from regina_cli.model.prompt import build_prompt
 from regina_cli.errors import ReginaError
@@ -61,7 +63,7 @@ def tiny_run(tmp_path):
     config = build_config(overrides=[*TINY_MODEL, "gan.prompt_value=-2.0"])
     torch.manual_seed(0)
     ae_model = Autoencoder(len(GENES), 2, config.model)
-    gan = LatentCycleGAN(config.model.z_dim, config.model, unmeasured_genes=["NOTMEASURED"])
+    gan = LatentCycleGAN(config.model.z_dim, config.model, prompt_genes=["NOTMEASURED"], learned_genes=["NOTMEASURED"])
     run = tmp_path / "runs" / "tiny"
     meta = RunMeta(phase="ae", dataset="tiny", split=split.name, labels="stress", gene_names=GENES,
                    label_classes=["Homeostasis", "Stressed"], cell_types=["k562"], conditions=[],
@@ -72,7 +74,8 @@ def tiny_run(tmp_path):
     for paths in (ae_paths, gan_paths):
         ckpt.write_config(paths, config)
     write_meta(ae_paths, meta)
-    write_meta(gan_paths, meta.for_phase("gan", status="trained", unmeasured_genes=gan.unmeasured_genes))
+    write_meta(gan_paths, meta.for_phase("gan", status="trained", prompt_genes=gan.prompt_genes,
+                                         learned_genes=gan.gene_prompts.learned_genes))
     ckpt.save_torch(ae_paths.model, ckpt.state_dict_to_cpu(ae_model))
     phase2 = torch.nn.ModuleDict({"gan": gan, "decoder": ae_model.decoder})  # engine/trained.py's layout
     ckpt.save_torch(gan_paths.model, ckpt.state_dict_to_cpu(phase2))
@@ -84,10 +87,21 @@ def test_predict_seen_unseen_unmeasured_and_combinations(tiny_run):
     conditions = ["G4+ctrl", "G3+G1", "NOTMEASURED+ctrl", "NOTMEASURED+G4", "G1+G2+G3", "G7"]
     path = predict(run, ",".join(conditions), n_cells=CELLS, seed=3, device="cpu")
     assert path == run / keys.PREDICTIONS_FILE
-    pred = ad.read_h5ad(path)
+    written = ad.read_h5ad(path)
+    pred = written[written.obs[keys.OBS_PROMPT_SOURCE] != "control"]
     assert list(pred.var_names) == GENES and pred.X.shape == (CELLS * len(conditions), len(GENES))
     expected_labels = conditions[:-1] + ["G7+ctrl"]  # GEARS spelling for a label the data lacks
     assert pred.obs[keys.OBS_CONDITION].value_counts().to_dict() == {c: CELLS for c in expected_labels}
+    sources = pred.obs.groupby(keys.OBS_CONDITION, observed=True)[keys.OBS_PROMPT_SOURCE].first().astype(str)
+    assert sources.to_dict() == {"G4+ctrl": "measured", "G3+G1": "measured", "NOTMEASURED+ctrl": "learned",
+                                 "NOTMEASURED+G4": "measured", "G1+G2+G3": "measured", "G7+ctrl": "measured"}
+    # The real controls the predictions started from are appended under the control label, once each.
+    appended = written[written.obs[keys.OBS_PROMPT_SOURCE] == "control"]
+    assert set(appended.obs[keys.OBS_CONDITION]) == {"ctrl"}
+    assert set(appended.obs_names) == set(pred.obs[keys.OBS_CONTROL_CELL])
+    np.testing.assert_array_equal(appended.X, adata[appended.obs_names].X.toarray())
+    reconstruction = written.varm[keys.VARM_RECONSTRUCTION]
+    assert list(reconstruction.columns) == expected_labels and reconstruction.shape == (len(GENES), len(conditions))
     controls = adata.obs.loc[pred.obs[keys.OBS_CONTROL_CELL]]
     assert (controls[keys.OBS_CONDITION] == "ctrl").all()
     assert (controls[keys.OBS_CELL_TYPE].to_numpy() == pred.obs[keys.OBS_CELL_TYPE].to_numpy()).all()
@@ -104,13 +118,32 @@ def test_predict_seen_unseen_unmeasured_and_combinations(tiny_run):
         fake = x_ctrl.clone()
         fake[0, 4] = -4.0  # prompt value x two targets, the unmeasured one counted too
         assert torch.allclose(prompt, z - ae_model.encoder(fake), atol=1e-6)
-        expected = ae_model.decoder(z + prompt + gan.unmeasured_embedding[0])
+        expected = ae_model.decoder(z + prompt + gan.gene_prompts.learned[0])
     np.testing.assert_allclose(pred.X[row], expected[0].numpy(), rtol=1e-4, atol=1e-5)
 
     again = ad.read_h5ad(predict(run, ",".join(conditions), n_cells=CELLS, seed=3, device="cpu",
                                  out=run / "again.h5ad"))
-    np.testing.assert_array_equal(again.X, pred.X)
-    assert list(again.obs[keys.OBS_CONTROL_CELL]) == list(pred.obs[keys.OBS_CONTROL_CELL])
+    np.testing.assert_array_equal(again.X, written.X)
+    assert list(again.obs[keys.OBS_CONTROL_CELL]) == list(written.obs[keys.OBS_CONTROL_CELL])
+    # The same conditions in another order and spelling are the dataset's conditions.
+    reordered = ad.read_h5ad(predict(run, "G1+G3", n_cells=2, device="cpu", out=run / "r.h5ad",
+                                     options=FileOptions(with_controls=False)))
+    assert set(reordered.obs[keys.OBS_CONDITION]) == {"G3+G1"}
+
+
+def test_clip_and_sparsify_give_data_like_values(tiny_run):
+    run = tiny_run[0]
+    plain = ad.read_h5ad(predict(run, "G4+ctrl", n_cells=20, device="cpu", out=run / "a.h5ad",
+                                 options=FileOptions(with_controls=False)))
+    sparse = ad.read_h5ad(predict(run, "G4+ctrl", n_cells=20, device="cpu", out=run / "b.h5ad",
+                                  options=FileOptions(with_controls=False, sparsify=True)))
+    assert (plain.X < 0).any()  # an untrained decoder: negative values to clip
+    assert sp.issparse(sparse.X) and sparse.X.min() >= 0
+    threshold = sparse.uns[keys.UNS_REGINA]["sparsify_threshold"]
+    dense = sparse.X.toarray()
+    assert threshold > 0 and not ((dense > 0) & (dense < threshold)).any()
+    kept = plain.X >= threshold
+    np.testing.assert_allclose(dense[kept], plain.X[kept], rtol=1e-6)
 
 
 def test_predict_test_set_through_cli(tiny_run):
@@ -121,10 +154,11 @@ def test_predict_test_set_through_cli(tiny_run):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["skipped"] == ["UNKNOWNGENE+ctrl"]  # no prompt exists for it
     pred = ad.read_h5ad(run / "p.h5ad")
-    assert set(pred.obs[keys.OBS_CONDITION]) == {"G4+ctrl"} and pred.n_obs == 4
+    assert set(pred.obs[keys.OBS_CONDITION]) == {"G4+ctrl", "ctrl"}
+    assert (pred.obs[keys.OBS_CONDITION] == "G4+ctrl").sum() == 4
     assert list(pred.uns[keys.UNS_REGINA]["skipped_conditions"]) == ["UNKNOWNGENE+ctrl"]
     result = CliRunner().invoke(app, ["predict", "--run", str(run), "--conditions-file", str(run / "conds.txt"),
-                                      "--cells", "3", "--device", "cpu"])
+                                      "--cells", "3", "--device", "cpu", "--no-controls"])
     assert result.exit_code == 0, result.output
     assert ad.read_h5ad(run / keys.PREDICTIONS_FILE).n_obs == 6
 
@@ -133,7 +167,7 @@ def test_unknown_gene_is_a_clear_error(tiny_run):
     run = tiny_run[0]
     with pytest.raises(ReginaError, match=r"gene 'g10' \(condition 'g10\+ctrl'\).*close names: G10, "):
         predict(run, "g10", device="cpu")
-    with pytest.raises(ReginaError, match="was not perturbed in training"):
+    with pytest.raises(ReginaError, match="not perturbed in training"):
         predict(run, "UNMEASURED2+G1", device="cpu")
     result = CliRunner().invoke(app, ["predict", "--run", str(run), "--conditions", "ctrl", "--device", "cpu"])
     assert result.exit_code != 0 and "control condition" in result.output
@@ -152,7 +186,7 @@ def test_predict_from_a_run_trained_by_the_engine(tmp_path):
     train_autoencoder("tiny", split="custom_1", labels="stress", run_dir=run, config=config, device="cpu",
                       progress="silent")
     train_gan(run, device="cpu", progress="silent")
-    pred = ad.read_h5ad(predict(run, "all", n_cells=6, device="cpu"))
+    pred = ad.read_h5ad(predict(run, "all", n_cells=6, device="cpu", options=FileOptions(with_controls=False)))
     trained_on = {"G1+ctrl", "G2+ctrl", "G1+G2", "NOTMEASURED+ctrl", "G3+ctrl", "G3+G1", "G4+ctrl"}
     assert set(pred.obs[keys.OBS_CONDITION]) == trained_on and pred.n_obs == 6 * len(trained_on)
     assert np.isfinite(pred.X).all() and pred.X.std(0).max() > 0

@@ -50,7 +50,7 @@ def test_codes_sets_and_targets():
     assert cells.dense and cells.x.shape == (cells.n_cells, len(GENES))
     assert "G4+ctrl" not in cells.conditions  # test cells are not loaded
     assert cells.label_classes == ["Homeostasis", "Stressed"]
-    assert cells.unmeasured_genes == ["NOTMEASURED"]
+    assert cells.prompt_genes == ["NOTMEASURED"]  # by default: training targets the screen does not measure
     conds = np.array(cells.conditions)[cells.condition_codes.numpy()]
     assert set(conds[cells.val_idx.numpy()]) == set(VAL)
     assert set(conds[cells.train_idx.numpy()]) == set(TRAIN)
@@ -60,15 +60,15 @@ def test_codes_sets_and_targets():
     code = cells.conditions.index("G1+G2")
     assert cells.target_idx[code].tolist() == [1, 2] and cells.n_targets[code] == 2
     code = cells.conditions.index("NOTMEASURED+ctrl")
-    assert cells.target_idx[code].tolist() == [-1, -1] and cells.unmeasured_idx[code].tolist() == [0, -1]
+    assert cells.target_idx[code].tolist() == [-1, -1] and cells.prompt_idx[code].tolist() == [0, -1]
     assert bool(cells.usable.all())
 
 
 def test_unseen_unmeasured_target_is_marked_unusable():
-    target_idx, unmeasured_idx, n_targets, usable = condition_targets(
-        ["ctrl", "G0+ctrl", "X+ctrl", "U+G0"], ["G0", "G1"], ["U"])
+    target_idx, prompt_idx, n_targets, usable = condition_targets(
+        ["ctrl", "G0+ctrl", "X+ctrl", "U+G0"], ["G0", "G1"], ["U", "G0"])
     assert target_idx.tolist() == [[-1, -1], [0, -1], [-1, -1], [-1, 0]]
-    assert unmeasured_idx.tolist() == [[-1, -1], [-1, -1], [-1, -1], [0, -1]]
+    assert prompt_idx.tolist() == [[-1, -1], [1, -1], [-1, -1], [0, 1]]  # a measured gene can have a prompt too
     assert n_targets.tolist() == [0, 1, 1, 2] and usable.tolist() == [True, True, False, True]
 
 

@@ -162,7 +162,7 @@ def test_gan_validation_works_with_fewer_genes_than_top_de():
     from regina_cli.data.tensors import CellTensors
     from regina_cli.engine.distributed import DistContext
     from regina_cli.engine.gan_validation import TOP_DE, build_plan
-    from regina_cli.engine.train_gan import CycleGANPhase
+    from regina_cli.engine.train_gan import CycleGANPhase, encode_all
     from regina_cli.model.autoencoder import Autoencoder
     from regina_cli.model.gan import LatentCycleGAN
 
@@ -179,10 +179,14 @@ def test_gan_validation_works_with_fewer_genes_than_top_de():
                                                     "model.transition_hidden=16", "model.discriminator_hidden=[16]"])
     cells = CellTensors.from_anndata(adata, split, device_data="always")
     ae = Autoencoder(cells.n_genes, 2, config.model).eval()
-    gan = LatentCycleGAN(ae.z_dim, config.model, unmeasured_genes=cells.unmeasured_genes)
+    gan = LatentCycleGAN(ae.z_dim, config.model, prompt_genes=cells.prompt_genes)
     plan = build_plan(cells, adata, seed=0)
     assert plan.conditions == ["G3+ctrl"]
-    phase = CycleGANPhase(ae, gan, cells, config, DistContext(0, 0, 1, torch.device("cpu")), plan)
+    latents = encode_all(ae.encoder, cells, "off")
+    phase = CycleGANPhase(ae, gan, cells, config, DistContext(0, 0, 1, torch.device("cpu")), plan, latents)
     values = phase.validate(1)
-    assert set(values) == {"pearson_delta", "pearson_delta_top20_de", "mse_delta"}
+    assert {"pearson_delta", "pearson_delta_top20_de", "mse_delta", "collapse_index",
+            "ceiling_pearson_delta"} <= set(values)
+    collapse = {k: values.pop(k) for k in ("collapse_index", "collapse_index_true")}
+    assert all(np.isnan(v) for v in collapse.values())  # one validation condition: no pairs to correlate
     assert all(np.isfinite(v) for v in values.values())

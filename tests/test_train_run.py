@@ -121,7 +121,7 @@ def test_real_screen_trains_and_reconstruction_improves(mcfaline_path, tmp_path)
     assert summary["epochs"] == 1
     gan_meta = json.loads((tmp_path / "run" / "gan" / "meta.json").read_text())
     # none of McFaline's CRISPRi targets is among its 500 measured genes: learned prompts only
-    assert len(gan_meta["unmeasured_genes"]) == len(meta["train_conditions"]) - 1 and gan_meta["validation_source"].startswith("training")
+    assert len(gan_meta["learned_genes"]) == len(meta["train_conditions"]) - 1 and gan_meta["validation_source"].startswith("training")
 
 
 def test_consistency_early_stopping_triggers_on_rising_l_cons(demo_data, tmp_path, monkeypatch):

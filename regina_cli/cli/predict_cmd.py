@@ -17,7 +17,7 @@ def predict_command(
     run: Path = typer.Option(..., "--run", help="Run directory with trained ae/ and gan/ phases."),
     conditions: str = typer.Option(
         "test", "--conditions",
-        help="test, all (the run's split), or a comma-separated list such as KLF1+ctrl,KLF1+CEBPA.",
+        help="test, val, all (the run's split), or a comma-separated list such as KLF1+ctrl,KLF1+CEBPA.",
     ),
     conditions_file: Path = typer.Option(
         None, "--conditions-file", help="File with one condition per line (instead of --conditions).",
@@ -28,25 +28,39 @@ def predict_command(
     out: Path = typer.Option(
         None, "--out", help="Output h5ad (default: <run>/predictions.h5ad).", show_default=False
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    with_controls: bool = typer.Option(
+        True, "--with-controls/--no-controls",
+        help="Append the real control cells the predictions started from (condition = the dataset's control "
+        "label), so rank_genes_groups and cell-eval run on the file directly."),
+    clip: bool = typer.Option(False, "--clip", help="Set negative predicted values to 0 (the data's range)."),
+    sparsify: bool = typer.Option(
+        False, "--sparsify", help="Clip, zero values below half the data's smallest non-zero value, store X sparse."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     data_dir: Path = DataDirOpt,
 ) -> None:
     """Predict cells for each condition: control cells -> encoder -> prompt -> forward transition -> decoder."""
+    from regina_cli.engine.prediction_file import FileOptions
     from regina_cli.engine.predict import read_conditions_file, run_prediction
 
     if conditions_file is not None and conditions != "test":
         raise ReginaError("give either --conditions or --conditions-file, not both")
     chosen = read_conditions_file(conditions_file) if conditions_file is not None else conditions
-    result = run_prediction(run, chosen, n_cells=cells, seed=seed, out=out, device=device, data_dir=data_dir)
+    options = FileOptions(with_controls=with_controls, clip=clip, sparsify=sparsify)
+    result = run_prediction(run, chosen, n_cells=cells, seed=seed, out=out, device=device, data_dir=data_dir,
+                            options=options)
     extra = (f", {result.n_new_conditions} never measured in the data"
              if result.n_new_conditions else "")
     info(f"predicted {result.n_cells} cells for {result.n_conditions} conditions{extra} on {result.device} "
          f"in {result.seconds:.1f} s")
+    by_source = {}
+    for condition, source in result.sources.items():
+        by_source.setdefault(source, []).append(condition)
+    info("prompt sources: " + "; ".join(f"{source} {len(c)}" for source, c in sorted(by_source.items())))
     if result.skipped:
         info(f"[yellow]skipped {len(result.skipped)} condition(s) whose targets are neither measured nor "
-             f"perturbed in training:[/] {', '.join(result.skipped)}")
+             f"perturbed in training nor in the run's gene knowledge:[/] {', '.join(result.skipped)}")
     info(f"wrote {result.path}")
     emit_result({"predictions": str(result.path), "conditions": result.n_conditions, "cells": result.n_cells,
-                 "new_conditions": result.n_new_conditions, "skipped": result.skipped,
+                 "new_conditions": result.n_new_conditions, "skipped": result.skipped, "sources": result.sources,
                  "device": result.device,
                  "seconds": round(result.seconds, 3)})

@@ -99,4 +99,6 @@ def _report(command: str, summary: dict, phase_dir: Path) -> None:
         table.add_row("throughput", f"{last['cells_per_s']:,.0f} training cells/s")
     table.add_row("weights", str(phase_dir / keys.MODEL_FILE))
     show(table)
+    for warning in summary.get("warnings", []):
+        info(f"[yellow]warning:[/] {warning}")
     emit_result(summary)

@@ -33,7 +33,7 @@ class CellTensors:
 
     Per cell (local row i): `condition_codes`, `cell_type_codes`, `labels` (-1 without
     labels), `is_control`. Per condition (code c): `target_idx[c]` gene indices of its
-    measured targets and `unmeasured_idx[c]` indices into `unmeasured_genes` (both padded
+    measured targets and `prompt_idx[c]` their positions in `prompt_genes` (both padded
     with -1), `n_targets[c]` all its targets, `usable[c]` whether every target is measured or
     has a learned prompt. Index sets: `train_idx`, `val_idx`, and their perturbed-only parts.
     """
@@ -53,9 +53,9 @@ class CellTensors:
     is_control: torch.Tensor
     train_idx: torch.Tensor
     val_idx: torch.Tensor
-    unmeasured_genes: list[str]
+    prompt_genes: list[str]
     target_idx: torch.Tensor
-    unmeasured_idx: torch.Tensor
+    prompt_idx: torch.Tensor
     n_targets: torch.Tensor
     usable: torch.Tensor
     chunk_cells: int = 8192
@@ -80,11 +80,12 @@ class CellTensors:
         chunk_cells: int = 8192,
         label_classes: Sequence[str] | None = None,
         genes: Sequence[str] | None = None,
-        unmeasured_genes: Sequence[str] | None = None,
+        prompt_genes: Sequence[str] | None = None,
     ) -> "CellTensors":
         """Build from a dataset (in memory or backed), its `Split` and optional cell labels.
 
-        `genes`, `label_classes` and `unmeasured_genes` come from a trained run's metadata when
+        `genes`, `label_classes` and `prompt_genes` (genes with a phase-2 gene prompt; by default
+        the training targets the data does not measure) come from a trained run's metadata when
         continuing one; a mismatch with the data is a ReginaError.
         """
         device = torch.device(device)
@@ -117,9 +118,9 @@ class CellTensors:
 
         train_set = set(split.train)
         in_train = np.isin(kept_condition, list(train_set))
-        unmeasured = (list(unmeasured_genes) if unmeasured_genes is not None
-                      else sorted(condition_genes(train_set) - set(data_genes)))
-        target_idx, unmeasured_idx, n_targets, usable = condition_targets(conditions, data_genes, unmeasured)
+        prompt_genes = (list(prompt_genes) if prompt_genes is not None
+                        else sorted(condition_genes(train_set) - set(data_genes)))
+        target_idx, prompt_idx, n_targets, usable = condition_targets(conditions, data_genes, prompt_genes)
 
         as_long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long, device=device)  # noqa: E731
         dense = use_dense(device_data, len(file_rows), len(data_genes), device)
@@ -132,8 +133,8 @@ class CellTensors:
             cell_types=cell_types, cell_type_codes=as_long(np.searchsorted(cell_types, cell_type)),
             is_control=torch.as_tensor(control, device=device),
             train_idx=as_long(np.flatnonzero(in_train)), val_idx=as_long(np.flatnonzero(~in_train)),
-            unmeasured_genes=unmeasured, target_idx=as_long(target_idx),
-            unmeasured_idx=as_long(unmeasured_idx), n_targets=as_long(n_targets),
+            prompt_genes=prompt_genes, target_idx=as_long(target_idx),
+            prompt_idx=as_long(prompt_idx), n_targets=as_long(n_targets),
             usable=torch.as_tensor(usable, device=device), chunk_cells=chunk_cells,
             _reader=None if dense else reader,
         )
@@ -289,29 +290,28 @@ class CellTensors:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-def condition_targets(conditions: Sequence[str], genes: Sequence[str], unmeasured_genes: Sequence[str]):
-    """Padded target arrays for `conditions`: (target_idx, unmeasured_idx, n_targets, usable).
+def condition_targets(conditions: Sequence[str], genes: Sequence[str], prompt_genes: Sequence[str]):
+    """Padded target arrays for `conditions`: (target_idx, prompt_idx, n_targets, usable).
 
     `target_idx[c, j]` is the gene index of the j-th target if measured, else -1;
-    `unmeasured_idx[c, j]` its index in `unmeasured_genes` if it has a learned prompt, else -1.
+    `prompt_idx[c, j]` its position in `prompt_genes` (genes with a gene prompt), else -1.
+    A condition is usable when each target is measured (encoder prompt) or has a gene prompt.
     """
     gene_pos = {g: i for i, g in enumerate(genes)}
-    unmeasured_pos = {g: i for i, g in enumerate(unmeasured_genes)}
+    prompt_pos = {g: i for i, g in enumerate(prompt_genes)}
     parsed = [parse_condition(c) for c in conditions]
     width = max([1, *(len(p) for p in parsed)])
     target_idx = np.full((len(conditions), width), -1, dtype=np.int64)
-    unmeasured_idx = np.full((len(conditions), width), -1, dtype=np.int64)
+    prompt_idx = np.full((len(conditions), width), -1, dtype=np.int64)
     usable = np.ones(len(conditions), dtype=bool)
     for c, targets in enumerate(parsed):
         for j, gene in enumerate(targets):
-            if gene in gene_pos:
-                target_idx[c, j] = gene_pos[gene]
-            elif gene in unmeasured_pos:
-                unmeasured_idx[c, j] = unmeasured_pos[gene]
-            else:
+            target_idx[c, j] = gene_pos.get(gene, -1)
+            prompt_idx[c, j] = prompt_pos.get(gene, -1)
+            if gene not in gene_pos and gene not in prompt_pos:
                 usable[c] = False
     n_targets = np.array([len(p) for p in parsed], dtype=np.int64)
-    return target_idx, unmeasured_idx, n_targets, usable
+    return target_idx, prompt_idx, n_targets, usable
 
 
 def _check_split_conditions(split, data_conditions: set[str]) -> None:

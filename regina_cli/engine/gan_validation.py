@@ -1,9 +1,24 @@
-"""Phase-2 validation: predict held-out conditions from controls and score their mean deltas.
+"""Phase-2 validation: predict held-out conditions from controls, score their mean deltas, and
+say when the predictions look wrong.
 
 The plan (which cells, their condition groups, the true mean deltas and DE genes) is fixed for
 the run and built once, so each epoch only runs the networks. Deltas are taken against the mean
 of the training controls, as `regina evaluate` and GEARS take them against all controls, so the
 validation `pearson_delta` is the evaluation's `pearson_delta` on validation conditions.
+
+When no validation condition can be predicted (its targets have no prompt), a share of the
+training perturbations is held out of phase 2 instead (`gan.validation_holdout`), so model
+selection never silently scores conditions the model trains on.
+
+Diagnostics beside the scores (all on the validation conditions):
+  collapse_index        mean pairwise Pearson of predicted mean deltas across conditions
+                        (`collapse_index_true`: the same for the real deltas); near 1 with a much
+                        lower truth means one generic shift for every condition
+  prompt_to_shift       mean |prompt| / |real latent shift| of a condition
+  shift_ratio           mean |predicted latent shift| / |real latent shift|
+  ceiling_pearson_delta Pearson delta of decoding each control's latent plus the condition's real
+                        mean latent shift: what a perfect transition could reach through this
+                        autoencoder
 """
 
 from __future__ import annotations
@@ -37,6 +52,7 @@ class ValidationPlan:
 
     source: str
     conditions: list[str]
+    held_out: list[str]  # training conditions held out of phase 2 to validate on
     rows: torch.Tensor
     groups: torch.Tensor
     counts: torch.Tensor
@@ -57,19 +73,48 @@ class ValidationScores:
     pearson_delta: float
     pearson_delta_top20_de: float
     mse_delta: float
+    collapse_index: float
+    collapse_index_true: float
+    prompt_to_shift: float
+    shift_ratio: float
+    ceiling_pearson_delta: float
 
     def as_dict(self) -> dict[str, float]:
         return dict(vars(self))
 
+    def warnings(self) -> list[str]:
+        """Plain sentences for what looks wrong (empty when nothing does)."""
+        out = []
+        if self.collapse_index - self.collapse_index_true > 0.2:
+            out.append(f"predictions of different conditions look alike: their mean deltas correlate at "
+                       f"{self.collapse_index:.2f} on average, the real ones at {self.collapse_index_true:.2f} "
+                       "(phase 2 collapsed towards one shift)")
+        if self.prompt_to_shift < 0.1:
+            out.append(f"the prompt is {self.prompt_to_shift:.2f} times the size of the real latent shifts: it can "
+                       "hardly tell conditions apart (try gan.prompt_scale=matched or gan.gene_features)")
+        if not 1 / 3 <= self.shift_ratio <= 3:
+            out.append(f"predicted latent shifts are {self.shift_ratio:.2f} times the real ones")
+        if self.ceiling_pearson_delta < 0.5:
+            out.append(f"the autoencoder limits phase 2: decoding the real latent shifts gives pearson_delta "
+                       f"{self.ceiling_pearson_delta:.2f} on validation; a larger model (model.d_model, "
+                       "model.z_dim) or longer phase 1 raises it")
+        return out
 
-def build_plan(cells, adata, *, seed: int) -> ValidationPlan:
-    """The plan for the validation conditions whose targets the model can prompt (each target
-    measured or with a learned prompt). When none is, the training conditions are scored
-    instead, and `source` says so."""
-    source = FROM_VALIDATION
+
+def build_plan(cells, adata, *, seed: int, holdout: float = 0.0) -> ValidationPlan:
+    """The plan for the validation conditions the model can prompt (`cells.usable`). When none
+    is, `holdout` > 0 holds out that share of the usable training perturbations (at least 2)
+    and validates on them; with 0 the training conditions themselves are scored, as `source`
+    says."""
+    source, held_out = FROM_VALIDATION, []
     rows, groups, conditions = _condition_groups(cells, cells.val_perturbed_idx, seed)
+    if not conditions and holdout > 0:
+        held_out = holdout_conditions(cells, holdout, seed)
+        source = (f"{len(held_out)} training conditions held out of phase 2 (no validation condition is "
+                  "predictable)")
+        rows, groups, conditions = _condition_groups(cells, cells.train_perturbed_idx, seed, only=held_out)
     if not conditions:
-        source = "training conditions (no validation condition is predictable: its targets are unmeasured)"
+        source = "training conditions (no validation condition is predictable: its targets have no prompt)"
         rows, groups, conditions = _condition_groups(cells, cells.train_perturbed_idx, seed)
     dev = cells.device
     as_long = lambda a: torch.as_tensor(np.concatenate(a), dtype=torch.long, device=dev)  # noqa: E731
@@ -80,19 +125,29 @@ def build_plan(cells, adata, *, seed: int) -> ValidationPlan:
         true_sum.index_add_(0, chunk_groups, cells.rows(chunk).double())
     reference = training_control_mean(cells)
     return ValidationPlan(
-        source=source, conditions=conditions, rows=plan_rows, groups=plan_groups, counts=counts,
-        reference=reference, delta_true=true_sum / counts.unsqueeze(1) - reference,
+        source=source, conditions=conditions, held_out=held_out, rows=plan_rows, groups=plan_groups,
+        counts=counts, reference=reference, delta_true=true_sum / counts.unsqueeze(1) - reference,
         top_de=torch.as_tensor(top_de_indices(adata, conditions, cells.genes), device=dev))
 
 
-def _condition_groups(cells, index: torch.Tensor, seed: int):
+def holdout_conditions(cells, share: float, seed: int) -> list[str]:
+    """A seeded share (at least 2, leaving at least 2) of the usable perturbed training conditions."""
+    codes = np.unique(cells.condition_codes[cells.train_perturbed_idx].cpu().numpy())
+    usable = [cells.conditions[c] for c in codes if bool(cells.usable[c])]
+    n = min(max(2, round(share * len(usable))), len(usable) - 2)
+    if n < 1:
+        return []
+    return sorted(np.random.default_rng(seed).choice(usable, n, replace=False).tolist())
+
+
+def _condition_groups(cells, index: torch.Tensor, seed: int, only: list[str] | None = None):
     rng = np.random.default_rng(seed)
     cells_np = index.cpu().numpy()
     codes = cells.condition_codes.cpu().numpy()[cells_np]
     usable = cells.usable.cpu().numpy()
     rows, groups, conditions = [], [], []
     for code in np.unique(codes):
-        if not usable[code]:
+        if not usable[code] or (only is not None and cells.conditions[code] not in only):
             continue
         members = cells_np[codes == code]
         if len(members) > CELLS_PER_CONDITION:
@@ -131,28 +186,62 @@ def top_de_indices(adata, conditions: list[str], genes: list[str]) -> np.ndarray
 
 
 @torch.no_grad()
-def predicted_deltas(plan: ValidationPlan, cells, predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                     *, seed: int) -> torch.Tensor:
-    """Mean predicted delta [K, G] per planned condition. `predict(rows, control_rows)` returns
-    the predicted expression of cells `rows` (their conditions) started from `control_rows`;
-    the controls are drawn with the same seed every epoch, so epochs are compared fairly."""
+def group_latent_shift(plan: ValidationPlan, latents: torch.Tensor, cells) -> torch.Tensor:
+    """Real mean latent shift [K, z] of each planned condition from the training controls."""
+    sums = torch.zeros((len(plan.conditions), latents.shape[1]), dtype=torch.float64, device=latents.device)
+    sums.index_add_(0, plan.groups, latents[plan.rows].double())
+    controls = cells.train_idx[cells.is_control[cells.train_idx]]
+    return (sums / plan.counts.unsqueeze(1) - latents[controls].double().mean(0)).float()
+
+
+@torch.no_grad()
+def group_means(plan: ValidationPlan, cells, predict: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                                                dict[str, torch.Tensor]], *, seed: int) -> dict:
+    """Per planned condition, the mean of each quantity `predict(rows, control_rows, groups)`
+    returns for cells `rows` started from `control_rows` ({name: [B, ...]} -> {name: [K, ...]}).
+    The controls are drawn with the same seed every epoch, so epochs are compared fairly."""
     generator = torch.Generator(cells.device).manual_seed(seed)
-    pred_sum = torch.zeros((len(plan.conditions), cells.n_genes), dtype=torch.float64, device=cells.device)
+    sums: dict[str, torch.Tensor] = {}
     for rows, groups in zip(plan.rows.split(CHUNK), plan.groups.split(CHUNK)):
-        pred_sum.index_add_(0, groups, predict(rows, cells.control_partners(rows, generator)).double())
-    return pred_sum / plan.counts.unsqueeze(1) - plan.reference
+        for name, values in predict(rows, cells.control_partners(rows, generator), groups).items():
+            if name not in sums:
+                sums[name] = torch.zeros((len(plan.conditions), values.shape[1]), dtype=torch.float64,
+                                         device=cells.device)
+            sums[name].index_add_(0, groups, values.double())
+    return {name: total / plan.counts.unsqueeze(1) for name, total in sums.items()}
 
 
-def score(plan: ValidationPlan, delta_pred: torch.Tensor) -> ValidationScores:
-    """Pearson of mean deltas over all genes and over each condition's top-20 DE genes, and
-    their mean squared error; one read-back."""
-    delta_true = plan.delta_true
+def score(plan: ValidationPlan, means: dict, latent_shift_true: torch.Tensor) -> ValidationScores:
+    """Pearson of mean deltas over all genes and over each condition's top-20 DE genes, their
+    mean squared error, and the diagnostics (module docstring); one read-back.
+
+    `means` (from `group_means`): "expression" (prediction), "ceiling" (decoded control latent +
+    real shift), "prompt" and "latent_shift" (predicted) per condition; `latent_shift_true` [K, z].
+    """
+    delta_true, delta_pred = plan.delta_true, means["expression"] - plan.reference
     k = min(TOP_DE, delta_true.shape[1])  # a screen of fewer than 20 genes ranks all of them
     top = plan.top_de[:, :k]
     top = torch.where(top >= 0, top, delta_true.abs().topk(k, dim=1).indices)
+    true_norm = latent_shift_true.double().norm(dim=1).clamp_min(1e-12)
     values = torch.stack([
         pearson(delta_pred, delta_true).nanmean(),
         pearson(delta_pred.gather(1, top), delta_true.gather(1, top)).nanmean(),
         ((delta_pred - delta_true) ** 2).mean(),
+        mean_pairwise_correlation(delta_pred),
+        mean_pairwise_correlation(delta_true),
+        (means["prompt"].norm(dim=1) / true_norm).mean(),
+        (means["latent_shift"].norm(dim=1) / true_norm).mean(),
+        pearson(means["ceiling"] - plan.reference, delta_true).nanmean(),
     ])
     return ValidationScores(*values.tolist())
+
+
+def mean_pairwise_correlation(deltas: torch.Tensor) -> torch.Tensor:
+    """Mean Pearson correlation over all pairs of rows (NaN with fewer than two rows)."""
+    if len(deltas) < 2:
+        return torch.tensor(float("nan"), dtype=torch.float64, device=deltas.device)
+    centred = deltas - deltas.mean(1, keepdim=True)
+    unit = centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    corr = unit @ unit.T
+    n = len(deltas)
+    return (corr.sum() - corr.diagonal().sum()) / (n * (n - 1))

@@ -8,6 +8,11 @@ through the networks together in large batches on the device, so a whole test se
 Cells per condition (`n_cells`) are shared between the condition's cell types in proportion to
 its real cells, so predicted and real populations have the same mix; a condition with no real
 cells (a new combination, say) is spread evenly over every cell type that has controls.
+
+Each condition's prompt source is recorded: `learned` (every target was perturbed in training),
+`measured` (an unseen target the screen measures: encoder prompt and co-expression features) or
+`knowledge` (an unseen target known only through prior knowledge). The file is written by
+`engine.prediction_file`.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ import torch
 
 from regina_cli import keys
 from regina_cli.data.conditions import canonical_condition, is_control, parse_condition
+from regina_cli.engine import prediction_file
+from regina_cli.engine.prediction_file import FileOptions
 from regina_cli.errors import ReginaError
 
 BATCH_CELLS = 4096
-CONDITION_SETS = ("test", "all")
+CONDITION_SETS = ("test", "val", "all")
+MEMORY_SHARE = 0.5  # predictions may take this share of the free memory (host and device)
 
 
 @dataclass
@@ -37,20 +45,22 @@ class PredictionResult:
     n_cells: int
     n_new_conditions: int  # conditions without real cells in the dataset
     skipped: list[str]  # conditions of `test`/`all` whose targets the model cannot know
+    sources: dict[str, str]  # condition -> prompt source (learned, measured, knowledge)
     device: str
     seconds: float
 
 
 def predict(run_dir: str | Path, conditions: str | Sequence[str], *, n_cells: int = 100, seed: int = 0,
-            out: str | Path | None = None, device: str = "auto", data_dir: str | Path | None = None) -> Path:
-    """Write predictions for `conditions` ("test", "all", "A+ctrl,A+B" or a list); returns the file."""
+            out: str | Path | None = None, device: str = "auto", data_dir: str | Path | None = None,
+            options: FileOptions | None = None) -> Path:
+    """Write predictions for `conditions` ("test", "val", "all", "A+ctrl,A+B" or a list); returns the file."""
     return run_prediction(run_dir, conditions, n_cells=n_cells, seed=seed, out=out, device=device,
-                          data_dir=data_dir).path
+                          data_dir=data_dir, options=options).path
 
 
 def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_cells: int = 100, seed: int = 0,
-                   out: str | Path | None = None, device: str = "auto",
-                   data_dir: str | Path | None = None) -> PredictionResult:
+                   out: str | Path | None = None, device: str = "auto", data_dir: str | Path | None = None,
+                   options: FileOptions | None = None) -> PredictionResult:
     """`predict` plus what the CLI reports (counts, device, time)."""
     from regina_cli.data.dataset import read_dataset
     from regina_cli.data.split import load_split
@@ -58,6 +68,7 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
     from regina_cli.io import write_h5ad
 
     started = time.perf_counter()
+    options = options or FileOptions()
     if n_cells < 1:
         raise ReginaError("--cells must be at least 1")
     run_dir = Path(run_dir)
@@ -65,8 +76,7 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
     if trained.gan is None:
         raise ReginaError(f"{run_dir} has no trained phase 2; run `regina train-gan --run {run_dir}` first")
     meta = trained.meta
-    genes = list(meta.gene_names)
-    unmeasured = list(trained.gan.unmeasured_genes)
+    genes, prompt_genes = list(meta.gene_names), trained.gan.prompt_genes
     split = load_split(meta.dataset, meta.split, data_dir)
     adata = read_dataset(meta.dataset, data_dir, backed=True)
     try:
@@ -77,23 +87,45 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
         skipped = []
         if isinstance(conditions, str) and conditions in CONDITION_SETS:
             # A whole set may hold genes the model knows nothing about: skip those, say which.
-            skipped = [c for c in requested if unknown_targets(c, genes, unmeasured)]
+            skipped = [c for c in requested if unknown_targets(c, genes, prompt_genes)]
             requested = [c for c in requested if c not in skipped]
             if not requested:
                 raise ReginaError(f"none of the {len(skipped)} {conditions!r} conditions can be predicted: "
-                                  "their targets are neither measured nor perturbed in training")
-        check_targets(requested, genes, unmeasured)
+                                  "their targets are neither measured nor perturbed in training nor in the "
+                                  "run's gene knowledge")
+        check_targets(requested, genes, prompt_genes)
+        check_memory(len(requested) * n_cells, len(genes), trained.device)
         plan = sample_plan(adata.obs, requested, split.train, n_cells, seed)
-        x_pred = _run_networks(trained, adata, plan, requested, genes, unmeasured)
+        x_pred, reconstruction = _run_networks(trained, adata, plan, requested, genes)
+        controls = read_controls(adata, plan)
     finally:
         adata.file.close()
     path = Path(out) if out is not None else run_dir / keys.PREDICTIONS_FILE
-    predictions = _as_anndata(x_pred, plan, requested, genes, run_dir=run_dir, meta=meta, seed=seed,
-                              n_cells=n_cells, prompt_value=trained.config.gan.prompt_value, skipped=skipped)
+    sources = prompt_sources(requested, genes, trained.gan.gene_prompts.learned_genes)
+    predictions = prediction_file.build(
+        x_pred, plan, requested, genes, sources=sources, reconstruction=reconstruction, controls=controls,
+        options=options, provenance={
+            "run": str(run_dir), "dataset": meta.dataset, "split": meta.split, "seed": seed,
+            "cells_per_condition": n_cells, "prompt_value": trained.config.gan.prompt_value,
+            "decoding": "residual: X_ctrl + D(T(z)) - D(z)" if trained.config.gan.residual_decoding
+            else "D(T(z_ctrl, prompt))", "skipped_conditions": list(skipped)})
     write_h5ad(predictions, path)
     return PredictionResult(path=path, n_conditions=len(requested), n_cells=int(len(plan)),
-                            n_new_conditions=plan.n_new, skipped=skipped,
+                            n_new_conditions=plan.n_new, skipped=skipped, sources=sources,
                             device=str(trained.device), seconds=time.perf_counter() - started)
+
+
+def check_memory(n_rows: int, n_genes: int, device) -> None:
+    """Refuse, with the memory it would need, a prediction that cannot fit (dense float32 rows
+    on the host, plus the working copy on the device)."""
+    from regina_cli.data.memory import free_memory_bytes
+
+    need = 2 * n_rows * n_genes * 4
+    free = min(free_memory_bytes(torch.device("cpu")), free_memory_bytes(device))
+    if need > MEMORY_SHARE * free:
+        raise ReginaError(f"{n_rows:,} predicted cells x {n_genes:,} genes need about {need / 2**30:.1f} GiB, more "
+                          f"than half of the {free / 2**30:.1f} GiB free; lower --cells or predict fewer "
+                          "conditions per call (--conditions-file)")
 
 
 # --- Which conditions ---------------------------------------------------------------------------
@@ -105,14 +137,14 @@ def resolve_conditions(conditions: str | Sequence[str], split, data_conditions: 
     """
     if isinstance(conditions, str):
         if conditions in CONDITION_SETS:
-            chosen = split.test if conditions == "test" else [*split.train, *split.val, *split.test]
+            chosen = {"test": split.test, "val": split.val}.get(conditions, [*split.train, *split.val, *split.test])
             chosen = [c for c in chosen if not is_control(c)]
             if not chosen:
                 raise ReginaError(f"the run's split has no perturbed {conditions!r} conditions; "
                                   "name them with --conditions A+ctrl,A+B")
             return list(dict.fromkeys(chosen))
         conditions = [c for c in conditions.split(",")]
-    known = set(data_conditions)
+    by_genes = {frozenset(parse_condition(c)): c for c in data_conditions}
     out = []
     for raw in conditions:
         label = raw.strip()
@@ -121,7 +153,8 @@ def resolve_conditions(conditions: str | Sequence[str], split, data_conditions: 
         if is_control(label):
             raise ReginaError(f"{label!r} is the control condition, not a perturbation; name perturbations "
                               "like A+ctrl or A+B")
-        out.append(label if label in known else canonical_condition(parse_condition(label)))
+        genes = parse_condition(label)  # the dataset's spelling when it measured these targets in any order
+        out.append(by_genes.get(frozenset(genes), canonical_condition(genes)))
     if not out:
         raise ReginaError("no conditions given; use --conditions test, all, or A+ctrl,A+B")
     return list(dict.fromkeys(out))
@@ -136,21 +169,21 @@ def read_conditions_file(path: str | Path) -> list[str]:
     return [line for line in lines if line]
 
 
-def unknown_targets(condition: str, genes: Sequence[str], unmeasured: Sequence[str]) -> list[str]:
-    """Targets that are neither measured nor an unmeasured gene perturbed in training."""
-    known = set(genes) | set(unmeasured)
+def unknown_targets(condition: str, genes: Sequence[str], prompt_genes: Sequence[str]) -> list[str]:
+    """Targets that are neither measured nor in the run's gene-prompt table."""
+    known = set(genes) | set(prompt_genes)
     return [g for g in parse_condition(condition) if g not in known]
 
 
-def check_targets(conditions: Sequence[str], genes: Sequence[str], unmeasured: Sequence[str]) -> None:
-    """Every target must be a measured gene or an unmeasured gene perturbed in training."""
+def check_targets(conditions: Sequence[str], genes: Sequence[str], prompt_genes: Sequence[str]) -> None:
+    """Every target must be a measured gene or have a gene prompt."""
     for condition in conditions:
-        for gene in unknown_targets(condition, genes, unmeasured):
-            close = close_names(gene, [*genes, *unmeasured])
+        for gene in unknown_targets(condition, genes, prompt_genes):
+            close = close_names(gene, [*genes, *prompt_genes])
             hint = f"close names: {', '.join(close)}" if close else "check the spelling"
             raise ReginaError(
                 f"gene {gene!r} (condition {condition!r}) is not among the {len(genes)} measured genes "
-                f"and was not perturbed in training, so it has no prompt; {hint}"
+                f"and the run has no prompt for it (not perturbed in training, not in its gene knowledge); {hint}"
             )
 
 
@@ -219,13 +252,40 @@ def _allocate(weights: pd.Series, total: int) -> dict[str, int]:
     return counts.to_dict()
 
 
+def prompt_sources(conditions: Sequence[str], genes: Sequence[str], learned_genes: Sequence[str]) -> dict[str, str]:
+    """condition -> `learned` (every target perturbed in training), `measured` (the others are
+    measured) or `knowledge` (a target known only through prior knowledge)."""
+    measured, learned = set(genes), set(learned_genes)
+    out = {}
+    for condition in conditions:
+        targets = set(parse_condition(condition))
+        out[condition] = ("learned" if targets <= learned else "measured" if targets - learned <= measured
+                          else "knowledge")
+    return out
+
+
+def read_controls(adata, plan: SamplePlan):
+    """The distinct control cells the predictions started from: (rows of X, their obs)."""
+    from regina_cli.data.rows import RowReader
+
+    rows = np.unique(plan.cells["control_row"].to_numpy())
+    reader = RowReader(adata)
+    try:
+        x = reader.read(rows)
+    finally:
+        reader.close()
+    return x, adata.obs.iloc[rows]
+
+
 # --- Networks --------------------------------------------------------------------------------------
 @torch.no_grad()
-def _run_networks(trained, adata, plan: SamplePlan, conditions, genes, unmeasured) -> np.ndarray:
+def _run_networks(trained, adata, plan: SamplePlan, conditions, genes) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted cells [N, G], the mean decoded control of each condition [C, G]: the model's
+    own reconstruction with no perturbation applied, the honest `reconstruction` baseline)."""
     from regina_cli.data.rows import RowReader
     from regina_cli.data.tensors import condition_targets
-    from regina_cli.model.prompt import condition_prompt
     from regina_cli.model.gan import decode_prediction
+    from regina_cli.model.prompt import condition_prompt
 
     ae, gan = trained.autoencoder.eval(), trained.gan.eval()
     device = next(ae.parameters()).device
@@ -233,41 +293,24 @@ def _run_networks(trained, adata, plan: SamplePlan, conditions, genes, unmeasure
     reader = RowReader(adata)
     controls = torch.from_numpy(reader.read(unique_rows)).to(device)
     reader.close()
-    target_idx, unmeasured_idx, n_targets, _ = condition_targets(conditions, genes, unmeasured)
-    target_idx, unmeasured_idx, n_targets = (torch.as_tensor(a, device=device)
-                                             for a in (target_idx, unmeasured_idx, n_targets))
+    target_idx, prompt_idx, n_targets, _ = condition_targets(conditions, genes, gan.prompt_genes)
+    target_idx, prompt_idx, n_targets = (torch.as_tensor(a, device=device) for a in (target_idx, prompt_idx, n_targets))
     control_pos = torch.as_tensor(inverse, device=device)
     cond_of_row = torch.as_tensor(plan.cells["condition_index"].to_numpy(), device=device)
-    value = trained.config.gan.prompt_value
+    cfg = trained.config.gan
     out = np.empty((len(plan), len(genes)), dtype=np.float32)
+    reconstruction = torch.zeros((len(conditions), len(genes)), dtype=torch.float64, device=device)
     for start in range(0, len(plan), BATCH_CELLS):
         sl = slice(start, start + BATCH_CELLS)
         c = cond_of_row[sl]
         x_ctrl = controls[control_pos[sl]]
         z_ctrl = ae.encoder(x_ctrl)
-        prompt = condition_prompt(ae.encoder, gan, x_ctrl, target_idx[c], unmeasured_idx[c], n_targets[c],
-                                  value, z_ctrl=z_ctrl)
-        pred = decode_prediction(ae.decoder, gan(z_ctrl, prompt), x_ctrl=x_ctrl, z_ctrl=z_ctrl,
-                                 residual=trained.config.gan.residual_decoding)
-        out[sl] = pred.float().cpu().numpy()
-    return out
-
-
-def _as_anndata(x: np.ndarray, plan: SamplePlan, conditions, genes, *, run_dir: Path, meta,
-                seed: int, n_cells: int, prompt_value: float, skipped: list[str]):
-    import anndata
-
-    from regina_cli import __version__
-
-    obs = pd.DataFrame({
-        keys.OBS_CONDITION: np.asarray(conditions, dtype=object)[plan.cells["condition_index"].to_numpy()],
-        keys.OBS_CELL_TYPE: plan.cells["cell_type"].astype(str).to_numpy(),
-        keys.OBS_CONTROL_CELL: plan.control_names,
-    }, index=[f"pred_{i}" for i in range(len(plan))])
-    for column in (keys.OBS_CONDITION, keys.OBS_CELL_TYPE):
-        obs[column] = obs[column].astype("category")
-    var = pd.DataFrame({keys.VAR_GENE_NAME: genes}, index=pd.Index(genes))
-    provenance = {"run": str(run_dir), "dataset": meta.dataset, "split": meta.split, "seed": seed,
-                  "cells_per_condition": n_cells, "prompt_value": prompt_value, "regina_version": __version__,
-                  "skipped_conditions": list(skipped)}
-    return anndata.AnnData(X=x, obs=obs, var=var, uns={keys.UNS_REGINA: provenance})
+        prompt = condition_prompt(ae.encoder, gan, x_ctrl, target_idx[c], prompt_idx[c], n_targets[c], cfg,
+                                  z_ctrl=z_ctrl)
+        decoded = decode_prediction(ae.decoder, torch.cat([gan(z_ctrl, prompt), z_ctrl]), x_ctrl=x_ctrl.repeat(2, 1),
+                                    z_ctrl=z_ctrl.repeat(2, 1), residual=cfg.residual_decoding).float()
+        pred, rec = decoded.chunk(2)
+        out[sl] = pred.cpu().numpy()
+        reconstruction.index_add_(0, c, rec.double())
+    counts = torch.bincount(cond_of_row, minlength=len(conditions)).clamp_min(1).unsqueeze(1)
+    return out, (reconstruction / counts).float().cpu().numpy()

@@ -46,7 +46,10 @@ class RunMeta:
     n_val_cells: int | None = None
     dense_on_device: bool | None = None
     # Phase 2
-    unmeasured_genes: list[str] | None = None
+    prompt_genes: list[str] | None = None  # genes with a gene prompt (GenePrompts' table, in order)
+    learned_genes: list[str] | None = None  # those with a learned prompt vector
+    gene_features: str | None = None  # what the gene prompts' feature vectors are
+    held_out_conditions: list[str] | None = None  # training conditions kept out of phase 2 to validate on
     prompt_value: float | None = None
     validation_conditions_scored: list[str] | None = None
     validation_source: str | None = None

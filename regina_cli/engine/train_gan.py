@@ -27,8 +27,10 @@ import torch
 
 from regina_cli import keys
 from regina_cli.config import ReginaConfig
+from regina_cli.data.conditions import is_control
 from regina_cli.engine import checkpoint as ckpt
-from regina_cli.engine import gan_validation
+from regina_cli.engine import gan_validation, gene_prompts
+from regina_cli.engine.condition_stats import ConditionStats, condition_stats
 from regina_cli.engine.distributed import (DistContext, broadcast_state, check_process_count, data_parallel,
                                            parameter_checksum, run_distributed)
 from regina_cli.engine.early_stopping import BestTracker, PatienceStopper
@@ -60,8 +62,10 @@ class CycleGANPhase:
     name = keys.GAN_DIR
 
     def __init__(self, autoencoder, gan, cells, config: ReginaConfig, ctx: DistContext,
-                 val_plan: gan_validation.ValidationPlan, latents: torch.Tensor | None = None):
-        """`latents`: E(X) of every cell when already at hand; computed here otherwise."""
+                 val_plan: gan_validation.ValidationPlan | None, latents: torch.Tensor,
+                 stats: ConditionStats | None = None):
+        """`latents`: E(X) of every cell (`encode_all`); `stats`: the training conditions'
+        statistics (`condition_stats`), needed by the moment and pseudo-bulk terms."""
         from regina_cli.model import losses
 
         self.losses = losses
@@ -71,12 +75,12 @@ class CycleGANPhase:
         betas = (g.beta1, g.beta2)
         fused = ctx.device.type == "cuda"
 
-        def optimizer(params, rate):  # every step averages over processes first (distributed.data_parallel)
+        def optimizer(params, rate, clip=0.0):  # each step averages over processes, then clips (data_parallel)
             rate = scaled_lr(rate, g.lr_scale_batch, global_batch)
-            return data_parallel(torch.optim.AdamW(params, lr=rate, betas=betas, fused=fused), ctx)
+            return data_parallel(torch.optim.AdamW(params, lr=rate, betas=betas, fused=fused), ctx, clip=clip)
 
-        self.gen_optimizer = optimizer(gan.transition_parameters(), g.lr)
-        self.dec_optimizer = optimizer(autoencoder.decoder.parameters(), g.decoder_lr)
+        self.gen_optimizer = optimizer(gan.transition_parameters(), g.lr, g.grad_clip)
+        self.dec_optimizer = optimizer(autoencoder.decoder.parameters(), g.decoder_lr, g.grad_clip)
         self.disc_optimizer = optimizer(gan.discriminator_parameters(), g.discriminator_lr)
         self._optimizers = {"transitions": self.gen_optimizer, "decoder": self.dec_optimizer,
                             "discriminator": self.disc_optimizer}
@@ -85,11 +89,15 @@ class CycleGANPhase:
         seed = config.runtime.seed + ctx.rank
         self.pair_generator = torch.Generator(ctx.device).manual_seed(seed)
         self.noise_generator = torch.Generator(ctx.device).manual_seed(seed + 1)
-        self.train_index = cells.train_perturbed_idx
+        self.dropout_generator = torch.Generator(ctx.device).manual_seed(seed + 2)
+        self.train_index = phase_train_index(cells, val_plan.held_out if val_plan is not None else [])
         self.batch_size = g.batch_size
         self.cells_per_step = g.batch_size
         self.val_plan = val_plan
-        self.latents = latents if latents is not None else encode_all(autoencoder.encoder, cells, config.runtime.amp)
+        self.latents = latents
+        self.stats = stats
+        if val_plan is not None:
+            self._val_shift = gan_validation.group_latent_shift(val_plan, latents, cells)
         self._last_disc = torch.zeros((), device=ctx.device)
         self._noise = g.instance_noise
 
@@ -103,7 +111,7 @@ class CycleGANPhase:
         return self._schedulers
 
     def generators(self):
-        return {"pairing": self.pair_generator, "noise": self.noise_generator}
+        return {"pairing": self.pair_generator, "noise": self.noise_generator, "prompt_dropout": self.dropout_generator}
 
     def steps_per_epoch(self) -> int:
         return steps_per_epoch(len(self.train_index), self.batch_size, self.ctx)
@@ -116,11 +124,20 @@ class CycleGANPhase:
                                      seed=self.config.runtime.seed, epoch=epoch, ctx=self.ctx)
         self._epoch_offset = (epoch - 1) * self.steps_per_epoch()
 
-    def condition_prompt(self, x_ctrl: torch.Tensor, z_ctrl: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    def condition_prompt(self, x_ctrl: torch.Tensor, z_ctrl: torch.Tensor, codes: torch.Tensor,
+                         keep_learned: torch.Tensor | None = None) -> torch.Tensor:
         """The prompt for controls `x_ctrl` (latents `z_ctrl`, from the cache) under conditions `codes`."""
         cells = self.cells
-        return condition_prompt(self.ae.encoder, self.gan, x_ctrl, cells.target_idx[codes], cells.unmeasured_idx[codes],
-                                cells.n_targets[codes], self.config.gan.prompt_value, z_ctrl=z_ctrl)
+        return condition_prompt(self.ae.encoder, self.gan, x_ctrl, cells.target_idx[codes], cells.prompt_idx[codes],
+                                cells.n_targets[codes], self.config.gan, z_ctrl=z_ctrl, keep_learned=keep_learned)
+
+    def _keep_learned(self, codes: torch.Tensor) -> torch.Tensor | None:
+        """Prompt dropout: which targets' learned vectors this step keeps (None: all)."""
+        p = self.config.gan.prompt_dropout
+        if p <= 0:
+            return None
+        shape = self.cells.prompt_idx[codes].shape
+        return torch.rand(shape, generator=self.dropout_generator, device=self.ctx.device) >= p
 
     def train_step(self, epoch: int, step: int) -> dict[str, torch.Tensor]:
         g = self.config.gan
@@ -132,11 +149,12 @@ class CycleGANPhase:
         noise = dict(noise_std=self._noise, generator=self.noise_generator)
         discriminators = (self.gan.discriminator, self.gan.control_discriminator)
         with amp_context(self.ctx.device, self.config.runtime.amp):
-            prompt = self.condition_prompt(x_ctrl, z_ctrl, codes)
+            prompt = self.condition_prompt(x_ctrl, z_ctrl, codes, self._keep_learned(codes))
             for d in discriminators:
                 d.requires_grad_(False)
             out = self.losses.generator_losses(self.gan, self.ae.decoder, z_ctrl=z_ctrl, z_pert=z_pert, x_ctrl=x_ctrl,
-                                               x_pert=x_pert, prompt=prompt, cfg=g, **noise)
+                                               x_pert=x_pert, prompt=prompt, cfg=g, codes=codes, stats=self.stats,
+                                               **noise)
         self.gen_optimizer.zero_grad(set_to_none=True)
         self.dec_optimizer.zero_grad(set_to_none=True)
         out.total.backward()
@@ -162,22 +180,38 @@ class CycleGANPhase:
     def validate(self, epoch: int) -> dict[str, float]:
         self.gan.eval()
         self.ae.decoder.eval()
-        deltas = gan_validation.predicted_deltas(self.val_plan, self.cells, self._predict,
-                                                 seed=self.config.runtime.seed + 7)
+        means = gan_validation.group_means(self.val_plan, self.cells, self._predict, seed=self.config.runtime.seed + 7)
         self.gan.train()
         self.ae.decoder.train()
-        return gan_validation.score(self.val_plan, deltas).as_dict()
+        self.scores = gan_validation.score(self.val_plan, means, self._val_shift)
+        return self.scores.as_dict()
 
-    def _predict(self, rows: torch.Tensor, controls: torch.Tensor) -> torch.Tensor:
-        """Predicted expression of cells `rows` (their conditions) from control cells `controls`."""
+    def _predict(self, rows: torch.Tensor, controls: torch.Tensor, groups: torch.Tensor) -> dict[str, torch.Tensor]:
+        """For cells `rows` started from `controls`: the predicted expression, the prompt, the
+        predicted latent shift, and the decoded control latent plus the real shift of the
+        condition (`groups`), the autoencoder ceiling."""
         x_ctrl, z_ctrl = self.cells.rows(controls), self.latents[controls]
+        residual = self.config.gan.residual_decoding
         with amp_context(self.ctx.device, self.config.runtime.amp):
             prompt = self.condition_prompt(x_ctrl, z_ctrl, self.cells.condition_codes[rows])
-            return decode_prediction(self.ae.decoder, self.gan.forward_block(z_ctrl, prompt), x_ctrl=x_ctrl,
-                                     z_ctrl=z_ctrl, residual=self.config.gan.residual_decoding)
+            z_pred = self.gan.forward_block(z_ctrl, prompt)
+            decoded = decode_prediction(self.ae.decoder, torch.cat([z_pred, z_ctrl + self._val_shift[groups]]),
+                                        x_ctrl=x_ctrl.repeat(2, 1), z_ctrl=z_ctrl.repeat(2, 1), residual=residual)
+        expression, ceiling = decoded.float().chunk(2)
+        return {"expression": expression, "ceiling": ceiling, "prompt": prompt.float(),
+                "latent_shift": (z_pred - z_ctrl).float()}
 
     def weights(self) -> dict[str, torch.Tensor]:
         return ckpt.state_dict_to_cpu(torch.nn.ModuleDict({"gan": self.gan, "decoder": self.ae.decoder}))
+
+
+def phase_train_index(cells, held_out: list[str]) -> torch.Tensor:
+    """The perturbed training cells phase 2 trains on: all but those of held-out conditions."""
+    index = cells.train_perturbed_idx
+    if not held_out:
+        return index
+    codes = torch.as_tensor([cells.conditions.index(c) for c in held_out], device=cells.device)
+    return index[~torch.isin(cells.condition_codes[index], codes)]
 
 
 @torch.no_grad()
@@ -225,20 +259,21 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
     from regina_cli.data.split import load_split
     from regina_cli.data.tensors import CellTensors
     from regina_cli.model.autoencoder import Autoencoder
-    from regina_cli.model.gan import LatentCycleGAN
 
+    g = config.gan
     ae_paths, paths = ckpt.ae_paths(run_dir), ckpt.gan_paths(run_dir)
     ae_meta = read_trained_meta(ae_paths)
     split_obj = load_split(ae_meta.dataset, ae_meta.split, data_dir)
     adata = read_dataset(ae_meta.dataset, data_dir, backed=True)
     prepare_run_dir(paths, dataset=ae_meta.dataset, genes=ae_meta.gene_names, resume=resume)
     seed_everything(config.runtime.seed + ctx.rank)
+    prompt_genes, learned_genes = gene_prompts.prompt_gene_names(split_obj.train, ae_meta.gene_names, g)
     cells = CellTensors.from_anndata(
         adata, split_obj, device=ctx.device, device_data=config.runtime.device_data,
-        chunk_cells=config.runtime.stream_chunk_cells, genes=ae_meta.gene_names)
+        chunk_cells=config.runtime.stream_chunk_cells, genes=ae_meta.gene_names, prompt_genes=prompt_genes)
     if len(cells.train_perturbed_idx) == 0:  # before the plan, which may fall back on training cells
         raise ReginaError(f"split {ae_meta.split} has no perturbed training cells")
-    plan = gan_validation.build_plan(cells, adata, seed=config.runtime.seed)
+    plan = gan_validation.build_plan(cells, adata, seed=config.runtime.seed, holdout=g.validation_holdout)
 
     autoencoder = Autoencoder(cells.n_genes, len(ae_meta.label_classes), config.model)
     autoencoder.load_state_dict(ckpt.load_torch(ae_paths.model))
@@ -246,32 +281,79 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
     for frozen in (autoencoder.encoder, autoencoder.classifier):
         frozen.requires_grad_(False)
         frozen.eval()
-    gan = LatentCycleGAN(autoencoder.z_dim, config.model, unmeasured_genes=cells.unmeasured_genes).to(ctx.device)
+    gan = build_gan(autoencoder, cells, config, prompt_genes, learned_genes)
+    latents = encode_all(autoencoder.encoder, cells, config.runtime.amp)
+    stats = condition_stats(cells, latents, phase_train_index(cells, plan.held_out))
+    fitted = initialise_prompts(gan, autoencoder.encoder, cells, latents, stats, config)
     broadcast_state(gan, ctx)
     compile_modules([autoencoder.encoder, autoencoder.decoder], config.runtime.compile, ctx.device)
 
     meta = ae_meta.for_phase(
-        keys.GAN_DIR, unmeasured_genes=cells.unmeasured_genes, prompt_value=config.gan.prompt_value,
-        validation_conditions_scored=plan.conditions, validation_source=plan.source,
-        top20_de_source=plan.de_source, n_train_pairs_per_epoch=int(len(cells.train_perturbed_idx)),
+        keys.GAN_DIR, prompt_genes=prompt_genes, learned_genes=learned_genes,
+        gene_features=gene_prompts.feature_source(g), prompt_value=g.prompt_value,
+        validation_conditions_scored=plan.conditions, validation_source=plan.source, held_out_conditions=plan.held_out,
+        top20_de_source=plan.de_source, n_train_pairs_per_epoch=int(len(phase_train_index(cells, plan.held_out))),
         selection=gan_validation.SELECTION_METRIC, world_size=ctx.world_size, notes=cells.notes,
         n_train_cells=None, n_val_cells=None, dense_on_device=None)
     if ctx.is_main:
         ckpt.write_config(paths, config)
         write_meta(paths, meta)
     adata.file.close()  # CellTensors holds what it needs (and its own file handle when streaming)
-    bar = TrainingProgress("train-gan", max_epochs=config.gan.max_epochs, mode=progress if ctx.is_main else "silent")
+    bar = TrainingProgress("train-gan", max_epochs=g.max_epochs, mode=progress if ctx.is_main else "silent")
     if plan.source != gan_validation.FROM_VALIDATION:
         bar.message(f"note: validating on {plan.source}")
 
-    phase = CycleGANPhase(autoencoder, gan, cells, config, ctx, plan)
+    phase = CycleGANPhase(autoencoder, gan, cells, config, ctx, plan, latents, stats)
     metric = gan_validation.SELECTION_METRIC
-    summary = fit(phase, ctx, paths, max_epochs=config.gan.max_epochs,
-                  stopper=PatienceStopper(metric=metric, patience=config.gan.patience),
+    summary = fit(phase, ctx, paths, max_epochs=g.max_epochs,
+                  stopper=PatienceStopper(metric=metric, patience=g.patience),
                   best=BestTracker(metric, "max"), progress=bar, resume=resume)
+    best = best_epoch_scores(paths, summary["best_epoch"])
     summary.update({"run_dir": str(paths.run_dir), "phase": paths.phase, "selection": metric,
-                    "parameter_checksum": parameter_checksum(gan)})
+                    "parameter_checksum": parameter_checksum(gan), "prompt_fit": fitted,
+                    "diagnostics": best.as_dict() if best else {}, "warnings": best.warnings() if best else []})
     if ctx.is_main:
         write_meta(paths, meta.trained(summary))
     cells.close()
     return summary
+
+
+def build_gan(autoencoder, cells, config: ReginaConfig, prompt_genes: list[str], learned_genes: list[str]):
+    """The cycle-GAN with its gene-prompt table (co-expression features when configured)."""
+    from regina_cli.model.gan import LatentCycleGAN
+
+    features = None
+    if config.gan.gene_features == "coexpression":
+        features = gene_prompts.coexpression_features(cells, prompt_genes, config.gan.gene_feature_dim,
+                                                      seed=config.runtime.seed)
+    return LatentCycleGAN(autoencoder.z_dim, config.model, prompt_genes=prompt_genes, gene_features=features,
+                          learned_genes=learned_genes).to(cells.device)
+
+
+@torch.no_grad()
+def initialise_prompts(gan, encoder, cells, latents, stats: ConditionStats, config: ReginaConfig) -> dict:
+    """Scale the encoder prompt (`gan.prompt_scale`), then fit the gene prompts to the real latent
+    shifts of the genes perturbed alone in training (`engine.gene_prompts`); returns what was set."""
+    g = config.gan
+    codes = [c for c, name in enumerate(cells.conditions) if stats.counts[c] > 0 and not is_control(name)]
+    encoder_prompts = gene_prompts.mean_encoder_prompts(encoder, cells, latents, codes, g, seed=config.runtime.seed)
+    shifts = stats.latent_shift[codes]
+    measured = (cells.target_idx[codes] >= 0).any(1)
+    if g.prompt_scale == "matched" and bool(measured.any()):
+        ratio = shifts[measured].norm(dim=1).mean() / encoder_prompts[measured].norm(dim=1).mean().clamp_min(1e-12)
+        gan.encoder_prompt_scale.fill_(float(ratio))
+    residual = shifts - encoder_prompts * gan.encoder_prompt_scale
+    singles = gene_prompts.single_conditions(cells, codes)
+    position = {code: row for row, code in enumerate(codes)}
+    fitted = gene_prompts.initialise_gene_prompts(
+        gan, {gene: residual[position[code]] for gene, code in singles.items()}, learned_init=g.learned_prompt_init)
+    return {**fitted, "encoder_prompt_scale": float(gan.encoder_prompt_scale)}
+
+
+def best_epoch_scores(paths, epoch: int) -> gan_validation.ValidationScores | None:
+    """The validation scores and diagnostics of epoch `epoch`, read back from history.csv."""
+    rows = [r for r in ckpt.read_history(paths) if int(r["epoch"]) == epoch]
+    if not rows:
+        return None
+    names = list(gan_validation.ValidationScores.__dataclass_fields__)
+    return gan_validation.ValidationScores(*(float(rows[0][f"val_{n}"]) for n in names))

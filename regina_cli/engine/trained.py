@@ -42,7 +42,10 @@ def load_trained(run_dir: str | Path, *, device: str = "auto") -> TrainedRun:
     if gan_paths.meta.is_file():
         meta = read_trained_meta(gan_paths)
         config = ckpt.read_config(gan_paths)
-        gan = LatentCycleGAN(autoencoder.z_dim, config.model, unmeasured_genes=meta.unmeasured_genes or [])
+        genes = meta.prompt_genes or []
+        features = torch.zeros(len(genes), config.gan.gene_feature_dim if config.gan.gene_features != "none" else 0)
+        gan = LatentCycleGAN(autoencoder.z_dim, config.model, prompt_genes=genes, gene_features=features,
+                             learned_genes=meta.learned_genes or [])
         container = torch.nn.ModuleDict({"gan": gan, "decoder": autoencoder.decoder})
         container.load_state_dict(ckpt.load_torch(gan_paths.model))
         gan.to(dev).eval()

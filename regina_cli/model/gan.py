@@ -1,16 +1,17 @@
-"""The latent cycle-GAN of phase 2: two transition blocks, two discriminators, and prompt
-embeddings for perturbed genes that the screen did not measure.
+"""The latent cycle-GAN of phase 2: two transition blocks, two discriminators, and per-gene
+prompt vectors that let the prompt carry each condition's identity.
 
 Two discriminators, one per domain (as in CycleGAN): `discriminator` judges perturbed latents
 (real Z_pert vs T_fwd(Z_ctrl)), `control_discriminator` judges control latents (real Z_ctrl vs
 T_bwd(Z_pert)). One shared network would see both real controls and real perturbed cells
 labelled "real" under the same prompt, so T_fwd could pass by producing a control-like latent.
 
-Unmeasured targets: the prompt E(X_ctrl) - E(X_fake) needs the target gene in the expression
-vector. For a training perturbation whose target is not measured (Papalexi: 16 of 25 targets)
-the prompt would be empty, so each such gene gets a learned latent vector that is added to the
-prompt. A gene that is neither measured nor perturbed in training has neither and cannot be
-predicted; `engine.predict` says so.
+Gene prompts (`GenePrompts`) complement the method's encoder prompt E(X_ctrl) - E(X_fake), which
+is empty for a target the screen does not measure and tiny for one it does: every gene in the
+prompt table (`prompt_genes`) can have a feature vector (its co-expression loadings, or prior
+knowledge) mapped into latent space by a learned layer, and genes perturbed in training can have
+a learned vector. A target in neither has no prompt and cannot be predicted; `engine.predict`
+says so.
 """
 
 from __future__ import annotations
@@ -25,32 +26,82 @@ from regina_cli.model.discriminator import ConditionedDiscriminator
 from regina_cli.model.transition import TransitionBlock
 
 
-class LatentCycleGAN(nn.Module):
-    def __init__(self, z_dim: int, cfg: ModelConfig, *, unmeasured_genes: Sequence[str] = ()):
+class GenePrompts(nn.Module):
+    """Prompt vectors of the genes in `genes`: `feature_map(features[g]) + learned[g]`, summed
+    over a condition's targets.
+
+    `features` [n, d] (d may be 0) are fixed inputs (buffers); `learned_genes` name the genes
+    that get a learned vector, initialised small (0.01 x noise) or to `learned_init` [m, z].
+    """
+
+    def __init__(self, genes: Sequence[str], z_dim: int, *, features: torch.Tensor | None = None,
+                 learned_genes: Sequence[str] = (), learned_init: torch.Tensor | None = None):
         super().__init__()
-        self.unmeasured_genes = list(unmeasured_genes)
+        self.genes = list(genes)
+        position = {g: i for i, g in enumerate(self.genes)}
+        learned_rows = torch.full((len(self.genes),), -1, dtype=torch.long)
+        for row, gene in enumerate(learned_genes):
+            learned_rows[position[gene]] = row
+        self.register_buffer("learned_rows", learned_rows)
+        init = torch.randn(len(learned_genes), z_dim) * 0.01 if learned_init is None else learned_init.clone()
+        self.learned = nn.Parameter(init)
+        features = torch.zeros(len(self.genes), 0) if features is None else features.float()
+        self.register_buffer("features", features)
+        self.feature_map = nn.Linear(features.shape[1], z_dim, bias=False) if features.shape[1] else None
+
+    @property
+    def learned_genes(self) -> list[str]:
+        rows = self.learned_rows.tolist()
+        return [g for g, _ in sorted(((g, r) for g, r in zip(self.genes, rows) if r >= 0), key=lambda t: t[1])]
+
+    def forward(self, idx: torch.Tensor, keep_learned: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed prompt [B, z] of targets `idx` [B, k] (positions in `genes`, -1 = none).
+        `keep_learned` [B, k] (bool) hides learned vectors where False (prompt dropout)."""
+        valid = idx >= 0
+        safe = idx.clamp(min=0)
+        rows = self.learned_rows[safe]
+        use_learned = valid & (rows >= 0)
+        if keep_learned is not None:
+            use_learned = use_learned & keep_learned
+        out = (self.learned[rows.clamp(min=0)] * use_learned.unsqueeze(-1).to(self.learned.dtype)).sum(1)
+        if self.feature_map is not None:
+            mapped = self.feature_map(self.features[safe])
+            out = out + (mapped * valid.unsqueeze(-1).to(mapped.dtype)).sum(1)
+        return out
+
+
+class LatentCycleGAN(nn.Module):
+    def __init__(self, z_dim: int, cfg: ModelConfig, *, prompt_genes: Sequence[str] = (),
+                 gene_features: torch.Tensor | None = None, learned_genes: Sequence[str] = (),
+                 learned_init: torch.Tensor | None = None):
+        super().__init__()
         self.forward_block = TransitionBlock(z_dim, cfg, direction=1)
         self.backward_block = TransitionBlock(z_dim, cfg, direction=-1)
         self.discriminator = ConditionedDiscriminator(z_dim, cfg)
         self.control_discriminator = ConditionedDiscriminator(z_dim, cfg)
-        self.unmeasured_embedding = nn.Parameter(torch.randn(len(self.unmeasured_genes), z_dim) * 0.01)
+        self.gene_prompts = GenePrompts(prompt_genes, z_dim, features=gene_features, learned_genes=learned_genes,
+                                        learned_init=learned_init)
+        # Fixed when training starts (`gan.prompt_scale`); saved with the weights so prediction uses it too.
+        self.register_buffer("encoder_prompt_scale", torch.ones(()))
 
-    def add_unmeasured(self, prompt: torch.Tensor, unmeasured_idx: torch.Tensor) -> torch.Tensor:
-        """Prompt plus the summed embeddings of unmeasured targets ([B, k], -1 = none)."""
-        if unmeasured_idx.numel() == 0 or len(self.unmeasured_genes) == 0:
+    @property
+    def prompt_genes(self) -> list[str]:
+        return self.gene_prompts.genes
+
+    def add_gene_prompts(self, prompt: torch.Tensor, gene_idx: torch.Tensor,
+                         keep_learned: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder prompt plus the gene prompts of the targets `gene_idx` ([B, k], -1 = none)."""
+        if gene_idx.numel() == 0 or not self.gene_prompts.genes:
             return prompt
-        valid = (unmeasured_idx >= 0).unsqueeze(-1).to(prompt.dtype)
-        table = self.unmeasured_embedding.to(prompt.dtype)
-        return prompt + (table[unmeasured_idx.clamp(min=0)] * valid).sum(1)
+        return prompt + self.gene_prompts(gene_idx, keep_learned).to(prompt.dtype)
 
     def forward(self, z_ctrl: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         """Predicted perturbed latent T_fwd(Z_ctrl, Z_prompt)."""
         return self.forward_block(z_ctrl, prompt)
 
     def transition_parameters(self) -> list[nn.Parameter]:
-        """What the generator optimiser updates: both blocks and the unmeasured-gene prompts."""
-        return [*self.forward_block.parameters(), *self.backward_block.parameters(),
-                self.unmeasured_embedding]
+        """What the generator optimiser updates: both blocks and the gene prompts."""
+        return [*self.forward_block.parameters(), *self.backward_block.parameters(), *self.gene_prompts.parameters()]
 
     def discriminator_parameters(self) -> list[nn.Parameter]:
         return [*self.discriminator.parameters(), *self.control_discriminator.parameters()]

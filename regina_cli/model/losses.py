@@ -161,18 +161,57 @@ def cycle_loss(
     return F.mse_loss(ctrl_cycle.float(), z_ctrl.float()) + F.mse_loss(pert_cycle.float(), z_pert.float())
 
 
+def per_condition_moments(values: torch.Tensor, codes: torch.Tensor, n_codes: int):
+    """(count [C], mean [C, D], variance [C, D]) of `values` [B, D] grouped by condition code,
+    with scatter sums on the device (no host sync); empty codes have count 0."""
+    ones = torch.ones(len(codes), dtype=values.dtype, device=values.device)
+    count = torch.zeros(n_codes, dtype=values.dtype, device=values.device).index_add_(0, codes, ones)
+    total = torch.zeros((n_codes, values.shape[1]), dtype=values.dtype, device=values.device).index_add_(0, codes, values)
+    squares = torch.zeros_like(total).index_add_(0, codes, values * values)
+    n = count.clamp_min(1).unsqueeze(1)
+    mean = total / n
+    return count, mean, (squares / n - mean * mean).clamp_min(0)
+
+
+def _masked_mean(per_code: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(per_code.dtype)
+    return (per_code * mask).sum() / mask.sum().clamp_min(1)
+
+
+def moment_loss(fake_pert: torch.Tensor, codes: torch.Tensor, latent_mean: torch.Tensor,
+                latent_std: torch.Tensor) -> torch.Tensor:
+    """Per-condition latent moment matching: the mean (and, for conditions with two or more cells
+    in the batch, the per-dimension spread) of T_fwd(z_ctrl) over a condition's cells against its
+    real perturbed latents. Needs no control/perturbed pairing, only the condition label."""
+    count, mean, var = per_condition_moments(fake_pert.float(), codes, len(latent_mean))
+    mean_error = (mean - latent_mean).pow(2).mean(1)
+    std_error = ((var + 1e-6).sqrt() - latent_std).pow(2).mean(1)
+    return _masked_mean(mean_error, count > 0) + _masked_mean(std_error, count > 1)
+
+
+def bulk_loss(predicted: torch.Tensor, codes: torch.Tensor, expression_mean: torch.Tensor) -> torch.Tensor:
+    """Per-condition pseudo-bulk matching: the mean decoded prediction of a condition's cells in
+    the batch against the mean expression of all its real cells (what `pearson_delta` scores)."""
+    count, mean, _ = per_condition_moments(predicted.float(), codes, len(expression_mean))
+    return _masked_mean((mean - expression_mean).pow(2).mean(1), count > 0)
+
+
 def generator_losses(gan, decoder, *, z_ctrl: torch.Tensor, z_pert: torch.Tensor, x_ctrl: torch.Tensor,
                      x_pert: torch.Tensor, prompt: torch.Tensor, cfg: GANConfig, noise_std: float = 0.0,
-                     generator: torch.Generator | None = None) -> LossOutput:
+                     generator: torch.Generator | None = None, codes: torch.Tensor | None = None,
+                     stats=None) -> LossOutput:
     """The transitions' (and decoder's) phase-2 objective for a batch of random control/perturbed pairs:
 
       cycle  = L_cycle
       adv    = L_G(fwd) + L_G(bwd), each against its domain's conditioned discriminator
       anchor = MSE(D(z_ctrl), X_ctrl) + MSE(D(z_pert), X_pert)   (the decoder keeps decoding real cells)
       pred   = MSE(D(T_fwd(z_ctrl)), X_pert)                     (residual-decoded when configured)
+      moment = `moment_loss` (when gan.lambda_moment > 0; needs `codes` and `stats`)
+      bulk   = `bulk_loss` of the decoded predictions (when gan.lambda_bulk > 0)
 
-    `extra` holds T_fwd(z_ctrl) and T_bwd(z_pert) for the discriminator step. The discriminators
-    must be frozen by the caller (their parameters get no gradient from L_G).
+    `stats` is the run's `engine.condition_stats.ConditionStats`. `extra` holds T_fwd(z_ctrl)
+    and T_bwd(z_pert) for the discriminator step. The discriminators must be frozen by the
+    caller (their parameters get no gradient from L_G).
     """
     fake_pert = gan.forward_block(z_ctrl, prompt)
     fake_ctrl = gan.backward_block(z_pert, prompt)
@@ -186,6 +225,10 @@ def generator_losses(gan, decoder, *, z_ctrl: torch.Tensor, z_pert: torch.Tensor
     terms = {"cycle": cycle, "adv": adv,
              "anchor": F.mse_loss(rec_ctrl, x_ctrl) + F.mse_loss(rec_pert, x_pert),
              "pred": F.mse_loss(pred, x_pert)}
+    if cfg.lambda_moment > 0:
+        terms["moment"] = moment_loss(fake_pert, codes, stats.latent_mean, stats.latent_std)
+    if cfg.lambda_bulk > 0:
+        terms["bulk"] = bulk_loss(pred, codes, stats.expression_mean)
     return LossOutput(weighted_total(terms, cfg), terms, {"fake_pert": fake_pert, "fake_ctrl": fake_ctrl})
 
 
