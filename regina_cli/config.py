@@ -134,6 +134,15 @@ class GANConfig:
                                      "training perturbations (at least 2) from phase 2 to validate on; 0 validates "
                                      "on the training conditions instead.", **_FRACTION)
     residual_decoding: bool = _opt(False, "Predict X_ctrl + D(T(z)) - D(z) instead of the method's D(T(z)) (cancels decoder error).")
+    match_control_mean: bool = _opt(False, "Shift the control cells drawn for each condition (and cell type) so their "
+                                     "mean is the mean of all training controls of that cell type: a 100-cell draw "
+                                     "otherwise adds its sampling noise to every predicted mean change. Used in "
+                                     "validation and by `regina predict`; with residual decoding only.")
+    expression_prior: str = _opt("none", "An expression-space prior the transition corrects: none, or linear (the "
+                                 "gene-embedding linear model of the training pseudo-bulk, Ahlmann-Eltze et al. 2025; "
+                                 "predictions become X_ctrl + prior + D(T(z)) - D(z + E(X_ctrl + prior) - z), and "
+                                 "training sees each training condition's prior fitted without it). Needs "
+                                 "gan.residual_decoding.", choices=("none", "linear"))
     lr_scale_batch: bool = _opt(False, "Scale learning rates linearly with batch_size / 64.")
 
 
@@ -373,6 +382,11 @@ def validate(config: ReginaConfig) -> None:
     if config.model.d_model % config.model.n_heads:
         raise ReginaError(f"model.d_model ({config.model.d_model}) must be a multiple of model.n_heads "
                           f"({config.model.n_heads})")
+    if config.gan.match_control_mean and not config.gan.residual_decoding:
+        raise ReginaError("gan.match_control_mean moves the control cells that residual decoding starts from: "
+                          "set gan.residual_decoding=true too")
+    if config.gan.expression_prior != "none" and not config.gan.residual_decoding:
+        raise ReginaError("gan.expression_prior decodes around the prior: set gan.residual_decoding=true too")
     if config.gan.noise_decay_end < config.gan.noise_decay_start:
         raise ReginaError("gan.noise_decay_end must not be before gan.noise_decay_start")
 

@@ -90,8 +90,9 @@ def test_cli_trains_both_phases_on_the_demo(demo_data, tmp_path):
                                       "--device", "cpu", "--max-epochs", "2"])
     assert result.exit_code == 0, result.output
     rows = history(run_dir, keys.GAN_DIR)
-    assert len(rows) == 2 and {"val_pearson_delta", "val_pearson_delta_top20_de", "train_cycle",
-                               "train_disc"} <= set(rows[0])
+    # epoch 0 scores the untrained transition (a candidate for the best weights), then 2 epochs
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+    assert {"val_pearson_delta", "val_pearson_delta_top20_de", "train_cycle", "train_disc"} <= set(rows[1])
     gan_meta = json.loads((run_dir / "gan" / "meta.json").read_text())
     assert gan_meta["selection"] == "pearson_delta" and gan_meta["validation_conditions_scored"]
 

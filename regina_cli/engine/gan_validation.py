@@ -59,6 +59,7 @@ class ValidationPlan:
     reference: torch.Tensor
     delta_true: torch.Tensor
     top_de: torch.Tensor
+    type_reference: torch.Tensor  # [n_cell_types, G]: training-control mean of each cell type
 
     @property
     def de_source(self) -> str:
@@ -127,7 +128,8 @@ def build_plan(cells, adata, *, seed: int, holdout: float = 0.0) -> ValidationPl
     return ValidationPlan(
         source=source, conditions=conditions, held_out=held_out, rows=plan_rows, groups=plan_groups,
         counts=counts, reference=reference, delta_true=true_sum / counts.unsqueeze(1) - reference,
-        top_de=torch.as_tensor(top_de_indices(adata, conditions, cells.genes), device=dev))
+        top_de=torch.as_tensor(top_de_indices(adata, conditions, cells.genes), device=dev),
+        type_reference=control_means_by_type(cells))
 
 
 def holdout_conditions(cells, share: float, seed: int) -> list[str]:
@@ -156,6 +158,28 @@ def _condition_groups(cells, index: torch.Tensor, seed: int, only: list[str] | N
         groups.append(np.full(len(members), len(conditions)))
         conditions.append(cells.conditions[code])
     return rows, groups, conditions
+
+
+def control_means_by_type(cells) -> torch.Tensor:
+    """Mean expression of the training controls of each cell type [n_cell_types, G] (float64)."""
+    controls = cells.train_idx[cells.is_control[cells.train_idx]]
+    types = cells.cell_type_codes[controls]
+    sums = torch.zeros((len(cells.cell_types), cells.n_genes), dtype=torch.float64, device=cells.device)
+    for chunk, x in cells.batches(controls, CHUNK, shuffle=False):
+        sums.index_add_(0, cells.cell_type_codes[chunk], x.double())
+    counts = torch.bincount(types, minlength=len(cells.cell_types)).double().clamp_min(1)
+    return sums / counts.unsqueeze(1)
+
+
+def mean_matching_offsets(x_controls, keys: torch.Tensor, n_keys: int, targets: torch.Tensor) -> torch.Tensor:
+    """[n_keys, G]: what to add to the control cells of each key (a condition and cell type) so
+    their mean becomes `targets[key]`. `x_controls` yields (positions, rows) chunks."""
+    sums = torch.zeros((n_keys, targets.shape[1]), dtype=torch.float64, device=targets.device)
+    for positions, x in x_controls:
+        sums.index_add_(0, keys[positions], x.double())
+    counts = torch.bincount(keys, minlength=n_keys).double()
+    offsets = targets.double() - sums / counts.clamp_min(1).unsqueeze(1)
+    return torch.where(counts.unsqueeze(1) > 0, offsets, torch.zeros_like(offsets)).float()
 
 
 def training_control_mean(cells) -> torch.Tensor:
@@ -195,15 +219,28 @@ def group_latent_shift(plan: ValidationPlan, latents: torch.Tensor, cells) -> to
 
 
 @torch.no_grad()
-def group_means(plan: ValidationPlan, cells, predict: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
-                                                                dict[str, torch.Tensor]], *, seed: int) -> dict:
-    """Per planned condition, the mean of each quantity `predict(rows, control_rows, groups)`
-    returns for cells `rows` started from `control_rows` ({name: [B, ...]} -> {name: [K, ...]}).
-    The controls are drawn with the same seed every epoch, so epochs are compared fairly."""
+def group_means(plan: ValidationPlan, cells, predict: Callable[..., dict[str, torch.Tensor]], *, seed: int,
+                match_control_mean: bool = False) -> dict:
+    """Per planned condition, the mean of each quantity `predict(rows, control_rows, groups,
+    control_offsets)` returns for cells `rows` started from `control_rows` ({name: [B, ...]} ->
+    {name: [K, ...]}). The controls are drawn with the same seed every epoch, so epochs are
+    compared fairly; with `match_control_mean` each condition's draw is shifted (per cell type)
+    to the training-control mean (`gan.match_control_mean`)."""
     generator = torch.Generator(cells.device).manual_seed(seed)
+    partners = torch.cat([cells.control_partners(rows, generator) for rows in plan.rows.split(CHUNK)])
+    n_types = len(cells.cell_types)
+    keys = plan.groups * n_types + cells.cell_type_codes[partners]
+    offsets = None
+    if match_control_mean:
+        positions = torch.arange(len(partners), device=cells.device)
+        chunks = ((p, cells.rows(partners[p])) for p in positions.split(CHUNK))
+        offsets = mean_matching_offsets(chunks, keys, len(plan.conditions) * n_types,
+                                        plan.type_reference.repeat(len(plan.conditions), 1))
     sums: dict[str, torch.Tensor] = {}
-    for rows, groups in zip(plan.rows.split(CHUNK), plan.groups.split(CHUNK)):
-        for name, values in predict(rows, cells.control_partners(rows, generator), groups).items():
+    for rows, groups, controls, chunk_keys in zip(plan.rows.split(CHUNK), plan.groups.split(CHUNK),
+                                                  partners.split(CHUNK), keys.split(CHUNK)):
+        shift = None if offsets is None else offsets[chunk_keys]
+        for name, values in predict(rows, controls, groups, shift).items():
             if name not in sums:
                 sums[name] = torch.zeros((len(plan.conditions), values.shape[1]), dtype=torch.float64,
                                          device=cells.device)

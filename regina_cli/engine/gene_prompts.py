@@ -31,6 +31,8 @@ def prompt_gene_names(train_conditions, measured_genes, cfg, knowledge_genes=())
     targets = condition_genes(c for c in train_conditions if not is_control(c))
     learned = targets - set(measured_genes) if cfg.learned_prompts == "unmeasured" else targets
     table = set(learned) | set(knowledge_genes)
+    if cfg.expression_prior != "none":  # the prior keeps each training target's observed effect by table row
+        table |= targets
     if cfg.gene_features == "coexpression":
         table |= set(measured_genes)
     return sorted(table), sorted(learned)
@@ -70,8 +72,11 @@ def top_components(x: torch.Tensor, k: int, generator: torch.Generator, oversamp
 
 
 @torch.no_grad()
-def mean_encoder_prompts(encoder, cells, latents: torch.Tensor, codes: list[int], cfg, seed: int) -> torch.Tensor:
-    """Mean encoder prompt [len(codes), z] of each condition over a fixed sample of controls."""
+def mean_encoder_prompts(encoder, cells, latents: torch.Tensor, codes: list[int], cfg, seed: int,
+                         priors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean encoder prompt [len(codes), z] of each condition over a fixed sample of controls, and
+    the mean latent offset E(X_ctrl + prior) - z_ctrl of its expression prior `priors`
+    [len(codes), G] (zeros without priors)."""
     from regina_cli.model.prompt import build_prompt, fake_value
 
     generator = torch.Generator(cells.device).manual_seed(seed)
@@ -79,13 +84,16 @@ def mean_encoder_prompts(encoder, cells, latents: torch.Tensor, codes: list[int]
     sample = controls[torch.randint(len(controls), (ENCODER_PROMPT_CELLS,), generator=generator, device=cells.device)]
     x_ctrl, z_ctrl = cells.rows(sample), latents[sample]
     out = torch.zeros((len(codes), latents.shape[1]), device=cells.device)
+    offsets = torch.zeros_like(out)
     for row, code in enumerate(codes):
         targets = cells.target_idx[code].expand(len(sample), -1)
         n_targets = cells.n_targets[code].expand(len(sample))
         prompt = build_prompt(encoder, x_ctrl, targets, fake_value(cfg), n_targets=n_targets, z_ctrl=z_ctrl,
                               sign=cfg.prompt_sign)
         out[row] = prompt.float().mean(0)
-    return out
+        if priors is not None:
+            offsets[row] = (encoder(x_ctrl + priors[row]) - z_ctrl).float().mean(0)
+    return out, offsets
 
 
 def single_conditions(cells, codes: list[int]) -> dict[str, int]:

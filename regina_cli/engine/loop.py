@@ -24,7 +24,7 @@ from regina_cli.engine import checkpoint as ckpt
 from regina_cli.engine.distributed import DistContext, any_rank, barrier, broadcast_floats, broadcast_state
 from regina_cli.engine.early_stopping import BestTracker
 from regina_cli.engine.preemption import StopOnSignal, TrainingInterrupted
-from regina_cli.engine.progress import TrainingProgress
+from regina_cli.engine.progress import TrainingProgress, format_losses
 from regina_cli.errors import ReginaError
 
 CHECKPOINT_FORMAT = 2  # 2: named running loss terms
@@ -128,6 +128,8 @@ def fit(
     with StopOnSignal() as signals, progress:
         if stop_reason:
             progress.message(f"{phase.name}: already finished ({stop_reason}); nothing to resume")
+        if not resume and getattr(phase, "validate_initial", False):
+            _validate_initial(phase, ctx, paths, stopper, best, progress)
         epoch = start_epoch
         while not stop_reason and epoch <= max_epochs:
             phase.begin_epoch(epoch)
@@ -220,6 +222,20 @@ def _interrupted(signals: StopOnSignal, name: str, epoch: int, step: int, paths)
     return TrainingInterrupted(
         f"{name} training interrupted by signal {signum} at epoch {epoch} step {step}; "
         f"state saved to {paths.last}; continue with --resume", signum)
+
+
+def _validate_initial(phase: Phase, ctx: DistContext, paths, stopper, best: BestTracker, progress) -> None:
+    """Score the untrained phase as epoch 0 (a phase that starts from a fitted prior is a valid
+    model already): history row, and the best weights if no epoch beats it."""
+    val = _validate(phase, 0, ctx)
+    is_best = best.update(0, val[best.metric])
+    row = {"epoch": 0, **{f"val_{k}": v for k, v in val.items()}, "best": int(is_best)}
+    if ctx.is_main:
+        ckpt.append_history(paths, row)
+    _save_state(phase, paths, ctx, epoch=0, step=0, running=None, stopper=stopper, best=best, stop_reason="",
+                is_best=is_best)
+    progress.message(f"{phase.name} before training: {format_losses({f'val_{k}': v for k, v in val.items()})}"
+                     + (" *best*" if is_best else ""))
 
 
 def _validate(phase: Phase, epoch: int, ctx: DistContext) -> dict[str, float]:

@@ -203,6 +203,7 @@ class SamplePlan:
     cells: pd.DataFrame
     control_names: np.ndarray
     n_new: int
+    control_pools: dict[str, np.ndarray]  # cell type -> dataset rows of its training controls
 
     def __len__(self) -> int:
         return len(self.cells)
@@ -238,7 +239,7 @@ def sample_plan(obs: pd.DataFrame, conditions: Sequence[str], train_conditions: 
             picks = rng.choice(pools[ct], size=k, replace=k > len(pools[ct]))
             parts.append(pd.DataFrame({"condition_index": c_idx, "cell_type": ct, "control_row": picks}))
     cells = pd.concat(parts, ignore_index=True)
-    return SamplePlan(cells, np.asarray(obs.index)[cells["control_row"].to_numpy()].astype(str), n_new)
+    return SamplePlan(cells, np.asarray(obs.index)[cells["control_row"].to_numpy()].astype(str), n_new, pools)
 
 
 def _allocate(weights: pd.Series, total: int) -> dict[str, int]:
@@ -264,6 +265,36 @@ def prompt_sources(conditions: Sequence[str], genes: Sequence[str], learned_gene
     return out
 
 
+def matched_control_shifts(adata, plan: SamplePlan, controls: torch.Tensor, control_pos: torch.Tensor,
+                           device) -> torch.Tensor:
+    """[N, G]: per predicted cell, what moves its condition's control draw (per cell type) onto
+    the mean of all the training controls of that cell type (`gan.match_control_mean`)."""
+    from regina_cli.data.rows import RowReader
+    from regina_cli.engine.gan_validation import mean_matching_offsets
+
+    types = sorted(plan.control_pools)
+    reader = RowReader(adata)
+    try:
+        type_means = torch.stack([torch.from_numpy(_mean_of_rows(reader, plan.control_pools[t])) for t in types])
+    finally:
+        reader.close()
+    type_means = type_means.to(device)
+    type_code = torch.as_tensor(pd.Categorical(plan.cells["cell_type"], categories=types).codes, device=device)
+    cond = torch.as_tensor(plan.cells["condition_index"].to_numpy(), device=device)
+    n_conditions = int(cond.max()) + 1
+    keys = cond * len(types) + type_code
+    positions = torch.arange(len(plan), device=device)
+    chunks = ((p, controls[control_pos[p]]) for p in positions.split(BATCH_CELLS))
+    offsets = mean_matching_offsets(chunks, keys, n_conditions * len(types), type_means.repeat(n_conditions, 1))
+    return offsets[keys]
+
+
+def _mean_of_rows(reader, rows: np.ndarray) -> np.ndarray:
+    rows = np.sort(rows)
+    total = sum(reader.read(chunk).astype(np.float64).sum(0) for chunk in np.array_split(rows, -(-len(rows) // 4096)))
+    return total / len(rows)
+
+
 def read_controls(adata, plan: SamplePlan):
     """The distinct control cells the predictions started from: (rows of X, their obs)."""
     from regina_cli.data.rows import RowReader
@@ -284,7 +315,7 @@ def _run_networks(trained, adata, plan: SamplePlan, conditions, genes) -> tuple[
     own reconstruction with no perturbation applied, the honest `reconstruction` baseline)."""
     from regina_cli.data.rows import RowReader
     from regina_cli.data.tensors import condition_targets
-    from regina_cli.model.gan import decode_prediction
+    from regina_cli.model.gan import decode_prediction, prior_anchor
     from regina_cli.model.prompt import condition_prompt
 
     ae, gan = trained.autoencoder.eval(), trained.gan.eval()
@@ -298,6 +329,7 @@ def _run_networks(trained, adata, plan: SamplePlan, conditions, genes) -> tuple[
     control_pos = torch.as_tensor(inverse, device=device)
     cond_of_row = torch.as_tensor(plan.cells["condition_index"].to_numpy(), device=device)
     cfg = trained.config.gan
+    shifts = matched_control_shifts(adata, plan, controls, control_pos, device) if cfg.match_control_mean else None
     out = np.empty((len(plan), len(genes)), dtype=np.float32)
     reconstruction = torch.zeros((len(conditions), len(genes)), dtype=torch.float64, device=device)
     for start in range(0, len(plan), BATCH_CELLS):
@@ -305,10 +337,15 @@ def _run_networks(trained, adata, plan: SamplePlan, conditions, genes) -> tuple[
         c = cond_of_row[sl]
         x_ctrl = controls[control_pos[sl]]
         z_ctrl = ae.encoder(x_ctrl)
+        if shifts is not None:
+            x_ctrl = x_ctrl + shifts[sl]
+        prior = None if gan.expression_prior is None else gan.expression_prior(target_idx[c], prompt_idx[c])
+        anchor_x, anchor_z = prior_anchor(ae.encoder, x_ctrl, z_ctrl, prior)
         prompt = condition_prompt(ae.encoder, gan, x_ctrl, target_idx[c], prompt_idx[c], n_targets[c], cfg,
-                                  z_ctrl=z_ctrl)
-        decoded = decode_prediction(ae.decoder, torch.cat([gan(z_ctrl, prompt), z_ctrl]), x_ctrl=x_ctrl.repeat(2, 1),
-                                    z_ctrl=z_ctrl.repeat(2, 1), residual=cfg.residual_decoding).float()
+                                  z_ctrl=z_ctrl, anchor_z=anchor_z)
+        decoded = decode_prediction(ae.decoder, torch.cat([gan(z_ctrl, prompt), z_ctrl]),
+                                    anchor_x=torch.cat([anchor_x, x_ctrl]), anchor_z=torch.cat([anchor_z, z_ctrl]),
+                                    residual=cfg.residual_decoding).float()
         pred, rec = decoded.chunk(2)
         out[sl] = pred.cpu().numpy()
         reconstruction.index_add_(0, c, rec.double())

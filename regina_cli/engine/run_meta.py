@@ -49,6 +49,7 @@ class RunMeta:
     prompt_genes: list[str] | None = None  # genes with a gene prompt (GenePrompts' table, in order)
     learned_genes: list[str] | None = None  # those with a learned prompt vector
     gene_features: str | None = None  # what the gene prompts' feature vectors are
+    prior_observed_genes: list[str] | None = None  # genes whose observed effect the expression prior keeps
     held_out_conditions: list[str] | None = None  # training conditions kept out of phase 2 to validate on
     prompt_value: float | None = None
     validation_conditions_scored: list[str] | None = None

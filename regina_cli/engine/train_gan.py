@@ -31,6 +31,7 @@ from regina_cli.data.conditions import is_control
 from regina_cli.engine import checkpoint as ckpt
 from regina_cli.engine import gan_validation, gene_prompts
 from regina_cli.engine.condition_stats import ConditionStats, condition_stats
+from regina_cli.engine.expression_prior import PRIOR_DIM, fit_expression_prior, observed_genes
 from regina_cli.engine.distributed import (DistContext, broadcast_state, check_process_count, data_parallel,
                                            parameter_checksum, run_distributed)
 from regina_cli.engine.early_stopping import BestTracker, PatienceStopper
@@ -40,7 +41,7 @@ from regina_cli.engine.progress import TrainingProgress
 from regina_cli.engine.run_config import check_fixed_shapes, resolve_run_config
 from regina_cli.engine.run_meta import prepare_run_dir, read_trained_meta, write_meta
 from regina_cli.errors import ReginaError
-from regina_cli.model.gan import decode_prediction
+from regina_cli.model.gan import decode_prediction, prior_anchor
 from regina_cli.model.prompt import condition_prompt
 
 LATENT_CHUNK = 4096
@@ -60,6 +61,7 @@ class CycleGANPhase:
     """Phase-2 math for the shared epoch loop (`engine.loop.fit`)."""
 
     name = keys.GAN_DIR
+    validate_initial = True  # the untrained transition (identity + prompt, or the prior) is a candidate too
 
     def __init__(self, autoencoder, gan, cells, config: ReginaConfig, ctx: DistContext,
                  val_plan: gan_validation.ValidationPlan | None, latents: torch.Tensor,
@@ -96,6 +98,7 @@ class CycleGANPhase:
         self.val_plan = val_plan
         self.latents = latents
         self.stats = stats
+        self.train_prior = None  # [C, G] cross-fitted expression priors, set when the GAN has a prior
         if val_plan is not None:
             self._val_shift = gan_validation.group_latent_shift(val_plan, latents, cells)
         self._last_disc = torch.zeros((), device=ctx.device)
@@ -125,11 +128,23 @@ class CycleGANPhase:
         self._epoch_offset = (epoch - 1) * self.steps_per_epoch()
 
     def condition_prompt(self, x_ctrl: torch.Tensor, z_ctrl: torch.Tensor, codes: torch.Tensor,
-                         keep_learned: torch.Tensor | None = None) -> torch.Tensor:
+                         keep_learned: torch.Tensor | None = None, anchor_z: torch.Tensor | None = None) -> torch.Tensor:
         """The prompt for controls `x_ctrl` (latents `z_ctrl`, from the cache) under conditions `codes`."""
         cells = self.cells
         return condition_prompt(self.ae.encoder, self.gan, x_ctrl, cells.target_idx[codes], cells.prompt_idx[codes],
-                                cells.n_targets[codes], self.config.gan, z_ctrl=z_ctrl, keep_learned=keep_learned)
+                                cells.n_targets[codes], self.config.gan, z_ctrl=z_ctrl, keep_learned=keep_learned,
+                                anchor_z=anchor_z)
+
+    def anchor(self, x_ctrl: torch.Tensor, z_ctrl: torch.Tensor, codes: torch.Tensor, *, training: bool):
+        """(cell, latent) that residual decoding starts from: the control, or with an expression
+        prior the control plus the condition's prior (cross-fitted for training conditions)."""
+        if self.gan.expression_prior is None:
+            return x_ctrl, z_ctrl
+        if training:
+            prior = self.train_prior[codes]
+        else:
+            prior = self.gan.expression_prior(self.cells.target_idx[codes], self.cells.prompt_idx[codes])
+        return prior_anchor(self.ae.encoder, x_ctrl, z_ctrl, prior)
 
     def _keep_learned(self, codes: torch.Tensor) -> torch.Tensor | None:
         """Prompt dropout: which targets' learned vectors this step keeps (None: all)."""
@@ -149,12 +164,13 @@ class CycleGANPhase:
         noise = dict(noise_std=self._noise, generator=self.noise_generator)
         discriminators = (self.gan.discriminator, self.gan.control_discriminator)
         with amp_context(self.ctx.device, self.config.runtime.amp):
-            prompt = self.condition_prompt(x_ctrl, z_ctrl, codes, self._keep_learned(codes))
+            anchor = self.anchor(x_ctrl, z_ctrl, codes, training=True)
+            prompt = self.condition_prompt(x_ctrl, z_ctrl, codes, self._keep_learned(codes), anchor_z=anchor[1])
             for d in discriminators:
                 d.requires_grad_(False)
             out = self.losses.generator_losses(self.gan, self.ae.decoder, z_ctrl=z_ctrl, z_pert=z_pert, x_ctrl=x_ctrl,
                                                x_pert=x_pert, prompt=prompt, cfg=g, codes=codes, stats=self.stats,
-                                               **noise)
+                                               anchor=anchor, **noise)
         self.gen_optimizer.zero_grad(set_to_none=True)
         self.dec_optimizer.zero_grad(set_to_none=True)
         out.total.backward()
@@ -180,23 +196,31 @@ class CycleGANPhase:
     def validate(self, epoch: int) -> dict[str, float]:
         self.gan.eval()
         self.ae.decoder.eval()
-        means = gan_validation.group_means(self.val_plan, self.cells, self._predict, seed=self.config.runtime.seed + 7)
+        means = gan_validation.group_means(self.val_plan, self.cells, self._predict, seed=self.config.runtime.seed + 7,
+                                           match_control_mean=self.config.gan.match_control_mean)
         self.gan.train()
         self.ae.decoder.train()
         self.scores = gan_validation.score(self.val_plan, means, self._val_shift)
         return self.scores.as_dict()
 
-    def _predict(self, rows: torch.Tensor, controls: torch.Tensor, groups: torch.Tensor) -> dict[str, torch.Tensor]:
-        """For cells `rows` started from `controls`: the predicted expression, the prompt, the
-        predicted latent shift, and the decoded control latent plus the real shift of the
-        condition (`groups`), the autoencoder ceiling."""
+    def _predict(self, rows: torch.Tensor, controls: torch.Tensor, groups: torch.Tensor,
+                 shift: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """For cells `rows` started from `controls` (their expression moved by `shift`, see
+        `gan.match_control_mean`): the predicted expression, the prompt, the predicted latent
+        shift, and the decoded control latent plus the real shift of the condition (`groups`),
+        the autoencoder ceiling."""
         x_ctrl, z_ctrl = self.cells.rows(controls), self.latents[controls]
+        if shift is not None:
+            x_ctrl = x_ctrl + shift
+        codes = self.cells.condition_codes[rows]
         residual = self.config.gan.residual_decoding
         with amp_context(self.ctx.device, self.config.runtime.amp):
-            prompt = self.condition_prompt(x_ctrl, z_ctrl, self.cells.condition_codes[rows])
+            anchor_x, anchor_z = self.anchor(x_ctrl, z_ctrl, codes, training=False)
+            prompt = self.condition_prompt(x_ctrl, z_ctrl, codes, anchor_z=anchor_z)
             z_pred = self.gan.forward_block(z_ctrl, prompt)
             decoded = decode_prediction(self.ae.decoder, torch.cat([z_pred, z_ctrl + self._val_shift[groups]]),
-                                        x_ctrl=x_ctrl.repeat(2, 1), z_ctrl=z_ctrl.repeat(2, 1), residual=residual)
+                                        anchor_x=torch.cat([anchor_x, x_ctrl]), anchor_z=torch.cat([anchor_z, z_ctrl]),
+                                        residual=residual)
         expression, ceiling = decoded.float().chunk(2)
         return {"expression": expression, "ceiling": ceiling, "prompt": prompt.float(),
                 "latent_shift": (z_pred - z_ctrl).float()}
@@ -281,15 +305,20 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
     for frozen in (autoencoder.encoder, autoencoder.classifier):
         frozen.requires_grad_(False)
         frozen.eval()
-    gan = build_gan(autoencoder, cells, config, prompt_genes, learned_genes)
     latents = encode_all(autoencoder.encoder, cells, config.runtime.amp)
     stats = condition_stats(cells, latents, phase_train_index(cells, plan.held_out))
-    fitted = initialise_prompts(gan, autoencoder.encoder, cells, latents, stats, config)
+    observed = observed_genes(cells, stats) if prior_dim(config) else []
+    gan = build_gan(autoencoder, cells, config, prompt_genes, learned_genes, len(observed))
+    train_prior = None
+    if gan.expression_prior is not None:
+        train_prior = fit_expression_prior(gan.expression_prior, cells, stats, plan.reference, prompt_genes,
+                                           seed=config.runtime.seed)
+    fitted = initialise_prompts(gan, autoencoder.encoder, cells, latents, stats, config, train_prior)
     broadcast_state(gan, ctx)
     compile_modules([autoencoder.encoder, autoencoder.decoder], config.runtime.compile, ctx.device)
 
     meta = ae_meta.for_phase(
-        keys.GAN_DIR, prompt_genes=prompt_genes, learned_genes=learned_genes,
+        keys.GAN_DIR, prompt_genes=prompt_genes, learned_genes=learned_genes, prior_observed_genes=observed,
         gene_features=gene_prompts.feature_source(g), prompt_value=g.prompt_value,
         validation_conditions_scored=plan.conditions, validation_source=plan.source, held_out_conditions=plan.held_out,
         top20_de_source=plan.de_source, n_train_pairs_per_epoch=int(len(phase_train_index(cells, plan.held_out))),
@@ -304,6 +333,7 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
         bar.message(f"note: validating on {plan.source}")
 
     phase = CycleGANPhase(autoencoder, gan, cells, config, ctx, plan, latents, stats)
+    phase.train_prior = train_prior
     metric = gan_validation.SELECTION_METRIC
     summary = fit(phase, ctx, paths, max_epochs=g.max_epochs,
                   stopper=PatienceStopper(metric=metric, patience=g.patience),
@@ -318,7 +348,8 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
     return summary
 
 
-def build_gan(autoencoder, cells, config: ReginaConfig, prompt_genes: list[str], learned_genes: list[str]):
+def build_gan(autoencoder, cells, config: ReginaConfig, prompt_genes: list[str], learned_genes: list[str],
+              n_observed: int = 0):
     """The cycle-GAN with its gene-prompt table (co-expression features when configured)."""
     from regina_cli.model.gan import LatentCycleGAN
 
@@ -327,22 +358,32 @@ def build_gan(autoencoder, cells, config: ReginaConfig, prompt_genes: list[str],
         features = gene_prompts.coexpression_features(cells, prompt_genes, config.gan.gene_feature_dim,
                                                       seed=config.runtime.seed)
     return LatentCycleGAN(autoencoder.z_dim, config.model, prompt_genes=prompt_genes, gene_features=features,
-                          learned_genes=learned_genes).to(cells.device)
+                          learned_genes=learned_genes, n_genes=cells.n_genes, prior_dim=prior_dim(config),
+                          prior_observed=n_observed).to(cells.device)
+
+
+def prior_dim(config: ReginaConfig) -> int:
+    """Width of the expression prior's gene embedding (0: no prior)."""
+    return PRIOR_DIM if config.gan.expression_prior != "none" else 0
 
 
 @torch.no_grad()
-def initialise_prompts(gan, encoder, cells, latents, stats: ConditionStats, config: ReginaConfig) -> dict:
-    """Scale the encoder prompt (`gan.prompt_scale`), then fit the gene prompts to the real latent
-    shifts of the genes perturbed alone in training (`engine.gene_prompts`); returns what was set."""
+def initialise_prompts(gan, encoder, cells, latents, stats: ConditionStats, config: ReginaConfig,
+                       train_prior: torch.Tensor | None = None) -> dict:
+    """Scale the encoder prompt (`gan.prompt_scale`), then fit the gene prompts to what the encoder
+    prompt (and the expression prior's latent offset) leave of the real latent shifts of the genes
+    perturbed alone in training (`engine.gene_prompts`); returns what was set."""
     g = config.gan
     codes = [c for c, name in enumerate(cells.conditions) if stats.counts[c] > 0 and not is_control(name)]
-    encoder_prompts = gene_prompts.mean_encoder_prompts(encoder, cells, latents, codes, g, seed=config.runtime.seed)
+    encoder_prompts, prior_prompts = gene_prompts.mean_encoder_prompts(
+        encoder, cells, latents, codes, g, seed=config.runtime.seed,
+        priors=None if train_prior is None else train_prior[codes])
     shifts = stats.latent_shift[codes]
     measured = (cells.target_idx[codes] >= 0).any(1)
     if g.prompt_scale == "matched" and bool(measured.any()):
         ratio = shifts[measured].norm(dim=1).mean() / encoder_prompts[measured].norm(dim=1).mean().clamp_min(1e-12)
         gan.encoder_prompt_scale.fill_(float(ratio))
-    residual = shifts - encoder_prompts * gan.encoder_prompt_scale
+    residual = shifts - encoder_prompts * gan.encoder_prompt_scale - prior_prompts
     singles = gene_prompts.single_conditions(cells, codes)
     position = {code: row for row, code in enumerate(codes)}
     fitted = gene_prompts.initialise_gene_prompts(

@@ -47,7 +47,7 @@ class GenePrompts(nn.Module):
         self.learned = nn.Parameter(init)
         features = torch.zeros(len(self.genes), 0) if features is None else features.float()
         self.register_buffer("features", features)
-        self.feature_map = nn.Linear(features.shape[1], z_dim, bias=False) if features.shape[1] else None
+        self.feature_map = nn.Linear(features.shape[1], z_dim) if features.shape[1] else None
 
     @property
     def learned_genes(self) -> list[str]:
@@ -59,11 +59,13 @@ class GenePrompts(nn.Module):
         `keep_learned` [B, k] (bool) hides learned vectors where False (prompt dropout)."""
         valid = idx >= 0
         safe = idx.clamp(min=0)
-        rows = self.learned_rows[safe]
-        use_learned = valid & (rows >= 0)
-        if keep_learned is not None:
-            use_learned = use_learned & keep_learned
-        out = (self.learned[rows.clamp(min=0)] * use_learned.unsqueeze(-1).to(self.learned.dtype)).sum(1)
+        out = torch.zeros((idx.shape[0], self.learned.shape[1]), dtype=self.learned.dtype, device=idx.device)
+        if len(self.learned):
+            rows = self.learned_rows[safe]
+            use_learned = valid & (rows >= 0)
+            if keep_learned is not None:
+                use_learned = use_learned & keep_learned
+            out = (self.learned[rows.clamp(min=0)] * use_learned.unsqueeze(-1).to(self.learned.dtype)).sum(1)
         if self.feature_map is not None:
             mapped = self.feature_map(self.features[safe])
             out = out + (mapped * valid.unsqueeze(-1).to(mapped.dtype)).sum(1)
@@ -73,7 +75,8 @@ class GenePrompts(nn.Module):
 class LatentCycleGAN(nn.Module):
     def __init__(self, z_dim: int, cfg: ModelConfig, *, prompt_genes: Sequence[str] = (),
                  gene_features: torch.Tensor | None = None, learned_genes: Sequence[str] = (),
-                 learned_init: torch.Tensor | None = None):
+                 learned_init: torch.Tensor | None = None, n_genes: int = 0, prior_dim: int = 0,
+                 prior_observed: int = 0):
         super().__init__()
         self.forward_block = TransitionBlock(z_dim, cfg, direction=1)
         self.backward_block = TransitionBlock(z_dim, cfg, direction=-1)
@@ -83,6 +86,8 @@ class LatentCycleGAN(nn.Module):
                                         learned_init=learned_init)
         # Fixed when training starts (`gan.prompt_scale`); saved with the weights so prediction uses it too.
         self.register_buffer("encoder_prompt_scale", torch.ones(()))
+        self.expression_prior = (ExpressionPrior(n_genes, len(self.prompt_genes), prior_dim, prior_observed)
+                                 if prior_dim else None)
 
     @property
     def prompt_genes(self) -> list[str]:
@@ -113,11 +118,66 @@ def decode_with_residual(decoded: torch.Tensor, decoded_ctrl: torch.Tensor, x_ct
     return x_ctrl + (decoded - decoded_ctrl).to(x_ctrl.dtype)
 
 
-def decode_prediction(decoder: nn.Module, z_pred: torch.Tensor, *, x_ctrl: torch.Tensor,
-                      z_ctrl: torch.Tensor, residual: bool) -> torch.Tensor:
+def decode_prediction(decoder: nn.Module, z_pred: torch.Tensor, *, anchor_x: torch.Tensor,
+                      anchor_z: torch.Tensor, residual: bool) -> torch.Tensor:
     """Expression of a predicted perturbed latent: the method's D(T(z_ctrl)), or with `residual`
-    the decoded change added to the real control cell (`decode_with_residual`)."""
+    the decoded change from the anchor latent added to the anchor cell (`decode_with_residual`):
+    the real control (X_ctrl, z_ctrl), or with an expression prior X_ctrl + prior and its latent."""
     if not residual:
         return decoder(z_pred)
-    decoded_pred, decoded_ctrl = decoder(torch.cat([z_pred, z_ctrl])).chunk(2)
-    return decode_with_residual(decoded_pred, decoded_ctrl, x_ctrl)
+    decoded_pred, decoded_anchor = decoder(torch.cat([z_pred, anchor_z])).chunk(2)
+    return decode_with_residual(decoded_pred, decoded_anchor, anchor_x)
+
+
+@torch.no_grad()
+def prior_anchor(encoder: nn.Module, x_ctrl: torch.Tensor, z_ctrl: torch.Tensor,
+                 prior: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(anchor cell X_ctrl + prior, its latent E(X_ctrl + prior)); the control itself without a prior.
+    The latent's offset from z_ctrl joins the prompt, so an untrained transition reproduces the prior."""
+    if prior is None:
+        return x_ctrl, z_ctrl
+    anchor_x = x_ctrl + prior.to(x_ctrl.dtype)
+    return anchor_x, encoder(anchor_x).to(z_ctrl.dtype)
+
+
+class ExpressionPrior(nn.Module):
+    """A fixed expression-space prior for each condition (buffers only, fitted by the engine): the
+    sum over its targets of each gene's effect,
+
+        effect(g) = the observed mean change of g's own single condition in training, if any,
+                    else G W e_g + b   (e_g: g's row of G, or of `table_embedding` for genes of the
+                                        prompt table the screen does not measure; zero if none)
+
+    where G W e + b is the linear gene-embedding model of Ahlmann-Eltze, Huber & Anders (2025),
+    fitted on the training pseudo-bulk. A gene with no embedding and no observation adds b, the
+    mean change.
+    """
+
+    def __init__(self, n_genes: int, n_table: int, dim: int, n_observed: int = 0):
+        super().__init__()
+        self.register_buffer("embedding", torch.zeros(n_genes, dim))
+        self.register_buffer("weight", torch.zeros(dim, dim))
+        self.register_buffer("offset", torch.zeros(n_genes))
+        self.register_buffer("table_embedding", torch.zeros(n_table, dim))
+        self.register_buffer("observed_rows", torch.full((n_table,), -1, dtype=torch.long))
+        self.register_buffer("observed", torch.zeros(n_observed, n_genes))
+
+    def gene_embedding(self, target_idx: torch.Tensor, prompt_idx: torch.Tensor) -> torch.Tensor:
+        """e [B, k, dim] of targets given as measured-gene indices and prompt-table positions (-1 = none)."""
+        measured = target_idx >= 0
+        e = self.embedding[target_idx.clamp(min=0)] * measured.unsqueeze(-1)
+        if len(self.table_embedding):
+            other = (prompt_idx >= 0) & ~measured
+            e = e + self.table_embedding[prompt_idx.clamp(min=0)] * other.unsqueeze(-1)
+        return e
+
+    def forward(self, target_idx: torch.Tensor, prompt_idx: torch.Tensor, *,
+                observed: bool = True) -> torch.Tensor:
+        """The prior change [B, n_genes] of each row's condition; `observed=False` ignores the
+        observed single effects (the linear model for every gene)."""
+        valid = (target_idx >= 0) | (prompt_idx >= 0)
+        effect = (self.gene_embedding(target_idx, prompt_idx) @ self.weight.T) @ self.embedding.T + self.offset
+        if observed and len(self.observed):
+            rows = torch.where(prompt_idx >= 0, self.observed_rows[prompt_idx.clamp(min=0)], -1)
+            effect = torch.where((rows >= 0).unsqueeze(-1), self.observed[rows.clamp(min=0)], effect)
+        return (effect * valid.unsqueeze(-1)).sum(1)

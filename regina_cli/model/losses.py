@@ -199,7 +199,7 @@ def bulk_loss(predicted: torch.Tensor, codes: torch.Tensor, expression_mean: tor
 def generator_losses(gan, decoder, *, z_ctrl: torch.Tensor, z_pert: torch.Tensor, x_ctrl: torch.Tensor,
                      x_pert: torch.Tensor, prompt: torch.Tensor, cfg: GANConfig, noise_std: float = 0.0,
                      generator: torch.Generator | None = None, codes: torch.Tensor | None = None,
-                     stats=None) -> LossOutput:
+                     stats=None, anchor: tuple[torch.Tensor, torch.Tensor] | None = None) -> LossOutput:
     """The transitions' (and decoder's) phase-2 objective for a batch of random control/perturbed pairs:
 
       cycle  = L_cycle
@@ -209,7 +209,8 @@ def generator_losses(gan, decoder, *, z_ctrl: torch.Tensor, z_pert: torch.Tensor
       moment = `moment_loss` (when gan.lambda_moment > 0; needs `codes` and `stats`)
       bulk   = `bulk_loss` of the decoded predictions (when gan.lambda_bulk > 0)
 
-    `stats` is the run's `engine.condition_stats.ConditionStats`. `extra` holds T_fwd(z_ctrl)
+    `stats` is the run's `engine.condition_stats.ConditionStats`; `anchor` the (cell, latent) that
+    residual decoding starts from (`model.gan.prior_anchor`; default the control). `extra` holds T_fwd(z_ctrl)
     and T_bwd(z_pert) for the discriminator step. The discriminators must be frozen by the
     caller (their parameters get no gradient from L_G).
     """
@@ -219,9 +220,12 @@ def generator_losses(gan, decoder, *, z_ctrl: torch.Tensor, z_pert: torch.Tensor
     adv = (generator_loss(gan.discriminator, fake_pert, prompt, **noise)
            + generator_loss(gan.control_discriminator, fake_ctrl, prompt, **noise))
     cycle = cycle_loss(gan, z_ctrl, z_pert, prompt, fake_pert=fake_pert, fake_ctrl=fake_ctrl)
-    rec_ctrl, rec_pert, pred = decoder(torch.cat([z_ctrl, z_pert, fake_pert])).float().chunk(3)
+    anchored = anchor is not None and anchor[1] is not z_ctrl
+    latents = [z_ctrl, z_pert, fake_pert] + ([anchor[1]] if anchored else [])
+    decoded = decoder(torch.cat(latents)).float().chunk(len(latents))
+    rec_ctrl, rec_pert, pred = decoded[:3]
     if cfg.residual_decoding:
-        pred = decode_with_residual(pred, rec_ctrl, x_ctrl)
+        pred = decode_with_residual(pred, decoded[3], anchor[0]) if anchored else decode_with_residual(pred, rec_ctrl, x_ctrl)
     terms = {"cycle": cycle, "adv": adv,
              "anchor": F.mse_loss(rec_ctrl, x_ctrl) + F.mse_loss(rec_pert, x_pert),
              "pred": F.mse_loss(pred, x_pert)}

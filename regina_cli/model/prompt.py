@@ -60,12 +60,15 @@ def build_prompt(encoder, x_ctrl: torch.Tensor, target_idx: torch.Tensor, value:
 
 def condition_prompt(encoder, gan, x_ctrl: torch.Tensor, target_idx: torch.Tensor, prompt_idx: torch.Tensor,
                      n_targets: torch.Tensor, cfg, *, z_ctrl: torch.Tensor | None = None,
-                     keep_learned: torch.Tensor | None = None) -> torch.Tensor:
+                     keep_learned: torch.Tensor | None = None, anchor_z: torch.Tensor | None = None) -> torch.Tensor:
     """The full prompt the transition sees: the encoder prompt (the encoder is frozen in phase 2,
     so no gradient flows into it), times the GAN's `encoder_prompt_scale`, plus the gene prompts
-    of the targets (which train). `cfg` is the run's `GANConfig`."""
+    of the targets (which train), plus, with an expression prior, the prior's latent offset
+    `anchor_z - z_ctrl` (`model.gan.prior_anchor`). `cfg` is the run's `GANConfig`."""
     with torch.no_grad():
         prompt = build_prompt(encoder, x_ctrl, target_idx, fake_value(cfg), n_targets=n_targets, z_ctrl=z_ctrl,
                               sign=cfg.prompt_sign)
-    prompt = prompt * gan.encoder_prompt_scale.to(prompt.dtype)
+        prompt = prompt * gan.encoder_prompt_scale.to(prompt.dtype)
+        if anchor_z is not None and z_ctrl is not None and anchor_z is not z_ctrl:
+            prompt = prompt + (anchor_z - z_ctrl).to(prompt.dtype)
     return gan.add_gene_prompts(prompt, prompt_idx, keep_learned)

@@ -1,0 +1,85 @@
+"""Fitting the expression prior of phase 2 (`gan.expression_prior = linear`).
+
+The prior of a condition sums its targets' effects: a gene perturbed alone in training brings its
+observed mean change; any other gene the linear gene-embedding model of the training pseudo-bulk
+(Ahlmann-Eltze, Huber & Anders 2025; `evaluate.baselines.fit_linear`), which predicts unseen genes
+from how their expression moved across the training perturbations. The transition then learns what the prior
+gets wrong. It must learn that from the prior's errors on conditions the prior did not see, not
+from its near-perfect fit of its own training data: so during training each training condition
+gets the prior fitted without it (K-fold cross-fitting), and only prediction and validation use
+the prior fitted on every training condition.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from regina_cli.data.conditions import canonical_condition, is_control, parse_condition
+from regina_cli.engine.gene_prompts import single_conditions
+from regina_cli.evaluate.baselines import LINEAR_PCA_DIM, TrainingData, fit_linear
+
+FOLDS = 10
+
+
+def _training_data(cells, stats, codes: list[int], control_mean: np.ndarray) -> TrainingData:
+    return TrainingData(genes=list(cells.genes), control_mean=control_mean,
+                        conditions=[cells.conditions[c] for c in codes],
+                        means=stats.expression_mean[codes].double().cpu().numpy(),
+                        counts=stats.counts[codes].double().cpu().numpy())
+
+
+def _gene_effect(model, gene: str, observed: dict[str, np.ndarray], *, use_observed: bool) -> np.ndarray:
+    """One gene's effect: its observed single effect, else the linear model's, else the mean change."""
+    if use_observed and gene in observed:
+        return observed[gene]
+    embedding = model.embed(canonical_condition([gene]))
+    return model.offset if embedding is None else model.predict_change(embedding)
+
+
+def _prior(model, condition: str, observed: dict[str, np.ndarray], *, own: bool = False) -> np.ndarray:
+    """Sum of the targets' effects; `own`: the condition is a training single whose observed effect
+    is its own data, so its gene falls back to the model."""
+    genes = parse_condition(condition)
+    return sum(_gene_effect(model, g, observed, use_observed=not (own and len(genes) == 1)) for g in genes)
+
+
+@torch.no_grad()
+def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt_genes: list[str], *,
+                         seed: int) -> torch.Tensor:
+    """Fit `prior` (`model.gan.ExpressionPrior`) on every perturbed training condition in `stats`
+    and return the cross-fitted prior of each condition code [C, G]: a training condition gets the
+    fold model that left it out (and not its own observed effect); other codes the full prior."""
+    codes = [c for c, name in enumerate(cells.conditions) if stats.counts[c] > 0 and not is_control(name)]
+    mean = control_mean.double().cpu().numpy()
+    observed = {g: stats.expression_mean[code].double().cpu().numpy() - mean
+                for g, code in single_conditions(cells, codes).items()}
+    full = fit_linear(_training_data(cells, stats, codes, mean))
+    if full is None:
+        return torch.zeros((len(cells.conditions), cells.n_genes), device=cells.device)
+    k = full.gene_embedding.shape[1]
+    prior.embedding.zero_()[:, :k] = torch.as_tensor(full.gene_embedding, dtype=prior.embedding.dtype)
+    prior.weight.zero_()[:k, :k] = torch.as_tensor(full.weights, dtype=prior.weight.dtype)
+    prior.offset.copy_(torch.as_tensor(full.offset, dtype=prior.offset.dtype))
+    position = {g: i for i, g in enumerate(prompt_genes)}
+    for row, gene in enumerate(sorted(observed)):
+        prior.observed[row] = torch.as_tensor(observed[gene], dtype=prior.observed.dtype)
+        prior.observed_rows[position[gene]] = row
+    table = np.stack([_prior(full, name, observed) if not is_control(name) else np.zeros(cells.n_genes)
+                      for name in cells.conditions])
+    folds = np.array_split(np.random.default_rng(seed).permutation(codes), min(FOLDS, len(codes)))
+    for held in folds:
+        held_set = set(held.tolist())
+        model = fit_linear(_training_data(cells, stats, [c for c in codes if c not in held_set], mean)) or full
+        for code in held_set:
+            table[code] = _prior(model, cells.conditions[code], observed, own=True)
+    return torch.as_tensor(table, dtype=torch.float32, device=cells.device)
+
+
+def observed_genes(cells, stats) -> list[str]:
+    """Genes with a single condition among phase 2's training cells: their observed effects."""
+    codes = [c for c, name in enumerate(cells.conditions) if stats.counts[c] > 0 and not is_control(name)]
+    return sorted(single_conditions(cells, codes))
+
+
+PRIOR_DIM = LINEAR_PCA_DIM
