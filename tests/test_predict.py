@@ -60,7 +60,8 @@ def write_tiny_dataset():
 def tiny_run(tmp_path):
     """Dataset `tiny` in the data dir and an untrained two-phase run `runs/tiny`."""
     adata, split = write_tiny_dataset()
-    config = build_config(overrides=[*TINY_MODEL, "gan.prompt_value=-2.0"])
+    # the method as written (plain decoding, Z_ctrl - Z_fake), so one cell can be recomputed by hand below
+    config = build_config(preset="original", overrides=[*TINY_MODEL, "gan.prompt_value=-2.0", "gan.prompt_sign=method"])
     torch.manual_seed(0)
     ae_model = Autoencoder(len(GENES), 2, config.model)
     gan = LatentCycleGAN(config.model.z_dim, config.model, prompt_genes=["NOTMEASURED"], learned_genes=["NOTMEASURED"])

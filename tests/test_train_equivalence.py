@@ -39,7 +39,8 @@ SETTINGS = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.z_
             "gan.lambda_moment=0", "gan.lambda_bulk=0", "gan.grad_clip=0", "gan.modality=as_given",
             "gan.prompt_value=-1.0", "gan.prompt_sign=method", "gan.prompt_scale=raw", "gan.gene_features=none",
             "gan.learned_prompts=unmeasured", "gan.learned_prompt_init=small", "gan.prompt_dropout=0",
-            "gan.validation_holdout=0", "gan.residual_decoding=false", "gan.real_target=0.9",
+            "gan.validation_holdout=0", "gan.residual_decoding=false", "gan.match_control_mean=false",
+            "gan.expression_prior=none", "gan.real_target=0.9",
             "gan.instance_noise=0.1"]
 
 

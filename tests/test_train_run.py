@@ -122,7 +122,10 @@ def test_real_screen_trains_and_reconstruction_improves(mcfaline_path, tmp_path)
     assert summary["epochs"] == 1
     gan_meta = json.loads((tmp_path / "run" / "gan" / "meta.json").read_text())
     # none of McFaline's CRISPRi targets is among its 500 measured genes: learned prompts only
-    assert len(gan_meta["learned_genes"]) == len(meta["train_conditions"]) - 1 and gan_meta["validation_source"].startswith("training")
+    assert len(gan_meta["learned_genes"]) == len(meta["train_conditions"]) - 1
+    # no validation target has a prompt: two training conditions are held out of phase 2 to validate on
+    assert gan_meta["validation_source"].startswith("2 training conditions held out")
+    assert len(gan_meta["held_out_conditions"]) == 2 and set(gan_meta["held_out_conditions"]) <= set(meta["train_conditions"])
 
 
 def test_consistency_early_stopping_triggers_on_rising_l_cons(demo_data, tmp_path, monkeypatch):

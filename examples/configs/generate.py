@@ -21,8 +21,12 @@ from regina_cli.config import PRESETS, SECTIONS, ReginaConfig, build_config
 HERE = Path(__file__).resolve().parent
 
 ABOUT = {
+    "original": "Phase 2 as the first research implementation ran it (its loss weights, plain decoding, "
+    "no expression prior): for comparisons with that code; on the demo it loses to the train_mean and linear "
+    "baselines (benchmarks/results/quality.md).",
     "norman": "Norman et al. 2019 (CRISPRa, K562, 105 singles + 131 doubles): the original sizes "
-    "and the adamson loss weights, which the original implementation also used for Norman.",
+    "and the adamson loss weights, which the original implementation also used for Norman, with "
+    "REGINA's phase-2 defaults (expression prior, residual decoding).",
     "adamson": "Adamson et al. 2016 (CRISPRi, K562, singles): the original sizes and loss "
     "weights, silence value -1.",
     "dixit": "Dixit et al. 2016 (CRISPR KO, singles): the original sizes with the dixit loss "

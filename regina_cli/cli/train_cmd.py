@@ -27,13 +27,17 @@ def train_ae_command(
     labels: str = typer.Option(..., "--labels", help="Label method, as given to `regina label` (stress, cell-cycle, obs:COL)."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/<NAME>)."),
     config_file: Optional[Path] = ConfigOpt,
-    preset: Optional[str] = typer.Option(None, "--preset", help="norman, adamson, dixit or demo (default: the "
+    preset: Optional[str] = typer.Option(None, "--preset", help="original, norman, adamson, dixit or demo (default: the "
                                          "dataset's name if it is one, else sizes fitted to the gene count)."),
     overrides: Optional[List[str]] = SetOpt,
     gpus: int = GpusOpt,
     device: str = DeviceOpt,
     max_epochs: Optional[int] = typer.Option(None, "--max-epochs", help="Shortcut for --set ae.max_epochs=N."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Shortcut for --set ae.batch_size=N (per process)."),
+    gene_knowledge: Optional[str] = typer.Option(
+        None, "--gene-knowledge", "--gene-embeddings",
+        help="Gene embeddings or GO terms for targets the screen does not measure (a file, or `go`); "
+        "shortcut for --set model.gene_knowledge=SPEC. Used by phase 2.", show_default=False),
     resume: bool = ResumeOpt,
     data_dir: Optional[Path] = DataDirOpt,
 ) -> None:
@@ -42,8 +46,9 @@ def train_ae_command(
     from regina_cli.engine.train_ae import train_autoencoder
 
     run_dir = run or Path(keys.DEFAULT_RUNS_DIR) / name
-    request = ConfigRequest(preset=preset, config_file=config_file, overrides=overrides,
-                            flags=phase_flags("ae", max_epochs=max_epochs, batch_size=batch_size))
+    flags = {**phase_flags("ae", max_epochs=max_epochs, batch_size=batch_size),
+             **phase_flags("model", gene_knowledge=gene_knowledge)}
+    request = ConfigRequest(preset=preset, config_file=config_file, overrides=overrides, flags=flags)
     config, source = resolve_run_config(keys.AE_DIR, run_dir, request, dataset=name, resume=resume,
                                         data_dir=data_dir)
     m, ae = config.model, config.ae

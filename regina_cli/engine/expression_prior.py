@@ -20,6 +20,7 @@ from regina_cli.engine.gene_prompts import single_conditions
 from regina_cli.evaluate.baselines import LINEAR_PCA_DIM, TrainingData, fit_linear
 
 FOLDS = 10
+PRIOR_DIM = LINEAR_PCA_DIM
 
 
 def _training_data(cells, stats, codes: list[int], control_mean: np.ndarray) -> TrainingData:
@@ -82,4 +83,52 @@ def observed_genes(cells, stats) -> list[str]:
     return sorted(single_conditions(cells, codes))
 
 
-PRIOR_DIM = LINEAR_PCA_DIM
+KNOWLEDGE_CHUNK = 1000
+
+
+def knowledge_genes(knowledge, measured_genes: list[str], train_targets: set[str]) -> list[str]:
+    """The genes `knowledge` gives a usable vector (annotation: sharing a term with a measured or
+    trained gene), in the file's spelling, plus the trained targets it knows, in the screen's."""
+    anchors = sorted(set(measured_genes) | train_targets)
+    genes = list(knowledge.genes)
+    usable = []
+    for start in range(0, len(genes), KNOWLEDGE_CHUNK):
+        chunk = genes[start: start + KNOWLEDGE_CHUNK]
+        usable += [g for g, ok in zip(chunk, knowledge.vectors(chunk, anchors=anchors)[1]) if ok]
+    return sorted(set(usable) | {g for g in train_targets if knowledge.knows(g)})
+
+
+@torch.no_grad()
+def fill_knowledge_embeddings(prior, knowledge, measured_genes: list[str], table_genes: list[str]) -> int:
+    """Give the prompt-table genes the screen does not measure a row of the prior's gene
+    embedding G from `knowledge`: annotation, the similarity-weighted mix of the measured genes'
+    rows (GEARS's GO weighting); embedding, a ridge map from the knowledge vectors of measured
+    genes to their rows of G. Returns how many genes got one."""
+    from regina_cli.data.knowledge import ANNOTATION
+    from regina_cli.engine.gene_prompts import ridge_fit
+
+    measured = set(measured_genes)
+    rows = [(i, g) for i, g in enumerate(table_genes) if g not in measured]
+    if not rows:
+        return 0
+    embedding = prior.embedding.double()
+    targets = [g for _, g in rows]
+    out = torch.zeros((len(rows), embedding.shape[1]), dtype=torch.float64, device=embedding.device)
+    ok = torch.zeros(len(rows), dtype=torch.bool, device=embedding.device)
+    if knowledge.kind == ANNOTATION:
+        for start in range(0, len(targets), KNOWLEDGE_CHUNK):
+            weights, usable = knowledge.vectors(targets[start: start + KNOWLEDGE_CHUNK], anchors=measured_genes)
+            out[start: start + len(weights)] = torch.as_tensor(weights, dtype=torch.float64, device=out.device) @ embedding
+            ok[start: start + len(weights)] = torch.as_tensor(usable, device=out.device)
+    else:
+        x, known = knowledge.vectors(measured_genes)
+        if known.sum() < 2:
+            return 0
+        x = torch.as_tensor(x[known], dtype=torch.float64, device=embedding.device)
+        weight, bias, _ = ridge_fit(x, embedding[torch.as_tensor(known, device=embedding.device)])
+        vectors, usable = knowledge.vectors(targets)
+        out = torch.as_tensor(vectors, dtype=torch.float64, device=embedding.device) @ weight + bias
+        ok = torch.as_tensor(usable, device=out.device)
+    index = torch.as_tensor([i for i, _ in rows], device=out.device)
+    prior.table_embedding[index[ok]] = out[ok].to(prior.table_embedding.dtype)
+    return int(ok.sum())

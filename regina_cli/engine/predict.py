@@ -279,7 +279,7 @@ def matched_control_shifts(adata, plan: SamplePlan, controls: torch.Tensor, cont
     finally:
         reader.close()
     type_means = type_means.to(device)
-    type_code = torch.as_tensor(pd.Categorical(plan.cells["cell_type"], categories=types).codes, device=device)
+    type_code = torch.as_tensor(np.array(pd.Categorical(plan.cells["cell_type"], categories=types).codes), device=device)
     cond = torch.as_tensor(plan.cells["condition_index"].to_numpy(), device=device)
     n_conditions = int(cond.max()) + 1
     keys = cond * len(types) + type_code

@@ -152,6 +152,28 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12)
 
 
+def predictability_notes(split_obj, genes: list[str], config: ReginaConfig, data_dir) -> list[str]:
+    """Say before training which validation and test conditions no prompt can reach (a target
+    neither measured, nor perturbed in training, nor in `model.gene_knowledge`), with the fix."""
+    from regina_cli.data.knowledge import predictability, resolve_knowledge
+
+    knowledge = resolve_knowledge(config.model.gene_knowledge, data_dir) if config.model.gene_knowledge else None
+    notes = []
+    for set_name in ("val", "test"):
+        counts = predictability(getattr(split_obj, set_name), genes, split_obj.train, knowledge)
+        if not counts["unmeasured"]:
+            continue
+        line = (f"{set_name}: {counts['unmeasured']} of {counts['conditions']} conditions have unmeasured targets, "
+                f"{counts['unpredictable']} of them unpredictable")
+        if counts["unpredictable"]:
+            line += (" (" + ", ".join(counts["unpredictable_conditions"][:5]) + "); "
+                     + ("a knowledge file covering those genes fixes it" if knowledge else
+                        "pass --gene-knowledge FILE (gene embeddings or GO terms), or `regina fetch go` and "
+                        "--gene-knowledge go"))
+        notes.append(f"warning: {line}" if counts["unpredictable"] and set_name == "test" else line)
+    return notes
+
+
 # --- Public entry point ------------------------------------------------------------------------------
 def train_autoencoder(
     name: str,
@@ -226,6 +248,8 @@ def _train_ae_process(ctx: DistContext, *, name, split, labels, run_dir, config:
                                  min_delta=config.ae.consistency_min_delta, min_epochs=config.ae.min_epochs)
     bar = TrainingProgress("train-ae", max_epochs=config.ae.max_epochs,
                            mode=progress if ctx.is_main else "silent")
+    for line in predictability_notes(split_obj, genes, config, data_dir):
+        bar.message(line)
     summary = fit(phase, ctx, paths, max_epochs=config.ae.max_epochs, stopper=stopper,
                   best=BestTracker(metric, mode), progress=bar, resume=resume)
     summary.update({"run_dir": str(paths.run_dir), "phase": paths.phase, "selection": config.ae.selection,

@@ -27,11 +27,12 @@ import torch
 
 from regina_cli import keys
 from regina_cli.config import ReginaConfig
-from regina_cli.data.conditions import is_control
+from regina_cli.data.conditions import condition_genes, is_control
+from regina_cli.data.knowledge import resolve_knowledge
 from regina_cli.engine import checkpoint as ckpt
-from regina_cli.engine import gan_validation, gene_prompts
+from regina_cli.engine import expression_prior, gan_validation, gene_prompts
 from regina_cli.engine.condition_stats import ConditionStats, condition_stats
-from regina_cli.engine.expression_prior import PRIOR_DIM, fit_expression_prior, observed_genes
+from regina_cli.engine.expression_prior import PRIOR_DIM, observed_genes
 from regina_cli.engine.distributed import (DistContext, broadcast_state, check_process_count, data_parallel,
                                            parameter_checksum, run_distributed)
 from regina_cli.engine.early_stopping import BestTracker, PatienceStopper
@@ -291,7 +292,10 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
     adata = read_dataset(ae_meta.dataset, data_dir, backed=True)
     prepare_run_dir(paths, dataset=ae_meta.dataset, genes=ae_meta.gene_names, resume=resume)
     seed_everything(config.runtime.seed + ctx.rank)
-    prompt_genes, learned_genes = gene_prompts.prompt_gene_names(split_obj.train, ae_meta.gene_names, g)
+    knowledge = resolve_knowledge(config.model.gene_knowledge, data_dir) if config.model.gene_knowledge else None
+    known = (expression_prior.knowledge_genes(knowledge, ae_meta.gene_names, condition_genes(split_obj.train))
+             if knowledge is not None else [])
+    prompt_genes, learned_genes = gene_prompts.prompt_gene_names(split_obj.train, ae_meta.gene_names, g, known)
     cells = CellTensors.from_anndata(
         adata, split_obj, device=ctx.device, device_data=config.runtime.device_data,
         chunk_cells=config.runtime.stream_chunk_cells, genes=ae_meta.gene_names, prompt_genes=prompt_genes)
@@ -311,14 +315,19 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
     gan = build_gan(autoencoder, cells, config, prompt_genes, learned_genes, len(observed))
     train_prior = None
     if gan.expression_prior is not None:
-        train_prior = fit_expression_prior(gan.expression_prior, cells, stats, plan.reference, prompt_genes,
-                                           seed=config.runtime.seed)
+        train_prior = expression_prior.fit_expression_prior(gan.expression_prior, cells, stats, plan.reference,
+                                                            prompt_genes, seed=config.runtime.seed)
+        if knowledge is not None:
+            expression_prior.fill_knowledge_embeddings(gan.expression_prior, knowledge, ae_meta.gene_names,
+                                                       prompt_genes)
     fitted = initialise_prompts(gan, autoencoder.encoder, cells, latents, stats, config, train_prior)
     broadcast_state(gan, ctx)
     compile_modules([autoencoder.encoder, autoencoder.decoder], config.runtime.compile, ctx.device)
 
     meta = ae_meta.for_phase(
         keys.GAN_DIR, prompt_genes=prompt_genes, learned_genes=learned_genes, prior_observed_genes=observed,
+        gene_knowledge=None if knowledge is None else {"source": knowledge.source, "kind": knowledge.kind,
+                                                       "sha256": knowledge.sha256(), "genes_used": len(known)},
         gene_features=gene_prompts.feature_source(g), prompt_value=g.prompt_value,
         validation_conditions_scored=plan.conditions, validation_source=plan.source, held_out_conditions=plan.held_out,
         top20_de_source=plan.de_source, n_train_pairs_per_epoch=int(len(phase_train_index(cells, plan.held_out))),

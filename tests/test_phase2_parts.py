@@ -1,0 +1,93 @@
+"""The parts phase 2 adds to the method, each against a hand-computed answer: the expression prior
+(observed effects, the linear model, cross-fitting, knowledge rows), mean-matched control draws,
+the per-condition moment and pseudo-bulk terms, ridge fitting, hold-out validation conditions and
+the diagnostics' warnings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from regina_cli.engine.gan_validation import ValidationScores, mean_matching_offsets, mean_pairwise_correlation
+from regina_cli.engine.gene_prompts import ridge_fit
+from regina_cli.model.gan import ExpressionPrior
+from regina_cli.model.losses import bulk_loss, moment_loss, per_condition_moments
+
+
+def test_expression_prior_sums_observed_effects_else_the_linear_model():
+    prior = ExpressionPrior(n_genes=3, n_table=2, dim=2, n_observed=1)
+    prior.embedding.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))  # G
+    prior.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 3.0]]))  # W
+    prior.offset.copy_(torch.tensor([0.1, 0.2, 0.3]))  # b
+    prior.table_embedding[1] = torch.tensor([0.5, 0.0])  # an unmeasured gene known from knowledge
+    prior.observed[0] = torch.tensor([9.0, 8.0, 7.0])
+    prior.observed_rows[0] = 0  # table row 0 (a measured gene, index 2) was perturbed alone in training
+    G, W = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), np.diag([2.0, 3.0])
+
+    def linear(e):
+        return torch.as_tensor(G @ W @ e)
+
+    b = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    target_idx = torch.tensor([[0, -1], [2, -1], [2, 0], [-1, -1], [-1, -1]])
+    prompt_idx = torch.tensor([[-1, -1], [0, -1], [0, -1], [1, -1], [-1, -1]])
+    out = prior(target_idx, prompt_idx).double()
+    torch.testing.assert_close(out[0], linear(np.array([1.0, 0.0])) + b)  # measured, unseen: G W e + b
+    torch.testing.assert_close(out[1], torch.tensor([9.0, 8.0, 7.0], dtype=torch.float64))  # observed
+    torch.testing.assert_close(out[2], torch.tensor([9.0, 8.0, 7.0], dtype=torch.float64) + out[0])  # a double sums
+    torch.testing.assert_close(out[3], linear(np.array([0.5, 0.0])) + b)  # knowledge row
+    torch.testing.assert_close(out[4], torch.zeros(3, dtype=torch.float64))  # no target, no change
+    torch.testing.assert_close(prior(target_idx, prompt_idx, observed=False)[1].double(),
+                               linear(np.array([1.0, 1.0])) + b)
+
+
+def test_mean_matching_moves_each_draw_onto_its_target_mean():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [10.0, 0.0], [0.0, 0.0]])
+    keys = torch.tensor([0, 0, 1, 2])
+    targets = torch.tensor([[0.0, 0.0], [5.0, 5.0], [1.0, 1.0], [7.0, 7.0]])
+    offsets = mean_matching_offsets([(torch.arange(4), x)], keys, 4, targets)
+    shifted = x + offsets[keys]
+    assert torch.allclose(shifted[:2].mean(0), targets[0]) and torch.allclose(shifted[2], targets[1])
+    assert torch.equal(offsets[3], torch.zeros(2))  # a key without cells moves nothing
+    assert torch.allclose(shifted[0] - shifted[1], x[0] - x[1])  # cell-to-cell differences are kept
+
+
+def test_moment_and_bulk_terms_compare_per_condition_statistics():
+    values = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0]])
+    codes = torch.tensor([0, 0, 2])
+    count, mean, var = per_condition_moments(values, codes, 3)
+    assert count.tolist() == [2.0, 0.0, 1.0]
+    assert torch.allclose(mean[0], torch.tensor([2.0, 1.0])) and torch.allclose(var[0], torch.tensor([1.0, 1.0]))
+    latent_mean = torch.tensor([[2.0, 1.0], [9.0, 9.0], [5.0, 4.0]])
+    latent_std = torch.tensor([[1.0, 1.0], [9.0, 9.0], [0.0, 0.0]])
+    # condition 0 matches mean and spread exactly; condition 2 misses its mean by 1 in one of 2 dims;
+    # condition 1 has no cells in the batch; only condition 0 has two cells for a spread
+    assert moment_loss(values, codes, latent_mean, latent_std).item() == pytest.approx(0.25, abs=1e-3)
+    expression_mean = torch.tensor([[2.0, 1.0], [0.0, 0.0], [5.0, 3.0]])
+    assert bulk_loss(values, codes, expression_mean).item() == pytest.approx(1.0)  # (0 + 4/2) / 2
+
+
+def test_ridge_fit_recovers_a_linear_map_and_keeps_the_bias_unpenalised():
+    rng = np.random.default_rng(0)
+    x = torch.as_tensor(rng.normal(size=(40, 3)))
+    w = torch.tensor([[1.0, -2.0], [0.5, 0.0], [0.0, 3.0]], dtype=torch.float64)
+    y = x @ w + torch.tensor([4.0, -1.0], dtype=torch.float64)
+    weight, bias, penalty = ridge_fit(x, y)
+    assert penalty == min((1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0))  # noise-free: the smallest penalty wins
+    torch.testing.assert_close(weight, w, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(bias, torch.tensor([4.0, -1.0], dtype=torch.float64), atol=0.05, rtol=0.05)
+
+
+def test_collapse_index_and_warnings():
+    same = torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 6.1]], dtype=torch.float64)
+    assert mean_pairwise_correlation(same).item() == pytest.approx(1.0, abs=1e-3)
+    opposite = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], dtype=torch.float64)
+    assert mean_pairwise_correlation(opposite).item() == pytest.approx(-1.0)
+    healthy = ValidationScores(0.5, 0.6, 0.1, collapse_index=0.3, collapse_index_true=0.25, prompt_to_shift=0.9,
+                               shift_ratio=1.1, ceiling_pearson_delta=0.8)
+    assert healthy.warnings() == []
+    collapsed = ValidationScores(0.1, 0.2, 0.1, collapse_index=0.99, collapse_index_true=0.2, prompt_to_shift=0.05,
+                                 shift_ratio=5.0, ceiling_pearson_delta=0.3)
+    text = " ".join(collapsed.warnings())
+    for fragment in ("look alike", "prompt is 0.05 times", "5.00 times the real ones", "autoencoder limits"):
+        assert fragment in text
