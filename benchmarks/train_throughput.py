@@ -76,6 +76,63 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def measure(device: torch.device, *, cells_n: int, genes_n: int, batch: int, steps: int, warmup: int,
+            preset: str = "norman", amp: str = "auto", compile_: bool = False, phases=("ae", "gan"),
+            overrides: list[str] = (), data=None) -> dict:
+    """Training cells/s of each phase in `phases` (and the peak GPU memory of each, in GiB),
+    on synthetic data of the given shape (or `data` = (adata, split), reused between calls)."""
+    from regina_cli.config import build_config
+    from regina_cli.data.tensors import CellTensors
+    from regina_cli.engine.distributed import DistContext
+    from regina_cli.engine.gene_prompts import prompt_gene_names
+    from regina_cli.engine.loop import compile_modules, seed_everything
+    from regina_cli.engine.train_ae import AutoencoderPhase
+    from regina_cli.engine.train_gan import build_phase
+    from regina_cli.model.autoencoder import Autoencoder
+
+    config = build_config(preset=preset, overrides=[
+        f"ae.batch_size={batch}", f"gan.batch_size={batch}", f"runtime.amp={amp}",
+        f"runtime.compile={str(compile_).lower()}", "runtime.device_data=always", *overrides])
+    seed_everything(0)
+    ctx = DistContext(0, 0, 1, device)
+    adata, split = data if data is not None else synthetic_screen(cells_n, genes_n)
+    rng = np.random.default_rng(1)
+    labels = pd.Series(rng.choice(["Homeostasis", "Stressed"], adata.n_obs, p=[0.7, 0.3]), index=adata.obs_names)
+    genes = [str(g) for g in adata.var_names]
+    prompt_genes, learned_genes = prompt_gene_names(split.train, genes, config.gan)
+    cells = CellTensors.from_anndata(adata, split, labels, device=device, device_data="always",
+                                     prompt_genes=prompt_genes)
+    model = Autoencoder(cells.n_genes, len(cells.label_classes), config.model).to(device)
+    compile_modules([model.encoder, model.decoder], config.runtime.compile, device)
+    results = {}
+    if "ae" in phases:
+        reset_peak(device)
+        seconds = timed_steps(AutoencoderPhase(model, cells, config, ctx), steps, warmup, device)
+        results["ae"] = {"cells_per_s": steps * batch / seconds, "peak_gib": peak_gib(device)}
+    if "gan" in phases:
+        for frozen in (model.encoder, model.classifier):
+            frozen.requires_grad_(False)
+            frozen.eval()
+        # Training caches E(X) of every cell once (the encoder is frozen); that one-off pass is
+        # not a training step, so random latents of the right shape stand in for it here.
+        latents = torch.randn(cells.n_cells, model.z_dim, device=device)
+        phase, _ = build_phase(model, cells, config, ctx, None, latents, prompt_genes=prompt_genes,
+                               learned_genes=learned_genes)
+        reset_peak(device)
+        seconds = timed_steps(phase, steps, warmup, device)
+        results["gan"] = {"cells_per_s": steps * batch / seconds, "peak_gib": peak_gib(device)}
+    return results
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -91,60 +148,24 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override k=v")
     args = parser.parse_args()
 
-    from regina_cli.config import build_config
-    from regina_cli.data.tensors import CellTensors
     from regina_cli.devices import resolve_device
-    from regina_cli.engine.distributed import DistContext
-    from regina_cli.engine.loop import compile_modules, seed_everything
-    from regina_cli.engine.train_ae import AutoencoderPhase
-    from regina_cli.engine.train_gan import CycleGANPhase
-    from regina_cli.model.autoencoder import Autoencoder
-    from regina_cli.model.gan import LatentCycleGAN
 
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
     batch = args.batch_size or (4096 if gpu else 64)
     steps = args.steps or (30 if gpu else 3)
     warmup = args.warmup if args.warmup is not None else (10 if gpu else 1)
-    config = build_config(preset=args.preset, overrides=[
-        f"ae.batch_size={batch}", f"gan.batch_size={batch}", f"runtime.amp={args.amp}",
-        f"runtime.compile={str(args.compile).lower()}", "runtime.device_data=always", *args.overrides])
-    seed_everything(0)
-    ctx = DistContext(0, 0, 1, device)
-
-    t0 = time.perf_counter()
-    adata, split = synthetic_screen(args.cells, args.genes)
-    rng = np.random.default_rng(1)
-    labels = pd.Series(rng.choice(["Homeostasis", "Stressed"], adata.n_obs, p=[0.7, 0.3]), index=adata.obs_names)
-    cells = CellTensors.from_anndata(adata, split, labels, device=device, device_data="always")
-    del adata
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}; data: {cells.n_cells:,} cells x {cells.n_genes:,} genes on the device "
-          f"({time.perf_counter() - t0:.1f} s to build); preset {args.preset}; batch {batch}; "
-          f"amp {args.amp}; compile {args.compile}; {steps} timed steps after {warmup} warm-up")
-
-    model = Autoencoder(cells.n_genes, len(cells.label_classes), config.model).to(device)
-    compile_modules([model.encoder, model.decoder], config.runtime.compile, device)
-    results = {}
-    if args.phase in ("ae", "both"):
-        seconds = timed_steps(AutoencoderPhase(model, cells, config, ctx), steps, warmup, device)
-        results["phase 1 (train-ae)"] = steps * batch / seconds
-    if args.phase in ("gan", "both"):
-        for frozen in (model.encoder, model.classifier):
-            frozen.requires_grad_(False)
-            frozen.eval()
-        gan = LatentCycleGAN(model.z_dim, config.model, prompt_genes=cells.prompt_genes,
-                             learned_genes=cells.prompt_genes).to(device)
-        # Training caches E(X) of every cell once (the encoder is frozen); that one-off pass is
-        # not a training step, so random latents of the right shape stand in for it here.
-        latents = torch.randn(cells.n_cells, model.z_dim, device=device)
-        phase = CycleGANPhase(model, gan, cells, config, ctx, val_plan=None, latents=latents)
-        seconds = timed_steps(phase, steps, warmup, device)
-        results["phase 2 (train-gan)"] = steps * batch / seconds
-    for phase, rate in results.items():
-        print(f"{phase}: {rate:,.0f} training cells/s")
-    if gpu:
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    print(f"device: {name}; data: {args.cells:,} cells x {args.genes:,} genes on the device; preset {args.preset}; "
+          f"batch {batch}; amp {args.amp}; compile {args.compile}; {steps} timed steps after {warmup} warm-up")
+    phases = ("ae", "gan") if args.phase == "both" else (args.phase,)
+    results = measure(device, cells_n=args.cells, genes_n=args.genes, batch=batch, steps=steps, warmup=warmup,
+                      preset=args.preset, amp=args.amp, compile_=args.compile, phases=phases,
+                      overrides=args.overrides)
+    for phase, result in results.items():
+        memory = f"; peak GPU memory {result['peak_gib']:.1f} GiB" if result["peak_gib"] is not None else ""
+        print(f"phase {'1 (train-ae)' if phase == 'ae' else '2 (train-gan)'}: {result['cells_per_s']:,.0f} "
+              f"training cells/s{memory}")
 
 
 if __name__ == "__main__":

@@ -127,8 +127,9 @@ class GANConfig:
     learned_prompts: str = _opt("unmeasured", "Genes with a learned prompt vector: unmeasured (perturbed in training "
                                 "but not measured, whose encoder prompt is empty) or perturbed (every gene perturbed "
                                 "in training).", choices=("unmeasured", "perturbed"))
-    learned_prompt_init: str = _opt("shift", "Initial learned prompt vectors: small (0.01 x noise) or shift (the "
-                                    "gene's mean latent shift in its training condition, the scale of real shifts).",
+    learned_prompt_init: str = _opt("small", "Initial learned prompt vectors: small (0.01 x noise) or shift (the "
+                                    "part of the gene's mean latent shift in its training condition that the rest of "
+                                    "the prompt does not explain; useful without an expression prior).",
                                     choices=("small", "shift"))
     prompt_dropout: float = _opt(0.0, "Probability of hiding a gene's learned prompt vector in a training step, so "
                                  "the rest of the prompt must carry the condition alone (as for unseen genes).",

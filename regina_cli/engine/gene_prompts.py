@@ -23,7 +23,7 @@ from regina_cli.data.conditions import condition_genes, is_control, parse_condit
 
 RIDGE_PENALTIES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 PCA_CELLS = 20_000
-ENCODER_PROMPT_CELLS = 256
+ENCODER_PROMPT_CELLS = 32  # controls per condition: enough for a mean, cheap for a large encoder
 
 
 def prompt_gene_names(train_conditions, measured_genes, cfg, knowledge_genes=()) -> tuple[list[str], list[str]]:

@@ -310,27 +310,20 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
         frozen.requires_grad_(False)
         frozen.eval()
     latents = encode_all(autoencoder.encoder, cells, config.runtime.amp)
-    stats = condition_stats(cells, latents, phase_train_index(cells, plan.held_out))
-    observed = observed_genes(cells, stats) if prior_dim(config) else []
-    gan = build_gan(autoencoder, cells, config, prompt_genes, learned_genes, len(observed))
-    train_prior = None
-    if gan.expression_prior is not None:
-        train_prior = expression_prior.fit_expression_prior(gan.expression_prior, cells, stats, plan.reference,
-                                                            prompt_genes, seed=config.runtime.seed)
-        if knowledge is not None:
-            expression_prior.fill_knowledge_embeddings(gan.expression_prior, knowledge, ae_meta.gene_names,
-                                                       prompt_genes)
-    fitted = initialise_prompts(gan, autoencoder.encoder, cells, latents, stats, config, train_prior)
+    phase, built = build_phase(autoencoder, cells, config, ctx, plan, latents, prompt_genes=prompt_genes,
+                               learned_genes=learned_genes, knowledge=knowledge)
+    gan = phase.gan
     broadcast_state(gan, ctx)
     compile_modules([autoencoder.encoder, autoencoder.decoder], config.runtime.compile, ctx.device)
 
     meta = ae_meta.for_phase(
-        keys.GAN_DIR, prompt_genes=prompt_genes, learned_genes=learned_genes, prior_observed_genes=observed,
+        keys.GAN_DIR, prompt_genes=prompt_genes, learned_genes=learned_genes,
+        prior_observed_genes=built["observed_genes"],
         gene_knowledge=None if knowledge is None else {"source": knowledge.source, "kind": knowledge.kind,
                                                        "sha256": knowledge.sha256(), "genes_used": len(known)},
         gene_features=gene_prompts.feature_source(g), prompt_value=g.prompt_value,
         validation_conditions_scored=plan.conditions, validation_source=plan.source, held_out_conditions=plan.held_out,
-        top20_de_source=plan.de_source, n_train_pairs_per_epoch=int(len(phase_train_index(cells, plan.held_out))),
+        top20_de_source=plan.de_source, n_train_pairs_per_epoch=int(len(phase.train_index)),
         selection=gan_validation.SELECTION_METRIC, world_size=ctx.world_size, notes=cells.notes,
         n_train_cells=None, n_val_cells=None, dense_on_device=None)
     if ctx.is_main:
@@ -341,20 +334,39 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
     if plan.source != gan_validation.FROM_VALIDATION:
         bar.message(f"note: validating on {plan.source}")
 
-    phase = CycleGANPhase(autoencoder, gan, cells, config, ctx, plan, latents, stats)
-    phase.train_prior = train_prior
     metric = gan_validation.SELECTION_METRIC
     summary = fit(phase, ctx, paths, max_epochs=g.max_epochs,
                   stopper=PatienceStopper(metric=metric, patience=g.patience),
                   best=BestTracker(metric, "max"), progress=bar, resume=resume)
     best = best_epoch_scores(paths, summary["best_epoch"])
     summary.update({"run_dir": str(paths.run_dir), "phase": paths.phase, "selection": metric,
-                    "parameter_checksum": parameter_checksum(gan), "prompt_fit": fitted,
+                    "parameter_checksum": parameter_checksum(gan), "prompt_fit": built["prompt_fit"],
                     "diagnostics": best.as_dict() if best else {}, "warnings": best.warnings() if best else []})
     if ctx.is_main:
         write_meta(paths, meta.trained(summary))
     cells.close()
     return summary
+
+
+def build_phase(autoencoder, cells, config: ReginaConfig, ctx: DistContext,
+                plan: gan_validation.ValidationPlan | None, latents: torch.Tensor, *, prompt_genes: list[str],
+                learned_genes: list[str], knowledge=None) -> tuple[CycleGANPhase, dict]:
+    """Phase 2 ready to train: the condition statistics, the cycle-GAN with its gene prompts, the
+    expression prior (fitted, cross-fitted for training, knowledge rows) and the prompts' start."""
+    stats = condition_stats(cells, latents, phase_train_index(cells, plan.held_out if plan is not None else []))
+    observed = observed_genes(cells, stats) if prior_dim(config) else []
+    gan = build_gan(autoencoder, cells, config, prompt_genes, learned_genes, len(observed))
+    train_prior = None
+    if gan.expression_prior is not None:
+        reference = plan.reference if plan is not None else gan_validation.training_control_mean(cells)
+        train_prior = expression_prior.fit_expression_prior(gan.expression_prior, cells, stats, reference,
+                                                            prompt_genes, seed=config.runtime.seed)
+        if knowledge is not None:
+            expression_prior.fill_knowledge_embeddings(gan.expression_prior, knowledge, cells.genes, prompt_genes)
+    fitted = initialise_prompts(gan, autoencoder.encoder, cells, latents, stats, config, train_prior)
+    phase = CycleGANPhase(autoencoder, gan, cells, config, ctx, plan, latents, stats)
+    phase.train_prior = train_prior
+    return phase, {"observed_genes": observed, "prompt_fit": fitted}
 
 
 def build_gan(autoencoder, cells, config: ReginaConfig, prompt_genes: list[str], learned_genes: list[str],
@@ -381,8 +393,13 @@ def initialise_prompts(gan, encoder, cells, latents, stats: ConditionStats, conf
                        train_prior: torch.Tensor | None = None) -> dict:
     """Scale the encoder prompt (`gan.prompt_scale`), then fit the gene prompts to what the encoder
     prompt (and the expression prior's latent offset) leave of the real latent shifts of the genes
-    perturbed alone in training (`engine.gene_prompts`); returns what was set."""
+    perturbed alone in training (`engine.gene_prompts`); returns what was set. Nothing to fit
+    (small learned vectors, no features, raw scale) costs no encoder pass."""
     g = config.gan
+    needed = (g.prompt_scale == "matched" or g.learned_prompt_init == "shift"
+              or gan.gene_prompts.feature_map is not None)
+    if not needed:
+        return {"encoder_prompt_scale": float(gan.encoder_prompt_scale)}
     codes = [c for c, name in enumerate(cells.conditions) if stats.counts[c] > 0 and not is_control(name)]
     encoder_prompts, prior_prompts = gene_prompts.mean_encoder_prompts(
         encoder, cells, latents, codes, g, seed=config.runtime.seed,
