@@ -24,6 +24,8 @@ UNS_REGINA = "regina"  # provenance written by REGINA (source, normalisation, ve
 # --- REGINA-specific keys --------------------------------------------------------------------
 OBS_CELL_STATE = "cell_state"  # label used by the latent classifier
 OBS_CONTROL_CELL = "control_cell"  # predictions: which control cell a prediction came from
+OBS_PROMPT_SOURCE = "prompt_source"  # predictions: measured / learned / knowledge prompt per condition
+VARM_RECONSTRUCTION = "reconstruction"  # predictions: genes x conditions, decoded controls, no perturbation
 
 # --- Label vocabulary ------------------------------------------------------------------------
 CTRL = "ctrl"
@@ -46,6 +48,8 @@ PREDICTIONS_FILE = "predictions.h5ad"
 EVAL_DIR = "eval"
 METRICS_FILE = "metrics.json"
 PER_CONDITION_FILE = "per_condition.csv"
+REPORT_FILE = "report.html"
+PLOTS_DIR = "plots"
 
 # --- Locations -------------------------------------------------------------------------------
 ENV_DATA_DIR = "REGINA_DATA"

@@ -242,8 +242,9 @@ def _complete(groups: dict[str, list[str]]) -> dict[str, list[str]]:
 # --- User split files --------------------------------------------------------------------------
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """GEARS split pickles hold dicts of lists of strings: refuse anything that runs code."""
+class SafeUnpickler(pickle.Unpickler):
+    """GEARS pickles (splits, dicts of mean profiles) hold dicts, lists, strings and numpy arrays:
+    refuse anything that runs code. Also used by `regina evaluate` for prediction pickles."""
 
     _ALLOWED = {
         ("numpy", "ndarray"), ("numpy", "dtype"),
@@ -254,7 +255,8 @@ class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a split file")
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed (only dicts, lists, strings, numbers "
+                                     "and numpy arrays are read)")
 
 
 def read_split_file(path: str | Path) -> dict:
@@ -264,7 +266,7 @@ def read_split_file(path: str | Path) -> dict:
         raise ReginaError(f"split file {path} not found")
     raw = path.read_bytes()
     try:
-        obj = _SafeUnpickler(io.BytesIO(raw)).load() if raw[:1] == b"\x80" else json.loads(raw)
+        obj = SafeUnpickler(io.BytesIO(raw)).load() if raw[:1] == b"\x80" else json.loads(raw)
     except (pickle.UnpicklingError, ValueError, EOFError) as exc:
         raise ReginaError(f"split file {path} is neither JSON nor a GEARS split pickle ({exc})") from None
     if not isinstance(obj, dict) or any(s not in obj for s in SETS):
