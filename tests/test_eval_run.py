@@ -73,7 +73,7 @@ def test_cli_writes_metrics_table_and_plots_deterministically(screen, run, tmp_p
     _predictions(adata, split.test, tmp_path / "pred.h5ad")
     first = run("--predictions", tmp_path / "pred.h5ad", "--split", split.name, "--out", tmp_path / "a")
     assert first.exit_code == 0, first.output
-    assert "no_change" in first.output and "model wins" in first.output
+    assert "no_change" in first.output and "pred wins" in first.output and "…" not in first.output
     again = run("--predictions", tmp_path / "pred.h5ad", "--split", split.name, "--out", tmp_path / "b", "--no-plots")
     assert again.exit_code == 0, again.output
 
@@ -84,22 +84,26 @@ def test_cli_writes_metrics_table_and_plots_deterministically(screen, run, tmp_p
     assert summary["results"] == rerun["results"] and summary["comparison"] == rerun["comparison"]
 
     table = pd.read_csv(tmp_path / "a" / keys.PER_CONDITION_FILE)
-    assert list(table.columns[:4]) == ["condition", "model", "subgroup", "n_cells"]
-    assert list(table.columns[4:]) == list(METRICS) and set(summary["metrics"]) == set(METRICS)
-    assert set(table["model"]) == {"regina", "no_change", "train_mean", "additive", "linear"}
+    assert list(table.columns[:5]) == ["condition", "model", "set", "subgroup", "n_cells"]
+    assert list(table.columns[5:]) == list(METRICS) and set(summary["metrics"]) == set(METRICS)
+    assert set(table["model"]) == {"pred", "no_change", "train_mean", "additive", "linear"}  # the file's stem
     assert set(table.loc[table.model == "additive", "condition"]) <= {c for c in split.test if "ctrl" not in c}
-    ours = table[table.model == "regina"]
+    ours = table[table.model == "pred"]
     assert len(ours) == len(split.test) and ours[list(METRICS)].notna().all().all()
 
-    overall = summary["results"]["regina"]["overall"]
+    overall = summary["results"]["pred"]["overall"]
     assert overall["n_conditions"] == len(split.test)
     assert overall["pearson_delta"] == pytest.approx(ours["pearson_delta"].mean(), rel=1e-5)
-    assert {"unseen_single", "combo_seen2"} <= set(summary["results"]["regina"])
+    assert {"unseen_single", "combo_seen2"} <= set(summary["results"]["pred"])
     assert summary["split"] == split.name and summary["versions"]["regina"]
+    assert summary["n_genes_scored"] == summary["n_genes_dataset"] == adata.n_vars
     # resampled true cells must beat "no change" on the headline precision metrics
-    assert summary["comparison"]["no_change"]["metrics"]["pearson_delta"]["model_better"]
+    assert summary["comparison"]["pred"]["no_change"]["metrics"]["pearson_delta"]["model_better"]
+    assert summary["comparison"]["pred"]["no_change"]["metrics"]["discrimination_score_l1"]["model_better"]
     for png in summary["plots"]:
         assert (tmp_path / "a" / png).read_bytes()[:4] == b"\x89PNG"
+    page = (tmp_path / "a" / keys.REPORT_FILE).read_text()
+    assert page.count("data:image/png;base64,") == len(summary["plots"]) == 4 and "src='http" not in page
 
 
 def test_mean_profiles_in_another_gene_order_give_the_same_precision(screen, run, tmp_path):
@@ -120,9 +124,10 @@ def test_mean_profiles_in_another_gene_order_give_the_same_precision(screen, run
     mean_form = pd.read_csv(tmp_path / "means" / keys.PER_CONDITION_FILE).set_index("condition").loc[cell_form.index]
     precision = [m for m, i in METRICS.items() if i.kind == "precision"]
     np.testing.assert_allclose(mean_form[precision], cell_form[precision], rtol=1e-5, atol=1e-7)
-    distribution = [m for m, i in METRICS.items() if i.kind == "distribution"]
-    assert mean_form[distribution].isna().all().all() and (mean_form["n_cells"] == 0).all()
-    assert json.loads((tmp_path / "means" / keys.METRICS_FILE).read_text())["prediction_form"] == "means"
+    with_cells = [m for m, i in METRICS.items() if i.kind in ("distribution", "de")]
+    assert mean_form[with_cells].isna().all().all() and (mean_form["n_cells"] == 0).all()
+    assert cell_form[with_cells].notna().all().all()
+    assert json.loads((tmp_path / "means" / keys.METRICS_FILE).read_text())["models"][0]["form"] == "means"
 
 
 def test_unknown_conditions_are_skipped_and_counted(screen, run, tmp_path):
@@ -135,15 +140,15 @@ def test_unknown_conditions_are_skipped_and_counted(screen, run, tmp_path):
     result = run("--predictions", tmp_path / "pred.h5ad", "--split", split.name, "--out", tmp_path / "e", "--no-plots")
     assert result.exit_code == 0, result.output
     assert "NOPE+ctrl" in result.output
-    summary = json.loads((tmp_path / "e" / keys.METRICS_FILE).read_text())
-    assert summary["n_skipped_not_in_dataset"] == 1 and summary["skipped_not_in_dataset"] == ["NOPE+ctrl"]
-    assert summary["n_test_conditions_not_predicted"] == len(split.test) - 2
+    model = json.loads((tmp_path / "e" / keys.METRICS_FILE).read_text())["models"][0]
+    assert model["n_skipped_not_in_dataset"] == 1 and model["skipped_not_in_dataset"] == ["NOPE+ctrl"]
+    assert model["n_target_conditions_not_predicted"] == len(split.test) - 2
 
 
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda p: p[:, 5:].copy(), "lacks 5 of"),
+        (lambda p: _renamed_genes(p), "shares no gene with the dataset"),
         (lambda p: _with_nan(p), "NaN"),
         (lambda p: _renamed_obs(p), "no obs column 'condition'"),
     ],
@@ -155,6 +160,11 @@ def test_bad_predictions_fail_in_one_line_and_write_nothing(screen, run, tmp_pat
     assert result.exit_code != 0 and message in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def _renamed_genes(pred):
+    pred.var_names = [f"x{g}" for g in pred.var_names]
+    return pred
 
 
 def _with_nan(pred):
@@ -188,4 +198,5 @@ def test_split_defaults_to_the_one_recorded_by_predict(screen, run, tmp_path, da
     result = run("--predictions", tmp_path / "pred.h5ad", "--no-plots", "--baselines", "none", "--out", tmp_path / "e")
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "e" / keys.METRICS_FILE).read_text())
-    assert summary["split"] == split.name and summary["predictions_provenance"]["seed"] == 0
+    assert summary["split"] == split.name and summary["models"][0]["provenance"]["seed"] == 0
+    assert summary["models"][0]["name"] == "regina"  # a file written by `regina predict`

@@ -101,7 +101,9 @@ def _de_metrics() -> dict[str, MetricInfo]:
 
 DE_SIZES = (None, 50, 100)  # cell-eval's N (every significant gene), 50, 100
 METRICS.update(_de_metrics())
-PRECISION_METRICS = [m for m, info in METRICS.items() if info.kind == "precision"]
+# Means suffice for these too, but each condition is ranked among all of them (discrimination_score).
+POOLED_METRICS = ["discrimination_score_l1"]
+PRECISION_METRICS = [m for m, info in METRICS.items() if info.kind == "precision" and m not in POOLED_METRICS]
 DISTRIBUTION_METRICS = [m for m, info in METRICS.items() if info.kind == "distribution"]
 DE_METRICS = [m for m, info in METRICS.items() if info.kind == "de"]
 TOP_K = 20

@@ -28,7 +28,7 @@ from regina_cli.errors import ReginaError
 from regina_cli.evaluate.baselines import baseline_profiles, parse_baselines, training_data
 from regina_cli.evaluate.de import Moments, de_ranks, overlap_metrics
 from regina_cli.evaluate.distribution import PredictedCells, TrueCells, distribution_metrics, random_projections
-from regina_cli.evaluate.metrics import (DE_METRICS, DE_SIZES, DISTRIBUTION_METRICS, PRECISION_METRICS, TOP_K,
+from regina_cli.evaluate.metrics import (DE_METRICS, DE_SIZES, DISTRIBUTION_METRICS, POOLED_METRICS, PRECISION_METRICS, TOP_K,
                                          GeneSets, discrimination_score, precision_metrics)
 from regina_cli.evaluate.predictions import CELLS, Predictions
 
@@ -270,7 +270,7 @@ def evaluate_loaded(truth, split, models: list[Predictions], *, baselines: list[
                 row[keys.OBS_PROMPT_SOURCE] = s.model.prompt_source.get(condition, "") if s.model else ""
             # cells scored by the distribution metrics; 0 when only mean profiles exist
             row["n_cells"] = s.moments[condition][0][2] if condition in s.moments else 0
-            row.update({m: float(precision[s.name][m][j]) for m in PRECISION_METRICS})
+            row.update({m: float(precision[s.name][m][j]) for m in PRECISION_METRICS + POOLED_METRICS})
             cells = s.cells.get(condition, {})
             row.update({m: cells.get(m, float("nan")) for m in DISTRIBUTION_METRICS})
             row.update({m: de[s.name].get(condition, {}).get(m, float("nan")) for m in DE_METRICS})
