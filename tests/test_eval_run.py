@@ -10,14 +10,9 @@ import pandas as pd
 import pytest
 
 from cli_helpers import invoke
+from eval_helpers import NAME, write_predictions, write_screen
 from regina_cli import keys
-from regina_cli.data.dataset import write_dataset
-from regina_cli.data.demo import simulate_screen
-from regina_cli.data.split import make_split, save_split
 from regina_cli.evaluate.metrics import METRICS
-
-NAME = "tiny"
-
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
@@ -26,41 +21,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def screen(data_dir):
-    """A dataset and a split whose test set holds unseen singles and doubles of trained singles."""
-    adata = simulate_screen(n_cells=1200, n_genes=160, n_singles=8, n_doubles=8, seed=5)
-    write_dataset(adata, NAME, data_dir)
-    conditions = sorted(set(adata.obs[keys.OBS_CONDITION]))
-    singles = [c for c in conditions if c.endswith("+ctrl")]
-    doubles = [c for c in conditions if "ctrl" not in c]
-    train_singles, test_singles = singles[:-2], singles[-2:]
-    trained = {c.split("+")[0] for c in train_singles}
-    test_doubles = [d for d in doubles if set(d.split("+")) <= trained][:2] + [d for d in doubles if not set(d.split("+")) <= trained][:1]
-    train_doubles = [d for d in doubles if d not in test_doubles]
-    user = {"train": ["ctrl"] + train_singles + train_doubles[:-1], "val": train_doubles[-1:],
-            "test": test_singles + test_doubles}
-    split = make_split(NAME, conditions, user_split=user)
-    save_split(split, data_dir)
-    return adata, split
-
-
-def _predictions(adata, conditions, path, *, n=30, seed=0):
-    """Noisy resampled true cells, with the control cells they 'came from'."""
-    rng = np.random.default_rng(seed)
-    controls = np.flatnonzero(adata.obs[keys.OBS_CONDITION] == "ctrl")
-    blocks, labels, sources = [], [], []
-    for c in conditions:
-        rows = rng.choice(np.flatnonzero(adata.obs[keys.OBS_CONDITION] == c), n)
-        blocks.append(adata.X[rows].toarray() + rng.normal(0, 0.1, (n, adata.n_vars)))
-        labels += [c] * n
-        sources += list(adata.obs_names[rng.choice(controls, n)])
-    pred = ad.AnnData(np.vstack(blocks).astype(np.float32))
-    pred.obs_names = [f"p{i}" for i in range(pred.n_obs)]
-    pred.var_names = adata.var_names.copy()
-    pred.obs[keys.OBS_CONDITION] = labels
-    pred.obs[keys.OBS_CELL_TYPE] = "simulated"
-    pred.obs[keys.OBS_CONTROL_CELL] = sources
-    pred.write_h5ad(path)
-    return pred
+    return write_screen(data_dir)
 
 
 @pytest.fixture
@@ -70,7 +31,7 @@ def run(data_dir):
 
 def test_cli_writes_metrics_table_and_plots_deterministically(screen, run, tmp_path):
     adata, split = screen
-    _predictions(adata, split.test, tmp_path / "pred.h5ad")
+    write_predictions(adata, split.test, tmp_path / "pred.h5ad")
     first = run("--predictions", tmp_path / "pred.h5ad", "--split", split.name, "--out", tmp_path / "a")
     assert first.exit_code == 0, first.output
     assert "no_change" in first.output and "pred wins" in first.output and "…" not in first.output
@@ -108,7 +69,7 @@ def test_cli_writes_metrics_table_and_plots_deterministically(screen, run, tmp_p
 
 def test_mean_profiles_in_another_gene_order_give_the_same_precision(screen, run, tmp_path):
     adata, split = screen
-    cells = _predictions(adata, split.test, tmp_path / "cells.h5ad")
+    cells = write_predictions(adata, split.test, tmp_path / "cells.h5ad")
     means = cells.to_df().groupby(cells.obs[keys.OBS_CONDITION].to_numpy()).mean()
     profiles = ad.AnnData(means.iloc[:, ::-1].to_numpy(np.float32))  # GEARS form, genes reversed
     profiles.var_names = list(means.columns[::-1])
@@ -132,7 +93,7 @@ def test_mean_profiles_in_another_gene_order_give_the_same_precision(screen, run
 
 def test_unknown_conditions_are_skipped_and_counted(screen, run, tmp_path):
     adata, split = screen
-    pred = _predictions(adata, split.test[:2], tmp_path / "pred.h5ad")
+    pred = write_predictions(adata, split.test[:2], tmp_path / "pred.h5ad")
     extra = pred[:5].copy()
     extra.obs_names = [f"x{i}" for i in range(5)]
     extra.obs[keys.OBS_CONDITION] = "NOPE+ctrl"
@@ -155,7 +116,7 @@ def test_unknown_conditions_are_skipped_and_counted(screen, run, tmp_path):
 )
 def test_bad_predictions_fail_in_one_line_and_write_nothing(screen, run, tmp_path, damage, message):
     adata, split = screen
-    damage(_predictions(adata, split.test, tmp_path / "pred.h5ad")).write_h5ad(tmp_path / "bad.h5ad")
+    damage(write_predictions(adata, split.test, tmp_path / "pred.h5ad")).write_h5ad(tmp_path / "bad.h5ad")
     result = run("--predictions", tmp_path / "bad.h5ad", "--split", split.name, "--out", tmp_path / "out")
     assert result.exit_code != 0 and message in result.output
     assert "Traceback" not in result.output
@@ -179,7 +140,7 @@ def _renamed_obs(pred):
 
 def test_missing_split_and_unknown_baseline_are_user_errors(screen, run, tmp_path):
     adata, split = screen
-    _predictions(adata, split.test, tmp_path / "pred.h5ad")
+    write_predictions(adata, split.test, tmp_path / "pred.h5ad")
     result = run("--predictions", tmp_path / "pred.h5ad", "--split", "simulation_9")
     assert result.exit_code != 0 and "regina split" in result.output
     result = run("--predictions", tmp_path / "pred.h5ad", "--baselines", "mean")
@@ -192,7 +153,7 @@ def test_split_defaults_to_the_one_recorded_by_predict(screen, run, tmp_path, da
     adata, split = screen
     splits = keys.dataset_dir(NAME, data_dir) / keys.SPLITS_DIR
     (splits / "other_7.json").write_text((splits / f"{split.name}.json").read_text())  # two splits on disk
-    pred = _predictions(adata, split.test[:1], tmp_path / "pred.h5ad")
+    pred = write_predictions(adata, split.test[:1], tmp_path / "pred.h5ad")
     pred.uns[keys.UNS_REGINA] = {"split": split.name, "dataset": NAME, "seed": 0}
     pred.write_h5ad(tmp_path / "pred.h5ad")
     result = run("--predictions", tmp_path / "pred.h5ad", "--no-plots", "--baselines", "none", "--out", tmp_path / "e")
