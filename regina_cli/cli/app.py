@@ -45,7 +45,7 @@ class ReginaGroup(TyperGroup):
             code = 1
         except NoArgsIsHelpError as exc:
             exc.show()
-            code = 0
+            code = exc.exit_code
         except ClickException as exc:  # usage errors: non-standalone mode raises them
             command = getattr(getattr(exc, "ctx", None), "command_path", "regina")
             message = f"{exc.format_message()} (see `{command} --help`)"

@@ -16,11 +16,11 @@ from regina_cli.cli.common import DataDirOpt, emit_result, info, show, user_erro
 def evaluate_command(
     name: str = typer.Argument(..., help="Dataset name (data/<name>/perturb_processed.h5ad)."),
     predictions: List[Path] = typer.Option(
-        ..., "--predictions", help="Predictions: .h5ad (cells or one mean row per condition), .csv/.tsv (a condition "
+        ..., "--predictions", metavar="FILE", help="Predictions: .h5ad (cells or one mean row per condition), .csv/.tsv (a condition "
         "column, one column per gene) or a GEARS-style dict-of-means .pkl. Repeat to compare several models.",
     ),
     model_name: Optional[List[str]] = typer.Option(
-        None, "--model-name", help="Name of the model in every table, file and plot; once per --predictions "
+        None, "--model-name", metavar="NAME", help="Name of the model in every table, file and plot; once per --predictions "
         "(default: regina for `regina predict` files, else the file name).", show_default=False,
     ),
     split: str = typer.Option(None, "--split", help="Split <mode>_<seed>, e.g. simulation_1 (default: the one `regina predict` recorded, else the only one)."),
