@@ -13,8 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_python() -> str | None:
+    """An interpreter that imports cell_eval: $REGINA_CELLEVAL_PYTHON, else .venv-celleval's; or None."""
+    candidate = os.environ.get("REGINA_CELLEVAL_PYTHON") or str(ROOT / ".venv-celleval" / "bin" / "python")
+    if not Path(candidate).is_file():
+        return None
+    probe = subprocess.run([candidate, "-c", "import cell_eval"], capture_output=True)
+    return candidate if probe.returncode == 0 else None
 
 
 def main() -> None:

@@ -46,11 +46,15 @@ def synthetic_screen(n_genes: int, n_conditions: int, n_train: int, cells_per_co
     adata.obs_names = [f"c{i}" for i in range(len(labels))]
     adata.obs["condition"] = labels
     adata.obs["condition_name"] = [f"K562_{c}_1+1" for c in labels]
+    adata.obs["cell_type"] = "K562"
+    adata.obs["control"] = [int(c == "ctrl") for c in labels]
+    adata.obs["dose_val"] = "1+1"
     names = sorted(set(adata.obs["condition_name"]))
     adata.uns["rank_genes_groups_cov_all"] = {n: np.array(genes)[rng.permutation(n_genes)[:200]] for n in names}
     adata.uns["top_non_dropout_de_20"] = {n: adata.uns["rank_genes_groups_cov_all"][n][:20] for n in names}
     adata.uns["non_dropout_gene_idx"] = {n: np.sort(rng.choice(n_genes, n_genes // 2, replace=False)) for n in names}
     adata.uns["non_zeros_gene_idx"] = adata.uns["non_dropout_gene_idx"]
+    adata.uns["top_non_zero_de_20"] = adata.uns["top_non_dropout_de_20"]
     return adata, test, train
 
 

@@ -12,8 +12,8 @@ whose name equals the label, REGINA every targeted gene, which is the same for a
 
 from __future__ import annotations
 
-import os
 import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -28,16 +28,10 @@ from regina_cli.data.dataset import write_dataset
 from regina_cli.data.demo import simulate_screen
 from regina_cli.data.split import make_split, save_split
 
-ROOT = Path(__file__).resolve().parents[1]
-RUNNER = ROOT / "benchmarks" / "celleval_runner.py"
-
-
-def celleval_python() -> str | None:
-    candidate = os.environ.get("REGINA_CELLEVAL_PYTHON") or str(ROOT / ".venv-celleval" / "bin" / "python")
-    if not Path(candidate).is_file():
-        return None
-    probe = subprocess.run([candidate, "-c", "import cell_eval"], capture_output=True)
-    return candidate if probe.returncode == 0 else None
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+RUNNER = BENCHMARKS / "celleval_runner.py"
+sys.path.insert(0, str(BENCHMARKS))
+from celleval_runner import find_python  # noqa: E402
 
 
 def celleval_label(condition: str) -> str:
@@ -46,7 +40,7 @@ def celleval_label(condition: str) -> str:
 
 
 def test_metrics_defined_alike_agree_with_celleval(tmp_path):
-    python = celleval_python()
+    python = find_python()
     if python is None:
         pytest.skip("cell-eval not installed: it needs scipy>=1.17, REGINA pins scipy<1.15; run `make celleval` "
                     "(or set REGINA_CELLEVAL_PYTHON) to enable this cross-check")

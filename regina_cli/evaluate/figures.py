@@ -47,7 +47,7 @@ def example_conditions(table: pd.DataFrame, model: str, on: str) -> list[tuple[s
 
 def _savefig(fig, path: Path) -> Path:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+        fig.savefig(tmp, format="png", dpi=90, metadata={"Software": None})
     return path
 
 
@@ -114,6 +114,16 @@ def _delta_scatter(ax, result, truth, condition: str, why: str, colour: dict, mo
     ax.legend(fontsize=6, loc="upper left")
 
 
+def _principal_axes(centred: np.ndarray, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k principal axes [G, k] and explained variance shares, from the small cells x cells Gram
+    matrix (a few hundred cells, thousands of genes) instead of a full SVD."""
+    values, vectors = np.linalg.eigh(centred @ centred.T)
+    values, vectors = values[::-1][:k], vectors[:, ::-1][:, :k]
+    axes = centred.T @ vectors / np.sqrt(np.clip(values, 1e-12, None))
+    signs = np.sign(axes[np.abs(axes).argmax(0), np.arange(k)])  # same picture on every BLAS
+    return axes * signs, values / np.einsum("ij,ij->", centred, centred)
+
+
 def _pca_panel(ax, result, truth, condition: str, why: str, colour: dict, rng) -> bool:
     cell_models = [m for m in result.models if m.form == "cells" and condition in m.conditions]
     if not cell_models:
@@ -126,9 +136,7 @@ def _pca_panel(ax, result, truth, condition: str, why: str, colour: dict, rng) -
     true = truth.cells(pick(truth.rows(condition))).astype(np.float64)
     real = np.vstack([control, true])
     center = real.mean(0)
-    _, s, vt = np.linalg.svd(real - center, full_matrices=False)
-    axes = vt[:2].T
-    explained = s[:2] ** 2 / (s**2).sum()
+    axes, explained = _principal_axes(real - center)
     ax.scatter(*((control - center) @ axes).T, s=5, color="0.75", label=f"control ({len(control)})")
     ax.scatter(*((true - center) @ axes).T, s=6, color="black", label=f"true ({len(true)})")
     for m in cell_models:
@@ -200,21 +208,21 @@ def write_figures(result, truth, summary: dict, folder: Path) -> list[Path]:
 
     fig = plt.figure(figsize=(11, 8))
     _by_subgroup(fig, table, names, on, colour)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.08, top=0.9, hspace=0.45, wspace=0.18)
     paths.append(_savefig(fig, folder / "metric_by_subgroup.png"))
     plt.close(fig)
 
     fig, axes = plt.subplots(len(examples), 1, figsize=(11, 3.2 * len(examples)), squeeze=False)
     for ax, (condition, why) in zip(axes[:, 0], examples):
         _delta_bars(ax, result, truth, condition, why, colour, set(models))
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.07, right=0.99, bottom=0.08, top=0.97, hspace=0.65)
     paths.append(_savefig(fig, folder / "delta_top_de.png"))
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(examples), figsize=(4.2 * len(examples), 4.4), squeeze=False)
     for ax, (condition, why) in zip(axes[0], examples):
         _delta_scatter(ax, result, truth, condition, why, colour, set(models))
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.12, top=0.86, wspace=0.25)
     paths.append(_savefig(fig, folder / "delta_scatter.png"))
     plt.close(fig)
 
@@ -224,7 +232,7 @@ def write_figures(result, truth, summary: dict, folder: Path) -> list[Path]:
         drawn = [_pca_panel(ax, result, truth, c, why, colour, rng) for ax, (c, why) in zip(axes[0], examples)]
         for ax, ok in zip(axes[0], drawn):
             ax.set_visible(ok)
-        fig.tight_layout()
+        fig.subplots_adjust(left=0.05, right=0.99, bottom=0.12, top=0.86, wspace=0.25)
         paths.append(_savefig(fig, folder / "pca_cells.png"))
         plt.close(fig)
     return paths

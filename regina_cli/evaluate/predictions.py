@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from regina_cli.data.conditions import is_control
 from regina_cli.errors import ReginaError
@@ -75,9 +76,12 @@ def align(raw: RawPredictions, truth: Truth, name: str) -> Predictions:
     """Predictions of one file on the truth's genes and condition spelling."""
     position = {g: i for i, g in enumerate(gene_naming(raw, truth.dataset_genes))}
     columns = np.array([position[g] for g in truth.genes], dtype=np.int64)
-    x = np.ascontiguousarray(raw.x[:, columns])
+    same_order = len(columns) == raw.x.shape[1] and (columns == np.arange(len(columns))).all()
+    x = raw.x if same_order else np.ascontiguousarray(raw.x[:, columns])
     labels = raw.labels
-    names, counts = np.unique(labels, return_counts=True)
+    rows_of = pd.Series(np.arange(len(labels))).groupby(labels).indices
+    names = np.array(sorted(rows_of), dtype=object)
+    counts = np.array([len(rows_of[n]) for n in names])
     control = np.array([is_control(n) for n in names], dtype=bool)
     perturbed = list(names[~control])
     if not perturbed:
@@ -94,14 +98,14 @@ def align(raw: RawPredictions, truth: Truth, name: str) -> Predictions:
         elif condition in grouped:
             raise ReginaError(f"{raw.path} names condition {condition} twice (as '{label}' too); keep one spelling")
         else:
-            grouped[condition] = np.flatnonzero(labels == label)
+            grouped[condition] = rows_of[label]
     if not grouped:
         raise ReginaError(f"none of the {len(perturbed)} predicted conditions of {raw.path} is in the dataset; "
                           "wrong dataset, --condition-key or --separator?")
 
     conditions = sorted(grouped)
     cells = [x[grouped[c]] for c in conditions]
-    control_rows = np.flatnonzero(np.isin(labels, names[control]))
+    control_rows = np.sort(np.concatenate([rows_of[n] for n in names[control]] or [np.zeros(0, np.int64)]))
     obs = raw.obs
     sources = obs["control_cell"].to_numpy() if "control_cell" in obs else None
     prompts = obs["prompt_source"].to_numpy() if "prompt_source" in obs else None

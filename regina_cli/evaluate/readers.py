@@ -27,7 +27,7 @@ PICKLE_SUFFIXES = (".pkl", ".pickle")
 class RawPredictions:
     path: Path
     x: np.ndarray  # [n, g] float32
-    gene_names: list[list[str]]  # candidate namings of the columns (var_names, var gene_name)
+    gene_names: list[list[str]]  # candidate namings of the columns (var_names, var gene_name); pickles: none
     labels: np.ndarray  # [n] condition labels, REGINA spelling
     obs: pd.DataFrame  # optional per-row columns (control_cell, prompt_source), index reset
     reconstruction: pd.DataFrame | None = None  # genes (positional, like x's columns) x labels
@@ -100,7 +100,7 @@ def _read_table(path: Path, condition_key: str, separator: str) -> RawPrediction
                           frame[extra].astype(str).reset_index(drop=True))
 
 
-def _read_pickle(path: Path, separator: str, dataset_genes: list[str]) -> RawPredictions:
+def _read_pickle(path: Path, separator: str) -> RawPredictions:
     from regina_cli.data.split import SafeUnpickler
 
     try:
@@ -110,23 +110,29 @@ def _read_pickle(path: Path, separator: str, dataset_genes: list[str]) -> RawPre
         raise ReginaError(f"cannot read {path} as a GEARS-style pickle ({exc})") from None
     if not isinstance(obj, dict) or not obj:
         raise ReginaError(f"{path} must hold a dict condition -> mean profile (as GEARS' predict returns)")
-    rows = []
-    for label, value in obj.items():
-        row = np.asarray(value, dtype=np.float64).ravel()
-        if row.shape != (len(dataset_genes),):
-            raise ReginaError(f"{path}: '{label}' holds {row.size} values, the dataset has {len(dataset_genes)} genes; "
-                              "a GEARS-style pickle holds one mean per dataset gene, in the dataset's gene order")
-        rows.append(row)
+    rows = [np.asarray(value, dtype=np.float64).ravel() for value in obj.values()]
+    if len({r.size for r in rows}) != 1:
+        raise ReginaError(f"{path}: the mean profiles have different lengths; a GEARS-style pickle holds one mean "
+                          "per dataset gene, in the dataset's gene order")
     x = np.stack(rows).astype(np.float32)
     labels = list(map(str, obj))
     _check_finite(x, path, labels)
-    return RawPredictions(path, x, [list(dataset_genes)], normalise_labels(labels, separator),
-                          pd.DataFrame(index=range(len(labels))))
+    return RawPredictions(path, x, [], normalise_labels(labels, separator), pd.DataFrame(index=range(len(labels))))
 
 
-def read_predictions(path: str | Path, *, condition_key: str, separator: str,
-                     dataset_genes: list[str]) -> RawPredictions:
-    """Any supported prediction file, with at least one row."""
+def name_columns(raw: RawPredictions, dataset_genes: list[str]) -> RawPredictions:
+    """A pickle's columns are the dataset's genes, in order: check the count and name them."""
+    if not raw.gene_names:
+        if raw.x.shape[1] != len(dataset_genes):
+            raise ReginaError(f"{raw.path} holds {raw.x.shape[1]} values per condition, the dataset has "
+                              f"{len(dataset_genes)} genes; a GEARS-style pickle holds one mean per dataset gene, "
+                              "in the dataset's gene order")
+        raw.gene_names = [list(dataset_genes)]
+    return raw
+
+
+def read_predictions(path: str | Path, *, condition_key: str, separator: str) -> RawPredictions:
+    """Any supported prediction file, with at least one row (pickles: see name_columns)."""
     path = Path(path)
     if not path.is_file():
         raise ReginaError(f"prediction file {path} not found; run `regina predict` or pass --predictions FILE")
@@ -134,7 +140,7 @@ def read_predictions(path: str | Path, *, condition_key: str, separator: str,
     if suffix in TABLE_SEPARATORS:
         raw = _read_table(path, condition_key, separator)
     elif suffix in PICKLE_SUFFIXES:
-        raw = _read_pickle(path, separator, dataset_genes)
+        raw = _read_pickle(path, separator)
     else:
         raw = _read_h5ad(path, condition_key, separator)
     if len(raw.labels) == 0:

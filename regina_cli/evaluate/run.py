@@ -15,6 +15,7 @@ profiles (GEARS form) nothing has cells and only precision metrics exist.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from regina_cli.data.conditions import parse_condition
 from regina_cli.errors import ReginaError
 from regina_cli.evaluate.baselines import baseline_profiles, parse_baselines, training_data
 from regina_cli.evaluate.de import Moments, de_ranks, overlap_metrics
-from regina_cli.evaluate.distribution import PredictedCells, TrueCells, distribution_metrics, random_projections
+from regina_cli.evaluate.distribution import (PredictedCells, TrueCells, column_mean_var, distribution_metrics,
+                                              random_projections)
 from regina_cli.evaluate.metrics import (DE_METRICS, DE_SIZES, DISTRIBUTION_METRICS, POOLED_METRICS, PRECISION_METRICS, TOP_K,
                                          GeneSets, discrimination_score, precision_metrics)
 from regina_cli.evaluate.predictions import CELLS, Predictions
@@ -115,8 +117,8 @@ def _moments_row(mean: torch.Tensor, std: torch.Tensor, n: int):
 
 
 def _control_moments(cells: np.ndarray, device):
-    x = torch.from_numpy(cells).to(device)
-    return _moments_row(x.double().mean(0), x.double().std(0, unbiased=False), len(x))
+    mean, var = column_mean_var(torch.from_numpy(cells).to(device).double())
+    return mean, var, len(cells)
 
 
 def score_cells(scorers: list[Scorer], truth, *, seed: int, device, max_true_cells: int) -> None:
@@ -348,7 +350,7 @@ def evaluate(
     from regina_cli.data.split import load_split
     from regina_cli.evaluate import report
     from regina_cli.evaluate.predictions import align, shared_genes
-    from regina_cli.evaluate.readers import read_predictions
+    from regina_cli.evaluate.readers import name_columns, read_predictions
     from regina_cli.evaluate.truth import Truth
 
     paths = [Path(p) for p in (predictions if isinstance(predictions, (list, tuple)) else [predictions])]
@@ -359,10 +361,13 @@ def evaluate(
     baseline_names = parse_baselines(baselines)
     out = Path(out) if out is not None else paths[0].parent / keys.EVAL_DIR
     torch_device = resolve_device(device)
-    adata = read_dataset(name, data_dir)
-    dataset_genes = [str(g) for g in adata.var_names]
-    raws = [read_predictions(p, condition_key=condition_key, separator=separator, dataset_genes=dataset_genes)
-            for p in paths]
+    # The dataset (checksum + read) and the prediction files are read side by side: both mostly
+    # wait on hashing and HDF5 reads, which release the GIL.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        reads = [pool.submit(read_predictions, p, condition_key=condition_key, separator=separator) for p in paths]
+        adata = read_dataset(name, data_dir)
+        dataset_genes = [str(g) for g in adata.var_names]
+        raws = [name_columns(r.result(), dataset_genes) for r in reads]
     names = model_names(raws, [model_name] if isinstance(model_name, str) else model_name)
     truth = Truth(adata, shared_genes(raws, dataset_genes))
     models = [align(raw, truth, n) for raw, n in zip(raws, names)]
