@@ -84,7 +84,6 @@ def _delta_bars(ax, result, truth, condition: str, why: str, colour: dict, model
             label.set_fontweight("bold")
     ax.set_ylabel("change vs control")
     ax.set_title(f"{condition}: top DE genes (targets in red) - {why}", fontsize=9)
-    ax.legend(fontsize=7, ncol=8, loc="best")
 
 
 def _delta_scatter(ax, result, truth, condition: str, why: str, colour: dict, models: set) -> None:
@@ -192,6 +191,16 @@ def _by_subgroup(fig, table: pd.DataFrame, names: list[str], on: str, colour: di
     fig.legend(handles=handles, loc="upper center", ncol=len(names), fontsize=8)
 
 
+def _figure_legend(fig, axes) -> None:
+    """One legend above all panels, with every entry any panel has (baselines differ by panel)."""
+    entries = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    fig.legend(list(entries.values()), list(entries), loc="upper center", ncol=len(entries), fontsize=8,
+               frameon=False)
+
+
 def write_figures(result, truth, summary: dict, folder: Path) -> list[Path]:
     """All figures into `folder`; returns their paths in report order."""
     import matplotlib
@@ -215,7 +224,8 @@ def write_figures(result, truth, summary: dict, folder: Path) -> list[Path]:
     fig, axes = plt.subplots(len(examples), 1, figsize=(11, 3.2 * len(examples)), squeeze=False)
     for ax, (condition, why) in zip(axes[:, 0], examples):
         _delta_bars(ax, result, truth, condition, why, colour, set(models))
-    fig.subplots_adjust(left=0.07, right=0.99, bottom=0.08, top=0.97, hspace=0.65)
+    _figure_legend(fig, axes.ravel())
+    fig.subplots_adjust(left=0.07, right=0.99, bottom=0.08, top=1 - 0.45 / fig.get_figheight(), hspace=0.65)
     paths.append(_savefig(fig, folder / "delta_top_de.png"))
     plt.close(fig)
 
