@@ -23,6 +23,16 @@ import scipy.sparse as sp
 DENSITY = 0.2  # share of non-zero entries, as in a log-normalised 10x screen
 
 
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The test set's shape, Norman's by default (shared with evaluate_vs_celleval.py)."""
+    parser.add_argument("--genes", type=int, default=5045)
+    parser.add_argument("--conditions", type=int, default=100)
+    parser.add_argument("--cells", type=int, default=100, help="predicted cells per condition")
+    parser.add_argument("--true-cells", type=int, default=300, help="true cells per condition")
+    parser.add_argument("--train-conditions", type=int, default=40)
+    parser.add_argument("--controls", type=int, default=7353)
+
+
 def synthetic_screen(n_genes: int, n_conditions: int, n_train: int, cells_per_condition: int, n_control: int, seed: int):
     import anndata as ad
 
@@ -64,22 +74,18 @@ def predictions(adata, test, n_cells: int, seed: int):
     rng = np.random.default_rng(seed)
     controls = np.flatnonzero(adata.obs["condition"].to_numpy() == "ctrl")
     cells, sources = [], []
-    for _ in test:
+    for _ in sorted(test):
         rows = rng.choice(controls, n_cells)
         cells.append(adata.X[rows].toarray() + rng.normal(0, 0.05, (n_cells, adata.n_vars)).astype(np.float32))
         sources.append(adata.obs_names[rows].to_numpy())
-    return Predictions(CELLS, sorted(test), np.stack([c.mean(0) for c in cells]).astype(np.float64), cells, sources)
+    return Predictions("model", CELLS, sorted(test), np.stack([c.astype(np.float64).mean(0) for c in cells]), cells,
+                       sources)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--genes", type=int, default=5045)
-    parser.add_argument("--conditions", type=int, default=100)
-    parser.add_argument("--cells", type=int, default=100, help="predicted cells per condition")
-    parser.add_argument("--true-cells", type=int, default=300, help="true cells per condition")
-    parser.add_argument("--train-conditions", type=int, default=40)
-    parser.add_argument("--controls", type=int, default=7353)
+    add_shape_arguments(parser)
     args = parser.parse_args()
 
     import torch
@@ -104,13 +110,13 @@ def main() -> None:
     for label, baselines in (("model only", []), ("model + 4 baselines", list(BASELINES))):
         t0, cpu0 = time.perf_counter(), time.process_time()
         truth = Truth(adata)
-        result = evaluate_loaded(truth, split, preds, baselines=baselines, seed=0, device=device)
+        result = evaluate_loaded(truth, split, [preds], baselines=baselines, seed=0, device=device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         rows = result.table
         print(f"{label:>20}: {elapsed:6.1f} s wall, {cpu:6.1f} s CPU, for {len(rows)} (condition, model) rows "
-              f"with all precision and distribution metrics ({pd.Series(rows['model']).nunique()} models)")
+              f"with all metrics ({pd.Series(rows['model']).nunique()} models)")
     print(f"load average: {' '.join(f'{v:.1f}' for v in os.getloadavg())} (other processes share these CPUs)")
 
 

@@ -96,13 +96,10 @@ def load() -> str:
 
 
 def main() -> None:
+    from evaluate_speed import add_shape_arguments
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--genes", type=int, default=5045)
-    parser.add_argument("--conditions", type=int, default=100)
-    parser.add_argument("--cells", type=int, default=100, help="predicted cells per condition")
-    parser.add_argument("--true-cells", type=int, default=300, help="true cells per condition")
-    parser.add_argument("--train-conditions", type=int, default=40)
-    parser.add_argument("--controls", type=int, default=7353)
+    add_shape_arguments(parser)
     parser.add_argument("--keep", type=Path, help="write the files here and keep them (default: a temp folder)")
     parser.add_argument("--skip-celleval", action="store_true", help="time regina only")
     args = parser.parse_args()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pytest
 
 from regina_cli import keys
 from regina_cli.data.dataset import write_dataset
@@ -51,3 +52,13 @@ def write_predictions(adata, conditions, path, *, n=30, seed=0):
     pred.obs[keys.OBS_CONTROL_CELL] = sources
     pred.write_h5ad(path)
     return pred
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def screen(data_dir):
+    return write_screen(data_dir)

@@ -12,22 +12,12 @@ import pandas as pd
 import pytest
 
 from cli_helpers import assert_user_error, invoke
-from eval_helpers import NAME, write_predictions, write_screen
+from eval_helpers import NAME, data_dir, screen, write_predictions  # noqa: F401 (fixtures)
 from regina_cli import keys
 from regina_cli.evaluate.metrics import METRICS, PRECISION_METRICS
 from regina_cli.evaluate.truth import Truth
 
 PRECISION = PRECISION_METRICS + ["discrimination_score_l1"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="module")
-def screen(data_dir):
-    return write_screen(data_dir)
 
 
 @pytest.fixture

@@ -10,19 +10,9 @@ import pandas as pd
 import pytest
 
 from cli_helpers import invoke
-from eval_helpers import NAME, write_predictions, write_screen
+from eval_helpers import NAME, data_dir, screen, write_predictions  # noqa: F401 (fixtures)
 from regina_cli import keys
 from regina_cli.evaluate.metrics import METRICS
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="module")
-def screen(data_dir):
-    return write_screen(data_dir)
-
 
 @pytest.fixture
 def run(data_dir):
