@@ -47,7 +47,7 @@ def _headline(summary: dict) -> str:
         cells = [f"{html.escape(r['metric'])} {r['arrow']}", *[fmt(r["values"][m]) for m in models]]
         for b in baselines:
             v = r["values"][b]
-            cells.append("-" if v is None else f"<span class='{'better' if v[1] else 'worse'}'>{fmt(v[0])}</span>")
+            cells.append("-" if v is None else f"<span class='{v[1]}'>{fmt(v[0])}</span>")
         body.append(cells)
     shown = [r["metric"] for r in rows]
     for model in models:
@@ -112,7 +112,7 @@ def write_html(summary: dict, figures: list[Path], path: Path) -> None:
         _context(summary),
         "<h2>Overall</h2>",
         f"<p class='note'>Means over conditions. Baseline columns: green = {html.escape(first)} better on the "
-        "conditions both predict, red = baseline better; 'wins' counts the metrics in this table.</p>",
+        "conditions both predict, red = baseline better, black = tie; 'wins' counts the metrics in this table.</p>",
         _headline(summary),
         "<h2>By subgroup</h2>",
         _grouped(summary),

@@ -102,7 +102,7 @@ def compare_with_baselines(table: pd.DataFrame, models: list[str], on: str = "te
             for m in _metric_columns(table):
                 a, b = float(ours[m].mean()), float(base[m].mean())
                 if not (math.isnan(a) or math.isnan(b)):
-                    per_metric[m] = {"model": a, "baseline": b, "model_better": bool(_better(m, a, b))}
+                    per_metric[m] = {"model": a, "baseline": b, "model_better": bool(_better(m, a, b)), "tie": a == b}
             headline = [m for m in HEADLINE if m in per_metric]
             by_baseline[name] = {"n_conditions": len(shared), "metrics": per_metric,
                                  "model_wins": sum(per_metric[m]["model_better"] for m in headline),
@@ -158,7 +158,7 @@ def ordered(summary: dict) -> tuple[list[str], list[str]]:
 
 def headline_rows(summary: dict) -> list[dict]:
     """One row per headline metric that some model defines: value per model and per baseline,
-    each baseline value with whether the first model beats it on their shared conditions."""
+    each baseline value with the first model's verdict on their shared conditions (better, worse, tie)."""
     models, baselines = ordered(summary)
     first = summary["comparison"].get(models[0], {})
     rows = []
@@ -168,7 +168,8 @@ def headline_rows(summary: dict) -> list[dict]:
             continue
         for b in baselines:
             entry = first.get(b, {}).get("metrics", {}).get(m)
-            values[b] = None if entry is None else (entry["baseline"], entry["model_better"])
+            verdict = None if entry is None else ("tie" if entry["tie"] else "better" if entry["model_better"] else "worse")
+            values[b] = None if entry is None else (entry["baseline"], verdict)
         rows.append({"metric": m, "arrow": "↑" if METRICS[m].higher_is_better else "↓", "values": values})
     return rows
 
@@ -236,7 +237,8 @@ def summary_tables(summary: dict) -> list:
         cells = [fmt(r["values"][m]) for m in models]
         for b in baselines:
             v = r["values"][b]
-            cells.append("-" if v is None else f"[{'green' if v[1] else 'red'}]{fmt(v[0])}[/]")
+            cells.append("-" if v is None else fmt(v[0]) if v[1] == "tie" else
+                         f"[{'green' if v[1] == 'better' else 'red'}]{fmt(v[0])}[/]")
         body.append([f"{r['metric']} {r['arrow']}", *cells])
     for model in models:
         body.append([f"{model} wins", *([""] * len(models)), *[wins(summary, model, b, shown) for b in baselines]])
@@ -244,7 +246,7 @@ def summary_tables(summary: dict) -> list:
     genes = (f", {summary['n_genes_scored']} of {summary['n_genes_dataset']} genes"
              if summary["n_genes_scored"] != summary["n_genes_dataset"] else "")
     title = f"{summary['dataset']} / {summary['split']}: {n} {summary['on']} conditions{genes}"
-    caption = f"baselines: green = {models[0]} better on the same conditions, red = baseline better"
+    caption = f"baselines: green = {models[0]} better on the same conditions, red = baseline better, plain = tie"
     tables = _tables(title, ["metric"], headers, body, caption)
 
     names = models + baselines

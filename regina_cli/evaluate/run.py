@@ -117,8 +117,8 @@ def _moments_row(mean: torch.Tensor, std: torch.Tensor, n: int):
 
 
 def _control_moments(cells: np.ndarray, device):
-    mean, var = column_mean_var(torch.from_numpy(cells).to(device).double())
-    return mean, var, len(cells)
+    mean, var = column_mean_var(torch.from_numpy(cells).to(device))
+    return mean.double(), var.double(), len(cells)
 
 
 def score_cells(scorers: list[Scorer], truth, *, seed: int, device, max_true_cells: int) -> None:
