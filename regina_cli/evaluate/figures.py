@@ -99,10 +99,10 @@ def _delta_scatter(ax, result, truth, condition: str, why: str, colour: dict, mo
                    alpha=0.8 if name in models else 0.5, label=f"{name} (r={r:.2f})")
         lo.append(pred.min())
         hi.append(pred.max())
-    for g in targets:  # a dotted line at the targeted gene's true change, named at the top
+    for g in targets:  # a dotted line at the targeted gene's true change, named at the bottom
         ax.axvline(true_delta[g], color=TARGET_COLOUR, linewidth=0.8, linestyle=":")
-        ax.annotate(truth.genes[g], (true_delta[g], 0.99), xycoords=("data", "axes fraction"), color=TARGET_COLOUR,
-                    fontsize=7, fontweight="bold", rotation=90, ha="right", va="top")
+        ax.annotate(truth.genes[g], (true_delta[g], 0.01), xycoords=("data", "axes fraction"), color=TARGET_COLOUR,
+                    fontsize=7, fontweight="bold", rotation=90, ha="right", va="bottom")
     span = [min(lo + [true_delta[genes].min()]), max(hi + [true_delta[genes].max()])]
     ax.plot(span, span, color="black", linewidth=0.6)
     ax.axhline(0, color="0.6", linewidth=0.4)
