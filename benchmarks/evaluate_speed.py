@@ -5,7 +5,8 @@
 Norman's shape: 5,045 genes, 7,353 control cells, ~100 test conditions with ~300 cells each,
 and REGINA predicting 100 cells per test condition. Wall time and process CPU time are printed
 with the load average, because on a shared machine wall time mostly measures the neighbours. The expression values are random (sparse,
-log-normal-like); the metrics' cost does not depend on what the values mean.
+log-normal-like, each perturbation scaling 100 genes); the metrics' cost does not depend on what the
+values mean.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import scipy.sparse as sp
 
 
 DENSITY = 0.2  # share of non-zero entries, as in a log-normalised 10x screen
+EFFECT_GENES = 100
 
 
 def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,11 +47,17 @@ def synthetic_screen(n_genes: int, n_conditions: int, n_train: int, cells_per_co
     test = [f"{genes[i]}+ctrl" if i % 2 == 0 else "+".join(next(pairs)) for i in range(n_conditions)]
     labels = ["ctrl"] * n_control + [c for c in test + train for _ in range(cells_per_condition)]
     base = rng.gamma(1.0, 1.0, n_genes).astype(np.float32)
+    # each perturbation scales EFFECT_GENES random genes up or down (x4 or x1/4), so DE tests find something
+    codes = np.repeat(np.arange(len(test + train) + 1), [n_control] + [cells_per_condition] * len(test + train))
+    scale = np.ones((len(test + train) + 1, n_genes), dtype=np.float32)
+    for row in scale[1:]:
+        row[rng.choice(n_genes, EFFECT_GENES, replace=False)] = rng.choice([4.0, 0.25], EFFECT_GENES)
     chunks = []
     for start in range(0, len(labels), 4096):  # dense chunks: fast to draw, bounded in memory
         n = min(4096, len(labels) - start)
         values = rng.random((n, n_genes), dtype=np.float32)
-        chunks.append(sp.csr_matrix(np.where(values < DENSITY, np.log1p(values * 50 * base), 0).astype(np.float32)))
+        expression = np.log1p(values * 50 * base * scale[codes[start:start + n]])
+        chunks.append(sp.csr_matrix(np.where(values < DENSITY, expression, 0).astype(np.float32)))
     adata = ad.AnnData(sp.vstack(chunks, format="csr"))
     adata.var_names = genes
     adata.var["gene_name"] = genes

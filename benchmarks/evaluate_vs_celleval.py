@@ -1,10 +1,12 @@
 """`regina evaluate` and cell-eval side by side on the same Norman-shaped test set, on this machine.
 
     python benchmarks/evaluate_vs_celleval.py [--conditions 100] [--cells 100] [--genes 5045] [--keep DIR]
+        [--threads N] [--skip-celleval]
 
 Writes a synthetic screen of Norman's shape (5,045 genes, 7,353 control cells, 100 test conditions
 with 300 true cells each, 40 training conditions) and a prediction file (100 cells per test
-condition plus the control cells they started from, as `regina predict --with-controls` appends),
+condition: its start control cells moved by 70% of the true change plus noise, then the control
+cells they started from, as `regina predict --with-controls` appends),
 then times, each in its own process and reading its files:
 
 * the whole `regina evaluate` command (dataset and predictions read, all metrics, the 4 baselines,
@@ -32,8 +34,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS",
+                    "POLARS_MAX_THREADS")
 PAIRS = [  # (REGINA column, cell-eval column, same definition?)
-    ("pearson_delta", "pearson_delta", "yes: predicted controls are real controls here"),
+    ("pearson_delta", "pearson_delta", "no: cell-eval's reference is the file's control rows (start cells)"),
     ("l1_means", "mae", "yes"),
     ("discrimination_score_l1", "discrimination_score_l1", "singles yes; combos: REGINA leaves out both targets"),
     ("de_overlap_at_N", "overlap_at_N", "no: Welch t-test vs Wilcoxon"),
@@ -63,10 +67,13 @@ def write_inputs(folder: Path, args) -> tuple[list[str], Path, Path]:
     rng = np.random.default_rng(1)
     labels = adata.obs["condition"].to_numpy()
     controls = np.flatnonzero(labels == "ctrl")
+    control_mean = np.asarray(adata.X[controls].mean(0)).ravel()
     starts = rng.choice(controls, (len(test), args.cells))
     used = np.unique(starts)
-    blocks = [np.clip(adata.X[rows].toarray() + rng.normal(0, 0.05, (args.cells, adata.n_vars)), 0, None)
-              for rows in starts]
+    # a model's output: its start cells moved by 70% of the true change, plus noise (clipped at 0)
+    change = {c: np.asarray(adata.X[labels == c].mean(0)).ravel() - control_mean for c in test}
+    blocks = [np.clip(adata.X[rows].toarray() + 0.7 * change[c] + rng.normal(0, 0.05, (args.cells, adata.n_vars)), 0,
+                      None) for c, rows in zip(test, starts)]
     blocks.append(adata.X[used].toarray())
     pred = ad.AnnData(np.vstack(blocks).astype(np.float32))
     pred.var_names = adata.var_names.copy()
@@ -82,7 +89,7 @@ def write_inputs(folder: Path, args) -> tuple[list[str], Path, Path]:
     return test, folder / "pred.h5ad", folder / "real.h5ad"
 
 
-def timed(command: list[str], env: dict | None = None) -> tuple[float, subprocess.CompletedProcess]:
+def timed(command: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     elapsed = time.perf_counter() - t0
@@ -102,6 +109,8 @@ def main() -> None:
     add_shape_arguments(parser)
     parser.add_argument("--keep", type=Path, help="write the files here and keep them (default: a temp folder)")
     parser.add_argument("--skip-celleval", action="store_true", help="time regina only")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads for both tools (OMP/BLAS/numba/polars; default: each library's own choice)")
     args = parser.parse_args()
 
     import pandas as pd
@@ -116,11 +125,16 @@ def main() -> None:
           f"(+ {args.controls} control, {args.true_cells} true cells per condition) in {folder} "
           f"({time.perf_counter() - t0:.0f} s to write)")
 
+    env = dict(os.environ)
+    if args.threads:
+        env.update({k: str(args.threads) for k in THREAD_VARIABLES})
+    threads = args.threads or "default"
     print(f"load average before regina: {load()}")
     regina_s, _ = timed([sys.executable, "-m", "regina_cli", "--quiet", "evaluate", "bench", "--data-dir",
                          str(folder / "data"), "--predictions", str(pred), "--out", str(folder / "regina"),
-                         "--model-name", "model", "--device", "cpu"])
-    print(f"regina evaluate (whole command, 4 baselines, report): {regina_s:.1f} s wall; load after {load()}")
+                         "--model-name", "model", "--device", "cpu"], env)
+    print(f"regina evaluate (whole command, 4 baselines, report; threads {threads}): {regina_s:.1f} s wall; "
+          f"load after {load()}")
     if args.skip_celleval:
         return
     python = find_python()
@@ -128,9 +142,9 @@ def main() -> None:
         sys.exit("cell-eval not found: `make celleval` (or set REGINA_CELLEVAL_PYTHON)")
     print(f"load average before cell-eval: {load()}")
     celleval_s, _ = timed([python, str(ROOT / "benchmarks" / "celleval_runner.py"), str(real), str(pred),
-                           str(folder / "celleval")])
+                           str(folder / "celleval"), "--threads", str(args.threads or -1)], env)
     inner = json.loads((folder / "celleval" / "timing.json").read_text())
-    print(f"cell-eval MetricsEvaluator (full profile, {os.cpu_count()} threads): {celleval_s:.1f} s wall "
+    print(f"cell-eval MetricsEvaluator (full profile; threads {threads}): {celleval_s:.1f} s wall "
           f"({inner['metrics_s']:.1f} s in its metrics); load after {load()}")
     print(f"ratio: cell-eval / regina = {celleval_s / regina_s:.1f}x")
 
