@@ -47,7 +47,8 @@ def synthetic_screen(n_genes: int, n_conditions: int, n_train: int, cells_per_co
     test = [f"{genes[i]}+ctrl" if i % 2 == 0 else "+".join(next(pairs)) for i in range(n_conditions)]
     labels = ["ctrl"] * n_control + [c for c in test + train for _ in range(cells_per_condition)]
     base = rng.gamma(1.0, 1.0, n_genes).astype(np.float32)
-    # each perturbation scales EFFECT_GENES random genes up or down (x4 or x1/4), so DE tests find something
+    # each perturbation turns EFFECT_GENES random genes up (twice as often expressed, x4) or down (a
+    # quarter as often, x1/4), so that DE tests find something
     codes = np.repeat(np.arange(len(test + train) + 1), [n_control] + [cells_per_condition] * len(test + train))
     scale = np.ones((len(test + train) + 1, n_genes), dtype=np.float32)
     for row in scale[1:]:
@@ -56,8 +57,9 @@ def synthetic_screen(n_genes: int, n_conditions: int, n_train: int, cells_per_co
     for start in range(0, len(labels), 4096):  # dense chunks: fast to draw, bounded in memory
         n = min(4096, len(labels) - start)
         values = rng.random((n, n_genes), dtype=np.float32)
-        expression = np.log1p(values * 50 * base * scale[codes[start:start + n]])
-        chunks.append(sp.csr_matrix(np.where(values < DENSITY, expression, 0).astype(np.float32)))
+        factor = scale[codes[start:start + n]]
+        expressed = values < DENSITY * np.sqrt(factor)
+        chunks.append(sp.csr_matrix(np.where(expressed, np.log1p(values * 50 * base * factor), 0).astype(np.float32)))
     adata = ad.AnnData(sp.vstack(chunks, format="csr"))
     adata.var_names = genes
     adata.var["gene_name"] = genes
