@@ -140,6 +140,7 @@ def test_shipped_reconstruction_is_a_baseline_and_prompt_sources_are_grouped(scr
     assert "by prompt source" in result.output and "measured (2)" in result.output
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in log2:RuntimeWarning")  # scanpy, negative means
 def test_control_rows_are_not_scored_but_are_the_predicted_controls(screen, run, tmp_path):
     """rank_genes_groups runs on a file with controls; evaluate ignores them for the GEARS metrics
     and measures the cell-eval metrics' predicted changes from them."""
