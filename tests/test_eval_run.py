@@ -22,10 +22,12 @@ def run(data_dir):
 def test_cli_writes_metrics_table_and_plots_deterministically(screen, run, tmp_path):
     adata, split = screen
     write_predictions(adata, split.test, tmp_path / "pred.h5ad")
-    first = run("--predictions", tmp_path / "pred.h5ad", "--split", split.name, "--out", tmp_path / "a")
+    # a fixed thread count: the default follows the machine's load, and float sums follow the threads
+    first = run("--predictions", tmp_path / "pred.h5ad", "--split", split.name, "--out", tmp_path / "a", "--threads", "1")
     assert first.exit_code == 0, first.output
     assert "no_change" in first.output and "pred wins" in first.output and "…" not in first.output
-    again = run("--predictions", tmp_path / "pred.h5ad", "--split", split.name, "--out", tmp_path / "b", "--no-plots")
+    again = run("--predictions", tmp_path / "pred.h5ad", "--split", split.name, "--out", tmp_path / "b", "--no-plots",
+                "--threads", "1")
     assert again.exit_code == 0, again.output
 
     for name in (keys.PER_CONDITION_FILE,):
@@ -47,7 +49,7 @@ def test_cli_writes_metrics_table_and_plots_deterministically(screen, run, tmp_p
     assert overall["pearson_delta"] == pytest.approx(ours["pearson_delta"].mean(), rel=1e-5)
     assert {"unseen_single", "combo_seen2"} <= set(summary["results"]["pred"])
     assert summary["split"] == split.name and summary["versions"]["regina"]
-    assert summary["n_genes_scored"] == summary["n_genes_dataset"] == adata.n_vars
+    assert summary["n_genes_scored"] == summary["n_genes_dataset"] == adata.n_vars and summary["threads"] == 1
     # resampled true cells must beat "no change" on the headline precision metrics
     assert summary["comparison"]["pred"]["no_change"]["metrics"]["pearson_delta"]["model_better"]
     assert summary["comparison"]["pred"]["no_change"]["metrics"]["discrimination_score_l1"]["model_better"]
@@ -151,3 +153,21 @@ def test_split_defaults_to_the_one_recorded_by_predict(screen, run, tmp_path, da
     summary = json.loads((tmp_path / "e" / keys.METRICS_FILE).read_text())
     assert summary["split"] == split.name and summary["models"][0]["provenance"]["seed"] == 0
     assert summary["models"][0]["name"] == "regina"  # a file written by `regina predict`
+
+
+def test_thread_pools_get_the_idle_cores_and_are_restored(monkeypatch):
+    import torch
+
+    from regina_cli.evaluate import threads
+
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert threads.free_cpus() == 1
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert threads.free_cpus() == 1  # never fewer than one
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert threads.free_cpus() == 4
+    before = torch.get_num_threads()
+    with threads.cpu_threads(1) as n:
+        assert n == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

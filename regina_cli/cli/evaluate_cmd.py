@@ -34,6 +34,8 @@ def evaluate_command(
     seed: int = typer.Option(0, "--seed", help="Seed for cell subsampling and random projections."),
     true_cells: int = typer.Option(100, "--true-cells", min=2, help="True cells per condition for MMD, energy and sliced Wasserstein."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0: the cores the load average says "
+                                "are idle, at least 1)."),
     data_dir: Path = DataDirOpt,
 ) -> None:
     """Precision (GEARS-comparable), cell-eval, distribution and DE metrics against baselines; writes
@@ -44,7 +46,7 @@ def evaluate_command(
     summary = evaluate(
         name, list(predictions), split=split, out=out, baselines=baselines, plots=plots, condition_key=condition_key,
         separator=separator, model_name=model_name, on=on, data_dir=data_dir, seed=seed, device=device,
-        max_true_cells=true_cells,
+        max_true_cells=true_cells, threads=threads,
     )
     for model in summary["models"]:
         if model["n_skipped_not_in_dataset"]:

@@ -341,53 +341,59 @@ def evaluate(
     seed: int = 0,
     device: str = "auto",
     max_true_cells: int = MAX_TRUE_CELLS,
+    threads: int = 0,
 ) -> dict:
     """Score prediction files against dataset `name` on a split; write metrics, table, report, plots.
 
-    Returns the summary written to metrics.json plus `out` (the folder written).
+    `threads`: CPU threads (0: the idle cores, see threads.py). Returns the summary written to
+    metrics.json plus `out` (the folder written).
     """
     from regina_cli.data.dataset import read_dataset
     from regina_cli.data.split import load_split
     from regina_cli.evaluate import report
     from regina_cli.evaluate.predictions import align, shared_genes
     from regina_cli.evaluate.readers import name_columns, read_predictions
+    from regina_cli.evaluate.threads import cpu_threads
     from regina_cli.evaluate.truth import Truth
 
-    paths = [Path(p) for p in (predictions if isinstance(predictions, (list, tuple)) else [predictions])]
-    if on not in TARGET_SETS:
-        raise ReginaError(f"--on must be one of {', '.join(TARGET_SETS)}, not {on!r}")
-    if not separator:
-        raise ReginaError("--separator must not be empty")
-    baseline_names = parse_baselines(baselines)
-    out = Path(out) if out is not None else paths[0].parent / keys.EVAL_DIR
-    torch_device = resolve_device(device)
-    # The dataset (checksum + read) and the prediction files are read side by side: both mostly
-    # wait on hashing and HDF5 reads, which release the GIL.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        reads = [pool.submit(read_predictions, p, condition_key=condition_key, separator=separator) for p in paths]
-        adata = read_dataset(name, data_dir)
-        dataset_genes = [str(g) for g in adata.var_names]
-        raws = [name_columns(r.result(), dataset_genes) for r in reads]
-    names = model_names(raws, [model_name] if isinstance(model_name, str) else model_name)
-    truth = Truth(adata, shared_genes(raws, dataset_genes))
-    models = [align(raw, truth, n) for raw, n in zip(raws, names)]
-    split_name = _resolve_split(name, split, models[0].provenance, data_dir)
-    split_obj = load_split(name, split_name, data_dir)
-    result = evaluate_loaded(truth, split_obj, models, baselines=baseline_names, seed=seed,
-                             device=torch_device, max_true_cells=max_true_cells, on=on)
-    context = {
-        "dataset": name,
-        "split": split_name,
-        "on": on,
-        "models": [_model_context(m, truth, getattr(split_obj, on)) for m in models],
-        "condition_key": condition_key,
-        "separator": separator,
-        "n_genes_scored": len(truth.genes),
-        "n_genes_dataset": len(dataset_genes),
-        "seed": seed,
-        "device": str(torch_device),
-        "max_true_cells": max_true_cells,
-        "baselines": [b for b in result.profiles],
-    }
-    summary = report.write_report(result, context, out, truth=truth, plots=plots)
-    return {**summary, "out": str(out)}
+    with cpu_threads(threads) as n_threads:
+        paths = [Path(p) for p in (predictions if isinstance(predictions, (list, tuple)) else [predictions])]
+        if on not in TARGET_SETS:
+            raise ReginaError(f"--on must be one of {', '.join(TARGET_SETS)}, not {on!r}")
+        if not separator:
+            raise ReginaError("--separator must not be empty")
+        baseline_names = parse_baselines(baselines)
+        out = Path(out) if out is not None else paths[0].parent / keys.EVAL_DIR
+        torch_device = resolve_device(device)
+        # The dataset (checksum + read) and the prediction files are read side by side: both mostly
+        # wait on hashing and HDF5 reads, which release the GIL.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            reads = [pool.submit(read_predictions, p, condition_key=condition_key, separator=separator)
+                     for p in paths]
+            adata = read_dataset(name, data_dir)
+            dataset_genes = [str(g) for g in adata.var_names]
+            raws = [name_columns(r.result(), dataset_genes) for r in reads]
+        names = model_names(raws, [model_name] if isinstance(model_name, str) else model_name)
+        truth = Truth(adata, shared_genes(raws, dataset_genes))
+        models = [align(raw, truth, n) for raw, n in zip(raws, names)]
+        split_name = _resolve_split(name, split, models[0].provenance, data_dir)
+        split_obj = load_split(name, split_name, data_dir)
+        result = evaluate_loaded(truth, split_obj, models, baselines=baseline_names, seed=seed,
+                                 device=torch_device, max_true_cells=max_true_cells, on=on)
+        context = {
+            "dataset": name,
+            "split": split_name,
+            "on": on,
+            "models": [_model_context(m, truth, getattr(split_obj, on)) for m in models],
+            "condition_key": condition_key,
+            "separator": separator,
+            "n_genes_scored": len(truth.genes),
+            "n_genes_dataset": len(dataset_genes),
+            "seed": seed,
+            "device": str(torch_device),
+            "threads": n_threads,
+            "max_true_cells": max_true_cells,
+            "baselines": [b for b in result.profiles],
+        }
+        summary = report.write_report(result, context, out, truth=truth, plots=plots)
+        return {**summary, "out": str(out)}
