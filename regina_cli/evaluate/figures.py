@@ -124,6 +124,11 @@ def _principal_axes(centred: np.ndarray, k: int = 2) -> tuple[np.ndarray, np.nda
 
 
 def _pca_panel(ax, result, truth, condition: str, why: str, colour: dict, rng) -> bool:
+    """Control, true and predicted cells in the first two principal components of all of them.
+
+    The axes are fitted on every plotted group alike: fitted on the real cells only, a few hundred
+    cells in thousands of dimensions, the real cells would look more spread than any other cells
+    merely for having been fitted."""
     cell_models = [m for m in result.models if m.form == "cells" and condition in m.conditions]
     if not cell_models:
         return False
@@ -131,25 +136,24 @@ def _pca_panel(ax, result, truth, condition: str, why: str, colour: dict, rng) -
     def pick(rows):
         return rows if len(rows) <= PCA_CELLS else np.sort(rng.choice(rows, PCA_CELLS, replace=False))
 
-    control = truth.cells(pick(truth.control_rows)).astype(np.float64)
-    true = truth.cells(pick(truth.rows(condition))).astype(np.float64)
-    real = np.vstack([control, true])
-    center = real.mean(0)
-    axes, explained = _principal_axes(real - center)
-    ax.scatter(*((control - center) @ axes).T, s=5, color="0.75", label=f"control ({len(control)})")
-    ax.scatter(*((true - center) @ axes).T, s=6, color="black", label=f"true ({len(true)})")
+    groups = {"control": (truth.cells(pick(truth.control_rows)), "0.75"),
+              "true": (truth.cells(pick(truth.rows(condition))), "black")}
     for m in cell_models:
         cells = m.cells[m.conditions.index(condition)]
-        cells = cells[pick(np.arange(len(cells)))].astype(np.float64)
-        ax.scatter(*((cells - center) @ axes).T, s=6, color=colour[m.name], alpha=0.7, label=f"{m.name} ({len(cells)})")
-    targets = _targets(truth, condition)
-    for k, g in enumerate(targets):  # the targeted gene's direction in the PCA plane
-        tip = axes[g] * np.abs((real - center) @ axes).max(0) / max(np.abs(axes[g]).max(), 1e-12) * 0.8
+        groups[m.name] = (cells[pick(np.arange(len(cells)))], colour[m.name])
+    stacked = np.vstack([g for g, _ in groups.values()]).astype(np.float64)
+    center = stacked.mean(0)
+    axes, explained = _principal_axes(stacked - center)
+    for name, (cells, shade) in groups.items():
+        ax.scatter(*((cells - center) @ axes).T, s=5, color=shade, alpha=0.7, label=f"{name} ({len(cells)})")
+    reach = np.abs((stacked - center) @ axes).max(0)
+    for k, g in enumerate(_targets(truth, condition)):  # the targeted gene's direction in the PCA plane
+        tip = axes[g] * reach / max(np.abs(axes[g]).max(), 1e-12) * 0.8
         ax.annotate("", xy=tip, xytext=(0, 0), arrowprops={"arrowstyle": "->", "color": TARGET_COLOUR})
         ax.annotate(truth.genes[g], xy=tip, xytext=(4, 4 - 11 * k), textcoords="offset points", color=TARGET_COLOUR,
                     fontsize=8, fontweight="bold")
-    ax.set_xlabel(f"PC1 of real cells ({explained[0]:.0%})")
-    ax.set_ylabel(f"PC2 ({explained[1]:.0%})")
+    ax.set_xlabel(f"PC1 ({explained[0]:.1%} of variance)")
+    ax.set_ylabel(f"PC2 ({explained[1]:.1%})")
     ax.set_title(f"{condition}: predicted vs real cells\n{why}", fontsize=9)
     ax.legend(fontsize=6, markerscale=2)
     return True
@@ -180,11 +184,11 @@ def _by_subgroup(fig, table: pd.DataFrame, names: list[str], on: str, colour: di
             for p, d in kept:
                 ax.scatter(np.full(len(d), p), d, s=6, color=colour[name], zorder=3)
                 ax.annotate(f"{len(d)}", (p, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom",
-                            fontsize=6, color=colour[name])
+                            fontsize=6, color=colour[name], rotation=90)
         ax.set_xticks(np.arange(len(groups)), groups, rotation=30, fontsize=8)
         ax.set_xlim(-0.6, len(groups) - 0.4)
         ax.set_title(f"{m} ({'higher' if METRICS[m].higher_is_better else 'lower'} is better)\n"
-                     "numbers above: conditions per box", fontsize=8, pad=14)
+                     "numbers above: conditions per box", fontsize=8, pad=22)
     from matplotlib.patches import Patch
 
     handles = [Patch(color=colour[n], alpha=0.6, label=n) for n in names]
@@ -217,7 +221,7 @@ def write_figures(result, truth, summary: dict, folder: Path) -> list[Path]:
 
     fig = plt.figure(figsize=(11, 8))
     _by_subgroup(fig, table, names, on, colour)
-    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.08, top=0.9, hspace=0.45, wspace=0.18)
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.08, top=0.88, hspace=0.5, wspace=0.18)
     paths.append(_savefig(fig, folder / "metric_by_subgroup.png"))
     plt.close(fig)
 

@@ -28,8 +28,8 @@ CAPTIONS = {
                         "markers = models and baselines; targeted genes in red.",
     "delta_scatter.png": "Predicted vs true change per gene (top genes by |true change|); the diagonal is a "
                          "perfect prediction; targeted genes marked in red.",
-    "pca_cells.png": "Predicted and real cells in the first two principal components of the real cells "
-                     "(control and condition); the red arrow is the targeted gene's direction.",
+    "pca_cells.png": "Control, true and predicted cells in the first two principal components of all of "
+                     "them; the red arrow is the targeted gene's direction.",
 }
 
 
