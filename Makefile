@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean docs
+.PHONY: demo test install clean docs celleval
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# cell-eval (for the cross-check test and benchmarks/evaluate_vs_celleval.py) needs scipy>=1.17,
+# which conflicts with the scipy<1.15 pin above, so it gets its own environment.
+CELLEVAL_VENV := .venv-celleval
+$(CELLEVAL_VENV)/.installed:
+	$(PYTHON) -m venv $(CELLEVAL_VENV)
+	$(CELLEVAL_VENV)/bin/pip install -q --upgrade pip
+	$(CELLEVAL_VENV)/bin/pip install -q "cell-eval==0.8.2"
+	touch $@
+
+celleval: $(CELLEVAL_VENV)/.installed
 
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/pipeline.sh demo
@@ -27,4 +38,4 @@ docs: $(STAMP)
 	$(BIN)/python -m regina_cli.config > docs/configuration.md
 
 clean:
-	rm -rf $(VENV) data runs
+	rm -rf $(VENV) $(CELLEVAL_VENV) data runs

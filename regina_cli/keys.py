@@ -51,6 +51,8 @@ PER_CONDITION_FILE = "per_condition.csv"
 GO_DIR = "go"  # under the data folder: what `regina fetch go` downloads
 GENE2GO_FILE = "gene2go_all.pkl"  # GEARS' gene -> GO terms dict (name kept as GEARS has it)
 GENE_KNOWLEDGE_FILE = "gene_knowledge.tsv"  # demo: synthetic GO-like annotation beside the dataset
+REPORT_FILE = "report.html"
+PLOTS_DIR = "plots"
 
 # --- Locations -------------------------------------------------------------------------------
 ENV_DATA_DIR = "REGINA_DATA"

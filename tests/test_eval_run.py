@@ -10,59 +10,9 @@ import pandas as pd
 import pytest
 
 from cli_helpers import invoke
+from eval_helpers import NAME, data_dir, screen, write_predictions  # noqa: F401 (fixtures)
 from regina_cli import keys
-from regina_cli.data.dataset import write_dataset
-from regina_cli.data.demo import simulate_screen
-from regina_cli.data.split import make_split, save_split
 from regina_cli.evaluate.metrics import METRICS
-
-NAME = "tiny"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="module")
-def screen(data_dir):
-    """A dataset and a split whose test set holds unseen singles and doubles of trained singles."""
-    adata = simulate_screen(n_cells=1200, n_genes=160, n_singles=8, n_doubles=8, seed=5)
-    write_dataset(adata, NAME, data_dir)
-    conditions = sorted(set(adata.obs[keys.OBS_CONDITION]))
-    singles = [c for c in conditions if c.endswith("+ctrl")]
-    doubles = [c for c in conditions if "ctrl" not in c]
-    train_singles, test_singles = singles[:-2], singles[-2:]
-    trained = {c.split("+")[0] for c in train_singles}
-    test_doubles = [d for d in doubles if set(d.split("+")) <= trained][:2] + [d for d in doubles if not set(d.split("+")) <= trained][:1]
-    held_out = {c.split("+")[0] for c in test_singles}  # unseen singles: in no training double either
-    train_doubles = [d for d in doubles if d not in test_doubles and not held_out & set(d.split("+"))]
-    user = {"train": ["ctrl"] + train_singles + train_doubles[:-1], "val": train_doubles[-1:],
-            "test": test_singles + test_doubles}
-    split = make_split(NAME, conditions, user_split=user)
-    save_split(split, data_dir)
-    return adata, split
-
-
-def _predictions(adata, conditions, path, *, n=30, seed=0):
-    """Noisy resampled true cells, with the control cells they 'came from'."""
-    rng = np.random.default_rng(seed)
-    controls = np.flatnonzero(adata.obs[keys.OBS_CONDITION] == "ctrl")
-    blocks, labels, sources = [], [], []
-    for c in conditions:
-        rows = rng.choice(np.flatnonzero(adata.obs[keys.OBS_CONDITION] == c), n)
-        blocks.append(adata.X[rows].toarray() + rng.normal(0, 0.1, (n, adata.n_vars)))
-        labels += [c] * n
-        sources += list(adata.obs_names[rng.choice(controls, n)])
-    pred = ad.AnnData(np.vstack(blocks).astype(np.float32))
-    pred.obs_names = [f"p{i}" for i in range(pred.n_obs)]
-    pred.var_names = adata.var_names.copy()
-    pred.obs[keys.OBS_CONDITION] = labels
-    pred.obs[keys.OBS_CELL_TYPE] = "simulated"
-    pred.obs[keys.OBS_CONTROL_CELL] = sources
-    pred.write_h5ad(path)
-    return pred
-
 
 @pytest.fixture
 def run(data_dir):
@@ -71,11 +21,13 @@ def run(data_dir):
 
 def test_cli_writes_metrics_table_and_plots_deterministically(screen, run, tmp_path):
     adata, split = screen
-    _predictions(adata, split.test, tmp_path / "pred.h5ad")
-    first = run("--predictions", tmp_path / "pred.h5ad", "--split", split.name, "--out", tmp_path / "a")
+    write_predictions(adata, split.test, tmp_path / "pred.h5ad")
+    # a fixed thread count: the default follows the machine's load, and float sums follow the threads
+    first = run("--predictions", tmp_path / "pred.h5ad", "--split", split.name, "--out", tmp_path / "a", "--threads", "1")
     assert first.exit_code == 0, first.output
-    assert "no_change" in first.output and "model wins" in first.output
-    again = run("--predictions", tmp_path / "pred.h5ad", "--split", split.name, "--out", tmp_path / "b", "--no-plots")
+    assert "no_change" in first.output and "pred wins" in first.output and "…" not in first.output
+    again = run("--predictions", tmp_path / "pred.h5ad", "--split", split.name, "--out", tmp_path / "b", "--no-plots",
+                "--threads", "1")
     assert again.exit_code == 0, again.output
 
     for name in (keys.PER_CONDITION_FILE,):
@@ -85,27 +37,31 @@ def test_cli_writes_metrics_table_and_plots_deterministically(screen, run, tmp_p
     assert summary["results"] == rerun["results"] and summary["comparison"] == rerun["comparison"]
 
     table = pd.read_csv(tmp_path / "a" / keys.PER_CONDITION_FILE)
-    assert list(table.columns[:4]) == ["condition", "model", "subgroup", "n_cells"]
-    assert list(table.columns[4:]) == list(METRICS) and set(summary["metrics"]) == set(METRICS)
-    assert set(table["model"]) == {"regina", "no_change", "train_mean", "additive", "linear"}
+    assert list(table.columns[:5]) == ["condition", "model", "set", "subgroup", "n_cells"]
+    assert list(table.columns[5:]) == list(METRICS) and set(summary["metrics"]) == set(METRICS)
+    assert set(table["model"]) == {"pred", "no_change", "train_mean", "additive", "linear"}  # the file's stem
     assert set(table.loc[table.model == "additive", "condition"]) <= {c for c in split.test if "ctrl" not in c}
-    ours = table[table.model == "regina"]
+    ours = table[table.model == "pred"]
     assert len(ours) == len(split.test) and ours[list(METRICS)].notna().all().all()
 
-    overall = summary["results"]["regina"]["overall"]
+    overall = summary["results"]["pred"]["overall"]
     assert overall["n_conditions"] == len(split.test)
     assert overall["pearson_delta"] == pytest.approx(ours["pearson_delta"].mean(), rel=1e-5)
-    assert {"unseen_single", "combo_seen2"} <= set(summary["results"]["regina"])
+    assert {"unseen_single", "combo_seen2"} <= set(summary["results"]["pred"])
     assert summary["split"] == split.name and summary["versions"]["regina"]
+    assert summary["n_genes_scored"] == summary["n_genes_dataset"] == adata.n_vars and summary["threads"] == 1
     # resampled true cells must beat "no change" on the headline precision metrics
-    assert summary["comparison"]["no_change"]["metrics"]["pearson_delta"]["model_better"]
+    assert summary["comparison"]["pred"]["no_change"]["metrics"]["pearson_delta"]["model_better"]
+    assert summary["comparison"]["pred"]["no_change"]["metrics"]["discrimination_score_l1"]["model_better"]
     for png in summary["plots"]:
         assert (tmp_path / "a" / png).read_bytes()[:4] == b"\x89PNG"
+    page = (tmp_path / "a" / keys.REPORT_FILE).read_text()
+    assert page.count("data:image/png;base64,") == len(summary["plots"]) == 4 and "src='http" not in page
 
 
 def test_mean_profiles_in_another_gene_order_give_the_same_precision(screen, run, tmp_path):
     adata, split = screen
-    cells = _predictions(adata, split.test, tmp_path / "cells.h5ad")
+    cells = write_predictions(adata, split.test, tmp_path / "cells.h5ad")
     means = cells.to_df().groupby(cells.obs[keys.OBS_CONDITION].to_numpy()).mean()
     profiles = ad.AnnData(means.iloc[:, ::-1].to_numpy(np.float32))  # GEARS form, genes reversed
     profiles.var_names = list(means.columns[::-1])
@@ -121,14 +77,15 @@ def test_mean_profiles_in_another_gene_order_give_the_same_precision(screen, run
     mean_form = pd.read_csv(tmp_path / "means" / keys.PER_CONDITION_FILE).set_index("condition").loc[cell_form.index]
     precision = [m for m, i in METRICS.items() if i.kind == "precision"]
     np.testing.assert_allclose(mean_form[precision], cell_form[precision], rtol=1e-5, atol=1e-7)
-    distribution = [m for m, i in METRICS.items() if i.kind == "distribution"]
-    assert mean_form[distribution].isna().all().all() and (mean_form["n_cells"] == 0).all()
-    assert json.loads((tmp_path / "means" / keys.METRICS_FILE).read_text())["prediction_form"] == "means"
+    with_cells = [m for m, i in METRICS.items() if i.kind in ("distribution", "de")]
+    assert mean_form[with_cells].isna().all().all() and (mean_form["n_cells"] == 0).all()
+    assert cell_form[with_cells].notna().all().all()
+    assert json.loads((tmp_path / "means" / keys.METRICS_FILE).read_text())["models"][0]["form"] == "means"
 
 
 def test_unknown_conditions_are_skipped_and_counted(screen, run, tmp_path):
     adata, split = screen
-    pred = _predictions(adata, split.test[:2], tmp_path / "pred.h5ad")
+    pred = write_predictions(adata, split.test[:2], tmp_path / "pred.h5ad")
     extra = pred[:5].copy()
     extra.obs_names = [f"x{i}" for i in range(5)]
     extra.obs[keys.OBS_CONDITION] = "NOPE+ctrl"
@@ -136,26 +93,31 @@ def test_unknown_conditions_are_skipped_and_counted(screen, run, tmp_path):
     result = run("--predictions", tmp_path / "pred.h5ad", "--split", split.name, "--out", tmp_path / "e", "--no-plots")
     assert result.exit_code == 0, result.output
     assert "NOPE+ctrl" in result.output
-    summary = json.loads((tmp_path / "e" / keys.METRICS_FILE).read_text())
-    assert summary["n_skipped_not_in_dataset"] == 1 and summary["skipped_not_in_dataset"] == ["NOPE+ctrl"]
-    assert summary["n_test_conditions_not_predicted"] == len(split.test) - 2
+    model = json.loads((tmp_path / "e" / keys.METRICS_FILE).read_text())["models"][0]
+    assert model["n_skipped_not_in_dataset"] == 1 and model["skipped_not_in_dataset"] == ["NOPE+ctrl"]
+    assert model["n_target_conditions_not_predicted"] == len(split.test) - 2
 
 
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda p: p[:, 5:].copy(), "lacks 5 of"),
+        (lambda p: _renamed_genes(p), "shares no gene with the dataset"),
         (lambda p: _with_nan(p), "NaN"),
         (lambda p: _renamed_obs(p), "no obs column 'condition'"),
     ],
 )
 def test_bad_predictions_fail_in_one_line_and_write_nothing(screen, run, tmp_path, damage, message):
     adata, split = screen
-    damage(_predictions(adata, split.test, tmp_path / "pred.h5ad")).write_h5ad(tmp_path / "bad.h5ad")
+    damage(write_predictions(adata, split.test, tmp_path / "pred.h5ad")).write_h5ad(tmp_path / "bad.h5ad")
     result = run("--predictions", tmp_path / "bad.h5ad", "--split", split.name, "--out", tmp_path / "out")
     assert result.exit_code != 0 and message in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def _renamed_genes(pred):
+    pred.var_names = [f"x{g}" for g in pred.var_names]
+    return pred
 
 
 def _with_nan(pred):
@@ -170,7 +132,7 @@ def _renamed_obs(pred):
 
 def test_missing_split_and_unknown_baseline_are_user_errors(screen, run, tmp_path):
     adata, split = screen
-    _predictions(adata, split.test, tmp_path / "pred.h5ad")
+    write_predictions(adata, split.test, tmp_path / "pred.h5ad")
     result = run("--predictions", tmp_path / "pred.h5ad", "--split", "simulation_9")
     assert result.exit_code != 0 and "regina split" in result.output
     result = run("--predictions", tmp_path / "pred.h5ad", "--baselines", "mean")
@@ -183,10 +145,29 @@ def test_split_defaults_to_the_one_recorded_by_predict(screen, run, tmp_path, da
     adata, split = screen
     splits = keys.dataset_dir(NAME, data_dir) / keys.SPLITS_DIR
     (splits / "other_7.json").write_text((splits / f"{split.name}.json").read_text())  # two splits on disk
-    pred = _predictions(adata, split.test[:1], tmp_path / "pred.h5ad")
+    pred = write_predictions(adata, split.test[:1], tmp_path / "pred.h5ad")
     pred.uns[keys.UNS_REGINA] = {"split": split.name, "dataset": NAME, "seed": 0}
     pred.write_h5ad(tmp_path / "pred.h5ad")
     result = run("--predictions", tmp_path / "pred.h5ad", "--no-plots", "--baselines", "none", "--out", tmp_path / "e")
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "e" / keys.METRICS_FILE).read_text())
-    assert summary["split"] == split.name and summary["predictions_provenance"]["seed"] == 0
+    assert summary["split"] == split.name and summary["models"][0]["provenance"]["seed"] == 0
+    assert summary["models"][0]["name"] == "regina"  # a file written by `regina predict`
+
+
+def test_thread_pools_get_the_idle_cores_and_are_restored(monkeypatch):
+    import torch
+
+    from regina_cli.evaluate import threads
+
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert threads.free_cpus() == 1
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert threads.free_cpus() == 1  # never fewer than one
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert threads.free_cpus() == 4
+    before = torch.get_num_threads()
+    with threads.cpu_threads(1) as n:
+        assert n == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from regina_cli.errors import ReginaError
 
@@ -46,6 +47,16 @@ def emit_result(result: dict) -> None:
         sys.stdout.write(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def print_error(message: str) -> None:
+    """The one `error: ...` line on stderr (the message is printed as is, never as markup)."""
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+
+
+def emit_error(message: str, exit_code: int) -> None:
+    """With --json, the error as one JSON object on stdout (stderr keeps its `error:` line)."""
+    sys.stdout.write(json.dumps({"error": message, "exit_code": exit_code}) + "\n")
+
+
 def user_errors(fn: Callable) -> Callable:
     """Turn a `ReginaError` into `error: <message>` and a non-zero exit; Ctrl-C into exit 130."""
 
@@ -54,7 +65,9 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except ReginaError as exc:
-            console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            print_error(str(exc))
+            if _state["json"]:
+                emit_error(str(exc), exc.exit_code)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]")

@@ -1,8 +1,9 @@
-"""`regina evaluate`: score a prediction file against a dataset's held-out conditions."""
+"""`regina evaluate`: score prediction files (REGINA's or another tool's) against a dataset's held-out conditions."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List, Optional
 
 import typer
 
@@ -14,38 +15,58 @@ from regina_cli.cli.common import DataDirOpt, emit_result, info, show, user_erro
 @user_errors
 def evaluate_command(
     name: str = typer.Argument(..., help="Dataset name (data/<name>/perturb_processed.h5ad)."),
-    predictions: Path = typer.Option(..., "--predictions", help="Prediction .h5ad: cells or one mean row per condition."),
+    predictions: List[Path] = typer.Option(
+        ..., "--predictions", metavar="FILE", help="Predictions: .h5ad (cells or one mean row per condition), .csv/.tsv (a condition "
+        "column, one column per gene) or a GEARS-style dict-of-means .pkl. Repeat to compare several models.",
+    ),
+    model_name: Optional[List[str]] = typer.Option(
+        None, "--model-name", metavar="NAME", help="Name of the model in every table, file and plot; once per --predictions "
+        "(default: regina for `regina predict` files, else the file name).", show_default=False,
+    ),
     split: str = typer.Option(None, "--split", help="Split <mode>_<seed>, e.g. simulation_1 (default: the one `regina predict` recorded, else the only one)."),
-    out: Path = typer.Option(None, "--out", help="Output folder (default: eval/ beside the predictions)."),
+    on: str = typer.Option("test", "--on", help="Score the split's test or val conditions (tune models on val)."),
+    out: Path = typer.Option(None, "--out", help="Output folder (default: eval/ beside the first predictions file)."),
     baselines: str = typer.Option("all", "--baselines", help="all, none, or a list: no_change,train_mean,additive,linear."),
-    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots."),
-    condition_key: str = typer.Option("condition", "--condition-key", help="obs column holding the condition labels."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write report.html and PNG figures."),
+    condition_key: str = typer.Option("condition", "--condition-key", help="Column holding the condition labels."),
+    separator: str = typer.Option("+", "--separator", help="Gene separator of combinations in the labels (GEARS "
+                                  "output: _ for A_B)."),
     seed: int = typer.Option(0, "--seed", help="Seed for cell subsampling and random projections."),
     true_cells: int = typer.Option(100, "--true-cells", min=2, help="True cells per condition for MMD, energy and sliced Wasserstein."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0: the cores the load average says "
+                                "are idle, at least 1)."),
     data_dir: Path = DataDirOpt,
 ) -> None:
-    """Precision metrics (GEARS-comparable), distribution metrics and baselines; metrics.json, per_condition.csv, plots."""
+    """Precision (GEARS-comparable), cell-eval, distribution and DE metrics against baselines; writes
+    metrics.json, per_condition.csv, report.html and plots/."""
     from regina_cli.evaluate.report import summary_tables
     from regina_cli.evaluate.run import evaluate
 
     summary = evaluate(
-        name, predictions, split=split, out=out, baselines=baselines, plots=plots,
-        condition_key=condition_key, data_dir=data_dir, seed=seed, device=device, max_true_cells=true_cells,
+        name, list(predictions), split=split, out=out, baselines=baselines, plots=plots, condition_key=condition_key,
+        separator=separator, model_name=model_name, on=on, data_dir=data_dir, seed=seed, device=device,
+        max_true_cells=true_cells, threads=threads,
     )
-    if summary["n_skipped_not_in_dataset"]:
-        shown = ", ".join(summary["skipped_not_in_dataset"][:5])
-        info(f"[yellow]warning:[/] skipped {summary['n_skipped_not_in_dataset']} predicted condition(s) "
-             f"not in {name}: {shown}")
-    if summary["n_test_conditions_not_predicted"]:
-        info(f"[yellow]warning:[/] {summary['n_test_conditions_not_predicted']} test condition(s) have no prediction")
-    if summary["prediction_form"] == "means":
-        info("predictions are mean profiles (one row per condition): distribution metrics need cells and are left out")
-    idle = [b for b in summary["baselines"] if b not in summary["comparison"]]
+    for model in summary["models"]:
+        if model["n_skipped_not_in_dataset"]:
+            shown = ", ".join(model["skipped_not_in_dataset"][:5])
+            info(f"[yellow]warning:[/] {model['name']}: skipped {model['n_skipped_not_in_dataset']} predicted "
+                 f"condition(s) not in {name}: {shown}")
+        if model["n_target_conditions_not_predicted"]:
+            info(f"[yellow]warning:[/] {model['name']}: {model['n_target_conditions_not_predicted']} {on} "
+                 "condition(s) have no prediction")
+        if model["form"] == "means":
+            info(f"{model['name']}: mean profiles (one row per condition); distribution and DE metrics need cells "
+                 "and are left out")
+    if summary["n_genes_scored"] != summary["n_genes_dataset"]:
+        info(f"scored on the {summary['n_genes_scored']} of {summary['n_genes_dataset']} genes that every "
+             "prediction file shares with the dataset")
+    idle = [b for b in summary["baselines"] if not any(b in c for c in summary["comparison"].values())]
     if idle:
-        info(f"baseline(s) with no test condition they can predict: {', '.join(idle)} "
+        info(f"baseline(s) with no {on} condition they can predict: {', '.join(idle)} "
              "(additive needs both singles in training; linear needs measured target genes)")
     for table in summary_tables(summary):
         show(table)
-    info(f"wrote {summary['out']}")
+    info(f"wrote {summary['out']}" + (f" (open {summary['report']})" if summary.get("report") else ""))
     emit_result(summary)

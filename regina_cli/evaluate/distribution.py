@@ -32,6 +32,14 @@ def squared_distances(x: torch.Tensor, y: torch.Tensor, *, x_norms=None, y_norms
     return torch.addmm(x_norms[:, None] + y_norms[None, :], x, y.T, alpha=-2.0).clamp_min_(0.0)
 
 
+def column_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance (ddof 0) of each column, two-pass; several times faster than torch.var_mean
+    over dim 0 on a CPU."""
+    mean = x.mean(0)
+    centred = x - mean
+    return mean, (centred * centred).mean(0)
+
+
 def _self_squared_distances(x: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     d2 = squared_distances(x, x, x_norms=norms, y_norms=norms)
     d2.fill_diagonal_(0.0)  # exact zeros where cancellation would leave rounding noise
@@ -52,14 +60,23 @@ def random_projections(n_genes: int, seed: int, *, n: int = N_PROJECTIONS, devic
     return theta.to(device=device, dtype=dtype)
 
 
-def wasserstein_1d(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def sorted_columns(x: torch.Tensor) -> torch.Tensor:
+    """[n, P] -> [P, n], each row sorted: the form wasserstein_1d works on."""
+    return torch.sort(x.T.contiguous(), dim=1).values
+
+
+def wasserstein_1d(u: torch.Tensor, v: torch.Tensor, *, v_sorted: torch.Tensor | None = None) -> torch.Tensor:
     """Exact W1 between empirical 1-D distributions, batched over columns: [n, P], [m, P] -> [P].
 
     W1 = integral |F_u(t) - F_v(t)| dt, evaluated on the merged sorted support (the algorithm of
-    scipy.stats.wasserstein_distance), so unequal sample sizes are handled exactly.
+    scipy.stats.wasserstein_distance), so unequal sample sizes are handled exactly. With equal
+    sizes this integral is the mean |u_(i) - v_(i)| of the order statistics, computed directly.
+    `v_sorted` (sorted_columns(v)) saves sorting v again when it is scored against many u.
     """
-    u_sorted = torch.sort(u.T.contiguous(), dim=1).values
-    v_sorted = torch.sort(v.T.contiguous(), dim=1).values
+    u_sorted = sorted_columns(u)
+    v_sorted = sorted_columns(v) if v_sorted is None else v_sorted
+    if u_sorted.shape[1] == v_sorted.shape[1]:
+        return (u_sorted - v_sorted).abs().mean(1)
     merged = torch.sort(torch.cat([u_sorted, v_sorted], dim=1), dim=1).values
     widths = merged[:, 1:] - merged[:, :-1]
     at = merged[:, :-1].contiguous()
@@ -81,6 +98,7 @@ class TrueCells:
     kernel_means: torch.Tensor  # [B], mean k(y, y')
     mean_distance: torch.Tensor  # E|Y - Y'|
     projected: torch.Tensor  # [m, P]
+    projected_sorted: torch.Tensor  # [P, m], see sorted_columns
     projections: torch.Tensor  # [G, P]
 
     @classmethod
@@ -98,9 +116,10 @@ class TrueCells:
         if median <= 0:  # identical true cells: fall back to a unit scale
             median = torch.ones_like(median)
         bandwidths = median * torch.tensor(BANDWIDTH_SCALES, dtype=y.dtype, device=y.device)
+        projected = y @ projections
         return cls(
-            y, norms, center, center if mean is None else mean, cells.std(0, unbiased=False) if std is None else std,
-            bandwidths, _kernel_means(d2, bandwidths), d.mean(), y @ projections, projections,
+            y, norms, center, center if mean is None else mean, column_mean_var(cells)[1].sqrt() if std is None else std,
+            bandwidths, _kernel_means(d2, bandwidths), d.mean(), projected, sorted_columns(projected), projections,
         )
 
 
@@ -119,9 +138,10 @@ class PredictedCells:
     def build(cls, cells: torch.Tensor, truth: TrueCells) -> "PredictedCells":
         x = cells - truth.center
         norms = _squared_norms(x)
-        std = cells.std(0, unbiased=False) if len(cells) > 1 else torch.full_like(truth.std, float("nan"))
+        mean, var = column_mean_var(cells)
+        std = var.sqrt() if len(cells) > 1 else torch.full_like(truth.std, float("nan"))
         return cls(x, _self_squared_distances(x, norms), squared_distances(x, truth.cells, x_norms=norms, y_norms=truth.norms),
-                   x @ truth.projections, cells.mean(0), std)
+                   x @ truth.projections, mean, std)
 
     def shifted(self, shift: torch.Tensor, truth: TrueCells) -> "PredictedCells":
         """The same cells moved by `shift` [G], without recomputing any pairwise distance.
@@ -141,7 +161,7 @@ def distribution_metrics(pred: PredictedCells, truth: TrueCells) -> dict[str, fl
     kxy = _kernel_means(pred.d2_true, truth.bandwidths)
     mmd = (kxx + truth.kernel_means - 2.0 * kxy).mean()
     energy = 2.0 * pred.d2_true.sqrt().mean() - pred.d2_self.sqrt().mean() - truth.mean_distance
-    sliced = wasserstein_1d(pred.projected, truth.projected).mean()
+    sliced = wasserstein_1d(pred.projected, truth.projected, v_sorted=truth.projected_sorted).mean()
     values = torch.stack([
         mmd, sliced, energy,
         pearson(pred.std[None].double(), truth.std[None].double())[0].to(mmd.dtype),

@@ -11,6 +11,9 @@ their quirks, so the numbers can be put beside published GEARS tables:
   correct nor opposite;
 * `top20_de` genes are the first 20 of `rank_genes_groups_cov_all`, the `_non_dropout` variants
   use `top_non_dropout_de_20` (which can hold fewer than 20 genes).
+
+`discrimination_score_l1` follows cell-eval's `discrimination_score` (metric "l1"); the DE-based
+cell-eval metrics live in de.py.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 class MetricInfo:
     higher_is_better: bool
     description: str
-    kind: str  # "precision" (mean profiles suffice) or "distribution" (needs predicted cells)
+    kind: str  # "precision" (mean profiles suffice), "distribution" or "de" (both need predicted cells)
 
 
 METRICS: dict[str, MetricInfo] = {
@@ -71,6 +74,11 @@ METRICS: dict[str, MetricInfo] = {
     ),
     "frac_wrong_sign_all": MetricInfo(False, "REGINA: share of all genes predicted with the opposite sign", "precision"),
     "nmse_top20_abs": MetricInfo(False, "REGINA: normalised MSE of mean change, top 20 genes by |true change|", "precision"),
+    # --- cell-eval ---
+    "discrimination_score_l1": MetricInfo(
+        True, "cell-eval: 1 - (rank of the true condition among all scored conditions by L1 distance of "
+        "mean changes, targeted genes left out) / number of conditions", "precision",
+    ),
     # --- distribution metrics (see distribution.py) ---
     "mmd_rbf": MetricInfo(False, "squared MMD, RBF kernels at 5 bandwidths around the true cells' median distance", "distribution"),
     "sliced_wasserstein": MetricInfo(False, "sliced Wasserstein-1 distance over 100 seeded random projections", "distribution"),
@@ -79,8 +87,25 @@ METRICS: dict[str, MetricInfo] = {
     "l1_means": MetricInfo(False, "mean over genes of |predicted mean - true mean|", "distribution"),
 }
 
-PRECISION_METRICS = [m for m, info in METRICS.items() if info.kind == "precision"]
+def _de_metrics() -> dict[str, MetricInfo]:
+    out = {}
+    for kind, size in ((k, n) for k in ("overlap", "precision") for n in DE_SIZES):
+        top = f"top {size}" if size else "all"
+        among = "true" if kind == "overlap" else "predicted"
+        out[f"de_{kind}_at_{size or 'N'}"] = MetricInfo(
+            True, f"cell-eval's {kind}_at_{size or 'N'} with a Welch t-test: share of the {top} {among} DE genes "
+            "(FDR < 0.05, by |log2 fold change|) found in both", "de",
+        )
+    return out
+
+
+DE_SIZES = (None, 50, 100)  # cell-eval's N (every significant gene), 50, 100
+METRICS.update(_de_metrics())
+# Means suffice for these too, but each condition is ranked among all of them (discrimination_score).
+POOLED_METRICS = ["discrimination_score_l1"]
+PRECISION_METRICS = [m for m, info in METRICS.items() if info.kind == "precision" and m not in POOLED_METRICS]
 DISTRIBUTION_METRICS = [m for m, info in METRICS.items() if info.kind == "distribution"]
+DE_METRICS = [m for m, info in METRICS.items() if info.kind == "de"]
 TOP_K = 20
 
 
@@ -204,3 +229,22 @@ def _frac_sigma_below_1(pred_mean, true_mean, true_std, all_zero, valid) -> torc
     frac = (within & spread).sum(-1).to(pred_mean.dtype) / spread.sum(-1).to(pred_mean.dtype)
     defined = (valid & ~all_zero).any(-1) & spread.any(-1)
     return torch.where(defined, frac, torch.nan)
+
+
+def discrimination_score(pred_delta: torch.Tensor, true_delta: torch.Tensor, truth_row: torch.Tensor,
+                         targets: torch.Tensor, targets_valid: torch.Tensor) -> torch.Tensor:
+    """cell-eval's discrimination_score_l1, one value per predicted condition.
+
+    pred_delta [C, G] predicted changes; true_delta [K, G] true changes of *every* scored condition
+    (the pool to rank among); truth_row [C] the pool row of each prediction's own condition;
+    targets [C, T] (with validity mask) the genes each condition targets, left out of its
+    distances. The score is 1 - rank / K, rank 0 when the true condition is the nearest.
+    """
+    distances = torch.cdist(pred_delta, true_delta, p=1.0)  # [C, K]
+    own = _gather(pred_delta, targets)  # [C, T]
+    pool = true_delta[:, targets.clamp_min(0)].permute(1, 0, 2)  # [C, K, T]
+    excluded = ((own[:, None, :] - pool).abs() * targets_valid[:, None, :]).sum(-1)
+    distances = distances - excluded
+    own_distance = distances.gather(1, truth_row[:, None])
+    rank = (distances < own_distance).sum(1)
+    return 1.0 - rank.to(pred_delta.dtype) / true_delta.shape[0]

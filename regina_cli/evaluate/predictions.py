@@ -1,21 +1,24 @@
-"""Read a prediction file from REGINA or another tool and line it up with the truth.
+"""Line prediction files up with the truth: shared genes, dataset spelling of conditions, forms.
 
 Two forms are accepted: predicted cells (many rows per condition, as `regina predict` writes) and
-one mean profile per condition (the form GEARS's `predict` returns). Genes are matched by name,
-so another gene order is fine; a missing gene or a NaN is an error, never a silent zero.
+one mean profile per condition (the form GEARS's `predict` returns). Genes are matched by name, so
+another gene order is fine; files predicting a subset of the genes are scored on the genes every
+file shares with the dataset. Rows labelled as the control are not scored: they are the file's
+predicted control cells, the reference of the cell-eval metrics (predicted change = predicted
+cells - predicted controls).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
+import pandas as pd
 
-from regina_cli import keys
 from regina_cli.data.conditions import is_control
 from regina_cli.errors import ReginaError
+from regina_cli.evaluate.readers import RawPredictions
 from regina_cli.evaluate.truth import Truth
 
 CELLS = "cells"
@@ -24,71 +27,65 @@ MEANS = "means"
 
 @dataclass
 class Predictions:
+    name: str  # model name in every table, file and plot
     form: str  # CELLS or MEANS
     conditions: list[str]  # dataset spelling, sorted
     means: np.ndarray  # [C, G] float64, truth gene order
     cells: list[np.ndarray]  # per condition [n, G] float32 (the single mean row for MEANS)
     control_cells: list[np.ndarray | None]  # obs `control_cell` per condition, when given
+    predicted_controls: np.ndarray | None = None  # [n, G] rows labelled as control
+    prompt_source: dict[str, str] = field(default_factory=dict)  # condition -> measured/learned/...
+    reconstruction: dict[str, np.ndarray] = field(default_factory=dict)  # condition -> profile
     skipped: list[str] = field(default_factory=list)  # conditions absent from the truth
-    n_control_rows: int = 0  # prediction rows labelled as control, ignored
+    path: str = ""
     provenance: dict = field(default_factory=dict)  # uns['regina'] written by `regina predict`
 
-
-def _gene_columns(pred, truth: Truth, path: Path) -> np.ndarray:
-    """Column of each truth gene in the prediction matrix; error listing missing genes."""
-    candidates = [list(map(str, pred.var_names))]
-    if keys.VAR_GENE_NAME in pred.var:
-        candidates.append(list(map(str, pred.var[keys.VAR_GENE_NAME])))
-    best_missing = None
-    for names in candidates:
-        position = {g: i for i, g in enumerate(names)}
-        if len(position) != len(names):
-            raise ReginaError(f"{path} has duplicate gene names; make var_names unique")
-        missing = [g for g in truth.genes if g not in position]
-        if not missing:
-            return np.array([position[g] for g in truth.genes], dtype=np.int64)
-        if best_missing is None or len(missing) < len(best_missing):
-            best_missing = missing
-    shown = ", ".join(best_missing[:5]) + (" ..." if len(best_missing) > 5 else "")
-    raise ReginaError(
-        f"{path} lacks {len(best_missing)} of the dataset's {len(truth.genes)} genes ({shown}); "
-        "predict every measured gene (var_names must be gene names)"
-    )
+    @property
+    def n_control_rows(self) -> int:
+        return 0 if self.predicted_controls is None else len(self.predicted_controls)
 
 
-def load_predictions(path: str | Path, truth: Truth, *, condition_key: str = keys.OBS_CONDITION) -> Predictions:
-    import anndata
+def gene_naming(raw: RawPredictions, dataset_genes: list[str]) -> list[str]:
+    """The candidate naming of the file's columns that shares most genes with the dataset."""
+    known = set(dataset_genes)
+    best = max(raw.gene_names, key=lambda names: len(known.intersection(names)))
+    if len(set(best)) != len(best):
+        raise ReginaError(f"{raw.path} has duplicate gene names; make the gene names unique")
+    if not known.intersection(best):
+        raise ReginaError(f"{raw.path} shares no gene with the dataset (first columns: {', '.join(best[:3])}); "
+                          "gene names must be the dataset's var_names")
+    return best
 
-    path = Path(path)
-    if not path.is_file():
-        raise ReginaError(f"prediction file {path} not found; run `regina predict` or pass --predictions FILE")
-    try:
-        pred = anndata.read_h5ad(path)
-    except Exception as exc:  # noqa: BLE001 - any failure to parse means "not an h5ad"
-        raise ReginaError(f"cannot read {path} as an .h5ad file ({type(exc).__name__}: {exc})") from None
-    if condition_key not in pred.obs:
-        raise ReginaError(
-            f"{path} has no obs column '{condition_key}' (columns: {', '.join(map(str, pred.obs.columns)) or 'none'}); "
-            "pass --condition-key"
-        )
-    if pred.n_obs == 0:
-        raise ReginaError(f"{path} holds no predictions")
-    columns = _gene_columns(pred, truth, path)
-    x = pred.X.toarray() if sp.issparse(pred.X) else np.asarray(pred.X)
-    x = np.ascontiguousarray(x[:, columns], dtype=np.float32)
-    bad = ~np.isfinite(x)
-    if bad.any():
-        row = int(np.flatnonzero(bad.any(1))[0])
-        raise ReginaError(
-            f"{path} contains {int(bad.sum())} NaN or infinite values (first in row '{pred.obs_names[row]}'); "
-            "fix the predictions before evaluating"
-        )
 
-    labels = pred.obs[condition_key].astype(str).to_numpy()
-    control_cell = pred.obs[keys.OBS_CONTROL_CELL].astype(str).to_numpy() if keys.OBS_CONTROL_CELL in pred.obs else None
-    names, counts = np.unique(labels, return_counts=True)
+def shared_genes(raws: list[RawPredictions], dataset_genes: list[str]) -> list[str]:
+    """Dataset genes (in dataset order) that every prediction file predicts."""
+    common = set(dataset_genes)
+    for raw in raws:
+        common &= set(gene_naming(raw, dataset_genes))
+    genes = [g for g in dataset_genes if g in common]
+    if len(genes) < 2:
+        raise ReginaError(f"the prediction files share only {len(genes)} gene(s) with the dataset; nothing to score")
+    return genes
+
+
+def _most_common(values) -> str:
+    return Counter(values).most_common(1)[0][0]
+
+
+def align(raw: RawPredictions, truth: Truth, name: str) -> Predictions:
+    """Predictions of one file on the truth's genes and condition spelling."""
+    position = {g: i for i, g in enumerate(gene_naming(raw, truth.dataset_genes))}
+    columns = np.array([position[g] for g in truth.genes], dtype=np.int64)
+    same_order = len(columns) == raw.x.shape[1] and (columns == np.arange(len(columns))).all()
+    x = raw.x if same_order else np.ascontiguousarray(raw.x[:, columns])
+    labels = raw.labels
+    rows_of = pd.Series(np.arange(len(labels))).groupby(labels).indices
+    names = np.array(sorted(rows_of), dtype=object)
+    counts = np.array([len(rows_of[n]) for n in names])
     control = np.array([is_control(n) for n in names], dtype=bool)
     perturbed = list(names[~control])
+    if not perturbed:
+        raise ReginaError(f"{raw.path} holds only control rows; nothing to score")
     # One row per condition is GEARS's output form; a single predicted cell cannot be told apart.
     form = MEANS if (counts[~control] == 1).all() else CELLS
 
@@ -99,21 +96,43 @@ def load_predictions(path: str | Path, truth: Truth, *, condition_key: str = key
         if condition is None:
             skipped.append(label)
         elif condition in grouped:
-            raise ReginaError(f"{path} names condition {condition} twice (as '{label}' too); keep one spelling")
+            raise ReginaError(f"{raw.path} names condition {condition} twice (as '{label}' too); keep one spelling")
         else:
-            grouped[condition] = np.flatnonzero(labels == label)
+            grouped[condition] = rows_of[label]
     if not grouped:
-        raise ReginaError(f"none of the {len(perturbed)} predicted conditions is in the dataset; wrong dataset or --condition-key?")
+        raise ReginaError(f"none of the {len(perturbed)} predicted conditions of {raw.path} is in the dataset; "
+                          "wrong dataset, --condition-key or --separator?")
 
     conditions = sorted(grouped)
     cells = [x[grouped[c]] for c in conditions]
+    control_rows = np.sort(np.concatenate([rows_of[n] for n in names[control]] or [np.zeros(0, np.int64)]))
+    obs = raw.obs
+    sources = obs["control_cell"].to_numpy() if "control_cell" in obs else None
+    prompts = obs["prompt_source"].to_numpy() if "prompt_source" in obs else None
     return Predictions(
+        name=name,
         form=form,
         conditions=conditions,
         means=np.stack([c.astype(np.float64).mean(0) for c in cells]),
         cells=cells,
-        control_cells=[None if control_cell is None else control_cell[grouped[c]] for c in conditions],
+        control_cells=[None if sources is None else sources[grouped[c]] for c in conditions],
+        predicted_controls=x[control_rows] if len(control_rows) else None,
+        prompt_source={} if prompts is None else {c: _most_common(prompts[grouped[c]]) for c in conditions},
+        reconstruction=_reconstruction(raw, truth, columns),
         skipped=sorted(skipped),
-        n_control_rows=int(counts[control].sum()),
-        provenance=dict(pred.uns.get(keys.UNS_REGINA, {})),
+        path=str(raw.path),
+        provenance=raw.provenance,
     )
+
+
+def _reconstruction(raw: RawPredictions, truth: Truth, columns: np.ndarray) -> dict[str, np.ndarray]:
+    """varm['reconstruction'] columns as profiles over the truth's genes, by dataset condition."""
+    if raw.reconstruction is None:
+        return {}
+    values = raw.reconstruction.to_numpy(np.float64)[columns]
+    out = {}
+    for j, label in enumerate(raw.reconstruction.columns):
+        condition = truth.resolve(str(label))
+        if condition is not None and np.isfinite(values[:, j]).all():
+            out[condition] = values[:, j]
+    return out

@@ -1,9 +1,11 @@
-"""Turn per-condition scores into the evaluation's outputs: aggregates, files, a table, plots.
+"""Turn per-condition scores into the evaluation's outputs: aggregates, files, terminal tables.
 
-Aggregates are plain means over conditions (NaN-free conditions only), per test subgroup and
-overall, each with its number of conditions. "Does the model beat a baseline?" is answered on
-the conditions both cover: `additive` only predicts combinations, so comparing it with the
-model's mean over all conditions would be unfair to one or the other.
+Aggregates are plain means over conditions (NaN-free conditions only), per subgroup of the scored
+set and overall, each with its number of conditions (and, when the predictions say which prompt
+each condition used, per prompt source). "Does a model beat a baseline?" is answered on the
+conditions both cover, over the headline metrics (the rows of the table): `additive` only
+predicts combinations, so comparing it with the model's mean over all conditions would be unfair
+to one or the other.
 """
 
 from __future__ import annotations
@@ -15,15 +17,11 @@ import numpy as np
 import pandas as pd
 
 from regina_cli import __version__, keys
-from regina_cli.data.split import SUBGROUPS
-from regina_cli.evaluate.baselines import BASELINES
 from regina_cli.evaluate.metrics import METRICS
 from regina_cli.io import atomic_path, write_json
 
-MODEL = "regina"
 OVERALL = "overall"
-OTHER_SUBGROUP = "test"  # a test condition outside GEARS's four subgroups
-TEST_SUBGROUPS = (*SUBGROUPS, OTHER_SUBGROUP)
+BY_PROMPT_SOURCE = "by_prompt_source"
 HEADLINE = (
     "pearson_delta",
     "pearson_delta_top20_de",
@@ -33,6 +31,8 @@ HEADLINE = (
     "nmse_top20_de",
     "pearson_delta_top20_abs",
     "frac_wrong_sign_top20_abs",
+    "discrimination_score_l1",
+    "de_overlap_at_N",
     "mmd_rbf",
     "sliced_wasserstein",
     "energy_distance",
@@ -40,9 +40,7 @@ HEADLINE = (
     "l1_means",
 )
 SUBGROUP_METRICS = ("pearson_delta", "mse_top20_de")
-PLOT_METRICS = ("pearson_delta", "pearson_delta_top20_de", "mse_top20_de_non_dropout", "mmd_rbf")
-PLOTS_DIR = "plots"
-N_EXAMPLE_CONDITIONS = 4
+WIDTH = 80  # batch logs: every terminal table fits 80 columns
 
 
 def _finite_or_none(value):
@@ -68,41 +66,48 @@ def _means(frame: pd.DataFrame) -> dict:
     return out
 
 
-def aggregate(table: pd.DataFrame) -> dict:
-    """{model: {group: {"n_conditions": n, metric: mean}}}; `overall` = every test condition."""
+def aggregate(table: pd.DataFrame, on: str = "test") -> dict:
+    """{model: {group: {"n_conditions": n, metric: mean}}}; `overall` = every condition of set `on`."""
     results = {}
     for model, frame in table.groupby("model", sort=False):
-        groups = {}
-        for group, sub in frame.groupby("subgroup", sort=True):
-            groups[group] = _means(sub)
-        test = frame[frame["subgroup"].isin(TEST_SUBGROUPS)]
-        if len(test):
-            groups[OVERALL] = _means(test)
+        groups = {group: _means(sub) for group, sub in frame.groupby("subgroup", sort=True)}
+        scored = frame[frame["set"] == on]
+        if len(scored):
+            groups[OVERALL] = _means(scored)
+        if keys.OBS_PROMPT_SOURCE in scored and (scored[keys.OBS_PROMPT_SOURCE].fillna("") != "").any():
+            groups[BY_PROMPT_SOURCE] = {source: _means(sub) for source, sub
+                                        in scored.groupby(keys.OBS_PROMPT_SOURCE, sort=True) if source}
         results[model] = groups
     return results
 
 
-def compare_with_baselines(table: pd.DataFrame) -> dict:
-    """Per baseline, on the test conditions it shares with the model: both means and who wins."""
-    test = table[table["subgroup"].isin(TEST_SUBGROUPS)]
-    model = test[test["model"] == MODEL].set_index("condition")
+def _better(metric: str, a: float, b: float) -> bool:
+    return a > b if METRICS[metric].higher_is_better else a < b
+
+
+def compare_with_baselines(table: pd.DataFrame, models: list[str], on: str = "test") -> dict:
+    """{model: {baseline: ...}}: both means on the conditions of set `on` they share, and who wins
+    (counted over the headline metrics both define)."""
+    scored = table[table["set"] == on]
     out = {}
-    for name, frame in test[test["model"] != MODEL].groupby("model", sort=False):
-        shared = frame.set_index("condition").index.intersection(model.index)
-        if not len(shared):
-            continue
-        base = frame.set_index("condition").loc[shared]
-        ours = model.loc[shared]
-        per_metric = {}
-        for m in _metric_columns(table):
-            a, b = float(ours[m].mean()), float(base[m].mean())
-            if math.isnan(a) or math.isnan(b):
+    for model_name in models:
+        model = scored[scored["model"] == model_name].set_index("condition")
+        by_baseline = {}
+        for name, frame in scored[~scored["model"].isin(models)].groupby("model", sort=False):
+            shared = frame.set_index("condition").index.intersection(model.index)
+            if not len(shared):
                 continue
-            better = a > b if METRICS[m].higher_is_better else a < b
-            per_metric[m] = {MODEL: a, name: b, "model_better": bool(better)}
-        wins = sum(v["model_better"] for v in per_metric.values())
-        out[name] = {"n_conditions": len(shared), "metrics": per_metric, "model_wins": wins,
-                     "n_metrics": len(per_metric)}
+            base, ours = frame.set_index("condition").loc[shared], model.loc[shared]
+            per_metric = {}
+            for m in _metric_columns(table):
+                a, b = float(ours[m].mean()), float(base[m].mean())
+                if not (math.isnan(a) or math.isnan(b)):
+                    per_metric[m] = {"model": a, "baseline": b, "model_better": bool(_better(m, a, b)), "tie": a == b}
+            headline = [m for m in HEADLINE if m in per_metric]
+            by_baseline[name] = {"n_conditions": len(shared), "metrics": per_metric,
+                                 "model_wins": sum(per_metric[m]["model_better"] for m in headline),
+                                 "n_metrics": len(headline)}
+        out[model_name] = by_baseline
     return out
 
 
@@ -112,142 +117,155 @@ def _versions() -> dict:
     return {"regina": __version__, **{p: version(p) for p in ("torch", "numpy", "scipy", "pandas", "anndata")}}
 
 
-def write_report(result, context: dict, out: Path, *, truth, preds, plots: bool = True) -> dict:
-    """Write per_condition.csv, metrics.json and (optionally) PNG plots into `out`; return the summary."""
+def write_report(result, context: dict, out: Path, *, truth, plots: bool = True) -> dict:
+    """Write per_condition.csv, metrics.json, report.html and plots/*.png into `out`; return the summary."""
     out = Path(out)
     table = result.table
+    names = [m.name for m in result.models]
     summary = {
         **context,
         "versions": _versions(),
         "metrics": {m: {"higher_is_better": i.higher_is_better, "kind": i.kind, "description": i.description}
                     for m, i in METRICS.items()},
-        "results": aggregate(table),
-        "comparison": compare_with_baselines(table),
+        "results": aggregate(table, context["on"]),
+        "comparison": compare_with_baselines(table, names, context["on"]),
     }
+    summary = _finite_or_none(summary)
     if plots:
-        summary["plots"] = [str(p.relative_to(out)) for p in write_plots(result, truth, preds, out / PLOTS_DIR)]
+        from regina_cli.evaluate import figures, html
+
+        written = figures.write_figures(result, truth, summary, out / keys.PLOTS_DIR)
+        summary["plots"] = [str(p.relative_to(out)) for p in written]
+        html.write_html(summary, written, out / keys.REPORT_FILE)
+        summary["report"] = keys.REPORT_FILE
     with atomic_path(out / keys.PER_CONDITION_FILE) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
-    summary = _finite_or_none(summary)
     write_json(out / keys.METRICS_FILE, summary)
     return summary
 
 
-# --- terminal --------------------------------------------------------------------------------
-def _fmt(value) -> str:
+# --- shared by the terminal and the HTML tables ----------------------------------------------
+def fmt(value) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-def summary_tables(summary: dict) -> list:
-    """Rich tables: model vs each baseline (green = model better on the same conditions), subgroups."""
+def ordered(summary: dict) -> tuple[list[str], list[str]]:
+    """Model names in file order, then baselines in the order asked for (metrics.json sorts keys)."""
+    models = [m["name"] for m in summary["models"]]
+    baselines = [b for b in summary["baselines"] if any(b in c for c in summary["comparison"].values())]
+    return models, baselines
+
+
+def headline_rows(summary: dict) -> list[dict]:
+    """One row per headline metric that some model defines: value per model and per baseline,
+    each baseline value with the first model's verdict on their shared conditions (better, worse, tie)."""
+    models, baselines = ordered(summary)
+    first = summary["comparison"].get(models[0], {})
+    rows = []
+    for m in HEADLINE:
+        values = {name: summary["results"].get(name, {}).get(OVERALL, {}).get(m) for name in models}
+        if all(v is None for v in values.values()):
+            continue
+        for b in baselines:
+            entry = first.get(b, {}).get("metrics", {}).get(m)
+            verdict = None if entry is None else ("tie" if entry["tie"] else "better" if entry["model_better"] else "worse")
+            values[b] = None if entry is None else (entry["baseline"], verdict)
+        rows.append({"metric": m, "arrow": "↑" if METRICS[m].higher_is_better else "↓", "values": values})
+    return rows
+
+
+def wins(summary: dict, model: str, baseline: str, shown: list[str]) -> str:
+    entry = summary["comparison"].get(model, {}).get(baseline)
+    if entry is None:
+        return "-"
+    compared = [m for m in shown if m in entry["metrics"]]
+    return f"{sum(entry['metrics'][m]['model_better'] for m in compared)}/{len(compared)}"
+
+
+# --- terminal --------------------------------------------------------------------------------
+def _chunks(label_width: int, widths: list[int]) -> list[list[int]]:
+    """Split value columns into groups whose table (labels repeated) fits WIDTH columns; a column
+    takes its width plus one space of padding and one of separation."""
+    groups, current, used = [], [], label_width
+    for i, w in enumerate(widths):
+        if current and used + w + 2 > WIDTH:
+            groups.append(current)
+            current, used = [], label_width
+        current.append(i)
+        used += w + 2
+    return groups + [current] if current else groups
+
+
+def _tables(title: str, labels: list[str], headers: list[str], rows: list[list[str]], caption: str = ""):
+    """Rich tables: label columns + value columns, split so each fits WIDTH columns, nothing cut."""
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
-    compact = {"box": box.SIMPLE_HEAD, "pad_edge": False, "padding": (0, 1, 0, 0)}  # fits 80 columns
-    # metrics.json sorts its keys: put the model first and the baselines in the order asked for
-    order = [MODEL] + list(summary["baselines"])
-    results = {m: summary["results"][m] for m in order if m in summary["results"]}
-    comparison = {b: summary["comparison"][b] for b in order if b in summary["comparison"]}
-    overall = results.get(MODEL, {}).get(OVERALL, {})
-    shown = [m for m in HEADLINE if overall.get(m) is not None]
-    main = Table(title=f"{MODEL} vs baselines on {summary['dataset']} / {summary['split']} "
-                       f"({overall.get('n_conditions', 0)} test conditions)", **compact)
-    main.add_column("metric", no_wrap=True)
-    main.add_column(MODEL, justify="right", style="bold", no_wrap=True)
-    for name, comp in comparison.items():
-        main.add_column(f"{name}\nn={comp['n_conditions']}", justify="right", no_wrap=True)
-    for m in shown:
-        cells = [f"{m} {'↑' if METRICS[m].higher_is_better else '↓'}", _fmt(overall[m])]
-        for name, comp in comparison.items():
-            entry = comp["metrics"].get(m)
-            if entry is None:
-                cells.append("-")
-            else:
-                colour = "green" if entry["model_better"] else "red"
-                cells.append(f"[{colour}]{_fmt(entry[name])}[/]")
-        main.add_row(*cells)
-    if comparison:
-        main.add_row("model wins (all metrics)", "", *[f"{c['model_wins']}/{c['n_metrics']}" for c in comparison.values()])
-    main.caption = "baseline columns: green = model better on the same conditions, red = baseline better"
+    plain = [[Text.from_markup(c).plain for c in row] for row in rows]
+    n_labels = len(labels)
+    label_width = sum(max([len(labels[k])] + [len(r[k]) for r in plain]) + 2 for k in range(n_labels))
+    widths = [max([len(line) for line in h.split("\n")] + [len(r[n_labels + i]) for r in plain])
+              for i, h in enumerate(headers)]
+    groups = _chunks(label_width, widths)
+    out = []
+    for g, group in enumerate(groups):
+        part = f" ({g + 1}/{len(groups)})" if len(groups) > 1 else ""
+        table = Table(title=title + part, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0), show_edge=False,
+                      caption=caption if g == len(groups) - 1 else None, title_justify="left",
+                      caption_justify="left")
+        for label in labels:
+            table.add_column(label, no_wrap=True)
+        for i in group:
+            table.add_column(headers[i], justify="right", no_wrap=True, min_width=widths[i])
+        for row in rows:
+            table.add_row(*row[:n_labels], *[row[n_labels + i] for i in group])
+        out.append(table)
+    return out
 
-    groups = Table(title="by test subgroup", **compact)
-    groups.add_column("subgroup (n)", no_wrap=True)
-    groups.add_column("metric", no_wrap=True)
-    for model in results:
-        groups.add_column(model, justify="right", no_wrap=True)
-    for g in sorted({g for r in results.values() for g in r if g != OVERALL}) + [OVERALL]:
-        label = f"{g} ({results.get(MODEL, {}).get(g, {}).get('n_conditions', 0)})"
+
+def summary_tables(summary: dict) -> list:
+    """Rich tables: models and baselines (green = first model better on the same conditions), wins,
+    subgroups, prompt sources. Each fits 80 columns."""
+    models, baselines = ordered(summary)
+    rows = headline_rows(summary)
+    shown = [r["metric"] for r in rows]
+    first = summary["comparison"].get(models[0], {})
+    headers = models + [f"{b}\nn={first[b]['n_conditions']}" if b in first else b for b in baselines]
+    body = []
+    for r in rows:
+        cells = [fmt(r["values"][m]) for m in models]
+        for b in baselines:
+            v = r["values"][b]
+            cells.append("-" if v is None else fmt(v[0]) if v[1] == "tie" else
+                         f"[{'green' if v[1] == 'better' else 'red'}]{fmt(v[0])}[/]")
+        body.append([f"{r['metric']} {r['arrow']}", *cells])
+    for model in models:
+        body.append([f"{model} wins", *([""] * len(models)), *[wins(summary, model, b, shown) for b in baselines]])
+    n = summary["results"].get(models[0], {}).get(OVERALL, {}).get("n_conditions", 0)
+    genes = (f", {summary['n_genes_scored']} of {summary['n_genes_dataset']} genes"
+             if summary["n_genes_scored"] != summary["n_genes_dataset"] else "")
+    title = f"{summary['dataset']} / {summary['split']}: {n} {summary['on']} conditions{genes}"
+    caption = f"baselines: green = {models[0]} better on the same conditions, red = baseline better, plain = tie"
+    tables = _tables(title, ["metric"], headers, body, caption)
+
+    names = models + baselines
+    groups = sorted({g for name in names for g in summary["results"].get(name, {}) if g not in (OVERALL, BY_PROMPT_SOURCE)})
+    grouped = []
+    for g in groups + [OVERALL]:
+        label = f"{g} ({summary['results'].get(models[0], {}).get(g, {}).get('n_conditions', 0)})"
         for k, m in enumerate(SUBGROUP_METRICS):
-            values = [_fmt(by_group.get(g, {}).get(m)) for by_group in results.values()]
-            groups.add_row(label if k == 0 else "", m, *values, end_section=k == len(SUBGROUP_METRICS) - 1)
-    return [main, groups]
+            grouped.append([label if k == 0 else "", m,
+                            *[fmt(summary["results"].get(name, {}).get(g, {}).get(m)) for name in names]])
+    tables += _tables("by subgroup (n = conditions of the first model)", ["subgroup (n)", "metric"], names, grouped)
 
-
-# --- plots -----------------------------------------------------------------------------------
-def _example_conditions(table: pd.DataFrame) -> list[str]:
-    """One condition per test subgroup first (sorted, so runs agree), then any others."""
-    ours = table[table["model"] == MODEL].sort_values(["subgroup", "condition"])
-    picked = list(ours.groupby("subgroup", sort=True)["condition"].first())
-    rest = [c for c in ours["condition"] if c not in picked]
-    return (picked + rest)[:N_EXAMPLE_CONDITIONS]
-
-
-def _colour(model: str) -> str:
-    """The same colour for a model in every plot."""
-    return f"C{([MODEL] + list(BASELINES)).index(model)}"
-
-
-def _savefig(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
-    return path
-
-
-def write_plots(result, truth, preds, folder: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table = result.table
-    paths = []
-    conditions = _example_conditions(table)
-    position = {c: i for i, c in enumerate(preds.conditions)}
-    fig, axes = plt.subplots(len(conditions), 1, figsize=(11, 3 * len(conditions)), squeeze=False)
-    for ax, condition in zip(axes[:, 0], conditions):
-        true_delta = truth.stats(condition).mean - truth.control_mean
-        genes = truth.de_indices(keys.UNS_RANK_GENES, condition, 20) or list(np.argsort(-np.abs(true_delta))[:20])
-        x = np.arange(len(genes))
-        ax.bar(x, true_delta[genes], color="0.75", label="true")
-        ax.plot(x, preds.means[position[condition]][genes] - truth.control_mean[genes], "o", color=_colour(MODEL),
-                label=MODEL)
-        for name, profiles in result.profiles.items():
-            if condition in profiles:
-                ax.plot(x, profiles[condition][genes] - truth.control_mean[genes], "_", markersize=10,
-                        markeredgewidth=2, color=_colour(name), label=name)
-        ax.axhline(0, color="black", linewidth=0.5)
-        ax.set_xticks(x, [truth.genes[g] for g in genes], rotation=60, fontsize=7)
-        ax.set_ylabel("change vs control")
-        ax.set_title(f"{condition}: top DE genes", fontsize=9)
-        ax.legend(fontsize=7, ncol=6, loc="best")
-    fig.tight_layout()
-    paths.append(_savefig(fig, folder / "delta_top_de.png"))
-    plt.close(fig)
-
-    results = aggregate(table)
-    metrics = [m for m in PLOT_METRICS if table[m].notna().any()]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
-    groups = sorted({g for r in results.values() for g in r if g != OVERALL}) + [OVERALL]
-    models = list(results)
-    width = 0.8 / max(len(models), 1)
-    for ax, m in zip(axes[0], metrics):
-        for k, model in enumerate(models):
-            values = [results[model].get(g, {}).get(m, np.nan) for g in groups]
-            ax.bar(np.arange(len(groups)) + k * width, values, width, label=model, color=_colour(model))
-        ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=30, fontsize=8)
-        ax.set_title(f"{m} ({'higher' if METRICS[m].higher_is_better else 'lower'} is better)", fontsize=9)
-    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", ncol=len(models), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
-    paths.append(_savefig(fig, folder / "metric_by_subgroup.png"))
-    plt.close(fig)
-    return paths
+    sources = {name: summary["results"][name][BY_PROMPT_SOURCE] for name in models
+               if BY_PROMPT_SOURCE in summary["results"].get(name, {})}
+    if sources:
+        by_source = []
+        for name, groups_ in sources.items():
+            for source, values in groups_.items():
+                by_source.append([name, f"{source} ({values['n_conditions']})",
+                                  *[fmt(values.get(m)) for m in SUBGROUP_METRICS]])
+        tables += _tables("by prompt source", ["model", "prompt source (n)"], list(SUBGROUP_METRICS), by_source)
+    return tables

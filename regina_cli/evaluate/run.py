@@ -1,19 +1,22 @@
 """`regina evaluate` as a Python function: score predictions and baselines against a held-out split.
 
-Flow: truth (dataset) + split -> predictions lined up by gene name -> baselines fitted on the
-training conditions -> precision metrics for every model in one batch -> distribution metrics per
-condition -> metrics.json, per_condition.csv, plots.
+Flow: truth (dataset) + split -> prediction files lined up on their shared genes -> baselines fitted
+on the training conditions -> precision metrics for every model in one batch -> distribution and
+DE metrics per condition -> metrics.json, per_condition.csv, report.html and plots.
 
 Baselines produce mean profiles, not cells. To give them distribution metrics that are comparable
-with the model's, each baseline's cells are the very control cells the model started from
+with a model's, each baseline's cells are the very control cells the (first) model started from
 (obs `control_cell`; a seeded random draw of control cells when the file has none), shifted by the
-baseline's predicted change. `no_change` is then literally the control cells. When the
-predictions are mean profiles (GEARS form) nothing has cells and only precision metrics exist.
+baseline's predicted change. `no_change` is then literally the control cells. A prediction file
+may ship its own baseline: varm['reconstruction'] (the model's decoded controls, no perturbation
+applied), scored like the others under the name `reconstruction`. When the predictions are mean
+profiles (GEARS form) nothing has cells and only precision metrics exist.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +24,22 @@ import pandas as pd
 import torch
 
 from regina_cli import keys
+from regina_cli.data.conditions import parse_condition
 from regina_cli.errors import ReginaError
-from regina_cli.evaluate import report
 from regina_cli.evaluate.baselines import baseline_profiles, parse_baselines, training_data
-from regina_cli.evaluate.distribution import PredictedCells, TrueCells, distribution_metrics, random_projections
-from regina_cli.evaluate.metrics import DISTRIBUTION_METRICS, PRECISION_METRICS, TOP_K, GeneSets, precision_metrics
-from regina_cli.evaluate.report import MODEL, OTHER_SUBGROUP
-from regina_cli.evaluate.predictions import CELLS, Predictions, load_predictions
-from regina_cli.evaluate.truth import Truth
+from regina_cli.evaluate.de import Moments, de_ranks, overlap_metrics
+from regina_cli.evaluate.distribution import (PredictedCells, TrueCells, column_mean_var, distribution_metrics,
+                                              random_projections)
+from regina_cli.evaluate.metrics import (DE_METRICS, DE_SIZES, DISTRIBUTION_METRICS, POOLED_METRICS, PRECISION_METRICS, TOP_K,
+                                         GeneSets, discrimination_score, precision_metrics)
+from regina_cli.evaluate.predictions import CELLS, Predictions
 
 # True cells per condition for the pairwise distribution metrics (MMD, energy, sliced Wasserstein):
 # up to 100, as the original evaluation did; their cost grows with its square. Means and standard
 # deviations always use every true cell.
 MAX_TRUE_CELLS = 100
+TARGET_SETS = ("test", "val")
+RECONSTRUCTION = keys.VARM_RECONSTRUCTION
 
 
 def resolve_device(device: str) -> torch.device:
@@ -44,37 +50,37 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def de_gene_sets(truth: Truth, conditions: list[str], device) -> GeneSets:
-    """The GEARS DE gene selections of `conditions` as padded tensors (see metrics.GeneSets)."""
-    def padded(lists: list[list[int]], width: int):
-        index = torch.zeros(len(lists), max(width, 1), dtype=torch.long)
-        valid = torch.zeros_like(index, dtype=torch.bool)
-        for row, items in enumerate(lists):
-            index[row, : len(items)] = torch.tensor(items, dtype=torch.long)
-            valid[row, : len(items)] = True
-        return index.to(device), valid.to(device)
+def _padded(lists: list[list[int]], width: int, device):
+    index = torch.zeros(len(lists), max(width, 1), dtype=torch.long)
+    valid = torch.zeros_like(index, dtype=torch.bool)
+    for row, items in enumerate(lists):
+        index[row, : len(items)] = torch.tensor(items, dtype=torch.long)
+        valid[row, : len(items)] = True
+    return index.to(device), valid.to(device)
 
+
+def de_gene_sets(truth, conditions: list[str], device) -> GeneSets:
+    """The GEARS DE gene selections of `conditions` as padded tensors (see metrics.GeneSets)."""
     de = [truth.de_indices(keys.UNS_RANK_GENES, c, TOP_K) for c in conditions]
     nd = [truth.de_indices(keys.UNS_TOP_DE_20, c, TOP_K) for c in conditions]
-    de_idx, de_ok = padded(de, TOP_K)
-    nd_idx, nd_ok = padded(nd, max(map(len, nd), default=0))
 
     def masks(key):
         return torch.from_numpy(np.stack([truth.gene_mask(key, c) for c in conditions])).to(device)
 
-    return GeneSets(de_idx, de_ok, nd_idx, nd_ok, masks(keys.UNS_NON_DROPOUT_IDX), masks(keys.UNS_NON_ZEROS_IDX))
+    return GeneSets(*_padded(de, TOP_K, device), *_padded(nd, max(map(len, nd), default=0), device),
+                    masks(keys.UNS_NON_DROPOUT_IDX), masks(keys.UNS_NON_ZEROS_IDX))
 
 
-def score_precision(profiles: np.ndarray, truth: Truth, conditions: list[str], gene_sets: GeneSets, device) -> dict:
+def _t(a, device, dtype=torch.float64) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(a), dtype=dtype, device=device)
+
+
+def score_precision(profiles: np.ndarray, truth, conditions: list[str], gene_sets: GeneSets, device) -> dict:
     """Precision metrics for mean profiles [C, G] of `conditions`: {metric: np.ndarray[C]}."""
     stats = [truth.stats(c) for c in conditions]
-
-    def t(a):
-        return torch.as_tensor(np.asarray(a), dtype=torch.float64, device=device)
-
     out = precision_metrics(
-        t(profiles), t(np.stack([s.mean for s in stats])), t(truth.control_mean), gene_sets,
-        t(np.stack([s.std for s in stats])), torch.from_numpy(np.stack([s.all_zero for s in stats])).to(device),
+        _t(profiles, device), _t(np.stack([s.mean for s in stats]), device), _t(truth.control_mean, device), gene_sets,
+        _t(np.stack([s.std for s in stats]), device), torch.from_numpy(np.stack([s.all_zero for s in stats])).to(device),
     )
     return {m: v.cpu().numpy() for m, v in out.items()}
 
@@ -83,7 +89,7 @@ def _subsample(rows: np.ndarray, limit: int, rng: np.random.Generator) -> np.nda
     return rows if len(rows) <= limit else np.sort(rng.choice(rows, limit, replace=False))
 
 
-def _control_rows(truth: Truth, names: np.ndarray | None, n: int, rng: np.random.Generator) -> np.ndarray:
+def _control_rows(truth, names: np.ndarray | None, n: int, rng: np.random.Generator) -> np.ndarray:
     """The control cells a prediction came from, else a seeded draw of `n` control cells."""
     if names is not None:
         index = truth.adata.obs_names.get_indexer(names)
@@ -93,39 +99,114 @@ def _control_rows(truth: Truth, names: np.ndarray | None, n: int, rng: np.random
     return rng.choice(pool, n, replace=n > len(pool))
 
 
-def score_distributions(preds: Predictions, profiles: dict[str, dict[str, np.ndarray]], truth: Truth, *,
-                        seed: int, device, max_true_cells: int = MAX_TRUE_CELLS) -> dict[tuple[str, str], dict]:
-    """{(model, condition): {metric: value}} for the model's cells and each baseline's shifted controls."""
+@dataclass
+class Scorer:
+    """A model or a baseline: what it predicts for which conditions, and its DE reference."""
+
+    name: str
+    conditions: list[str]
+    profiles: np.ndarray  # [C, G] mean profiles
+    reference_mean: np.ndarray  # [G] the predicted control mean its changes are measured from
+    model: Predictions | None = None  # None for a baseline
+    cells: dict[str, dict] = field(default_factory=dict)  # condition -> {metric: value}
+    moments: dict[str, tuple] = field(default_factory=dict)  # condition -> (target, reference) rows
+
+
+def _moments_row(mean: torch.Tensor, std: torch.Tensor, n: int):
+    return mean.double(), std.double() ** 2, n
+
+
+def _control_moments(cells: np.ndarray, device):
+    mean, var = column_mean_var(torch.from_numpy(cells).to(device))
+    return mean.double(), var.double(), len(cells)
+
+
+def score_cells(scorers: list[Scorer], truth, *, seed: int, device, max_true_cells: int) -> None:
+    """Distribution metrics and DE moments of every scorer that has (or borrows) cells, in place."""
     rng = np.random.default_rng(seed)
     projections = random_projections(len(truth.genes), seed, device=device)
     control_mean = torch.as_tensor(truth.control_mean, dtype=torch.float32, device=device)
-    results = {}
-    for i, condition in enumerate(preds.conditions):
+    models = [s for s in scorers if s.model is not None and s.model.form == CELLS]
+    baselines = [s for s in scorers if s.model is None]
+    truth_controls = _moments_row(_t(truth.control.mean, device), _t(truth.control.std, device), len(truth.control_rows))
+    references = {s.name: truth_controls if s.model.predicted_controls is None
+                  else _control_moments(s.model.predicted_controls, device) for s in models}
+    for condition in sorted({c for s in models for c in s.conditions}):
         stats = truth.stats(condition)
         sample = torch.from_numpy(truth.cells(_subsample(stats.rows, max_true_cells, rng))).to(device)
-        reference = TrueCells.build(
-            sample, projections,
-            mean=torch.as_tensor(stats.mean, dtype=torch.float32, device=device),
-            std=torch.as_tensor(stats.std, dtype=torch.float32, device=device),
-        )
-        model_cells = torch.from_numpy(preds.cells[i]).to(device)
-        results[(MODEL, condition)] = distribution_metrics(PredictedCells.build(model_cells, reference), reference)
-        covered = [name for name, by_condition in profiles.items() if condition in by_condition]
-        if not covered:
+        reference = TrueCells.build(sample, projections, mean=_t(stats.mean, device, torch.float32),
+                                    std=_t(stats.std, device, torch.float32))
+        first = None
+        for scorer in models:
+            if condition not in scorer.model.conditions:
+                continue
+            i = scorer.model.conditions.index(condition)
+            cells = torch.from_numpy(scorer.model.cells[i]).to(device)
+            predicted = PredictedCells.build(cells, reference)
+            scorer.cells[condition] = distribution_metrics(predicted, reference)
+            scorer.moments[condition] = (_moments_row(predicted.mean, predicted.std, len(cells)), references[scorer.name])
+            first = first or (scorer.model, i)
+        covered = [s for s in baselines if condition in s.conditions]
+        if not covered or first is None:
             continue
-        rows = _control_rows(truth, preds.control_cells[i], len(model_cells), rng)
+        model, i = first
+        rows = _control_rows(truth, model.control_cells[i], len(model.cells[i]), rng)
         controls = PredictedCells.build(torch.from_numpy(truth.cells(rows)).to(device), reference)
-        for name in covered:
-            shift = torch.as_tensor(profiles[name][condition], dtype=torch.float32, device=device) - control_mean
-            results[(name, condition)] = distribution_metrics(controls.shifted(shift, reference), reference)
-    return results
+        unshifted = _moments_row(controls.mean, controls.std, len(rows))
+        for scorer in covered:
+            j = scorer.conditions.index(condition)
+            shift = torch.as_tensor(scorer.profiles[j], dtype=torch.float32, device=device) - control_mean
+            scorer.cells[condition] = distribution_metrics(controls.shifted(shift, reference), reference)
+            scorer.moments[condition] = ((unshifted[0] + shift.double(), unshifted[1], len(rows)), unshifted)
 
 
-def subgroup_of(split, condition: str) -> str:
-    """GEARS test subgroup of a test condition; `val`/`train`/`unsplit` for the others."""
+def _stack(rows: list[tuple]) -> Moments:
+    return Moments(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]),
+                   torch.tensor([r[2] for r in rows], dtype=torch.float64, device=rows[0][0].device))
+
+
+def score_de(scorer: Scorer, truth_ranks: dict[str, tuple]) -> dict[str, dict[str, float]]:
+    """cell-eval's overlap/precision at N of one scorer's DE genes against the true DE genes."""
+    covered = [c for c in scorer.conditions if c in scorer.moments]
+    if not covered:
+        return {}
+    rank, n = de_ranks(_stack([scorer.moments[c][0] for c in covered]), _stack([scorer.moments[c][1] for c in covered]))
+    true_rank = torch.stack([truth_ranks[c][0] for c in covered])
+    n_true = torch.stack([truth_ranks[c][1] for c in covered])
+    values = {m: v.cpu().numpy() for m, v in overlap_metrics(true_rank, n_true, rank, n, DE_SIZES).items()}
+    return {c: {m: float(values[m][j]) for m in DE_METRICS} for j, c in enumerate(covered)}
+
+
+def true_de_ranks(truth, conditions: list[str], device) -> dict[str, tuple]:
+    """Every condition's true DE genes against all control cells (pdex's `ref` mode)."""
+    if not conditions:
+        return {}
+    stats = [truth.stats(c) for c in conditions]
+    target = Moments(_t(np.stack([s.mean for s in stats]), device), _t(np.stack([s.std for s in stats]) ** 2, device),
+                     _t([len(s.rows) for s in stats], device))
+    c = len(conditions)
+    control = Moments(_t(truth.control.mean, device).expand(c, -1), (_t(truth.control.std, device) ** 2).expand(c, -1),
+                      _t([len(truth.control_rows)] * c, device))
+    rank, n = de_ranks(target, control)
+    return {cond: (rank[i], n[i]) for i, cond in enumerate(conditions)}
+
+
+def score_discrimination(scorer: Scorer, truth, pool: list[str], device) -> np.ndarray:
+    """cell-eval's discrimination_score_l1 of a scorer's conditions among every scored condition."""
+    position = {c: i for i, c in enumerate(pool)}
+    true_delta = _t(np.stack([truth.stats(c).mean for c in pool]) - truth.control_mean, device)
+    pred_delta = _t(scorer.profiles - scorer.reference_mean, device)
+    targets = [[truth.gene_index[g] for g in parse_condition(c) if g in truth.gene_index] for c in scorer.conditions]
+    index, valid = _padded(targets, max(map(len, targets), default=0), device)
+    rows = torch.tensor([position[c] for c in scorer.conditions], device=device)
+    return discrimination_score(pred_delta, true_delta, rows, index, valid.to(torch.float64)).cpu().numpy()
+
+
+def subgroup_of(split, condition: str, on: str = "test") -> str:
+    """GEARS subgroup of a condition of the scored set (`on`); the set name for the others."""
     set_name = split.set_of(condition)
-    if set_name == "test":
-        return split.subgroup_of(condition) or OTHER_SUBGROUP
+    if set_name == on:
+        return split.subgroup_of(condition) or on
     return set_name or "unsplit"
 
 
@@ -133,50 +214,70 @@ def subgroup_of(split, condition: str) -> str:
 class Evaluation:
     table: pd.DataFrame  # one row per (condition, model)
     profiles: dict[str, dict[str, np.ndarray]]  # baseline -> condition -> mean profile
+    models: list[Predictions]
 
 
 def _rows_of(gene_sets: GeneSets, rows: list[int]) -> GeneSets:
     return GeneSets(*(getattr(gene_sets, f.name)[rows] for f in fields(GeneSets)))
 
 
-def evaluate_loaded(truth: Truth, split, preds: Predictions, *, baselines: list[str], seed: int = 0,
-                    device="cpu", max_true_cells: int = MAX_TRUE_CELLS) -> Evaluation:
+def _reconstructions(models: list[Predictions]) -> dict[str, dict[str, np.ndarray]]:
+    shipped = [m for m in models if m.reconstruction]
+    if len(shipped) == 1:
+        return {RECONSTRUCTION: shipped[0].reconstruction}
+    return {f"{RECONSTRUCTION}_{m.name}": m.reconstruction for m in shipped}
+
+
+def _scorers(models: list[Predictions], profiles: dict, conditions: list[str], control_mean) -> list[Scorer]:
+    out = []
+    for m in models:
+        reference = control_mean if m.predicted_controls is None else m.predicted_controls.astype(np.float64).mean(0)
+        out.append(Scorer(m.name, m.conditions, m.means, reference, m))
+    for name, by_condition in profiles.items():
+        covered = [c for c in conditions if c in by_condition]
+        if covered:
+            out.append(Scorer(name, covered, np.stack([by_condition[c] for c in covered]), control_mean))
+    return out
+
+
+def evaluate_loaded(truth, split, models: list[Predictions], *, baselines: list[str], seed: int = 0,
+                    device="cpu", max_true_cells: int = MAX_TRUE_CELLS, on: str = "test") -> Evaluation:
     """The engine without file I/O (tests and notebooks call it directly)."""
     device = torch.device(device)
-    conditions = preds.conditions
-    profiles = baseline_profiles(baselines, training_data(truth, split.train), conditions)
+    conditions = sorted({c for m in models for c in m.conditions})
+    train = training_data(truth, split.train)
+    truth.prepare(conditions)
+    profiles = {**baseline_profiles(baselines, train, conditions), **_reconstructions(models)}
     gene_sets = de_gene_sets(truth, conditions, device)
     position = {c: i for i, c in enumerate(conditions)}
+    scorers = _scorers(models, profiles, conditions, truth.control_mean)
 
     with torch.inference_mode():
-        scored = {MODEL: (conditions, score_precision(preds.means, truth, conditions, gene_sets, device))}
-        for name, by_condition in profiles.items():
-            covered = [c for c in conditions if c in by_condition]
-            if covered:
-                subset = _rows_of(gene_sets, [position[c] for c in covered])
-                values = np.stack([by_condition[c] for c in covered])
-                scored[name] = (covered, score_precision(values, truth, covered, subset, device))
-        has_cells = preds.form == CELLS
-        distributions = (
-            score_distributions(preds, profiles, truth, seed=seed, device=device, max_true_cells=max_true_cells)
-            if has_cells else {}
-        )
+        precision = {}
+        for s in scorers:
+            subset = _rows_of(gene_sets, [position[c] for c in s.conditions])
+            precision[s.name] = score_precision(s.profiles, truth, s.conditions, subset, device)
+            precision[s.name]["discrimination_score_l1"] = score_discrimination(s, truth, conditions, device)
+        score_cells(scorers, truth, seed=seed, device=device, max_true_cells=max_true_cells)
+        true_ranks = true_de_ranks(truth, sorted({c for s in scorers for c in s.moments}), device)
+        de = {s.name: score_de(s, true_ranks) for s in scorers}
 
+    with_prompts = any(m.prompt_source for m in models)
     rows = []
-    for model, (covered, values) in scored.items():
-        for j, condition in enumerate(covered):
-            row = {
-                "condition": condition,
-                "model": model,
-                "subgroup": subgroup_of(split, condition),
-                # cells scored by the distribution metrics; 0 when only mean profiles exist
-                "n_cells": len(preds.cells[position[condition]]) if has_cells else 0,
-            }
-            row.update({m: float(values[m][j]) for m in PRECISION_METRICS})
-            dist = distributions.get((model, condition), {})
-            row.update({m: dist.get(m, float("nan")) for m in DISTRIBUTION_METRICS})
+    for s in scorers:
+        for j, condition in enumerate(s.conditions):
+            row = {"condition": condition, "model": s.name, "set": split.set_of(condition) or "unsplit",
+                   "subgroup": subgroup_of(split, condition, on)}
+            if with_prompts:
+                row[keys.OBS_PROMPT_SOURCE] = s.model.prompt_source.get(condition, "") if s.model else ""
+            # cells scored by the distribution metrics; 0 when only mean profiles exist
+            row["n_cells"] = s.moments[condition][0][2] if condition in s.moments else 0
+            row.update({m: float(precision[s.name][m][j]) for m in PRECISION_METRICS + POOLED_METRICS})
+            cells = s.cells.get(condition, {})
+            row.update({m: cells.get(m, float("nan")) for m in DISTRIBUTION_METRICS})
+            row.update({m: de[s.name].get(condition, {}).get(m, float("nan")) for m in DE_METRICS})
             rows.append(row)
-    return Evaluation(pd.DataFrame(rows), profiles)
+    return Evaluation(pd.DataFrame(rows), profiles, models)
 
 
 def _resolve_split(name: str, split: str | None, provenance: dict, data_dir) -> str:
@@ -195,56 +296,104 @@ def _resolve_split(name: str, split: str | None, provenance: dict, data_dir) -> 
     )
 
 
+def model_names(raws, given: list[str] | None) -> list[str]:
+    """--model-name values in file order; else `regina` for a file `regina predict` wrote, else the stem."""
+    from regina_cli.evaluate.baselines import BASELINES
+
+    given = list(given or [])
+    if given and len(given) != len(raws):
+        raise ReginaError(f"give one --model-name per --predictions file ({len(raws)} files, {len(given)} names)")
+    names = given or [("regina" if raw.provenance else raw.path.stem) for raw in raws]
+    if len(set(names)) != len(names):
+        raise ReginaError(f"model names must differ ({', '.join(names)}); pass --model-name once per file")
+    clash = [n for n in names if n in BASELINES or n.startswith(RECONSTRUCTION)]
+    if clash:
+        raise ReginaError(f"model name {clash[0]!r} is a baseline's name; pass another --model-name")
+    return names
+
+
+def _model_context(model: Predictions, truth, targets: list[str]) -> dict:
+    missing = sorted({truth.resolve(c) or c for c in targets} - set(model.conditions))
+    provenance = {k: v.item() if isinstance(v, np.generic) else v for k, v in model.provenance.items()
+                  if isinstance(v, (str, int, float, bool, np.generic))}
+    return {
+        "name": model.name, "path": model.path, "form": model.form, "n_conditions": len(model.conditions),
+        "n_skipped_not_in_dataset": len(model.skipped), "skipped_not_in_dataset": model.skipped,
+        "n_target_conditions_not_predicted": len(missing), "target_conditions_not_predicted": missing,
+        "n_control_rows": model.n_control_rows, "has_prompt_source": bool(model.prompt_source),
+        "provenance": provenance,
+    }
+
+
 def evaluate(
     name: str,
-    predictions: str | Path,
+    predictions: str | Path | list,
     *,
     split: str | None = None,
     out: str | Path | None = None,
     baselines: str = "all",
     plots: bool = True,
     condition_key: str = keys.OBS_CONDITION,
+    separator: str = keys.GENE_SEPARATOR,
+    model_name: list[str] | str | None = None,
+    on: str = "test",
     data_dir: str | Path | None = None,
     seed: int = 0,
     device: str = "auto",
     max_true_cells: int = MAX_TRUE_CELLS,
+    threads: int = 0,
 ) -> dict:
-    """Score a prediction file against dataset `name` on a split; write metrics, table and plots.
+    """Score prediction files against dataset `name` on a split; write metrics, table, report, plots.
 
-    Returns the summary written to metrics.json plus `out` (the folder written).
+    `threads`: CPU threads (0: the idle cores, see threads.py). Returns the summary written to
+    metrics.json plus `out` (the folder written).
     """
     from regina_cli.data.dataset import read_dataset
     from regina_cli.data.split import load_split
+    from regina_cli.evaluate import report
+    from regina_cli.evaluate.predictions import align, shared_genes
+    from regina_cli.evaluate.readers import name_columns, read_predictions
+    from regina_cli.evaluate.threads import cpu_threads
+    from regina_cli.evaluate.truth import Truth
 
-    predictions = Path(predictions)
-    baseline_names = parse_baselines(baselines)
-    out = Path(out) if out is not None else predictions.parent / keys.EVAL_DIR
-    torch_device = resolve_device(device)
-    truth = Truth(read_dataset(name, data_dir))
-    preds = load_predictions(predictions, truth, condition_key=condition_key)
-    split_name = _resolve_split(name, split, preds.provenance, data_dir)
-    split_obj = load_split(name, split_name, data_dir)
-    result = evaluate_loaded(truth, split_obj, preds, baselines=baseline_names, seed=seed,
-                             device=torch_device, max_true_cells=max_true_cells)
-    missing_test = sorted({truth.resolve(c) or c for c in split_obj.test} - set(preds.conditions))
-    context = {
-        "dataset": name,
-        "split": split_name,
-        "predictions": str(predictions),
-        "prediction_form": preds.form,
-        "condition_key": condition_key,
-        "seed": seed,
-        "device": str(torch_device),
-        "max_true_cells": max_true_cells,
-        "baselines": baseline_names,
-        "n_conditions_evaluated": len(preds.conditions),
-        "n_skipped_not_in_dataset": len(preds.skipped),
-        "skipped_not_in_dataset": preds.skipped,
-        "n_test_conditions_not_predicted": len(missing_test),
-        "test_conditions_not_predicted": missing_test,
-        "n_control_rows_ignored": preds.n_control_rows,
-        "predictions_provenance": {k: v.item() if isinstance(v, np.generic) else v for k, v in preds.provenance.items()
-                                   if isinstance(v, (str, int, float, bool, np.generic))},
-    }
-    summary = report.write_report(result, context, out, truth=truth, preds=preds, plots=plots)
-    return {**summary, "out": str(out)}
+    with cpu_threads(threads) as n_threads:
+        paths = [Path(p) for p in (predictions if isinstance(predictions, (list, tuple)) else [predictions])]
+        if on not in TARGET_SETS:
+            raise ReginaError(f"--on must be one of {', '.join(TARGET_SETS)}, not {on!r}")
+        if not separator:
+            raise ReginaError("--separator must not be empty")
+        baseline_names = parse_baselines(baselines)
+        out = Path(out) if out is not None else paths[0].parent / keys.EVAL_DIR
+        torch_device = resolve_device(device)
+        # The dataset (checksum + read) and the prediction files are read side by side: both mostly
+        # wait on hashing and HDF5 reads, which release the GIL.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            reads = [pool.submit(read_predictions, p, condition_key=condition_key, separator=separator)
+                     for p in paths]
+            adata = read_dataset(name, data_dir)
+            dataset_genes = [str(g) for g in adata.var_names]
+            raws = [name_columns(r.result(), dataset_genes) for r in reads]
+        names = model_names(raws, [model_name] if isinstance(model_name, str) else model_name)
+        truth = Truth(adata, shared_genes(raws, dataset_genes))
+        models = [align(raw, truth, n) for raw, n in zip(raws, names)]
+        split_name = _resolve_split(name, split, models[0].provenance, data_dir)
+        split_obj = load_split(name, split_name, data_dir)
+        result = evaluate_loaded(truth, split_obj, models, baselines=baseline_names, seed=seed,
+                                 device=torch_device, max_true_cells=max_true_cells, on=on)
+        context = {
+            "dataset": name,
+            "split": split_name,
+            "on": on,
+            "models": [_model_context(m, truth, getattr(split_obj, on)) for m in models],
+            "condition_key": condition_key,
+            "separator": separator,
+            "n_genes_scored": len(truth.genes),
+            "n_genes_dataset": len(dataset_genes),
+            "seed": seed,
+            "device": str(torch_device),
+            "threads": n_threads,
+            "max_true_cells": max_true_cells,
+            "baselines": [b for b in result.profiles],
+        }
+        summary = report.write_report(result, context, out, truth=truth, plots=plots)
+        return {**summary, "out": str(out)}

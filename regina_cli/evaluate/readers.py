@@ -1,0 +1,147 @@
+"""Read another tool's predictions, whatever its file format, into one in-memory form.
+
+.h5ad (cells or one mean row per condition), .csv/.tsv (a condition column plus one numeric column
+per gene) and GEARS-style pickles (a dict condition -> mean profile over the dataset's genes, in
+the dataset's gene order) read with a restricted unpickler that refuses anything able to run code.
+Labels are turned into REGINA's spelling here (`--separator _`: "A_B" -> "A+B").
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from regina_cli import keys
+from regina_cli.errors import ReginaError
+
+TABLE_SEPARATORS = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
+PICKLE_SUFFIXES = (".pkl", ".pickle")
+
+
+@dataclass
+class RawPredictions:
+    path: Path
+    x: np.ndarray  # [n, g] float32
+    gene_names: list[list[str]]  # candidate namings of the columns (var_names, var gene_name); pickles: none
+    labels: np.ndarray  # [n] condition labels, REGINA spelling
+    obs: pd.DataFrame  # optional per-row columns (control_cell, prompt_source), index reset
+    reconstruction: pd.DataFrame | None = None  # genes (positional, like x's columns) x labels
+    provenance: dict = field(default_factory=dict)
+
+
+def normalise_labels(labels, separator: str) -> np.ndarray:
+    labels = np.asarray([str(v) for v in labels], dtype=object)
+    if separator and separator != keys.GENE_SEPARATOR:
+        labels = np.array([v.replace(separator, keys.GENE_SEPARATOR) for v in labels], dtype=object)
+    return labels
+
+
+def _check_finite(x: np.ndarray, path: Path, row_names) -> None:
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row = int(np.flatnonzero(bad.any(1))[0])
+        raise ReginaError(f"{path} contains {int(bad.sum())} NaN or infinite values (first in row "
+                          f"'{row_names[row]}'); fix the predictions before evaluating")
+
+
+def _missing_condition_column(path: Path, key: str, columns) -> ReginaError:
+    return ReginaError(f"{path} has no {'obs ' if path.suffix == '.h5ad' else ''}column '{key}' "
+                       f"(columns: {', '.join(map(str, columns)) or 'none'}); pass --condition-key")
+
+
+def _read_h5ad(path: Path, condition_key: str, separator: str) -> RawPredictions:
+    import anndata
+
+    try:
+        pred = anndata.read_h5ad(path)
+    except Exception as exc:  # noqa: BLE001 - any failure to parse means "not an h5ad"
+        raise ReginaError(f"cannot read {path} as an .h5ad file ({type(exc).__name__}: {exc})") from None
+    if condition_key not in pred.obs:
+        raise _missing_condition_column(path, condition_key, pred.obs.columns)
+    x = pred.X.toarray() if sp.issparse(pred.X) else np.asarray(pred.X)
+    x = np.asarray(x, dtype=np.float32)
+    _check_finite(x, path, pred.obs_names)
+    names = [list(map(str, pred.var_names))]
+    if keys.VAR_GENE_NAME in pred.var:
+        names.append(list(map(str, pred.var[keys.VAR_GENE_NAME])))
+    recon = pred.varm[keys.VARM_RECONSTRUCTION] if keys.VARM_RECONSTRUCTION in pred.varm else None
+    if recon is not None:
+        if not isinstance(recon, pd.DataFrame):
+            raise ReginaError(f"{path}: varm['{keys.VARM_RECONSTRUCTION}'] must be a DataFrame with one column "
+                              "per condition (genes x conditions)")
+        recon = recon.copy()
+        recon.columns = normalise_labels(recon.columns, separator)
+        recon.index = range(len(recon))
+    extra = [k for k in (keys.OBS_CONTROL_CELL, keys.OBS_PROMPT_SOURCE) if k in pred.obs]
+    return RawPredictions(path, x, names, normalise_labels(pred.obs[condition_key], separator),
+                          pred.obs[extra].astype(str).reset_index(drop=True), recon,
+                          dict(pred.uns.get(keys.UNS_REGINA, {})))
+
+
+def _read_table(path: Path, condition_key: str, separator: str) -> RawPredictions:
+    try:
+        frame = pd.read_csv(path, sep=TABLE_SEPARATORS[path.suffix.lower()])
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ReginaError(f"cannot read {path} as a table ({exc})") from None
+    if condition_key not in frame:
+        raise _missing_condition_column(path, condition_key, frame.columns)
+    genes = [c for c in frame.columns if c != condition_key and pd.api.types.is_numeric_dtype(frame[c])]
+    if not genes:
+        raise ReginaError(f"{path} has no numeric gene columns beside '{condition_key}'")
+    x = frame[genes].to_numpy(np.float32)
+    _check_finite(x, path, frame.index.astype(str))
+    extra = [k for k in (keys.OBS_CONTROL_CELL, keys.OBS_PROMPT_SOURCE) if k in frame and k not in genes]
+    return RawPredictions(path, x, [list(map(str, genes))], normalise_labels(frame[condition_key], separator),
+                          frame[extra].astype(str).reset_index(drop=True))
+
+
+def _read_pickle(path: Path, separator: str) -> RawPredictions:
+    from regina_cli.data.safe_pickle import safe_loads
+
+    try:
+        obj = safe_loads(path.read_bytes())
+    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as exc:
+        raise ReginaError(f"cannot read {path} as a GEARS-style pickle ({exc})") from None
+    if not isinstance(obj, dict) or not obj:
+        raise ReginaError(f"{path} must hold a dict condition -> mean profile (as GEARS' predict returns)")
+    rows = [np.asarray(value, dtype=np.float64).ravel() for value in obj.values()]
+    if len({r.size for r in rows}) != 1:
+        raise ReginaError(f"{path}: the mean profiles have different lengths; a GEARS-style pickle holds one mean "
+                          "per dataset gene, in the dataset's gene order")
+    x = np.stack(rows).astype(np.float32)
+    labels = list(map(str, obj))
+    _check_finite(x, path, labels)
+    return RawPredictions(path, x, [], normalise_labels(labels, separator), pd.DataFrame(index=range(len(labels))))
+
+
+def name_columns(raw: RawPredictions, dataset_genes: list[str]) -> RawPredictions:
+    """A pickle's columns are the dataset's genes, in order: check the count and name them."""
+    if not raw.gene_names:
+        if raw.x.shape[1] != len(dataset_genes):
+            raise ReginaError(f"{raw.path} holds {raw.x.shape[1]} values per condition, the dataset has "
+                              f"{len(dataset_genes)} genes; a GEARS-style pickle holds one mean per dataset gene, "
+                              "in the dataset's gene order")
+        raw.gene_names = [list(dataset_genes)]
+    return raw
+
+
+def read_predictions(path: str | Path, *, condition_key: str, separator: str) -> RawPredictions:
+    """Any supported prediction file, with at least one row (pickles: see name_columns)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReginaError(f"prediction file {path} not found; run `regina predict` or pass --predictions FILE")
+    suffix = path.suffix.lower()
+    if suffix in TABLE_SEPARATORS:
+        raw = _read_table(path, condition_key, separator)
+    elif suffix in PICKLE_SUFFIXES:
+        raw = _read_pickle(path, separator)
+    else:
+        raw = _read_h5ad(path, condition_key, separator)
+    if len(raw.labels) == 0:
+        raise ReginaError(f"{path} holds no predictions")
+    return raw

@@ -1,0 +1,75 @@
+"""Global flags anywhere, JSON errors for scripts, flags that are flags, tables that fit batch logs."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+
+from cli_helpers import invoke
+from regina_cli.cli.app import hoist_global_flags
+from regina_cli.cli.common import set_output_mode
+
+COMMANDS = ["fetch", "split", "label", "train-ae", "train-gan", "predict", "evaluate", "info"]
+
+
+def test_global_flags_work_after_the_command():
+    result = invoke("info", "--json")
+    assert result.exit_code == 0, result.output
+    assert "python" in json.loads(result.stdout)
+    quiet = invoke("info", "-q")
+    assert quiet.exit_code == 0 and quiet.output == ""
+    assert hoist_global_flags(["evaluate", "x", "--quiet", "--", "--json"]) == ["--quiet", "evaluate", "x", "--", "--json"]
+
+
+def test_user_errors_in_json_mode_are_one_json_object(tmp_path):
+    result = invoke("evaluate", "nope", "--predictions", tmp_path / "p.h5ad", "--data-dir", tmp_path, "--json")
+    assert result.exit_code == 2
+    assert json.loads(result.stdout) == {"error": json.loads(result.stdout)["error"], "exit_code": 2}
+    assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_usage_errors_are_one_line_and_json_too():
+    result = invoke("--json", "evaluate", "demo")  # --predictions missing
+    assert result.exit_code == 2
+    error = json.loads(result.stdout)
+    assert error["exit_code"] == 2 and "--predictions" in error["error"]
+    assert result.stderr.startswith("error:") and "Traceback" not in result.output
+    plain = invoke("evaluate", "demo")
+    assert plain.exit_code == 2 and plain.stdout == "" and plain.stderr.startswith("error:")
+
+
+def test_boolean_options_are_flags():
+    result = invoke("train-ae", "demo", "--split", "simulation_1", "--labels", "stress", "--resume", "true")
+    assert result.exit_code == 2 and "true" in result.stderr
+    for command in COMMANDS:
+        page = invoke(command, "--help")
+        assert page.exit_code == 0 and "<bool>" not in page.output, command
+    assert "--plots / --no-plots" in invoke("evaluate", "--help").output
+    assert "<bool>" not in invoke("--help").output
+
+
+def test_evaluation_tables_fit_80_columns_without_cutting():
+    from regina_cli.evaluate.metrics import METRICS
+    from regina_cli.evaluate.report import HEADLINE, summary_tables
+
+    models = ["regina_with_a_long_name", "gears", "scgpt"]
+    baselines = ["no_change", "train_mean", "additive", "linear", "reconstruction"]
+    results = {n: {"overall": {"n_conditions": 12, **{m: -0.000123456 for m in METRICS}},
+                   "combo_seen2": {"n_conditions": 3, "pearson_delta": 0.5, "mse_top20_de": 1.5},
+                   "by_prompt_source": {"measured": {"n_conditions": 7, "pearson_delta": 0.4}}}
+               for n in models + baselines}
+    entry = {"n_conditions": 12, "metrics": {m: {"model": 1.0, "baseline": 2.0, "model_better": i % 2 == 0,
+                                                 "tie": False} for i, m in enumerate(HEADLINE)}}
+    summary = {"models": [{"name": n} for n in models], "baselines": baselines, "results": results,
+               "comparison": {n: {b: entry for b in baselines} for n in models}, "dataset": "norman",
+               "split": "simulation_1", "on": "test", "n_genes_scored": 5045, "n_genes_dataset": 5045}
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))
+    for table in summary_tables(summary):
+        console.print(table)
+    text = console.export_text()
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80
+    for name in models + baselines + list(HEADLINE):
+        assert name in text
+    assert f"{models[0]} wins" in text and f"{len(HEADLINE) // 2 + 1}/{len(HEADLINE)}" in text
+    set_output_mode(quiet=False, json_output=False)

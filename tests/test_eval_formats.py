@@ -1,0 +1,168 @@
+"""`regina evaluate` on other tools' outputs: GEARS pickles and tables, several files, gene subsets,
+the validation set, shipped baselines, prompt sources and predicted control cells."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from cli_helpers import assert_user_error, invoke
+from eval_helpers import NAME, data_dir, screen, write_predictions  # noqa: F401 (fixtures)
+from regina_cli import keys
+from regina_cli.evaluate.metrics import METRICS, PRECISION_METRICS
+from regina_cli.evaluate.truth import Truth
+
+PRECISION = PRECISION_METRICS + ["discrimination_score_l1"]
+
+
+@pytest.fixture
+def run(data_dir, tmp_path):
+    def evaluate(*args, out="out"):
+        result = invoke("evaluate", NAME, "--data-dir", data_dir, "--out", tmp_path / out, *args)
+        assert result.exit_code == 0, result.output
+        table = pd.read_csv(tmp_path / out / keys.PER_CONDITION_FILE)
+        return result, json.loads((tmp_path / out / keys.METRICS_FILE).read_text()), table
+    return evaluate
+
+
+def _means(pred) -> pd.DataFrame:
+    return pred.to_df().groupby(pred.obs[keys.OBS_CONDITION].to_numpy()).mean()
+
+
+def _gears_label(condition: str) -> str:
+    """GEARS' own spelling: A_B for a combination, A for a single."""
+    return condition.replace("+ctrl", "").replace("+", "_")
+
+
+def test_gears_pickle_and_csv_score_like_the_h5ad_and_carry_the_model_name(screen, run, tmp_path):
+    adata, split = screen
+    means = _means(write_predictions(adata, split.test, tmp_path / "cells.h5ad"))
+    with open(tmp_path / "gears.pkl", "wb") as handle:  # GEARS predict(): {"A_B": mean over all genes}
+        pickle.dump({_gears_label(c): means.loc[c].to_numpy(np.float32) for c in means.index}, handle)
+    table = means.iloc[:, ::-1].copy()  # another gene order
+    table.insert(0, "perturbation", [_gears_label(c) for c in table.index])
+    table.to_csv(tmp_path / "gears.csv", index=False)
+
+    _, _, reference = run("--predictions", tmp_path / "cells.h5ad", "--baselines", "none", "--no-plots", out="cells")
+    reference = reference.set_index("condition")
+    _, summary, scored = run("--predictions", tmp_path / "gears.pkl", "--separator", "_", "--model-name", "gears",
+                             "--baselines", "no_change", out="pkl")
+    _, _, from_csv = run("--predictions", tmp_path / "gears.csv", "--separator", "_", "--model-name", "gears",
+                         "--condition-key", "perturbation", "--baselines", "none", "--no-plots", out="csv")
+    for frame in (scored[scored.model == "gears"], from_csv):
+        frame = frame.set_index("condition").loc[reference.index]
+        np.testing.assert_allclose(frame[PRECISION], reference[PRECISION], rtol=1e-5, atol=1e-6)
+    assert set(scored.model) == {"gears", "no_change"} and summary["models"][0]["name"] == "gears"
+    assert summary["models"][0]["n_skipped_not_in_dataset"] == 0 and "gears" in summary["results"]
+    page = (tmp_path / "pkl" / keys.REPORT_FILE).read_text()
+    assert "gears" in page and "regina" not in page.split("<h1>")[1].split("</h1>")[0]
+
+
+def test_a_pickle_that_would_run_code_is_refused(screen, data_dir, tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(tmp_path / "evil.pkl", "wb") as handle:
+        pickle.dump({"A": Evil()}, handle)
+    result = invoke("evaluate", NAME, "--data-dir", data_dir, "--predictions", tmp_path / "evil.pkl")
+    assert_user_error(result, "is not allowed")
+    assert "pwned" not in result.output
+
+
+def test_two_files_one_on_a_gene_subset_are_scored_on_the_shared_genes(screen, run, data_dir, tmp_path):
+    adata, split = screen
+    write_predictions(adata, split.test, tmp_path / "full.h5ad", seed=1)
+    keep = np.sort(np.random.default_rng(0).choice(adata.n_vars, int(0.6 * adata.n_vars), replace=False))
+    subset = write_predictions(adata, split.test, tmp_path / "hvg.h5ad", seed=2)[:, keep].copy()
+    subset.write_h5ad(tmp_path / "hvg.h5ad")
+
+    result, summary, table = run("--predictions", tmp_path / "hvg.h5ad", "--baselines", "none", out="one")
+    assert summary["n_genes_scored"] == len(keep) and summary["n_genes_dataset"] == adata.n_vars
+    assert f"{len(keep)} of {adata.n_vars} genes" in result.output
+    assert table[list(METRICS)].notna().all().all()
+
+    result, summary, table = run("--predictions", tmp_path / "full.h5ad", "--predictions", tmp_path / "hvg.h5ad",
+                                 "--baselines", "linear", out="two")
+    assert [m["name"] for m in summary["models"]] == ["full", "hvg"] and summary["n_genes_scored"] == len(keep)
+    assert set(table.model) == {"full", "hvg", "linear"}
+    assert set(summary["comparison"]) == {"full", "hvg"} and "linear" in summary["comparison"]["hvg"]
+    assert "full wins" in result.output and "hvg wins" in result.output
+    assert (tmp_path / "two" / keys.PLOTS_DIR / "pca_cells.png").is_file()
+
+    bad = invoke("evaluate", NAME, "--data-dir", data_dir, "--predictions", tmp_path / "full.h5ad",
+                 "--predictions", tmp_path / "hvg.h5ad", "--model-name", "only-one")
+    assert_user_error(bad, "one --model-name per --predictions file")
+
+
+def test_on_val_scores_the_validation_conditions(screen, run, tmp_path):
+    adata, split = screen
+    write_predictions(adata, split.val + split.test, tmp_path / "pred.h5ad")
+    _, summary, table = run("--predictions", tmp_path / "pred.h5ad", "--on", "val", "--no-plots")
+    ours = summary["results"]["pred"]
+    assert summary["on"] == "val" and ours["overall"]["n_conditions"] == len(split.val)
+    scored = table[(table.model == "pred") & (table.set == "val")]
+    assert ours["overall"]["pearson_delta"] == pytest.approx(scored["pearson_delta"].mean(), rel=1e-6)
+    assert set(scored.subgroup) <= set(split.subgroups["val_subgroup"]) | {"val"}
+    assert ours["test"]["n_conditions"] == len(split.test)  # the other set is reported as one group
+    assert summary["models"][0]["n_target_conditions_not_predicted"] == 0
+
+
+def test_shipped_reconstruction_is_a_baseline_and_prompt_sources_are_grouped(screen, run, tmp_path):
+    adata, split = screen
+    pred = write_predictions(adata, split.test, tmp_path / "pred.h5ad")
+    control_mean = Truth(adata).control_mean  # bit for bit what no_change predicts
+    pred.varm[keys.VARM_RECONSTRUCTION] = pd.DataFrame(np.repeat(control_mean[:, None], len(split.test), 1),
+                                                      index=pred.var_names, columns=split.test)
+    sources = {c: "measured" if c.endswith("+ctrl") else "learned" for c in split.test}
+    pred.obs[keys.OBS_PROMPT_SOURCE] = pred.obs[keys.OBS_CONDITION].map(sources).astype(str)
+    pred.write_h5ad(tmp_path / "pred.h5ad")
+
+    result, summary, table = run("--predictions", tmp_path / "pred.h5ad", "--baselines", "no_change")
+    recon = table[table.model == "reconstruction"].set_index("condition")
+    no_change = table[table.model == "no_change"].set_index("condition").loc[recon.index]
+    assert len(recon) == len(split.test)
+    # the decoded controls equal the control mean here: scored exactly like "no change"
+    np.testing.assert_allclose(recon[list(METRICS)], no_change[list(METRICS)], rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert "reconstruction" in summary["comparison"]["pred"]
+
+    by_source = summary["results"]["pred"]["by_prompt_source"]
+    ours = table[table.model == "pred"]
+    for source in ("measured", "learned"):
+        rows = ours[ours.prompt_source == source]
+        assert by_source[source]["n_conditions"] == len(rows) > 0
+        assert by_source[source]["pearson_delta"] == pytest.approx(rows["pearson_delta"].mean(), rel=1e-6)
+    assert "by prompt source" in result.output and "measured (2)" in result.output
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in log2:RuntimeWarning")  # scanpy, negative means
+def test_control_rows_are_not_scored_but_are_the_predicted_controls(screen, run, tmp_path):
+    """rank_genes_groups runs on a file with controls; evaluate ignores them for the GEARS metrics
+    and measures the cell-eval metrics' predicted changes from them."""
+    import scanpy as sc
+
+    adata, split = screen
+    pred = write_predictions(adata, split.test, tmp_path / "plain.h5ad")
+    controls = adata[adata.obs[keys.OBS_CONDITION] == "ctrl"]
+    shifted = ad.AnnData(np.asarray(controls.X.toarray() + 1.0, dtype=np.float32), obs=controls.obs[[keys.OBS_CONDITION]],
+                         var=pd.DataFrame(index=adata.var_names))
+    with_controls = ad.concat([pred, shifted], join="outer")
+    with_controls.write_h5ad(tmp_path / "with.h5ad")
+    moved = pred.copy()
+    moved.X = moved.X - 1.0  # the same changes, measured from the real controls
+    moved.write_h5ad(tmp_path / "moved.h5ad")
+
+    sc.tl.rank_genes_groups(with_controls, groupby=keys.OBS_CONDITION, reference="ctrl", method="t-test")
+    assert set(with_controls.uns["rank_genes_groups"]["names"].dtype.names) == set(split.test)
+
+    _, summary, table = run("--predictions", tmp_path / "with.h5ad", "--baselines", "none", "--no-plots", out="w")
+    _, _, plain = run("--predictions", tmp_path / "plain.h5ad", "--baselines", "none", "--no-plots", out="p")
+    _, _, moved = run("--predictions", tmp_path / "moved.h5ad", "--baselines", "none", "--no-plots", out="m")
+    assert summary["models"][0]["n_control_rows"] == controls.n_obs and len(table) == len(split.test)
+    np.testing.assert_allclose(table[PRECISION_METRICS], plain[PRECISION_METRICS], rtol=1e-6)
+    np.testing.assert_allclose(table["discrimination_score_l1"], moved["discrimination_score_l1"])
