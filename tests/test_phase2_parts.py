@@ -37,8 +37,6 @@ def test_expression_prior_sums_observed_effects_else_the_linear_model():
     torch.testing.assert_close(out[2], torch.tensor([9.0, 8.0, 7.0], dtype=torch.float64) + out[0])  # a double sums
     torch.testing.assert_close(out[3], linear(np.array([0.5, 0.0])) + b)  # knowledge row
     torch.testing.assert_close(out[4], torch.zeros(3, dtype=torch.float64))  # no target, no change
-    torch.testing.assert_close(prior(target_idx, prompt_idx, observed=False)[1].double(),
-                               linear(np.array([1.0, 1.0])) + b)
 
 
 def test_mean_matching_moves_each_draw_onto_its_target_mean():

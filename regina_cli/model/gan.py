@@ -171,13 +171,11 @@ class ExpressionPrior(nn.Module):
             e = e + self.table_embedding[prompt_idx.clamp(min=0)] * other.unsqueeze(-1)
         return e
 
-    def forward(self, target_idx: torch.Tensor, prompt_idx: torch.Tensor, *,
-                observed: bool = True) -> torch.Tensor:
-        """The prior change [B, n_genes] of each row's condition; `observed=False` ignores the
-        observed single effects (the linear model for every gene)."""
+    def forward(self, target_idx: torch.Tensor, prompt_idx: torch.Tensor) -> torch.Tensor:
+        """The prior change [B, n_genes] of each row's condition."""
         valid = (target_idx >= 0) | (prompt_idx >= 0)
         effect = (self.gene_embedding(target_idx, prompt_idx) @ self.weight.T) @ self.embedding.T + self.offset
-        if observed and len(self.observed):
+        if len(self.observed):
             rows = torch.where(prompt_idx >= 0, self.observed_rows[prompt_idx.clamp(min=0)], -1)
             effect = torch.where((rows >= 0).unsqueeze(-1), self.observed[rows.clamp(min=0)], effect)
         return (effect * valid.unsqueeze(-1)).sum(1)
