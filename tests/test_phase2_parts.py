@@ -89,3 +89,41 @@ def test_collapse_index_and_warnings():
     text = " ".join(collapsed.warnings())
     for fragment in ("look alike", "prompt is 0.05 times", "5.00 times the real ones", "autoencoder limits"):
         assert fragment in text
+
+
+def test_prior_is_fitted_on_training_conditions_and_cross_fitted_for_them():
+    from test_tensors import tiny_screen, tiny_split
+
+    from regina_cli.config import build_config
+    from regina_cli.data.tensors import CellTensors
+    from regina_cli.engine.condition_stats import condition_stats
+    from regina_cli.engine.expression_prior import fit_expression_prior, observed_genes
+    from regina_cli.engine.gan_validation import training_control_mean
+    from regina_cli.engine.gene_prompts import prompt_gene_names
+
+    split = tiny_split()
+    adata = tiny_screen()
+    config = build_config(overrides=["gan.expression_prior=linear"])
+    genes = list(adata.var_names)
+    table, _ = prompt_gene_names(split.train, genes, config.gan)
+    assert {"G1", "G2", "NOTMEASURED"} <= set(table)  # with a prior every training target has a row
+    cells = CellTensors.from_anndata(adata, split, device_data="always", prompt_genes=table)
+    latents = torch.zeros(cells.n_cells, 4)
+    stats = condition_stats(cells, latents, cells.train_perturbed_idx)
+    assert observed_genes(cells, stats) == ["G1", "G2", "NOTMEASURED"]
+    prior = ExpressionPrior(cells.n_genes, len(table), 10, n_observed=3)
+    control = training_control_mean(cells)
+    cross = fit_expression_prior(prior, cells, stats, control, table, seed=0)
+    code = {c: i for i, c in enumerate(cells.conditions)}
+    observed = {g: (stats.expression_mean[code[f"{g}+ctrl"]] - control.float()) for g in ("G1", "G2")}
+    # training double: the sum of its singles' observed effects (they are data, not the double's own)
+    torch.testing.assert_close(cross[code["G1+G2"]], observed["G1"] + observed["G2"], atol=1e-5, rtol=1e-5)
+    # training single: never its own observed effect (the fold's model predicts it instead)
+    assert not torch.allclose(cross[code["G1+ctrl"]], observed["G1"], atol=1e-4)
+    # the fitted module (prediction, validation) does use the observed effect of a trained gene ...
+    target_idx = torch.tensor([[genes.index("G1"), -1]])
+    prompt_idx = torch.tensor([[table.index("G1"), -1]])
+    torch.testing.assert_close(prior(target_idx, prompt_idx)[0], observed["G1"], atol=1e-5, rtol=1e-5)
+    # ... and the linear model for a validation gene it never saw alone, as the table gives it
+    g3 = torch.tensor([[genes.index("G3"), -1]])
+    torch.testing.assert_close(prior(g3, torch.tensor([[-1, -1]]))[0], cross[code["G3+ctrl"]], atol=1e-5, rtol=1e-5)
