@@ -23,6 +23,7 @@ def test_expression_prior_sums_observed_effects_else_the_linear_model():
     prior.table_embedding[1] = torch.tensor([0.5, 0.0])  # an unmeasured gene known from knowledge
     prior.observed[0] = torch.tensor([9.0, 8.0, 7.0])
     prior.observed_rows[0] = 0  # table row 0 (a measured gene, index 2) was perturbed alone in training
+    prior.self_effect.fill_(-1.5)  # a measured target's own change
     G, W = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), np.diag([2.0, 3.0])
 
     def linear(e):
@@ -32,9 +33,11 @@ def test_expression_prior_sums_observed_effects_else_the_linear_model():
     target_idx = torch.tensor([[0, -1], [2, -1], [2, 0], [-1, -1], [-1, -1]])
     prompt_idx = torch.tensor([[-1, -1], [0, -1], [0, -1], [1, -1], [-1, -1]])
     out = prior(target_idx, prompt_idx).double()
-    torch.testing.assert_close(out[0], linear(np.array([1.0, 0.0])) + b)  # measured, unseen: G W e + b
+    unseen = linear(np.array([1.0, 0.0])) + b
+    unseen[0] = -1.5
+    torch.testing.assert_close(out[0], unseen)  # measured, unseen: G W e + b, its own entry the typical self change
     torch.testing.assert_close(out[1], torch.tensor([9.0, 8.0, 7.0], dtype=torch.float64))  # observed
-    torch.testing.assert_close(out[2], torch.tensor([9.0, 8.0, 7.0], dtype=torch.float64) + out[0])  # a double sums
+    torch.testing.assert_close(out[2], torch.tensor([9.0, 8.0, 7.0], dtype=torch.float64) + unseen)  # a double sums
     torch.testing.assert_close(out[3], linear(np.array([0.5, 0.0])) + b)  # knowledge row
     torch.testing.assert_close(out[4], torch.zeros(3, dtype=torch.float64))  # no target, no change
 

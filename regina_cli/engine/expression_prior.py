@@ -30,19 +30,32 @@ def _training_data(cells, stats, codes: list[int], control_mean: np.ndarray) -> 
                         counts=stats.counts[codes].double().cpu().numpy())
 
 
-def _gene_effect(model, gene: str, observed: dict[str, np.ndarray], *, use_observed: bool) -> np.ndarray:
-    """One gene's effect: its observed single effect, else the linear model's, else the mean change."""
+def _gene_effect(model, gene: str, observed: dict[str, np.ndarray], self_effect: float, *,
+                 use_observed: bool) -> np.ndarray:
+    """One gene's effect: its observed single effect, else the linear model's (the mean change
+    without an embedding) with a measured target's own entry set to `self_effect`."""
     if use_observed and gene in observed:
         return observed[gene]
     embedding = model.embed(canonical_condition([gene]))
-    return model.offset if embedding is None else model.predict_change(embedding)
+    effect = model.offset.copy() if embedding is None else model.predict_change(embedding)
+    if gene in model.gene_index:
+        effect[model.gene_index[gene]] = self_effect
+    return effect
 
 
-def _prior(model, condition: str, observed: dict[str, np.ndarray], *, own: bool = False) -> np.ndarray:
+def _prior(model, condition: str, observed: dict[str, np.ndarray], self_effect: float, *,
+           own: bool = False) -> np.ndarray:
     """Sum of the targets' effects; `own`: the condition is a training single whose observed effect
     is its own data, so its gene falls back to the model."""
     genes = parse_condition(condition)
-    return sum(_gene_effect(model, g, observed, use_observed=not (own and len(genes) == 1)) for g in genes)
+    return sum(_gene_effect(model, g, observed, self_effect, use_observed=not (own and len(genes) == 1))
+               for g in genes)
+
+
+def median_self_effect(observed: dict[str, np.ndarray], gene_index: dict[str, int], exclude=()) -> float:
+    """Median change of measured training targets in their own single conditions (0 if none)."""
+    changes = [effect[gene_index[g]] for g, effect in observed.items() if g in gene_index and g not in exclude]
+    return float(np.median(changes)) if changes else 0.0
 
 
 @torch.no_grad()
@@ -66,14 +79,18 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
     for row, gene in enumerate(sorted(observed)):
         prior.observed[row] = torch.as_tensor(observed[gene], dtype=prior.observed.dtype)
         prior.observed_rows[position[gene]] = row
-    table = np.stack([_prior(full, name, observed) if not is_control(name) else np.zeros(cells.n_genes)
+    self_effect = median_self_effect(observed, full.gene_index)
+    prior.self_effect.fill_(self_effect)
+    table = np.stack([_prior(full, name, observed, self_effect) if not is_control(name) else np.zeros(cells.n_genes)
                       for name in cells.conditions])
     folds = np.array_split(np.random.default_rng(seed).permutation(codes), min(FOLDS, len(codes)))
     for held in folds:
         held_set = set(held.tolist())
         model = fit_linear(_training_data(cells, stats, [c for c in codes if c not in held_set], mean)) or full
+        held_genes = {g for c in held_set for g in parse_condition(cells.conditions[c]) if len(parse_condition(cells.conditions[c])) == 1}
+        fold_self = median_self_effect(observed, full.gene_index, exclude=held_genes)
         for code in held_set:
-            table[code] = _prior(model, cells.conditions[code], observed, own=True)
+            table[code] = _prior(model, cells.conditions[code], observed, fold_self, own=True)
     return torch.as_tensor(table, dtype=torch.float32, device=cells.device)
 
 

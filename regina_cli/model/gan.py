@@ -146,7 +146,10 @@ class ExpressionPrior(nn.Module):
 
         effect(g) = the observed mean change of g's own single condition in training, if any,
                     else G W e_g + b   (e_g: g's row of G, or of `table_embedding` for genes of the
-                                        prompt table the screen does not measure; zero if none)
+                                        prompt table the screen does not measure; zero if none),
+                    with the measured target itself set to `self_effect`, the median change of the
+                    training targets in their own conditions (a CRISPRi target goes down, a CRISPRa
+                    one up, which a model of co-variation between genes cannot know)
 
     where G W e + b is the linear gene-embedding model of Ahlmann-Eltze, Huber & Anders (2025),
     fitted on the training pseudo-bulk. A gene with no embedding and no observation adds b, the
@@ -161,6 +164,7 @@ class ExpressionPrior(nn.Module):
         self.register_buffer("table_embedding", torch.zeros(n_table, dim))
         self.register_buffer("observed_rows", torch.full((n_table,), -1, dtype=torch.long))
         self.register_buffer("observed", torch.zeros(n_observed, n_genes))
+        self.register_buffer("self_effect", torch.zeros(()))
 
     def gene_embedding(self, target_idx: torch.Tensor, prompt_idx: torch.Tensor) -> torch.Tensor:
         """e [B, k, dim] of targets given as measured-gene indices and prompt-table positions (-1 = none)."""
@@ -175,6 +179,9 @@ class ExpressionPrior(nn.Module):
         """The prior change [B, n_genes] of each row's condition."""
         valid = (target_idx >= 0) | (prompt_idx >= 0)
         effect = (self.gene_embedding(target_idx, prompt_idx) @ self.weight.T) @ self.embedding.T + self.offset
+        own = (target_idx >= 0).unsqueeze(-1)  # the measured target's own entry
+        column = target_idx.clamp(min=0).unsqueeze(-1)
+        effect = effect.scatter(2, column, torch.where(own, self.self_effect.to(effect.dtype), effect.gather(2, column)))
         if len(self.observed):
             rows = torch.where(prompt_idx >= 0, self.observed_rows[prompt_idx.clamp(min=0)], -1)
             effect = torch.where((rows >= 0).unsqueeze(-1), self.observed[rows.clamp(min=0)], effect)
