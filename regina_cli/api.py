@@ -109,9 +109,9 @@ def fetch(name: str, adata: AnnData | None = None, *, source: str | Path | None 
             result = fetch_dataset(name, source=str(path), **kwargs)
     else:
         result = fetch_dataset(name, source=None if source is None else str(source), **kwargs)
-    if result.action == "already present" and (adata is not None or source is not None):
-        warnings.warn(f"{name} is already present and was not imported again: pass force=True to replace it",
-                      stacklevel=2)
+    if result.action == "already present" and (adata is not None or source is not None or simulation):
+        warnings.warn(f"{name} is already present and was not fetched again, so the options given did not "
+                      "apply: pass force=True to replace it", stacklevel=2)
     return read_dataset(name, data_dir, backed=backed)
 
 
@@ -327,7 +327,8 @@ def _stage_predictions(items: list, names: list[str] | None, folder: Path, condi
         if isinstance(item, (str, Path)):
             paths.append(Path(item))
             continue
-        stem = _SAFE_STEM.sub("_", names[i]) if names else ("predictions" if len(items) == 1 else f"predictions_{i + 1}")
+        default = "predictions" if len(items) == 1 else f"predictions_{i + 1}"
+        stem = _SAFE_STEM.sub("_", names[i]) if names else default
         if isinstance(item, AnnData):
             path = folder / f"{stem}.h5ad"
             write_h5ad(item, path)
@@ -361,11 +362,11 @@ def _metrics_frame(results: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index(["model", "group"])
 
 
-def evaluate(name: str, predictions, *, model_name: str | Sequence[str] | None = None, split: str | SplitResult | None = None,
-             on: str = "test", out: str | Path | None = None, baselines: str = "all", plots: bool = True,
-             condition_key: str = keys.OBS_CONDITION, separator: str = keys.GENE_SEPARATOR, seed: int = 0,
-             true_cells: int = 100, device: str = "auto", threads: int = 0,
-             data_dir: str | Path | None = None) -> EvaluationResult:
+def evaluate(name: str, predictions, *, model_name: str | Sequence[str] | None = None,
+             split: str | SplitResult | None = None, on: str = "test", out: str | Path | None = None,
+             baselines: str = "all", plots: bool = True, condition_key: str = keys.OBS_CONDITION,
+             separator: str = keys.GENE_SEPARATOR, seed: int = 0, true_cells: int = 100, device: str = "auto",
+             threads: int = 0, data_dir: str | Path | None = None) -> EvaluationResult:
     """`regina evaluate`: score predictions against dataset `name`'s held-out conditions and baselines.
 
     `predictions`: an AnnData (cells or one mean row per condition), a DataFrame (a `condition_key`
@@ -380,7 +381,7 @@ def evaluate(name: str, predictions, *, model_name: str | Sequence[str] | None =
 
     items = list(predictions) if isinstance(predictions, (list, tuple)) else [predictions]
     names = [model_name] if isinstance(model_name, str) else None if model_name is None else list(model_name)
-    with tempfile.TemporaryDirectory(prefix="regina-evaluate-") as folder:
+    with tempfile.TemporaryDirectory(prefix="in-memory-predictions-") as folder:
         paths = _stage_predictions(items, names if names and len(names) == len(items) else None, Path(folder),
                                    condition_key)
         keep = out is not None or isinstance(items[0], (str, Path))

@@ -176,7 +176,8 @@ def test_fetch_imports_an_in_memory_anndata_as_from_does_a_file(demo_adata, tmp_
 @pytest.mark.parametrize("call, command", [
     (lambda: regina.fetch("bad name!"), ["fetch", "bad name!"]),
     (lambda: regina.fetch("nosuch"), ["fetch", "nosuch"]),
-    (lambda: regina.fetch("demo", n_cells=300, source="x.h5ad"), ["fetch", "demo", "--cells", "300", "--from", "x.h5ad"]),
+    (lambda: regina.fetch("demo", n_cells=300, source="x.h5ad"),
+     ["fetch", "demo", "--cells", "300", "--from", "x.h5ad"]),
     (lambda: regina.split("nosuch"), ["split", "nosuch"]),
     (lambda: regina.label("nosuch", "stress"), ["label", "nosuch", "--method", "stress"]),
     (lambda: regina.predict("runs/none"), ["predict", "--run", "runs/none"]),
