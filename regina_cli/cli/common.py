@@ -51,8 +51,11 @@ def user_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from regina_cli.io import exit_cleanly_on_sigterm
+
         try:
-            return fn(*args, **kwargs)
+            with exit_cleanly_on_sigterm():  # SIGTERM: temporary outputs removed, exit 128 + 15
+                return fn(*args, **kwargs)
         except ReginaError as exc:
             console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None

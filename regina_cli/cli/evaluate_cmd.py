@@ -6,8 +6,10 @@ from pathlib import Path
 
 import typer
 
+from regina_cli import keys
 from regina_cli.cli.app import app
 from regina_cli.cli.common import DataDirOpt, emit_result, info, show, user_errors
+from regina_cli.cli.options import check_data_dir, check_out_folder, check_seed
 
 
 @app.command("evaluate")
@@ -23,11 +25,21 @@ def evaluate_command(
     seed: int = typer.Option(0, "--seed", help="Seed for cell subsampling and random projections."),
     true_cells: int = typer.Option(100, "--true-cells", min=2, help="True cells per condition for MMD, energy and sliced Wasserstein."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    allow_stale: bool = typer.Option(
+        False, "--allow-stale", help="Score predictions whose run's dataset or split changed since (refused "
+        "otherwise), with a warning."),
     data_dir: Path = DataDirOpt,
 ) -> None:
     """Precision metrics (GEARS-comparable), distribution metrics and baselines; metrics.json, per_condition.csv, plots."""
+    from regina_cli.data.provenance import check_predictions
     from regina_cli.evaluate.report import summary_tables
     from regina_cli.evaluate.run import evaluate
+
+    check_seed(seed)
+    check_out_folder(out or predictions.parent / keys.EVAL_DIR, keys.METRICS_FILE)
+    check_data_dir(data_dir, writes=False)
+    for warning in check_predictions(name, predictions, split, data_dir, allow_stale=allow_stale):
+        info(f"[bold yellow]warning:[/] {warning}")
 
     summary = evaluate(
         name, predictions, split=split, out=out, baselines=baselines, plots=plots,

@@ -122,9 +122,9 @@ def _spawn(target: Callable, kwargs: dict, *, nprocs: int, device: str) -> Any:
     try:
         results = elastic_launch(config, _worker)(target, kwargs, device, nprocs)
     except SignalException as exc:  # the launcher passed SIGTERM/SIGINT on; workers saved last.pt
-        raise TrainingInterrupted(f"training interrupted by signal {int(exc.sigval)}; the processes "
-                                  f"saved their state at the next step: continue with --resume",
-                                  int(exc.sigval)) from None
+        raise TrainingInterrupted(f"training interrupted by signal {int(exc.sigval)}: continue with --resume "
+                                  "from the last state saved (last.pt; the processes save it every epoch and "
+                                  "on a signal they see in time)", int(exc.sigval)) from None
     except ChildFailedError as exc:
         raise RuntimeError(f"a training process failed: {exc}") from exc
     outcome = results[0]

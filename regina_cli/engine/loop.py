@@ -29,6 +29,7 @@ from regina_cli.errors import ReginaError
 
 CHECKPOINT_FORMAT = 2  # 2: named running loss terms
 SIGNAL_POLL_STEPS = 8  # several processes agree on a stop every this many steps
+MIN_TIMED_S = 0.01  # epochs shorter than this report no throughput
 
 
 class Phase(Protocol):
@@ -158,8 +159,9 @@ def fit(
                 stop_reason = f"max_epochs: reached {max_epochs} epochs"
             row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_terms.items()},
                    **{f"val_{k}": v for k, v in val.items()}, "stop_counter": stopper.counter,
-                   "best": int(is_best), "seconds": seconds, "cells_per_s": cells / max(seconds, 1e-9),
-                   **_learning_rates(phase)}
+                   "best": int(is_best), "seconds": seconds, **_learning_rates(phase)}
+            if cells > 0 and seconds >= MIN_TIMED_S:  # too short to time: no absurd throughput
+                row["cells_per_s"] = cells / seconds
             phase.end_epoch(epoch)
             if ctx.is_main:
                 ckpt.append_history(paths, row)

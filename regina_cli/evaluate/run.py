@@ -22,6 +22,7 @@ import torch
 
 from regina_cli import keys
 from regina_cli.errors import ReginaError
+from regina_cli.io import atomic_dir
 from regina_cli.evaluate import report
 from regina_cli.evaluate.baselines import baseline_profiles, parse_baselines, training_data
 from regina_cli.evaluate.distribution import PredictedCells, TrueCells, distribution_metrics, random_projections
@@ -246,5 +247,6 @@ def evaluate(
         "predictions_provenance": {k: v.item() if isinstance(v, np.generic) else v for k, v in preds.provenance.items()
                                    if isinstance(v, (str, int, float, bool, np.generic))},
     }
-    summary = report.write_report(result, context, out, truth=truth, preds=preds, plots=plots)
+    with atomic_dir(out) as staging:  # every file appears at once, replacing the previous folder whole
+        summary = report.write_report(result, context, staging, truth=truth, preds=preds, plots=plots)
     return {**summary, "out": str(out)}
