@@ -198,10 +198,19 @@ def h5ad_bytes(adata) -> int:
     return size(adata.X) + sum(size(adata.layers[k]) for k in adata.layers) + frames
 
 
-def write_h5ad(adata, path: str | Path) -> None:
+@contextlib.contextmanager
+def staged_h5ad(adata, path: str | Path) -> Iterator[Path]:
+    """Write `adata` to a temporary file beside `path` and yield it (to hash it, say); it is
+    renamed onto `path` when the block succeeds. Refused up front when the disk is too full."""
     check_free_space(path, int(1.1 * h5ad_bytes(adata)) + 2**20)
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)
+        yield tmp
+
+
+def write_h5ad(adata, path: str | Path) -> None:
+    with staged_h5ad(adata, path):
+        pass
 
 
 # --- Signals ------------------------------------------------------------------------------------

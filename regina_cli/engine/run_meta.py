@@ -189,9 +189,9 @@ def current_inputs(meta: RunMeta, data_dir=None) -> dict:
     return current
 
 
-def check_resume(paths: PhasePaths, inputs: dict, *, resume: bool, **options: str) -> None:
-    """Refuse, before anything is written, a resume that has nothing to continue or whose inputs
-    (`options` such as split=..., and the hashes in `inputs`) differ from the run's."""
+def check_resume(paths: PhasePaths, inputs: dict | None = None, *, resume: bool, **options: str) -> None:
+    """Refuse, before anything is written, a resume that has nothing to continue, or whose
+    options (split=..., labels=...) or input hashes (`inputs`) differ from the run's."""
     if not resume:
         return
     if not paths.last.is_file():
@@ -203,7 +203,7 @@ def check_resume(paths: PhasePaths, inputs: dict, *, resume: bool, **options: st
         if getattr(meta, option) != asked:
             raise ReginaError(f"{paths.dir} was trained with --{option} {getattr(meta, option)}, not {asked}: "
                               f"resume with the same --{option}, or train a new --run")
-    reasons = changed(meta.hashes(), inputs)
+    reasons = changed(meta.hashes(), inputs or {})
     if reasons:
         raise ReginaError(f"cannot resume {paths.dir}: {'; '.join(reasons)} since it started; train a new --run")
 
