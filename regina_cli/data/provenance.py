@@ -65,7 +65,7 @@ def stale(what: str, reasons: list[str], fix: str, *, allow_stale: bool) -> list
     """An error naming why `what` is stale, or (`allow_stale`) the warnings to print instead."""
     if not reasons:
         return []
-    message = f"{what} is stale: {'; '.join(reasons)} since it was made"
+    message = f"{what} is stale: {'; '.join(reasons)}"
     if not allow_stale:
         raise ReginaError(f"{message}; {fix}, or pass --allow-stale to use it anyway")
     return [f"{message}; results may mix old and new inputs ({fix})"]
@@ -105,7 +105,7 @@ def check_predictions(name: str, predictions: str | Path, split: str | None, dat
     if isinstance(made_split, str) and (split in (None, made_split)) and keys.split_file(
             name, made_split, data_dir).is_file():
         current[keys.SPLIT_SHA256] = load_split(name, made_split, data_dir).sha256()
-    reasons = changed({k: str(v) for k, v in made.items() if k in HASH_FIELDS}, current)
+    reasons = [f"{reason} since the predictions were made"
+               for reason in changed({k: str(v) for k, v in made.items() if k in HASH_FIELDS}, current)]
     return warnings + stale(f"prediction file {predictions}", reasons,
-                            f"predict again from a run trained on the current files (`regina predict`)",
-                            allow_stale=allow_stale)
+                            "predict again from a run trained on the current files", allow_stale=allow_stale)

@@ -291,10 +291,12 @@ def _save_state(phase, paths, ctx, *, epoch, step, running, stopper, best, stop_
         return
     state = _state(phase, epoch=epoch, step=step, running=running, stopper=stopper, best=best,
                    stop_reason=stop_reason, rng_per_rank=rng_per_rank)
-    ckpt.save_torch(paths.last, state)
-    if is_best:
-        ckpt.copy_file(paths.last, paths.best)  # the same state: no second serialisation
+    if is_best:  # best files first: a kill before last.pt is written redoes this epoch, never skips them
+        ckpt.save_torch(paths.best, state)
         ckpt.save_torch(paths.model, phase.weights())
+        ckpt.copy_file(paths.best, paths.last)  # the same state: no second serialisation
+    else:
+        ckpt.save_torch(paths.last, state)
 
 
 def _restore(phase: Phase, paths, stopper, best, ctx: DistContext):

@@ -127,12 +127,17 @@ def read_trained_meta(paths: PhasePaths) -> RunMeta:
 
 # --- Guarding a run directory ------------------------------------------------------------------------
 def prepare_run_dir(paths: PhasePaths, *, dataset: str, genes: list[str], resume: bool) -> None:
-    """A fresh phase needs an empty directory; a resumed one must match the data."""
-    if paths.meta.is_file():
-        check_run_matches(read_meta(paths), dataset=dataset, gene_names=genes, where=str(paths.run_dir))
+    """A fresh phase needs an empty directory (what a start killed before its first checkpoint
+    left is cleared); a resumed one must match the data."""
+    meta = read_meta(paths) if paths.meta.is_file() else None
+    if meta is not None:
+        check_run_matches(meta, dataset=dataset, gene_names=genes, where=str(paths.run_dir))
     if not resume and (paths.last.is_file() or paths.model.is_file()):
-        raise ReginaError(f"{paths.dir} already holds a trained {paths.phase} phase; pass --resume "
+        state = "an interrupted" if meta is not None and not meta.is_trained else "a trained"
+        raise ReginaError(f"{paths.dir} already holds {state} {paths.phase} phase; pass --resume "
                           f"to continue it or choose another --run")
+    if not resume:
+        paths.history.unlink(missing_ok=True)
 
 
 def check_run_matches(meta: RunMeta, *, dataset: str, gene_names: list[str], where: str) -> None:
@@ -234,5 +239,5 @@ def check_run_current(run_dir: str | Path, data_dir=None, *, allow_stale: bool =
             current[keys.CONFIG_SHA256] = file_sha256(paths.config)
         if paths.phase == keys.GAN_DIR:
             current[keys.AE_MODEL_SHA256] = file_sha256(ae_paths(run_dir).model)
-        reasons += [f"{paths.phase}: {reason}" for reason in changed(meta.hashes(), current)]
+        reasons += [f"{reason} since {paths.phase}/ was trained" for reason in changed(meta.hashes(), current)]
     return stale(f"run {run_dir}", reasons, "train a new run on the current files", allow_stale=allow_stale)
