@@ -148,9 +148,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o777 & ~_current_umask())
         if path.is_dir() and not _exchange(tmp, path):
-            old = tmp.with_name(tmp.name + "-old")  # no atomic exchange here: a short gap instead
-            os.rename(path, old)
-            os.rename(tmp, path)
+            old = tmp.with_name(tmp.name + "-old")  # no atomic exchange here: two renames, never cut by
+            with SignalsHeld() as held:  # SIGTERM; only a SIGKILL between them leaves no folder
+                held.hold()
+                os.rename(path, old)
+                os.rename(tmp, path)
             tmp = old
         elif not path.exists():
             os.rename(tmp, path)
@@ -214,28 +216,50 @@ def write_h5ad(adata, path: str | Path) -> None:
 
 
 # --- Signals ------------------------------------------------------------------------------------
-class Interrupted(ReginaError):
-    """A command stopped by SIGTERM: temporary outputs were removed; the exit code says which signal."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that no `except Exception` swallows it;
+    temporary outputs are removed on the way out and the exit code says which signal."""
 
     def __init__(self, signum: int):
-        super().__init__(f"interrupted by signal {signum}: run the same command again (no half-written output "
-                         "was left)")
+        super().__init__(f"signal {signum}: run the same command again (no half-written output was left)")
         self.exit_code = 128 + signum
 
 
 @contextlib.contextmanager
 def exit_cleanly_on_sigterm() -> Iterator[None]:
-    """While active, SIGTERM (Slurm's time limit, `kill`) raises `Interrupted` in the main thread,
+    """While active, SIGTERM (Slurm's time limit, `kill`) raises `Terminated` in the main thread,
     so the `finally` blocks above remove temporary outputs before the process ends."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handle(signum, frame):
-        raise Interrupted(signum)
+        raise Terminated(signum)
 
     previous = signal.signal(signal.SIGTERM, handle)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class SignalsHeld:
+    """Context manager: after `hold()`, SIGTERM and SIGINT wait until the block ends, so a commit of
+    several steps (a file and its checksum) is never cut in the middle by them."""
+
+    SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+    def __init__(self) -> None:
+        self._previous: set | None = None
+
+    def hold(self) -> None:
+        if threading.current_thread() is threading.main_thread() and self._previous is None:
+            self._previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+
+    def __enter__(self) -> "SignalsHeld":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            previous, self._previous = self._previous, None
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a waiting signal is handled now

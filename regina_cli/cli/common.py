@@ -59,9 +59,9 @@ def user_errors(fn: Callable) -> Callable:
         except ReginaError as exc:
             console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/]")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (io.Terminated, with its exit code)
+            console.print(f"[bold red]interrupted[/]{f' by {exc}' if str(exc) else ''}")
+            raise typer.Exit(getattr(exc, "exit_code", 130)) from None
 
     return wrapper
 
