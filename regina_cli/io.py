@@ -20,7 +20,7 @@ import socket
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from regina_cli.keys import PART_MARK
 from regina_cli.errors import ReginaError
@@ -112,26 +112,39 @@ def remove_leftovers(folder: str | Path) -> list[Path]:
 
 
 @contextlib.contextmanager
+def _temporary(path: Path, make: Callable[[], Path], remove: Callable[[Path], None]) -> Iterator[Path]:
+    """A temporary sibling of `path` from `make`, removed with `remove` when the block ends (the
+    block renames it away on success). It is made with SIGTERM held, so no signal can fall
+    between its creation and the cleanup knowing it; OSErrors become one line naming `path`."""
+    tmp = None
+    try:
+        with SignalsHeld() as held:
+            held.hold()
+            tmp = make()
+        yield tmp  # a signal that waited is raised above, once `tmp` is known
+    except OSError as exc:
+        raise output_error(path, exc) from None
+    finally:
+        if tmp is not None:
+            remove(tmp)
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     _make_parent(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.{_owner()}", suffix=f"{PART_MARK}{path.suffix}",
-                                   dir=path.parent)
-    except OSError as exc:
-        raise output_error(path, exc) from None
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_current_umask())  # mkstemp makes 0600; outputs are shared
-        os.replace(tmp_path, path)
-    except OSError as exc:
-        raise output_error(path, exc) from None
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+
+    def make() -> Path:
+        fd, name = tempfile.mkstemp(prefix=f".{path.stem}.{_owner()}", suffix=f"{PART_MARK}{path.suffix}",
+                                    dir=path.parent)
+        os.close(fd)
+        return Path(name)
+
+    with _temporary(path, make, lambda tmp: tmp.unlink(missing_ok=True)) as tmp:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; outputs are shared
+        os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -140,26 +153,23 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     of `path` (and of the folder there before) in one step, so readers never see a mix."""
     path = Path(path)
     _make_parent(path)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_owner()}", suffix=PART_MARK, dir=path.parent))
-    except OSError as exc:
-        raise output_error(path, exc) from None
-    try:
+
+    def make() -> Path:
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.{_owner()}", suffix=PART_MARK, dir=path.parent))
+
+    # removing the temporary folder also removes the old folder after an exchange
+    with _temporary(path, make, lambda tmp: shutil.rmtree(tmp, ignore_errors=True)) as tmp:
         yield tmp
         os.chmod(tmp, 0o777 & ~_current_umask())
-        if path.is_dir() and not _exchange(tmp, path):
+        if not path.is_dir():
+            os.rename(tmp, path)
+        elif not _exchange(tmp, path):
             old = tmp.with_name(tmp.name + "-old")  # no atomic exchange here: two renames, never cut by
             with SignalsHeld() as held:  # SIGTERM; only a SIGKILL between them leaves no folder
                 held.hold()
                 os.rename(path, old)
                 os.rename(tmp, path)
-            tmp = old
-        elif not path.exists():
-            os.rename(tmp, path)
-    except OSError as exc:
-        raise output_error(path, exc) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # the old folder after a swap, or the unfinished one
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _exchange(a: Path, b: Path) -> bool:
