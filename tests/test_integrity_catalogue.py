@@ -158,6 +158,15 @@ def edit_labels(w: World) -> None:
     path.write_text(path.read_text().replace("Homeostasis", "Stressed", 1))
 
 
+def retrain_phase1(w: World) -> None:
+    """Phase 1's best weights replaced after phase 2 was trained on them (a later resume, say)."""
+    path = Path(w.paths["run"]) / keys.AE_DIR / keys.MODEL_FILE
+    weights = torch.load(path, weights_only=True)
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1
+    torch.save(weights, path)
+
+
 def drop_gan_checkpoint(w: World) -> None:
     (Path(w.paths["run"]) / keys.GAN_DIR / keys.LAST_CHECKPOINT).unlink()
 
@@ -305,6 +314,8 @@ CASES = [
     Case("gan-batch-size-0", [*GAN, "--batch-size", "0"], "gan.batch_size"),
     Case("gan-resume-nothing-saved", [*GAN, "--resume"], "nothing to resume", change=drop_gan_checkpoint),
     Case("gan-after-split-replaced", [*GAN, "--resume"], "phase 1 of", change=resplit_with_force),
+    Case("gan-resume-after-phase1-retrained", [*GAN, "--resume"], "phase 1's weights changed",
+         change=retrain_phase1),
     Case("gan-changes-phase1-shape", [*GAN, "--set", "model.z_dim=8"], "fixed by the phase-1 run"),
     Case("gan-garbage-meta", GAN, "damaged", change=garble_meta),
     # predict
@@ -319,6 +330,7 @@ CASES = [
     Case("predict-split-replaced", PREDICT, "is stale: the split file changed", change=resplit_with_force),
     Case("predict-labels-replaced", PREDICT, "the labels file changed", change=relabel_with_force),
     Case("predict-config-edited", PREDICT, "the saved config changed", change=edit_config),
+    Case("predict-phase1-retrained", PREDICT, "phase 1's weights changed", change=retrain_phase1),
     Case("predict-unknown-gene", [*PREDICT, "--conditions", "NOPE+ctrl"], "not among the"),
     Case("predict-control-condition", [*PREDICT, "--conditions", "ctrl"], "is the control condition"),
     Case("predict-conditions-file-missing", [*PREDICT, "--conditions-file", "{root}/nope.txt"], "does not exist"),
@@ -405,6 +417,22 @@ def test_replacing_with_force_makes_runs_stale_and_allow_stale_warns(world, tmp_
     result = invoke(*(a.format(**w.paths) for a in [*EVALUATE, "--allow-stale", "--out", "{root}/stale-eval"]))
     assert result.exit_code == 0, result.output
     assert "is stale" in result.output and (Path(w.paths["root"]) / "stale-eval" / keys.METRICS_FILE).is_file()
+
+
+def test_resume_may_change_what_is_not_a_shape(world, tmp_path):
+    w = world.copy(tmp_path)
+    for command in (GAN, [*AE, "--run", "{run}"]):  # phase 2 first: resuming phase 1 may make it stale
+        result = invoke(*(a.format(**w.paths) for a in command), "--resume", "--max-epochs", "3")
+        assert result.exit_code == 0, result.output
+    run = Path(w.paths["run"])
+    meta = json.loads((run / keys.AE_DIR / keys.META_FILE).read_text())
+    config = (run / keys.AE_DIR / keys.CONFIG_FILE).read_bytes()
+    assert meta["training"]["epochs"] == 3 and meta["config_sha256"] == hashlib.sha256(config).hexdigest()
+    phase1 = hashlib.sha256((run / keys.AE_DIR / keys.MODEL_FILE).read_bytes()).hexdigest()
+    retrained = json.loads((run / keys.GAN_DIR / keys.META_FILE).read_text())["ae_model_sha256"] != phase1
+    result = invoke(*(a.format(**w.paths) for a in PREDICT), "--out", tmp_path / "p.h5ad")
+    assert result.exit_code == (2 if retrained else 0), result.output  # new phase-1 weights: phase 2 is stale
+    assert not retrained or "phase 1's weights changed" in " ".join(result.output.split())
 
 
 def test_all_control_import_warns(world, tmp_path):

@@ -180,8 +180,9 @@ def train_autoencoder(
     check_process_count(gpus, device)
     check_run_dir(run_dir)  # provenance: every input checked before anything is written
     check_resume(ckpt.ae_paths(run_dir), resume=resume, split=split, labels=labels)
-    provenance = {**phase1_inputs(name, split, labels, data_dir), keys.CONFIG_SHA256: config_sha256(config)}
-    check_resume(ckpt.ae_paths(run_dir), provenance, resume=resume)
+    provenance = phase1_inputs(name, split, labels, data_dir)
+    check_resume(ckpt.ae_paths(run_dir), provenance, resume=resume)  # the config may change (shapes checked above)
+    provenance[keys.CONFIG_SHA256] = config_sha256(config)
     kwargs = dict(name=name, split=split, labels=labels, run_dir=str(run_dir), config=config,
                   data_dir=None if data_dir is None else str(data_dir), resume=resume, progress=progress,
                   provenance=provenance)
