@@ -255,21 +255,31 @@ def exit_cleanly_on_sigterm() -> Iterator[None]:
 
 class SignalsHeld:
     """Context manager: after `hold()`, SIGTERM and SIGINT wait until the block ends, so a commit of
-    several steps (a file and its checksum) is never cut in the middle by them."""
+    several steps (a file and its checksum) is never cut in the middle by them. They are held at
+    the Python level (a mask would not do: another thread may receive the signal)."""
 
-    SIGNALS = {signal.SIGTERM, signal.SIGINT}
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self._previous: set | None = None
+        self._previous: dict | None = None
+        self._pending: list[int] = []
 
     def hold(self) -> None:
         if threading.current_thread() is threading.main_thread() and self._previous is None:
-            self._previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+            self._previous = {signum: signal.signal(signum, self._record) for signum in self.SIGNALS}
+
+    def _record(self, signum, frame) -> None:
+        if signum not in self._pending:
+            self._pending.append(signum)
 
     def __enter__(self) -> "SignalsHeld":
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            previous, self._previous = self._previous, None
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a waiting signal is handled now
+        if self._previous is None:
+            return
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = None
+        for signum in self._pending:  # handled now, as it would have been
+            signal.raise_signal(signum)

@@ -119,6 +119,11 @@ def test_sigterm_removes_the_temporary_output_and_exits_143(tmp_path):
 
 
 def test_held_signals_wait_until_the_commit_is_complete(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # native (OpenMP) threads: the kernel may hand them the signal
+    torch.ones(1000, 1000) @ torch.ones(1000, 1000)
     steps = []
     with pytest.raises(io.Terminated):
         with io.exit_cleanly_on_sigterm():
@@ -128,4 +133,5 @@ def test_held_signals_wait_until_the_commit_is_complete(tmp_path):
                 steps.append("file renamed")
                 steps.append("checksum written")
             steps.append("after")  # never reached: the signal that waited is handled here
+    torch.set_num_threads(before)
     assert steps == ["file renamed", "checksum written"]
