@@ -97,7 +97,7 @@ step "fetch $NAME" "$DATASET/perturb_processed.h5ad" \
     "${regina[@]}" fetch "$NAME" "${fetch_opts[@]}"
 step "split $NAME ($SPLIT)" "$DATASET/splits/$SPLIT.json" \
     "${regina[@]}" split "$NAME" --mode "$SPLIT_MODE" --seed "$SEED"
-step "label cells ($LABELS)" "$DATASET/labels/${LABELS//[:\/]/_}.csv" \
+step "label cells ($LABELS)" "$DATASET/labels/${LABELS//[:\/]/_}@$SPLIT.csv" \
     "${regina[@]}" label "$NAME" --method "$LABELS" --split "$SPLIT"
 step "train phase 1: autoencoder" "$RUN_DIR/ae/meta.json" \
     "${train_launch[@]}" train-ae "$NAME" --split "$SPLIT" --labels "$LABELS" --run "$RUN_DIR" \

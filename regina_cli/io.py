@@ -1,14 +1,42 @@
-"""Atomic file output: every file is written under a temporary name and renamed when complete,
-so an interrupted command never leaves a file that looks finished."""
+"""Atomic output: every file (and every multi-file folder) is written under a temporary name and
+renamed when complete, so an interrupted command never leaves an output that looks finished.
+
+Temporary names carry `.part` and their owner (host and process id): the next command that
+writes the same output removes what a killed process of this host left behind. I/O failures
+(read-only folder, full disk, a path that is a file) become one `ReginaError` naming the path.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
+import re
+import shutil
+import signal
+import socket
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+from regina_cli.keys import PART_MARK
+from regina_cli.errors import ReginaError
+
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
+_FIXES = {
+    errno.ENOSPC: "the disk is full: free some space or write elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free some space or write elsewhere",
+    errno.EACCES: "permission denied: choose a writable folder",
+    errno.EPERM: "permission denied: choose a writable folder",
+    errno.EROFS: "the file system is read-only: choose a writable folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+    errno.EEXIST: "a part of the path is a file, not a folder: choose another path",
+    errno.EISDIR: "it is a folder: give a file path",
+}
+WRITE_ERRNOS = frozenset(_FIXES)  # OSErrors that are about where we write (not, say, the network)
 
 
 def _current_umask() -> int:
@@ -17,26 +45,150 @@ def _current_umask() -> int:
     return umask
 
 
+def _owner() -> str:
+    """Who writes a temporary output: host and process id (see `remove_leftovers`)."""
+    return f"{_HOST}-{os.getpid()}~"
+
+
+def _errno_of(exc: OSError) -> int | None:
+    """The errno, also when HDF5 only names it in its message (`errno = 28`)."""
+    if exc.errno is not None:
+        return exc.errno
+    found = re.search(r"errno = (\d+)", str(exc))
+    return int(found.group(1)) if found else None
+
+
+def output_error(path: str | Path, exc: OSError) -> ReginaError:
+    """One line naming the path and the fix for an OSError met while writing it."""
+    code = _errno_of(exc)
+    reason = _FIXES.get(code) or (os.strerror(code) if code else str(exc).splitlines()[0])
+    return ReginaError(f"cannot write {path}: {reason}")
+
+
+def check_free_space(path: str | Path, need_bytes: int) -> None:
+    """Refuse to start writing `path` when its disk lacks `need_bytes` (HDF5 crashes on a full disk)."""
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if need_bytes > free:
+        raise ReginaError(f"cannot write {path}: it needs about {need_bytes / 2**20:,.0f} MiB and the disk has "
+                          f"{free / 2**20:,.0f} MiB free; free some space or write elsewhere")
+
+
+def _make_parent(path: Path) -> None:
+    """Create the folder `path` goes into, and clear what killed writers left there."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(path, exc) from None
+    remove_leftovers(path.parent)
+
+
+_LEFTOVER = re.compile(r"\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)~[^/]*" + re.escape(PART_MARK))
+
+
+def _is_stale(name: str) -> bool:
+    """A temporary output of a process of this host that no longer runs."""
+    found = _LEFTOVER.search(name)
+    if not name.startswith(".") or found is None or found.group("host") != _HOST:
+        return False
+    try:
+        os.kill(int(found.group("pid")), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def remove_leftovers(folder: str | Path) -> list[Path]:
+    """Delete the temporary files and folders that killed writers left in `folder`."""
+    folder = Path(folder)
+    stale = [item for item in folder.glob(f".*~*{PART_MARK}*") if _is_stale(item.name)] if folder.is_dir() else []
+    for item in stale:
+        shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+    return stale
+
+
+@contextlib.contextmanager
+def _temporary(path: Path, make: Callable[[], Path], remove: Callable[[Path], None]) -> Iterator[Path]:
+    """A temporary sibling of `path` from `make`, removed with `remove` when the block ends (the
+    block renames it away on success). It is made with SIGTERM held, so no signal can fall
+    between its creation and the cleanup knowing it; OSErrors become one line naming `path`."""
+    tmp = None
+    try:
+        with SignalsHeld() as held:
+            held.hold()
+            tmp = make()
+        yield tmp  # a signal that waited is raised above, once `tmp` is known
+    except OSError as exc:
+        raise output_error(path, exc) from None
+    finally:
+        if tmp is not None:
+            remove(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".part{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_current_umask())  # mkstemp makes 0600; outputs are shared
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    _make_parent(path)
+
+    def make() -> Path:
+        fd, name = tempfile.mkstemp(prefix=f".{path.stem}.{_owner()}", suffix=f"{PART_MARK}{path.suffix}",
+                                    dir=path.parent)
+        os.close(fd)
+        return Path(name)
+
+    with _temporary(path, make, lambda tmp: tmp.unlink(missing_ok=True)) as tmp:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; outputs are shared
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; when the block succeeds it takes the place
+    of `path` (and of the folder there before) in one step, so readers never see a mix."""
+    path = Path(path)
+    _make_parent(path)
+
+    def make() -> Path:
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.{_owner()}", suffix=PART_MARK, dir=path.parent))
+
+    # removing the temporary folder also removes the old folder after an exchange
+    with _temporary(path, make, lambda tmp: shutil.rmtree(tmp, ignore_errors=True)) as tmp:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_current_umask())
+        if not path.is_dir():
+            os.rename(tmp, path)
+        elif not _exchange(tmp, path):
+            old = tmp.with_name(tmp.name + "-old")  # no atomic exchange here: two renames, never cut by
+            with SignalsHeld() as held:  # SIGTERM; only a SIGKILL between them leaves no folder
+                held.hold()
+                os.rename(path, old)
+                os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if rename(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -44,6 +196,90 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def write_h5ad(adata, path: str | Path) -> None:
+def h5ad_bytes(adata) -> int:
+    """About what `adata` takes on disk uncompressed (X, layers, obs and var)."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    def size(matrix) -> int:
+        if sp.issparse(matrix):
+            return int(matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes)
+        return int(np.asarray(matrix).nbytes) if matrix is not None else 0
+
+    frames = int(adata.obs.memory_usage(deep=True).sum() + adata.var.memory_usage(deep=True).sum())
+    return size(adata.X) + sum(size(adata.layers[k]) for k in adata.layers) + frames
+
+
+@contextlib.contextmanager
+def staged_h5ad(adata, path: str | Path) -> Iterator[Path]:
+    """Write `adata` to a temporary file beside `path` and yield it (to hash it, say); it is
+    renamed onto `path` when the block succeeds. Refused up front when the disk is too full."""
+    check_free_space(path, int(1.1 * h5ad_bytes(adata)) + 2**20)
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)
+        yield tmp
+
+
+def write_h5ad(adata, path: str | Path) -> None:
+    with staged_h5ad(adata, path):
+        pass
+
+
+# --- Signals ------------------------------------------------------------------------------------
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that no `except Exception` swallows it;
+    temporary outputs are removed on the way out and the exit code says which signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}: run the same command again (no half-written output was left)")
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def exit_cleanly_on_sigterm() -> Iterator[None]:
+    """While active, SIGTERM (Slurm's time limit, `kill`) raises `Terminated` in the main thread,
+    so the `finally` blocks above remove temporary outputs before the process ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class SignalsHeld:
+    """Context manager: after `hold()`, SIGTERM and SIGINT wait until the block ends, so a commit of
+    several steps (a file and its checksum) is never cut in the middle by them. They are held at
+    the Python level (a mask would not do: another thread may receive the signal)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self._previous: dict | None = None
+        self._pending: list[int] = []
+
+    def hold(self) -> None:
+        if threading.current_thread() is threading.main_thread() and self._previous is None:
+            self._previous = {signum: signal.signal(signum, self._record) for signum in self.SIGNALS}
+
+    def _record(self, signum, frame) -> None:
+        if signum not in self._pending:
+            self._pending.append(signum)
+
+    def __enter__(self) -> "SignalsHeld":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is None:
+            return
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = None
+        for signum in self._pending:  # handled now, as it would have been
+            signal.raise_signal(signum)

@@ -5,7 +5,10 @@ versa.
 """
 
 import os
+import re
 from pathlib import Path
+
+from regina_cli.errors import ReginaError
 
 # --- AnnData keys (GEARS layout) ------------------------------------------------------------
 OBS_CONDITION = "condition"  # "ctrl", "A+ctrl", "A+B"
@@ -53,6 +56,16 @@ GENE2GO_FILE = "gene2go_all.pkl"  # GEARS' gene -> GO terms dict (name kept as G
 GENE_KNOWLEDGE_FILE = "gene_knowledge.tsv"  # demo: synthetic GO-like annotation beside the dataset
 REPORT_FILE = "report.html"
 PLOTS_DIR = "plots"
+LABELS_SPLIT_MARK = "@"  # labels fitted on a split: labels/<method>@<split>.csv
+RECORD_SUFFIX = ".json"  # beside a split's or labels' file: what it was built from (written last)
+PART_MARK = ".part"  # temporary names of outputs being written (`io.atomic_path`, downloads)
+
+# --- Provenance fields (split files, label records, meta.json, predictions' uns['regina']) --------
+DATASET_SHA256 = "dataset_sha256"
+SPLIT_SHA256 = "split_sha256"
+LABELS_SHA256 = "labels_sha256"
+CONFIG_SHA256 = "config_sha256"
+AE_MODEL_SHA256 = "ae_model_sha256"
 
 # --- Locations -------------------------------------------------------------------------------
 ENV_DATA_DIR = "REGINA_DATA"
@@ -67,13 +80,25 @@ def data_root(data_dir: str | Path | None = None) -> Path:
     return Path(os.environ.get(ENV_DATA_DIR) or DEFAULT_DATA_DIR)
 
 
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def check_name(value: str, what: str = "dataset name") -> str:
+    """A dataset or split name is one plain folder/file name, so no command can write outside
+    the data folder (`../outside`, `a/b`, `.hidden` are refused the same way everywhere)."""
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ReginaError(f"{value!r} is not a usable {what}: use letters, digits, '_', '-' or '.' "
+                          "(not starting with '.' or '-')")
+    return value
+
+
 def go_file(data_dir: str | Path | None = None) -> Path:
     """GEARS' gene2go pickle as `regina fetch go` stores it."""
     return data_root(data_dir) / GO_DIR / GENE2GO_FILE
 
 
 def dataset_dir(name: str, data_dir: str | Path | None = None) -> Path:
-    return data_root(data_dir) / name
+    return data_root(data_dir) / check_name(name)
 
 
 def dataset_file(name: str, data_dir: str | Path | None = None) -> Path:
@@ -81,11 +106,14 @@ def dataset_file(name: str, data_dir: str | Path | None = None) -> Path:
 
 
 def split_file(name: str, split: str, data_dir: str | Path | None = None) -> Path:
-    """`split` is `<mode>_<seed>`, e.g. `simulation_1`."""
-    return dataset_dir(name, data_dir) / SPLITS_DIR / f"{split}.json"
+    """`split` is `<mode>_<seed>`, e.g. `simulation_1` (or `custom_<hash>`)."""
+    return dataset_dir(name, data_dir) / SPLITS_DIR / f"{check_name(split, 'split name')}.json"
 
 
-def labels_file(name: str, method: str, data_dir: str | Path | None = None) -> Path:
-    """`method` as given to `regina label` (`stress`, `cell-cycle`, `obs:<column>`)."""
+def labels_file(name: str, method: str, data_dir: str | Path | None = None, split: str | None = None) -> Path:
+    """`method` as given to `regina label` (`stress`, `cell-cycle`, `obs:<column>`); labels fitted
+    on a split's training cells get their own file per split (`stress@simulation_1.csv`)."""
     safe = method.replace(":", "_").replace("/", "_")
+    if split is not None:
+        safe += LABELS_SPLIT_MARK + check_name(split, "split name")
     return dataset_dir(name, data_dir) / LABELS_DIR / f"{safe}.csv"

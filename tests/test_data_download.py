@@ -286,3 +286,14 @@ def test_fetch_go_offline_copy_and_refusals(tmp_path):
     assert not (tmp_path / "owned").exists()
     assert keys.go_file().read_bytes() == (folder / "gene2go.pkl").read_bytes()  # old copy kept
     assert "takes only --from" in invoke("fetch", "go", "--cells", "10").output
+
+
+def test_download_refuses_a_disk_too_small_before_writing(server, monkeypatch):
+    from types import SimpleNamespace
+
+    import regina_cli.io as io_mod
+
+    monkeypatch.setattr(io_mod.shutil, "disk_usage", lambda path: SimpleNamespace(total=1, used=1, free=1000))
+    with pytest.raises(ReginaError, match=r"cannot write .*norman\.download\.part: it needs about"):
+        fetch("norman", source=f"{server.url}/norman.zip", log=lambda line: None, progress=False)
+    assert nothing_complete("norman") and not list(keys.data_root().rglob("*.part"))

@@ -163,7 +163,7 @@ def test_pipeline_passes_a_config_file_to_phase_one(fake_env):
 
 def test_pipeline_skips_finished_steps_and_resumes_interrupted_training(fake_env):
     data, run_dir = Path(fake_env["DATA_DIR"]) / "demo", Path(fake_env["RUNS_DIR"]) / "demo"
-    for done in ["perturb_processed.h5ad", "splits/simulation_1.json", "labels/stress.csv"]:
+    for done in ["perturb_processed.h5ad", "splits/simulation_1.json", "labels/stress@simulation_1.csv"]:
         (data / done).parent.mkdir(parents=True, exist_ok=True)
         (data / done).touch()
     (run_dir / "ae").mkdir(parents=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -23,7 +24,7 @@ from regina_cli.data.label import (
     load_labels,
     stress_markers,
 )
-from regina_cli.data.split import make_split, conditions_in_order, save_split
+from regina_cli.data.split import conditions_in_order, load_split, make_split, save_split
 from regina_cli.errors import ReginaError
 
 sc = pytest.importorskip("scanpy")
@@ -194,16 +195,19 @@ def test_cli_stress_with_split_writes_csv_and_record(demo):
     result = invoke("label", "demo", "--method", "stress", "--split", "simulation_1")
     assert result.exit_code == 0, result.output
     assert "training cells of split simulation_1" in result.output and "Stressed" in result.output
-    path = keys.labels_file("demo", "stress")
+    path = keys.labels_file("demo", "stress", split="simulation_1")
+    assert path.name == "stress@simulation_1.csv"  # per split: two splits never share one file
     table = pd.read_csv(path)
     assert list(table.columns) == ["cell", "cell_state"]
     assert list(table["cell"]) == list(demo.obs_names)
-    labels = load_labels("demo", "stress")
+    labels = load_labels("demo", "stress", split="simulation_1")
     expected = compute_labels(demo, "stress", train=train_mask(demo))
     assert (labels.to_numpy() == expected.cell_state.to_numpy()).all()
     assert (labels.index == demo.obs_names).all()
     record = json.loads(path.with_suffix(".json").read_text())
     assert record["split"] == "simulation_1" and record["quantile"] == 0.7
+    assert record["labels_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert record["split_sha256"] == load_split("demo", "simulation_1").sha256()
     train_row = {r["class"]: r["train"] for r in record["balance"]}
     assert train_row["Stressed"] == int((expected.cell_state[train_mask(demo)] == "Stressed").sum())
     first = path.read_bytes()
@@ -257,7 +261,7 @@ def test_mcfaline_labels_from_the_cli(mcfaline_path):
     assert invoke("split", "mcfaline").exit_code == 0
     result = invoke("label", "mcfaline", "--method", "stress", "--split", "simulation_1")
     assert result.exit_code == 0, result.output
-    record = json.loads(keys.labels_file("mcfaline", "stress").with_suffix(".json").read_text())
+    record = json.loads(keys.labels_file("mcfaline", "stress", split="simulation_1").with_suffix(".json").read_text())
     assert record["markers"] == ["HSPA5", "HSPA6"]  # the only stress genes among its 500 HVGs
     train = {r["class"]: r["train"] for r in record["balance"]}
     assert train["Stressed"] / (train["Stressed"] + train["Homeostasis"]) == pytest.approx(0.3, abs=0.01)

@@ -184,7 +184,7 @@ def test_predict_from_a_run_trained_by_the_engine(tmp_path):
     config = build_config(overrides=[*TINY_MODEL, "ae.max_epochs=1", "ae.min_epochs=1", "ae.batch_size=32",
                                      "gan.max_epochs=1", "gan.batch_size=32"])
     run = tmp_path / "runs" / "trained"
-    train_autoencoder("tiny", split="custom_1", labels="stress", run_dir=run, config=config, device="cpu",
+    train_autoencoder("tiny", split=tiny_split().name, labels="stress", run_dir=run, config=config, device="cpu",
                       progress="silent")
     train_gan(run, device="cpu", progress="silent")
     pred = ad.read_h5ad(predict(run, "all", n_cells=6, device="cpu", options=FileOptions(with_controls=False)))

@@ -121,7 +121,9 @@ def test_json_round_trip_and_lookup(tmp_path):
     path = split_mod.save_split(split, tmp_path)
     assert path == keys.split_file("toy", "simulation_1", tmp_path)
     obj = json.loads(path.read_text())
-    assert set(obj) == {"dataset", "mode", "seed", "train_gene_frac", "train", "val", "test", "subgroup"}
+    assert set(obj) == {"dataset", "mode", "seed", "train_gene_frac", "train", "val", "test", "subgroup",
+                        "dataset_sha256"}
+    assert obj["dataset_sha256"] is None  # no dataset "toy" was fetched: nothing to record
     assert set(obj["subgroup"]) == {"test_subgroup", "val_subgroup"}
     assert obj["train"] == sorted(obj["train"])
     loaded = load_split("toy", "simulation_1", tmp_path)
@@ -209,9 +211,11 @@ def test_user_split_file_is_validated_and_written(demo, tmp_path, fmt):
         source.write_text(json.dumps(user))
     else:
         source.write_bytes(pickle.dumps({k: np.array(v) for k, v in user.items()}))
-    result = invoke("split", "demo", "--split-file", str(source), "--seed", "7")
+    result = invoke("--json", "split", "demo", "--split-file", str(source))
     assert result.exit_code == 0, result.output
-    split = load_split("demo", "custom_7")
+    name = json.loads(result.stdout)["split"]
+    assert name.startswith("custom_") and len(name) == len("custom_") + 8  # named by its content
+    split = load_split("demo", name)
     assert split.mode == "custom" and split.train_gene_frac is None
     assert split.train == sorted(user["train"] + ["ctrl"])  # controls join train, as in GEARS
     assert split.test == sorted(user["test"])

@@ -62,16 +62,19 @@ def user_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from regina_cli.io import exit_cleanly_on_sigterm
+
         try:
-            return fn(*args, **kwargs)
+            with exit_cleanly_on_sigterm():  # SIGTERM: temporary outputs removed, exit 128 + 15
+                return fn(*args, **kwargs)
         except ReginaError as exc:
             print_error(str(exc))
             if _state["json"]:
                 emit_error(str(exc), exc.exit_code)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/]")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (io.Terminated, with its exit code)
+            console.print(f"[bold red]interrupted[/]{f' by {exc}' if str(exc) else ''}")
+            raise typer.Exit(getattr(exc, "exit_code", 130)) from None
 
     return wrapper
 

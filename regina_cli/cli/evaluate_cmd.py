@@ -7,8 +7,10 @@ from typing import List, Optional
 
 import typer
 
+from regina_cli import keys
 from regina_cli.cli.app import app
 from regina_cli.cli.common import DataDirOpt, emit_result, info, show, user_errors
+from regina_cli.cli.options import check_data_dir, check_out_folder, check_seed
 
 
 @app.command("evaluate")
@@ -36,12 +38,23 @@ def evaluate_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0: the cores the load average says "
                                 "are idle, at least 1)."),
+    allow_stale: bool = typer.Option(
+        False, "--allow-stale", help="Score predictions whose run's dataset or split changed since (refused "
+        "otherwise), with a warning."),
     data_dir: Path = DataDirOpt,
 ) -> None:
     """Precision (GEARS-comparable), cell-eval, distribution and DE metrics against baselines; writes
     metrics.json, per_condition.csv, report.html and plots/."""
+    from regina_cli.data.provenance import check_predictions
     from regina_cli.evaluate.report import summary_tables
     from regina_cli.evaluate.run import evaluate
+
+    check_seed(seed)
+    check_out_folder(out or predictions[0].parent / keys.EVAL_DIR, keys.METRICS_FILE)
+    check_data_dir(data_dir, writes=False)
+    for path in predictions:
+        for warning in check_predictions(name, path, split, data_dir, allow_stale=allow_stale):
+            info(f"[bold yellow]warning:[/] {warning}")
 
     summary = evaluate(
         name, list(predictions), split=split, out=out, baselines=baselines, plots=plots, condition_key=condition_key,

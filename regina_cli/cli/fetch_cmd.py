@@ -9,6 +9,7 @@ from rich.table import Table
 
 from regina_cli.cli.app import app
 from regina_cli.cli.common import DataDirOpt, emit_result, info, is_quiet, show, user_errors
+from regina_cli.cli.options import check_data_dir, check_seed
 from regina_cli.errors import ReginaError
 
 # Names repeated here (not imported) so that `regina --help` loads nothing heavy;
@@ -90,6 +91,8 @@ def fetch_command(
     from regina_cli.data.fetch import GO, fetch, fetch_go
     from regina_cli.data.importer import ImportOptions
 
+    check_seed(seed)
+    check_data_dir(data_dir, writes=True)
     demo = {
         key: value
         for key, value in dict(

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from regina_cli.cli.app import app
 from regina_cli.cli.common import DataDirOpt, emit_result, info, show, user_errors
+from regina_cli.cli.options import check_data_dir
 
 
 @app.command("label")
@@ -24,12 +25,16 @@ def label_command(
         None, "--split", help="Fit on the training cells of this split (<mode>_<seed>, e.g. simulation_1).",
         show_default=False,
     ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing labels file of other content (runs built on it become stale)."
+    ),
     data_dir: Path = DataDirOpt,
 ) -> None:
-    """Label every cell of dataset NAME and write labels/<method>.csv (columns cell, cell_state)."""
+    """Label every cell of dataset NAME and write labels/<method>[@<split>].csv (columns cell, cell_state)."""
     from regina_cli.data.label import label_dataset
 
-    outcome = label_dataset(name, method, quantile=quantile, split=split, data_dir=data_dir)
+    check_data_dir(data_dir, writes=True)
+    outcome = label_dataset(name, method, quantile=quantile, split=split, data_dir=data_dir, force=force)
     info(f"fitted on {outcome.fitted_on}")
     if "threshold" in outcome.labels.details:
         details = outcome.labels.details

@@ -8,6 +8,7 @@ import typer
 
 from regina_cli.cli.app import app
 from regina_cli.cli.common import DataDirOpt, emit_result, info, user_errors
+from regina_cli.cli.options import check_data_dir, check_out_file, check_seed
 from regina_cli.errors import ReginaError
 
 
@@ -36,18 +37,26 @@ def predict_command(
     sparsify: bool = typer.Option(
         False, "--sparsify", help="Clip, zero values below half the data's smallest non-zero value, store X sparse."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    allow_stale: bool = typer.Option(
+        False, "--allow-stale", help="Predict from a run whose dataset, split, labels or config changed after "
+        "training (refused otherwise), with a warning."),
     data_dir: Path = DataDirOpt,
 ) -> None:
     """Predict cells for each condition: control cells -> encoder -> prompt -> forward transition -> decoder."""
     from regina_cli.engine.prediction_file import FileOptions
     from regina_cli.engine.predict import read_conditions_file, run_prediction
 
+    check_seed(seed)
+    check_out_file(out)
+    check_data_dir(data_dir, writes=False)
     if conditions_file is not None and conditions != "test":
         raise ReginaError("give either --conditions or --conditions-file, not both")
     chosen = read_conditions_file(conditions_file) if conditions_file is not None else conditions
     options = FileOptions(with_controls=with_controls, clip=clip, sparsify=sparsify)
     result = run_prediction(run, chosen, n_cells=cells, seed=seed, out=out, device=device, data_dir=data_dir,
-                            options=options)
+                            options=options, allow_stale=allow_stale)
+    for warning in result.warnings:
+        info(f"[bold yellow]warning:[/] {warning}")
     extra = (f", {result.n_new_conditions} never measured in the data"
              if result.n_new_conditions else "")
     info(f"predicted {result.n_cells} cells for {result.n_conditions} conditions{extra} on {result.device} "
@@ -62,5 +71,5 @@ def predict_command(
     info(f"wrote {result.path}")
     emit_result({"predictions": str(result.path), "conditions": result.n_conditions, "cells": result.n_cells,
                  "new_conditions": result.n_new_conditions, "skipped": result.skipped, "sources": result.sources,
-                 "device": result.device,
+                 "device": result.device, "warnings": result.warnings,
                  "seconds": round(result.seconds, 3)})

@@ -9,6 +9,8 @@ from rich.table import Table
 
 from regina_cli.cli.app import app
 from regina_cli.cli.common import DataDirOpt, emit_result, info, show, user_errors
+from regina_cli.cli.options import check_data_dir, check_seed
+from regina_cli.errors import ReginaError
 
 # Defaults repeated here (not imported) so that `regina --help` does not load numpy/pandas;
 # tests/test_split_cli.py checks they equal regina_cli.data.split's.
@@ -18,6 +20,7 @@ _MODES = "simulation, simulation_single, combo_seen0, combo_seen1, combo_seen2, 
 @app.command("split")
 @user_errors
 def split_command(
+    ctx: typer.Context,
     name: str = typer.Argument(..., help="Dataset name (a folder of the data dir, see `regina fetch`)."),
     mode: str = typer.Option("simulation", "--mode", help=f"GEARS split mode: {_MODES}."),
     seed: int = typer.Option(1, "--seed", help="Split seed (same seed, same split as cell-gears)."),
@@ -25,21 +28,28 @@ def split_command(
         0.75, "--train-gene-frac", help="Simulation modes: share of perturbed genes seen in training."
     ),
     split_file: Path = typer.Option(
-        None, "--split-file", help="Use your own {train, val, test} dict (JSON or GEARS pickle) instead.",
-        show_default=False,
+        None, "--split-file", help="Use your own {train, val, test} dict (JSON or GEARS pickle) instead; "
+        "it is saved as custom_<hash of its content>.", show_default=False,
     ),
     gene_knowledge: str = typer.Option(
         None, "--gene-knowledge", help="Gene knowledge (a file, or `go` after `regina fetch go`) to count "
         "conditions whose unmeasured targets it makes predictable.", show_default=False,
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing split of other content (runs built on it become stale)."
     ),
     data_dir: Path = DataDirOpt,
 ) -> None:
     """Split the conditions of dataset NAME into train/val/test and write splits/<mode>_<seed>.json."""
     from regina_cli.data.split import split_dataset
 
+    check_seed(seed)
+    check_data_dir(data_dir, writes=True)
+    if split_file is not None and ctx.get_parameter_source("seed").name == "COMMANDLINE":
+        raise ReginaError("--seed does not apply to --split-file: a user's split is named by its content")
     outcome = split_dataset(
         name, mode=mode, seed=seed, train_gene_frac=train_gene_frac, split_file=split_file, data_dir=data_dir,
-        gene_knowledge=gene_knowledge,
+        gene_knowledge=gene_knowledge, force=force,
     )
     split = outcome.split
     table = Table(title=f"{name}: split {split.name}")

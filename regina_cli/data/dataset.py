@@ -14,7 +14,7 @@ import h5py
 
 from regina_cli import keys
 from regina_cli.errors import ReginaError
-from regina_cli.io import write_h5ad, write_text
+from regina_cli.io import SignalsHeld, staged_h5ad, write_text
 
 GEARS_OBS = (keys.OBS_CONDITION, keys.OBS_CELL_TYPE, keys.OBS_CONTROL, keys.OBS_CONDITION_NAME, keys.OBS_DOSE)
 GEARS_VAR = (keys.VAR_GENE_NAME,)
@@ -40,9 +40,9 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def record_checksum(data_file: Path) -> str:
+def record_checksum(data_file: Path, digest: str | None = None) -> str:
     """Write `<file>.sha256` in `sha256sum` format (so `sha256sum -c` works too)."""
-    digest = sha256_of(data_file)
+    digest = digest or sha256_of(data_file)
     write_text(checksum_file(data_file), f"{digest}  {data_file.name}\n")
     return digest
 
@@ -110,11 +110,16 @@ def check_gears_layout(adata, source: str) -> None:
 
 
 def write_dataset(adata, name: str, data_dir=None) -> tuple[Path, str]:
-    """Write the dataset atomically, then its checksum (the mark of a complete fetch)."""
+    """Write the dataset atomically, then its checksum (the mark of a complete fetch). The old
+    pair stays complete until the new file is written and hashed; the swap to the new pair is
+    not cut by SIGTERM, and a SIGKILL inside it leaves no checksum (an interrupted fetch)."""
     data_file = keys.dataset_file(name, data_dir)
-    checksum_file(data_file).unlink(missing_ok=True)
-    write_h5ad(adata, data_file)
-    return data_file, record_checksum(data_file)
+    with SignalsHeld() as held:
+        with staged_h5ad(adata, data_file) as tmp:
+            digest = sha256_of(tmp)
+            held.hold()
+            checksum_file(data_file).unlink(missing_ok=True)
+        return data_file, record_checksum(data_file, digest)
 
 
 def read_dataset(name: str, data_dir=None, *, backed: bool = False):

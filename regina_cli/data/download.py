@@ -20,6 +20,7 @@ from typing import Callable
 
 from regina_cli import __version__
 from regina_cli.errors import ReginaError
+from regina_cli.io import WRITE_ERRNOS, check_free_space, output_error
 
 # GEARS' own addresses (cell-gears 0.1.2, gears/pertdata.py `PertData.load`): zips holding
 # `<name>/perturb_processed.h5ad`.
@@ -147,11 +148,13 @@ def download(url: str, dest: Path, *, log: Log = print, progress: bool | None = 
                 f"{url} answered with a web page, not a data file (an error or login page): "
                 "check the address, or download the file another way and use --from"
             )
+        if total is not None:
+            check_free_space(part, total - offset)
         show_bar = sys.stderr.isatty() if progress is None else progress
         reporter = _Reporter(f"downloading {dest.name}", total, offset, log, show_bar)
         done = offset
-        part.parent.mkdir(parents=True, exist_ok=True)
         try:
+            part.parent.mkdir(parents=True, exist_ok=True)
             with open(part, "ab" if offset else "wb") as handle:
                 block = first
                 while block:
@@ -160,6 +163,8 @@ def download(url: str, dest: Path, *, log: Log = print, progress: bool | None = 
                     reporter.update(done)
                     block = response.read(CHUNK)
         except (OSError, http.client.HTTPException) as exc:
+            if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:  # our disk, not the connection
+                raise output_error(part, exc) from None
             raise ReginaError(
                 f"download of {url} broke off after {done / 1e6:.1f} MB ({exc.__class__.__name__}): "
                 "run the same command again to resume"

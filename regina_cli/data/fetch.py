@@ -9,7 +9,6 @@ the gene knowledge that gives unmeasured targets a prompt.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -30,7 +29,6 @@ GO = "go"  # `regina fetch go`: not a dataset, GEARS' GO annotation
 GO_NAMES = (keys.GENE2GO_FILE, "gene2go.pkl")  # what GEARS calls the file in its two code paths
 DATASETS = (DEMO, *GEARS_URLS)
 DOWNLOADS_DIR = ".downloads"  # under the data folder: partial downloads wait here to be resumed
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 Log = Callable[[str], None]
 
@@ -147,8 +145,7 @@ def fetch(
     `demo` holds `simulate_screen` keyword arguments (only for `demo`); `options` tells the
     importer how to read the labels of a `source` file.
     """
-    if not _NAME.match(name):
-        raise ReginaError(f"{name!r} is not a usable dataset name: use letters, digits, '_', '-' or '.'")
+    keys.check_name(name)
     if demo and (name != DEMO or source):
         raise ReginaError("the simulation size options only apply to `regina fetch demo` without --from")
     options = options or ImportOptions()
@@ -188,10 +185,15 @@ def fetch(
         raise ReginaError(
             f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}, or import a copy with --from PATH"
         )
+    counts = _counts(adata.obs)
+    if counts["n_singles"] + counts["n_doubles"] == 0:
+        notes.append(f"warning: {name} holds only control cells ({counts['n_controls']:,}): there is nothing to "
+                     "split, train on or predict; check the labels (--condition-key, --control)")
+        log(notes[-1])
     path, digest = write_dataset(adata, name, data_dir)
     return FetchResult(
         name=name, path=str(path), sha256=digest, action=action, source=str(source),
-        n_genes=adata.n_vars, normalisation=normalisation, notes=notes, **_counts(adata.obs),
+        n_genes=adata.n_vars, normalisation=normalisation, notes=notes, **counts,
     )
 
 

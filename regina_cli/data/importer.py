@@ -374,6 +374,9 @@ def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
     from regina_cli.data.gears_de import add_gears_de
 
     notes = ImportNotes()
+    if adata.n_obs < 2 * MIN_CELLS:  # before the label checks, which would blame the labels
+        raise ReginaError(f"the file holds {adata.n_obs} cell(s): a screen needs at least {MIN_CELLS} control cells "
+                          f"and {MIN_CELLS} cells of a perturbation; check that --from names the whole screen")
     check_names(adata)
     genes = gene_names(adata, notes, log)
     X = as_csr_float32(adata.X)

@@ -8,10 +8,15 @@ from their scores) and then *applied* unchanged to every cell: validation and te
 influence their own labels (the original computed threshold and references per split).
 Without a split, fitting on all cells gives exactly `sc.tl.score_genes` on the whole dataset;
 `tests/test_label*.py` checks both against scanpy itself.
+
+Labels fitted on a split go to their own file (`labels/stress@simulation_1.csv`), so two splits
+never share one. The JSON record beside it is written last and holds the hashes of the dataset,
+the split and the labels themselves; loading checks all three.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,8 +26,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from regina_cli import keys
+from regina_cli.data.provenance import dataset_sha256, file_sha256, refuse_replacing, text_sha256
 from regina_cli.errors import ReginaError
-from regina_cli.io import atomic_path, write_json
+from regina_cli.io import write_json, write_text
 
 STRESS = "stress"
 CELL_CYCLE = "cell-cycle"
@@ -256,15 +262,19 @@ def _balance(labels: Labels, sets: dict[str, np.ndarray]) -> list[dict]:
 
 
 def label_dataset(name: str, method: str, *, quantile: float | None = None, split: str | None = None,
-                  data_dir: str | Path | None = None) -> LabelOutcome:
-    """`regina label`: compute the labels and write `labels/<method>.csv` (+ a JSON record)."""
+                  data_dir: str | Path | None = None, force: bool = False) -> LabelOutcome:
+    """`regina label`: compute the labels and write `labels/<method>[@<split>].csv`, then its record.
+
+    Replacing an existing labels file of other content needs `force` (runs built on it become stale).
+    """
     from regina_cli.data.dataset import read_dataset
     from regina_cli.data.split import SETS, load_split
 
     is_obs = obs_column_of(method) is not None  # checked before the (slow) read
+    path = keys.labels_file(name, method, data_dir, split=split)
+    split_obj = load_split(name, split, data_dir) if split is not None else None
     adata = read_dataset(name, data_dir, backed=is_obs)  # obs columns need no expression matrix
     try:
-        split_obj = load_split(name, split, data_dir) if split is not None else None
         condition = adata.obs[keys.OBS_CONDITION].astype(str).to_numpy()
         sets = {s: np.isin(condition, getattr(split_obj, s)) for s in SETS} if split_obj else {}
         train = sets.get("train")
@@ -275,25 +285,74 @@ def label_dataset(name: str, method: str, *, quantile: float | None = None, spli
     if split_obj is None:
         fitted_on = f"all {len(condition)} cells (no --split given)"
     else:
-        fitted_on = f"the {int(train.sum())} training cells of split {split_obj.name}"
+        fitted_on = f"the {int(train.sum())} training cells of split {split}"
 
-    path = keys.labels_file(name, method, data_dir)
-    record = {"dataset": name, "method": method, "split": split_obj.name if split_obj else None,
-              "fitted_on": fitted_on, "classes": list(labels.classes), **labels.details}
-    balance = _balance(labels, sets)
-    record["balance"] = balance
-    write_json(path.with_suffix(".json"), record)
     table = pd.DataFrame({"cell": labels.cell_state.index.astype(str), keys.OBS_CELL_STATE: labels.cell_state.to_numpy()})
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False)
+    text = table.to_csv(index=False)
+    if path.is_file() and not force and file_sha256(path) != text_sha256(text):
+        refuse_replacing(path, "keep the labels you have")
+    balance = _balance(labels, sets)
+    record = {"dataset": name, "method": method, "split": split, "fitted_on": fitted_on,
+              "classes": list(labels.classes), **labels.details, "balance": balance,
+              keys.DATASET_SHA256: dataset_sha256(name, data_dir), keys.LABELS_SHA256: text_sha256(text),
+              keys.SPLIT_SHA256: split_obj.sha256() if split_obj else None}
+    write_text(path, text)
+    write_json(record_file(path), record)  # last: the mark of a complete labels file
     return LabelOutcome(path, labels, fitted_on, balance)
 
 
-def load_labels(name: str, method: str, data_dir: str | Path | None = None) -> pd.Series:
-    """Labels written by `regina label`: a Series of class names indexed by obs_names."""
-    path = keys.labels_file(name, method, data_dir)
-    if not path.is_file():
-        raise ReginaError(f"labels {method!r} of {name} not found at {path}: run `regina label {name} --method {method}`")
+def record_file(path: Path) -> Path:
+    return path.with_suffix(keys.RECORD_SUFFIX)
+
+
+def _record(path: Path) -> dict:
+    try:
+        record = json.loads(record_file(path).read_text())
+    except (OSError, ValueError):
+        return {}  # labels written by hand or by an older REGINA: nothing to check against
+    return record if isinstance(record, dict) else {}
+
+
+def labels_path(name: str, method: str, data_dir: str | Path | None = None, split: str | None = None) -> Path:
+    """The labels file for training on `split`: the one fitted on it, else one fitted on all cells;
+    labels fitted on another split are refused (their reference genes saw that split's test cells)."""
+    fix = f"run `regina label {name} --method {method}{f' --split {split}' if split else ''}`"
+    own = keys.labels_file(name, method, data_dir, split=split)
+    if own.is_file():
+        return own
+    shared = keys.labels_file(name, method, data_dir)
+    if not shared.is_file():
+        raise ReginaError(f"labels {method!r} of {name} not found at {own}: {fix}")
+    fitted = _record(shared).get("split")
+    if split is not None and fitted is not None and fitted != split:
+        raise ReginaError(f"{shared} was fitted on split {fitted}, not {split}: {fix}")
+    return shared
+
+
+def verify_labels(path: Path, name: str, data_dir: str | Path | None = None) -> str:
+    """The labels file's SHA-256, after checking it against its record: its own hash, the
+    dataset's and the split's. A mismatch is a one-line error with the command that remakes it."""
+    from regina_cli.data.split import load_split
+
+    record, digest = _record(path), file_sha256(path)
+    split = record.get("split")
+    fix = (f"run `regina label {name} --method {record.get('method', 'METHOD')}"
+           f"{f' --split {split}' if split else ''} --force`")
+    if record.get(keys.LABELS_SHA256) not in (None, digest):
+        raise ReginaError(f"{path} does not match its record {record_file(path).name} (an interrupted or "
+                          f"hand-edited label file): {fix}")
+    if record.get(keys.DATASET_SHA256) not in (None, dataset_sha256(name, data_dir)):
+        raise ReginaError(f"{path} was fitted on another version of dataset {name}: {fix}")
+    if split and record.get(keys.SPLIT_SHA256) not in (None, load_split(name, split, data_dir).sha256()):
+        raise ReginaError(f"split {split} changed after {path} was fitted on it: {fix}")
+    return digest
+
+
+def load_labels(name: str, method: str, data_dir: str | Path | None = None, split: str | None = None) -> pd.Series:
+    """Labels written by `regina label` for training on `split`, verified (see `verify_labels`):
+    a Series of class names indexed by obs_names."""
+    path = labels_path(name, method, data_dir, split)
+    verify_labels(path, name, data_dir)
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     if list(table.columns) != ["cell", keys.OBS_CELL_STATE]:
         raise ReginaError(f"{path} must have the columns cell,{keys.OBS_CELL_STATE}: run `regina label` again")

@@ -9,6 +9,11 @@ cell-gears itself.
 Subgroups: GEARS defines them for `simulation` only (`combo_seen0/1/2`, `unseen_single`,
 relative to its training genes). For the other modes and for user split files they are derived
 from the genes targeted by training conditions, so evaluation can always aggregate by subgroup.
+
+Provenance: a split file records the SHA-256 of the dataset it was made from, and its content
+hash (`Split.sha256`) is what labels and runs record in turn. A split is never silently
+replaced by different content (`--force`), and one made from another version of the dataset is
+refused when loaded.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import pandas as pd
 
 from regina_cli import keys
 from regina_cli.data.conditions import condition_genes, is_combination, is_control, parse_condition
+from regina_cli.data.provenance import content_sha256, dataset_sha256, refuse_replacing
 from regina_cli.data.safe_pickle import is_pickle, safe_loads
 from regina_cli.errors import ReginaError
 from regina_cli.io import write_json
@@ -44,7 +50,8 @@ HELD_OUT_FRAC = 0.1  # combo_seen*/single: test fraction; every other mode: val 
 
 @dataclass(frozen=True)
 class Split:
-    """Conditions of each set plus the test/val subgroups; `name` is `<mode>_<seed>`."""
+    """Conditions of each set plus the test/val subgroups; `name` is `<mode>_<seed>`, or for a
+    user's split file `custom_<first 8 hex digits of its sets' hash>` (two files never share one)."""
 
     dataset: str
     mode: str
@@ -57,7 +64,13 @@ class Split:
 
     @property
     def name(self) -> str:
+        if self.mode == CUSTOM_MODE:
+            return f"{CUSTOM_MODE}_{content_sha256({s: sorted(getattr(self, s)) for s in SETS})[:8]}"
         return f"{self.mode}_{self.seed}"
+
+    def sha256(self) -> str:
+        """Hash of what the split says (not of how the file spells it): labels and runs record it."""
+        return content_sha256(self.to_dict())
 
     def set_of(self, condition: str) -> str | None:
         """`train`, `val`, `test`, or None for a condition left out of the split."""
@@ -324,28 +337,43 @@ def make_split(
             "test_subgroup": _complete(derived_subgroups(sets["train"], sets["test"])),
             "val_subgroup": _complete(derived_subgroups(sets["train"], sets["val"])),
         }
-    return Split(name, mode, int(seed), frac, *(sorted(sets[s]) for s in SETS), subgroups)
+    seed = 0 if mode == CUSTOM_MODE else int(seed)  # a user's split is named by its content
+    return Split(name, mode, seed, frac, *(sorted(sets[s]) for s in SETS), subgroups)
 
 
-def save_split(split: Split, data_dir: str | Path | None = None) -> Path:
+def save_split(split: Split, data_dir: str | Path | None = None, *, force: bool = False) -> Path:
+    """Write the split with the dataset's SHA-256; replacing a split of other content needs `force`."""
     path = keys.split_file(split.dataset, split.name, data_dir)
-    write_json(path, split.to_dict())
+    if path.is_file() and not force:
+        try:
+            same = Split.from_dict(json.loads(path.read_text())).sha256() == split.sha256()
+        except (ValueError, KeyError, TypeError):
+            same = False
+        if not same:
+            refuse_replacing(path, "choose another --seed")
+    write_json(path, {**split.to_dict(), keys.DATASET_SHA256: dataset_sha256(split.dataset, data_dir)})
     return path
 
 
 def load_split(name: str, split: str, data_dir: str | Path | None = None) -> Split:
-    """The split `<mode>_<seed>` written by `regina split`."""
+    """The split `<mode>_<seed>` written by `regina split`, checked against the dataset's SHA-256."""
     path = keys.split_file(name, split, data_dir)
+    mode, _, seed = split.rpartition("_")
+    remake = f"regina split {name} --mode {mode} --seed {seed}" if mode in MODES and seed.isdigit() else (
+        f"regina split {name} --mode MODE --seed SEED` (split names are <mode>_<seed>, e.g. simulation_1"
+    )
     if not path.is_file():
-        mode, _, seed = split.rpartition("_")
-        hint = f"regina split {name} --mode {mode} --seed {seed}" if mode in MODES and seed.isdigit() else (
-            f"regina split {name} --mode MODE --seed SEED` (split names are <mode>_<seed>, e.g. simulation_1"
-        )
-        raise ReginaError(f"split {split!r} of {name} not found at {path}: run `{hint}`")
+        raise ReginaError(f"split {split!r} of {name} not found at {path}: run `{remake}`")
     try:
-        return Split.from_dict(json.loads(path.read_text()))
-    except (ValueError, KeyError, TypeError) as exc:
+        obj = json.loads(path.read_text())
+        loaded = Split.from_dict(obj)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ReginaError(f"split file {path} is damaged ({exc}): run `regina split` again") from None
+    recorded, current = obj.get(keys.DATASET_SHA256), dataset_sha256(name, data_dir)
+    if recorded and current and recorded != current:
+        raise ReginaError(f"split file {path} was made from another version of dataset {name} (SHA-256 "
+                          f"{recorded[:12]}, now {current[:12]}): run `{remake} --force` to remake it")
+    return loaded
 
 
 def conditions_in_order(obs: pd.DataFrame) -> list[str]:
@@ -409,10 +437,12 @@ def split_dataset(
     split_file: str | Path | None = None,
     data_dir: str | Path | None = None,
     gene_knowledge: str | None = None,
+    force: bool = False,
 ) -> SplitOutcome:
     """`regina split`: read the dataset's conditions, make the split, write it atomically.
 
-    `gene_knowledge` (a path or `go`) only informs the summary of predictable conditions.
+    `gene_knowledge` (a path or `go`) only informs the summary of predictable conditions;
+    `force` replaces an existing split of other content (runs built on it become stale).
     """
     from regina_cli.data.dataset import read_dataset
     from regina_cli.data.knowledge import resolve_knowledge
@@ -432,7 +462,7 @@ def split_dataset(
         name, conditions, mode=mode, seed=seed, train_gene_frac=train_gene_frac,
         user_split=user_split, source=str(split_file),
     )
-    path = save_split(split, data_dir)
+    path = save_split(split, data_dir, force=force)
     counts = obs[keys.OBS_CONDITION].astype(str).value_counts().to_dict()
     assigned = set(split.train) | set(split.val) | set(split.test)
     summary = split_summary(split, counts, measured, knowledge)

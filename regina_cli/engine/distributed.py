@@ -122,8 +122,8 @@ def _spawn(target: Callable, kwargs: dict, *, nprocs: int, device: str) -> Any:
     try:
         results = elastic_launch(config, _worker)(target, kwargs, device, nprocs)
     except SignalException as exc:  # the launcher passed SIGTERM/SIGINT on; workers saved last.pt
-        raise TrainingInterrupted(f"training interrupted by signal {int(exc.sigval)}; the processes "
-                                  f"saved their state at the next step: continue with --resume",
+        raise TrainingInterrupted(f"training interrupted by signal {int(exc.sigval)}; the processes saved their "
+                                  "state (last.pt) if they were training: continue with --resume",
                                   int(exc.sigval)) from None
     except ChildFailedError as exc:
         raise RuntimeError(f"a training process failed: {exc}") from exc
@@ -140,9 +140,13 @@ def _worker(target: Callable, kwargs: dict, device: str, nprocs: int) -> dict:
     """Body of each spawned process: share the CPU fairly, run the target, report user errors.
 
     `target` must be a module-level function: the spawned process unpickles it by reference."""
+    from regina_cli.engine.preemption import TrainingInterrupted
+
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
     try:
         return {"result": _run_here(target, kwargs, device)}
+    except TrainingInterrupted as exc:  # state saved; the launcher, shutting down on the signal, reads
+        os._exit(exc.exit_code)  # no result and would wait 30 s before killing us: leave at once
     except ReginaError as exc:
         return {"user_error": str(exc), "exit_code": exc.exit_code}
 

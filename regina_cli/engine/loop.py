@@ -29,6 +29,7 @@ from regina_cli.errors import ReginaError
 
 CHECKPOINT_FORMAT = 2  # 2: named running loss terms
 SIGNAL_POLL_STEPS = 8  # several processes agree on a stop every this many steps
+MIN_TIMED_S = 0.01  # epochs shorter than this report no throughput
 
 
 class Phase(Protocol):
@@ -158,8 +159,9 @@ def fit(
                 stop_reason = f"max_epochs: reached {max_epochs} epochs"
             row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_terms.items()},
                    **{f"val_{k}": v for k, v in val.items()}, "stop_counter": stopper.counter,
-                   "best": int(is_best), "seconds": seconds, "cells_per_s": cells / max(seconds, 1e-9),
-                   **_learning_rates(phase)}
+                   "best": int(is_best), "seconds": seconds, **_learning_rates(phase)}
+            if cells > 0 and seconds >= MIN_TIMED_S:  # too short to time: no absurd throughput
+                row["cells_per_s"] = cells / seconds
             phase.end_epoch(epoch)
             if ctx.is_main:
                 ckpt.append_history(paths, row)
@@ -289,10 +291,12 @@ def _save_state(phase, paths, ctx, *, epoch, step, running, stopper, best, stop_
         return
     state = _state(phase, epoch=epoch, step=step, running=running, stopper=stopper, best=best,
                    stop_reason=stop_reason, rng_per_rank=rng_per_rank)
-    ckpt.save_torch(paths.last, state)
-    if is_best:
-        ckpt.copy_file(paths.last, paths.best)  # the same state: no second serialisation
+    if is_best:  # best files first: a kill before last.pt is written redoes this epoch, never skips them
+        ckpt.save_torch(paths.best, state)
         ckpt.save_torch(paths.model, phase.weights())
+        ckpt.copy_file(paths.best, paths.last)  # the same state: no second serialisation
+    else:
+        ckpt.save_torch(paths.last, state)
 
 
 def _restore(phase: Phase, paths, stopper, best, ctx: DistContext):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import difflib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -48,22 +48,25 @@ class PredictionResult:
     sources: dict[str, str]  # condition -> prompt source (learned, measured, knowledge)
     device: str
     seconds: float
+    warnings: list[str] = field(default_factory=list)  # a stale run used with allow_stale
 
 
 def predict(run_dir: str | Path, conditions: str | Sequence[str], *, n_cells: int = 100, seed: int = 0,
             out: str | Path | None = None, device: str = "auto", data_dir: str | Path | None = None,
-            options: FileOptions | None = None) -> Path:
+            options: FileOptions | None = None, allow_stale: bool = False) -> Path:
     """Write predictions for `conditions` ("test", "val", "all", "A+ctrl,A+B" or a list); returns the file."""
     return run_prediction(run_dir, conditions, n_cells=n_cells, seed=seed, out=out, device=device,
-                          data_dir=data_dir, options=options).path
+                          data_dir=data_dir, options=options, allow_stale=allow_stale).path
 
 
 def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_cells: int = 100, seed: int = 0,
                    out: str | Path | None = None, device: str = "auto", data_dir: str | Path | None = None,
-                   options: FileOptions | None = None) -> PredictionResult:
-    """`predict` plus what the CLI reports (counts, device, time)."""
+                   options: FileOptions | None = None, allow_stale: bool = False) -> PredictionResult:
+    """`predict` plus what the CLI reports (counts, device, time). A run whose dataset, split,
+    labels, config or phase-1 weights changed after training is refused (`allow_stale`: warned)."""
     from regina_cli.data.dataset import read_dataset
     from regina_cli.data.split import load_split
+    from regina_cli.engine.run_meta import check_run_current
     from regina_cli.engine.trained import load_trained
     from regina_cli.io import write_h5ad
 
@@ -72,6 +75,7 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
     if n_cells < 1:
         raise ReginaError("--cells must be at least 1")
     run_dir = Path(run_dir)
+    warnings = check_run_current(run_dir, data_dir, allow_stale=allow_stale)
     trained = load_trained(run_dir, device=device)
     if trained.gan is None:
         raise ReginaError(f"{run_dir} has no trained phase 2; run `regina train-gan --run {run_dir}` first")
@@ -108,11 +112,12 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
             "run": str(run_dir), "dataset": meta.dataset, "split": meta.split, "seed": seed,
             "cells_per_condition": n_cells, "prompt_value": trained.config.gan.prompt_value,
             "decoding": "residual: X_ctrl + D(T(z)) - D(z)" if trained.config.gan.residual_decoding
-            else "D(T(z_ctrl, prompt))", "skipped_conditions": list(skipped)})
+            else "D(T(z_ctrl, prompt))", "skipped_conditions": list(skipped), "stale": warnings,
+            **{k: v for k, v in meta.hashes().items() if v}})
     write_h5ad(predictions, path)
     return PredictionResult(path=path, n_conditions=len(requested), n_cells=int(len(plan)),
                             n_new_conditions=plan.n_new, skipped=skipped, sources=sources,
-                            device=str(trained.device), seconds=time.perf_counter() - started)
+                            device=str(trained.device), seconds=time.perf_counter() - started, warnings=warnings)
 
 
 def check_memory(n_rows: int, n_genes: int, device) -> None:

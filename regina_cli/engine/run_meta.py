@@ -3,6 +3,10 @@
 Every later step (phase 2, predict, evaluate, resume) learns the run's dataset, split, labels,
 genes and vocabularies from here, so the fields are typed once instead of looked up by string
 in many files. Phase 2 copies phase 1's fields and adds its own.
+
+It also records the hashes of what the phase was built from (`data.provenance`): the checks
+below refuse a resume on changed inputs before anything is written, and report a run whose
+dataset, split, labels, config or phase-1 weights changed after training as stale.
 """
 
 from __future__ import annotations
@@ -11,8 +15,11 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
 from regina_cli import __version__, keys
-from regina_cli.engine.checkpoint import PhasePaths
+from regina_cli.data.provenance import HASH_FIELDS, changed, dataset_sha256, file_sha256, stale, text_sha256
+from regina_cli.engine.checkpoint import PhasePaths, ae_paths, gan_paths
 from regina_cli.errors import ReginaError
 from regina_cli.io import write_json
 
@@ -57,6 +64,12 @@ class RunMeta:
     validation_source: str | None = None
     top20_de_source: str | None = None
     n_train_pairs_per_epoch: int | None = None
+    # Provenance (data.provenance): what the phase was built from; None in runs of older versions
+    dataset_sha256: str | None = None
+    split_sha256: str | None = None
+    labels_sha256: str | None = None
+    config_sha256: str | None = None
+    ae_model_sha256: str | None = None  # phase 2: the phase-1 weights it was trained on
     regina_version: str = __version__
 
     @property
@@ -74,6 +87,9 @@ class RunMeta:
 
     def to_json(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def hashes(self) -> dict:
+        return {name: getattr(self, name) for name in HASH_FIELDS}
 
 
 _FIELDS = {f.name for f in dataclasses.fields(RunMeta)}
@@ -112,12 +128,17 @@ def read_trained_meta(paths: PhasePaths) -> RunMeta:
 
 # --- Guarding a run directory ------------------------------------------------------------------------
 def prepare_run_dir(paths: PhasePaths, *, dataset: str, genes: list[str], resume: bool) -> None:
-    """A fresh phase needs an empty directory; a resumed one must match the data."""
-    if paths.meta.is_file():
-        check_run_matches(read_meta(paths), dataset=dataset, gene_names=genes, where=str(paths.run_dir))
+    """A fresh phase needs an empty directory (what a start killed before its first checkpoint
+    left is cleared); a resumed one must match the data."""
+    meta = read_meta(paths) if paths.meta.is_file() else None
+    if meta is not None:
+        check_run_matches(meta, dataset=dataset, gene_names=genes, where=str(paths.run_dir))
     if not resume and (paths.last.is_file() or paths.model.is_file()):
-        raise ReginaError(f"{paths.dir} already holds a trained {paths.phase} phase; pass --resume "
+        state = "an interrupted" if meta is not None and not meta.is_trained else "a trained"
+        raise ReginaError(f"{paths.dir} already holds {state} {paths.phase} phase; pass --resume "
                           f"to continue it or choose another --run")
+    if not resume:
+        paths.history.unlink(missing_ok=True)
 
 
 def check_run_matches(meta: RunMeta, *, dataset: str, gene_names: list[str], where: str) -> None:
@@ -133,3 +154,91 @@ def check_run_matches(meta: RunMeta, *, dataset: str, gene_names: list[str], whe
             f"{len(gene_names)} ({missing} missing, {extra} new, or reordered); re-fetch the "
             f"same dataset or train a new run"
         )
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise ReginaError(f"--run {run_dir} is a file, not a run directory: choose another --run")
+
+
+# --- Provenance ------------------------------------------------------------------------------------------
+def config_sha256(config) -> str:
+    """Hash of the config as `config.yaml` holds it."""
+    from regina_cli.config import to_yaml
+
+    return text_sha256(to_yaml(config))
+
+
+def phase1_inputs(name: str, split: str, labels: str, data_dir=None) -> dict:
+    """Hashes of phase 1's inputs, each checked against the one before (dataset -> split -> labels)."""
+    from regina_cli.data.label import labels_path, verify_labels
+    from regina_cli.data.split import load_split
+
+    split_hash = load_split(name, split, data_dir).sha256()
+    labels_hash = verify_labels(labels_path(name, labels, data_dir, split), name, data_dir)
+    return {keys.DATASET_SHA256: dataset_sha256(name, data_dir), keys.SPLIT_SHA256: split_hash,
+            keys.LABELS_SHA256: labels_hash}
+
+
+def current_inputs(meta: RunMeta, data_dir=None) -> dict:
+    """The hashes of the files a run was built from as they are now (those that can be found)."""
+    from regina_cli.data.label import labels_path
+    from regina_cli.data.split import load_split
+
+    current = {keys.DATASET_SHA256: dataset_sha256(meta.dataset, data_dir)}
+    if keys.split_file(meta.dataset, meta.split, data_dir).is_file():
+        current[keys.SPLIT_SHA256] = load_split(meta.dataset, meta.split, data_dir).sha256()
+    try:
+        current[keys.LABELS_SHA256] = file_sha256(labels_path(meta.dataset, meta.labels, data_dir, meta.split))
+    except ReginaError:
+        pass  # labels removed since: nothing to compare (predictions do not read them)
+    return current
+
+
+def check_resume(paths: PhasePaths, inputs: dict | None = None, *, resume: bool, **options: str) -> None:
+    """Refuse, before anything is written, a resume that has nothing to continue, or whose
+    options (split=..., labels=...) or input hashes (`inputs`) differ from the run's."""
+    if not resume:
+        return
+    if not paths.last.is_file():
+        raise ReginaError(f"nothing to resume: {paths.last} does not exist; drop --resume to start")
+    if not paths.meta.is_file():
+        return
+    meta = read_meta(paths)
+    for option, asked in options.items():
+        if getattr(meta, option) != asked:
+            raise ReginaError(f"{paths.dir} was trained with --{option} {getattr(meta, option)}, not {asked}: "
+                              f"resume with the same --{option}, or train a new --run")
+    reasons = changed(meta.hashes(), inputs or {})
+    if reasons:
+        raise ReginaError(f"cannot resume {paths.dir}: {'; '.join(reasons)} since it started; train a new --run")
+
+
+def phase2_inputs(run_dir: str | Path, data_dir=None, *, resume: bool = False) -> dict:
+    """Hashes phase 2 records (phase 1's weights), after checking that phase 1's dataset, split
+    and labels are unchanged and, when resuming, that phase 2 started from the same phase 1."""
+    phase1 = read_trained_meta(ae_paths(run_dir))
+    reasons = changed(phase1.hashes(), current_inputs(phase1, data_dir))
+    if reasons:
+        raise ReginaError(f"phase 1 of {run_dir} is stale: {'; '.join(reasons)} since it was trained; "
+                          "train a new run with `regina train-ae`")
+    inputs = {keys.AE_MODEL_SHA256: file_sha256(ae_paths(run_dir).model)}
+    check_resume(gan_paths(run_dir), inputs, resume=resume)
+    return inputs
+
+
+def check_run_current(run_dir: str | Path, data_dir=None, *, allow_stale: bool = False) -> list[str]:
+    """Refuse a trained run whose inputs changed after training (warnings instead with
+    `allow_stale`): dataset, split, labels, either phase's config, or phase 1's weights under phase 2."""
+    reasons = []
+    for paths in (ae_paths(run_dir), gan_paths(run_dir)):
+        if not paths.meta.is_file():
+            continue
+        meta = read_meta(paths)
+        current = current_inputs(meta, data_dir) if paths.phase == keys.AE_DIR else {}
+        if paths.config.is_file():
+            current[keys.CONFIG_SHA256] = file_sha256(paths.config)
+        if paths.phase == keys.GAN_DIR:
+            current[keys.AE_MODEL_SHA256] = file_sha256(ae_paths(run_dir).model)
+        reasons += [f"{reason} since {paths.phase}/ was trained" for reason in changed(meta.hashes(), current)]
+    return stale(f"run {run_dir}", reasons, "train a new run on the current files", allow_stale=allow_stale)

@@ -30,7 +30,8 @@ from regina_cli.engine.loop import (EpochBatches, amp_context, compile_modules, 
                                     steps_per_epoch)
 from regina_cli.engine.progress import TrainingProgress
 from regina_cli.engine.run_config import check_fixed_shapes, resolve_run_config
-from regina_cli.engine.run_meta import RunMeta, prepare_run_dir, write_meta
+from regina_cli.engine.run_meta import (RunMeta, check_resume, check_run_dir, config_sha256, phase1_inputs,
+                                       prepare_run_dir, write_meta)
 from regina_cli.errors import ReginaError
 
 # ae.selection -> (validation metric, direction). Variance preservation is the original's
@@ -199,13 +200,19 @@ def train_autoencoder(
         config, _ = resolve_run_config(keys.AE_DIR, run_dir, dataset=name, resume=resume, data_dir=data_dir)
     check_fixed_shapes(keys.AE_DIR, run_dir, config, resume=resume)
     check_process_count(gpus, device)
+    check_run_dir(run_dir)  # provenance: every input checked before anything is written
+    check_resume(ckpt.ae_paths(run_dir), resume=resume, split=split, labels=labels)
+    provenance = phase1_inputs(name, split, labels, data_dir)
+    check_resume(ckpt.ae_paths(run_dir), provenance, resume=resume)  # the config may change (shapes checked above)
+    provenance[keys.CONFIG_SHA256] = config_sha256(config)
     kwargs = dict(name=name, split=split, labels=labels, run_dir=str(run_dir), config=config,
-                  data_dir=None if data_dir is None else str(data_dir), resume=resume, progress=progress)
+                  data_dir=None if data_dir is None else str(data_dir), resume=resume, progress=progress,
+                  provenance=provenance)
     return run_distributed(_train_ae_process, kwargs, gpus=gpus, device=device)
 
 
 def _train_ae_process(ctx: DistContext, *, name, split, labels, run_dir, config: ReginaConfig,
-                      data_dir, resume, progress) -> dict:
+                      data_dir, resume, progress, provenance) -> dict:
     from regina_cli.data.dataset import read_dataset
     from regina_cli.data.label import load_labels
     from regina_cli.data.split import load_split
@@ -214,7 +221,7 @@ def _train_ae_process(ctx: DistContext, *, name, split, labels, run_dir, config:
 
     paths = ckpt.ae_paths(run_dir)
     split_obj = load_split(name, split, data_dir)
-    label_series = load_labels(name, labels, data_dir)
+    label_series = load_labels(name, labels, data_dir, split=split)
     adata = read_dataset(name, data_dir, backed=True)
     genes = [str(g) for g in adata.var_names]
     prepare_run_dir(paths, dataset=name, genes=genes, resume=resume)
@@ -237,7 +244,8 @@ def _train_ae_process(ctx: DistContext, *, name, split, labels, run_dir, config:
         train_conditions=list(split_obj.train), val_conditions=list(split_obj.val),
         test_conditions=list(split_obj.test), perturbed_genes=sorted(condition_genes(cells.conditions)),
         selection=config.ae.selection, world_size=ctx.world_size, notes=cells.notes,
-        n_train_cells=int(len(cells.train_idx)), n_val_cells=int(len(cells.val_idx)), dense_on_device=cells.dense)
+        n_train_cells=int(len(cells.train_idx)), n_val_cells=int(len(cells.val_idx)), dense_on_device=cells.dense,
+        **provenance)
     if ctx.is_main:
         ckpt.write_config(paths, config)
         write_meta(paths, meta)

@@ -40,7 +40,7 @@ from regina_cli.engine.loop import (EpochBatches, amp_context, compile_modules, 
                                     steps_per_epoch)
 from regina_cli.engine.progress import TrainingProgress
 from regina_cli.engine.run_config import check_fixed_shapes, resolve_run_config
-from regina_cli.engine.run_meta import prepare_run_dir, read_trained_meta, write_meta
+from regina_cli.engine.run_meta import config_sha256, phase2_inputs, prepare_run_dir, read_trained_meta, write_meta
 from regina_cli.errors import ReginaError
 from regina_cli.model.gan import decode_prediction, prior_anchor
 from regina_cli.model.prompt import condition_prompt
@@ -274,12 +274,14 @@ def train_gan(
         config, _ = resolve_run_config(keys.GAN_DIR, run_dir, resume=resume)
     check_fixed_shapes(keys.GAN_DIR, run_dir, config, resume=resume)
     check_process_count(gpus, device)
+    provenance = {**phase2_inputs(run_dir, data_dir, resume=resume), keys.CONFIG_SHA256: config_sha256(config)}
     kwargs = dict(run_dir=str(run_dir), config=config, resume=resume, progress=progress,
-                  data_dir=None if data_dir is None else str(data_dir))
+                  data_dir=None if data_dir is None else str(data_dir), provenance=provenance)
     return run_distributed(_train_gan_process, kwargs, gpus=gpus, device=device)
 
 
-def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_dir, resume, progress) -> dict:
+def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_dir, resume, progress,
+                       provenance) -> dict:
     from regina_cli.data.dataset import read_dataset
     from regina_cli.data.split import load_split
     from regina_cli.data.tensors import CellTensors
@@ -325,7 +327,7 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
         validation_conditions_scored=plan.conditions, validation_source=plan.source, held_out_conditions=plan.held_out,
         top20_de_source=plan.de_source, n_train_pairs_per_epoch=int(len(phase.train_index)),
         selection=gan_validation.SELECTION_METRIC, world_size=ctx.world_size, notes=cells.notes,
-        n_train_cells=None, n_val_cells=None, dense_on_device=None)
+        n_train_cells=None, n_val_cells=None, dense_on_device=None, **provenance)
     if ctx.is_main:
         ckpt.write_config(paths, config)
         write_meta(paths, meta)

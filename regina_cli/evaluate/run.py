@@ -26,6 +26,7 @@ import torch
 from regina_cli import keys
 from regina_cli.data.conditions import parse_condition
 from regina_cli.errors import ReginaError
+from regina_cli.io import atomic_dir
 from regina_cli.evaluate.baselines import baseline_profiles, parse_baselines, training_data
 from regina_cli.evaluate.de import Moments, de_ranks, overlap_metrics
 from regina_cli.evaluate.distribution import (PredictedCells, TrueCells, column_mean_var, distribution_metrics,
@@ -395,5 +396,6 @@ def evaluate(
             "max_true_cells": max_true_cells,
             "baselines": [b for b in result.profiles],
         }
-        summary = report.write_report(result, context, out, truth=truth, plots=plots)
+        with atomic_dir(out) as staging:  # every file appears at once, replacing the previous folder whole
+            summary = report.write_report(result, context, staging, truth=truth, plots=plots)
         return {**summary, "out": str(out)}

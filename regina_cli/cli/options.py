@@ -1,0 +1,52 @@
+"""Checks of option values that typer cannot express, shared by the commands.
+
+Each failure is a `ReginaError` (one `error:` line, exit status 2) raised before the command
+reads or writes anything. Nothing heavy is imported here: `regina --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from regina_cli import keys
+from regina_cli.errors import ReginaError
+
+SEED_MAX = 2**32 - 1  # NumPy's legacy generator (GEARS' splits, the demo) takes seeds up to this
+
+
+def check_seed(seed: int | None, option: str = "--seed") -> None:
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        raise ReginaError(f"{option} takes a whole number from 0 to {SEED_MAX:,}, not {seed}")
+
+
+def check_data_dir(data_dir: str | Path | None, *, writes: bool) -> None:
+    """The data folder (--data-dir or $REGINA_DATA) must be a folder, and writable when the
+    command writes into it."""
+    root = keys.data_root(data_dir)
+    where = f"--data-dir {root}" if data_dir is not None else f"data folder {root} (${keys.ENV_DATA_DIR} or ./data)"
+    if root.exists() and not root.is_dir():
+        raise ReginaError(f"{where} is a file, not a folder: give a folder with --data-dir")
+    if writes and root.is_dir() and not os.access(root, os.W_OK | os.X_OK):
+        raise ReginaError(f"{where} is not writable: choose a writable folder with --data-dir")
+
+
+def check_out_file(out: Path | None) -> None:
+    """`--out` names a file to write: not an existing folder, and inside a folder."""
+    if out is None:
+        return
+    if out.is_dir():
+        raise ReginaError(f"--out {out} is a folder: give a file path, e.g. {out / keys.PREDICTIONS_FILE}")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ReginaError(f"--out {out}: {parent} is a file, not a folder; choose another path")
+
+
+def check_out_folder(out: Path, marker: str) -> None:
+    """The output folder (`--out`) is replaced as a whole: it must not be a file, nor a folder of
+    other files (one without the command's `marker` file)."""
+    if out.exists() and not out.is_dir():
+        raise ReginaError(f"output folder {out} is a file: give a folder with --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise ReginaError(f"output folder {out} holds other files and no {marker}: it would be replaced as a "
+                          "whole, so give a new or empty folder with --out")

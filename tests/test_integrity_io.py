@@ -1,0 +1,137 @@
+"""regina_cli.io: atomic files and folders, leftovers of killed writers, one-line I/O errors, signals."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from regina_cli import io
+from regina_cli.errors import ReginaError
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_atomic_dir_replaces_the_whole_folder_or_nothing(tmp_path):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with io.atomic_dir(out) as staging:
+            (staging / "metrics.json").write_text("{}")
+            raise RuntimeError("killed half-way")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"] and (out / "old.txt").read_text() == "old"
+    with io.atomic_dir(out) as staging:
+        (staging / "metrics.json").write_text("{}")
+        (staging / "plots").mkdir()
+        assert not (out / "metrics.json").exists()  # nothing visible before the block ends
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "plots"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # the old folder is gone too
+
+
+def test_atomic_dir_without_an_atomic_exchange_still_swaps(tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False)  # a file system without renameat2
+    out = tmp_path / "eval"
+    for text in ("first", "second"):
+        with io.atomic_dir(out) as staging:
+            (staging / "metrics.json").write_text(text)
+    assert (out / "metrics.json").read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["eval"]
+
+
+def test_leftovers_of_dead_writers_are_removed_and_nothing_else(tmp_path):
+    host = io._HOST
+    dead = [tmp_path / f".predictions.{host}-{dead_pid()}~abc{io.PART_MARK}.h5ad",
+            tmp_path / f".eval.{host}-{dead_pid()}~xyz{io.PART_MARK}"]
+    alive = tmp_path / f".meta.{host}-{os.getpid()}~def{io.PART_MARK}.json"  # a writer still running
+    foreign = tmp_path / f".meta.otherhost-{dead_pid()}~ghi{io.PART_MARK}.json"  # another node's: not ours to judge
+    download = tmp_path / f"norman.download{io.PART_MARK}"  # a resumable download
+    dead[0].write_text("half")
+    dead[1].mkdir()
+    (dead[1] / "metrics.json").write_text("{}")
+    for path in (alive, foreign, download):
+        path.write_text("x")
+    io.write_text(tmp_path / "predictions.txt", "new")  # any write into the folder cleans it
+    assert not any(p.exists() for p in dead)
+    assert all(p.exists() for p in (alive, foreign, download))
+
+
+@pytest.mark.parametrize("exc, fragment", [
+    (OSError(errno.ENOSPC, "No space left on device"), "the disk is full"),
+    (OSError("Can't write data (file write failed: errno = 28, error message = 'No space')"), "the disk is full"),
+    (PermissionError(errno.EACCES, "Permission denied"), "permission denied"),
+    (OSError(errno.EROFS, "Read-only file system"), "read-only"),
+    (NotADirectoryError(errno.ENOTDIR, "Not a directory"), "is a file, not a folder"),
+    (OSError(errno.EIO, "Input/output error"), "Input/output error"),
+    (OSError("something HDF5 says"), "something HDF5 says"),
+])
+def test_os_errors_become_one_line_naming_the_path(exc, fragment, tmp_path):
+    message = str(io.output_error(tmp_path / "x.h5ad", exc))
+    assert message.startswith(f"cannot write {tmp_path / 'x.h5ad'}: ") and fragment in message
+    assert "\n" not in message
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "split.json"
+    target.write_text("old")
+    with pytest.raises(ReginaError, match="cannot write .*split.json: the disk is full"):
+        with io.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["split.json"]
+
+
+def test_a_path_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ReginaError, match="is a file, not a folder"):
+        io.write_text(tmp_path / "afile" / "out.json", "{}")
+
+
+def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(io.shutil, "disk_usage", lambda path: SimpleNamespace(total=10, used=10, free=3 * 2**20))
+    io.check_free_space(tmp_path / "new" / "x.h5ad", 2 * 2**20)  # a missing folder: its parent's disk
+    with pytest.raises(ReginaError, match=r"needs about 4 MiB and the disk has 3 MiB free"):
+        io.check_free_space(tmp_path / "x.h5ad", 4 * 2**20)
+
+
+def test_sigterm_removes_the_temporary_output_and_exits_143(tmp_path):
+    target = tmp_path / "predictions.h5ad"
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(io.Terminated) as stopped:
+        with io.exit_cleanly_on_sigterm(), io.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs at the next bytecode
+                pass
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+
+
+def test_held_signals_wait_until_the_commit_is_complete(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # native (OpenMP) threads: the kernel may hand them the signal
+    torch.ones(1000, 1000) @ torch.ones(1000, 1000)
+    steps = []
+    with pytest.raises(io.Terminated):
+        with io.exit_cleanly_on_sigterm():
+            with io.SignalsHeld() as held:
+                held.hold()
+                os.kill(os.getpid(), signal.SIGTERM)
+                steps.append("file renamed")
+                steps.append("checksum written")
+            steps.append("after")  # never reached: the signal that waited is handled here
+    torch.set_num_threads(before)
+    assert steps == ["file renamed", "checksum written"]
