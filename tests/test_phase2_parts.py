@@ -40,6 +40,11 @@ def test_expression_prior_sums_observed_effects_else_the_linear_model():
     torch.testing.assert_close(out[2], torch.tensor([9.0, 8.0, 7.0], dtype=torch.float64) + unseen)  # a double sums
     torch.testing.assert_close(out[3], linear(np.array([0.5, 0.0])) + b)  # knowledge row
     torch.testing.assert_close(out[4], torch.zeros(3, dtype=torch.float64))  # no target, no change
+    prior.mean_change.copy_(torch.tensor([1.0, 1.0, 1.0]))  # weight 0.5: half way from the mean change to linear
+    prior.linear_weight.fill_(0.5)
+    blended = 1.0 + 0.5 * (linear(np.array([1.0, 0.0])) + b - 1.0)
+    blended[0] = -1.5
+    torch.testing.assert_close(prior(target_idx, prompt_idx)[0].double(), blended)
 
 
 def test_mean_matching_moves_each_draw_onto_its_target_mean():
@@ -117,6 +122,7 @@ def test_prior_is_fitted_on_training_conditions_and_cross_fitted_for_them():
     prior = ExpressionPrior(cells.n_genes, len(table), 10, n_observed=3)
     control = training_control_mean(cells)
     cross = fit_expression_prior(prior, cells, stats, control, table, seed=0)
+    assert float(prior.linear_weight) in (0.0, 0.25, 0.5, 0.75, 1.0)  # chosen from the folds
     code = {c: i for i, c in enumerate(cells.conditions)}
     observed = {g: (stats.expression_mean[code[f"{g}+ctrl"]] - control.float()) for g in ("G1", "G2")}
     # training double: the sum of its singles' observed effects (they are data, not the double's own)

@@ -12,6 +12,8 @@ the prior fitted on every training condition.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -30,26 +32,34 @@ def _training_data(cells, stats, codes: list[int], control_mean: np.ndarray) -> 
                         counts=stats.counts[codes].double().cpu().numpy())
 
 
-def _gene_effect(model, gene: str, observed: dict[str, np.ndarray], self_effect: float, *,
-                 use_observed: bool) -> np.ndarray:
-    """One gene's effect: its observed single effect, else the linear model's (the mean change
-    without an embedding) with a measured target's own entry set to `self_effect`."""
-    if use_observed and gene in observed:
-        return observed[gene]
-    embedding = model.embed(canonical_condition([gene]))
-    effect = model.offset.copy() if embedding is None else model.predict_change(embedding)
-    if gene in model.gene_index:
-        effect[model.gene_index[gene]] = self_effect
-    return effect
+LINEAR_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def _prior(model, condition: str, observed: dict[str, np.ndarray], self_effect: float, *,
-           own: bool = False) -> np.ndarray:
-    """Sum of the targets' effects; `own`: the condition is a training single whose observed effect
-    is its own data, so its gene falls back to the model."""
-    genes = parse_condition(condition)
-    return sum(_gene_effect(model, g, observed, self_effect, use_observed=not (own and len(genes) == 1))
-               for g in genes)
+@dataclass
+class _Effects:
+    """Single-gene effects for the prior: the observed ones, else the mean change m moved by
+    `weight` towards the linear model (m + w (linear - m)), the target's own entry `self_effect`."""
+
+    model: object  # evaluate.baselines.LinearModel
+    observed: dict[str, np.ndarray]
+    mean_change: np.ndarray
+    weight: float
+    self_effect: float
+
+    def unseen(self, gene: str) -> np.ndarray:
+        embedding = self.model.embed(canonical_condition([gene]))
+        linear = self.model.offset if embedding is None else self.model.predict_change(embedding)
+        effect = self.mean_change + self.weight * (linear - self.mean_change)
+        if gene in self.model.gene_index:
+            effect[self.model.gene_index[gene]] = self.self_effect
+        return effect
+
+    def prior(self, condition: str, *, own: bool = False) -> np.ndarray:
+        """Sum of the targets' effects; `own`: a training single, whose observed effect is its own
+        data, so its gene is treated as unseen."""
+        genes = parse_condition(condition)
+        return sum(self.unseen(g) if (own and len(genes) == 1) or g not in self.observed else self.observed[g]
+                   for g in genes)
 
 
 def median_self_effect(observed: dict[str, np.ndarray], gene_index: dict[str, int], exclude=()) -> float:
@@ -58,40 +68,77 @@ def median_self_effect(observed: dict[str, np.ndarray], gene_index: dict[str, in
     return float(np.median(changes)) if changes else 0.0
 
 
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denominator = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / denominator) if denominator > 0 else 0.0
+
+
 @torch.no_grad()
 def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt_genes: list[str], *,
                          seed: int) -> torch.Tensor:
     """Fit `prior` (`model.gan.ExpressionPrior`) on every perturbed training condition in `stats`
     and return the cross-fitted prior of each condition code [C, G]: a training condition gets the
-    fold model that left it out (and not its own observed effect); other codes the full prior."""
+    fold model that left it out (and not its own observed effect); other codes the full prior.
+
+    How far an unseen gene's effect moves from the mean change towards the linear model (the
+    weight) is chosen from the folds: the weight whose held-out single-gene predictions correlate
+    best with the observed effects (a screen whose genes' co-variation says little about their
+    effects keeps close to the mean change; train_mean is weight 0, the linear baseline weight 1).
+    """
     codes = [c for c, name in enumerate(cells.conditions) if stats.counts[c] > 0 and not is_control(name)]
     mean = control_mean.double().cpu().numpy()
-    observed = {g: stats.expression_mean[code].double().cpu().numpy() - mean
-                for g, code in single_conditions(cells, codes).items()}
+    singles = single_conditions(cells, codes)
+    observed = {g: stats.expression_mean[code].double().cpu().numpy() - mean for g, code in singles.items()}
     full = fit_linear(_training_data(cells, stats, codes, mean))
     if full is None:
         return torch.zeros((len(cells.conditions), cells.n_genes), device=cells.device)
-    k = full.gene_embedding.shape[1]
-    prior.embedding.zero_()[:, :k] = torch.as_tensor(full.gene_embedding, dtype=prior.embedding.dtype)
-    prior.weight.zero_()[:k, :k] = torch.as_tensor(full.weights, dtype=prior.weight.dtype)
-    prior.offset.copy_(torch.as_tensor(full.offset, dtype=prior.offset.dtype))
-    position = {g: i for i, g in enumerate(prompt_genes)}
-    for row, gene in enumerate(sorted(observed)):
-        prior.observed[row] = torch.as_tensor(observed[gene], dtype=prior.observed.dtype)
-        prior.observed_rows[position[gene]] = row
-    self_effect = median_self_effect(observed, full.gene_index)
-    prior.self_effect.fill_(self_effect)
-    table = np.stack([_prior(full, name, observed, self_effect) if not is_control(name) else np.zeros(cells.n_genes)
-                      for name in cells.conditions])
-    folds = np.array_split(np.random.default_rng(seed).permutation(codes), min(FOLDS, len(codes)))
+    folds = [set(f.tolist()) for f in np.array_split(np.random.default_rng(seed).permutation(codes),
+                                                       min(FOLDS, len(codes)))]
+    fold_effects, held_out_singles = [], []
     for held in folds:
-        held_set = set(held.tolist())
-        model = fit_linear(_training_data(cells, stats, [c for c in codes if c not in held_set], mean)) or full
-        held_genes = {g for c in held_set for g in parse_condition(cells.conditions[c]) if len(parse_condition(cells.conditions[c])) == 1}
-        fold_self = median_self_effect(observed, full.gene_index, exclude=held_genes)
-        for code in held_set:
-            table[code] = _prior(model, cells.conditions[code], observed, fold_self, own=True)
+        kept = [c for c in codes if c not in held]
+        model = fit_linear(_training_data(cells, stats, kept, mean)) or full
+        held_genes = {g for g, c in singles.items() if c in held}
+        fold_effects.append(_Effects(model, observed, _mean_change(stats, kept, mean), 1.0,
+                                     median_self_effect(observed, full.gene_index, exclude=held_genes)))
+        held_out_singles += [(len(fold_effects) - 1, g) for g in held_genes]
+    weight = max(LINEAR_WEIGHTS, key=lambda w: np.mean([
+        _pearson(_reweighted(fold_effects[f], w).unseen(g), observed[g]) for f, g in held_out_singles] or [0.0]))
+    effects = _Effects(full, observed, _mean_change(stats, codes, mean), weight,
+                       median_self_effect(observed, full.gene_index))
+    _load(prior, effects, prompt_genes)
+    table = np.stack([effects.prior(name) if not is_control(name) else np.zeros(cells.n_genes)
+                      for name in cells.conditions])
+    for held, fold in zip(folds, fold_effects):
+        for code in held:
+            table[code] = _reweighted(fold, weight).prior(cells.conditions[code], own=True)
     return torch.as_tensor(table, dtype=torch.float32, device=cells.device)
+
+
+def _reweighted(effects: _Effects, weight: float) -> _Effects:
+    return _Effects(effects.model, effects.observed, effects.mean_change, weight, effects.self_effect)
+
+
+def _mean_change(stats, codes: list[int], control_mean: np.ndarray) -> np.ndarray:
+    """The mean over conditions of their mean change (train_mean's per-condition average)."""
+    return stats.expression_mean[codes].double().cpu().numpy().mean(0) - control_mean
+
+
+def _load(prior, effects: _Effects, prompt_genes: list[str]) -> None:
+    """Copy the fitted effects into the prior's buffers."""
+    model = effects.model
+    k = model.gene_embedding.shape[1]
+    prior.embedding.zero_()[:, :k] = torch.as_tensor(model.gene_embedding, dtype=prior.embedding.dtype)
+    prior.weight.zero_()[:k, :k] = torch.as_tensor(model.weights, dtype=prior.weight.dtype)
+    prior.offset.copy_(torch.as_tensor(model.offset, dtype=prior.offset.dtype))
+    prior.mean_change.copy_(torch.as_tensor(effects.mean_change, dtype=prior.mean_change.dtype))
+    prior.linear_weight.fill_(effects.weight)
+    prior.self_effect.fill_(effects.self_effect)
+    position = {g: i for i, g in enumerate(prompt_genes)}
+    for row, gene in enumerate(sorted(effects.observed)):
+        prior.observed[row] = torch.as_tensor(effects.observed[gene], dtype=prior.observed.dtype)
+        prior.observed_rows[position[gene]] = row
 
 
 def observed_genes(cells, stats) -> list[str]:

@@ -368,6 +368,9 @@ def build_phase(autoencoder, cells, config: ReginaConfig, ctx: DistContext,
     fitted = initialise_prompts(gan, autoencoder.encoder, cells, latents, stats, config, train_prior)
     phase = CycleGANPhase(autoencoder, gan, cells, config, ctx, plan, latents, stats)
     phase.train_prior = train_prior
+    if gan.expression_prior is not None:
+        fitted = {**fitted, "prior_linear_weight": float(gan.expression_prior.linear_weight),
+                  "prior_self_effect": float(gan.expression_prior.self_effect)}
     return phase, {"observed_genes": observed, "prompt_fit": fitted}
 
 

@@ -145,15 +145,16 @@ class ExpressionPrior(nn.Module):
     sum over its targets of each gene's effect,
 
         effect(g) = the observed mean change of g's own single condition in training, if any,
-                    else G W e_g + b   (e_g: g's row of G, or of `table_embedding` for genes of the
-                                        prompt table the screen does not measure; zero if none),
+                    else m + w (G W e_g + b - m)
+                         (e_g: g's row of G, or of `table_embedding` for genes of the prompt table
+                          the screen does not measure; zero if none; m the mean change over the
+                          training conditions; w the `linear_weight` the folds chose),
                     with the measured target itself set to `self_effect`, the median change of the
                     training targets in their own conditions (a CRISPRi target goes down, a CRISPRa
                     one up, which a model of co-variation between genes cannot know)
 
     where G W e + b is the linear gene-embedding model of Ahlmann-Eltze, Huber & Anders (2025),
-    fitted on the training pseudo-bulk. A gene with no embedding and no observation adds b, the
-    mean change.
+    fitted on the training pseudo-bulk.
     """
 
     def __init__(self, n_genes: int, n_table: int, dim: int, n_observed: int = 0):
@@ -165,6 +166,8 @@ class ExpressionPrior(nn.Module):
         self.register_buffer("observed_rows", torch.full((n_table,), -1, dtype=torch.long))
         self.register_buffer("observed", torch.zeros(n_observed, n_genes))
         self.register_buffer("self_effect", torch.zeros(()))
+        self.register_buffer("mean_change", torch.zeros(n_genes))
+        self.register_buffer("linear_weight", torch.ones(()))
 
     def gene_embedding(self, target_idx: torch.Tensor, prompt_idx: torch.Tensor) -> torch.Tensor:
         """e [B, k, dim] of targets given as measured-gene indices and prompt-table positions (-1 = none)."""
@@ -178,7 +181,8 @@ class ExpressionPrior(nn.Module):
     def forward(self, target_idx: torch.Tensor, prompt_idx: torch.Tensor) -> torch.Tensor:
         """The prior change [B, n_genes] of each row's condition."""
         valid = (target_idx >= 0) | (prompt_idx >= 0)
-        effect = (self.gene_embedding(target_idx, prompt_idx) @ self.weight.T) @ self.embedding.T + self.offset
+        linear = (self.gene_embedding(target_idx, prompt_idx) @ self.weight.T) @ self.embedding.T + self.offset
+        effect = self.mean_change + self.linear_weight * (linear - self.mean_change)
         own = (target_idx >= 0).unsqueeze(-1)  # the measured target's own entry
         column = target_idx.clamp(min=0).unsqueeze(-1)
         effect = effect.scatter(2, column, torch.where(own, self.self_effect.to(effect.dtype), effect.gather(2, column)))
