@@ -4,6 +4,10 @@
 Every key carries its meaning in `field(metadata={"help": ...})`; `docs/configuration.md` is
 generated from these (see `config_reference_markdown`) so the documentation cannot drift.
 Unknown keys and wrongly typed values are errors, never silently ignored.
+
+One module on purpose (over 400 lines): the dataclasses are the single reference of every key,
+its default, meaning and allowed values; the presets, the layering rule, `validate` and the
+generated reference all read them, and splitting them would spread one table over several files.
 """
 
 from __future__ import annotations

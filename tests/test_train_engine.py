@@ -17,7 +17,7 @@ from regina_cli.engine.distributed import launched_by_scheduler
 from regina_cli.engine.early_stopping import BestTracker, ConsistencyStopper, PatienceStopper
 from regina_cli.engine.preemption import StopOnSignal, TrainingInterrupted
 from regina_cli.engine.progress import TrainingProgress
-from regina_cli.engine.train_gan import instance_noise_std
+from regina_cli.engine.gan_phase import instance_noise_std
 from regina_cli.config import GANConfig
 from regina_cli.errors import ReginaError
 
@@ -162,7 +162,7 @@ def test_gan_validation_works_with_fewer_genes_than_top_de():
     from regina_cli.data.tensors import CellTensors
     from regina_cli.engine.distributed import DistContext
     from regina_cli.engine.gan_validation import TOP_DE, build_plan
-    from regina_cli.engine.train_gan import CycleGANPhase, encode_all
+    from regina_cli.engine.gan_phase import CycleGANPhase, encode_all
     from regina_cli.model.autoencoder import Autoencoder
     from regina_cli.model.gan import LatentCycleGAN
 

@@ -182,7 +182,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(demo
 def test_gan_resume_after_preemption_matches_an_uninterrupted_run(demo_data, tmp_path, monkeypatch):
     import shutil
 
-    from regina_cli.engine.train_gan import CycleGANPhase
+    from regina_cli.engine.gan_phase import CycleGANPhase
 
     train(demo_data, tmp_path / "run", tiny_config("ae.max_epochs=1"))
     shutil.copytree(tmp_path / "run", tmp_path / "other")

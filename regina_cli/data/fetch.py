@@ -20,7 +20,8 @@ from regina_cli.data.conditions import is_control, parse_condition
 from regina_cli.data.dataset import (checksum_file, is_complete, missing_gears_fields, record_checksum,
                                      recorded_checksum, verify_checksum, write_dataset)
 from regina_cli.data.download import GEARS_URLS, GO_URL, download
-from regina_cli.data.importer import ImportOptions, file_kind, import_screen
+from regina_cli.data.importer import ImportOptions, import_screen
+from regina_cli.data.sources import file_kind
 from regina_cli.data.safe_pickle import is_pickle
 from regina_cli.errors import ReginaError
 

@@ -1,0 +1,231 @@
+"""The phase-2 math for the shared epoch loop: `CycleGANPhase` (one training step of the latent
+cycle-GAN, its optimisers and validation), and the cached latents it trains on.
+
+Every step takes a batch of perturbed training cells and pairs each with a fresh random training
+control of the same cell type (no true pairing exists); the losses are `model.losses`'
+`generator_losses` and `discriminator_losses`. `engine/train_gan.py` sets the phase up and runs it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from regina_cli import keys
+from regina_cli.config import ReginaConfig
+from regina_cli.engine import checkpoint as ckpt
+from regina_cli.engine import gan_validation
+from regina_cli.engine.condition_stats import ConditionStats
+from regina_cli.engine.distributed import DistContext, data_parallel
+from regina_cli.engine.loop import EpochBatches, amp_context, scaled_lr, steps_per_epoch
+from regina_cli.model.gan import decode_prediction, prior_anchor
+from regina_cli.model.prompt import condition_prompt
+
+LATENT_CHUNK = 4096
+
+
+def instance_noise_std(cfg, epoch: int) -> float:
+    """`instance_noise` until `noise_decay_start`, then linearly down to 0 at `noise_decay_end`."""
+    if epoch <= cfg.noise_decay_start:
+        return cfg.instance_noise
+    if epoch >= cfg.noise_decay_end:
+        return 0.0
+    span = cfg.noise_decay_end - cfg.noise_decay_start
+    return cfg.instance_noise * (cfg.noise_decay_end - epoch) / span
+
+
+class CycleGANPhase:
+    """Phase-2 math for the shared epoch loop (`engine.loop.fit`)."""
+
+    name = keys.GAN_DIR
+    validate_initial = True  # the untrained transition (identity + prompt, or the prior) is a candidate too
+
+    def __init__(self, autoencoder, gan, cells, config: ReginaConfig, ctx: DistContext,
+                 val_plan: gan_validation.ValidationPlan | None, latents: torch.Tensor,
+                 stats: ConditionStats | None = None):
+        """`latents`: E(X) of every cell (`encode_all`); `stats`: the training conditions'
+        statistics (`condition_stats`), needed by the moment and pseudo-bulk terms."""
+        from regina_cli.model import losses
+
+        self.losses = losses
+        self.ae, self.gan, self.cells, self.config, self.ctx = autoencoder, gan, cells, config, ctx
+        g = config.gan
+        global_batch = g.batch_size * ctx.world_size
+        betas = (g.beta1, g.beta2)
+        fused = ctx.device.type == "cuda"
+
+        def optimizer(params, rate, clip=0.0):  # each step averages over processes, then clips (data_parallel)
+            rate = scaled_lr(rate, g.lr_scale_batch, global_batch)
+            return data_parallel(torch.optim.AdamW(params, lr=rate, betas=betas, fused=fused), ctx, clip=clip)
+
+        self.gen_optimizer = optimizer(gan.transition_parameters(), g.lr, g.grad_clip)
+        self.dec_optimizer = optimizer(autoencoder.decoder.parameters(), g.decoder_lr, g.grad_clip)
+        self.disc_optimizer = optimizer(gan.discriminator_parameters(), g.discriminator_lr)
+        self._optimizers = {"transitions": self.gen_optimizer, "decoder": self.dec_optimizer,
+                            "discriminator": self.disc_optimizer}
+        self._schedulers = {k: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=max(g.max_epochs, 1))
+                            for k, o in self._optimizers.items()}
+        seed = config.runtime.seed + ctx.rank
+        self.pair_generator = torch.Generator(ctx.device).manual_seed(seed)
+        self.noise_generator = torch.Generator(ctx.device).manual_seed(seed + 1)
+        self.dropout_generator = torch.Generator(ctx.device).manual_seed(seed + 2)
+        self.train_index = phase_train_index(cells, val_plan.held_out if val_plan is not None else [])
+        self.batch_size = g.batch_size
+        self.cells_per_step = g.batch_size
+        self.val_plan = val_plan
+        self.latents = latents
+        self.stats = stats
+        self.train_prior = None  # [C, G] cross-fitted expression priors, set when the GAN has a prior
+        if val_plan is not None:
+            self._val_shift = gan_validation.group_latent_shift(val_plan, latents, cells)
+        self._last_disc = torch.zeros((), device=ctx.device)
+        self._noise = g.instance_noise
+
+    def modules(self):
+        return {"gan": self.gan, "decoder": self.ae.decoder}
+
+    def optimizers(self):
+        return self._optimizers
+
+    def schedulers(self):
+        return self._schedulers
+
+    def generators(self):
+        return {"pairing": self.pair_generator, "noise": self.noise_generator, "prompt_dropout": self.dropout_generator}
+
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(len(self.train_index), self.batch_size, self.ctx)
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.gan.train()
+        self.ae.decoder.train()
+        self._noise = instance_noise_std(self.config.gan, epoch)
+        self._batches = EpochBatches(self.cells, self.train_index, self.batch_size,
+                                     seed=self.config.runtime.seed, epoch=epoch, ctx=self.ctx)
+        self._epoch_offset = (epoch - 1) * self.steps_per_epoch()
+
+    def condition_prompt(self, x_ctrl: torch.Tensor, z_ctrl: torch.Tensor, codes: torch.Tensor,
+                         keep_learned: torch.Tensor | None = None, anchor_z: torch.Tensor | None = None) -> torch.Tensor:
+        """The prompt for controls `x_ctrl` (latents `z_ctrl`, from the cache) under conditions `codes`."""
+        cells = self.cells
+        return condition_prompt(self.ae.encoder, self.gan, x_ctrl, cells.target_idx[codes], cells.prompt_idx[codes],
+                                cells.n_targets[codes], self.config.gan, z_ctrl=z_ctrl, keep_learned=keep_learned,
+                                anchor_z=anchor_z)
+
+    def anchor(self, x_ctrl: torch.Tensor, z_ctrl: torch.Tensor, codes: torch.Tensor, *, training: bool):
+        """(cell, latent) that residual decoding starts from: the control, or with an expression
+        prior the control plus the condition's prior (cross-fitted for training conditions)."""
+        if self.gan.expression_prior is None:
+            return x_ctrl, z_ctrl
+        if training:
+            prior = self.train_prior[codes]
+        else:
+            prior = self.gan.expression_prior(self.cells.target_idx[codes], self.cells.prompt_idx[codes])
+        return prior_anchor(self.ae.encoder, x_ctrl, z_ctrl, prior)
+
+    def _keep_learned(self, codes: torch.Tensor) -> torch.Tensor | None:
+        """Prompt dropout: which targets' learned vectors this step keeps (None: all)."""
+        p = self.config.gan.prompt_dropout
+        if p <= 0:
+            return None
+        shape = self.cells.prompt_idx[codes].shape
+        return torch.rand(shape, generator=self.dropout_generator, device=self.ctx.device) >= p
+
+    def train_step(self, epoch: int, step: int) -> dict[str, torch.Tensor]:
+        g = self.config.gan
+        idx, x_pert = self._batches.get(step)
+        codes = self.cells.condition_codes[idx]
+        ctrl = self.cells.control_partners(idx, self.pair_generator)
+        x_ctrl = self.cells.rows(ctrl)
+        z_ctrl, z_pert = self.latents[ctrl], self.latents[idx]
+        noise = dict(noise_std=self._noise, generator=self.noise_generator)
+        discriminators = (self.gan.discriminator, self.gan.control_discriminator)
+        with amp_context(self.ctx.device, self.config.runtime.amp):
+            anchor = self.anchor(x_ctrl, z_ctrl, codes, training=True)
+            prompt = self.condition_prompt(x_ctrl, z_ctrl, codes, self._keep_learned(codes), anchor_z=anchor[1])
+            for d in discriminators:
+                d.requires_grad_(False)
+            out = self.losses.generator_losses(self.gan, self.ae.decoder, z_ctrl=z_ctrl, z_pert=z_pert, x_ctrl=x_ctrl,
+                                               x_pert=x_pert, prompt=prompt, cfg=g, codes=codes, stats=self.stats,
+                                               anchor=anchor, **noise)
+        self.gen_optimizer.zero_grad(set_to_none=True)
+        self.dec_optimizer.zero_grad(set_to_none=True)
+        out.total.backward()
+        self.gen_optimizer.step()
+        self.dec_optimizer.step()
+        for d in discriminators:
+            d.requires_grad_(True)
+        if (self._epoch_offset + step - 1) % g.discriminator_every == 0:  # steps 1, 1+N, ...
+            with amp_context(self.ctx.device, self.config.runtime.amp):
+                disc = self.losses.discriminator_losses(self.gan, z_ctrl=z_ctrl, z_pert=z_pert, prompt=prompt.detach(),
+                                                        cfg=g, **out.extra, **noise)
+            self.disc_optimizer.zero_grad(set_to_none=True)
+            disc.backward()
+            self.disc_optimizer.step()
+            self._last_disc = disc.detach()
+        return {**{k: v.float() for k, v in out.logged().items()}, "disc": self._last_disc.float()}
+
+    def end_epoch(self, epoch: int) -> None:
+        for scheduler in self._schedulers.values():
+            scheduler.step()
+
+    @torch.no_grad()
+    def validate(self, epoch: int) -> dict[str, float]:
+        self.gan.eval()
+        self.ae.decoder.eval()
+        means = gan_validation.group_means(self.val_plan, self.cells, self._predict, seed=self.config.runtime.seed + 7,
+                                           match_control_mean=self.config.gan.match_control_mean)
+        self.gan.train()
+        self.ae.decoder.train()
+        self.scores = gan_validation.score(self.val_plan, means, self._val_shift)
+        return self.scores.as_dict()
+
+    def _predict(self, rows: torch.Tensor, controls: torch.Tensor, groups: torch.Tensor,
+                 shift: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """For cells `rows` started from `controls` (their expression moved by `shift`, see
+        `gan.match_control_mean`): the predicted expression, the prompt, the predicted latent
+        shift, and the decoded control latent plus the real shift of the condition (`groups`),
+        the autoencoder ceiling."""
+        x_ctrl, z_ctrl = self.cells.rows(controls), self.latents[controls]
+        if shift is not None:
+            x_ctrl = x_ctrl + shift
+        codes = self.cells.condition_codes[rows]
+        residual = self.config.gan.residual_decoding
+        with amp_context(self.ctx.device, self.config.runtime.amp):
+            anchor_x, anchor_z = self.anchor(x_ctrl, z_ctrl, codes, training=False)
+            prompt = self.condition_prompt(x_ctrl, z_ctrl, codes, anchor_z=anchor_z)
+            z_pred = self.gan.forward_block(z_ctrl, prompt)
+            decoded = decode_prediction(self.ae.decoder, torch.cat([z_pred, z_ctrl + self._val_shift[groups]]),
+                                        anchor_x=torch.cat([anchor_x, x_ctrl]), anchor_z=torch.cat([anchor_z, z_ctrl]),
+                                        residual=residual)
+        expression, ceiling = decoded.float().chunk(2)
+        return {"expression": expression, "ceiling": ceiling, "prompt": prompt.float(),
+                "latent_shift": (z_pred - z_ctrl).float()}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return ckpt.state_dict_to_cpu(torch.nn.ModuleDict({"gan": self.gan, "decoder": self.ae.decoder}))
+
+
+def phase_train_index(cells, held_out: list[str]) -> torch.Tensor:
+    """The perturbed training cells phase 2 trains on: all but those of held-out conditions."""
+    index = cells.train_perturbed_idx
+    if not held_out:
+        return index
+    codes = torch.as_tensor([cells.conditions.index(c) for c in held_out], device=cells.device)
+    return index[~torch.isin(cells.condition_codes[index], codes)]
+
+
+@torch.no_grad()
+def encode_all(encoder, cells, amp: str) -> torch.Tensor:
+    """Latents of every cell [n_cells, z_dim] (float32): the encoder is frozen and in eval mode
+    in phase 2, so E(X) of a real cell never changes and is computed once, not every step."""
+    latents = None
+    for idx, x in cells.batches(torch.arange(cells.n_cells, device=cells.device), LATENT_CHUNK, shuffle=False):
+        with amp_context(cells.device, amp):
+            z = encoder(x).float()
+        if latents is None:
+            latents = torch.empty((cells.n_cells, z.shape[1]), dtype=torch.float32, device=cells.device)
+        latents[idx] = z
+    return latents
+
+
+# --- Public entry point -------------------------------------------------------------------------------
