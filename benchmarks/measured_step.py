@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parents[1]))  # regina_cli also without `pip install -e .`
 POLL_S = 0.2
 
 
