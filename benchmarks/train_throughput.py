@@ -42,6 +42,7 @@ def synthetic_screen(n_cells: int, n_genes: int, seed: int = 0):
     obs = pd.DataFrame({"condition": condition, "cell_type": "K562"},
                        index=[f"cell{i}" for i in range(n_cells)])
     adata = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=genes))
+    perturbations = [p for p in perturbations if p in set(condition)]  # a small screen misses some
     n_val = len(perturbations) // 10
     split = Split(dataset="synthetic", mode="simulation", seed=seed, train_gene_frac=0.75,
                   train=["ctrl"] + perturbations[n_val:], val=perturbations[:n_val], test=[],

@@ -126,7 +126,7 @@ def test_progress_plain_lines_and_silence(capsys):
 
 def test_process_discovery_from_torchrun_and_slurm(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
-                "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID"):
+                "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
         monkeypatch.setenv(var, "")  # recorded, so what discovery writes is undone afterwards
         monkeypatch.delenv(var)
     assert launched_by_scheduler() is None
@@ -143,6 +143,13 @@ def test_process_discovery_from_torchrun_and_slurm(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert launched_by_scheduler() == (1, 0, 2)  # torchrun's variables win
+    for var in ("SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert launched_by_scheduler() is None  # RANK/WORLD_SIZE of one, not from torchrun: nothing to join
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    assert launched_by_scheduler() == (0, 0, 1)  # `torchrun --nproc-per-node=1` joins a group of one
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")

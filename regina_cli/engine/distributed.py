@@ -43,9 +43,10 @@ class DistContext:
 
 
 def launched_by_scheduler() -> tuple[int, int, int] | None:
-    """(rank, local_rank, world_size) when torchrun or `srun` started several of us, else None."""
+    """(rank, local_rank, world_size) when torchrun started us (even alone: `--nproc-per-node=1`
+    still runs the NCCL/gloo set-up) or `srun` started several of us, else None."""
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env and int(env["WORLD_SIZE"]) > 1:
+    if "RANK" in env and "WORLD_SIZE" in env and (int(env["WORLD_SIZE"]) > 1 or "TORCHELASTIC_RUN_ID" in env):
         return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
     if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
         rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
@@ -87,7 +88,7 @@ def setup(device: str) -> DistContext:
 
 
 def teardown(ctx: DistContext) -> None:
-    if ctx.is_distributed and dist.is_initialized():
+    if launched_by_scheduler() is not None and dist.is_initialized():  # a group of one too
         dist.destroy_process_group()
 
 

@@ -1,0 +1,59 @@
+"""The GPU check and the memory benchmark in their tiny `--quick` modes, so neither can rot
+between the rare sessions that have a GPU or an hour for the full sizes. No timings asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(script: str, *args, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(BENCHMARKS / script), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_gpu_check_quick_on_cpu_runs_every_part(tmp_path):
+    out = tmp_path / "gpu_cpu.json"
+    done = run("gpu_check.py", "--device", "cpu", "--quick", "--out", out, "--work", tmp_path / "work", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(out.read_text())
+    assert results["card"] == "cpu" and results["quick"]
+    parts = results["parts"]
+    assert set(parts) == {"pipeline", "torchrun", "throughput", "evaluate"}
+    assert all(p["status"] == "ok" and p["rows"] and all(r["ok"] for r in p["rows"]) for p in parts.values())
+    pipeline = [r["item"] for r in parts["pipeline"]["rows"]]
+    assert pipeline[:3] == ["fetch", "split", "label"] and "cpu evaluate" in pipeline
+    assert 0 < parts["pipeline"]["rows"][-1]["pearson_delta"]["cpu"] <= 1
+    assert "backend gloo" in parts["torchrun"]["rows"][0]["result"]  # the 1-process launch joined a group
+    measured = [r for r in parts["throughput"]["rows"] if "ae_cells_per_s" in r]
+    assert len(measured) == 4 and all(r["ae_cells_per_s"] > 0 and r["gan_cells_per_s"] > 0 for r in measured)
+    assert (tmp_path / "work" / "evaluate" / "out" / "metrics.json").is_file()
+    assert "REGINA GPU check on cpu" in done.stdout and "throughput" in done.stdout
+
+
+def test_memory_quick_measures_every_step(tmp_path):
+    out = tmp_path / "memory.json"
+    done = run("memory.py", "--quick", "--out", out, "--keep", tmp_path / "work", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(out.read_text())
+    steps = results["steps"]
+    assert [s["step"] for s in steps] == ["fetch", "split", "label", "train-ae", "train-gan", "predict", "evaluate"]
+    assert all(s["ok"] and s["exit_code"] == 0 and 0 < s["peak_rss_gib"] < results["limit_gib"] for s in steps)
+    assert steps[3]["note"] == "matrix kept dense in memory"  # a tiny screen fits
+    assert (tmp_path / "work" / "run" / "eval" / "metrics.json").is_file()
+
+
+def test_memory_guard_kills_a_step_past_its_limit(tmp_path):
+    """The guard that keeps a too-big step from exhausting a shared machine."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from measured_step import run_limited
+
+    code, killed, seen = run_limited([sys.executable, "-c", "import time; x = bytearray(300 * 2**20); time.sleep(30)"],
+                                     timeout_s=60, kill_gib=0.1)
+    assert code != 0 and killed == "resident memory passed 0.1 GiB" and seen > 0.1
