@@ -136,3 +136,38 @@ def test_prior_is_fitted_on_training_conditions_and_cross_fitted_for_them():
     # ... and the linear model for a validation gene it never saw alone, as the table gives it
     g3 = torch.tensor([[genes.index("G3"), -1]])
     torch.testing.assert_close(prior(g3, torch.tensor([[-1, -1]]))[0], cross[code["G3+ctrl"]], atol=1e-5, rtol=1e-5)
+
+
+def test_prior_falls_back_to_the_mean_change_when_no_training_target_is_measured():
+    """A screen whose targets were filtered out of the genes: no linear model can be fitted, so an
+    unseen target starts from the mean change over training conditions (train_mean), not zero."""
+    from test_tensors import tiny_screen, tiny_split
+
+    from regina_cli.config import build_config
+    from regina_cli.data.tensors import CellTensors
+    from regina_cli.engine.condition_stats import condition_stats
+    from regina_cli.engine.expression_prior import fit_expression_prior
+    from regina_cli.engine.gan_validation import training_control_mean
+    from regina_cli.engine.gene_prompts import prompt_gene_names
+
+    full = tiny_screen()
+    adata = full[:, [g for g in full.var_names if g not in {"G1", "G2", "G3"}]].copy()
+    split = tiny_split()
+    config = build_config(overrides=["gan.expression_prior=linear"])
+    genes = list(adata.var_names)
+    table, _ = prompt_gene_names(split.train, genes, config.gan)
+    cells = CellTensors.from_anndata(adata, split, device_data="always", prompt_genes=table)
+    stats = condition_stats(cells, torch.zeros(cells.n_cells, 4), cells.train_perturbed_idx)
+    prior = ExpressionPrior(cells.n_genes, len(table), 10, n_observed=3)
+    control = training_control_mean(cells)
+    cross = fit_expression_prior(prior, cells, stats, control, table, seed=0)
+    code = {c: i for i, c in enumerate(cells.conditions)}
+    change = {c: stats.expression_mean[code[c]] - control.float() for c in ("G1+ctrl", "G2+ctrl", "G1+G2", "NOTMEASURED+ctrl")}
+    # the prior's buffers predict the mean change for a gene with no effect of its own
+    torch.testing.assert_close(prior.offset, sum(change.values()) / 4, atol=1e-5, rtol=1e-5)
+    # a trained gene brings its observed effect
+    g1 = prior(torch.tensor([[-1, -1]]), torch.tensor([[table.index("G1"), -1]]))[0]
+    torch.testing.assert_close(g1, change["G1+ctrl"], atol=1e-5, rtol=1e-5)
+    # a training single is cross-fitted (4 conditions: 4 folds of one): the mean change of the other three
+    others = (change["G2+ctrl"] + change["G1+G2"] + change["NOTMEASURED+ctrl"]) / 3
+    torch.testing.assert_close(cross[code["G1+ctrl"]], others, atol=1e-5, rtol=1e-5)

@@ -3,7 +3,8 @@
 The prior of a condition sums its targets' effects: a gene perturbed alone in training brings its
 observed mean change; any other gene the linear gene-embedding model of the training pseudo-bulk
 (Ahlmann-Eltze, Huber & Anders 2025; `evaluate.baselines.fit_linear`), which predicts unseen genes
-from how their expression moved across the training perturbations. The transition then learns what the prior
+from how their expression moved across the training perturbations (or, where no training target
+is measured and that model cannot be fitted, the mean change over training conditions). The transition then learns what the prior
 gets wrong. It must learn that from the prior's errors on conditions the prior did not see, not
 from its near-perfect fit of its own training data: so during training each training condition
 gets the prior fitted without it (K-fold cross-fitting), and only prediction and validation use
@@ -19,7 +20,7 @@ import torch
 
 from regina_cli.data.conditions import canonical_condition, is_control, parse_condition
 from regina_cli.engine.gene_prompts import single_conditions
-from regina_cli.evaluate.baselines import LINEAR_PCA_DIM, TrainingData, fit_linear
+from regina_cli.evaluate.baselines import LINEAR_PCA_DIM, LinearModel, TrainingData, fit_linear
 
 FOLDS = 10
 PRIOR_DIM = LINEAR_PCA_DIM
@@ -90,15 +91,13 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
     mean = control_mean.double().cpu().numpy()
     singles = single_conditions(cells, codes)
     observed = {g: stats.expression_mean[code].double().cpu().numpy() - mean for g, code in singles.items()}
-    full = fit_linear(_training_data(cells, stats, codes, mean))
-    if full is None:
-        return torch.zeros((len(cells.conditions), cells.n_genes), device=cells.device)
+    full = _fit(_training_data(cells, stats, codes, mean))
     folds = [set(f.tolist()) for f in np.array_split(np.random.default_rng(seed).permutation(codes),
                                                        min(FOLDS, len(codes)))]
     fold_effects, held_out_singles = [], []
     for held in folds:
         kept = [c for c in codes if c not in held]
-        model = fit_linear(_training_data(cells, stats, kept, mean)) or full
+        model = _fit(_training_data(cells, stats, kept, mean))
         held_genes = {g for g, c in singles.items() if c in held}
         fold_effects.append(_Effects(model, observed, _mean_change(stats, kept, mean), 1.0,
                                      median_self_effect(observed, full.gene_index, exclude=held_genes)))
@@ -114,6 +113,18 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
         for code in held:
             table[code] = _reweighted(fold, weight).prior(cells.conditions[code], own=True)
     return torch.as_tensor(table, dtype=torch.float32, device=cells.device)
+
+
+def _fit(train: TrainingData) -> LinearModel:
+    """The linear model, or where it cannot be fitted (no training condition targets a measured
+    gene, as in a screen whose targets were filtered out) a model that predicts the mean change
+    for every gene: unseen targets then start from train_mean's prediction, not from no change."""
+    model = fit_linear(train)
+    if model is not None:
+        return model
+    genes = len(train.genes)
+    mean_change = (train.means.mean(0) - train.control_mean) if len(train.means) else np.zeros(genes)
+    return LinearModel(np.zeros((genes, 0)), np.zeros((0, 0)), mean_change, {g: i for i, g in enumerate(train.genes)})
 
 
 def _reweighted(effects: _Effects, weight: float) -> _Effects:
