@@ -23,8 +23,16 @@ mean over conditions per seed, then mean ± sd over seeds. Every model is compar
 knowledge on the conditions both predict. `none + fallback` is REGINA without knowledge where it
 predicts and `train_mean` elsewhere. The baselines do not depend on the arm; each condition's
 baseline scores come from the first arm that evaluated it. Coverage is predicted / all test
-conditions. Results go to benchmarks/results/knowledge.md (`--out`); `--reuse` rescores finished
-runs without training.
+conditions.
+
+A prior check isolates the route knowledge takes, without training: phase 2 predicts around an
+expression prior, the linear gene-embedding model of the training pseudo-bulk, and knowledge gives
+an unmeasured target its row of that model's gene embedding (GO-similarity mix of the measured
+genes' rows). The check scores that prior alone (Pearson of predicted and true mean change, all
+genes) with each arm's row: `none` gives no row (the model's mean change); on measured unseen
+single targets it also hides the gene's own row and compares the knowledge mix with the real row,
+the most any knowledge could give through this route. Results go to
+benchmarks/results/knowledge.md (`--out`); `--reuse` rescores finished runs without training.
 """
 
 from __future__ import annotations
@@ -145,7 +153,61 @@ def job(dataset: str, seed: int, opts) -> dict:
     files = {"none": None, "knowledge": knowledge,
              "random": shuffled_copy(knowledge, folder / "random_knowledge.tsv", seed)}
     arms = {arm: run_arm(dataset, seed, arm, files[arm], folder, env, opts) for arm in opts.arms}
-    return {"dataset": dataset, "seed": seed, "conditions": conditions_table(dataset, split, data), "arms": arms}
+    return {"dataset": dataset, "seed": seed, "conditions": conditions_table(dataset, split, data), "arms": arms,
+            "prior": prior_check(dataset, split, data, files)}
+
+
+def prior_check(dataset: str, split: str, data: Path, files: dict) -> list[dict]:
+    """The expression prior alone, per knowledge source (see the module docstring): one row per
+    (group, source) with the mean Pearson over the group's test conditions."""
+    import anndata
+
+    from regina_cli.data.conditions import condition_genes, parse_condition
+    from regina_cli.data.knowledge import ANNOTATION, load_gene_knowledge
+    from regina_cli.data.split import load_split
+    from regina_cli.evaluate.baselines import fit_linear, training_data
+    from regina_cli.evaluate.truth import Truth
+
+    truth = Truth(anndata.read_h5ad(data / dataset / "perturb_processed.h5ad"))
+    split_obj = load_split(dataset, split, data)
+    train = training_data(truth, split_obj.train)
+    model = fit_linear(train)
+    observed = {parse_condition(c)[0]: m - train.control_mean
+                for c, m in zip(train.conditions, train.means) if len(parse_condition(c)) == 1}
+    knowledge = {arm: load_gene_knowledge(f) for arm, f in files.items() if f is not None}
+    if model is None or any(k.kind != ANNOTATION for k in knowledge.values()):
+        return []  # the check mixes rows by annotation similarity, as the engine does for GO terms
+    g, index = model.gene_embedding, model.gene_index
+
+    def effect(gene: str, source: str, hidden: str = "") -> np.ndarray:
+        if gene in observed and gene != hidden:
+            return observed[gene]
+        if gene in index and (gene != hidden or source == "real row"):
+            row = g[index[gene]]
+        elif source in knowledge:
+            anchors = [a for a in truth.genes if a != hidden]
+            weights, usable = knowledge[source].vectors([gene], anchors=anchors)
+            row = weights[0] @ g[[index[a] for a in anchors]] if usable[0] else np.zeros(g.shape[1])
+        else:  # no knowledge: the mean change alone
+            row = np.zeros(g.shape[1])
+        return model.predict_change(row)
+
+    trained = condition_genes(split_obj.train)
+    groups = {"unseen": [], "own row hidden": []}
+    for c in split_obj.test:
+        targets = parse_condition(c)
+        if targets and any(t not in index and t not in trained for t in targets):
+            groups["unseen"].append((c, ""))
+        elif len(targets) == 1 and targets[0] in index and targets[0] not in trained:
+            groups["own row hidden"].append((c, targets[0]))
+    rows = []
+    for group, items in groups.items():
+        sources = (["real row"] if group == "own row hidden" else []) + ["none", *knowledge]
+        for source in sources:
+            r = [np.corrcoef(sum(effect(t, source, hidden) for t in parse_condition(c)),
+                             truth.stats(c).mean - truth.control_mean)[0, 1] for c, hidden in items]
+            rows.append({"group": group, "source": source, "n": len(r), "pearson": float(np.mean(r)) if r else np.nan})
+    return rows
 
 
 # --- Scoring ---------------------------------------------------------------------------------------
@@ -264,9 +326,24 @@ def markdown(summary: pd.DataFrame, cover: pd.DataFrame, results: list[dict], op
                     continue
                 cells = [_cell(rows[s]) + _delta(rows, s) for s in SCORES]
                 lines.append(f"| {model} | {rows['n'].mean():.1f} | " + " | ".join(cells) + " |")
+        lines += prior_lines([r for r in results if r["dataset"] == dataset and "failed" not in r])
     failed = [r for r in results if "failed" in r]
     lines += [f"\n{r['dataset']} seed {r['seed']}: no data ({r['failed']})" for r in failed]
     return "\n".join(lines) + "\n"
+
+
+def prior_lines(results: list[dict]) -> list[str]:
+    """The prior check's table: rows (group, source), mean ± sd over seeds."""
+    frame = pd.DataFrame([{**row, "seed": r["seed"]} for r in results for row in r["prior"]])
+    if frame.empty:
+        return []
+    lines = ["", "Prior check (no training; Pearson of the expression prior's mean change with the truth):", "",
+             "| test conditions | n | " + " | ".join(dict.fromkeys(frame["source"])) + " |",
+             "| --- | --- |" + " --- |" * frame["source"].nunique()]
+    for group, rows in frame.groupby("group", sort=False):
+        cells = [_cell(rows.loc[rows["source"] == s, "pearson"]) for s in dict.fromkeys(frame["source"])]
+        lines.append(f"| {group} | {rows['n'].mean():.1f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 
 import anndata as ad
-import numpy as np
 import pytest
+import torch
 
 from cli_helpers import invoke
 from regina_cli import keys
 from regina_cli.data.conditions import condition_genes, parse_condition
+from regina_cli.data.knowledge import load_gene_knowledge
 from regina_cli.data.split import load_split
+from regina_cli.engine.trained import load_trained
 
 DEMO = ["--cells", "800", "--genes", "300", "--singles", "12", "--doubles", "6", "--seed", "2", "--drop-targets", "0.5"]
 TINY = ["model.seq_len=4", "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.z_dim=8",
@@ -63,11 +65,18 @@ def test_knowledge_prompts_cover_every_test_condition_and_say_so(dropped_demo, t
     sources = pred.obs.groupby(keys.OBS_CONDITION, observed=True)[keys.OBS_PROMPT_SOURCE].first().astype(str)
     assert sources.to_dict() == out["sources"] and set(sources.index) == test
     assert {c for c, s in sources.items() if s == "knowledge"} == unseen
-    # The knowledge reaches the predictions: unseen conditions are not one shared fallback shift.
-    means = np.stack([pred[pred.obs[keys.OBS_CONDITION] == c].X.mean(0) for c in sorted(unseen)])
-    assert np.abs(means - means[0]).max() > 1e-3
-    used = json.loads((tmp_path / "with" / keys.GAN_DIR / keys.META_FILE).read_text())["gene_knowledge"]
-    assert used["sha256"] and used["genes_used"] > 0
+    # What reaches those predictions: each unseen target's row of the prior's gene embedding is
+    # the GO-similarity mix of the measured genes' rows.
+    trained = load_trained(tmp_path / "with", device="cpu")
+    prior, genes = trained.gan.expression_prior, list(trained.meta.gene_names)
+    targets = sorted(condition_genes(unseen) - set(genes) - condition_genes(load_split("demo", "simulation_1").train))
+    weights, usable = load_gene_knowledge(knowledge).vectors(targets, anchors=genes)
+    assert usable.all()
+    rows = prior.table_embedding[[trained.gan.prompt_genes.index(g) for g in targets]]
+    expected = torch.as_tensor(weights, dtype=torch.float64) @ prior.embedding.double()
+    torch.testing.assert_close(rows.double(), expected, rtol=1e-4, atol=1e-6)
+    assert rows.abs().sum(1).min() > 0
+    assert trained.meta.gene_knowledge["sha256"] == load_gene_knowledge(knowledge).sha256()
 
     out, pred = _train_and_predict(tmp_path / "without")
     assert set(out["skipped"]) == unseen
