@@ -6,8 +6,10 @@
 For each dataset and split seed it runs the real command line (as benchmarks/quality.py does):
 `regina fetch` (the demo with `--drop-targets`, which leaves a quarter of the targets out of the
 measured genes and writes its GO-like `gene_knowledge.tsv`; the real screens from ../shared/data),
-`split --seed S`, `label`, then for each arm `train-ae`, `train-gan`, `predict --conditions test`
-and `evaluate`, with the default configuration. The arms:
+`split --seed S`, `label`, `train-ae`, then for each arm `train-gan`, `predict --conditions test`
+and `evaluate`, with the default configuration. Phase 1 does not read the knowledge (trained once
+per arm, the demo's three arms gave identical weights), so it is trained once per seed, without
+knowledge, and each arm trains phase 2 on a copy of it with `--set model.gene_knowledge=FILE`. The arms:
 
 * none: no knowledge. Test conditions with a target that is neither measured nor perturbed in
   training are skipped by `predict`; the only fallback for them is the `train_mean` baseline.
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +56,7 @@ from quality import DATASETS, ROOT, StepFailed, run
 ARMS = ("none", "knowledge", "random")
 SCORES = ("pearson_delta", "pearson_delta_top20_de")
 MODEL, FALLBACK, COMPOSITE = "regina", "train_mean", "none + fallback"
+PHASE1 = "phase1"  # run folder of the shared phase 1
 GROUPS = {  # group -> (column of the condition table that selects it, title)
     "unseen": ("unseen", "a target neither measured nor perturbed in training (only knowledge predicts them)"),
     "unmeasured": ("unmeasured", "a target the screen does not measure"),
@@ -93,8 +97,20 @@ def conditions_table(dataset: str, split: str, data: Path) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("condition")
 
 
+def train_phase1(dataset: str, seed: int, folder: Path, env: dict) -> Path:
+    """`train-ae` once per seed, without knowledge (phase 1 does not read it); runs/phase1."""
+    run_dir = folder / "runs" / PHASE1
+    if not (run_dir / "ae" / "meta.json").is_file() or json.loads((run_dir / "ae" / "meta.json").read_text()).get(
+            "status") != "trained":
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run(["train-ae", dataset, "--split", f"simulation_{seed}", "--labels", DATASETS[dataset][1], "--run",
+             str(run_dir), "--device", "cpu"], folder / f"{PHASE1}.log", env)
+    return run_dir
+
+
 def run_arm(dataset: str, seed: int, arm: str, knowledge: Path | None, folder: Path, env: dict, opts) -> dict:
-    """train-ae, train-gan, predict --conditions test, evaluate for one arm; what it predicted and scored."""
+    """train-gan (on a copy of the seed's phase 1, with `--set model.gene_knowledge=FILE`),
+    predict --conditions test, evaluate for one arm; what it predicted and scored."""
     import anndata
 
     run_dir = folder / "runs" / arm
@@ -105,14 +121,15 @@ def run_arm(dataset: str, seed: int, arm: str, knowledge: Path | None, folder: P
         return {**kept, "table": pd.read_csv(scores) if scores.is_file() else None}
     log = folder / f"{arm}.log"
     log.unlink(missing_ok=True)
-    split, (_, labels) = f"simulation_{seed}", DATASETS[dataset]
-    given = ["--gene-knowledge", str(knowledge)] if knowledge is not None else []
+    split = f"simulation_{seed}"
+    given = ["--set", f"model.gene_knowledge={knowledge}"] if knowledge is not None else []
     started = time.perf_counter()
     result = {"arm": arm, "sources": {}, "skipped": [], "failed": None}
     try:
-        run(["train-ae", dataset, "--split", split, "--labels", labels, "--run", str(run_dir), "--device", "cpu",
-             *given], log, env)
-        run(["train-gan", "--run", str(run_dir), "--device", "cpu"], log, env)
+        phase1 = train_phase1(dataset, seed, folder, env)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.copytree(phase1 / "ae", run_dir / "ae")
+        run(["train-gan", "--run", str(run_dir), "--device", "cpu", *given], log, env)
         predictions = run_dir / "predictions.h5ad"
         run(["--quiet", "predict", "--run", str(run_dir), "--conditions", "test", "--device", "cpu"], log, env)
         pred = anndata.read_h5ad(predictions, backed="r")
@@ -134,11 +151,16 @@ def job(dataset: str, seed: int, opts) -> dict:
     """Data, split and labels for one (dataset, seed), then every arm on them."""
     folder = Path(opts.workdir) / dataset / f"seed{seed}"
     data = folder / "data"
+    source, labels = DATASETS[dataset]
+    arm_names = opts.arms if source is None else opts.real_arms
+    if opts.only_finished:
+        arm_names = [a for a in arm_names if (folder / "runs" / a / "knowledge.json").is_file()]
+        if not arm_names:
+            return {"dataset": dataset, "seed": seed, "failed": "not run (--only-finished)"}
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "REGINA_DATA": str(data), "OMP_NUM_THREADS": str(opts.threads),
            "MKL_NUM_THREADS": str(opts.threads)}
     log = folder / "data.log"
-    source, labels = DATASETS[dataset]
     split = f"simulation_{seed}"
     try:
         fetch = (["--drop-targets", str(opts.drop_targets)] if source is None
@@ -152,7 +174,7 @@ def job(dataset: str, seed: int, opts) -> dict:
     knowledge = data / dataset / "gene_knowledge.tsv" if source is None else Path(opts.knowledge_file)
     files = {"none": None, "knowledge": knowledge,
              "random": shuffled_copy(knowledge, folder / "random_knowledge.tsv", seed)}
-    arms = {arm: run_arm(dataset, seed, arm, files[arm], folder, env, opts) for arm in opts.arms}
+    arms = {arm: run_arm(dataset, seed, arm, files[arm], folder, env, opts) for arm in arm_names}
     return {"dataset": dataset, "seed": seed, "conditions": conditions_table(dataset, split, data), "arms": arms,
             "prior": prior_check(dataset, split, data, files)}
 
@@ -300,7 +322,8 @@ def markdown(summary: pd.DataFrame, cover: pd.DataFrame, results: list[dict], op
              f"Date: {time.strftime('%Y-%m-%d %H:%M')}; load average at the end: {load}; split seeds "
              f"{' '.join(map(str, opts.seeds))}; default configuration; demo with --drop-targets {opts.drop_targets}.", "",
              "Arms: `none` (no knowledge; `predict` skips what it cannot prompt), `knowledge` (`--gene-knowledge "
-             "FILE`), `random` (the same file, genes permuted). Each cell: mean ± sd over seeds of the mean over "
+             "FILE`), `random` (the same file, genes permuted); phase 1 (which does not read the knowledge) is "
+             "trained once per seed and each arm trains phase 2 on it. Each cell: mean ± sd over seeds of the mean over "
              "the conditions the model predicts (n of N per seed, averaged). In brackets: REGINA + knowledge minus "
              "the model on the same conditions, mean over seeds, and in how many seeds knowledge scored higher. "
              "`none + fallback`: REGINA without knowledge where it predicts, `train_mean` elsewhere.", ""]
@@ -350,7 +373,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, help="arms on the demo")
+    parser.add_argument("--real-arms", nargs="+", default=list(ARMS), choices=ARMS, help="arms on the real screens")
     parser.add_argument("--drop-targets", type=float, default=0.25, help="demo: share of targets not measured")
     parser.add_argument("--knowledge-file", default=str(ROOT / "benchmarks" / "work" / "knowledge" / "go_human.tsv"),
                         help="knowledge for the real screens (python benchmarks/make_knowledge.py writes it)")
@@ -360,7 +384,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per pipeline")
     parser.add_argument("--shared-data", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--reuse", action="store_true", help="rescore finished runs, do not retrain")
+    parser.add_argument("--only-finished", action="store_true",
+                        help="with --reuse: report the finished arms only, train nothing")
     opts = parser.parse_args()
+    opts.reuse = opts.reuse or opts.only_finished
     if any(d != "demo" for d in opts.datasets) and not Path(opts.knowledge_file).is_file():
         raise SystemExit(f"error: {opts.knowledge_file} not found: run python benchmarks/make_knowledge.py first")
 
