@@ -153,10 +153,8 @@ def job(dataset: str, seed: int, opts) -> dict:
     data = folder / "data"
     source, labels = DATASETS[dataset]
     arm_names = opts.arms if source is None else opts.real_arms
-    if opts.only_finished:
+    if opts.only_finished:  # the prior check still runs on every seed
         arm_names = [a for a in arm_names if (folder / "runs" / a / "knowledge.json").is_file()]
-        if not arm_names:
-            return {"dataset": dataset, "seed": seed, "failed": "not run (--only-finished)"}
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "REGINA_DATA": str(data), "OMP_NUM_THREADS": str(opts.threads),
            "MKL_NUM_THREADS": str(opts.threads)}
@@ -197,7 +195,10 @@ def prior_check(dataset: str, split: str, data: Path, files: dict) -> list[dict]
     observed = {parse_condition(c)[0]: m - train.control_mean
                 for c, m in zip(train.conditions, train.means) if len(parse_condition(c)) == 1}
     knowledge = {arm: load_gene_knowledge(f) for arm, f in files.items() if f is not None}
-    if model is None or any(k.kind != ANNOTATION for k in knowledge.values()):
+    if model is None:
+        return [{"note": "no training condition targets a measured gene, so the linear prior cannot be fitted: "
+                         "phase 2's expression prior is zero and knowledge has no embedding rows to mix"}]
+    if any(k.kind != ANNOTATION for k in knowledge.values()):
         return []  # the check mixes rows by annotation similarity, as the engine does for GO terms
     g, index = model.gene_embedding, model.gene_index
 
@@ -263,7 +264,7 @@ def summarise(results: list[dict]) -> pd.DataFrame:
     rows = []
     reference = f"{MODEL}:knowledge"
     for result in results:
-        if "failed" in result:
+        if "failed" in result or not result["arms"]:
             continue
         wide, conditions = score_frame(result), result["conditions"]
         for group, (column, _) in GROUPS.items():
@@ -330,17 +331,23 @@ def markdown(summary: pd.DataFrame, cover: pd.DataFrame, results: list[dict], op
     for dataset, frame in summary.groupby("dataset", sort=False):
         lines += [f"## {dataset}", "", "Coverage of `predict --conditions test` (sum over seeds):", "",
                   "| arm | predicted / test conditions | unseen unmeasured predicted | prompt source `knowledge` | "
-                  "minutes per seed |", "| --- | --- | --- | --- | --- |"]
+                  "minutes per seed (phase 1 in the arm that trained it) |", "| --- | --- | --- | --- | --- |"]
         for arm, rows in cover[cover["dataset"] == dataset].groupby("arm", sort=False):
             lines.append(f"| {arm} | {rows['predicted'].sum()} / {rows['of'].sum()} | {rows['unseen'].sum()} / "
                          f"{rows['unseen_of'].sum()} | {rows['knowledge_source'].sum()} | "
                          f"{rows['seconds'].mean() / 60:.1f} |")
             for _, failed in rows[rows["failed"] != ""].iterrows():
                 lines.append(f"|  | seed {failed['seed']}: {failed['failed']} | | | |")
-        for group, (_, title) in GROUPS.items():
+        shown = {}
+        for group, (column, title) in GROUPS.items():
             rows_g = frame[frame["group"] == group]
-            if rows_g["of"].max() == 0:
+            chosen = frozenset((r["seed"], c) for r in results if r["dataset"] == dataset and "failed" not in r
+                               and r["arms"] for c in r["conditions"].index[r["conditions"][column]])
+            if rows_g["of"].max() == 0 or chosen in shown:
+                if chosen in shown and chosen:
+                    lines += ["", f"Test conditions with {title}: the same conditions as {shown[chosen]!r} above."]
                 continue
+            shown[chosen] = group
             lines += ["", f"Test conditions with {title} (N = {rows_g['of'].mean():.1f} per seed):", "",
                       "| model | n | " + " | ".join(SCORES) + " |", "| --- | --- |" + " --- |" * len(SCORES)]
             for model, rows in rows_g.groupby("model", sort=False):
@@ -358,9 +365,13 @@ def markdown(summary: pd.DataFrame, cover: pd.DataFrame, results: list[dict], op
 def prior_lines(results: list[dict]) -> list[str]:
     """The prior check's table: rows (group, source), mean ± sd over seeds."""
     frame = pd.DataFrame([{**row, "seed": r["seed"]} for r in results for row in r["prior"]])
+    if "note" in frame:
+        return ["", f"Prior check: {frame['note'].dropna().iloc[0]}."]
     if frame.empty:
         return []
-    lines = ["", "Prior check (no training; Pearson of the expression prior's mean change with the truth):", "",
+    seeds = " ".join(map(str, sorted(frame["seed"].unique())))
+    lines = ["", f"Prior check (no training, seeds {seeds}; Pearson of the expression prior's mean change with "
+             "the truth):", "",
              "| test conditions | n | " + " | ".join(dict.fromkeys(frame["source"])) + " |",
              "| --- | --- |" + " --- |" * frame["source"].nunique()]
     for group, rows in frame.groupby("group", sort=False):
