@@ -50,7 +50,9 @@ def dropped_demo():
     _ok(invoke("--quiet", "split", "demo", "--seed", "1"))
     _ok(invoke("--quiet", "label", "demo", "--method", "stress", "--split", "simulation_1"))
     split = load_split("demo", "simulation_1")
-    measured = set(ad.read_h5ad(keys.dataset_file("demo"), backed="r").var_names)
+    adata = ad.read_h5ad(keys.dataset_file("demo"), backed="r")
+    measured = set(adata.var_names)
+    adata.file.close()
     known = measured | condition_genes(split.train)
     unseen = {c for c in split.test if set(parse_condition(c)) - known}
     return keys.dataset_dir("demo") / keys.GENE_KNOWLEDGE_FILE, set(split.test), unseen
