@@ -100,6 +100,21 @@ def test_go_similarity_is_jaccard_top_k_rows_sum_to_one(tmp_path):
     np.testing.assert_allclose(row[0], expected / expected.sum(), rtol=1e-6)
 
 
+def test_neighbours_never_include_the_gene_itself_and_work_for_both_kinds(tmp_path):
+    go = load_gene_knowledge(_annotation_files(tmp_path)["a.tsv"])
+    weights, usable = go.neighbours(["TP53", "MYC", "KLF1"], anchors=["TP53", "MYC", "KLF1"])
+    # TP53's only other neighbour is MYC (GO:2), and MYC's is TP53; KLF1 shares no term
+    np.testing.assert_allclose(weights, [[0, 1, 0], [1, 0, 0], [0, 0, 0]])
+    assert usable.tolist() == [True, True, False]
+
+    embedding = load_gene_knowledge(_embedding_files(tmp_path)["e.csv"])
+    weights, usable = embedding.neighbours(["TP53", "KLF1"], anchors=["TP53", "MYC"])
+    # TP53: itself excluded, MYC (cosine 0.97) is all that is left; KLF1: negative cosine with MYC,
+    # orthogonal to TP53, so no neighbour
+    np.testing.assert_allclose(weights[0], [0.0, 1.0], atol=1e-6)
+    assert usable.tolist() == [True, False] and not weights[1].any()
+
+
 class _Exploit:
     def __init__(self, marker):
         self.marker = marker

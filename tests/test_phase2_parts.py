@@ -171,3 +171,82 @@ def test_prior_falls_back_to_the_mean_change_when_no_training_target_is_measured
     # a training single is cross-fitted (4 conditions: 4 folds of one): the mean change of the other three
     others = (change["G2+ctrl"] + change["G1+G2"] + change["NOTMEASURED+ctrl"]) / 3
     torch.testing.assert_close(cross[code["G1+ctrl"]], others, atol=1e-5, rtol=1e-5)
+
+
+def test_prior_moves_a_knowledge_gene_towards_its_neighbours_effects():
+    prior = ExpressionPrior(n_genes=3, n_table=3, dim=2, n_observed=2, n_neighbours=2)
+    prior.observed.copy_(torch.tensor([[4.0, 0.0, 0.0], [0.0, 8.0, 0.0]]))
+    prior.observed_rows[:2] = torch.tensor([0, 1])  # table rows 0 and 1 were perturbed alone
+    prior.neighbour_rows[2] = torch.tensor([0, 1])  # table row 2 (unmeasured, unseen): both are neighbours
+    prior.neighbour_weights[2] = torch.tensor([0.75, 0.25])
+    prior.mean_change.fill_(1.0)
+    prior.offset.fill_(1.0)  # no embedding: linear = offset = the mean change
+    prior.knowledge_weight.fill_(0.5)
+    out = prior(torch.tensor([[-1], [-1]]), torch.tensor([[2], [0]]))
+    knn = torch.tensor([3.0, 2.0, 0.0])  # 0.75 * [4, 0, 0] + 0.25 * [0, 8, 0]
+    torch.testing.assert_close(out[0], 1.0 + 0.5 * (knn - 1.0))
+    torch.testing.assert_close(out[1], torch.tensor([4.0, 0.0, 0.0]))  # observed wins
+    state = {k: v for k, v in prior.state_dict().items() if k not in ExpressionPrior.NEW_BUFFERS}
+    older = ExpressionPrior(n_genes=3, n_table=3, dim=2, n_observed=2, n_neighbours=2)
+    older.load_state_dict(state)  # a run saved before neighbours existed loads, with none
+    assert float(older.knowledge_weight) == 0.0 and (older.neighbour_rows == -1).all()
+
+
+def _grouped_screen(seed: int = 0):
+    """Twelve genes perturbed alone in two programmes: group A moves genes 0-4, group B genes 5-9."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    targets = [f"A{i}" for i in range(6)] + [f"B{i}" for i in range(6)]
+    genes = [f"R{i}" for i in range(14)]
+    rows, names = [], []
+    for condition in ["ctrl"] + [f"{t}+ctrl" for t in targets]:
+        effect = np.zeros(len(genes))
+        if condition.startswith("A"):
+            effect[:5] = 1.5 * (1 + int(condition[1]) / 6)
+        elif condition.startswith("B"):
+            effect[5:10] = -1.5 * (1 + int(condition[1]) / 6)
+        n = 60 if condition == "ctrl" else 20
+        rows.append(np.clip(3.0 + effect + rng.normal(0, 0.3, (n, len(genes))), 0, None))
+        names += [condition] * n
+    obs = pd.DataFrame({"condition": names, "cell_type": "K", "control": [int(c == "ctrl") for c in names]},
+                       index=[f"c{i}" for i in range(len(names))])
+    adata = ad.AnnData(sp.csr_matrix(np.vstack(rows).astype(np.float32)), obs=obs,
+                       var=pd.DataFrame(index=genes))
+    return adata, ["ctrl"] + [f"{t}+ctrl" for t in targets], targets
+
+
+@pytest.mark.parametrize("informative", [True, False])
+def test_folds_give_knowledge_weight_only_when_it_predicts_held_out_genes(informative):
+    from regina_cli.config import build_config
+    from regina_cli.data.knowledge import ANNOTATION, TOP_K, GeneKnowledge
+    from regina_cli.data.split import Split
+    from regina_cli.data.tensors import CellTensors
+    from regina_cli.engine.condition_stats import condition_stats
+    from regina_cli.engine.expression_prior import fit_expression_prior, observed_genes
+    from regina_cli.engine.gan_validation import training_control_mean
+    from regina_cli.engine.gene_prompts import prompt_gene_names
+
+    adata, train, targets = _grouped_screen()
+    terms = [frozenset({t[0]}) for t in targets]  # the true programme, or a shuffled one
+    if not informative:
+        terms = [frozenset({"A" if i % 2 else "B"}) for i in range(len(targets))]
+    knowledge = GeneKnowledge("test", ANNOTATION, targets, terms=terms)
+    split = Split(dataset="g", mode="custom", seed=1, train_gene_frac=None, train=train, val=[], test=[],
+                  subgroups={"test_subgroup": {}, "val_subgroup": {}})
+    config = build_config(overrides=["gan.expression_prior=linear"])
+    table, _ = prompt_gene_names(split.train, list(adata.var_names), config.gan, targets)
+    cells = CellTensors.from_anndata(adata, split, device_data="always", prompt_genes=table)
+    stats = condition_stats(cells, torch.zeros(cells.n_cells, 4), cells.train_perturbed_idx)
+    prior = ExpressionPrior(cells.n_genes, len(table), 10, n_observed=len(observed_genes(cells, stats)),
+                            n_neighbours=TOP_K)
+    cross = fit_expression_prior(prior, cells, stats, training_control_mean(cells), table, seed=0, knowledge=knowledge)
+    code = {c: i for i, c in enumerate(cells.conditions)}
+    real = stats.expression_mean[code["A0+ctrl"]] - training_control_mean(cells).float()
+    if informative:  # a held-out A gene is predicted from the other A genes
+        assert float(prior.knowledge_weight) >= 0.5
+        assert torch.corrcoef(torch.stack([cross[code["A0+ctrl"]], real]))[0, 1] > 0.9
+    else:
+        assert float(prior.knowledge_weight) == 0.0

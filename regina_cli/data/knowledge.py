@@ -85,6 +85,30 @@ class GeneKnowledge:
         out = self._similarity(rows, [self._row(a) for a in anchors])
         return out, known & (out.sum(axis=1) > 0)
 
+    def neighbours(self, genes: Sequence[str], anchors: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """([len(genes), len(anchors)] weights, bool mask): each gene's TOP_K most similar anchors,
+        weights summing to 1 (annotation: Jaccard of term sets, as `vectors`; embedding: cosine
+        similarity, positive ones only). A gene is never its own neighbour."""
+        if self.kind == ANNOTATION:
+            weights = self.vectors(genes, anchors)[0]
+        else:
+            x, known = self.vectors(genes)
+            a, anchor_known = self.vectors(anchors)
+            unit = lambda m: m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+            cosine = unit(x) @ unit(a).T
+            weights = np.where(cosine > 1e-6, cosine, 0.0) * known[:, None] * anchor_known[None, :]
+        weights = np.asarray(weights, dtype=np.float32).copy()
+        position = {a: j for j, a in enumerate(anchors)}
+        for i, g in enumerate(genes):
+            if g in position:
+                weights[i, position[g]] = 0.0
+        if weights.shape[1] > TOP_K:
+            dropped = np.argpartition(-weights, TOP_K, axis=1)[:, TOP_K:]
+            np.put_along_axis(weights, dropped, 0.0, axis=1)
+        totals = weights.sum(axis=1, keepdims=True)
+        weights = np.divide(weights, totals, out=np.zeros_like(weights), where=totals > 0)
+        return weights, totals[:, 0] > 0
+
     def _similarity(self, rows: list[int | None], anchor_rows: list[int | None]) -> np.ndarray:
         import scipy.sparse as sp
 

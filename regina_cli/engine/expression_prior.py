@@ -13,7 +13,7 @@ the prior fitted on every training condition.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from regina_cli.engine.gene_prompts import single_conditions
 from regina_cli.evaluate.baselines import LINEAR_PCA_DIM, LinearModel, TrainingData, fit_linear
 
 FOLDS = 10
+KNOWLEDGE_CHUNK = 1000  # genes per similarity computation (bounds its memory)
 PRIOR_DIM = LINEAR_PCA_DIM
 
 
@@ -39,18 +40,25 @@ LINEAR_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 @dataclass
 class _Effects:
     """Single-gene effects for the prior: the observed ones, else the mean change m moved by
-    `weight` towards the linear model (m + w (linear - m)), the target's own entry `self_effect`."""
+    `weight` towards the linear model and by `knowledge_weight` towards the knowledge neighbours'
+    observed effects (m + w (linear - m) + v (k - m)), the target's own entry `self_effect`."""
 
     model: object  # evaluate.baselines.LinearModel
     observed: dict[str, np.ndarray]
     mean_change: np.ndarray
     weight: float
     self_effect: float
+    neighbours: dict[str, tuple] = field(default_factory=dict)  # gene -> (neighbour genes, weights)
+    knowledge_weight: float = 0.0
 
     def unseen(self, gene: str) -> np.ndarray:
         embedding = self.model.embed(canonical_condition([gene]))
         linear = self.model.offset if embedding is None else self.model.predict_change(embedding)
         effect = self.mean_change + self.weight * (linear - self.mean_change)
+        if gene in self.neighbours and self.knowledge_weight:
+            genes, weights = self.neighbours[gene]
+            known = sum(w * self.observed[g] for g, w in zip(genes, weights))
+            effect = effect + self.knowledge_weight * (known - self.mean_change)
         if gene in self.model.gene_index:
             effect[self.model.gene_index[gene]] = self.self_effect
         return effect
@@ -75,9 +83,32 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / denominator) if denominator > 0 else 0.0
 
 
+def _neighbours(knowledge, genes, observed: dict[str, np.ndarray], exclude=()) -> dict[str, tuple]:
+    """{gene: (its knowledge neighbours among the observed genes outside `exclude`, their
+    weights)} for the `genes` knowledge places there (`GeneKnowledge.neighbours`)."""
+    anchors = [g for g in sorted(observed) if g not in exclude]
+    genes = sorted(genes)
+    if knowledge is None or not anchors:
+        return {}
+    found = {}
+    for start in range(0, len(genes), KNOWLEDGE_CHUNK):
+        chunk = genes[start: start + KNOWLEDGE_CHUNK]
+        weights, usable = knowledge.neighbours(chunk, anchors)
+        for gene, row, ok in zip(chunk, weights, usable):
+            if ok:
+                kept = np.flatnonzero(row)
+                found[gene] = (tuple(anchors[j] for j in kept), row[kept])
+    return found
+
+
+def _weight_pairs(with_knowledge: bool) -> list[tuple[float, float]]:
+    """(linear weight w, knowledge weight v) candidates: shares of three predictors, w + v <= 1."""
+    return [(w, v) for w in LINEAR_WEIGHTS for v in (LINEAR_WEIGHTS if with_knowledge else (0.0,)) if w + v <= 1]
+
+
 @torch.no_grad()
 def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt_genes: list[str], *,
-                         seed: int) -> torch.Tensor:
+                         seed: int, knowledge=None) -> torch.Tensor:
     """Fit `prior` (`model.gan.ExpressionPrior`) on every perturbed training condition in `stats`
     and return the cross-fitted prior of each condition code [C, G]: a training condition gets the
     fold model that left it out (and not its own observed effect); other codes the full prior.
@@ -86,6 +117,8 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
     weight) is chosen from the folds: the weight whose held-out single-gene predictions correlate
     best with the observed effects (a screen whose genes' co-variation says little about their
     effects keeps close to the mean change; train_mean is weight 0, the linear baseline weight 1).
+    With gene knowledge the folds also choose how far an unseen gene moves towards the observed
+    effects of its knowledge neighbours (weight 0 when the knowledge does not help).
     """
     codes = [c for c, name in enumerate(cells.conditions) if stats.counts[c] > 0 and not is_control(name)]
     mean = control_mean.double().cpu().numpy()
@@ -99,19 +132,24 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
         kept = [c for c in codes if c not in held]
         model = _fit(_training_data(cells, stats, kept, mean))
         held_genes = {g for g, c in singles.items() if c in held}
+        unseen_here = {g for c in held for g in parse_condition(cells.conditions[c])
+                       if g in held_genes or g not in observed}
         fold_effects.append(_Effects(model, observed, _mean_change(stats, kept, mean), 1.0,
-                                     median_self_effect(observed, full.gene_index, exclude=held_genes)))
+                                     median_self_effect(observed, full.gene_index, exclude=held_genes),
+                                     _neighbours(knowledge, unseen_here, observed, exclude=held_genes)))
         held_out_singles += [(len(fold_effects) - 1, g) for g in held_genes]
-    weight = max(LINEAR_WEIGHTS, key=lambda w: np.mean([
-        _pearson(_reweighted(fold_effects[f], w).unseen(g), observed[g]) for f, g in held_out_singles] or [0.0]))
+    weight, knowledge_weight = max(_weight_pairs(knowledge is not None), key=lambda wv: np.mean([
+        _pearson(_reweighted(fold_effects[f], *wv).unseen(g), observed[g]) for f, g in held_out_singles] or [0.0]))
+    needed = (set(prompt_genes) | {g for name in cells.conditions for g in parse_condition(name)}) - set(observed)
     effects = _Effects(full, observed, _mean_change(stats, codes, mean), weight,
-                       median_self_effect(observed, full.gene_index))
+                       median_self_effect(observed, full.gene_index), _neighbours(knowledge, needed, observed),
+                       knowledge_weight)
     _load(prior, effects, prompt_genes)
     table = np.stack([effects.prior(name) if not is_control(name) else np.zeros(cells.n_genes)
                       for name in cells.conditions])
     for held, fold in zip(folds, fold_effects):
         for code in held:
-            table[code] = _reweighted(fold, weight).prior(cells.conditions[code], own=True)
+            table[code] = _reweighted(fold, weight, knowledge_weight).prior(cells.conditions[code], own=True)
     return torch.as_tensor(table, dtype=torch.float32, device=cells.device)
 
 
@@ -127,8 +165,8 @@ def _fit(train: TrainingData) -> LinearModel:
     return LinearModel(np.zeros((genes, 0)), np.zeros((0, 0)), mean_change, {g: i for i, g in enumerate(train.genes)})
 
 
-def _reweighted(effects: _Effects, weight: float) -> _Effects:
-    return _Effects(effects.model, effects.observed, effects.mean_change, weight, effects.self_effect)
+def _reweighted(effects: _Effects, weight: float, knowledge_weight: float = 0.0) -> _Effects:
+    return replace(effects, weight=weight, knowledge_weight=knowledge_weight)
 
 
 def _mean_change(stats, codes: list[int], control_mean: np.ndarray) -> np.ndarray:
@@ -137,7 +175,7 @@ def _mean_change(stats, codes: list[int], control_mean: np.ndarray) -> np.ndarra
 
 
 def _load(prior, effects: _Effects, prompt_genes: list[str]) -> None:
-    """Copy the fitted effects into the prior's buffers."""
+    """Copy the fitted effects (and the table genes' knowledge neighbours) into the prior's buffers."""
     model = effects.model
     k = model.gene_embedding.shape[1]
     prior.embedding.zero_()[:, :k] = torch.as_tensor(model.gene_embedding, dtype=prior.embedding.dtype)
@@ -147,9 +185,20 @@ def _load(prior, effects: _Effects, prompt_genes: list[str]) -> None:
     prior.linear_weight.fill_(effects.weight)
     prior.self_effect.fill_(effects.self_effect)
     position = {g: i for i, g in enumerate(prompt_genes)}
-    for row, gene in enumerate(sorted(effects.observed)):
+    observed_row = {gene: row for row, gene in enumerate(sorted(effects.observed))}
+    for gene, row in observed_row.items():
         prior.observed[row] = torch.as_tensor(effects.observed[gene], dtype=prior.observed.dtype)
         prior.observed_rows[position[gene]] = row
+    prior.knowledge_weight.fill_(effects.knowledge_weight)
+    slots = prior.neighbour_rows.shape[1]
+    prior.neighbour_rows.fill_(-1)
+    prior.neighbour_weights.zero_()
+    for gene, (genes, weights) in effects.neighbours.items():
+        if gene not in position or not slots:
+            continue
+        k = min(len(genes), slots)
+        prior.neighbour_rows[position[gene], :k] = torch.as_tensor([observed_row[g] for g in genes[:k]])
+        prior.neighbour_weights[position[gene], :k] = torch.as_tensor(weights[:k])
 
 
 def observed_genes(cells, stats) -> list[str]:
@@ -157,8 +206,6 @@ def observed_genes(cells, stats) -> list[str]:
     codes = [c for c, name in enumerate(cells.conditions) if stats.counts[c] > 0 and not is_control(name)]
     return sorted(single_conditions(cells, codes))
 
-
-KNOWLEDGE_CHUNK = 1000
 
 
 def knowledge_genes(knowledge, measured_genes: list[str], train_targets: set[str]) -> list[str]:

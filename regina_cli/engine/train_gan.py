@@ -26,7 +26,7 @@ import torch
 from regina_cli import keys
 from regina_cli.config import ReginaConfig
 from regina_cli.data.conditions import condition_genes, is_control
-from regina_cli.data.knowledge import resolve_knowledge
+from regina_cli.data.knowledge import TOP_K, resolve_knowledge
 from regina_cli.engine import checkpoint as ckpt
 from regina_cli.engine import expression_prior, gan_validation, gene_prompts
 from regina_cli.engine.condition_stats import ConditionStats, condition_stats
@@ -145,12 +145,14 @@ def build_phase(autoencoder, cells, config: ReginaConfig, ctx: DistContext,
     expression prior (fitted, cross-fitted for training, knowledge rows) and the prompts' start."""
     stats = condition_stats(cells, latents, phase_train_index(cells, plan.held_out if plan is not None else []))
     observed = observed_genes(cells, stats) if prior_dim(config) else []
-    gan = build_gan(autoencoder, cells, config, prompt_genes, learned_genes, len(observed))
+    gan = build_gan(autoencoder, cells, config, prompt_genes, learned_genes, len(observed),
+                    with_knowledge=knowledge is not None)
     train_prior = None
     if gan.expression_prior is not None:
         reference = plan.reference if plan is not None else gan_validation.training_control_mean(cells)
         train_prior = expression_prior.fit_expression_prior(gan.expression_prior, cells, stats, reference,
-                                                            prompt_genes, seed=config.runtime.seed)
+                                                            prompt_genes, seed=config.runtime.seed,
+                                                            knowledge=knowledge)
         if knowledge is not None:
             expression_prior.fill_knowledge_embeddings(gan.expression_prior, knowledge, cells.genes, prompt_genes)
     fitted = initialise_prompts(gan, autoencoder.encoder, cells, latents, stats, config, train_prior)
@@ -158,12 +160,13 @@ def build_phase(autoencoder, cells, config: ReginaConfig, ctx: DistContext,
     phase.train_prior = train_prior
     if gan.expression_prior is not None:
         fitted = {**fitted, "prior_linear_weight": float(gan.expression_prior.linear_weight),
-                  "prior_self_effect": float(gan.expression_prior.self_effect)}
+                  "prior_self_effect": float(gan.expression_prior.self_effect),
+                  "prior_knowledge_weight": float(gan.expression_prior.knowledge_weight)}
     return phase, {"observed_genes": observed, "prompt_fit": fitted}
 
 
 def build_gan(autoencoder, cells, config: ReginaConfig, prompt_genes: list[str], learned_genes: list[str],
-              n_observed: int = 0):
+              n_observed: int = 0, *, with_knowledge: bool = False):
     """The cycle-GAN with its gene-prompt table (co-expression features when configured)."""
     from regina_cli.model.gan import LatentCycleGAN
 
@@ -173,7 +176,7 @@ def build_gan(autoencoder, cells, config: ReginaConfig, prompt_genes: list[str],
                                                       seed=config.runtime.seed)
     return LatentCycleGAN(autoencoder.z_dim, config.model, prompt_genes=prompt_genes, gene_features=features,
                           learned_genes=learned_genes, n_genes=cells.n_genes, prior_dim=prior_dim(config),
-                          prior_observed=n_observed).to(cells.device)
+                          prior_observed=n_observed, prior_neighbours=TOP_K if with_knowledge else 0).to(cells.device)
 
 
 def prior_dim(config: ReginaConfig) -> int:

@@ -30,6 +30,7 @@ def load_trained(run_dir: str | Path, *, device: str = "auto") -> TrainedRun:
     phase that was interrupted is refused (its `model.pt` is an intermediate best)."""
     from regina_cli.model.autoencoder import Autoencoder
     from regina_cli.engine.train_gan import prior_dim
+    from regina_cli.data.knowledge import TOP_K
     from regina_cli.model.gan import LatentCycleGAN
 
     run_dir = Path(run_dir)
@@ -47,7 +48,8 @@ def load_trained(run_dir: str | Path, *, device: str = "auto") -> TrainedRun:
         features = torch.zeros(len(genes), config.gan.gene_feature_dim if config.gan.gene_features != "none" else 0)
         gan = LatentCycleGAN(autoencoder.z_dim, config.model, prompt_genes=genes, gene_features=features,
                              learned_genes=meta.learned_genes or [], n_genes=len(meta.gene_names),
-                             prior_dim=prior_dim(config), prior_observed=len(meta.prior_observed_genes or []))
+                             prior_dim=prior_dim(config), prior_observed=len(meta.prior_observed_genes or []),
+                             prior_neighbours=TOP_K if meta.gene_knowledge else 0)
         container = torch.nn.ModuleDict({"gan": gan, "decoder": autoencoder.decoder})
         container.load_state_dict(ckpt.load_torch(gan_paths.model))
         gan.to(dev).eval()

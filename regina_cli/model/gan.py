@@ -76,7 +76,7 @@ class LatentCycleGAN(nn.Module):
     def __init__(self, z_dim: int, cfg: ModelConfig, *, prompt_genes: Sequence[str] = (),
                  gene_features: torch.Tensor | None = None, learned_genes: Sequence[str] = (),
                  learned_init: torch.Tensor | None = None, n_genes: int = 0, prior_dim: int = 0,
-                 prior_observed: int = 0):
+                 prior_observed: int = 0, prior_neighbours: int = 0):
         super().__init__()
         self.forward_block = TransitionBlock(z_dim, cfg, direction=1)
         self.backward_block = TransitionBlock(z_dim, cfg, direction=-1)
@@ -86,8 +86,8 @@ class LatentCycleGAN(nn.Module):
                                         learned_init=learned_init)
         # Fixed when training starts (`gan.prompt_scale`); saved with the weights so prediction uses it too.
         self.register_buffer("encoder_prompt_scale", torch.ones(()))
-        self.expression_prior = (ExpressionPrior(n_genes, len(self.prompt_genes), prior_dim, prior_observed)
-                                 if prior_dim else None)
+        self.expression_prior = (ExpressionPrior(n_genes, len(self.prompt_genes), prior_dim, prior_observed,
+                                                 prior_neighbours) if prior_dim else None)
 
     @property
     def prompt_genes(self) -> list[str]:
@@ -149,6 +149,9 @@ class ExpressionPrior(nn.Module):
                          (e_g: g's row of G, or of `table_embedding` for genes of the prompt table
                           the screen does not measure; zero if none; m the mean change over the
                           training conditions; w the `linear_weight` the folds chose),
+                         + v (k_g - m) when gene knowledge names g's neighbours among the observed
+                         genes (k_g: their observed effects, weighted by similarity; v the
+                         `knowledge_weight` the folds chose, w + v <= 1),
                     with the measured target itself set to `self_effect`, the median change of the
                     training targets in their own conditions (a CRISPRi target goes down, a CRISPRa
                     one up, which a model of co-variation between genes cannot know)
@@ -157,7 +160,7 @@ class ExpressionPrior(nn.Module):
     fitted on the training pseudo-bulk.
     """
 
-    def __init__(self, n_genes: int, n_table: int, dim: int, n_observed: int = 0):
+    def __init__(self, n_genes: int, n_table: int, dim: int, n_observed: int = 0, n_neighbours: int = 0):
         super().__init__()
         self.register_buffer("embedding", torch.zeros(n_genes, dim))
         self.register_buffer("weight", torch.zeros(dim, dim))
@@ -168,6 +171,27 @@ class ExpressionPrior(nn.Module):
         self.register_buffer("self_effect", torch.zeros(()))
         self.register_buffer("mean_change", torch.zeros(n_genes))
         self.register_buffer("linear_weight", torch.ones(()))
+        self.register_buffer("neighbour_rows", torch.full((n_table, n_neighbours), -1, dtype=torch.long))
+        self.register_buffer("neighbour_weights", torch.zeros(n_table, n_neighbours))
+        self.register_buffer("knowledge_weight", torch.zeros(()))
+
+    NEW_BUFFERS = ("neighbour_rows", "neighbour_weights", "knowledge_weight")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in self.NEW_BUFFERS:  # runs saved before knowledge neighbours existed: none
+            state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def neighbour_effect(self, prompt_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(k [B, k, n_genes]: similarity-weighted observed effects of each target's knowledge
+        neighbours, has [B, k, 1]: whether it has any), or None without knowledge neighbours."""
+        if self.neighbour_rows.shape[1] == 0 or len(self.observed) == 0:
+            return None
+        row = prompt_idx.clamp(min=0)
+        weights = self.neighbour_weights[row] * (prompt_idx >= 0).unsqueeze(-1) * (self.neighbour_rows[row] >= 0)
+        dense = torch.zeros((*prompt_idx.shape, len(self.observed)), dtype=weights.dtype, device=weights.device)
+        dense.scatter_add_(-1, self.neighbour_rows[row].clamp(min=0), weights)
+        return dense @ self.observed, (weights.sum(-1, keepdim=True) > 0)
 
     def gene_embedding(self, target_idx: torch.Tensor, prompt_idx: torch.Tensor) -> torch.Tensor:
         """e [B, k, dim] of targets given as measured-gene indices and prompt-table positions (-1 = none)."""
@@ -183,6 +207,10 @@ class ExpressionPrior(nn.Module):
         valid = (target_idx >= 0) | (prompt_idx >= 0)
         linear = (self.gene_embedding(target_idx, prompt_idx) @ self.weight.T) @ self.embedding.T + self.offset
         effect = self.mean_change + self.linear_weight * (linear - self.mean_change)
+        neighbours = self.neighbour_effect(prompt_idx)
+        if neighbours is not None:
+            knn, has = neighbours
+            effect = effect + self.knowledge_weight * (knn - self.mean_change) * has
         own = (target_idx >= 0).unsqueeze(-1)  # the measured target's own entry
         column = target_idx.clamp(min=0).unsqueeze(-1)
         effect = effect.scatter(2, column, torch.where(own, self.self_effect.to(effect.dtype), effect.gather(2, column)))
