@@ -145,14 +145,15 @@ def build_phase(autoencoder, cells, config: ReginaConfig, ctx: DistContext,
     expression prior (fitted, cross-fitted for training, knowledge rows) and the prompts' start."""
     stats = condition_stats(cells, latents, phase_train_index(cells, plan.held_out if plan is not None else []))
     observed = observed_genes(cells, stats) if prior_dim(config) else []
+    neighbours = knowledge if config.gan.knowledge_neighbours else None
     gan = build_gan(autoencoder, cells, config, prompt_genes, learned_genes, len(observed),
-                    with_knowledge=knowledge is not None)
+                    with_knowledge=neighbours is not None)
     train_prior = None
     if gan.expression_prior is not None:
         reference = plan.reference if plan is not None else gan_validation.training_control_mean(cells)
         train_prior = expression_prior.fit_expression_prior(gan.expression_prior, cells, stats, reference,
                                                             prompt_genes, seed=config.runtime.seed,
-                                                            knowledge=knowledge)
+                                                            knowledge=neighbours)
         if knowledge is not None:
             expression_prior.fill_knowledge_embeddings(gan.expression_prior, knowledge, cells.genes, prompt_genes)
     fitted = initialise_prompts(gan, autoencoder.encoder, cells, latents, stats, config, train_prior)

@@ -49,7 +49,7 @@ def load_trained(run_dir: str | Path, *, device: str = "auto") -> TrainedRun:
         gan = LatentCycleGAN(autoencoder.z_dim, config.model, prompt_genes=genes, gene_features=features,
                              learned_genes=meta.learned_genes or [], n_genes=len(meta.gene_names),
                              prior_dim=prior_dim(config), prior_observed=len(meta.prior_observed_genes or []),
-                             prior_neighbours=TOP_K if meta.gene_knowledge else 0)
+                             prior_neighbours=TOP_K if meta.gene_knowledge and config.gan.knowledge_neighbours else 0)
         container = torch.nn.ModuleDict({"gan": gan, "decoder": autoencoder.decoder})
         container.load_state_dict(ckpt.load_torch(gan_paths.model))
         gan.to(dev).eval()
