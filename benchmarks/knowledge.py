@@ -123,6 +123,7 @@ def run_arm(dataset: str, seed: int, arm: str, knowledge: Path | None, folder: P
     log.unlink(missing_ok=True)
     split = f"simulation_{seed}"
     given = ["--set", f"model.gene_knowledge={knowledge}"] if knowledge is not None else []
+    given += [a for s in opts.set for a in ("--set", s)]
     started = time.perf_counter()
     result = {"arm": arm, "sources": {}, "skipped": [], "failed": None}
     try:
@@ -321,7 +322,8 @@ def markdown(summary: pd.DataFrame, cover: pd.DataFrame, results: list[dict], op
     lines = ["# Gene knowledge: predictions for targets the screen does not measure", "",
              f"Command: `OMP_NUM_THREADS=1 python benchmarks/knowledge.py {' '.join(sys.argv[1:])}`  ",
              f"Date: {time.strftime('%Y-%m-%d %H:%M')}; load average at the end: {load}; split seeds "
-             f"{' '.join(map(str, opts.seeds))}; default configuration; demo with --drop-targets {opts.drop_targets}.", "",
+             f"{' '.join(map(str, opts.seeds))}; configuration: {' '.join(opts.set) or 'defaults'}; "
+             f"demo with --drop-targets {opts.drop_targets}.", "",
              "Arms: `none` (no knowledge; `predict` skips what it cannot prompt), `knowledge` (`--gene-knowledge "
              "FILE`), `random` (the same file, genes permuted); phase 1 (which does not read the knowledge) is "
              "trained once per seed and each arm trains phase 2 on it. Each cell: mean ± sd over seeds of the mean over "
@@ -394,6 +396,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per pipeline")
     parser.add_argument("--shared-data", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--set", action="append", default=[], help="config override for phase 2 (every arm)")
     parser.add_argument("--reuse", action="store_true", help="rescore finished runs, do not retrain")
     parser.add_argument("--only-finished", action="store_true",
                         help="with --reuse: report the finished arms only, train nothing")
