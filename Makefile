@@ -37,6 +37,7 @@ test: $(STAMP) $(CELLEVAL_VENV)/.installed
 
 docs: $(STAMP)
 	$(BIN)/python -m regina_cli.config > docs/configuration.md
+	$(BIN)/python examples/configs/generate.py
 
 clean:
 	rm -rf $(VENV) $(CELLEVAL_VENV) data runs
