@@ -43,7 +43,7 @@ _FRACTION = dict(low=0, high=1, open_high=True)
 
 @dataclass
 class ModelConfig:
-    """Network shapes (original sizes: `original_facts.md`, dixit/adamson/norman)."""
+    """Network shapes (defaults: the first research implementation's sizes, as in its dixit, adamson and norman runs)."""
 
     seq_len: int = _opt(16, "Tokens per cell; each token holds ceil(n_genes / seq_len) genes.", **_AT_LEAST_1)
     d_model: int = _opt(512, "Transformer width of encoder and decoder (a multiple of n_heads).", **_AT_LEAST_1)
@@ -192,7 +192,7 @@ _ADAMSON = {
     "ae": {"lambda_mse": 1.5, "lambda_center": 0.5, "lambda_clf": 1.0, "lambda_reg": 1e-4},
     "gan": {"lambda_cycle": 5.0, "lambda_adv": 3.5, "prompt_value": -1.0},
 }
-# Phase 2 as the first research code ran it (original_facts.md): its loss weights (adamson's), plain
+# Phase 2 as the first research code ran it (its recorded settings): its loss weights (adamson's), plain
 # decoding D(T(z)), the prompt E(X_fake) - E(X_ctrl), generator clipping at 0.5, the discriminator every
 # 5th step, the reconstruction anchor logged but not in the loss; none of the later additions.
 ORIGINAL_PHASE2 = {
