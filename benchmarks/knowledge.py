@@ -198,9 +198,9 @@ def prior_check(dataset: str, split: str, data: Path, files: dict) -> list[dict]
     knowledge = {arm: load_gene_knowledge(f) for arm, f in files.items() if f is not None}
     if model is None:
         return [{"note": "no training condition targets a measured gene, so the linear prior cannot be fitted: "
-                         "phase 2's expression prior of an unseen target is the mean change over training conditions, and knowledge "
-                         "has no embedding rows to mix (with gan.knowledge_neighbours it reaches the prior through the "
-                         "observed effects of similar trained genes)"}]
+                         "phase 2's expression prior of an unseen target is the mean change over training "
+                         "conditions, and knowledge has no embedding rows to mix (with gan.knowledge_neighbours it "
+                         "reaches the prior through the observed effects of similar trained genes)"}]
     if any(k.kind != ANNOTATION for k in knowledge.values()):
         return []  # the check mixes rows by annotation similarity, as the engine does for GO terms
     g, index = model.gene_embedding, model.gene_index
