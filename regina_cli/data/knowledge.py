@@ -82,7 +82,7 @@ class GeneKnowledge:
             out = np.zeros((len(genes), self.table.shape[1]), dtype=np.float32)
             out[known] = self.table[[r for r in rows if r is not None]]
             return out, known
-        out = self._similarity(rows, [self._row(a) for a in anchors])
+        out = _top_k_rows(self._jaccard(rows, [self._row(a) for a in anchors]))
         return out, known & (out.sum(axis=1) > 0)
 
     def neighbours(self, genes: Sequence[str], anchors: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -90,26 +90,22 @@ class GeneKnowledge:
         weights summing to 1 (annotation: Jaccard of term sets, as `vectors`; embedding: cosine
         similarity, positive ones only). A gene is never its own neighbour."""
         if self.kind == ANNOTATION:
-            weights = self.vectors(genes, anchors)[0]
+            similarity = self._jaccard([self._row(g) for g in genes], [self._row(a) for a in anchors])
         else:
             x, known = self.vectors(genes)
             a, anchor_known = self.vectors(anchors)
             unit = lambda m: m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
             cosine = unit(x) @ unit(a).T
-            weights = np.where(cosine > 1e-6, cosine, 0.0) * known[:, None] * anchor_known[None, :]
-        weights = np.asarray(weights, dtype=np.float32).copy()
+            similarity = np.where(cosine > 1e-6, cosine, 0.0) * known[:, None] * anchor_known[None, :]
         position = {a: j for j, a in enumerate(anchors)}
         for i, g in enumerate(genes):
             if g in position:
-                weights[i, position[g]] = 0.0
-        if weights.shape[1] > TOP_K:
-            dropped = np.argpartition(-weights, TOP_K, axis=1)[:, TOP_K:]
-            np.put_along_axis(weights, dropped, 0.0, axis=1)
-        totals = weights.sum(axis=1, keepdims=True)
-        weights = np.divide(weights, totals, out=np.zeros_like(weights), where=totals > 0)
-        return weights, totals[:, 0] > 0
+                similarity[i, position[g]] = 0.0
+        weights = _top_k_rows(similarity)
+        return weights, weights.sum(axis=1) > 0
 
-    def _similarity(self, rows: list[int | None], anchor_rows: list[int | None]) -> np.ndarray:
+    def _jaccard(self, rows: list[int | None], anchor_rows: list[int | None]) -> np.ndarray:
+        """[len(rows), len(anchor_rows)] Jaccard index of the term sets (0 for unknown genes)."""
         import scipy.sparse as sp
 
         vocabulary: dict[str, int] = {}
@@ -127,12 +123,17 @@ class GeneKnowledge:
         A = sp.csr_matrix((np.ones(len(ai), np.float32), (ai, aj)), shape=shape_a)
         shared = (G @ A.T).toarray()
         union = np.asarray(G.sum(1)) + np.asarray(A.sum(1)).T - shared
-        jaccard = np.divide(shared, union, out=np.zeros_like(shared), where=union > 0)
-        if jaccard.shape[1] > TOP_K:
-            dropped = np.argpartition(-jaccard, TOP_K, axis=1)[:, TOP_K:]
-            np.put_along_axis(jaccard, dropped, 0.0, axis=1)
-        totals = jaccard.sum(axis=1, keepdims=True)
-        return np.divide(jaccard, totals, out=np.zeros_like(jaccard), where=totals > 0).astype(np.float32)
+        return np.divide(shared, union, out=np.zeros_like(shared), where=union > 0)
+
+
+def _top_k_rows(similarity: np.ndarray) -> np.ndarray:
+    """Each row's TOP_K largest similarities, normalised to sum 1 (rows of zeros stay zero), float32."""
+    similarity = np.array(similarity, dtype=np.float32)
+    if similarity.shape[1] > TOP_K:
+        dropped = np.argpartition(-similarity, TOP_K, axis=1)[:, TOP_K:]
+        np.put_along_axis(similarity, dropped, 0.0, axis=1)
+    totals = similarity.sum(axis=1, keepdims=True)
+    return np.divide(similarity, totals, out=np.zeros_like(similarity), where=totals > 0)
 
 
 # --- Readers ---------------------------------------------------------------------------------------

@@ -4,11 +4,11 @@ The prior of a condition sums its targets' effects: a gene perturbed alone in tr
 observed mean change; any other gene the linear gene-embedding model of the training pseudo-bulk
 (Ahlmann-Eltze, Huber & Anders 2025; `evaluate.baselines.fit_linear`), which predicts unseen genes
 from how their expression moved across the training perturbations (or, where no training target
-is measured and that model cannot be fitted, the mean change over training conditions). The transition then learns what the prior
-gets wrong. It must learn that from the prior's errors on conditions the prior did not see, not
-from its near-perfect fit of its own training data: so during training each training condition
-gets the prior fitted without it (K-fold cross-fitting), and only prediction and validation use
-the prior fitted on every training condition.
+is measured and that model cannot be fitted, the mean change over training conditions). The
+transition then learns what the prior gets wrong. It must learn that from the prior's errors on
+conditions the prior did not see, not from its near-perfect fit of its own training data: so
+during training each training condition gets the prior fitted without it (K-fold cross-fitting),
+and only prediction and validation use the prior fitted on every training condition.
 """
 
 from __future__ import annotations
@@ -117,9 +117,11 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
     weight) is chosen from the folds: the weight whose held-out single-gene predictions correlate
     best with the observed effects (a screen whose genes' co-variation says little about their
     effects keeps close to the mean change; train_mean is weight 0, the linear baseline weight 1).
-    With gene knowledge the folds also choose how far an unseen gene moves towards the observed
-    effects of its knowledge neighbours (weight 0 when the knowledge does not help).
+    With gene knowledge, and neighbour slots in `prior` (`gan.knowledge_neighbours`), the folds also
+    choose how far an unseen gene moves towards the observed effects of its knowledge neighbours.
     """
+    if prior.neighbour_rows.shape[1] == 0:
+        knowledge = None
     codes = [c for c, name in enumerate(cells.conditions) if stats.counts[c] > 0 and not is_control(name)]
     mean = control_mean.double().cpu().numpy()
     singles = single_conditions(cells, codes)
@@ -205,7 +207,6 @@ def observed_genes(cells, stats) -> list[str]:
     """Genes with a single condition among phase 2's training cells: their observed effects."""
     codes = [c for c, name in enumerate(cells.conditions) if stats.counts[c] > 0 and not is_control(name)]
     return sorted(single_conditions(cells, codes))
-
 
 
 def knowledge_genes(knowledge, measured_genes: list[str], train_targets: set[str]) -> list[str]:

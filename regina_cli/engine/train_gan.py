@@ -145,15 +145,14 @@ def build_phase(autoencoder, cells, config: ReginaConfig, ctx: DistContext,
     expression prior (fitted, cross-fitted for training, knowledge rows) and the prompts' start."""
     stats = condition_stats(cells, latents, phase_train_index(cells, plan.held_out if plan is not None else []))
     observed = observed_genes(cells, stats) if prior_dim(config) else []
-    neighbours = knowledge if config.gan.knowledge_neighbours else None
     gan = build_gan(autoencoder, cells, config, prompt_genes, learned_genes, len(observed),
-                    with_knowledge=neighbours is not None)
+                    knowledge_given=knowledge is not None)
     train_prior = None
     if gan.expression_prior is not None:
         reference = plan.reference if plan is not None else gan_validation.training_control_mean(cells)
         train_prior = expression_prior.fit_expression_prior(gan.expression_prior, cells, stats, reference,
                                                             prompt_genes, seed=config.runtime.seed,
-                                                            knowledge=neighbours)
+                                                            knowledge=knowledge)
         if knowledge is not None:
             expression_prior.fill_knowledge_embeddings(gan.expression_prior, knowledge, cells.genes, prompt_genes)
     fitted = initialise_prompts(gan, autoencoder.encoder, cells, latents, stats, config, train_prior)
@@ -167,7 +166,7 @@ def build_phase(autoencoder, cells, config: ReginaConfig, ctx: DistContext,
 
 
 def build_gan(autoencoder, cells, config: ReginaConfig, prompt_genes: list[str], learned_genes: list[str],
-              n_observed: int = 0, *, with_knowledge: bool = False):
+              n_observed: int = 0, *, knowledge_given: bool = False):
     """The cycle-GAN with its gene-prompt table (co-expression features when configured)."""
     from regina_cli.model.gan import LatentCycleGAN
 
@@ -177,12 +176,18 @@ def build_gan(autoencoder, cells, config: ReginaConfig, prompt_genes: list[str],
                                                       seed=config.runtime.seed)
     return LatentCycleGAN(autoencoder.z_dim, config.model, prompt_genes=prompt_genes, gene_features=features,
                           learned_genes=learned_genes, n_genes=cells.n_genes, prior_dim=prior_dim(config),
-                          prior_observed=n_observed, prior_neighbours=TOP_K if with_knowledge else 0).to(cells.device)
+                          prior_observed=n_observed,
+                          prior_neighbours=prior_neighbours(config, knowledge_given)).to(cells.device)
 
 
 def prior_dim(config: ReginaConfig) -> int:
     """Width of the expression prior's gene embedding (0: no prior)."""
     return PRIOR_DIM if config.gan.expression_prior != "none" else 0
+
+
+def prior_neighbours(config: ReginaConfig, knowledge_given: bool) -> int:
+    """Knowledge neighbours kept per prompt-table gene in the prior (0: the term is off)."""
+    return TOP_K if knowledge_given and config.gan.knowledge_neighbours else 0
 
 
 @torch.no_grad()

@@ -188,9 +188,10 @@ class ExpressionPrior(nn.Module):
         if self.neighbour_rows.shape[1] == 0 or len(self.observed) == 0:
             return None
         row = prompt_idx.clamp(min=0)
-        weights = self.neighbour_weights[row] * (prompt_idx >= 0).unsqueeze(-1) * (self.neighbour_rows[row] >= 0)
+        neighbours = self.neighbour_rows[row]
+        weights = self.neighbour_weights[row] * (prompt_idx >= 0).unsqueeze(-1) * (neighbours >= 0)
         dense = torch.zeros((*prompt_idx.shape, len(self.observed)), dtype=weights.dtype, device=weights.device)
-        dense.scatter_add_(-1, self.neighbour_rows[row].clamp(min=0), weights)
+        dense.scatter_add_(-1, neighbours.clamp(min=0), weights)
         return dense @ self.observed, (weights.sum(-1, keepdim=True) > 0)
 
     def gene_embedding(self, target_idx: torch.Tensor, prompt_idx: torch.Tensor) -> torch.Tensor:
