@@ -30,6 +30,8 @@ from typer.testing import CliRunner
 
 from cli_helpers import invoke
 from regina_cli import keys
+from regina_cli.data.dataset import verify_checksum
+from regina_cli.errors import ReginaError
 from regina_cli.cli import app
 
 TINY = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.z_dim=16", "model.ff_mult=2",
@@ -600,6 +602,14 @@ def _outputs(path: Path) -> dict[str, str] | None:
     return {name: digest for name, digest in snapshot(path).items() if keys.PART_MARK not in name}
 
 
+def _interrupted_fetch(found: dict, old: dict, new: dict) -> bool:
+    """The old or the new h5ad without any checksum beside it (two files cannot be swapped in one
+    step; a SIGKILL between the checksum's removal and its rewrite leaves this state)."""
+    checksum = keys.DATA_FILE + keys.CHECKSUM_SUFFIX
+    return checksum not in found and any(found == {k: v for k, v in pair.items() if k != checksum}
+                                         for pair in (old, new))
+
+
 @pytest.mark.parametrize("command", ["fetch", "predict", "evaluate"])
 def test_outputs_are_old_or_new_never_a_mix(command, world, tmp_path):
     w = world.copy(tmp_path)
@@ -637,10 +647,16 @@ def test_outputs_are_old_or_new_never_a_mix(command, world, tmp_path):
         code, _ = run_killed(argv, sig, trigger())
         assert code in ALLOWED[sig], code
         codes.append(code)
-        assert _outputs(target) in (old, new)  # old or new complete output, never a mix
-        if command == "fetch" and _outputs(target) is not None:
-            from regina_cli.data.dataset import verify_checksum
-            verify_checksum("target", target / keys.DATA_FILE)  # the checksum always matches the file
+        found = _outputs(target)
+        if command == "fetch" and found is not None and _interrupted_fetch(found, old, new):
+            # a SIGKILL inside the two-file swap: the checksum (the mark of a complete fetch) is gone,
+            # so readers refuse the folder with the fix instead of trusting an unverified file
+            with pytest.raises(ReginaError, match="interrupted fetch"):
+                verify_checksum("target", target / keys.DATA_FILE)
+        else:
+            assert found in (old, new)  # old or new complete output, never a mix
+            if command == "fetch" and found is not None:
+                verify_checksum("target", target / keys.DATA_FILE)  # the checksum always matches the file
         if code == 128 + signal.SIGTERM:
             assert set(part_files(w.root)) <= leftovers  # a handled SIGTERM leaves nothing of its own
     assert any(codes), codes  # a kill landed while the command ran
