@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from regina_cli import keys
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = {
     # name: (file in the shared data folder, or None for the embedded demo; label method)
@@ -109,8 +111,11 @@ def _pipeline(dataset: str, seed: int, opts) -> dict:
     sets = [a for s in opts.set for a in ("--set", s)]
     preset = ["--preset", opts.preset] if opts.preset else []
     trained = time.perf_counter()
-    run(["train-ae", dataset, "--split", split, "--labels", labels, "--run", str(run_dir), "--device", "cpu",
-         *preset, *sets], log, env)
+    if opts.phase1_from:  # a phase-2 experiment: the same trained phase 1, copied
+        shutil.copytree(folder / "runs" / opts.phase1_from / keys.AE_DIR, run_dir / keys.AE_DIR)
+    else:
+        run(["train-ae", dataset, "--split", split, "--labels", labels, "--run", str(run_dir), "--device", "cpu",
+             *preset, *sets], log, env)
     run(["train-gan", "--run", str(run_dir), "--device", "cpu", *sets], log, env)
     train_seconds = time.perf_counter() - trained
     predictions = run_dir / "predictions.h5ad"
@@ -271,6 +276,9 @@ def main() -> None:
     parser.add_argument("--shared-data", default=str(ROOT.parent / "shared" / "data"),
                         help="folder with the real screens (papalexi, mcfaline)")
     parser.add_argument("--reuse", action="store_true", help="score finished runs of this tag again, do not retrain")
+    parser.add_argument("--phase1-from", default=None, metavar="TAG",
+                        help="copy phase 1 from the run of this tag (same workdir) and train only phase 2; "
+                             "training time then counts phase 2 alone")
     opts = parser.parse_args()
 
     jobs = [(d, s) for d in opts.datasets for s in opts.seeds]

@@ -8,14 +8,15 @@ laptop. The generative model follows the usual picture of a CRISPR screen:
   programs (co-regulated gene modules) whose activities vary from cell to cell, a cell-cycle
   phase (S and G2/M programs over the standard marker genes) and a stress program over
   HSP*/DNAJ*/ATF*/ERN*/EIF2*/CEBP* genes;
-* a single perturbation knocks its target down (or up, activation-style) with a per-cell
-  efficiency and shifts the programs the target itself belongs to, in proportion to its
-  loadings on them, times the direction and strength of the perturbation, plus a smaller
-  idiosyncratic push on 1-3 random programs. Real screens look like this: knocking down members
-  of one complex or pathway gives similar profiles, other targets give different ones, so
-  conditions differ from each other (with one shared random shift they would not), and prior
-  knowledge about a gene says something, but not everything, about its effect. Some
-  perturbations also raise stress, which is what `regina label --method stress` picks up;
+* a single perturbation knocks its target down (one modality, CRISPRi-style, as in a real
+  screen) with a per-cell efficiency and lowers the programs the target itself belongs to, in
+  proportion to the size of its loadings on them and the strength of the knock-down, plus a
+  smaller idiosyncratic push on 1-3 random programs. Real screens look like this: knocking down
+  members of one complex or pathway gives similar profiles (same programs, same sign), other
+  targets give different ones, so conditions differ from each other (with one shared random
+  shift they would not), and prior knowledge about a gene says something, but not everything,
+  about its effect. Some perturbations also raise stress, which is what `regina label --method
+  stress` picks up;
 * a double perturbation adds the two singles' effects, and for some pairs the programs respond
   non-additively (synergy, buffering, or a new program switched on);
 * counts are normalised to 10,000 per cell and log1p-transformed, stored as CSR float32.
@@ -68,7 +69,7 @@ PHASES = ("G1", "S", "G2M")  # same class names as `regina label --method cell-c
 PHASE_COLUMN = "simulated_phase"
 MIN_CELLS_PER_CONDITION = 3  # per cell type; scanpy's t-test needs at least two
 _CHUNK = 4096  # cells generated at once: bounds memory, and fixes the random stream
-TARGET_GAIN = 1.0  # norm of a target's program shift per unit of knock-down/up strength
+TARGET_GAIN = 1.0  # norm of a target's program shift per unit of knock-down strength
 IDIOSYNCRATIC_SCALE = 0.4  # the part of an effect that the target's programs do not explain
 ANNOTATION_KEPT = 0.8  # synthetic annotation: chance that a true program membership is annotated
 FALSE_TERMS_PER_GENE = 0.15  # synthetic annotation: mean number of wrong terms per gene
@@ -102,7 +103,9 @@ def _sparse_shift(n_programs: int, rng: np.random.Generator, scale: float) -> np
 def _pick_targets(genes, markers, base, loadings, n_singles: int, rng) -> np.ndarray:
     """Targets among the better-expressed half of the non-marker genes (screens target expressed
     genes: a knock-down of a silent gene shows nothing); each belongs to a generic program, so
-    its effect follows what it does. A picked gene in no program joins one (small panels)."""
+    its effect follows what it does. A picked gene in no program joins one (small panels). A
+    target is a positive member of its programs (their activity raises it), so a knock-down that
+    lowers them lowers the target further instead of cancelling its own knock-down."""
     generic = ~np.isin(genes, markers)
     candidates = np.flatnonzero(generic & (base >= np.median(base[generic])))
     if len(candidates) < n_singles:
@@ -110,7 +113,8 @@ def _pick_targets(genes, markers, base, loadings, n_singles: int, rng) -> np.nda
     targets = rng.choice(candidates, size=n_singles, replace=False)
     lonely = targets[~loadings[3:, targets].any(axis=0)]
     rows = rng.integers(3, loadings.shape[0], len(lonely))
-    loadings[rows, lonely] = rng.choice([-1.0, 1.0], len(lonely)) * rng.uniform(0.4, 1.0, len(lonely))
+    loadings[rows, lonely] = rng.uniform(0.4, 1.0, len(lonely))
+    loadings[3:, targets] = np.abs(loadings[3:, targets])
     return targets
 
 
@@ -124,7 +128,7 @@ class Design:
     targets: np.ndarray  # gene index of each single perturbation's target
     conditions: np.ndarray
     program_shift: np.ndarray  # [conditions, programs]
-    effect: np.ndarray  # [conditions, genes]: direct knock-down/up of the targets
+    effect: np.ndarray  # [conditions, genes]: direct knock-down of the targets
     interactions: dict
 
 
@@ -136,9 +140,8 @@ def design_screen(rng: np.random.Generator, *, n_genes: int, n_singles: int, n_d
     loadings = _programs(genes, n_programs, rng)
     base = rng.normal(0.0, 1.3, n_genes).astype(np.float32)
     targets = _pick_targets(genes, markers, base, loadings, n_singles, rng)
-    direction = np.where(rng.random(n_singles) < 0.75, -1.0, 1.0)  # mostly knock-down
-    strength = (rng.uniform(1.2, 2.5, n_singles) * direction).astype(np.float32)
-    member = loadings[3:, targets].T  # the targets' own program memberships
+    strength = -rng.uniform(1.2, 2.5, n_singles).astype(np.float32)  # knock-downs
+    member = loadings[3:, targets].T  # the targets' own program memberships (>= 0)
     single_shift = np.zeros((n_singles, n_programs), dtype=np.float32)
     single_shift[:, 3:] = TARGET_GAIN * strength[:, None] * member / np.linalg.norm(member, axis=1, keepdims=True)
     single_shift += np.stack([_sparse_shift(n_programs, rng, IDIOSYNCRATIC_SCALE) for _ in range(n_singles)])

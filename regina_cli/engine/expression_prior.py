@@ -101,9 +101,23 @@ def _neighbours(knowledge, genes, observed: dict[str, np.ndarray], exclude=()) -
     return found
 
 
-def _weight_pairs(with_knowledge: bool) -> list[tuple[float, float]]:
-    """(linear weight w, knowledge weight v) candidates: shares of three predictors, w + v <= 1."""
-    return [(w, v) for w in LINEAR_WEIGHTS for v in (LINEAR_WEIGHTS if with_knowledge else (0.0,)) if w + v <= 1]
+def _choose_weights(fold_effects: list[_Effects], held_out: list[tuple[int, str]], observed: dict[str, np.ndarray],
+                    with_knowledge: bool) -> tuple[float, float]:
+    """(linear weight w, knowledge weight v), w + v <= 1, each the candidate whose held-out single-gene
+    predictions correlate best with the observed effects, scored on the genes it acts on: w on the
+    held-out targets the linear model embeds (measured genes; for the others its prediction is a
+    constant, so they would choose w by how the model's offset compares with the mean change), then
+    v, given w, on those with knowledge neighbours. Where no held-out gene qualifies, all of them."""
+    def score(pairs: list[tuple[int, str]], w: float, v: float) -> float:
+        return float(np.mean([_pearson(_reweighted(fold_effects[f], w, v).unseen(g), observed[g]) for f, g in pairs]
+                             or [0.0]))
+
+    embedded = [(f, g) for f, g in held_out if fold_effects[f].model.embed(canonical_condition([g])) is not None]
+    weight = max(LINEAR_WEIGHTS, key=lambda w: score(embedded or held_out, w, 0.0))
+    if not with_knowledge:
+        return weight, 0.0
+    near = [(f, g) for f, g in held_out if g in fold_effects[f].neighbours]
+    return weight, max((v for v in LINEAR_WEIGHTS if weight + v <= 1), key=lambda v: score(near or held_out, weight, v))
 
 
 @torch.no_grad()
@@ -114,9 +128,10 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
     fold model that left it out (and not its own observed effect); other codes the full prior.
 
     How far an unseen gene's effect moves from the mean change towards the linear model (the
-    weight) is chosen from the folds: the weight whose held-out single-gene predictions correlate
-    best with the observed effects (a screen whose genes' co-variation says little about their
-    effects keeps close to the mean change; train_mean is weight 0, the linear baseline weight 1).
+    weight) is chosen from the folds: the weight whose held-out predictions of measured single
+    genes correlate best with their observed effects (`_choose_weights`; a screen whose genes'
+    co-variation says little about their effects keeps close to the mean change; train_mean is
+    weight 0, the linear baseline weight 1).
     With gene knowledge, and neighbour slots in `prior` (`gan.knowledge_neighbours`), the folds also
     choose how far an unseen gene moves towards the observed effects of its knowledge neighbours.
     """
@@ -140,8 +155,7 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
                                      median_self_effect(observed, full.gene_index, exclude=held_genes),
                                      _neighbours(knowledge, unseen_here, observed, exclude=held_genes)))
         held_out_singles += [(len(fold_effects) - 1, g) for g in held_genes]
-    weight, knowledge_weight = max(_weight_pairs(knowledge is not None), key=lambda wv: np.mean([
-        _pearson(_reweighted(fold_effects[f], *wv).unseen(g), observed[g]) for f, g in held_out_singles] or [0.0]))
+    weight, knowledge_weight = _choose_weights(fold_effects, held_out_singles, observed, knowledge is not None)
     needed = (set(prompt_genes) | {g for name in cells.conditions for g in parse_condition(name)}) - set(observed)
     effects = _Effects(full, observed, _mean_change(stats, codes, mean), weight,
                        median_self_effect(observed, full.gene_index), _neighbours(knowledge, needed, observed),
