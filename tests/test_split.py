@@ -315,14 +315,14 @@ def test_split_counts_unpredictable_conditions_and_warns_with_the_fix(dropped_de
         assert rows[(set_name, "all")]["unmeasured"] == sum(bool(g & dropped_demo) for g in genes)
         assert rows[(set_name, "all")]["unpredictable"] == sum(bool((g & dropped_demo) - trained) for g in genes)
     n_test = rows[("test", "all")]["unpredictable"]
-    assert n_test == 6 and rows[("train", "all")]["unpredictable"] == 0
+    assert n_test == 7 and rows[("train", "all")]["unpredictable"] == 0
     assert out["warnings"] == [
-        f"6 of 7 test conditions are unpredictable: a target is neither measured, nor perturbed in training, nor "
+        f"7 of 8 test conditions are unpredictable: a target is neither measured, nor perturbed in training, nor "
         "known to the gene knowledge; pass --gene-knowledge FILE (gene embeddings or GO terms) at train-ae and "
         "predict, or run `regina fetch go` and pass --gene-knowledge go"
     ]
     human = invoke("split", "demo")
-    assert "warning: 6 of 7 test conditions are unpredictable" in " ".join(human.output.split())
+    assert "warning: 7 of 8 test conditions are unpredictable" in " ".join(human.output.split())
 
 
 def test_split_with_gene_knowledge_counts_what_it_makes_predictable(dropped_demo, tmp_path):
