@@ -81,3 +81,33 @@ def test_denoised_collapse_index_recovers_the_noise_free_similarity():
     denoised = denoised_collapse_index(real, np.zeros(genes), conditions)
     noise_free = _mean_offdiagonal(np.stack(effects))  # about 0.5
     assert measured < noise_free - 0.1 and abs(denoised - noise_free) < 0.06
+
+
+def test_prior_study_scores_held_out_measured_singles():
+    """Each measured single held out in turn: a screen of one shared change plus each target's own
+    knock-down rewards the prior's knock-down entry, and train_mean scores the shared part."""
+    import numpy as np
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from prior_study import held_out_scores
+
+    from regina_cli.evaluate.baselines import TrainingData
+
+    rng = np.random.default_rng(0)
+    genes = [f"g{i}" for i in range(30)]
+    control = rng.uniform(1, 3, len(genes))
+    shared = rng.normal(0, 0.3, len(genes))
+    conditions, means = [], []
+    for target in range(8):
+        change = shared + rng.normal(0, 0.05, len(genes))
+        change[target] -= 2.0
+        conditions.append(f"g{target}+ctrl")
+        means.append(control + change)
+    conditions.append("NOT_MEASURED+ctrl")  # no row: not scored, still trained on
+    means.append(control + shared)
+    train = TrainingData(genes, control, conditions, np.array(means), np.full(len(conditions), 50.0))
+    rows = held_out_scores(train)
+    assert [r["gene"] for r in rows] == [f"g{i}" for i in range(8)]
+    for row in rows:
+        assert row["w=0.0"] > row["w=0.0, no knock-down entry"] + 0.1
+        assert row["train_mean"] > 0.5 and abs(row["w=0.0, no knock-down entry"] - row["train_mean"]) < 0.1
