@@ -352,12 +352,13 @@ def evaluate(
     from regina_cli.data.dataset import read_dataset
     from regina_cli.data.split import load_split
     from regina_cli.evaluate import report
+    from regina_cli.evaluate.pages import small_pages
     from regina_cli.evaluate.predictions import align, shared_genes
     from regina_cli.evaluate.readers import name_columns, read_predictions
     from regina_cli.evaluate.threads import cpu_threads
     from regina_cli.evaluate.truth import Truth
 
-    with cpu_threads(threads) as n_threads:
+    with cpu_threads(threads) as n_threads, small_pages():
         paths = [Path(p) for p in (predictions if isinstance(predictions, (list, tuple)) else [predictions])]
         if on not in TARGET_SETS:
             raise ReginaError(f"--on must be one of {', '.join(TARGET_SETS)}, not {on!r}")
