@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +43,18 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
+@pytest.fixture(scope="session")
+def _cache_home():
+    """The user cache folder of the whole session (checksum checks remembered by
+    data/fingerprint.py): outside every test's folder, whose contents tests compare."""
+    folder = tempfile.mkdtemp(prefix="regina-test-cache-")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
-def _isolated_data_dir(tmp_path, monkeypatch):
-    """Every test writes under its own tmp folder, never into ./data or ./runs."""
+def _isolated_data_dir(tmp_path, monkeypatch, _cache_home):
+    """Every test writes under its own tmp folder, never into ./data or ./runs (nor ~/.cache)."""
     monkeypatch.setenv("REGINA_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", _cache_home)
     monkeypatch.chdir(tmp_path)
