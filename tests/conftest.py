@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -43,18 +44,24 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def _cache_home():
-    """The user cache folder of the whole session (checksum checks remembered by
-    data/fingerprint.py): outside every test's folder, whose contents tests compare."""
+    """The session's user cache folder (checksum checks remembered by data/fingerprint.py), set
+    before any module fixture runs: never ~/.cache, and outside every test's folder, whose
+    contents tests compare."""
     folder = tempfile.mkdtemp(prefix="regina-test-cache-")
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = folder
     yield folder
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
     shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
-def _isolated_data_dir(tmp_path, monkeypatch, _cache_home):
-    """Every test writes under its own tmp folder, never into ./data or ./runs (nor ~/.cache)."""
+def _isolated_data_dir(tmp_path, monkeypatch):
+    """Every test writes under its own tmp folder, never into ./data or ./runs."""
     monkeypatch.setenv("REGINA_DATA", str(tmp_path / "data"))
-    monkeypatch.setenv("XDG_CACHE_HOME", _cache_home)
     monkeypatch.chdir(tmp_path)
