@@ -1,7 +1,7 @@
 """`regina evaluate` and cell-eval side by side on the same Norman-shaped test set, on this machine.
 
     python benchmarks/evaluate_vs_celleval.py [--conditions 100] [--cells 100] [--genes 5045] [--keep DIR]
-        [--threads N] [--skip-celleval]
+        [--threads N] [--skip-celleval] [--repeat N] [--before DIR]
 
 Writes a synthetic screen of Norman's shape (5,045 genes, 7,353 control cells, 100 test conditions
 with 300 true cells each, 40 training conditions) and a prediction file (100 cells per test
@@ -16,6 +16,11 @@ then times, each in its own process and reading its files:
 
 It prints both wall times, their ratio, the load average before and after (the machine is shared:
 wall time also measures the neighbours) and the mean over conditions of the metrics both compute.
+`regina evaluate` runs `--repeat` times (default 2): the first run hashes the dataset in full, later
+ones find that check remembered (as after `regina predict` read the same file); the ratio uses the
+first. `--before DIR` also times the `regina_cli` package found in DIR (another version, e.g.
+`git archive main regina_cli | tar -x -C DIR`), alternating with this one on the same files, and
+prints after/before ratios. The checksum cache of these runs lives in the inputs folder.
 Predicted values are clipped at 0 because cell-eval refuses negative expression.
 """
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -98,6 +104,23 @@ def timed(command: list[str], env: dict) -> tuple[float, subprocess.CompletedPro
     return elapsed, done
 
 
+def child_cpu() -> float:
+    """User + system CPU seconds of every finished child so far (less sensitive to load than wall time)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_regina(folder: Path, pred: Path, env: dict, package: Path | None, out: str) -> tuple[float, float]:
+    """Wall and CPU seconds of one whole `regina evaluate` (this tree, or the package in `package`)."""
+    if package is not None:
+        env = {**env, "PYTHONPATH": str(package)}
+    cpu = child_cpu()
+    wall, _ = timed([sys.executable, "-m", "regina_cli", "--quiet", "evaluate", "bench", "--data-dir",
+                     str(folder / "data"), "--predictions", str(pred), "--out", str(folder / out),
+                     "--model-name", "model", "--device", "cpu"], env)
+    return wall, child_cpu() - cpu
+
+
 def load() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -111,7 +134,11 @@ def main() -> None:
     parser.add_argument("--skip-celleval", action="store_true", help="time regina only")
     parser.add_argument("--threads", type=int, default=0,
                         help="threads for both tools (OMP/BLAS/numba/polars; default: each library's own choice)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs of `regina evaluate` (first one timed against cell-eval)")
+    parser.add_argument("--before", type=Path, help="a folder holding another version's regina_cli, timed alternately")
     args = parser.parse_args()
+    if args.before is not None and not (args.before / "regina_cli" / "__init__.py").is_file():
+        sys.exit(f"--before {args.before}: no regina_cli package there")
 
     import pandas as pd
 
@@ -125,16 +152,26 @@ def main() -> None:
           f"(+ {args.controls} control, {args.true_cells} true cells per condition) in {folder} "
           f"({time.perf_counter() - t0:.0f} s to write)")
 
-    env = dict(os.environ)
+    env = {**os.environ, "XDG_CACHE_HOME": str(folder / "cache")}
     if args.threads:
         env.update({k: str(args.threads) for k in THREAD_VARIABLES})
     threads = args.threads or "default"
-    print(f"load average before regina: {load()}")
-    regina_s, _ = timed([sys.executable, "-m", "regina_cli", "--quiet", "evaluate", "bench", "--data-dir",
-                         str(folder / "data"), "--predictions", str(pred), "--out", str(folder / "regina"),
-                         "--model-name", "model", "--device", "cpu"], env)
-    print(f"regina evaluate (whole command, 4 baselines, report; threads {threads}): {regina_s:.1f} s wall; "
-          f"load after {load()}")
+    print(f"regina evaluate: whole command, 4 baselines, report; threads {threads}")
+    runs = {"this tree": [], "before": []}
+    for k in range(max(args.repeat, 1)):
+        for label, package in (("before", args.before), ("this tree", None)):
+            if label == "before" and package is None:
+                continue
+            before_load = load()
+            wall, cpu = time_regina(folder, pred, env, package, "regina" if label == "this tree" else "regina_before")
+            runs[label].append(wall)
+            note = " (dataset hashed in full)" if k == 0 and label == "this tree" else ""
+            print(f"  run {k + 1} {label}: {wall:.1f} s wall, {cpu:.1f} s CPU{note}; "
+                  f"load before {before_load}, after {load()}")
+    if args.before is not None:
+        ratios = [b / a for a, b in zip(runs["this tree"], runs["before"])]
+        print("  before / this tree, run by run: " + ", ".join(f"{r:.2f}x" for r in ratios))
+    regina_s = runs["this tree"][0]
     if args.skip_celleval:
         return
     python = find_python()
