@@ -95,9 +95,9 @@ def write_inputs(folder: Path, args) -> tuple[list[str], Path, Path]:
     return test, folder / "pred.h5ad", folder / "real.h5ad"
 
 
-def timed(command: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
+def timed(command: list[str], env: dict, cwd: Path | None = None) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd)
     elapsed = time.perf_counter() - t0
     if done.returncode != 0:
         sys.exit(f"failed: {' '.join(command)}\n{done.stderr[-3000:]}")
@@ -111,13 +111,12 @@ def child_cpu() -> float:
 
 
 def time_regina(folder: Path, pred: Path, env: dict, package: Path | None, out: str) -> tuple[float, float]:
-    """Wall and CPU seconds of one whole `regina evaluate` (this tree, or the package in `package`)."""
-    if package is not None:
-        env = {**env, "PYTHONPATH": str(package)}
+    """Wall and CPU seconds of one whole `regina evaluate` (this tree, or the package in `package`).
+    `python -m` imports from its working folder first, so each version runs from its own folder."""
     cpu = child_cpu()
     wall, _ = timed([sys.executable, "-m", "regina_cli", "--quiet", "evaluate", "bench", "--data-dir",
                      str(folder / "data"), "--predictions", str(pred), "--out", str(folder / out),
-                     "--model-name", "model", "--device", "cpu"], env)
+                     "--model-name", "model", "--device", "cpu"], env, cwd=package or ROOT)
     return wall, child_cpu() - cpu
 
 
@@ -137,6 +136,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="runs of `regina evaluate` (first one timed against cell-eval)")
     parser.add_argument("--before", type=Path, help="a folder holding another version's regina_cli, timed alternately")
     args = parser.parse_args()
+    args.before = args.before.resolve() if args.before is not None else None
     if args.before is not None and not (args.before / "regina_cli" / "__init__.py").is_file():
         sys.exit(f"--before {args.before}: no regina_cli package there")
 
@@ -144,7 +144,7 @@ def main() -> None:
 
     from celleval_runner import find_python
 
-    folder = args.keep or Path(tempfile.mkdtemp(prefix="regina-vs-celleval-"))
+    folder = (args.keep or Path(tempfile.mkdtemp(prefix="regina-vs-celleval-"))).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     test, pred, real = write_inputs(folder, args)
