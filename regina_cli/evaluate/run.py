@@ -232,7 +232,7 @@ def _reconstructions(models: list[Predictions]) -> dict[str, dict[str, np.ndarra
 def _scorers(models: list[Predictions], profiles: dict, conditions: list[str], control_mean) -> list[Scorer]:
     out = []
     for m in models:
-        reference = control_mean if m.predicted_controls is None else m.predicted_controls.astype(np.float64).mean(0)
+        reference = control_mean if m.predicted_controls is None else m.predicted_controls.mean(0, dtype=np.float64)
         out.append(Scorer(m.name, m.conditions, m.means, reference, m))
     for name, by_condition in profiles.items():
         covered = [c for c in conditions if c in by_condition]
