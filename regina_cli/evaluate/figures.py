@@ -115,12 +115,13 @@ def _delta_scatter(ax, result, truth, condition: str, why: str, colour: dict, mo
 
 def _principal_axes(centred: np.ndarray, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Top-k principal axes [G, k] and explained variance shares, from the small cells x cells Gram
-    matrix (a few hundred cells, thousands of genes) instead of a full SVD."""
-    values, vectors = np.linalg.eigh(centred @ centred.T)
+    matrix (a few hundred cells, thousands of genes) instead of a full SVD; the Gram product in the
+    cells' float32 (a picture's precision), its eigenvectors in float64."""
+    values, vectors = np.linalg.eigh((centred @ centred.T).astype(np.float64))
     values, vectors = values[::-1][:k], vectors[:, ::-1][:, :k]
     axes = centred.T @ vectors / np.sqrt(np.clip(values, 1e-12, None))
     signs = np.sign(axes[np.abs(axes).argmax(0), np.arange(k)])  # same picture on every BLAS
-    return axes * signs, values / np.einsum("ij,ij->", centred, centred)
+    return axes * signs, values / np.einsum("ij,ij->", centred, centred, dtype=np.float64)
 
 
 def _pca_panel(ax, result, truth, condition: str, why: str, colour: dict, rng) -> bool:
@@ -141,12 +142,14 @@ def _pca_panel(ax, result, truth, condition: str, why: str, colour: dict, rng) -
     for m in cell_models:
         cells = m.cells[m.conditions.index(condition)]
         groups[m.name] = (cells[pick(np.arange(len(cells)))], colour[m.name])
-    stacked = np.vstack([g for g, _ in groups.values()]).astype(np.float64)
-    center = stacked.mean(0)
-    axes, explained = _principal_axes(stacked - center)
-    for name, (cells, shade) in groups.items():
-        ax.scatter(*((cells - center) @ axes).T, s=5, color=shade, alpha=0.7, label=f"{name} ({len(cells)})")
-    reach = np.abs((stacked - center) @ axes).max(0)
+    stacked = np.vstack([g for g, _ in groups.values()]).astype(np.float32)
+    centred = stacked - stacked.mean(0, dtype=np.float64).astype(np.float32)
+    axes, explained = _principal_axes(centred)
+    projected = centred @ axes
+    ends = np.cumsum([0] + [len(cells) for cells, _ in groups.values()])
+    for (name, (cells, shade)), start, end in zip(groups.items(), ends[:-1], ends[1:]):
+        ax.scatter(*projected[start:end].T, s=5, color=shade, alpha=0.7, label=f"{name} ({len(cells)})")
+    reach = np.abs(projected).max(0)
     for k, g in enumerate(_targets(truth, condition)):  # the targeted gene's direction in the PCA plane
         tip = axes[g] * reach / max(np.abs(axes[g]).max(), 1e-12) * 0.8
         ax.annotate("", xy=tip, xytext=(0, 0), arrowprops={"arrowstyle": "->", "color": TARGET_COLOUR})
