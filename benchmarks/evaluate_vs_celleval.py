@@ -104,14 +104,14 @@ def timed(command: list[str], env: dict, cwd: Path | None = None) -> tuple[float
     return elapsed, done
 
 
-def child_cpu() -> float:
-    """User + system CPU seconds of every finished child so far (less sensitive to load than wall time)."""
+def child_cpu() -> np.ndarray:
+    """User and system CPU seconds of every finished child so far (less sensitive to load than wall time)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    return np.array([usage.ru_utime, usage.ru_stime])
 
 
-def time_regina(folder: Path, pred: Path, env: dict, package: Path | None, out: str) -> tuple[float, float]:
-    """Wall and CPU seconds of one whole `regina evaluate` (this tree, or the package in `package`).
+def time_regina(folder: Path, pred: Path, env: dict, package: Path | None, out: str) -> tuple[float, np.ndarray]:
+    """Wall seconds and [user, system] CPU seconds of one whole `regina evaluate` (this tree, or the package in `package`).
     `python -m` imports from its working folder first, so each version runs from its own folder."""
     cpu = child_cpu()
     wall, _ = timed([sys.executable, "-m", "regina_cli", "--quiet", "evaluate", "bench", "--data-dir",
@@ -166,7 +166,7 @@ def main() -> None:
             wall, cpu = time_regina(folder, pred, env, package, "regina" if label == "this tree" else "regina_before")
             runs[label].append(wall)
             note = " (dataset hashed in full)" if k == 0 and label == "this tree" else ""
-            print(f"  run {k + 1} {label}: {wall:.1f} s wall, {cpu:.1f} s CPU{note}; "
+            print(f"  run {k + 1} {label}: {wall:.1f} s wall, {cpu[0]:.1f} s user + {cpu[1]:.1f} s system{note}; "
                   f"load before {before_load}, after {load()}")
     if args.before is not None:
         ratios = [b / a for a, b in zip(runs["this tree"], runs["before"])]
