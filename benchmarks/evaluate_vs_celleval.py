@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -129,7 +130,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_arguments(parser)
-    parser.add_argument("--keep", type=Path, help="write the files here and keep them (default: a temp folder)")
+    parser.add_argument("--keep", type=Path, help="write the files here and keep them (default: a temp folder, removed at the end)")
     parser.add_argument("--skip-celleval", action="store_true", help="time regina only")
     parser.add_argument("--threads", type=int, default=0,
                         help="threads for both tools (OMP/BLAS/numba/polars; default: each library's own choice)")
@@ -140,12 +141,21 @@ def main() -> None:
     if args.before is not None and not (args.before / "regina_cli" / "__init__.py").is_file():
         sys.exit(f"--before {args.before}: no regina_cli package there")
 
+    folder = (args.keep or Path(tempfile.mkdtemp(prefix="regina-vs-celleval-"))).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        compare(args, folder)
+    finally:
+        if args.keep is None:  # the inputs take about 1 GB
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def compare(args, folder: Path) -> None:
+    """Write the inputs into `folder`, time both tools, print the metrics both compute."""
     import pandas as pd
 
     from celleval_runner import find_python
 
-    folder = (args.keep or Path(tempfile.mkdtemp(prefix="regina-vs-celleval-"))).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     test, pred, real = write_inputs(folder, args)
     print(f"inputs: {args.conditions} conditions x {args.cells} predicted cells x {args.genes} genes "
