@@ -1,7 +1,7 @@
 """`regina evaluate` and cell-eval side by side on the same Norman-shaped test set, on this machine.
 
     python benchmarks/evaluate_vs_celleval.py [--conditions 100] [--cells 100] [--genes 5045] [--keep DIR]
-        [--threads N] [--skip-celleval]
+        [--threads N] [--skip-celleval] [--repeat N] [--before DIR]
 
 Writes a synthetic screen of Norman's shape (5,045 genes, 7,353 control cells, 100 test conditions
 with 300 true cells each, 40 training conditions) and a prediction file (100 cells per test
@@ -16,6 +16,11 @@ then times, each in its own process and reading its files:
 
 It prints both wall times, their ratio, the load average before and after (the machine is shared:
 wall time also measures the neighbours) and the mean over conditions of the metrics both compute.
+`regina evaluate` runs `--repeat` times (default 2): the first run hashes the dataset in full, later
+ones find that check remembered (as after `regina predict` read the same file); the ratio uses the
+first. `--before DIR` also times the `regina_cli` package found in DIR (another version, e.g.
+`git archive main regina_cli | tar -x -C DIR`), alternating with this one on the same files, and
+prints after/before ratios. The checksum cache of these runs lives in the inputs folder.
 Predicted values are clipped at 0 because cell-eval refuses negative expression.
 """
 
@@ -24,6 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -89,13 +96,29 @@ def write_inputs(folder: Path, args) -> tuple[list[str], Path, Path]:
     return test, folder / "pred.h5ad", folder / "real.h5ad"
 
 
-def timed(command: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
+def timed(command: list[str], env: dict, cwd: Path | None = None) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd)
     elapsed = time.perf_counter() - t0
     if done.returncode != 0:
         sys.exit(f"failed: {' '.join(command)}\n{done.stderr[-3000:]}")
     return elapsed, done
+
+
+def child_cpu() -> np.ndarray:
+    """User and system CPU seconds of every finished child so far (less sensitive to load than wall time)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return np.array([usage.ru_utime, usage.ru_stime])
+
+
+def time_regina(folder: Path, pred: Path, env: dict, package: Path | None, out: str) -> tuple[float, np.ndarray]:
+    """Wall seconds and [user, system] CPU seconds of one whole `regina evaluate` (this tree, or the package in `package`).
+    `python -m` imports from its working folder first, so each version runs from its own folder."""
+    cpu = child_cpu()
+    wall, _ = timed([sys.executable, "-m", "regina_cli", "--quiet", "evaluate", "bench", "--data-dir",
+                     str(folder / "data"), "--predictions", str(pred), "--out", str(folder / out),
+                     "--model-name", "model", "--device", "cpu"], env, cwd=package or ROOT)
+    return wall, child_cpu() - cpu
 
 
 def load() -> str:
@@ -107,34 +130,58 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_arguments(parser)
-    parser.add_argument("--keep", type=Path, help="write the files here and keep them (default: a temp folder)")
+    parser.add_argument("--keep", type=Path, help="write the files here and keep them (default: a temp folder, removed at the end)")
     parser.add_argument("--skip-celleval", action="store_true", help="time regina only")
     parser.add_argument("--threads", type=int, default=0,
                         help="threads for both tools (OMP/BLAS/numba/polars; default: each library's own choice)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs of `regina evaluate` (first one timed against cell-eval)")
+    parser.add_argument("--before", type=Path, help="a folder holding another version's regina_cli, timed alternately")
     args = parser.parse_args()
+    args.before = args.before.resolve() if args.before is not None else None
+    if args.before is not None and not (args.before / "regina_cli" / "__init__.py").is_file():
+        sys.exit(f"--before {args.before}: no regina_cli package there")
 
+    folder = (args.keep or Path(tempfile.mkdtemp(prefix="regina-vs-celleval-"))).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        compare(args, folder)
+    finally:
+        if args.keep is None:  # the inputs take about 1 GB
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def compare(args, folder: Path) -> None:
+    """Write the inputs into `folder`, time both tools, print the metrics both compute."""
     import pandas as pd
 
     from celleval_runner import find_python
 
-    folder = args.keep or Path(tempfile.mkdtemp(prefix="regina-vs-celleval-"))
-    folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     test, pred, real = write_inputs(folder, args)
     print(f"inputs: {args.conditions} conditions x {args.cells} predicted cells x {args.genes} genes "
           f"(+ {args.controls} control, {args.true_cells} true cells per condition) in {folder} "
           f"({time.perf_counter() - t0:.0f} s to write)")
 
-    env = dict(os.environ)
+    env = {**os.environ, "XDG_CACHE_HOME": str(folder / "cache")}
     if args.threads:
         env.update({k: str(args.threads) for k in THREAD_VARIABLES})
     threads = args.threads or "default"
-    print(f"load average before regina: {load()}")
-    regina_s, _ = timed([sys.executable, "-m", "regina_cli", "--quiet", "evaluate", "bench", "--data-dir",
-                         str(folder / "data"), "--predictions", str(pred), "--out", str(folder / "regina"),
-                         "--model-name", "model", "--device", "cpu"], env)
-    print(f"regina evaluate (whole command, 4 baselines, report; threads {threads}): {regina_s:.1f} s wall; "
-          f"load after {load()}")
+    print(f"regina evaluate: whole command, 4 baselines, report; threads {threads}")
+    runs = {"this tree": [], "before": []}
+    for k in range(max(args.repeat, 1)):
+        for label, package in (("before", args.before), ("this tree", None)):
+            if label == "before" and package is None:
+                continue
+            before_load = load()
+            wall, cpu = time_regina(folder, pred, env, package, "regina" if label == "this tree" else "regina_before")
+            runs[label].append(wall)
+            note = " (dataset hashed in full)" if k == 0 and label == "this tree" else ""
+            print(f"  run {k + 1} {label}: {wall:.1f} s wall, {cpu[0]:.1f} s user + {cpu[1]:.1f} s system{note}; "
+                  f"load before {before_load}, after {load()}")
+    if args.before is not None:
+        ratios = [b / a for a, b in zip(runs["this tree"], runs["before"])]
+        print("  before / this tree, run by run: " + ", ".join(f"{r:.2f}x" for r in ratios))
+    regina_s = runs["this tree"][0]
     if args.skip_celleval:
         return
     python = find_python()

@@ -71,6 +71,9 @@ AE_MODEL_SHA256 = "ae_model_sha256"
 ENV_DATA_DIR = "REGINA_DATA"
 DEFAULT_DATA_DIR = "data"
 DEFAULT_RUNS_DIR = "runs"
+ENV_CACHE_HOME = "XDG_CACHE_HOME"  # the user's cache folder (default ~/.cache)
+CACHE_APP_DIR = "regina"
+VERIFIED_DIR = "verified"  # under the cache folder: data files whose SHA-256 was checked, by identity
 
 
 def data_root(data_dir: str | Path | None = None) -> Path:
@@ -78,6 +81,12 @@ def data_root(data_dir: str | Path | None = None) -> Path:
     if data_dir is not None:
         return Path(data_dir)
     return Path(os.environ.get(ENV_DATA_DIR) or DEFAULT_DATA_DIR)
+
+
+def verified_dir() -> Path:
+    """Where `data.fingerprint` remembers full checksum checks: outside every data folder."""
+    base = os.environ.get(ENV_CACHE_HOME) or Path.home() / ".cache"
+    return Path(base) / CACHE_APP_DIR / VERIFIED_DIR
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -103,3 +103,16 @@ def test_discrimination_score_matches_celleval_loop(rng):
     ours = discrimination_score(torch.tensor(pred), torch.tensor(true), torch.arange(k), index, valid)
     np.testing.assert_allclose(ours.numpy(), expected)
     assert ours[1] < 1 and ours[2] < 1
+
+
+def test_fdr_with_ties_is_exactly_torch_sort_s(monkeypatch):
+    """benjamini_hochberg sorts with NumPy on the CPU; tied p-values (ranked in another order than
+    torch.sort may rank them) must get bit-identical adjusted values."""
+    from regina_cli.evaluate import de
+
+    rng = np.random.default_rng(0)
+    p = torch.from_numpy(rng.choice([0.001, 0.01, 0.02, 0.5, 1.0], (40, 300)) * rng.choice([1.0, 0.999], (40, 300)))
+    fast = benjamini_hochberg(p)
+    monkeypatch.setattr(de, "_sort_rows", lambda x: torch.sort(x, dim=1))
+    assert torch.equal(fast, benjamini_hochberg(p))
+    np.testing.assert_allclose(fast[0].numpy(), stats.false_discovery_control(p[0].numpy()), rtol=1e-12)

@@ -219,3 +219,18 @@ def test_shifted_cells_score_like_recomputed_cells(cells, rng):
     fast = distribution_metrics(PredictedCells.build(torch.from_numpy(x), truth).shifted(torch.from_numpy(shift), truth), truth)
     slow = _score(x + shift, truth)
     assert fast == pytest.approx(slow, rel=1e-4, abs=1e-6)
+
+
+def test_wasserstein_numpy_sort_is_exactly_torch_sort_s(monkeypatch):
+    """wasserstein_1d sorts with NumPy on the CPU; equal and unequal sample sizes, with ties and
+    signed zeros, must give bit-identical distances to torch.sort's."""
+    from regina_cli.evaluate import distribution
+
+    rng = np.random.default_rng(1)
+    u = torch.from_numpy(rng.choice([-1.0, -0.0, 0.0, 0.5, 2.0], (40, 25)).astype(np.float32))
+    pairs = [(u, torch.from_numpy(rng.normal(size=(40, 25)).astype(np.float32))),
+             (u, torch.from_numpy(rng.normal(size=(33, 25)).astype(np.float32)))]
+    fast = [distribution.wasserstein_1d(a, b) for a, b in pairs]
+    monkeypatch.setattr(distribution, "_sorted_rows", lambda x: torch.sort(x, dim=1).values)
+    for (a, b), value in zip(pairs, fast):
+        assert torch.equal(value, distribution.wasserstein_1d(a, b))

@@ -171,3 +171,16 @@ def test_thread_pools_get_the_idle_cores_and_are_restored(monkeypatch):
     with threads.cpu_threads(1) as n:
         assert n == 1 and torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_small_pages_switches_numpy_huge_pages_off_and_back():
+    from regina_cli.evaluate import pages
+
+    switch = pages._setter()
+    before = switch(True)
+    try:
+        with pages.small_pages():
+            assert switch(False) is False  # off inside the block
+        assert switch(True) is True  # restored afterwards
+    finally:
+        switch(before)

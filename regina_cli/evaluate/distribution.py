@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from regina_cli.evaluate.metrics import pearson
@@ -60,9 +61,17 @@ def random_projections(n_genes: int, seed: int, *, n: int = N_PROJECTIONS, devic
     return theta.to(device=device, dtype=dtype)
 
 
+def _sorted_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row sorted. On the CPU NumPy's vectorised sort is ~20x faster than torch.sort for
+    these blocks of a hundred values (sorting is exact: the same values either way)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.sort(x.detach().numpy(), axis=1))
+    return torch.sort(x, dim=1).values
+
+
 def sorted_columns(x: torch.Tensor) -> torch.Tensor:
     """[n, P] -> [P, n], each row sorted: the form wasserstein_1d works on."""
-    return torch.sort(x.T.contiguous(), dim=1).values
+    return _sorted_rows(x.T.contiguous())
 
 
 def wasserstein_1d(u: torch.Tensor, v: torch.Tensor, *, v_sorted: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,7 +86,7 @@ def wasserstein_1d(u: torch.Tensor, v: torch.Tensor, *, v_sorted: torch.Tensor |
     v_sorted = sorted_columns(v) if v_sorted is None else v_sorted
     if u_sorted.shape[1] == v_sorted.shape[1]:
         return (u_sorted - v_sorted).abs().mean(1)
-    merged = torch.sort(torch.cat([u_sorted, v_sorted], dim=1), dim=1).values
+    merged = _sorted_rows(torch.cat([u_sorted, v_sorted], dim=1))
     widths = merged[:, 1:] - merged[:, :-1]
     at = merged[:, :-1].contiguous()
     cdf_u = torch.searchsorted(u_sorted, at, right=True).to(u.dtype) / u_sorted.shape[1]

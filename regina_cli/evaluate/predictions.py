@@ -113,7 +113,7 @@ def align(raw: RawPredictions, truth: Truth, name: str) -> Predictions:
         name=name,
         form=form,
         conditions=conditions,
-        means=np.stack([c.astype(np.float64).mean(0) for c in cells]),
+        means=np.stack([c.mean(0, dtype=np.float64) for c in cells]),  # no float64 copy; same sums
         cells=cells,
         control_cells=[None if sources is None else sources[grouped[c]] for c in conditions],
         predicted_controls=x[control_rows] if len(control_rows) else None,

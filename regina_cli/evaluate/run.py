@@ -232,7 +232,7 @@ def _reconstructions(models: list[Predictions]) -> dict[str, dict[str, np.ndarra
 def _scorers(models: list[Predictions], profiles: dict, conditions: list[str], control_mean) -> list[Scorer]:
     out = []
     for m in models:
-        reference = control_mean if m.predicted_controls is None else m.predicted_controls.astype(np.float64).mean(0)
+        reference = control_mean if m.predicted_controls is None else m.predicted_controls.mean(0, dtype=np.float64)
         out.append(Scorer(m.name, m.conditions, m.means, reference, m))
     for name, by_condition in profiles.items():
         covered = [c for c in conditions if c in by_condition]
@@ -352,12 +352,13 @@ def evaluate(
     from regina_cli.data.dataset import read_dataset
     from regina_cli.data.split import load_split
     from regina_cli.evaluate import report
+    from regina_cli.evaluate.pages import small_pages
     from regina_cli.evaluate.predictions import align, shared_genes
     from regina_cli.evaluate.readers import name_columns, read_predictions
     from regina_cli.evaluate.threads import cpu_threads
     from regina_cli.evaluate.truth import Truth
 
-    with cpu_threads(threads) as n_threads:
+    with cpu_threads(threads) as n_threads, small_pages():
         paths = [Path(p) for p in (predictions if isinstance(predictions, (list, tuple)) else [predictions])]
         if on not in TARGET_SETS:
             raise ReginaError(f"--on must be one of {', '.join(TARGET_SETS)}, not {on!r}")
