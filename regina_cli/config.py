@@ -138,9 +138,13 @@ class GANConfig:
     prompt_dropout: float = _opt(0.0, "Probability of hiding a gene's learned prompt vector in a training step, so "
                                  "the rest of the prompt must carry the condition alone (as for unseen genes).",
                                  **_FRACTION)
-    validation_holdout: float = _opt(0.2, "When no validation condition can be predicted, hold out this share of the "
-                                     "training perturbations (at least 2) from phase 2 to validate on; 0 validates "
-                                     "on the training conditions instead.", **_FRACTION)
+    validation_holdout: float = _opt(0.2, "When fewer than gan.validation_min_conditions validation conditions can be "
+                                     "predicted, hold out this share of the training perturbations (at least 2) from "
+                                     "phase 2 and validate on them too; 0 validates on what there is (the training "
+                                     "conditions themselves when nothing else).", **_FRACTION)
+    validation_min_conditions: int = _opt(3, "Fewest predictable validation conditions that model selection trusts "
+                                          "alone; below it the gan.validation_holdout share of training perturbations "
+                                          "joins them (1: only when none is predictable).", **_AT_LEAST_1)
     residual_decoding: bool = _opt(True, "Predict X_ctrl + D(T(z)) - D(z) instead of the method's D(T(z)) (cancels decoder error).")
     match_control_mean: bool = _opt(True, "Shift the control cells drawn for each condition (and cell type) so their "
                                      "mean is the mean of all training controls of that cell type: a 100-cell draw "

@@ -197,3 +197,39 @@ def test_gan_validation_works_with_fewer_genes_than_top_de():
     collapse = {k: values.pop(k) for k in ("collapse_index", "collapse_index_true")}
     assert all(np.isnan(v) for v in collapse.values())  # one validation condition: no pairs to correlate
     assert all(np.isfinite(v) for v in values.values())
+
+
+@pytest.mark.parametrize("n_val", [1, 3])
+def test_too_few_validation_conditions_are_joined_by_a_training_holdout(n_val):
+    """One predictable validation condition makes a noisy model selection: with
+    gan.validation_min_conditions=3 a share of the training perturbations is held out of phase 2
+    and validated on beside it; three are trusted alone, and min 1 keeps the old rule."""
+    import anndata as ad
+    import pandas as pd
+
+    from regina_cli.data.split import Split
+    from regina_cli.data.tensors import CellTensors
+    from regina_cli.engine.gan_phase import phase_train_index
+    from regina_cli.engine.gan_validation import FROM_VALIDATION, build_plan
+
+    genes = [f"G{i}" for i in range(12)]
+    singles = [f"G{i}+ctrl" for i in range(1, 11)]
+    conditions = ["ctrl"] * 30 + [c for c in singles for _ in range(8)]
+    x = np.random.default_rng(0).random((len(conditions), len(genes))).astype(np.float32)
+    adata = ad.AnnData(x, obs=pd.DataFrame({"condition": conditions}, index=[f"c{i}" for i in range(len(x))]),
+                       var=pd.DataFrame(index=genes))
+    val = singles[-n_val:]
+    split = Split(dataset="tiny", mode="custom", seed=0, train_gene_frac=None, train=["ctrl", *singles[:-n_val]],
+                  val=val, test=[], subgroups={})
+    cells = CellTensors.from_anndata(adata, split, device_data="always")
+    plan = build_plan(cells, adata, seed=0, holdout=0.2, min_conditions=3)
+    if n_val == 3:
+        assert sorted(plan.conditions) == sorted(val) and plan.held_out == [] and plan.source == FROM_VALIDATION
+        return
+    assert len(plan.held_out) == 2 and set(plan.held_out) <= set(split.train)
+    assert plan.conditions == val + plan.held_out and "and 1 validation condition" in plan.source
+    assert torch.equal(torch.unique(plan.groups), torch.arange(3))  # each condition its own group
+    held_codes = [cells.conditions.index(c) for c in plan.held_out]
+    trained = cells.condition_codes[phase_train_index(cells, plan.held_out)]
+    assert not torch.isin(trained, torch.as_tensor(held_codes)).any()  # phase 2 never trains on them
+    assert build_plan(cells, adata, seed=0, holdout=0.2, min_conditions=1).conditions == val

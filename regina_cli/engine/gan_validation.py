@@ -6,9 +6,10 @@ the run and built once, so each epoch only runs the networks. Deltas are taken a
 of the training controls, as `regina evaluate` and GEARS take them against all controls, so the
 validation `pearson_delta` is the evaluation's `pearson_delta` on validation conditions.
 
-When no validation condition can be predicted (its targets have no prompt), a share of the
-training perturbations is held out of phase 2 instead (`gan.validation_holdout`), so model
-selection never silently scores conditions the model trains on.
+When fewer than `gan.validation_min_conditions` validation conditions can be predicted (their
+targets have no prompt), a share of the training perturbations is held out of phase 2 and
+validated on as well (`gan.validation_holdout`), so model selection never silently scores
+conditions the model trains on, nor rests on one or two conditions.
 
 Diagnostics beside the scores (all on the validation conditions):
   collapse_index        mean pairwise Pearson of predicted mean deltas across conditions
@@ -102,18 +103,24 @@ class ValidationScores:
         return out
 
 
-def build_plan(cells, adata, *, seed: int, holdout: float = 0.0) -> ValidationPlan:
-    """The plan for the validation conditions the model can prompt (`cells.usable`). When none
-    is, `holdout` > 0 holds out that share of the usable training perturbations (at least 2)
-    and validates on them; with 0 the training conditions themselves are scored, as `source`
-    says."""
+def build_plan(cells, adata, *, seed: int, holdout: float = 0.0, min_conditions: int = 1) -> ValidationPlan:
+    """The plan for the validation conditions the model can prompt (`cells.usable`). When fewer
+    than `min_conditions` are (one or two conditions make a noisy selection), `holdout` > 0 holds
+    out that share of the usable training perturbations (at least 2) and validates on them as
+    well; with none to validate on at all, the training conditions themselves are scored, as
+    `source` says."""
     source, held_out = FROM_VALIDATION, []
     rows, groups, conditions = _condition_groups(cells, cells.val_perturbed_idx, seed)
-    if not conditions and holdout > 0:
+    if len(conditions) < min_conditions and holdout > 0:
         held_out = holdout_conditions(cells, holdout, seed)
-        source = (f"{len(held_out)} training conditions held out of phase 2 (no validation condition is "
-                  "predictable)")
-        rows, groups, conditions = _condition_groups(cells, cells.train_perturbed_idx, seed, only=held_out)
+    if held_out:
+        extra_rows, extra_groups, extra = _condition_groups(cells, cells.train_perturbed_idx, seed, only=held_out)
+        source = (f"{len(held_out)} training conditions held out of phase 2"
+                  + (f" and {len(conditions)} validation condition{'s' * (len(conditions) != 1)} (fewer than "
+                     f"{min_conditions} predictable)" if conditions else " (no validation condition is predictable)"))
+        rows += extra_rows
+        groups += [g + len(conditions) for g in extra_groups]
+        conditions += extra
     if not conditions:
         source = "training conditions (no validation condition is predictable: its targets have no prompt)"
         rows, groups, conditions = _condition_groups(cells, cells.train_perturbed_idx, seed)

@@ -91,7 +91,8 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
         chunk_cells=config.runtime.stream_chunk_cells, genes=ae_meta.gene_names, prompt_genes=prompt_genes)
     if len(cells.train_perturbed_idx) == 0:  # before the plan, which may fall back on training cells
         raise ReginaError(f"split {ae_meta.split} has no perturbed training cells")
-    plan = gan_validation.build_plan(cells, adata, seed=config.runtime.seed, holdout=g.validation_holdout)
+    plan = gan_validation.build_plan(cells, adata, seed=config.runtime.seed, holdout=g.validation_holdout,
+                                     min_conditions=g.validation_min_conditions)
 
     autoencoder = Autoencoder(cells.n_genes, len(ae_meta.label_classes), config.model)
     autoencoder.load_state_dict(ckpt.load_torch(ae_paths.model))
