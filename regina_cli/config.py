@@ -142,9 +142,11 @@ class GANConfig:
                                      "predicted, hold out this share of the training perturbations (at least 2) from "
                                      "phase 2 and validate on them too; 0 validates on what there is (the training "
                                      "conditions themselves when nothing else).", **_FRACTION)
-    validation_min_conditions: int = _opt(3, "Fewest predictable validation conditions that model selection trusts "
+    validation_min_conditions: int = _opt(1, "Fewest predictable validation conditions that model selection trusts "
                                           "alone; below it the gan.validation_holdout share of training perturbations "
-                                          "joins them (1: only when none is predictable).", **_AT_LEAST_1)
+                                          "joins them. 1 (only when none is predictable) by default: the hold-out also "
+                                          "leaves the prior without those conditions, which costs small screens "
+                                          "(benchmarks/results/quality.md).", **_AT_LEAST_1)
     residual_decoding: bool = _opt(True, "Predict X_ctrl + D(T(z)) - D(z) instead of the method's D(T(z)) (cancels decoder error).")
     match_control_mean: bool = _opt(True, "Shift the control cells drawn for each condition (and cell type) so their "
                                      "mean is the mean of all training controls of that cell type: a 100-cell draw "

@@ -23,8 +23,7 @@ from regina_cli.engine.train_gan import train_gan
 
 TINY = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.z_dim=16", "model.ff_mult=2",
         "model.classifier_hidden=16", "model.transition_hidden=32", "model.discriminator_hidden=[32,16]",
-        "ae.batch_size=64", "ae.lr=0.003", "gan.batch_size=64", "gan.discriminator_every=2",
-        "gan.validation_min_conditions=1"]  # a screen this small validates on its 2 conditions alone
+        "ae.batch_size=64", "ae.lr=0.003", "gan.batch_size=64", "gan.discriminator_every=2"]
 
 
 @pytest.fixture(autouse=True)

@@ -6,10 +6,10 @@ the run and built once, so each epoch only runs the networks. Deltas are taken a
 of the training controls, as `regina evaluate` and GEARS take them against all controls, so the
 validation `pearson_delta` is the evaluation's `pearson_delta` on validation conditions.
 
-When fewer than `gan.validation_min_conditions` validation conditions can be predicted (their
-targets have no prompt), a share of the training perturbations is held out of phase 2 and
-validated on as well (`gan.validation_holdout`), so model selection never silently scores
-conditions the model trains on, nor rests on one or two conditions.
+When no validation condition can be predicted (their targets have no prompt), or fewer than
+`gan.validation_min_conditions`, a share of the training perturbations is held out of phase 2
+and validated on as well (`gan.validation_holdout`), so model selection never silently scores
+conditions the model trains on.
 
 Diagnostics beside the scores (all on the validation conditions):
   collapse_index        mean pairwise Pearson of predicted mean deltas across conditions
