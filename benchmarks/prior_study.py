@@ -25,7 +25,7 @@ import numpy as np
 from regina_cli.data.conditions import canonical_condition, parse_condition
 from regina_cli.data.split import load_split
 from regina_cli.engine.expression_prior import LINEAR_WEIGHTS, _Effects, _fit, _pearson, median_self_effect
-from regina_cli.evaluate.baselines import TrainingData, training_data
+from regina_cli.evaluate.baselines import TrainingData, train_mean, training_data
 from regina_cli.evaluate.truth import Truth
 
 
@@ -51,7 +51,7 @@ def held_out_scores(train: TrainingData) -> list[dict]:
         mean_change = rest.means.mean(0) - rest.control_mean
         embedding = model.embed(canonical_condition([gene]))
         linear = model.offset if embedding is None else model.predict_change(embedding)
-        pooled = (rest.means * rest.counts[:, None]).sum(0) / rest.counts.sum() - rest.control_mean
+        pooled = train_mean(rest, [condition])[condition] - rest.control_mean
         row = {"gene": gene, "train_mean": _pearson(pooled, truth), "linear": _pearson(linear, truth)}
         for w in LINEAR_WEIGHTS:
             prior = _Effects(model, observed, mean_change, w, median_self_effect(observed, index)).unseen(gene)
