@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import anndata
@@ -24,7 +25,11 @@ import numpy as np
 
 from regina_cli.data.conditions import canonical_condition, parse_condition
 from regina_cli.data.split import load_split
-from regina_cli.engine.expression_prior import LINEAR_WEIGHTS, _Effects, _fit, _pearson, median_self_effect
+import torch
+
+from regina_cli.data.conditions import is_control
+from regina_cli.engine.expression_prior import (COVARIATION_WEIGHTS, LINEAR_WEIGHTS, _Effects, _fit, _pearson,
+                                                covariation_loadings, median_self_effect)
 from regina_cli.evaluate.baselines import TrainingData, train_mean, training_data
 from regina_cli.evaluate.truth import Truth
 
@@ -34,7 +39,14 @@ def _subset(train: TrainingData, keep: list[int]) -> TrainingData:
                         train.counts[keep])
 
 
-def held_out_scores(train: TrainingData) -> list[dict]:
+def control_covariation(adata, components: int, skip: int) -> tuple[np.ndarray, np.ndarray]:
+    """The co-variation term's (C, 1/variance) from every control cell of the screen."""
+    x = adata.X[np.asarray([is_control(c) for c in adata.obs["condition"]])]
+    x = torch.as_tensor(x.toarray() if hasattr(x, "toarray") else np.asarray(x))
+    return tuple(t.numpy() for t in covariation_loadings(x, components, torch.Generator().manual_seed(0), skip))
+
+
+def held_out_scores(train: TrainingData, covariation: tuple[np.ndarray, np.ndarray]) -> list[dict]:
     """One row per measured training single: Pearson of each rule's prediction with its change."""
     index = {g: i for i, g in enumerate(train.genes)}
     rows = []
@@ -54,8 +66,12 @@ def held_out_scores(train: TrainingData) -> list[dict]:
         pooled = train_mean(rest, [condition])[condition] - rest.control_mean
         row = {"gene": gene, "train_mean": _pearson(pooled, truth), "linear": _pearson(linear, truth)}
         for w in LINEAR_WEIGHTS:
-            prior = _Effects(model, observed, mean_change, w, median_self_effect(observed, index)).unseen(gene)
+            effects = _Effects(model, observed, mean_change, w, median_self_effect(observed, index),
+                               covariation=covariation[0], precision=covariation[1])
+            prior = effects.unseen(gene)
             row[f"w={w}"] = _pearson(prior, truth)
+            for u in COVARIATION_WEIGHTS[1:]:
+                row[f"w={w}, u={u}"] = _pearson(replace(effects, covariation_weight=u).unseen(gene), truth)
             prior[index[gene]] = (mean_change + w * (linear - mean_change))[index[gene]]
             row[f"w={w}, no knock-down entry"] = _pearson(prior, truth)
         rows.append(row)
@@ -68,14 +84,24 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["demo", "papalexi"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--per-gene", action="store_true", help="also print every held-out gene's scores")
+    parser.add_argument("--covariation-components", type=int, default=32)
+    parser.add_argument("--covariation-skip", type=int, default=2)
     opts = parser.parse_args()
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for dataset in opts.datasets:
         per_seed = {}
         for seed in opts.seeds:
             data = Path(opts.workdir) / dataset / f"seed{seed}" / "data"
-            truth = Truth(anndata.read_h5ad(data / dataset / "perturb_processed.h5ad"))
-            rows = held_out_scores(training_data(truth, load_split(dataset, f"simulation_{seed}", data).train))
+            adata = anndata.read_h5ad(data / dataset / "perturb_processed.h5ad")
+            covariation = control_covariation(adata, opts.covariation_components, opts.covariation_skip)
+            rows = held_out_scores(training_data(Truth(adata), load_split(dataset, f"simulation_{seed}", data).train),
+                                   covariation)
+            best = max(LINEAR_WEIGHTS, key=lambda w: np.mean([r[f"w={w}"] for r in rows]))
+            for r in rows:  # the co-variation term as phase 2 adds it: at the seed's best w
+                r.update({f"u={u} at the best w": r[f"w={best}, u={u}"] for u in COVARIATION_WEIGHTS[1:]})
+                for w in LINEAR_WEIGHTS:
+                    for u in COVARIATION_WEIGHTS[1:]:
+                        del r[f"w={w}, u={u}"]
             per_seed[seed] = rows
             if opts.per_gene:
                 for row in rows:

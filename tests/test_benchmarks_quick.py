@@ -85,7 +85,8 @@ def test_denoised_collapse_index_recovers_the_noise_free_similarity():
 
 def test_prior_study_scores_held_out_measured_singles():
     """Each measured single held out in turn: a screen of one shared change plus each target's own
-    knock-down rewards the prior's knock-down entry, and train_mean scores the shared part."""
+    knock-down rewards the prior's knock-down entry, train_mean scores the shared part, and the
+    co-variation term is rewarded where a target's partner in the controls falls with it."""
     import numpy as np
 
     sys.path.insert(0, str(BENCHMARKS))
@@ -101,13 +102,17 @@ def test_prior_study_scores_held_out_measured_singles():
     for target in range(8):
         change = shared + rng.normal(0, 0.05, len(genes))
         change[target] -= 2.0
+        change[target + 10] -= 1.0  # its partner in the controls' co-variation
         conditions.append(f"g{target}+ctrl")
         means.append(control + change)
     conditions.append("NOT_MEASURED+ctrl")  # no row: not scored, still trained on
     means.append(control + shared)
     train = TrainingData(genes, control, conditions, np.array(means), np.full(len(conditions), 50.0))
-    rows = held_out_scores(train)
+    loadings = np.zeros((len(genes), 8))
+    loadings[np.arange(8), np.arange(8)] = loadings[np.arange(8) + 10, np.arange(8)] = 1.0
+    rows = held_out_scores(train, (loadings, np.ones(len(genes))))
     assert [r["gene"] for r in rows] == [f"g{i}" for i in range(8)]
     for row in rows:
+        assert row["w=0.0, u=1.0"] > row["w=0.0"] + 0.01
         assert row["w=0.0"] > row["w=0.0, no knock-down entry"] + 0.1
-        assert row["train_mean"] > 0.5 and abs(row["w=0.0, no knock-down entry"] - row["train_mean"]) < 0.1
+        assert row["train_mean"] > 0.4 and abs(row["w=0.0, no knock-down entry"] - row["train_mean"]) < 0.1

@@ -5,6 +5,8 @@ the diagnostics' warnings."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -250,3 +252,121 @@ def test_folds_give_knowledge_weight_only_when_it_predicts_held_out_genes(inform
         assert torch.corrcoef(torch.stack([cross[code["A0+ctrl"]], real]))[0, 1] > 0.9
     else:
         assert float(prior.knowledge_weight) == 0.0
+
+
+def test_covariation_loadings_give_each_genes_regression_slope_in_the_controls():
+    from regina_cli.engine.expression_prior import covariation_loadings
+
+    rng = np.random.default_rng(0)
+    g0 = rng.normal(0, 1, 2000)
+    x = np.stack([g0, 2 * g0 + rng.normal(0, 0.1, 2000), rng.normal(0, 1, 2000), np.full(2000, 3.0)], axis=1)
+    loadings, precision = covariation_loadings(torch.as_tensor(x), 4, torch.Generator().manual_seed(0))
+    slopes = (loadings @ loadings[0] * precision[0]).numpy()  # every gene regressed on gene 0
+    np.testing.assert_allclose(slopes[:2], [1.0, 2.0], atol=0.02)
+    assert abs(slopes[2]) < 0.1 and slopes[3] == 0.0 and float(precision[3]) == 0.0  # constant gene: no slope
+    torch.testing.assert_close(loadings @ loadings.T, torch.as_tensor(np.cov(x.T)), atol=1e-8, rtol=1e-8)
+    assert loadings.shape == (4, 4) and (loadings[:, 2:].abs() > 0).any()
+    wide, _ = covariation_loadings(torch.as_tensor(x[:3]), 6, torch.Generator().manual_seed(0))
+    assert wide.shape == (4, 6) and (wide[:, 2:] == 0).all()  # past the rank of 3 cells: zero columns
+    rest, _ = covariation_loadings(torch.as_tensor(x), 3, torch.Generator().manual_seed(0), skip=1)
+    assert abs(float((rest @ rest[0] * precision[0])[1])) < 0.05  # the leading g0-g1 axis skipped: no slope left
+
+
+def test_control_covariation_is_measured_within_each_cell_type():
+    """Two cell types whose means differ in genes 0 and 1 together: pooled, the genes would look
+    co-regulated; within each type they vary independently, so neither moves with the other."""
+    from types import SimpleNamespace
+
+    from regina_cli.engine.expression_prior import control_covariation
+
+    rng = np.random.default_rng(0)
+    types = torch.arange(600) % 2
+    x = torch.as_tensor(rng.normal(0, 0.3, (600, 3))) + 3.0 * types.unsqueeze(1) * torch.tensor([1.0, 1.0, 0.0])
+    cells = SimpleNamespace(train_idx=torch.arange(600), is_control=torch.ones(600, dtype=torch.bool),
+                            cell_type_codes=types, cell_types=["a", "b"],
+                            batches=lambda index, size, shuffle: [(index, x[index].float())])
+    loadings, precision = control_covariation(cells, 3, 0, seed=0)
+    assert abs((loadings @ loadings[0] * precision[0])[1]) < 0.1  # pooled the slope would be about 1
+    assert control_covariation(cells, 0, 0, seed=0) == (None, None)
+
+
+def test_prior_moves_genes_that_co_vary_with_a_measured_target_along_with_its_knockdown():
+    prior = ExpressionPrior(n_genes=3, n_table=1, dim=2, n_covariation=1)
+    prior.covariation.copy_(torch.tensor([[1.0], [2.0], [0.0]]))  # C: genes 0 and 1 co-vary, 2 does not
+    prior.covariation_precision.copy_(torch.tensor([1.0, 0.25, 0.0]))  # 1 / variance
+    prior.self_effect.fill_(-1.0)
+    prior.covariation_weight.fill_(0.5)
+    out = prior(torch.tensor([[0], [1], [-1]]), torch.tensor([[-1], [-1], [0]]))
+    # target 0: slopes C C_0 / var_0 = [1, 2, 0], times u s = -0.5; its own entry s
+    torch.testing.assert_close(out[0], torch.tensor([-1.0, -1.0, 0.0]))
+    # target 1: slopes [0.5, 1, 0] -> [-0.25, -0.5, 0], own entry -1
+    torch.testing.assert_close(out[1], torch.tensor([-0.25, -1.0, 0.0]))
+    torch.testing.assert_close(out[2], torch.zeros(3))  # an unmeasured target has no co-variation
+
+
+def _covarying_folds(informative: bool, seed: int = 0):
+    """Leave-one-out folds over eight measured genes whose linear model can say nothing (no
+    embedding: it predicts the mean change). In the controls genes 0-4 share one cell-to-cell
+    factor and genes 5-9 another; knocking gene i down lowers it and, when `informative`, its
+    factor's other genes (as a regulator would), otherwise the same four other genes whoever is
+    hit. Returns (folds, held-out (fold, gene) pairs, observed effects)."""
+    from regina_cli.engine.expression_prior import _Effects, covariation_loadings, median_self_effect
+    from regina_cli.evaluate.baselines import LinearModel
+
+    rng = np.random.default_rng(seed)
+    genes = [f"R{i}" for i in range(14)]
+    index = {g: i for i, g in enumerate(genes)}
+    factors = rng.normal(0, 0.6, (400, 2))
+    controls = np.concatenate([np.repeat(factors[:, :1], 5, 1), np.repeat(factors[:, 1:], 5, 1), np.zeros((400, 4))], 1)
+    controls += rng.normal(0, 0.3, controls.shape)
+    loadings, precision = (t.numpy() for t in covariation_loadings(torch.as_tensor(controls), 4,
+                                                                  torch.Generator().manual_seed(seed)))
+    observed = {}
+    for i in (0, 1, 2, 3, 5, 6, 7, 8):
+        effect = rng.normal(0, 0.05, len(genes))
+        effect[list(range(5) if i < 5 else range(5, 10)) if informative else list(range(10, 14))] -= 0.8
+        effect[i] = -1.5
+        observed[genes[i]] = effect
+    folds, held = [], []
+    for gene in observed:
+        rest = {g: e for g, e in observed.items() if g != gene}
+        mean = np.mean(list(rest.values()), 0)
+        model = LinearModel(np.zeros((len(genes), 0)), np.zeros((0, 0)), mean, index)
+        folds.append(_Effects(model, observed, mean, 1.0, median_self_effect(rest, index),
+                              covariation=loadings, precision=precision))
+        held.append((len(folds) - 1, gene))
+    return folds, held, observed
+
+
+@pytest.mark.parametrize("informative", [True, False])
+def test_folds_give_covariation_weight_only_when_it_predicts_held_out_genes(informative):
+    from regina_cli.engine.expression_prior import _choose_weights
+
+    folds, held, observed = _covarying_folds(informative)
+    _, _, covariation = _choose_weights(folds, held, observed, with_knowledge=False, with_covariation=True)
+    if informative:
+        assert covariation >= 0.5
+        moved = replace(folds[0], covariation_weight=covariation).unseen("R0")
+        assert moved[1:5].max() < moved[5:10].min() - 0.3  # its factor's genes fall with it, beyond the mean change
+    else:
+        assert covariation == 0.0
+    assert _choose_weights(folds, held, observed, with_knowledge=False, with_covariation=False)[2] == 0.0
+
+
+def test_numpy_and_module_priors_agree_on_the_covariation_term():
+    from regina_cli.engine.expression_prior import _Effects
+    from regina_cli.evaluate.baselines import LinearModel
+
+    folds, _, observed = _covarying_folds(True)
+    effects = replace(folds[0], covariation_weight=1.0, observed={})
+    prior = ExpressionPrior(n_genes=14, n_table=0, dim=1, n_covariation=4)
+    prior.offset.copy_(torch.as_tensor(effects.model.offset))
+    prior.mean_change.copy_(torch.as_tensor(effects.mean_change))
+    prior.self_effect.fill_(effects.self_effect)
+    prior.covariation.copy_(torch.as_tensor(effects.covariation))
+    prior.covariation_precision.copy_(torch.as_tensor(effects.precision))
+    prior.covariation_weight.fill_(1.0)
+    out = prior(torch.tensor([[0], [6]]), torch.tensor([[-1], [-1]])).double()
+    for row, gene in enumerate(("R0", "R6")):
+        torch.testing.assert_close(out[row], torch.as_tensor(effects.unseen(gene)), atol=1e-5, rtol=1e-5)
+    assert isinstance(effects.model, LinearModel) and isinstance(effects, _Effects) and observed

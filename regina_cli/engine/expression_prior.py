@@ -4,7 +4,9 @@ The prior of a condition sums its targets' effects: a gene perturbed alone in tr
 observed mean change; any other gene the linear gene-embedding model of the training pseudo-bulk
 (Ahlmann-Eltze, Huber & Anders 2025; `evaluate.baselines.fit_linear`), which predicts unseen genes
 from how their expression moved across the training perturbations (or, where no training target
-is measured and that model cannot be fitted, the mean change over training conditions). The
+is measured and that model cannot be fitted, the mean change over training conditions), and, for
+a measured target, the genes that co-vary with it across the training controls moved with its
+knock-down (natural variation as a proxy for what lowering the gene does downstream). The
 transition then learns what the prior gets wrong. It must learn that from the prior's errors on
 conditions the prior did not see, not from its near-perfect fit of its own training data: so
 during training each training condition gets the prior fitted without it (K-fold cross-fitting),
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 
 from regina_cli.data.conditions import canonical_condition, is_control, parse_condition
-from regina_cli.engine.gene_prompts import single_conditions
+from regina_cli.engine.gene_prompts import single_conditions, top_components
 from regina_cli.evaluate.baselines import LINEAR_PCA_DIM, LinearModel, TrainingData, fit_linear
 
 FOLDS = 10
@@ -35,13 +37,17 @@ def _training_data(cells, stats, codes: list[int], control_mean: np.ndarray) -> 
 
 
 LINEAR_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+COVARIATION_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0)
+CONTROL_CELLS = 10_000  # controls sampled for their co-variation (bounds its memory)
 
 
 @dataclass
 class _Effects:
     """Single-gene effects for the prior: the observed ones, else the mean change m moved by
     `weight` towards the linear model and by `knowledge_weight` towards the knowledge neighbours'
-    observed effects (m + w (linear - m) + v (k - m)), the target's own entry `self_effect`."""
+    observed effects (m + w (linear - m) + v (k - m)), plus for a measured gene g its control
+    co-variation slopes times its knock-down (u s C C_g / var_g, `covariation_weight` u), the
+    target's own entry `self_effect` s."""
 
     model: object  # evaluate.baselines.LinearModel
     observed: dict[str, np.ndarray]
@@ -50,6 +56,9 @@ class _Effects:
     self_effect: float
     neighbours: dict[str, tuple] = field(default_factory=dict)  # gene -> (neighbour genes, weights)
     knowledge_weight: float = 0.0
+    covariation: np.ndarray | None = None  # [G, k] C, with C C^T the controls' rank-k covariance
+    precision: np.ndarray | None = None  # [G] 1 / each gene's variance in the controls (0 if constant)
+    covariation_weight: float = 0.0
 
     def unseen(self, gene: str) -> np.ndarray:
         embedding = self.model.embed(canonical_condition([gene]))
@@ -60,7 +69,11 @@ class _Effects:
             known = sum(w * self.observed[g] for g, w in zip(genes, weights))
             effect = effect + self.knowledge_weight * (known - self.mean_change)
         if gene in self.model.gene_index:
-            effect[self.model.gene_index[gene]] = self.self_effect
+            i = self.model.gene_index[gene]
+            if self.covariation_weight:
+                slopes = self.covariation @ self.covariation[i] * self.precision[i]
+                effect = effect + self.covariation_weight * self.self_effect * slopes
+            effect[i] = self.self_effect
         return effect
 
     def prior(self, condition: str, *, own: bool = False) -> np.ndarray:
@@ -102,27 +115,32 @@ def _neighbours(knowledge, genes, observed: dict[str, np.ndarray], exclude=()) -
 
 
 def _choose_weights(fold_effects: list[_Effects], held_out: list[tuple[int, str]], observed: dict[str, np.ndarray],
-                    with_knowledge: bool) -> tuple[float, float]:
-    """(linear weight w, knowledge weight v), w + v <= 1, each the candidate whose held-out single-gene
-    predictions correlate best with the observed effects, scored on the genes it acts on: w on the
-    held-out targets the linear model embeds (measured genes; for the others its prediction is a
-    constant, so they would choose w by how the model's offset compares with the mean change), then
-    v, given w, on those with knowledge neighbours. Where no held-out gene qualifies, all of them."""
-    def score(pairs: list[tuple[int, str]], w: float, v: float) -> float:
-        return float(np.mean([_pearson(_reweighted(fold_effects[f], w, v).unseen(g), observed[g]) for f, g in pairs]
-                             or [0.0]))
+                    with_knowledge: bool, with_covariation: bool) -> tuple[float, float, float]:
+    """(linear weight w, knowledge weight v, co-variation weight u), w + v <= 1, each the candidate
+    whose held-out single-gene predictions correlate best with the observed effects, scored on the
+    genes it acts on: w and u together on the held-out targets the screen measures (for the others
+    the linear model predicts a constant, so they would choose w by how the model's offset compares
+    with the mean change, and the co-variation term is absent), then v, given them, on those with
+    knowledge neighbours. Where no held-out gene qualifies, all of them."""
+    def score(pairs: list[tuple[int, str]], w: float, v: float, u: float) -> float:
+        return float(np.mean([_pearson(_reweighted(fold_effects[f], w, v, u).unseen(g), observed[g])
+                              for f, g in pairs] or [0.0]))
 
     embedded = [(f, g) for f, g in held_out if fold_effects[f].model.embed(canonical_condition([g])) is not None]
-    weight = max(LINEAR_WEIGHTS, key=lambda w: score(embedded or held_out, w, 0.0))
+    weight = max(LINEAR_WEIGHTS, key=lambda w: score(embedded or held_out, w, 0.0, 0.0))
+    covariation = max(COVARIATION_WEIGHTS if with_covariation else (0.0,),
+                      key=lambda u: score(embedded or held_out, weight, 0.0, u))
     if not with_knowledge:
-        return weight, 0.0
+        return weight, 0.0, covariation
     near = [(f, g) for f, g in held_out if g in fold_effects[f].neighbours]
-    return weight, max((v for v in LINEAR_WEIGHTS if weight + v <= 1), key=lambda v: score(near or held_out, weight, v))
+    knowledge = max((v for v in LINEAR_WEIGHTS if weight + v <= 1),
+                    key=lambda v: score(near or held_out, weight, v, covariation))
+    return weight, knowledge, covariation
 
 
 @torch.no_grad()
 def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt_genes: list[str], *,
-                         seed: int, knowledge=None) -> torch.Tensor:
+                         seed: int, knowledge=None, covariation_skip: int = 0) -> torch.Tensor:
     """Fit `prior` (`model.gan.ExpressionPrior`) on every perturbed training condition in `stats`
     and return the cross-fitted prior of each condition code [C, G]: a training condition gets the
     fold model that left it out (and not its own observed effect); other codes the full prior.
@@ -133,10 +151,14 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
     co-variation says little about their effects keeps close to the mean change; train_mean is
     weight 0, the linear baseline weight 1).
     With gene knowledge, and neighbour slots in `prior` (`gan.knowledge_neighbours`), the folds also
-    choose how far an unseen gene moves towards the observed effects of its knowledge neighbours.
+    choose how far an unseen gene moves towards the observed effects of its knowledge neighbours;
+    with co-variation columns in `prior` (`gan.covariation_components`, past the controls'
+    `covariation_skip` leading directions), how far a measured target's co-varying genes follow
+    its knock-down.
     """
     if prior.neighbour_rows.shape[1] == 0:
         knowledge = None
+    covariation, precision = control_covariation(cells, prior.covariation.shape[1], covariation_skip, seed)
     codes = [c for c, name in enumerate(cells.conditions) if stats.counts[c] > 0 and not is_control(name)]
     mean = control_mean.double().cpu().numpy()
     singles = single_conditions(cells, codes)
@@ -153,19 +175,22 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
                        if g in held_genes or g not in observed}
         fold_effects.append(_Effects(model, observed, _mean_change(stats, kept, mean), 1.0,
                                      median_self_effect(observed, full.gene_index, exclude=held_genes),
-                                     _neighbours(knowledge, unseen_here, observed, exclude=held_genes)))
+                                     _neighbours(knowledge, unseen_here, observed, exclude=held_genes),
+                                     covariation=covariation, precision=precision))
         held_out_singles += [(len(fold_effects) - 1, g) for g in held_genes]
-    weight, knowledge_weight = _choose_weights(fold_effects, held_out_singles, observed, knowledge is not None)
+    weight, knowledge_weight, covariation_weight = _choose_weights(
+        fold_effects, held_out_singles, observed, knowledge is not None, covariation is not None)
     needed = (set(prompt_genes) | {g for name in cells.conditions for g in parse_condition(name)}) - set(observed)
     effects = _Effects(full, observed, _mean_change(stats, codes, mean), weight,
                        median_self_effect(observed, full.gene_index), _neighbours(knowledge, needed, observed),
-                       knowledge_weight)
+                       knowledge_weight, covariation, precision, covariation_weight)
     _load(prior, effects, prompt_genes)
     table = np.stack([effects.prior(name) if not is_control(name) else np.zeros(cells.n_genes)
                       for name in cells.conditions])
     for held, fold in zip(folds, fold_effects):
         for code in held:
-            table[code] = _reweighted(fold, weight, knowledge_weight).prior(cells.conditions[code], own=True)
+            table[code] = _reweighted(fold, weight, knowledge_weight, covariation_weight).prior(
+                cells.conditions[code], own=True)
     return torch.as_tensor(table, dtype=torch.float32, device=cells.device)
 
 
@@ -181,8 +206,49 @@ def _fit(train: TrainingData) -> LinearModel:
     return LinearModel(np.zeros((genes, 0)), np.zeros((0, 0)), mean_change, {g: i for i, g in enumerate(train.genes)})
 
 
-def _reweighted(effects: _Effects, weight: float, knowledge_weight: float = 0.0) -> _Effects:
-    return replace(effects, weight=weight, knowledge_weight=knowledge_weight)
+def _reweighted(effects: _Effects, weight: float, knowledge_weight: float = 0.0,
+                covariation_weight: float = 0.0) -> _Effects:
+    return replace(effects, weight=weight, knowledge_weight=knowledge_weight, covariation_weight=covariation_weight)
+
+
+@torch.no_grad()
+def control_covariation(cells, components: int, skip: int, seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(C [G, components], 1/variance [G]) of the training controls, each centred on its cell
+    type's mean, past their `skip` leading principal directions (`covariation_loadings`), or
+    (None, None) without components or with fewer than 3 controls."""
+    controls = cells.train_idx[cells.is_control[cells.train_idx]]
+    if components == 0 or len(controls) < 3:
+        return None, None
+    generator = torch.Generator().manual_seed(seed)
+    if len(controls) > CONTROL_CELLS:
+        pick = torch.randperm(len(controls), generator=generator)[:CONTROL_CELLS].to(controls.device)
+        controls = controls[pick].sort().values
+    x = torch.cat([batch for _, batch in cells.batches(controls, 4096, shuffle=False)]).double()
+    types = cells.cell_type_codes[controls]  # co-variation within a cell type, not between types
+    sums = torch.zeros((len(cells.cell_types), x.shape[1]), dtype=x.dtype, device=x.device).index_add_(0, types, x)
+    x -= (sums / torch.bincount(types, minlength=len(cells.cell_types)).clamp_min(1).unsqueeze(1))[types]
+    loadings, precision = covariation_loadings(x, components, generator, skip=skip)
+    return loadings.cpu().numpy(), precision.cpu().numpy()
+
+
+def covariation_loadings(x: torch.Tensor, components: int, generator: torch.Generator,
+                         skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C [G, components], 1/variance [G]) of cells `x` [n, G]: C C^T is their covariance on the
+    `components` principal directions that follow the `skip` leading ones (zero columns past the
+    rank), and C C_g / var_g the slope of every gene's regression on gene g along them (precision
+    0 for a gene constant across `x`). The leading directions of control cells are the axes every
+    gene moves on (cell cycle, stress, depth): kept, they would give every knock-down one shared
+    shift."""
+    centred = x.double()
+    centred -= centred.mean(0)
+    n = max(len(x) - 1, 1)
+    variance = centred.pow(2).sum(0) / n
+    k = min(components + skip, len(x) - 1, x.shape[1])
+    loadings = torch.zeros((x.shape[1], components), dtype=torch.float64, device=x.device)
+    if k > skip:
+        loadings[:, :k - skip] = top_components(centred, k, generator)[:, skip:] / n ** 0.5
+    precision = torch.where(variance > 1e-12, 1.0 / variance.clamp_min(1e-12), torch.zeros_like(variance))
+    return loadings, precision
 
 
 def _mean_change(stats, codes: list[int], control_mean: np.ndarray) -> np.ndarray:
@@ -206,6 +272,10 @@ def _load(prior, effects: _Effects, prompt_genes: list[str]) -> None:
         prior.observed[row] = torch.as_tensor(effects.observed[gene], dtype=prior.observed.dtype)
         prior.observed_rows[position[gene]] = row
     prior.knowledge_weight.fill_(effects.knowledge_weight)
+    if effects.covariation is not None:
+        prior.covariation.copy_(torch.as_tensor(effects.covariation, dtype=prior.covariation.dtype))
+        prior.covariation_precision.copy_(torch.as_tensor(effects.precision, dtype=prior.covariation_precision.dtype))
+        prior.covariation_weight.fill_(effects.covariation_weight)
     slots = prior.neighbour_rows.shape[1]
     prior.neighbour_rows.fill_(-1)
     prior.neighbour_weights.zero_()

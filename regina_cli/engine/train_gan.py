@@ -153,7 +153,8 @@ def build_phase(autoencoder, cells, config: ReginaConfig, ctx: DistContext,
         reference = plan.reference if plan is not None else gan_validation.training_control_mean(cells)
         train_prior = expression_prior.fit_expression_prior(gan.expression_prior, cells, stats, reference,
                                                             prompt_genes, seed=config.runtime.seed,
-                                                            knowledge=knowledge)
+                                                            knowledge=knowledge,
+                                                            covariation_skip=config.gan.covariation_skip)
         if knowledge is not None:
             expression_prior.fill_knowledge_embeddings(gan.expression_prior, knowledge, cells.genes, prompt_genes)
     fitted = initialise_prompts(gan, autoencoder.encoder, cells, latents, stats, config, train_prior)
@@ -162,7 +163,8 @@ def build_phase(autoencoder, cells, config: ReginaConfig, ctx: DistContext,
     if gan.expression_prior is not None:
         fitted = {**fitted, "prior_linear_weight": float(gan.expression_prior.linear_weight),
                   "prior_self_effect": float(gan.expression_prior.self_effect),
-                  "prior_knowledge_weight": float(gan.expression_prior.knowledge_weight)}
+                  "prior_knowledge_weight": float(gan.expression_prior.knowledge_weight),
+                  "prior_covariation_weight": float(gan.expression_prior.covariation_weight)}
     return phase, {"observed_genes": observed, "prompt_fit": fitted}
 
 
@@ -178,12 +180,18 @@ def build_gan(autoencoder, cells, config: ReginaConfig, prompt_genes: list[str],
     return LatentCycleGAN(autoencoder.z_dim, config.model, prompt_genes=prompt_genes, gene_features=features,
                           learned_genes=learned_genes, n_genes=cells.n_genes, prior_dim=prior_dim(config),
                           prior_observed=n_observed,
-                          prior_neighbours=prior_neighbours(config, knowledge_given)).to(cells.device)
+                          prior_neighbours=prior_neighbours(config, knowledge_given),
+                          prior_covariation=prior_covariation(config)).to(cells.device)
 
 
 def prior_dim(config: ReginaConfig) -> int:
     """Width of the expression prior's gene embedding (0: no prior)."""
     return PRIOR_DIM if config.gan.expression_prior != "none" else 0
+
+
+def prior_covariation(config: ReginaConfig) -> int:
+    """Control principal components the prior's co-variation term keeps (0: no prior or the term off)."""
+    return config.gan.covariation_components if prior_dim(config) else 0
 
 
 def prior_neighbours(config: ReginaConfig, knowledge_given: bool) -> int:

@@ -29,7 +29,7 @@ def load_trained(run_dir: str | Path, *, device: str = "auto") -> TrainedRun:
     was trained (it keeps training there), else phase 1's; `.gan` is None without phase 2. A
     phase that was interrupted is refused (its `model.pt` is an intermediate best)."""
     from regina_cli.model.autoencoder import Autoencoder
-    from regina_cli.engine.train_gan import prior_dim, prior_neighbours
+    from regina_cli.engine.train_gan import prior_covariation, prior_dim, prior_neighbours
     from regina_cli.model.gan import LatentCycleGAN
 
     run_dir = Path(run_dir)
@@ -48,7 +48,8 @@ def load_trained(run_dir: str | Path, *, device: str = "auto") -> TrainedRun:
         gan = LatentCycleGAN(autoencoder.z_dim, config.model, prompt_genes=genes, gene_features=features,
                              learned_genes=meta.learned_genes or [], n_genes=len(meta.gene_names),
                              prior_dim=prior_dim(config), prior_observed=len(meta.prior_observed_genes or []),
-                             prior_neighbours=prior_neighbours(config, bool(meta.gene_knowledge)))
+                             prior_neighbours=prior_neighbours(config, bool(meta.gene_knowledge)),
+                             prior_covariation=prior_covariation(config))
         container = torch.nn.ModuleDict({"gan": gan, "decoder": autoencoder.decoder})
         container.load_state_dict(ckpt.load_torch(gan_paths.model))
         gan.to(dev).eval()

@@ -76,7 +76,7 @@ class LatentCycleGAN(nn.Module):
     def __init__(self, z_dim: int, cfg: ModelConfig, *, prompt_genes: Sequence[str] = (),
                  gene_features: torch.Tensor | None = None, learned_genes: Sequence[str] = (),
                  learned_init: torch.Tensor | None = None, n_genes: int = 0, prior_dim: int = 0,
-                 prior_observed: int = 0, prior_neighbours: int = 0):
+                 prior_observed: int = 0, prior_neighbours: int = 0, prior_covariation: int = 0):
         super().__init__()
         self.forward_block = TransitionBlock(z_dim, cfg, direction=1)
         self.backward_block = TransitionBlock(z_dim, cfg, direction=-1)
@@ -87,7 +87,7 @@ class LatentCycleGAN(nn.Module):
         # Fixed when training starts (`gan.prompt_scale`); saved with the weights so prediction uses it too.
         self.register_buffer("encoder_prompt_scale", torch.ones(()))
         self.expression_prior = (ExpressionPrior(n_genes, len(self.prompt_genes), prior_dim, prior_observed,
-                                                 prior_neighbours) if prior_dim else None)
+                                                 prior_neighbours, prior_covariation) if prior_dim else None)
 
     @property
     def prompt_genes(self) -> list[str]:
@@ -152,7 +152,12 @@ class ExpressionPrior(nn.Module):
                          + v (k_g - m) when gene knowledge names g's neighbours among the observed
                          genes (k_g: their observed effects, weighted by similarity; v the
                          `knowledge_weight` the folds chose, w + v <= 1),
-                    with the measured target itself set to `self_effect`, the median change of the
+                         + u s C C_g / var_g for a measured target g: the genes that co-vary with g
+                         across the training controls (C: their leading principal directions,
+                         C C^T their covariance; var_g: g's variance) moved with g's knock-down s
+                         as far as the regression slope on g says (u: the `covariation_weight`
+                         the folds chose),
+                    with the measured target itself set to `self_effect` s, the median change of the
                     training targets in their own conditions (a CRISPRi target goes down, a CRISPRa
                     one up, which a model of co-variation between genes cannot know)
 
@@ -160,7 +165,8 @@ class ExpressionPrior(nn.Module):
     fitted on the training pseudo-bulk.
     """
 
-    def __init__(self, n_genes: int, n_table: int, dim: int, n_observed: int = 0, n_neighbours: int = 0):
+    def __init__(self, n_genes: int, n_table: int, dim: int, n_observed: int = 0, n_neighbours: int = 0,
+                 n_covariation: int = 0):
         super().__init__()
         self.register_buffer("embedding", torch.zeros(n_genes, dim))
         self.register_buffer("weight", torch.zeros(dim, dim))
@@ -174,11 +180,15 @@ class ExpressionPrior(nn.Module):
         self.register_buffer("neighbour_rows", torch.full((n_table, n_neighbours), -1, dtype=torch.long))
         self.register_buffer("neighbour_weights", torch.zeros(n_table, n_neighbours))
         self.register_buffer("knowledge_weight", torch.zeros(()))
+        self.register_buffer("covariation", torch.zeros(n_genes, n_covariation))
+        self.register_buffer("covariation_precision", torch.zeros(n_genes))
+        self.register_buffer("covariation_weight", torch.zeros(()))
 
-    NEW_BUFFERS = ("neighbour_rows", "neighbour_weights", "knowledge_weight")
+    NEW_BUFFERS = ("neighbour_rows", "neighbour_weights", "knowledge_weight", "covariation", "covariation_precision",
+                   "covariation_weight")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in self.NEW_BUFFERS:  # runs saved before knowledge neighbours existed: none
+        for name in self.NEW_BUFFERS:  # runs saved before a term existed: without it
             state_dict.setdefault(prefix + name, getattr(self, name).clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -212,7 +222,11 @@ class ExpressionPrior(nn.Module):
         if neighbours is not None:
             knn, has = neighbours
             effect = effect + self.knowledge_weight * (knn - self.mean_change) * has
-        own = (target_idx >= 0).unsqueeze(-1)  # the measured target's own entry
+        own = (target_idx >= 0).unsqueeze(-1)  # measured targets: the co-variation term and their own entry
+        if self.covariation.shape[1]:
+            gene = target_idx.clamp(min=0)
+            slopes = (self.covariation[gene] * self.covariation_precision[gene].unsqueeze(-1)) @ self.covariation.T
+            effect = effect + (self.covariation_weight * self.self_effect) * slopes * own
         column = target_idx.clamp(min=0).unsqueeze(-1)
         effect = effect.scatter(2, column, torch.where(own, self.self_effect.to(effect.dtype), effect.gather(2, column)))
         if len(self.observed):
