@@ -95,6 +95,8 @@ def test_cli_trains_both_phases_on_the_demo(demo_data, tmp_path):
     assert {"val_pearson_delta", "val_pearson_delta_top20_de", "train_cycle", "train_disc"} <= set(rows[1])
     gan_meta = json.loads((run_dir / "gan" / "meta.json").read_text())
     assert gan_meta["selection"] == "pearson_delta" and gan_meta["validation_conditions_scored"]
+    fit = gan_meta["training"]["prompt_fit"]  # the prior's weights, chosen by the folds, are recorded and shown
+    assert fit["prior_covariation_weight"] in (0.0, 0.5, 1.0, 2.0, 3.0) and "expression prior" in result.output
 
     from regina_cli.engine.trained import load_trained
 

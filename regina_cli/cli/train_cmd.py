@@ -97,6 +97,11 @@ def _report(command: str, summary: dict, phase_dir: Path) -> None:
     table.add_row("stopped", summary["stop_reason"])
     table.add_row("epochs", str(summary["epochs"]))
     table.add_row("best epoch", f"{summary['best_epoch']} ({summary['best_metric']} = {summary['best_value']:.4f})")
+    fit = summary.get("prompt_fit") or {}
+    if "prior_linear_weight" in fit:
+        table.add_row("expression prior", f"weights chosen on held-out training genes: linear "
+                      f"{fit['prior_linear_weight']:g}, co-variation {fit.get('prior_covariation_weight', 0.0):g}, "
+                      f"knowledge {fit['prior_knowledge_weight']:g}")
     last = summary.get("last") or {}
     for key in sorted(k for k in last if k.startswith("val_")):
         table.add_row(f"last {key}", f"{last[key]:.4g}")

@@ -64,7 +64,7 @@ class PatienceStopper:
             self.stale += 1
         if self.stale >= self.patience:
             self.reason = (f"patience: no better validation {self.metric} for {self.stale} epochs "
-                           f"(best {self.best:.4f}), stopped after epoch {epoch}")
+                           f"(best of the trained epochs {self.best:.4f}), stopped after epoch {epoch}")
             return True
         return False
 
