@@ -118,23 +118,24 @@ def _choose_weights(fold_effects: list[_Effects], held_out: list[tuple[int, str]
                     with_knowledge: bool, with_covariation: bool) -> tuple[float, float, float]:
     """(linear weight w, knowledge weight v, co-variation weight u), w + v <= 1, each the candidate
     whose held-out single-gene predictions correlate best with the observed effects, scored on the
-    genes it acts on: w and u together on the held-out targets the screen measures (for the others
-    the linear model predicts a constant, so they would choose w by how the model's offset compares
-    with the mean change, and the co-variation term is absent), then v, given them, on those with
-    knowledge neighbours. Where no held-out gene qualifies, all of them."""
+    genes it acts on, in turn: w on the held-out targets the screen measures (for the others the
+    linear model predicts a constant, so they would choose w by how the model's offset compares
+    with the mean change); v, given w, on those with knowledge neighbours, without the co-variation
+    term (v also moves targets the screen does not measure, where that term is absent); u, given
+    both, on the measured ones again. Where no held-out gene qualifies, all of them."""
     def score(pairs: list[tuple[int, str]], w: float, v: float, u: float) -> float:
         return float(np.mean([_pearson(_reweighted(fold_effects[f], w, v, u).unseen(g), observed[g])
                               for f, g in pairs] or [0.0]))
 
     embedded = [(f, g) for f, g in held_out if fold_effects[f].model.embed(canonical_condition([g])) is not None]
     weight = max(LINEAR_WEIGHTS, key=lambda w: score(embedded or held_out, w, 0.0, 0.0))
+    knowledge = 0.0
+    if with_knowledge:
+        near = [(f, g) for f, g in held_out if g in fold_effects[f].neighbours]
+        knowledge = max((v for v in LINEAR_WEIGHTS if weight + v <= 1),
+                        key=lambda v: score(near or held_out, weight, v, 0.0))
     covariation = max(COVARIATION_WEIGHTS if with_covariation else (0.0,),
-                      key=lambda u: score(embedded or held_out, weight, 0.0, u))
-    if not with_knowledge:
-        return weight, 0.0, covariation
-    near = [(f, g) for f, g in held_out if g in fold_effects[f].neighbours]
-    knowledge = max((v for v in LINEAR_WEIGHTS if weight + v <= 1),
-                    key=lambda v: score(near or held_out, weight, v, covariation))
+                      key=lambda u: score(embedded or held_out, weight, knowledge, u))
     return weight, knowledge, covariation
 
 
