@@ -161,8 +161,9 @@ class GANConfig:
                                       "target not perturbed alone in training towards the observed effects of its "
                                       "most similar trained genes, by a weight chosen on held-out training genes (0 "
                                       "where they do not predict). On by default: on the demo's validation "
-                                      "conditions it raised pearson_delta from 0.409 to 0.429 (seeds 1-3, higher in "
-                                      "each; benchmarks/results/knowledge.md).")
+                                      "conditions it raised pearson_delta from 0.464 to 0.476 with the co-variation "
+                                      "term (0.409 to 0.429 without it; seeds 1-3, higher in each; "
+                                      "benchmarks/results/knowledge.md).")
     covariation_components: int = _opt(32, "With an expression prior: principal components of the training "
                                        "controls whose gene co-variation moves the genes that co-vary with a measured "
                                        "target along with its knock-down, by a weight chosen on held-out training "
