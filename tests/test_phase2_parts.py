@@ -272,22 +272,28 @@ def test_covariation_loadings_give_each_genes_regression_slope_in_the_controls()
     assert abs(float((rest @ rest[0] * precision[0])[1])) < 0.05  # the leading g0-g1 axis skipped: no slope left
 
 
-def test_control_covariation_is_measured_within_each_cell_type():
+def test_cell_covariation_is_measured_within_each_cell_type_and_on_the_cells_asked_for():
     """Two cell types whose means differ in genes 0 and 1 together: pooled, the genes would look
-    co-regulated; within each type they vary independently, so neither moves with the other."""
+    co-regulated; within each type they vary independently, so neither moves with the other. A
+    perturbed condition whose cells move genes 0 and 2 together counts only when its code is given."""
     from types import SimpleNamespace
 
-    from regina_cli.engine.expression_prior import control_covariation
+    from regina_cli.engine.expression_prior import cell_covariation
 
     rng = np.random.default_rng(0)
     types = torch.arange(600) % 2
     x = torch.as_tensor(rng.normal(0, 0.3, (600, 3))) + 3.0 * types.unsqueeze(1) * torch.tensor([1.0, 1.0, 0.0])
-    cells = SimpleNamespace(train_idx=torch.arange(600), is_control=torch.ones(600, dtype=torch.bool),
-                            cell_type_codes=types, cell_types=["a", "b"],
+    control = torch.arange(600) < 400
+    x[~control] += torch.as_tensor(rng.normal(0, 2.0, (200, 1))) * torch.tensor([1.0, 0.0, 1.0])
+    cells = SimpleNamespace(train_idx=torch.arange(600), is_control=control, cell_type_codes=types,
+                            condition_codes=torch.where(control, 0, 1), cell_types=["a", "b"],
                             batches=lambda index, size, shuffle: [(index, x[index].float())])
-    loadings, precision = control_covariation(cells, 3, 0, seed=0)
-    assert abs((loadings @ loadings[0] * precision[0])[1]) < 0.1  # pooled the slope would be about 1
-    assert control_covariation(cells, 0, 0, seed=0) == (None, None)
+    loadings, precision = cell_covariation(cells, 3, 0, seed=0)
+    slopes = loadings @ loadings[0] * precision[0]
+    assert abs(slopes[1]) < 0.1 and abs(slopes[2]) < 0.1  # controls only: pooled types would give about 1
+    loadings, precision = cell_covariation(cells, 3, 0, seed=0, codes=[1])
+    assert (loadings @ loadings[0] * precision[0])[2] > 0.5  # the perturbed cells' co-variation joins
+    assert cell_covariation(cells, 0, 0, seed=0) == (None, None)
 
 
 def test_prior_moves_genes_that_co_vary_with_a_measured_target_along_with_its_knockdown():

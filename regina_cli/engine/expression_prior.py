@@ -38,7 +38,7 @@ def _training_data(cells, stats, codes: list[int], control_mean: np.ndarray) -> 
 
 LINEAR_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 COVARIATION_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0)
-CONTROL_CELLS = 10_000  # controls sampled for their co-variation (bounds its memory)
+COVARIATION_CELLS = 10_000  # cells sampled for their co-variation (bounds its memory)
 
 
 @dataclass
@@ -141,7 +141,8 @@ def _choose_weights(fold_effects: list[_Effects], held_out: list[tuple[int, str]
 
 @torch.no_grad()
 def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt_genes: list[str], *,
-                         seed: int, knowledge=None, covariation_skip: int = 0) -> torch.Tensor:
+                         seed: int, knowledge=None, covariation_skip: int = 0,
+                         covariation_cells: str = "controls") -> torch.Tensor:
     """Fit `prior` (`model.gan.ExpressionPrior`) on every perturbed training condition in `stats`
     and return the cross-fitted prior of each condition code [C, G]: a training condition gets the
     fold model that left it out (and not its own observed effect); other codes the full prior.
@@ -153,18 +154,27 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
     weight 0, the linear baseline weight 1).
     With gene knowledge, and neighbour slots in `prior` (`gan.knowledge_neighbours`), the folds also
     choose how far an unseen gene moves towards the observed effects of its knowledge neighbours;
-    with co-variation columns in `prior` (`gan.covariation_components`, past the controls'
-    `covariation_skip` leading directions), how far a measured target's co-varying genes follow
-    its knock-down.
+    with co-variation columns in `prior` (`gan.covariation_components`, past the
+    `covariation_skip` leading directions of the training controls, or with `covariation_cells =
+    "training"` of the controls and the training cells of the conditions a fit may see: each
+    fold's own, so a held-out gene's cells never shape its slopes), how far a measured target's
+    co-varying genes follow its knock-down.
     """
     if prior.neighbour_rows.shape[1] == 0:
         knowledge = None
-    covariation, precision = control_covariation(cells, prior.covariation.shape[1], covariation_skip, seed)
+    components = prior.covariation.shape[1]
     codes = [c for c, name in enumerate(cells.conditions) if stats.counts[c] > 0 and not is_control(name)]
     mean = control_mean.double().cpu().numpy()
     singles = single_conditions(cells, codes)
     observed = {g: stats.expression_mean[code].double().cpu().numpy() - mean for g, code in singles.items()}
     full = _fit(_training_data(cells, stats, codes, mean))
+    with_perturbed = covariation_cells == "training"
+
+    def covariation(kept: list[int]) -> dict:  # training cells: only the conditions this fit may see
+        c, p = cell_covariation(cells, components, covariation_skip, seed, kept if with_perturbed else None)
+        return {"covariation": c, "precision": p}
+
+    shared = covariation(codes) if not with_perturbed else None
     folds = [set(f.tolist()) for f in np.array_split(np.random.default_rng(seed).permutation(codes),
                                                        min(FOLDS, len(codes)))]
     fold_effects, held_out_singles = [], []
@@ -177,14 +187,14 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
         fold_effects.append(_Effects(model, observed, _mean_change(stats, kept, mean), 1.0,
                                      median_self_effect(observed, full.gene_index, exclude=held_genes),
                                      _neighbours(knowledge, unseen_here, observed, exclude=held_genes),
-                                     covariation=covariation, precision=precision))
+                                     **(shared or covariation(kept))))
         held_out_singles += [(len(fold_effects) - 1, g) for g in held_genes]
     weight, knowledge_weight, covariation_weight = _choose_weights(
-        fold_effects, held_out_singles, observed, knowledge is not None, covariation is not None)
+        fold_effects, held_out_singles, observed, knowledge is not None, fold_effects[0].covariation is not None)
     needed = (set(prompt_genes) | {g for name in cells.conditions for g in parse_condition(name)}) - set(observed)
     effects = _Effects(full, observed, _mean_change(stats, codes, mean), weight,
                        median_self_effect(observed, full.gene_index), _neighbours(knowledge, needed, observed),
-                       knowledge_weight, covariation, precision, covariation_weight)
+                       knowledge_weight, **(shared or covariation(codes)), covariation_weight=covariation_weight)
     _load(prior, effects, prompt_genes)
     table = np.stack([effects.prior(name) if not is_control(name) else np.zeros(cells.n_genes)
                       for name in cells.conditions])
@@ -213,19 +223,25 @@ def _reweighted(effects: _Effects, weight: float, knowledge_weight: float = 0.0,
 
 
 @torch.no_grad()
-def control_covariation(cells, components: int, skip: int, seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(C [G, components], 1/variance [G]) of the training controls, each centred on its cell
-    type's mean, past their `skip` leading principal directions (`covariation_loadings`), or
-    (None, None) without components or with fewer than 3 controls."""
-    controls = cells.train_idx[cells.is_control[cells.train_idx]]
-    if components == 0 or len(controls) < 3:
+def cell_covariation(cells, components: int, skip: int, seed: int,
+                     codes: list[int] | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(C [G, components], 1/variance [G]) of the training controls, and with `codes` also of the
+    training cells of those perturbed conditions, each cell centred on its cell type's mean, past
+    their `skip` leading principal directions (`covariation_loadings`); (None, None) without
+    components or with fewer than 3 cells."""
+    index = cells.train_idx
+    keep = cells.is_control[index]
+    if codes is not None:
+        keep = keep | torch.isin(cells.condition_codes[index], torch.as_tensor(codes, device=index.device))
+    index = index[keep]
+    if components == 0 or len(index) < 3:
         return None, None
     generator = torch.Generator().manual_seed(seed)
-    if len(controls) > CONTROL_CELLS:
-        pick = torch.randperm(len(controls), generator=generator)[:CONTROL_CELLS].to(controls.device)
-        controls = controls[pick].sort().values
-    x = torch.cat([batch for _, batch in cells.batches(controls, 4096, shuffle=False)]).double()
-    types = cells.cell_type_codes[controls]  # co-variation within a cell type, not between types
+    if len(index) > COVARIATION_CELLS:
+        pick = torch.randperm(len(index), generator=generator)[:COVARIATION_CELLS].to(index.device)
+        index = index[pick].sort().values
+    x = torch.cat([batch for _, batch in cells.batches(index, 4096, shuffle=False)]).double()
+    types = cells.cell_type_codes[index]  # co-variation within a cell type, not between types
     sums = torch.zeros((len(cells.cell_types), x.shape[1]), dtype=x.dtype, device=x.device).index_add_(0, types, x)
     x -= (sums / torch.bincount(types, minlength=len(cells.cell_types)).clamp_min(1).unsqueeze(1))[types]
     loadings, precision = covariation_loadings(x, components, generator, skip=skip)

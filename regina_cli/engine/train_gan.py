@@ -154,7 +154,8 @@ def build_phase(autoencoder, cells, config: ReginaConfig, ctx: DistContext,
         train_prior = expression_prior.fit_expression_prior(gan.expression_prior, cells, stats, reference,
                                                             prompt_genes, seed=config.runtime.seed,
                                                             knowledge=knowledge,
-                                                            covariation_skip=config.gan.covariation_skip)
+                                                            covariation_skip=config.gan.covariation_skip,
+                                                            covariation_cells=config.gan.covariation_cells)
         if knowledge is not None:
             expression_prior.fill_knowledge_embeddings(gan.expression_prior, knowledge, cells.genes, prompt_genes)
     fitted = initialise_prompts(gan, autoencoder.encoder, cells, latents, stats, config, train_prior)
