@@ -100,7 +100,7 @@ def _report(command: str, summary: dict, phase_dir: Path) -> None:
     fit = summary.get("prompt_fit") or {}
     if "prior_linear_weight" in fit:
         table.add_row("expression prior", f"weights chosen on held-out training genes: linear "
-                      f"{fit['prior_linear_weight']:g}, co-variation {fit.get('prior_covariation_weight', 0.0):g}, "
+                      f"{fit['prior_linear_weight']:g}, co-variation {fit['prior_covariation_weight']:g}, "
                       f"knowledge {fit['prior_knowledge_weight']:g}")
     last = summary.get("last") or {}
     for key in sorted(k for k in last if k.startswith("val_")):

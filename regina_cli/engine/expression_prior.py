@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from regina_cli.data.conditions import canonical_condition, is_control, parse_condition
-from regina_cli.engine.gene_prompts import single_conditions, top_components
+from regina_cli.engine.gene_prompts import sampled_rows, single_conditions, top_components
 from regina_cli.evaluate.baselines import LINEAR_PCA_DIM, LinearModel, TrainingData, fit_linear
 
 FOLDS = 10
@@ -237,10 +237,7 @@ def cell_covariation(cells, components: int, skip: int, seed: int,
     if components == 0 or len(index) < 3:
         return None, None
     generator = torch.Generator().manual_seed(seed)
-    if len(index) > COVARIATION_CELLS:
-        pick = torch.randperm(len(index), generator=generator)[:COVARIATION_CELLS].to(index.device)
-        index = index[pick].sort().values
-    x = torch.cat([batch for _, batch in cells.batches(index, 4096, shuffle=False)]).double()
+    index, x = sampled_rows(cells, index, COVARIATION_CELLS, generator)
     types = cells.cell_type_codes[index]  # co-variation within a cell type, not between types
     sums = torch.zeros((len(cells.cell_types), x.shape[1]), dtype=x.dtype, device=x.device).index_add_(0, types, x)
     x -= (sums / torch.bincount(types, minlength=len(cells.cell_types)).clamp_min(1).unsqueeze(1))[types]

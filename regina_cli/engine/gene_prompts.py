@@ -43,10 +43,7 @@ def coexpression_features(cells, table_genes: list[str], dim: int, seed: int) ->
     """[len(table_genes), dim]: each measured gene's loadings on the top principal components of
     the standardised training cells (zeros for genes the screen does not measure)."""
     generator = torch.Generator().manual_seed(seed)
-    index = cells.train_idx
-    if len(index) > PCA_CELLS:
-        index = index[torch.randperm(len(index), generator=generator)[:PCA_CELLS].to(index.device)].sort().values
-    x = torch.cat([batch for _, batch in cells.batches(index, 4096, shuffle=False)]).double()
+    _, x = sampled_rows(cells, cells.train_idx, PCA_CELLS, generator)
     x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
     k = min(dim, x.shape[0] - 1, x.shape[1])
     loadings = top_components(x, k, generator) / max(len(x) - 1, 1) ** 0.5  # [G, k]: gene-component correlation
@@ -57,6 +54,15 @@ def coexpression_features(cells, table_genes: list[str], dim: int, seed: int) ->
         table_rows, gene_rows = (torch.as_tensor(a, device=cells.device) for a in zip(*rows))
         out[table_rows, :k] = loadings[gene_rows].float()
     return out
+
+
+def sampled_rows(cells, index: torch.Tensor, limit: int,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, their expression as float64 [n, G]): `index`, or a random `limit` of it in file order
+    when longer (bounds the memory of a fit on a large screen)."""
+    if len(index) > limit:
+        index = index[torch.randperm(len(index), generator=generator)[:limit].to(index.device)].sort().values
+    return index, torch.cat([batch for _, batch in cells.batches(index, 4096, shuffle=False)]).double()
 
 
 def top_components(x: torch.Tensor, k: int, generator: torch.Generator, oversample: int = 10,
