@@ -116,3 +116,35 @@ def test_prior_study_scores_held_out_measured_singles():
         assert row["w=0.0, u=1.0"] > row["w=0.0"] + 0.01
         assert row["w=0.0"] > row["w=0.0, no knock-down entry"] + 0.1
         assert row["train_mean"] > 0.4 and abs(row["w=0.0, no knock-down entry"] - row["train_mean"]) < 0.1
+
+
+def test_holdout_compares_arms_on_the_same_held_out_training_conditions(tmp_path):
+    """A tiny phase 1 laid out as quality.py leaves it; holdout.py trains phase 2 per arm with a
+    share of the training perturbations held out and reports both arms and train_mean on them."""
+    from test_train_run import TINY
+
+    from regina_cli.data.dataset import write_dataset
+    from regina_cli.data.demo import simulate_screen
+    from regina_cli.data.label import label_dataset
+    from regina_cli.data.split import split_dataset
+    from regina_cli.engine.train_ae import train_autoencoder
+    from regina_cli.config import build_config
+
+    folder = tmp_path / "demo" / "seed1"
+    data = folder / "data"
+    write_dataset(simulate_screen(n_cells=400, n_genes=160, n_singles=10, n_doubles=2, seed=0), "demo", data)
+    split_dataset("demo", mode="simulation", seed=1, data_dir=data)
+    label_dataset("demo", "stress", split="simulation_1", data_dir=data)
+    config = build_config(preset="demo", overrides=[*TINY, "ae.max_epochs=1"])
+    train_autoencoder("demo", split="simulation_1", labels="stress", run_dir=folder / "runs" / "p1", config=config,
+                      data_dir=data, device="cpu", progress="silent")
+    out = tmp_path / "holdout.md"
+    done = run("holdout.py", "--workdir", str(tmp_path), "--datasets", "demo", "--seeds", "1", "--draws", "0",
+               "--phase1-from", "p1", "--arm", "noprior=gan.expression_prior=none", "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert [r["arm"] for r in results] == ["default", "noprior"] and not any("failed" in r for r in results)
+    assert results[0]["conditions"] == results[1]["conditions"]  # the same draw for every arm
+    assert all(-1 <= r[k] <= 1 for r in results for k in ("epoch0", "selected", "train_mean"))
+    text = out.read_text()
+    assert "| default | 1 |" in text and "| noprior | 1 |" in text
