@@ -125,6 +125,13 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="markdown report (default: print it)")
     parser.add_argument("--jobs", type=int, default=1)
     opts = parser.parse_args()
+    if not 0 < opts.share < 1 or opts.max_epochs < 1:
+        parser.error("--share must lie between 0 and 1 and --max-epochs be at least 1")
+    missing = [str(p) for d in opts.datasets for s in opts.seeds
+               if not (p := Path(opts.workdir) / d / f"seed{s}" / "runs" / opts.phase1_from / keys.AE_DIR).is_dir()]
+    if missing:
+        parser.error(f"no phase-1 run to reuse at {missing[0]} (run benchmarks/quality.py --tag {opts.phase1_from} "
+                     "with this --workdir first)")
     jobs = [(d, s, r, name, sets) for d in opts.datasets for s in opts.seeds for r in opts.draws
             for name, sets in [("default", []), *opts.arm]]
     with ThreadPoolExecutor(opts.jobs) as pool:
