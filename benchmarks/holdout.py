@@ -35,6 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import DATASETS, ROOT, StepFailed, run  # noqa: E402
 
 from regina_cli import keys  # noqa: E402
+from regina_cli.engine.expression_prior import _pearson  # noqa: E402
+from regina_cli.evaluate.baselines import train_mean, training_data  # noqa: E402
+from regina_cli.evaluate.truth import Truth  # noqa: E402
 
 
 def parse_arm(text: str) -> tuple[str, list[str]]:
@@ -69,15 +72,24 @@ def one_run(dataset: str, seed: int, draw: int, arm: str, sets: list[str], opts)
             "train_conditions": [c for c in meta["train_conditions"] if c not in meta["held_out_conditions"]]}
 
 
-def train_mean_score(dataset: str, seed: int, conditions: list[str], train_conditions: list[str], opts) -> float:
-    """Mean over `conditions` of train_mean's pearson_delta (all genes, every cell of each condition)."""
-    path = Path(opts.workdir) / dataset / f"seed{seed}" / "data" / dataset / "perturb_processed.h5ad"
-    adata = anndata.read_h5ad(path)
-    x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
-    names = adata.obs["condition"].astype(str).to_numpy()
-    control = x[names == "ctrl"].mean(0)
-    pooled = x[np.isin(names, [c for c in train_conditions if c != "ctrl"])].mean(0) - control
-    return float(np.mean([np.corrcoef(pooled, x[names == c].mean(0) - control)[0, 1] for c in conditions]))
+def train_mean_scores(results: list[dict], opts) -> None:
+    """Add to each finished run train_mean's pearson_delta (all genes, every cell of each condition),
+    pooled over its phase-2 training conditions and averaged over its validation conditions; each
+    screen is read once per split seed."""
+    truths = {}
+    for r in results:
+        if "failed" in r:
+            continue
+        key = (r["dataset"], r["seed"])
+        if key not in truths:
+            path = Path(opts.workdir) / r["dataset"] / f"seed{r['seed']}" / "data" / r["dataset"] / "perturb_processed.h5ad"
+            truths[key] = Truth(anndata.read_h5ad(path))
+        truth = truths[key]
+        train = training_data(truth, r["train_conditions"])
+        means, _ = truth.condition_means(r["conditions"])
+        pooled = train_mean(train, r["conditions"])
+        r["train_mean"] = float(np.mean([_pearson(pooled[c] - train.control_mean, m - train.control_mean)
+                                         for c, m in zip(r["conditions"], means)]))
 
 
 def report(results: list[dict], opts) -> str:
@@ -136,9 +148,7 @@ def main() -> None:
             for name, sets in [("default", []), *opts.arm]]
     with ThreadPoolExecutor(opts.jobs) as pool:
         results = list(pool.map(lambda job: one_run(*job, opts), jobs))
-    for r in results:
-        if "failed" not in r:
-            r["train_mean"] = train_mean_score(r["dataset"], r["seed"], r["conditions"], r["train_conditions"], opts)
+    train_mean_scores(results, opts)
     text = report(results, opts)
     if opts.out:
         Path(opts.out).write_text(text + "\n")
