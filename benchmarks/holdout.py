@@ -51,15 +51,17 @@ def one_run(dataset: str, seed: int, draw: int, arm: str, sets: list[str], opts)
     """Phase 2 of one arm on one hold-out draw; its validation scores and held-out conditions."""
     folder = Path(opts.workdir) / dataset / f"seed{seed}"
     run_dir = folder / "runs" / "holdout" / f"{arm}-draw{draw}"
+    log = run_dir.parent / f"{run_dir.name}.log"
     if run_dir.exists():
         shutil.rmtree(run_dir)
+    log.unlink(missing_ok=True)  # a rerun's log holds only its own commands, as in quality.py
     shutil.copytree(folder / "runs" / opts.phase1_from / keys.AE_DIR, run_dir / keys.AE_DIR)
     env = {**os.environ, "REGINA_DATA": str(folder / "data"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     overrides = ["gan.validation_min_conditions=1000", f"gan.validation_holdout={opts.share}",
                  f"runtime.seed={draw}", *sets]
     try:
         run(["--quiet", "train-gan", "--run", str(run_dir), "--device", "cpu", "--max-epochs",
-             str(opts.max_epochs), *[a for s in overrides for a in ("--set", s)]], run_dir.parent / f"{arm}-draw{draw}.log",
+             str(opts.max_epochs), *[a for s in overrides for a in ("--set", s)]], log,
             env)
     except StepFailed as failure:
         return {"dataset": dataset, "seed": seed, "draw": draw, "arm": arm, "failed": str(failure)}
