@@ -12,9 +12,13 @@ phase 2 (`--max-epochs`, 1 by default) with `gan.validation_holdout` of the trai
 held out of phase 2, its prior and its weight choices (`gan.validation_min_conditions` set high so
 the hold-out is always drawn; `runtime.seed=D` draws it). Each arm (`--arm NAME=KEY=VALUE,...`,
 besides `default`) sees the same held-out conditions. Reported per arm: the validation
-pearson_delta of the untrained transition (epoch 0) and of the weights model selection kept, and
-train_mean (pooled over the phase-2 training cells, as `regina evaluate` pools it) on every cell
-of the same conditions. Test conditions are never read.
+pearson_delta of the untrained transition (epoch 0) and of the weights model selection kept (as
+`train-gan` measures them: at most 256 cells of each condition, one predicted cell per real one),
+then, scored alike against every cell of each held-out condition, REGINA (`regina predict
+--cells`, 1000 by default) and train_mean (pooled over the phase-2 training cells, as `regina
+evaluate` pools it). Only the last two compare REGINA with train_mean: the in-training figures
+carry the noise of a 256-cell truth that train_mean is not scored against. `--reuse` scores the
+runs a previous call trained without training them again. Test conditions are never read.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import anndata
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import DATASETS, ROOT, StepFailed, run  # noqa: E402
+from quality import CELLS, DATASETS, ROOT, StepFailed, run, split_half_correlation  # noqa: E402
 
 from regina_cli import keys  # noqa: E402
 from regina_cli.engine.expression_prior import _pearson  # noqa: E402
@@ -52,46 +56,74 @@ def one_run(dataset: str, seed: int, draw: int, arm: str, sets: list[str], opts)
     folder = Path(opts.workdir) / dataset / f"seed{seed}"
     run_dir = folder / "runs" / "holdout" / f"{arm}-draw{draw}"
     log = run_dir.parent / f"{run_dir.name}.log"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    log.unlink(missing_ok=True)  # a rerun's log holds only its own commands, as in quality.py
-    shutil.copytree(folder / "runs" / opts.phase1_from / keys.AE_DIR, run_dir / keys.AE_DIR)
+    meta_file = run_dir / keys.GAN_DIR / "meta.json"
     env = {**os.environ, "REGINA_DATA": str(folder / "data"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    overrides = ["gan.validation_min_conditions=1000", f"gan.validation_holdout={opts.share}",
-                 f"runtime.seed={draw}", *sets]
+    trained = opts.reuse and meta_file.is_file() and json.loads(meta_file.read_text()).get("status") == "trained"
     try:
-        run(["--quiet", "train-gan", "--run", str(run_dir), "--device", "cpu", "--max-epochs",
-             str(opts.max_epochs), *[a for s in overrides for a in ("--set", s)]], log,
-            env)
+        if not trained:
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            log.unlink(missing_ok=True)  # a rerun's log holds only its own commands, as in quality.py
+            shutil.copytree(folder / "runs" / opts.phase1_from / keys.AE_DIR, run_dir / keys.AE_DIR)
+            overrides = ["gan.validation_min_conditions=1000", f"gan.validation_holdout={opts.share}",
+                         f"runtime.seed={draw}", *sets]
+            run(["--quiet", "train-gan", "--run", str(run_dir), "--device", "cpu", "--max-epochs",
+                 str(opts.max_epochs), *[a for s in overrides for a in ("--set", s)]], log, env)
+        meta = json.loads(meta_file.read_text())
+        predictions = run_dir / f"held_out_{opts.cells}.h5ad"
+        run(["--quiet", "predict", "--run", str(run_dir), "--conditions", ",".join(meta["validation_conditions_scored"]),
+             "--cells", str(opts.cells), "--no-controls", "--device", "cpu", "--out", str(predictions)], log, env)
     except StepFailed as failure:
         return {"dataset": dataset, "seed": seed, "draw": draw, "arm": arm, "failed": str(failure)}
-    meta = json.loads((run_dir / keys.GAN_DIR / "meta.json").read_text())
     with (run_dir / keys.GAN_DIR / "history.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     return {"dataset": dataset, "seed": seed, "draw": draw, "arm": arm,
             "epoch0": float(rows[0]["val_pearson_delta"]), "selected": float(meta["training"]["best_value"]),
             "best_epoch": int(meta["training"]["best_epoch"]), "conditions": meta["validation_conditions_scored"],
-            "train_conditions": [c for c in meta["train_conditions"] if c not in meta["held_out_conditions"]]}
+            "train_conditions": [c for c in meta["train_conditions"] if c not in meta["held_out_conditions"]],
+            "predictions": str(predictions)}
 
 
-def train_mean_scores(results: list[dict], opts) -> None:
-    """Add to each finished run train_mean's pearson_delta (all genes, every cell of each condition),
-    pooled over its phase-2 training conditions and averaged over its validation conditions; each
-    screen is read once per split seed."""
-    truths = {}
+STRATA = ((-1.0, 0.3), (0.3, 0.7), (0.7, 1.0))  # split-half correlation of a condition's true change
+
+
+def full_truth_scores(results: list[dict], opts) -> None:
+    """Add to each finished run the pearson_delta (all genes, every cell of each condition) of
+    REGINA's predicted cells (`predicted`) and of train_mean, pooled over its phase-2 training
+    conditions: per condition (`per_condition`, with the split-half correlation of its true change)
+    and averaged over them. Each screen is read once per split seed."""
+    screens = {}
     for r in results:
         if "failed" in r:
             continue
         key = (r["dataset"], r["seed"])
-        if key not in truths:
+        if key not in screens:
             path = Path(opts.workdir) / r["dataset"] / f"seed{r['seed']}" / "data" / r["dataset"] / "perturb_processed.h5ad"
-            truths[key] = Truth(anndata.read_h5ad(path))
-        truth = truths[key]
+            adata = anndata.read_h5ad(path)
+            screens[key] = (adata, Truth(adata))
+        adata, truth = screens[key]
         train = training_data(truth, r["train_conditions"])
         means, _ = truth.condition_means(r["conditions"])
-        pooled = train_mean(train, r["conditions"])
-        r["train_mean"] = float(np.mean([_pearson(pooled[c] - train.control_mean, m - train.control_mean)
-                                         for c, m in zip(r["conditions"], means)]))
+        profiles = {"predicted": predicted_means(r["predictions"], r["conditions"], truth.genes),
+                    "train_mean": train_mean(train, r["conditions"])}
+        names = adata.obs["condition"].astype(str).to_numpy()
+        rng = np.random.default_rng(0)  # the same halves for every arm
+        r["per_condition"] = {}
+        for c, m in zip(r["conditions"], means):
+            x = adata[names == c, truth.genes].X
+            x = np.asarray(x.todense() if hasattr(x, "todense") else x, dtype=np.float64)
+            r["per_condition"][c] = {"reliability": split_half_correlation(x, train.control_mean, rng),
+                                     **{name: _pearson(p[c] - train.control_mean, m - train.control_mean)
+                                        for name, p in profiles.items()}}
+        for name in profiles:
+            r[name] = float(np.mean([row[name] for row in r["per_condition"].values()]))
+
+
+def predicted_means(path: str, conditions: list[str], genes: list[str]) -> dict[str, np.ndarray]:
+    """Mean predicted expression of each condition, in the screen's gene order."""
+    cells = anndata.read_h5ad(path)[:, genes]
+    names = cells.obs["condition"].astype(str).to_numpy()
+    return {c: np.asarray(cells.X[names == c].mean(0)).ravel().astype(np.float64) for c in conditions}
 
 
 def report(results: list[dict], opts) -> str:
@@ -99,25 +131,39 @@ def report(results: list[dict], opts) -> str:
              f"Command: `python benchmarks/holdout.py {' '.join(sys.argv[1:])}`  ",
              f"Load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", "",
              "pearson_delta on the held-out conditions (and the split's own predictable validation conditions), "
-             "mean over split seeds x draws; `vs default`: the arm's selected score minus the default's on the "
-             "same draw (wins / losses).", ""]
+             "mean over split seeds x draws. `epoch 0` and `selected`: as train-gan validates (at most 256 cells "
+             "per condition); `predicted`: the selected model's "
+             f"{opts.cells} predicted cells per condition, scored like train_mean against every cell of each "
+             "condition; `vs default`: the arm's `predicted` score minus the default's on the same draw "
+             "(wins / losses).", ""]
     arms = ["default", *[name for name, _ in opts.arm]]
     for dataset in opts.datasets:
         done = [r for r in results if r["dataset"] == dataset and "failed" not in r]
         base = {(r["seed"], r["draw"]): r for r in done if r["arm"] == "default"}
-        lines += [f"## {dataset}", "", "| arm | runs | epoch 0 | selected | train_mean | vs default |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"## {dataset}", "", "| arm | runs | epoch 0 | selected | predicted | train_mean | vs default |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for arm in arms:
             mine = [r for r in done if r["arm"] == arm]
             if not mine:
                 continue
-            diffs = [r["selected"] - base[(r["seed"], r["draw"])]["selected"] for r in mine
+            diffs = [r["predicted"] - base[(r["seed"], r["draw"])]["predicted"] for r in mine
                      if (r["seed"], r["draw"]) in base]
             versus = "" if arm == "default" or not diffs else (
                 f"{np.mean(diffs):+.4f} ({sum(d > 1e-4 for d in diffs)} / {sum(d < -1e-4 for d in diffs)})")
             lines.append(f"| {arm} | {len(mine)} | {np.mean([r['epoch0'] for r in mine]):.4f} | "
-                         f"{np.mean([r['selected'] for r in mine]):.4f} | "
+                         f"{np.mean([r['selected'] for r in mine]):.4f} | {np.mean([r['predicted'] for r in mine]):.4f} | "
                          f"{np.mean([r['train_mean'] for r in mine]):.4f} | {versus} |")
+        lines += ["", "By the split-half correlation of each held-out condition's true change (how far it stands "
+                  "above the noise of its cells), `predicted` per condition:", "",
+                  "| arm | " + " | ".join(f"{lo:g} to {hi:g}" for lo, hi in STRATA) + " |",
+                  "| --- |" + " --- |" * len(STRATA)]
+        rows = {arm: [row for r in done if r["arm"] == arm for row in r["per_condition"].values()] for arm in arms}
+        for name, key in [*((arm, "predicted") for arm in arms), ("train_mean", "train_mean")]:
+            mine = rows["default" if name == "train_mean" else name]
+            if mine:
+                cells = [[row[key] for row in mine if lo < row["reliability"] <= hi] for lo, hi in STRATA]
+                lines.append(f"| {name} | " + " | ".join(f"{np.mean(c):.3f} ({len(c)})" if c else "-"
+                                                          for c in cells) + " |")
         lines.append("")
         for r in results:
             if r["dataset"] == dataset and "failed" in r:
@@ -138,9 +184,11 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(ROOT / "benchmarks" / "work"))
     parser.add_argument("--out", default=None, help="markdown report (default: print it)")
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--cells", type=int, default=CELLS, help="predicted cells per held-out condition")
+    parser.add_argument("--reuse", action="store_true", help="score the runs a previous call trained, do not retrain")
     opts = parser.parse_args()
-    if not 0 < opts.share < 1 or opts.max_epochs < 1:
-        parser.error("--share must lie between 0 and 1 and --max-epochs be at least 1")
+    if not 0 < opts.share < 1 or opts.max_epochs < 1 or opts.cells < 1:
+        parser.error("--share must lie between 0 and 1, --max-epochs and --cells be at least 1")
     missing = [str(p) for d in opts.datasets for s in opts.seeds
                if not (p := Path(opts.workdir) / d / f"seed{s}" / "runs" / opts.phase1_from / keys.AE_DIR).is_dir()]
     if missing:
@@ -150,7 +198,7 @@ def main() -> None:
             for name, sets in [("default", []), *opts.arm]]
     with ThreadPoolExecutor(opts.jobs) as pool:
         results = list(pool.map(lambda job: one_run(*job, opts), jobs))
-    train_mean_scores(results, opts)
+    full_truth_scores(results, opts)
     text = report(results, opts)
     if opts.out:
         Path(opts.out).write_text(text + "\n")

@@ -145,6 +145,39 @@ def test_holdout_compares_arms_on_the_same_held_out_training_conditions(tmp_path
     results = json.loads(out.with_suffix(".json").read_text())
     assert [r["arm"] for r in results] == ["default", "noprior"] and not any("failed" in r for r in results)
     assert results[0]["conditions"] == results[1]["conditions"]  # the same draw for every arm
-    assert all(-1 <= r[k] <= 1 for r in results for k in ("epoch0", "selected", "train_mean"))
+    assert all(-1 <= r[k] <= 1 for r in results for k in ("epoch0", "selected", "predicted", "train_mean"))
     text = out.read_text()
-    assert "| default | 1 |" in text and "| noprior | 1 |" in text
+    assert "| default | 1 |" in text and "| noprior | 1 |" in text and "| train_mean | " in text
+    for r in results:  # per held-out condition: its reliability and both scores, averaging to the run's
+        rows = r["per_condition"]
+        assert sorted(rows) == sorted(r["conditions"]) and all(-1 <= v["reliability"] <= 1 for v in rows.values())
+        assert abs(sum(v["predicted"] for v in rows.values()) / len(rows) - r["predicted"]) < 1e-9
+
+    # --reuse scores the trained runs again (here with more predicted cells) without retraining them.
+    model = folder / "runs" / "holdout" / "default-draw0" / "gan" / "model.pt"
+    trained_at = model.stat().st_mtime_ns
+    again = run("holdout.py", "--workdir", str(tmp_path), "--datasets", "demo", "--seeds", "1", "--draws", "0",
+                "--phase1-from", "p1", "--arm", "noprior=gan.expression_prior=none", "--reuse", "--cells", "300",
+                "--out", str(out), cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    rescored = json.loads(out.with_suffix(".json").read_text())
+    assert model.stat().st_mtime_ns == trained_at
+    assert [r["selected"] for r in rescored] == [r["selected"] for r in results]
+    assert all(r["predictions"].endswith("held_out_300.h5ad") and -1 <= r["predicted"] <= 1 for r in rescored)
+
+    # quality.py --reuse predicts a finished run again when its record used another --cells.
+    import shutil
+
+    shutil.copytree(folder / "runs" / "holdout" / "default-draw0", folder / "runs" / "q")
+    (folder / "runs" / "q" / "quality.json").write_text(json.dumps({"dataset": "demo", "seed": 1, "train_seconds": 1.0}))
+    scored = run("quality.py", "--workdir", str(tmp_path), "--datasets", "demo", "--seeds", "1", "--tag", "q",
+                 "--reuse", "--cells", "40", "--out", str(tmp_path / "q.md"), cwd=tmp_path)
+    assert scored.returncode == 0, scored.stdout + scored.stderr
+    record = json.loads((folder / "runs" / "q" / "quality.json").read_text())
+    assert record["cells"] == 40 and "failed" not in record
+    import anndata
+
+    predicted = anndata.read_h5ad(folder / "runs" / "q" / "predictions.h5ad")
+    counts = predicted.obs["condition"].astype(str).value_counts()
+    assert (counts.drop("ctrl", errors="ignore") == 40).all()
+    assert "| regina | " in (tmp_path / "q.md").read_text()

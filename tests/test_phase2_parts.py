@@ -376,3 +376,17 @@ def test_numpy_and_module_priors_agree_on_the_covariation_term():
     for row, gene in enumerate(("R0", "R6")):
         torch.testing.assert_close(out[row], torch.as_tensor(effects.unseen(gene)), atol=1e-5, rtol=1e-5)
     assert isinstance(effects.model, LinearModel) and isinstance(effects, _Effects) and observed
+
+
+def test_prior_mean_change_counts_conditions_once_or_by_their_cells():
+    """`gan.prior_mean`: conditions average each condition's change once; cells pool them by cell
+    count, as train_mean does (a 3-cell condition then weighs three times a 1-cell one)."""
+    from types import SimpleNamespace
+
+    from regina_cli.engine.expression_prior import _mean_change
+
+    stats = SimpleNamespace(counts=torch.tensor([0.0, 3.0, 1.0]),
+                            expression_mean=torch.tensor([[9.0, 9.0], [2.0, 1.0], [6.0, 1.0]]))
+    control = np.array([1.0, 1.0])
+    np.testing.assert_allclose(_mean_change(stats, [1, 2], control), [3.0, 0.0])
+    np.testing.assert_allclose(_mean_change(stats, [1, 2], control, by_cells=True), [2.0, 0.0])

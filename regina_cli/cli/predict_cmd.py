@@ -24,7 +24,8 @@ def predict_command(
         None, "--conditions-file", help="File with one condition per line (instead of --conditions).",
         show_default=False,
     ),
-    cells: int = typer.Option(100, "--cells", help="Predicted cells per condition."),
+    cells: int = typer.Option(100, "--cells", help="Predicted cells per condition (1000 when scoring mean "
+                              "changes: fewer leave sampling noise in each condition's mean)."),
     seed: int = typer.Option(0, "--seed", help="Seed for drawing the control cells."),
     out: Path = typer.Option(
         None, "--out", help="Output h5ad (default: <run>/predictions.h5ad).", show_default=False

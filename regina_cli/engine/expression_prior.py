@@ -142,7 +142,7 @@ def _choose_weights(fold_effects: list[_Effects], held_out: list[tuple[int, str]
 @torch.no_grad()
 def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt_genes: list[str], *,
                          seed: int, knowledge=None, covariation_skip: int = 0,
-                         covariation_cells: str = "controls") -> torch.Tensor:
+                         covariation_cells: str = "controls", mean_by_cells: bool = False) -> torch.Tensor:
     """Fit `prior` (`model.gan.ExpressionPrior`) on every perturbed training condition in `stats`
     and return the cross-fitted prior of each condition code [C, G]: a training condition gets the
     fold model that left it out (and not its own observed effect); other codes the full prior.
@@ -158,7 +158,8 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
     `covariation_skip` leading directions of the training controls, or with `covariation_cells =
     "training"` of the controls and the training cells of the conditions a fit may see: each
     fold's own, so a held-out gene's cells never shape its slopes), how far a measured target's
-    co-varying genes follow its knock-down.
+    co-varying genes follow its knock-down. `mean_by_cells` weights each condition's change in the
+    mean change by its cell count (train_mean's pooling) instead of counting it once.
     """
     if prior.neighbour_rows.shape[1] == 0:
         knowledge = None
@@ -184,7 +185,7 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
         held_genes = {g for g, c in singles.items() if c in held}
         unseen_here = {g for c in held for g in parse_condition(cells.conditions[c])
                        if g in held_genes or g not in observed}
-        fold_effects.append(_Effects(model, observed, _mean_change(stats, kept, mean), 1.0,
+        fold_effects.append(_Effects(model, observed, _mean_change(stats, kept, mean, mean_by_cells), 1.0,
                                      median_self_effect(observed, full.gene_index, exclude=held_genes),
                                      _neighbours(knowledge, unseen_here, observed, exclude=held_genes),
                                      **(shared or covariation(kept))))
@@ -192,7 +193,7 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
     weight, knowledge_weight, covariation_weight = _choose_weights(
         fold_effects, held_out_singles, observed, knowledge is not None, fold_effects[0].covariation is not None)
     needed = (set(prompt_genes) | {g for name in cells.conditions for g in parse_condition(name)}) - set(observed)
-    effects = _Effects(full, observed, _mean_change(stats, codes, mean), weight,
+    effects = _Effects(full, observed, _mean_change(stats, codes, mean, mean_by_cells), weight,
                        median_self_effect(observed, full.gene_index), _neighbours(knowledge, needed, observed),
                        knowledge_weight, **(shared or covariation(codes)), covariation_weight=covariation_weight)
     _load(prior, effects, prompt_genes)
@@ -265,9 +266,11 @@ def covariation_loadings(x: torch.Tensor, components: int, generator: torch.Gene
     return loadings, precision
 
 
-def _mean_change(stats, codes: list[int], control_mean: np.ndarray) -> np.ndarray:
-    """The mean over conditions of their mean change (train_mean's per-condition average)."""
-    return stats.expression_mean[codes].double().cpu().numpy().mean(0) - control_mean
+def _mean_change(stats, codes: list[int], control_mean: np.ndarray, by_cells: bool = False) -> np.ndarray:
+    """The mean over conditions of their mean change, each condition counted once or (`by_cells`)
+    by its cells, which is train_mean's pooled change."""
+    weights = stats.counts[codes].double().cpu().numpy() if by_cells else np.ones(len(codes))
+    return weights @ stats.expression_mean[codes].double().cpu().numpy() / weights.sum() - control_mean
 
 
 def _load(prior, effects: _Effects, prompt_genes: list[str]) -> None:
