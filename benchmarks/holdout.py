@@ -41,6 +41,8 @@ from quality import CELLS, DATASETS, ROOT, StepFailed, run, split_half_correlati
 from regina_cli import keys  # noqa: E402
 from regina_cli.engine.expression_prior import _pearson  # noqa: E402
 from regina_cli.evaluate.baselines import train_mean, training_data  # noqa: E402
+from regina_cli.evaluate.predictions import align  # noqa: E402
+from regina_cli.evaluate.readers import read_predictions  # noqa: E402
 from regina_cli.evaluate.truth import Truth  # noqa: E402
 
 
@@ -92,38 +94,30 @@ def full_truth_scores(results: list[dict], opts) -> None:
     REGINA's predicted cells (`predicted`) and of train_mean, pooled over its phase-2 training
     conditions: per condition (`per_condition`, with the split-half correlation of its true change)
     and averaged over them. Each screen is read once per split seed."""
-    screens = {}
+    truths = {}
     for r in results:
         if "failed" in r:
             continue
         key = (r["dataset"], r["seed"])
-        if key not in screens:
+        if key not in truths:
             path = Path(opts.workdir) / r["dataset"] / f"seed{r['seed']}" / "data" / r["dataset"] / "perturb_processed.h5ad"
-            adata = anndata.read_h5ad(path)
-            screens[key] = (adata, Truth(adata))
-        adata, truth = screens[key]
+            truths[key] = Truth(anndata.read_h5ad(path))
+        truth = truths[key]
         train = training_data(truth, r["train_conditions"])
         means, _ = truth.condition_means(r["conditions"])
-        profiles = {"predicted": predicted_means(r["predictions"], r["conditions"], truth.genes),
+        predicted = align(read_predictions(r["predictions"], condition_key=keys.OBS_CONDITION,
+                                           separator=keys.GENE_SEPARATOR), truth, "regina")
+        profiles = {"predicted": dict(zip(predicted.conditions, predicted.means)),
                     "train_mean": train_mean(train, r["conditions"])}
-        names = adata.obs["condition"].astype(str).to_numpy()
         rng = np.random.default_rng(0)  # the same halves for every arm
         r["per_condition"] = {}
         for c, m in zip(r["conditions"], means):
-            x = adata[names == c, truth.genes].X
-            x = np.asarray(x.todense() if hasattr(x, "todense") else x, dtype=np.float64)
+            x = truth.cells(truth.rows(c)).astype(np.float64)
             r["per_condition"][c] = {"reliability": split_half_correlation(x, train.control_mean, rng),
                                      **{name: _pearson(p[c] - train.control_mean, m - train.control_mean)
                                         for name, p in profiles.items()}}
         for name in profiles:
             r[name] = float(np.mean([row[name] for row in r["per_condition"].values()]))
-
-
-def predicted_means(path: str, conditions: list[str], genes: list[str]) -> dict[str, np.ndarray]:
-    """Mean predicted expression of each condition, in the screen's gene order."""
-    cells = anndata.read_h5ad(path)[:, genes]
-    names = cells.obs["condition"].astype(str).to_numpy()
-    return {c: np.asarray(cells.X[names == c].mean(0)).ravel().astype(np.float64) for c in conditions}
 
 
 def report(results: list[dict], opts) -> str:
