@@ -306,6 +306,8 @@ def main() -> None:
                         help="copy phase 1 from the run of this tag (same workdir) and train only phase 2; "
                              "training time then counts phase 2 alone")
     opts = parser.parse_args()
+    if opts.cells < 1:
+        parser.error(f"--cells must be at least 1, not {opts.cells}")
 
     jobs = [(d, s) for d in opts.datasets for s in opts.seeds]
     with ThreadPoolExecutor(max_workers=opts.jobs) as pool:
