@@ -116,6 +116,29 @@ def test_transition_starts_as_identity_plus_prompt(cfg):
     assert torch.allclose(backward(forward(z, prompt), prompt), z, atol=1e-6)
 
 
+def test_correction_scale_moves_predictions_between_the_anchor_and_the_transition(cfg):
+    from regina_cli.config import build_config
+
+    torch.manual_seed(0)
+    gan = LatentCycleGAN(8, cfg)
+    torch.nn.init.normal_(gan.forward_block.head.weight)  # a trained transition: not identity plus prompt
+    z, prompt, anchor = torch.randn(5, 8), torch.randn(5, 8), torch.randn(5, 8)
+    full = gan(z, prompt)
+    torch.testing.assert_close(gan.predict_latent(z, prompt, anchor), full)  # a fresh model keeps the whole move
+    for scale in (0.0, 0.5):
+        gan.correction_scale.fill_(scale)
+        torch.testing.assert_close(gan.predict_latent(z, prompt, anchor), anchor + scale * (full - anchor))
+    state = gan.state_dict()
+    assert float(state["correction_scale"]) == 0.5  # saved with the weights, so `regina predict` uses it
+    del state["correction_scale"]  # a run saved before the option existed predicts as it did then
+    restored = LatentCycleGAN(8, cfg)
+    restored.correction_scale.fill_(0.25)
+    restored.load_state_dict(state)
+    assert float(restored.correction_scale) == 1.0
+    assert build_config(preset="original").gan.correction_scale == 1.0  # the first research code's T_fwd
+    assert build_config().gan.correction_scale == 0.5
+
+
 def test_gan_losses(cfg):
     torch.manual_seed(0)
     gan = LatentCycleGAN(8, cfg, prompt_genes=["U1", "U2"], learned_genes=["U1", "U2"])

@@ -41,7 +41,7 @@ SETTINGS = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.z_
             "gan.learned_prompts=unmeasured", "gan.learned_prompt_init=small", "gan.prompt_dropout=0",
             "gan.validation_holdout=0", "gan.residual_decoding=false", "gan.match_control_mean=false",
             "gan.expression_prior=none", "gan.real_target=0.9",
-            "gan.instance_noise=0.1"]
+            "gan.instance_noise=0.1", "gan.correction_scale=1.0"]
 
 
 def fixed_screen():
@@ -68,7 +68,7 @@ def fixed_screen():
 
 # State added after the refactor whose pinned settings leave it neutral (checked below): a scale
 # of exactly 1 multiplies nothing, and this screen measures every target, so no gene gets a prompt.
-NEUTRAL_NEW_STATE = {"gan.encoder_prompt_scale": 1.0}
+NEUTRAL_NEW_STATE = {"gan.encoder_prompt_scale": 1.0, "gan.correction_scale": 1.0}
 
 
 def weights_sha256(path) -> str:

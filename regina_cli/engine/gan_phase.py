@@ -193,7 +193,7 @@ class CycleGANPhase:
         with amp_context(self.ctx.device, self.config.runtime.amp):
             anchor_x, anchor_z = self.anchor(x_ctrl, z_ctrl, codes, training=False)
             prompt = self.condition_prompt(x_ctrl, z_ctrl, codes, anchor_z=anchor_z)
-            z_pred = self.gan.forward_block(z_ctrl, prompt)
+            z_pred = self.gan.predict_latent(z_ctrl, prompt, anchor_z)
             decoded = decode_prediction(self.ae.decoder, torch.cat([z_pred, z_ctrl + self._val_shift[groups]]),
                                         anchor_x=torch.cat([anchor_x, x_ctrl]), anchor_z=torch.cat([anchor_z, z_ctrl]),
                                         residual=residual)

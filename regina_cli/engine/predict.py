@@ -348,7 +348,7 @@ def _run_networks(trained, adata, plan: SamplePlan, conditions, genes) -> tuple[
         anchor_x, anchor_z = prior_anchor(ae.encoder, x_ctrl, z_ctrl, prior)
         prompt = condition_prompt(ae.encoder, gan, x_ctrl, target_idx[c], prompt_idx[c], n_targets[c], cfg,
                                   z_ctrl=z_ctrl, anchor_z=anchor_z)
-        decoded = decode_prediction(ae.decoder, torch.cat([gan(z_ctrl, prompt), z_ctrl]),
+        decoded = decode_prediction(ae.decoder, torch.cat([gan.predict_latent(z_ctrl, prompt, anchor_z), z_ctrl]),
                                     anchor_x=torch.cat([anchor_x, x_ctrl]), anchor_z=torch.cat([anchor_z, z_ctrl]),
                                     residual=cfg.residual_decoding).float()
         pred, rec = decoded.chunk(2)

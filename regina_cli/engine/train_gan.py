@@ -179,11 +179,13 @@ def build_gan(autoencoder, cells, config: ReginaConfig, prompt_genes: list[str],
     if config.gan.gene_features == "coexpression":
         features = gene_prompts.coexpression_features(cells, prompt_genes, config.gan.gene_feature_dim,
                                                       seed=config.runtime.seed)
-    return LatentCycleGAN(autoencoder.z_dim, config.model, prompt_genes=prompt_genes, gene_features=features,
-                          learned_genes=learned_genes, n_genes=cells.n_genes, prior_dim=prior_dim(config),
-                          prior_observed=n_observed,
-                          prior_neighbours=prior_neighbours(config, knowledge_given),
-                          prior_covariation=prior_covariation(config)).to(cells.device)
+    gan = LatentCycleGAN(autoencoder.z_dim, config.model, prompt_genes=prompt_genes, gene_features=features,
+                         learned_genes=learned_genes, n_genes=cells.n_genes, prior_dim=prior_dim(config),
+                         prior_observed=n_observed,
+                         prior_neighbours=prior_neighbours(config, knowledge_given),
+                         prior_covariation=prior_covariation(config)).to(cells.device)
+    gan.correction_scale.fill_(config.gan.correction_scale)
+    return gan
 
 
 def prior_dim(config: ReginaConfig) -> int:

@@ -86,6 +86,8 @@ class LatentCycleGAN(nn.Module):
                                         learned_init=learned_init)
         # Fixed when training starts (`gan.prompt_scale`); saved with the weights so prediction uses it too.
         self.register_buffer("encoder_prompt_scale", torch.ones(()))
+        # How much of the transition's move away from its anchor a prediction keeps (`gan.correction`).
+        self.register_buffer("correction_scale", torch.ones(()))
         self.expression_prior = (ExpressionPrior(n_genes, len(self.prompt_genes), prior_dim, prior_observed,
                                                  prior_neighbours, prior_covariation) if prior_dim else None)
 
@@ -103,6 +105,16 @@ class LatentCycleGAN(nn.Module):
     def forward(self, z_ctrl: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         """Predicted perturbed latent T_fwd(Z_ctrl, Z_prompt)."""
         return self.forward_block(z_ctrl, prompt)
+
+    def predict_latent(self, z_ctrl: torch.Tensor, prompt: torch.Tensor, anchor_z: torch.Tensor) -> torch.Tensor:
+        """The latent a prediction decodes: the anchor (z_ctrl, or E(X_ctrl + prior)) moved by
+        `correction_scale` times the transition's move from it; scale 1 is T_fwd(Z_ctrl, Z_prompt)."""
+        z_pred = self.forward_block(z_ctrl, prompt)
+        return anchor_z + self.correction_scale.to(z_pred.dtype) * (z_pred - anchor_z)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "correction_scale", torch.ones(()))  # runs saved before it existed: 1
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def transition_parameters(self) -> list[nn.Parameter]:
         """What the generator optimiser updates: both blocks and the gene prompts."""
