@@ -86,7 +86,7 @@ class LatentCycleGAN(nn.Module):
                                         learned_init=learned_init)
         # Fixed when training starts (`gan.prompt_scale`); saved with the weights so prediction uses it too.
         self.register_buffer("encoder_prompt_scale", torch.ones(()))
-        # How much of the transition's move away from its anchor a prediction keeps (`gan.correction`).
+        # How much of the transition's move away from its anchor a prediction keeps (`gan.correction_scale`).
         self.register_buffer("correction_scale", torch.ones(()))
         self.expression_prior = (ExpressionPrior(n_genes, len(self.prompt_genes), prior_dim, prior_observed,
                                                  prior_neighbours, prior_covariation) if prior_dim else None)
