@@ -36,7 +36,7 @@ import anndata
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import CELLS, DATASETS, ROOT, StepFailed, run, split_half_correlation  # noqa: E402
+from quality import CELLS, DATASETS, ROOT, StepFailed, reuse_phase1, run, split_half_correlation  # noqa: E402
 
 from regina_cli import keys  # noqa: E402
 from regina_cli.engine.expression_prior import _pearson  # noqa: E402
@@ -66,11 +66,11 @@ def one_run(dataset: str, seed: int, draw: int, arm: str, sets: list[str], opts)
             if run_dir.exists():
                 shutil.rmtree(run_dir)
             log.unlink(missing_ok=True)  # a rerun's log holds only its own commands, as in quality.py
-            shutil.copytree(folder / "runs" / opts.phase1_from / keys.AE_DIR, run_dir / keys.AE_DIR)
+            phase2 = reuse_phase1(folder / "runs" / opts.phase1_from, run_dir, dataset, folder / "data")
             overrides = ["gan.validation_min_conditions=1000", f"gan.validation_holdout={opts.share}",
                          f"runtime.seed={draw}", *sets]
             run(["--quiet", "train-gan", "--run", str(run_dir), "--device", "cpu", "--max-epochs",
-                 str(opts.max_epochs), *[a for s in overrides for a in ("--set", s)]], log, env)
+                 str(opts.max_epochs), *phase2, *[a for s in overrides for a in ("--set", s)]], log, env)
         meta = json.loads(meta_file.read_text())
         predictions = run_dir / f"held_out_{opts.cells}.h5ad"
         run(["--quiet", "predict", "--run", str(run_dir), "--conditions", ",".join(meta["validation_conditions_scored"]),

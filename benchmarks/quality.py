@@ -120,13 +120,34 @@ def _pipeline(dataset: str, seed: int, opts) -> dict:
     sets = [a for s in opts.set for a in ("--set", s)]
     preset = ["--preset", opts.preset] if opts.preset else []
     trained = time.perf_counter()
+    phase2 = []
     if opts.phase1_from:  # a phase-2 experiment: the same trained phase 1, copied
-        shutil.copytree(folder / "runs" / opts.phase1_from / keys.AE_DIR, run_dir / keys.AE_DIR)
+        phase2 = reuse_phase1(folder / "runs" / opts.phase1_from, run_dir, dataset, data, opts.preset)
     else:
         run(["train-ae", dataset, "--split", split, "--labels", labels, "--run", str(run_dir), "--device", "cpu",
              *preset, *sets], log, env)
-    run(["train-gan", "--run", str(run_dir), "--device", "cpu", *sets], log, env)
+    run(["train-gan", "--run", str(run_dir), "--device", "cpu", *phase2, *sets], log, env)
     return score(dataset, seed, data, run_dir, split, log, env, opts, time.perf_counter() - trained, started)
+
+
+def reuse_phase1(source: Path, run_dir: Path, dataset: str, data: Path, preset: str | None = None) -> list[str]:
+    """Copy the trained phase 1 of run `source` into `run_dir` for a phase-2 experiment; returns
+    the `train-gan` arguments that give phase 2 the settings this code gives a new run.
+    `train-gan` starts from the config phase 1 saved, whose `gan` section holds the phase-2
+    defaults of the code that trained it: a phase 1 kept from older code would carry those into
+    the experiment unseen. They go in a `--config` file beside the run (phase 1's own file stays
+    as trained, which `regina` checks), and `--set` still applies on top."""
+    import yaml
+
+    from regina_cli.config import PRESETS, preset_config
+    from regina_cli.data.dataset import gene_count
+
+    shutil.copytree(source / keys.AE_DIR, run_dir / keys.AE_DIR)
+    preset = preset or (dataset if dataset in PRESETS else None)
+    current = preset_config(preset, None if preset else gene_count(dataset, data))
+    path = run_dir.parent / f"{run_dir.name}.phase2.yaml"
+    path.write_text(yaml.safe_dump({"gan": current.to_dict()["gan"]}, sort_keys=False))
+    return ["--config", str(path)]
 
 
 def score(dataset: str, seed: int, data: Path, run_dir: Path, split: str, log: Path, env: dict, opts,

@@ -120,7 +120,8 @@ def test_prior_study_scores_held_out_measured_singles():
 
 def test_holdout_compares_arms_on_the_same_held_out_training_conditions(tmp_path):
     """A tiny phase 1 laid out as quality.py leaves it; holdout.py trains phase 2 per arm with a
-    share of the training perturbations held out and reports both arms and train_mean on them."""
+    share of the training perturbations held out and reports both arms and train_mean on them.
+    Phase 2 takes this code's phase-2 defaults, not those phase 1 saved (here a stale scale)."""
     from test_train_run import TINY
 
     from regina_cli.data.dataset import write_dataset
@@ -135,7 +136,7 @@ def test_holdout_compares_arms_on_the_same_held_out_training_conditions(tmp_path
     write_dataset(simulate_screen(n_cells=400, n_genes=160, n_singles=10, n_doubles=2, seed=0), "demo", data)
     split_dataset("demo", mode="simulation", seed=1, data_dir=data)
     label_dataset("demo", "stress", split="simulation_1", data_dir=data)
-    config = build_config(preset="demo", overrides=[*TINY, "ae.max_epochs=1"])
+    config = build_config(preset="demo", overrides=[*TINY, "ae.max_epochs=1", "gan.correction_scale=1"])
     train_autoencoder("demo", split="simulation_1", labels="stress", run_dir=folder / "runs" / "p1", config=config,
                       data_dir=data, device="cpu", progress="silent")
     out = tmp_path / "holdout.md"
@@ -145,6 +146,10 @@ def test_holdout_compares_arms_on_the_same_held_out_training_conditions(tmp_path
     results = json.loads(out.with_suffix(".json").read_text())
     assert [r["arm"] for r in results] == ["default", "noprior"] and not any("failed" in r for r in results)
     assert results[0]["conditions"] == results[1]["conditions"]  # the same draw for every arm
+    from regina_cli.config import ReginaConfig, load_yaml
+
+    phase2 = load_yaml(folder / "runs" / "holdout" / "default-draw0" / "gan" / "config.yaml")["gan"]
+    assert phase2["correction_scale"] == ReginaConfig().gan.correction_scale != 1
     assert all(-1 <= r[k] <= 1 for r in results for k in ("epoch0", "selected", "predicted", "train_mean"))
     text = out.read_text()
     assert "| default | 1 |" in text and "| noprior | 1 |" in text and "| train_mean | " in text
@@ -181,3 +186,46 @@ def test_holdout_compares_arms_on_the_same_held_out_training_conditions(tmp_path
     counts = predicted.obs["condition"].astype(str).value_counts()
     assert (counts.drop("ctrl", errors="ignore") == 40).all()
     assert "| regina | " in (tmp_path / "q.md").read_text()
+
+
+def test_responder_rules_score_held_out_singles_by_their_reliability(tmp_path):
+    """Two pathways of strong responders, each with its own program and annotation term, and weak
+    responders that only fall at their own gene: held out, a strong one is predicted better from
+    its knowledge neighbours than from the mean change of every condition, and the amplitude
+    chosen on the measured singles (mostly weak) shrinks the shared change against the knock-down
+    entry, which the weak ones reward."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from responder_rules import Screen, held_out_rows, report
+
+    from regina_cli.data.knowledge import load_gene_knowledge
+
+    rng = np.random.default_rng(0)
+    genes = [f"g{i}" for i in range(40)]
+    pathways = {"a": ["g0", "g1", "g2"], "b": ["g12", "g13", "g14"]}
+    programs = {"a": np.isin(np.arange(40), range(20, 26)) * -1.5, "b": np.isin(np.arange(40), range(30, 36)) * -1.5}
+    weak = [f"g{i}" for i in range(3, 12)]
+    blocks, labels = [rng.normal(3, 0.3, (60, len(genes)))], ["ctrl"] * 60
+    for term, targets in [*pathways.items(), (None, weak)]:
+        for target in targets:
+            change = programs[term].copy() if term else np.zeros(len(genes))
+            change[genes.index(target)] -= 1.0 if term else 0.2
+            blocks.append(rng.normal(3, 0.3, (60, len(genes))) + change)
+            labels += [f"{target}+ctrl"] * 60
+    adata = ad.AnnData(np.vstack(blocks), obs=pd.DataFrame({"condition": labels}, index=map(str, range(len(labels)))),
+                       var=pd.DataFrame({"gene_name": genes}, index=genes))
+    strong = pathways["a"] + pathways["b"]
+    (tmp_path / "k.tsv").write_text("gene\tterm\n" + "".join(f"{g}\t{t}\n" for t, gs in pathways.items() for g in gs) +
+                                    "".join(f"{g}\tT{g}\n" for g in weak))
+    screen = Screen(adata)
+    assert min(screen.reliability[t] for t in strong) > 0.7 > max(screen.reliability[t] for t in weak)
+    rows = {r["target"]: r for r in held_out_rows(screen, strong + weak, load_gene_knowledge(tmp_path / "k.tsv"))}
+    for target in strong:
+        assert rows[target]["knowledge"] > rows[target]["conditions"] + 0.2
+    for target in weak:
+        assert rows[target]["amplitude chosen"] < 1 and rows[target]["amplitude"] > rows[target]["conditions"]
+    table = report("toy", {1: list(rows.values())})
+    assert "| measured targets | 15 |" in table and "| reliability 0.7-1 | 6 |" in table
