@@ -378,6 +378,32 @@ def test_numpy_and_module_priors_agree_on_the_covariation_term():
     assert isinstance(effects.model, LinearModel) and isinstance(effects, _Effects) and observed
 
 
+def test_knockdown_scale_multiplies_the_targets_own_entry_only():
+    """`gan.knockdown_scale` k: a measured unseen target's own entry is k times the median
+    self-change in the numpy and the module prior alike; the co-variation term keeps following
+    the unscaled knock-down; a prior saved before the scale existed loads (strictly) with 1."""
+    folds, _, _ = _covarying_folds(True)
+    effects = replace(folds[0], covariation_weight=1.0, observed={})
+    scaled = replace(effects, knockdown_scale=2.0)
+    one, two = effects.unseen("R0"), scaled.unseen("R0")
+    assert two[0] == pytest.approx(2 * one[0]) and one[0] == pytest.approx(effects.self_effect)
+    np.testing.assert_allclose(two[1:], one[1:])
+    prior = ExpressionPrior(n_genes=14, n_table=0, dim=1, n_covariation=4)
+    prior.offset.copy_(torch.as_tensor(effects.model.offset))
+    prior.mean_change.copy_(torch.as_tensor(effects.mean_change))
+    prior.self_effect.fill_(effects.self_effect)
+    prior.covariation.copy_(torch.as_tensor(effects.covariation))
+    prior.covariation_precision.copy_(torch.as_tensor(effects.precision))
+    prior.covariation_weight.fill_(1.0)
+    prior.knockdown_scale.fill_(2.0)
+    out = prior(torch.tensor([[0]]), torch.tensor([[-1]])).double()[0]
+    torch.testing.assert_close(out, torch.as_tensor(two), atol=1e-5, rtol=1e-5)
+    old = {k: v for k, v in prior.state_dict().items() if k != "knockdown_scale"}
+    fresh = ExpressionPrior(n_genes=14, n_table=0, dim=1, n_covariation=4)
+    fresh.load_state_dict(old)
+    assert float(fresh.knockdown_scale) == 1.0
+
+
 def test_prior_mean_change_counts_conditions_once_or_by_their_cells():
     """`gan.prior_mean`: conditions average each condition's change once; cells pool them by cell
     count, as train_mean does (a 3-cell condition then weighs three times a 1-cell one)."""

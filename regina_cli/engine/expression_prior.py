@@ -59,6 +59,7 @@ class _Effects:
     covariation: np.ndarray | None = None  # [G, k] C, with C C^T the controls' rank-k covariance
     precision: np.ndarray | None = None  # [G] 1 / each gene's variance in the controls (0 if constant)
     covariation_weight: float = 0.0
+    knockdown_scale: float = 1.0  # the target's own entry is knockdown_scale * s
 
     def unseen(self, gene: str) -> np.ndarray:
         embedding = self.model.embed(canonical_condition([gene]))
@@ -73,7 +74,7 @@ class _Effects:
             if self.covariation_weight:
                 slopes = self.covariation @ self.covariation[i] * self.precision[i]
                 effect = effect + self.covariation_weight * self.self_effect * slopes
-            effect[i] = self.self_effect
+            effect[i] = self.knockdown_scale * self.self_effect
         return effect
 
     def prior(self, condition: str, *, own: bool = False) -> np.ndarray:
@@ -142,7 +143,8 @@ def _choose_weights(fold_effects: list[_Effects], held_out: list[tuple[int, str]
 @torch.no_grad()
 def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt_genes: list[str], *,
                          seed: int, knowledge=None, covariation_skip: int = 0,
-                         covariation_cells: str = "controls", mean_by_cells: bool = False) -> torch.Tensor:
+                         covariation_cells: str = "controls", mean_by_cells: bool = False,
+                         knockdown_scale: float = 1.0) -> torch.Tensor:
     """Fit `prior` (`model.gan.ExpressionPrior`) on every perturbed training condition in `stats`
     and return the cross-fitted prior of each condition code [C, G]: a training condition gets the
     fold model that left it out (and not its own observed effect); other codes the full prior.
@@ -195,14 +197,15 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
     needed = (set(prompt_genes) | {g for name in cells.conditions for g in parse_condition(name)}) - set(observed)
     effects = _Effects(full, observed, _mean_change(stats, codes, mean, mean_by_cells), weight,
                        median_self_effect(observed, full.gene_index), _neighbours(knowledge, needed, observed),
-                       knowledge_weight, **(shared or covariation(codes)), covariation_weight=covariation_weight)
+                       knowledge_weight, **(shared or covariation(codes)), covariation_weight=covariation_weight,
+                       knockdown_scale=knockdown_scale)
     _load(prior, effects, prompt_genes)
     table = np.stack([effects.prior(name) if not is_control(name) else np.zeros(cells.n_genes)
                       for name in cells.conditions])
     for held, fold in zip(folds, fold_effects):
         for code in held:
-            table[code] = _reweighted(fold, weight, knowledge_weight, covariation_weight).prior(
-                cells.conditions[code], own=True)
+            table[code] = replace(_reweighted(fold, weight, knowledge_weight, covariation_weight),
+                                  knockdown_scale=knockdown_scale).prior(cells.conditions[code], own=True)
     return torch.as_tensor(table, dtype=torch.float32, device=cells.device)
 
 
@@ -283,6 +286,7 @@ def _load(prior, effects: _Effects, prompt_genes: list[str]) -> None:
     prior.mean_change.copy_(torch.as_tensor(effects.mean_change, dtype=prior.mean_change.dtype))
     prior.linear_weight.fill_(effects.weight)
     prior.self_effect.fill_(effects.self_effect)
+    prior.knockdown_scale.fill_(effects.knockdown_scale)
     position = {g: i for i, g in enumerate(prompt_genes)}
     observed_row = {gene: row for row, gene in enumerate(sorted(effects.observed))}
     for gene, row in observed_row.items():

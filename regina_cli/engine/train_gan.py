@@ -156,7 +156,8 @@ def build_phase(autoencoder, cells, config: ReginaConfig, ctx: DistContext,
                                                             knowledge=knowledge,
                                                             covariation_skip=config.gan.covariation_skip,
                                                             covariation_cells=config.gan.covariation_cells,
-                                                            mean_by_cells=config.gan.prior_mean == "cells")
+                                                            mean_by_cells=config.gan.prior_mean == "cells",
+                                                            knockdown_scale=config.gan.knockdown_scale)
         if knowledge is not None:
             expression_prior.fill_knowledge_embeddings(gan.expression_prior, knowledge, cells.genes, prompt_genes)
     fitted = initialise_prompts(gan, autoencoder.encoder, cells, latents, stats, config, train_prior)

@@ -169,9 +169,10 @@ class ExpressionPrior(nn.Module):
                          C C^T their covariance; var_g: g's variance) moved with g's knock-down s
                          as far as the regression slope on g says (u: the `covariation_weight`
                          the folds chose),
-                    with the measured target itself set to `self_effect` s, the median change of the
-                    training targets in their own conditions (a CRISPRi target goes down, a CRISPRa
-                    one up, which a model of co-variation between genes cannot know)
+                    with the measured target itself set to `knockdown_scale` times `self_effect` s, the
+                    median change of the training targets in their own conditions (a CRISPRi target
+                    goes down, a CRISPRa one up, which a model of co-variation between genes cannot
+                    know)
 
     where G W e + b is the linear gene-embedding model of Ahlmann-Eltze, Huber & Anders (2025),
     fitted on the training pseudo-bulk.
@@ -195,9 +196,10 @@ class ExpressionPrior(nn.Module):
         self.register_buffer("covariation", torch.zeros(n_genes, n_covariation))
         self.register_buffer("covariation_precision", torch.zeros(n_genes))
         self.register_buffer("covariation_weight", torch.zeros(()))
+        self.register_buffer("knockdown_scale", torch.ones(()))
 
     NEW_BUFFERS = ("neighbour_rows", "neighbour_weights", "knowledge_weight", "covariation", "covariation_precision",
-                   "covariation_weight")
+                   "covariation_weight", "knockdown_scale")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in self.NEW_BUFFERS:  # runs saved before a term existed: without it
@@ -240,7 +242,8 @@ class ExpressionPrior(nn.Module):
             slopes = (self.covariation[gene] * self.covariation_precision[gene].unsqueeze(-1)) @ self.covariation.T
             effect = effect + (self.covariation_weight * self.self_effect) * slopes * own
         column = target_idx.clamp(min=0).unsqueeze(-1)
-        effect = effect.scatter(2, column, torch.where(own, self.self_effect.to(effect.dtype), effect.gather(2, column)))
+        entry = (self.self_effect * self.knockdown_scale).to(effect.dtype)
+        effect = effect.scatter(2, column, torch.where(own, entry, effect.gather(2, column)))
         if len(self.observed):
             rows = torch.where(prompt_idx >= 0, self.observed_rows[prompt_idx.clamp(min=0)], -1)
             effect = torch.where((rows >= 0).unsqueeze(-1), self.observed[rows.clamp(min=0)], effect)
