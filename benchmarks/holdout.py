@@ -8,17 +8,18 @@ split's own validation set is too small to choose on).
 Papalexi's GEARS splits validate on 0-1 predictable conditions per seed, so `quality.py --on val`
 says almost nothing there. This script reuses the phase-1 runs that `quality.py` left in
 `<workdir>/<dataset>/seed<S>/runs/<TAG>` and, for every split seed and hold-out draw D, trains
-phase 2 (`--max-epochs`, 1 by default) with `gan.validation_holdout` of the training perturbations
-held out of phase 2, its prior and its weight choices (`gan.validation_min_conditions` set high so
-the hold-out is always drawn; `runtime.seed=D` draws it). Each arm (`--arm NAME=KEY=VALUE,...`,
-besides `default`) sees the same held-out conditions. Reported per arm: the validation
-pearson_delta of the untrained transition (epoch 0) and of the weights model selection kept (as
-`train-gan` measures them: at most 256 cells of each condition, one predicted cell per real one),
-then, scored alike against every cell of each held-out condition, REGINA (`regina predict
---cells`, 1000 by default) and train_mean (pooled over the phase-2 training cells, as `regina
-evaluate` pools it). Only the last two compare REGINA with train_mean: the in-training figures
-carry the noise of a 256-cell truth that train_mean is not scored against. `--reuse` scores the
-runs a previous call trained without training them again. Test conditions are never read.
+phase 2 (`--max-epochs`, 1 by default; this code's phase-2 settings, `quality.reuse_phase1`) with
+`gan.validation_holdout` of the training perturbations held out of phase 2, its prior and its
+weight choices (`gan.validation_min_conditions` set high so the hold-out is always drawn;
+`runtime.seed=D` draws it). Each arm (`--arm NAME=KEY=VALUE,...`, besides `default`) sees the same
+held-out conditions. Reported per arm: the validation pearson_delta of the untrained transition
+(epoch 0) and of the weights model selection kept (as `train-gan` measures them: at most 256 cells
+of each condition, one predicted cell per real one), then, scored alike against every cell of each
+held-out condition, REGINA (`regina predict --cells`, 1000 by default) and train_mean (pooled over
+the phase-2 training cells, as `regina evaluate` pools it). Only the last two compare REGINA with
+train_mean: the in-training figures carry the noise of a 256-cell truth that train_mean is not
+scored against. `--reuse` scores the runs a previous call trained without training them again.
+Test conditions are never read.
 """
 
 from __future__ import annotations

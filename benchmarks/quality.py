@@ -324,8 +324,9 @@ def main() -> None:
                         help="score finished runs of this tag again, do not retrain (predicted again when --cells "
                              "differs from the run's record)")
     parser.add_argument("--phase1-from", default=None, metavar="TAG",
-                        help="copy phase 1 from the run of this tag (same workdir) and train only phase 2; "
-                             "training time then counts phase 2 alone")
+                        help="copy phase 1 from the run of this tag (same workdir) and train only phase 2, "
+                             "with this code's phase-2 settings (not those phase 1 saved); training time then "
+                             "counts phase 2 alone")
     opts = parser.parse_args()
     if opts.cells < 1:
         parser.error(f"--cells must be at least 1, not {opts.cells}")

@@ -60,7 +60,8 @@ class Screen:
         x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
         conditions = adata.obs["condition"].astype(str).to_numpy()
         control = x[np.asarray([is_control(c) for c in conditions])].mean(0)
-        self.index = {g: i for i, g in enumerate(adata.var["gene_name"] if "gene_name" in adata.var else adata.var_names)}
+        names = adata.var["gene_name"] if "gene_name" in adata.var else adata.var_names
+        self.index = {g: i for i, g in enumerate(names)}
         rng = np.random.default_rng(seed)
         self.change, self.cells, self.reliability = {}, {}, {}
         for condition in sorted(set(conditions)):

@@ -101,7 +101,8 @@ def _report(command: str, summary: dict, phase_dir: Path) -> None:
     if "prior_linear_weight" in fit:
         table.add_row("expression prior", f"weights chosen on held-out training genes: linear "
                       f"{fit['prior_linear_weight']:g}, co-variation {fit['prior_covariation_weight']:g}, "
-                      f"knowledge {fit['prior_knowledge_weight']:g}")
+                      f"knowledge {fit['prior_knowledge_weight']:g}; a measured target's own entry "
+                      f"{fit['prior_knockdown_entry']:.3g}")
     last = summary.get("last") or {}
     for key in sorted(k for k in last if k.startswith("val_")):
         table.add_row(f"last {key}", f"{last[key]:.4g}")

@@ -163,11 +163,12 @@ def build_phase(autoencoder, cells, config: ReginaConfig, ctx: DistContext,
     fitted = initialise_prompts(gan, autoencoder.encoder, cells, latents, stats, config, train_prior)
     phase = CycleGANPhase(autoencoder, gan, cells, config, ctx, plan, latents, stats)
     phase.train_prior = train_prior
-    if gan.expression_prior is not None:
-        fitted = {**fitted, "prior_linear_weight": float(gan.expression_prior.linear_weight),
-                  "prior_self_effect": float(gan.expression_prior.self_effect),
-                  "prior_knowledge_weight": float(gan.expression_prior.knowledge_weight),
-                  "prior_covariation_weight": float(gan.expression_prior.covariation_weight)}
+    if (prior := gan.expression_prior) is not None:
+        fitted = {**fitted, "prior_linear_weight": float(prior.linear_weight),
+                  "prior_self_effect": float(prior.self_effect),
+                  "prior_knockdown_entry": float(prior.self_effect * prior.knockdown_scale),
+                  "prior_knowledge_weight": float(prior.knowledge_weight),
+                  "prior_covariation_weight": float(prior.covariation_weight)}
     return phase, {"observed_genes": observed, "prompt_fit": fitted}
 
 
