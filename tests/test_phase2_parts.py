@@ -188,7 +188,7 @@ def test_prior_moves_a_knowledge_gene_towards_its_neighbours_effects():
     knn = torch.tensor([3.0, 2.0, 0.0])  # 0.75 * [4, 0, 0] + 0.25 * [0, 8, 0]
     torch.testing.assert_close(out[0], 1.0 + 0.5 * (knn - 1.0))
     torch.testing.assert_close(out[1], torch.tensor([4.0, 0.0, 0.0]))  # observed wins
-    state = {k: v for k, v in prior.state_dict().items() if k not in ExpressionPrior.NEW_BUFFERS}
+    state = {k: v for k, v in prior.state_dict().items() if k not in ExpressionPrior.LEGACY_BUFFERS}
     older = ExpressionPrior(n_genes=3, n_table=3, dim=2, n_observed=2, n_neighbours=2)
     older.load_state_dict(state)  # a run saved before neighbours existed loads, with none
     assert float(older.knowledge_weight) == 0.0 and (older.neighbour_rows == -1).all()
@@ -359,19 +359,22 @@ def test_folds_give_covariation_weight_only_when_it_predicts_held_out_genes(info
     assert _choose_weights(folds, held, observed, with_knowledge=False, with_covariation=False)[2] == 0.0
 
 
+def _module_prior(effects) -> ExpressionPrior:
+    """The module prior holding `effects` (14 genes, 4 co-variation columns), as phase 2 loads it."""
+    from regina_cli.engine.expression_prior import _load
+
+    prior = ExpressionPrior(n_genes=14, n_table=0, dim=1, n_covariation=4)
+    _load(prior, effects, [])
+    return prior
+
+
 def test_numpy_and_module_priors_agree_on_the_covariation_term():
     from regina_cli.engine.expression_prior import _Effects
     from regina_cli.evaluate.baselines import LinearModel
 
     folds, _, observed = _covarying_folds(True)
     effects = replace(folds[0], covariation_weight=1.0, observed={})
-    prior = ExpressionPrior(n_genes=14, n_table=0, dim=1, n_covariation=4)
-    prior.offset.copy_(torch.as_tensor(effects.model.offset))
-    prior.mean_change.copy_(torch.as_tensor(effects.mean_change))
-    prior.self_effect.fill_(effects.self_effect)
-    prior.covariation.copy_(torch.as_tensor(effects.covariation))
-    prior.covariation_precision.copy_(torch.as_tensor(effects.precision))
-    prior.covariation_weight.fill_(1.0)
+    prior = _module_prior(effects)
     out = prior(torch.tensor([[0], [6]]), torch.tensor([[-1], [-1]])).double()
     for row, gene in enumerate(("R0", "R6")):
         torch.testing.assert_close(out[row], torch.as_tensor(effects.unseen(gene)), atol=1e-5, rtol=1e-5)
@@ -388,14 +391,7 @@ def test_knockdown_scale_multiplies_the_targets_own_entry_only():
     one, two = effects.unseen("R0"), scaled.unseen("R0")
     assert two[0] == pytest.approx(2 * one[0]) and one[0] == pytest.approx(effects.self_effect)
     np.testing.assert_allclose(two[1:], one[1:])
-    prior = ExpressionPrior(n_genes=14, n_table=0, dim=1, n_covariation=4)
-    prior.offset.copy_(torch.as_tensor(effects.model.offset))
-    prior.mean_change.copy_(torch.as_tensor(effects.mean_change))
-    prior.self_effect.fill_(effects.self_effect)
-    prior.covariation.copy_(torch.as_tensor(effects.covariation))
-    prior.covariation_precision.copy_(torch.as_tensor(effects.precision))
-    prior.covariation_weight.fill_(1.0)
-    prior.knockdown_scale.fill_(2.0)
+    prior = _module_prior(scaled)
     out = prior(torch.tensor([[0]]), torch.tensor([[-1]])).double()[0]
     torch.testing.assert_close(out, torch.as_tensor(two), atol=1e-5, rtol=1e-5)
     old = {k: v for k, v in prior.state_dict().items() if k != "knockdown_scale"}

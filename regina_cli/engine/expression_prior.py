@@ -47,7 +47,7 @@ class _Effects:
     `weight` towards the linear model and by `knowledge_weight` towards the knowledge neighbours'
     observed effects (m + w (linear - m) + v (k - m)), plus for a measured gene g its control
     co-variation slopes times its knock-down (u s C C_g / var_g, `covariation_weight` u), the
-    target's own entry `self_effect` s."""
+    target's own entry `knockdown_scale` times `self_effect` s."""
 
     model: object  # evaluate.baselines.LinearModel
     observed: dict[str, np.ndarray]
@@ -59,7 +59,7 @@ class _Effects:
     covariation: np.ndarray | None = None  # [G, k] C, with C C^T the controls' rank-k covariance
     precision: np.ndarray | None = None  # [G] 1 / each gene's variance in the controls (0 if constant)
     covariation_weight: float = 0.0
-    knockdown_scale: float = 1.0  # the target's own entry is knockdown_scale * s
+    knockdown_scale: float = 1.0
 
     def unseen(self, gene: str) -> np.ndarray:
         embedding = self.model.embed(canonical_condition([gene]))

@@ -72,7 +72,23 @@ class GenePrompts(nn.Module):
         return out
 
 
-class LatentCycleGAN(nn.Module):
+class _LoadsOlderRuns:
+    """Loads the state dict of a run saved before some buffers existed: `LEGACY_BUFFERS` gives each
+    such buffer the value that reproduces how that run behaved (None: its value as constructed,
+    for buffers whose shape the constructor sets)."""
+
+    LEGACY_BUFFERS: dict[str, float | None] = {}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name, value in self.LEGACY_BUFFERS.items():
+            current = getattr(self, name)
+            state_dict.setdefault(prefix + name, current.clone() if value is None else torch.full_like(current, value))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class LatentCycleGAN(_LoadsOlderRuns, nn.Module):
+    LEGACY_BUFFERS = {"correction_scale": 1.0}
+
     def __init__(self, z_dim: int, cfg: ModelConfig, *, prompt_genes: Sequence[str] = (),
                  gene_features: torch.Tensor | None = None, learned_genes: Sequence[str] = (),
                  learned_init: torch.Tensor | None = None, n_genes: int = 0, prior_dim: int = 0,
@@ -86,7 +102,8 @@ class LatentCycleGAN(nn.Module):
                                         learned_init=learned_init)
         # Fixed when training starts (`gan.prompt_scale`); saved with the weights so prediction uses it too.
         self.register_buffer("encoder_prompt_scale", torch.ones(()))
-        # How much of the transition's move away from its anchor a prediction keeps (`gan.correction_scale`).
+        # How much of the transition's move away from its anchor a prediction keeps (`gan.correction_scale`;
+        # runs saved before it kept all of it).
         self.register_buffer("correction_scale", torch.ones(()))
         self.expression_prior = (ExpressionPrior(n_genes, len(self.prompt_genes), prior_dim, prior_observed,
                                                  prior_neighbours, prior_covariation) if prior_dim else None)
@@ -111,10 +128,6 @@ class LatentCycleGAN(nn.Module):
         `correction_scale` times the transition's move from it; scale 1 is T_fwd(Z_ctrl, Z_prompt)."""
         z_pred = self.forward_block(z_ctrl, prompt)
         return anchor_z + self.correction_scale.to(z_pred.dtype) * (z_pred - anchor_z)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.setdefault(prefix + "correction_scale", torch.ones(()))  # runs saved before it existed: 1
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def transition_parameters(self) -> list[nn.Parameter]:
         """What the generator optimiser updates: both blocks and the gene prompts."""
@@ -152,7 +165,7 @@ def prior_anchor(encoder: nn.Module, x_ctrl: torch.Tensor, z_ctrl: torch.Tensor,
     return anchor_x, encoder(anchor_x).to(z_ctrl.dtype)
 
 
-class ExpressionPrior(nn.Module):
+class ExpressionPrior(_LoadsOlderRuns, nn.Module):
     """A fixed expression-space prior for each condition (buffers only, fitted by the engine): the
     sum over its targets of each gene's effect,
 
@@ -198,13 +211,9 @@ class ExpressionPrior(nn.Module):
         self.register_buffer("covariation_weight", torch.zeros(()))
         self.register_buffer("knockdown_scale", torch.ones(()))
 
-    NEW_BUFFERS = ("neighbour_rows", "neighbour_weights", "knowledge_weight", "covariation", "covariation_precision",
-                   "covariation_weight", "knockdown_scale")
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in self.NEW_BUFFERS:  # runs saved before a term existed: without it
-            state_dict.setdefault(prefix + name, getattr(self, name).clone())
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    # Runs saved before a term existed: without it (as constructed), and the own entry s itself.
+    LEGACY_BUFFERS = {**dict.fromkeys(("neighbour_rows", "neighbour_weights", "knowledge_weight", "covariation",
+                                       "covariation_precision", "covariation_weight")), "knockdown_scale": 1.0}
 
     def neighbour_effect(self, prompt_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(k [B, k, n_genes]: similarity-weighted observed effects of each target's knowledge
