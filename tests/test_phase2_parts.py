@@ -101,7 +101,7 @@ def test_collapse_index_and_warnings():
         assert fragment in text
 
 
-def test_prior_is_fitted_on_training_conditions_and_cross_fitted_for_them():
+def test_prior_is_fitted_on_training_conditions_and_cross_fitted_for_them(monkeypatch):
     from test_tensors import tiny_screen, tiny_split
 
     from regina_cli.config import build_config
@@ -138,6 +138,15 @@ def test_prior_is_fitted_on_training_conditions_and_cross_fitted_for_them():
     # ... and the linear model for a validation gene it never saw alone, as the table gives it
     g3 = torch.tensor([[genes.index("G3"), -1]])
     torch.testing.assert_close(prior(g3, torch.tensor([[-1, -1]]))[0], cross[code["G3+ctrl"]], atol=1e-5, rtol=1e-5)
+    # the folds choose the weights for the prior that predictions use: with its knock-down scale
+    from regina_cli.engine import expression_prior
+
+    scales, choose = [], expression_prior._choose_weights
+    monkeypatch.setattr(expression_prior, "_choose_weights",
+                        lambda folds, *rest: scales.extend(f.knockdown_scale for f in folds) or choose(folds, *rest))
+    fit_expression_prior(ExpressionPrior(cells.n_genes, len(table), 10, n_observed=3), cells, stats, control, table,
+                         seed=0, knockdown_scale=3.0)
+    assert scales and set(scales) == {3.0}
 
 
 def test_prior_falls_back_to_the_mean_change_when_no_training_target_is_measured():

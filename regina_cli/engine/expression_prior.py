@@ -190,7 +190,7 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
         fold_effects.append(_Effects(model, observed, _mean_change(stats, kept, mean, mean_by_cells), 1.0,
                                      median_self_effect(observed, full.gene_index, exclude=held_genes),
                                      _neighbours(knowledge, unseen_here, observed, exclude=held_genes),
-                                     **(shared or covariation(kept))))
+                                     **(shared or covariation(kept)), knockdown_scale=knockdown_scale))
         held_out_singles += [(len(fold_effects) - 1, g) for g in held_genes]
     weight, knowledge_weight, covariation_weight = _choose_weights(
         fold_effects, held_out_singles, observed, knowledge is not None, fold_effects[0].covariation is not None)
@@ -204,8 +204,8 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
                       for name in cells.conditions])
     for held, fold in zip(folds, fold_effects):
         for code in held:
-            table[code] = replace(_reweighted(fold, weight, knowledge_weight, covariation_weight),
-                                  knockdown_scale=knockdown_scale).prior(cells.conditions[code], own=True)
+            table[code] = _reweighted(fold, weight, knowledge_weight, covariation_weight).prior(
+                cells.conditions[code], own=True)
     return torch.as_tensor(table, dtype=torch.float32, device=cells.device)
 
 
