@@ -421,3 +421,15 @@ def test_prior_mean_change_counts_conditions_once_or_by_their_cells():
     control = np.array([1.0, 1.0])
     np.testing.assert_allclose(_mean_change(stats, [1, 2], control), [3.0, 0.0])
     np.testing.assert_allclose(_mean_change(stats, [1, 2], control, by_cells=True), [2.0, 0.0])
+
+
+def test_train_gan_says_when_no_trained_epoch_beat_the_untrained_start():
+    """Epoch 0 kept after training: the summary says the predictions carry nothing learned in
+    phase 2, naming what they do carry; a trained epoch kept, or nothing trained, says nothing."""
+    from regina_cli.engine.train_gan import untrained_kept
+
+    [sentence] = untrained_kept({"best_epoch": 0, "epochs": 12}, "linear")
+    assert "12 trained" in sentence and "the expression prior and the untrained transition" in sentence
+    assert "expression prior" not in untrained_kept({"best_epoch": 0, "epochs": 3}, "none")[0]
+    assert untrained_kept({"best_epoch": 4, "epochs": 12}, "linear") == []
+    assert untrained_kept({"best_epoch": 0, "epochs": 0}, "linear") == []

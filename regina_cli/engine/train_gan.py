@@ -132,7 +132,8 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
     best = best_epoch_scores(paths, summary["best_epoch"])
     summary.update({"run_dir": str(paths.run_dir), "phase": paths.phase, "selection": metric,
                     "parameter_checksum": parameter_checksum(gan), "prompt_fit": built["prompt_fit"],
-                    "diagnostics": best.as_dict() if best else {}, "warnings": best.warnings() if best else []})
+                    "diagnostics": best.as_dict() if best else {},
+                    "warnings": (best.warnings() if best else []) + untrained_kept(summary, g.expression_prior)})
     if ctx.is_main:
         write_meta(paths, meta.trained(summary))
     cells.close()
@@ -232,6 +233,17 @@ def initialise_prompts(gan, encoder, cells, latents, stats: ConditionStats, conf
     fitted = gene_prompts.initialise_gene_prompts(
         gan, {gene: residual[position[code]] for gene, code in singles.items()}, learned_init=g.learned_prompt_init)
     return {**fitted, "encoder_prompt_scale": float(gan.encoder_prompt_scale)}
+
+
+def untrained_kept(summary: dict, expression_prior: str) -> list[str]:
+    """A sentence when no trained epoch beat the untrained transition (epoch 0): the kept weights
+    then carry nothing phase-2 training learned, which a user should not have to infer."""
+    if summary["best_epoch"] != 0 or summary["epochs"] < 1:
+        return []
+    start = "the expression prior and the untrained transition" if expression_prior != "none" else \
+        "the untrained transition"
+    return [f"no training epoch beat epoch 0 on validation ({summary['epochs']} trained): the kept weights are "
+            f"those of {start}, so predictions carry nothing phase-2 training learned"]
 
 
 def best_epoch_scores(paths, epoch: int) -> gan_validation.ValidationScores | None:
