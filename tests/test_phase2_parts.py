@@ -138,15 +138,19 @@ def test_prior_is_fitted_on_training_conditions_and_cross_fitted_for_them(monkey
     # ... and the linear model for a validation gene it never saw alone, as the table gives it
     g3 = torch.tensor([[genes.index("G3"), -1]])
     torch.testing.assert_close(prior(g3, torch.tensor([[-1, -1]]))[0], cross[code["G3+ctrl"]], atol=1e-5, rtol=1e-5)
-    # the folds choose the weights for the prior that predictions use: with its knock-down scale
+    # the folds choose the weights with the knock-down entry at 1 (at k they lost on validation) ...
     from regina_cli.engine import expression_prior
 
     scales, choose = [], expression_prior._choose_weights
     monkeypatch.setattr(expression_prior, "_choose_weights",
                         lambda folds, *rest: scales.extend(f.knockdown_scale for f in folds) or choose(folds, *rest))
-    fit_expression_prior(ExpressionPrior(cells.n_genes, len(table), 10, n_observed=3), cells, stats, control, table,
-                         seed=0, knockdown_scale=3.0)
-    assert scales and set(scales) == {3.0}
+    crossk = fit_expression_prior(ExpressionPrior(cells.n_genes, len(table), 10, n_observed=3), cells, stats, control,
+                                  table, seed=0, knockdown_scale=3.0)
+    assert scales and set(scales) == {1.0}
+    # ... and the table the transition trains on carries k (a measured training single: its own gene)
+    g1 = genes.index("G1")
+    assert abs(float(cross[code["G1+ctrl"], g1])) > 0.1
+    assert float(crossk[code["G1+ctrl"], g1]) == pytest.approx(3 * float(cross[code["G1+ctrl"], g1]), rel=1e-5)
 
 
 def test_prior_falls_back_to_the_mean_change_when_no_training_target_is_measured():

@@ -162,6 +162,9 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
     fold's own, so a held-out gene's cells never shape its slopes), how far a measured target's
     co-varying genes follow its knock-down. `mean_by_cells` weights each condition's change in the
     mean change by its cell count (train_mean's pooling) instead of counting it once.
+    The folds choose these weights with a measured target's own entry at 1 x the median
+    self-change; `knockdown_scale` k applies to the cross-fitted table and the fitted prior only.
+    Choosing them at k lost on the demo's validation conditions (benchmarks/README.md).
     """
     if prior.neighbour_rows.shape[1] == 0:
         knowledge = None
@@ -190,7 +193,7 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
         fold_effects.append(_Effects(model, observed, _mean_change(stats, kept, mean, mean_by_cells), 1.0,
                                      median_self_effect(observed, full.gene_index, exclude=held_genes),
                                      _neighbours(knowledge, unseen_here, observed, exclude=held_genes),
-                                     **(shared or covariation(kept)), knockdown_scale=knockdown_scale))
+                                     **(shared or covariation(kept))))
         held_out_singles += [(len(fold_effects) - 1, g) for g in held_genes]
     weight, knowledge_weight, covariation_weight = _choose_weights(
         fold_effects, held_out_singles, observed, knowledge is not None, fold_effects[0].covariation is not None)
@@ -204,8 +207,8 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
                       for name in cells.conditions])
     for held, fold in zip(folds, fold_effects):
         for code in held:
-            table[code] = _reweighted(fold, weight, knowledge_weight, covariation_weight).prior(
-                cells.conditions[code], own=True)
+            table[code] = replace(_reweighted(fold, weight, knowledge_weight, covariation_weight),
+                                  knockdown_scale=knockdown_scale).prior(cells.conditions[code], own=True)
     return torch.as_tensor(table, dtype=torch.float32, device=cells.device)
 
 
