@@ -73,9 +73,10 @@ def one_run(dataset: str, seed: int, draw: int, arm: str, sets: list[str], opts)
             run(["--quiet", "train-gan", "--run", str(run_dir), "--device", "cpu", "--max-epochs",
                  str(opts.max_epochs), *phase2, *[a for s in overrides for a in ("--set", s)]], log, env)
         meta = json.loads(meta_file.read_text())
-        predictions = run_dir / f"held_out_{opts.cells}.h5ad"
+        predictions = run_dir / f"held_out_{opts.cells}{'_clip' if opts.clip else ''}.h5ad"
         run(["--quiet", "predict", "--run", str(run_dir), "--conditions", ",".join(meta["validation_conditions_scored"]),
-             "--cells", str(opts.cells), "--no-controls", "--device", "cpu", "--out", str(predictions)], log, env)
+             "--cells", str(opts.cells), "--no-controls", "--device", "cpu", "--out", str(predictions),
+             *(["--clip"] if opts.clip else [])], log, env)
     except StepFailed as failure:
         return {"dataset": dataset, "seed": seed, "draw": draw, "arm": arm, "failed": str(failure)}
     with (run_dir / keys.GAN_DIR / "history.csv").open() as fh:
@@ -128,7 +129,7 @@ def report(results: list[dict], opts) -> str:
              "pearson_delta on the held-out conditions (and the split's own predictable validation conditions), "
              "mean over split seeds x draws. `epoch 0` and `selected`: as train-gan validates (at most 256 cells "
              "per condition); `predicted`: the selected model's "
-             f"{opts.cells} predicted cells per condition, scored like train_mean against every cell of each "
+             f"{opts.cells} predicted cells per condition{' (`--clip`: negative values set to 0)' if opts.clip else ''}, scored like train_mean against every cell of each "
              "condition; `vs default`: the arm's `predicted` score minus the default's on the same draw "
              "(wins / losses).", ""]
     arms = ["default", *[name for name, _ in opts.arm]]
@@ -180,6 +181,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="markdown report (default: print it)")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--cells", type=int, default=CELLS, help="predicted cells per held-out condition")
+    parser.add_argument("--clip", action="store_true", help="predict with `regina predict --clip` (negative values to 0)")
     parser.add_argument("--reuse", action="store_true", help="score the runs a previous call trained, do not retrain")
     opts = parser.parse_args()
     if not 0 < opts.share < 1 or opts.max_epochs < 1 or opts.cells < 1:

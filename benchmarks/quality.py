@@ -48,6 +48,7 @@ DATASETS = {
 METRICS = ("pearson_delta", "pearson_delta_top20_de", "mse_top20_de", "mmd_rbf", "energy_distance",
            "variance_pearson")
 LOWER_IS_BETTER = {"mse_top20_de", "mmd_rbf", "energy_distance"}
+WINS_METRIC = "pearson_delta"  # counted condition by condition too: a mean over 4 conditions hides how it splits
 MODEL = "regina"
 # Predicted cells per condition. REGINA's predicted mean change is an average over its cells, so a
 # small draw adds Monte-Carlo noise that the baselines (exact means) do not carry: on Papalexi's
@@ -253,7 +254,9 @@ def summarise(results: list[dict]) -> pd.DataFrame:
         ours = table[table["model"] == MODEL].set_index("condition")
         for model, frame in table.groupby("model", sort=False):
             shared = frame.set_index("condition").index.intersection(ours.index)
-            row = {"dataset": r["dataset"], "seed": r["seed"], "model": model, "n": len(shared)}
+            row = {"dataset": r["dataset"], "seed": r["seed"], "model": model, "n": len(shared),
+                   "regina_higher": int((ours.loc[shared, WINS_METRIC] >
+                                         frame.set_index("condition").loc[shared, WINS_METRIC]).sum())}
             for m in METRICS:
                 if m in frame.columns:
                     row[m] = float(frame.set_index("condition").loc[shared, m].mean())
@@ -292,6 +295,8 @@ def markdown(summary: pd.DataFrame, opts, load: str) -> str:
                     text += f" ({'REGINA +' if wins else 'baseline +'}{abs(diff):.3f})"
                 cells.append(text)
             lines.append(f"| {model} | {rows['n'].mean():.1f} | " + " | ".join(cells) + " |")
+        if (frame["model"] != MODEL).any():
+            lines += ["", wins_line(frame)]
         ours = frame[frame["model"] == MODEL]
         if "failed" in ours:
             for _, failed in ours[ours["failed"].notna()].iterrows():
@@ -303,6 +308,14 @@ def markdown(summary: pd.DataFrame, opts, load: str) -> str:
                           f"Wall time per seed: {ours['seconds'].mean():.0f} s "
                           f"(training {ours['train_seconds'].mean():.0f} s).", ""]
     return "\n".join(lines) + "\n"
+
+
+def wins_line(frame: pd.DataFrame) -> str:
+    """Per condition, summed over seeds: on how many shared conditions REGINA's pearson_delta is
+    higher than each baseline's."""
+    baselines = [(m, rows) for m, rows in frame.groupby("model", sort=False) if m != MODEL and rows["n"].sum()]
+    counts = ", ".join(f"{m} {int(rows['regina_higher'].sum())}/{int(rows['n'].sum())}" for m, rows in baselines)
+    return f"Conditions where REGINA's {WINS_METRIC} is higher (all seeds): {counts}."
 
 
 def main() -> None:

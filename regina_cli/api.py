@@ -267,7 +267,7 @@ def load_run(run: str | Path | TrainResult, *, device: str = "auto"):
 
 # --- predict -------------------------------------------------------------------------------------
 def predict(run: str | Path | TrainResult, conditions: str | Sequence[str] = "test", *, n_cells: int = 100,
-            seed: int = 0, out: str | Path | None = None, with_controls: bool = True, clip: bool = False,
+            seed: int = 0, out: str | Path | None = None, with_controls: bool = True, clip: bool | None = None,
             sparsify: bool = False, device: str = "auto", data_dir: str | Path | None = None) -> AnnData:
     """`regina predict`: predicted cells for `conditions` ("test", "val", "all", "A+ctrl,A+B" or a
     list), written to `out` (default `<run>/predictions.h5ad`) and returned as AnnData.

@@ -158,17 +158,21 @@ def test_holdout_compares_arms_on_the_same_held_out_training_conditions(tmp_path
         assert sorted(rows) == sorted(r["conditions"]) and all(-1 <= v["reliability"] <= 1 for v in rows.values())
         assert abs(sum(v["predicted"] for v in rows.values()) / len(rows) - r["predicted"]) < 1e-9
 
-    # --reuse scores the trained runs again (here with more predicted cells) without retraining them.
+    # --reuse scores the trained runs again (here with more predicted cells, clipped at 0) without
+    # retraining them.
     model = folder / "runs" / "holdout" / "default-draw0" / "gan" / "model.pt"
     trained_at = model.stat().st_mtime_ns
     again = run("holdout.py", "--workdir", str(tmp_path), "--datasets", "demo", "--seeds", "1", "--draws", "0",
                 "--phase1-from", "p1", "--arm", "noprior=gan.expression_prior=none", "--reuse", "--cells", "300",
-                "--out", str(out), cwd=tmp_path)
+                "--clip", "--out", str(out), cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     rescored = json.loads(out.with_suffix(".json").read_text())
     assert model.stat().st_mtime_ns == trained_at
     assert [r["selected"] for r in rescored] == [r["selected"] for r in results]
-    assert all(r["predictions"].endswith("held_out_300.h5ad") and -1 <= r["predicted"] <= 1 for r in rescored)
+    assert all(r["predictions"].endswith("held_out_300_clip.h5ad") and -1 <= r["predicted"] <= 1 for r in rescored)
+    import anndata
+
+    assert all(anndata.read_h5ad(r["predictions"]).X.min() >= 0 for r in rescored)
 
     # quality.py --reuse predicts a finished run again when its record used another --cells.
     import shutil
@@ -180,8 +184,6 @@ def test_holdout_compares_arms_on_the_same_held_out_training_conditions(tmp_path
     assert scored.returncode == 0, scored.stdout + scored.stderr
     record = json.loads((folder / "runs" / "q" / "quality.json").read_text())
     assert record["cells"] == 40 and "failed" not in record
-    import anndata
-
     predicted = anndata.read_h5ad(folder / "runs" / "q" / "predictions.h5ad")
     counts = predicted.obs["condition"].astype(str).value_counts()
     assert (counts.drop("ctrl", errors="ignore") == 40).all()
@@ -229,3 +231,27 @@ def test_responder_rules_score_held_out_singles_by_their_reliability(tmp_path):
         assert rows[target]["amplitude chosen"] < 1 and rows[target]["amplitude"] > rows[target]["conditions"]
     table = report("toy", {1: list(rows.values())})
     assert "| measured targets | 15 |" in table and "| reliability 0.7-1 | 6 |" in table
+
+
+def test_quality_counts_the_conditions_regina_wins_over_seeds():
+    """The markdown says, per baseline, on how many shared conditions REGINA's pearson_delta is
+    higher, summed over seeds; conditions only one model predicts are not counted."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from quality import markdown, summarise
+
+    def result(seed, ours, mean, extra=()):
+        rows = [("regina", c, v) for c, v in ours.items()] + [("train_mean", c, v) for c, v in mean.items()]
+        rows += [("additive", c, v) for c, v in extra]
+        table = pd.DataFrame(rows, columns=["model", "condition", "pearson_delta"])
+        return {"dataset": "demo", "seed": seed, "table": table, "collapse_index": 0.3, "collapse_index_true": 0.2,
+                "collapse_index_true_denoised": 0.25, "train_seconds": 1.0, "seconds": 2.0}
+
+    results = [result(1, {"A": 0.5, "B": 0.2}, {"A": 0.4, "B": 0.3, "C": 0.9}, extra=[("B", 0.1)]),
+               result(2, {"A": 0.6, "D": 0.7}, {"A": 0.1, "D": 0.2})]
+    summary = summarise(results)
+    text = markdown(summary, SimpleNamespace(on="test", seeds=[1, 2], preset=None, set=[]), "0.00")
+    assert "Conditions where REGINA's pearson_delta is higher (all seeds): train_mean 3/4, additive 1/1." in text

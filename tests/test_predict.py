@@ -147,6 +147,22 @@ def test_clip_and_sparsify_give_data_like_values(tiny_run):
     np.testing.assert_allclose(dense[kept], plain.X[kept], rtol=1e-6)
 
 
+def test_predict_clips_by_default_where_validation_chose_it(tiny_run):
+    """Without --clip/--no-clip, `predict` follows the run's `clip_predictions` (what scored higher
+    on validation at train-gan); either flag overrides it; the file records what was done."""
+    run = tiny_run[0]
+    paths = ckpt.gan_paths(run)
+    meta = json.loads(paths.meta.read_text())
+    paths.meta.write_text(json.dumps({**meta, "training": {"clip_predictions": True}}))
+    chosen = ad.read_h5ad(predict(run, "G4+ctrl", n_cells=20, device="cpu", out=run / "c.h5ad",
+                                  options=FileOptions(with_controls=False)))
+    kept = ad.read_h5ad(predict(run, "G4+ctrl", n_cells=20, device="cpu", out=run / "k.h5ad",
+                                options=FileOptions(with_controls=False, clip=False)))
+    assert chosen.X.min() >= 0 and (kept.X < 0).any()
+    np.testing.assert_array_equal(chosen.X, np.maximum(kept.X, 0))
+    assert chosen.uns[keys.UNS_REGINA]["clip"] and not kept.uns[keys.UNS_REGINA]["clip"]
+
+
 def test_predict_test_set_through_cli(tiny_run):
     run = tiny_run[0]
     (run / "conds.txt").write_text("# my list\nG4+ctrl\n\nG3+G1\n")
@@ -159,9 +175,14 @@ def test_predict_test_set_through_cli(tiny_run):
     assert (pred.obs[keys.OBS_CONDITION] == "G4+ctrl").sum() == 4
     assert list(pred.uns[keys.UNS_REGINA]["skipped_conditions"]) == ["UNKNOWNGENE+ctrl"]
     result = CliRunner().invoke(app, ["predict", "--run", str(run), "--conditions-file", str(run / "conds.txt"),
-                                      "--cells", "3", "--device", "cpu", "--no-controls"])
+                                      "--cells", "3", "--device", "cpu", "--no-controls", "--clip"])
     assert result.exit_code == 0, result.output
-    assert ad.read_h5ad(run / keys.PREDICTIONS_FILE).n_obs == 6
+    clipped = ad.read_h5ad(run / keys.PREDICTIONS_FILE)
+    assert clipped.n_obs == 6 and clipped.X.min() >= 0 and clipped.uns[keys.UNS_REGINA]["clip"]
+    result = CliRunner().invoke(app, ["predict", "--run", str(run), "--conditions", "G4+ctrl", "--cells", "3",
+                                      "--device", "cpu", "--no-controls", "--no-clip"])
+    assert result.exit_code == 0, result.output
+    assert not ad.read_h5ad(run / keys.PREDICTIONS_FILE).uns[keys.UNS_REGINA]["clip"]
 
 
 def test_unknown_gene_is_a_clear_error(tiny_run):
@@ -191,6 +212,12 @@ def test_predict_from_a_run_trained_by_the_engine(tmp_path):
     trained_on = {"G1+ctrl", "G2+ctrl", "G1+G2", "NOTMEASURED+ctrl", "G3+ctrl", "G3+G1", "G4+ctrl"}
     assert set(pred.obs[keys.OBS_CONDITION]) == trained_on and pred.n_obs == 6 * len(trained_on)
     assert np.isfinite(pred.X).all() and pred.X.std(0).max() > 0
+    # train-gan scored its validation predictions clipped at 0 too and recorded which scored higher
+    training = json.loads(ckpt.gan_paths(run).meta.read_text())["training"]
+    scores = training["diagnostics"]
+    assert -1 <= scores["pearson_delta_clipped"] <= 1
+    assert training["clip_predictions"] == (scores["pearson_delta_clipped"] > scores["pearson_delta"])
+    assert "val_pearson_delta_clipped" in (run / "gan" / "history.csv").read_text().splitlines()[0]
 
 
 def test_cells_follow_the_conditions_cell_type_mix():

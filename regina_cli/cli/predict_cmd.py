@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -34,7 +35,10 @@ def predict_command(
         True, "--with-controls/--no-controls",
         help="Append the real control cells the predictions started from (condition = the dataset's control "
         "label), so rank_genes_groups and cell-eval run on the file directly."),
-    clip: bool = typer.Option(False, "--clip", help="Set negative predicted values to 0 (the data's range)."),
+    clip: Optional[bool] = typer.Option(
+        None, "--clip/--no-clip", show_default=False,
+        help="Set negative predicted values to 0 (the data's range), or keep them. Default: what scored higher on "
+        "validation at train-gan (gan/meta.json: clip_predictions)."),
     sparsify: bool = typer.Option(
         False, "--sparsify", help="Clip, zero values below half the data's smallest non-zero value, store X sparse."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),

@@ -103,6 +103,11 @@ def _report(command: str, summary: dict, phase_dir: Path) -> None:
                       f"{fit['prior_linear_weight']:g}, co-variation {fit['prior_covariation_weight']:g}, "
                       f"knowledge {fit['prior_knowledge_weight']:g}; a measured target's own entry "
                       f"{fit['prior_knockdown_entry']:.3g}")
+    if "clip_predictions" in summary:
+        scores = summary.get("diagnostics") or {}
+        table.add_row("predict clips at 0", f"{'yes' if summary['clip_predictions'] else 'no'} (validation "
+                      f"pearson_delta {scores.get('pearson_delta_clipped', float('nan')):.4f} clipped, "
+                      f"{scores.get('pearson_delta', float('nan')):.4f} as decoded)")
     last = summary.get("last") or {}
     for key in sorted(k for k in last if k.startswith("val_")):
         table.add_row(f"last {key}", f"{last[key]:.4g}")

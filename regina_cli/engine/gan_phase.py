@@ -182,7 +182,7 @@ class CycleGANPhase:
     def _predict(self, rows: torch.Tensor, controls: torch.Tensor, groups: torch.Tensor,
                  shift: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """For cells `rows` started from `controls` (their expression moved by `shift`, see
-        `gan.match_control_mean`): the predicted expression, the prompt, the predicted latent
+        `gan.match_control_mean`): the predicted expression (as decoded, and clipped at 0), the prompt, the predicted latent
         shift, and the decoded control latent plus the real shift of the condition (`groups`),
         the autoencoder ceiling."""
         x_ctrl, z_ctrl = self.cells.rows(controls), self.latents[controls]
@@ -198,7 +198,7 @@ class CycleGANPhase:
                                         anchor_x=torch.cat([anchor_x, x_ctrl]), anchor_z=torch.cat([anchor_z, z_ctrl]),
                                         residual=residual)
         expression, ceiling = decoded.float().chunk(2)
-        return {"expression": expression, "ceiling": ceiling, "prompt": prompt.float(),
+        return {"expression": expression, "clipped": expression.clamp_min(0), "ceiling": ceiling, "prompt": prompt.float(),
                 "latent_shift": (z_pred - z_ctrl).float()}
 
     def weights(self) -> dict[str, torch.Tensor]:

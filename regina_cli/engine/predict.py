@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import difflib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -80,6 +80,8 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
     if trained.gan is None:
         raise ReginaError(f"{run_dir} has no trained phase 2; run `regina train-gan --run {run_dir}` first")
     meta = trained.meta
+    if options.clip is None:
+        options = replace(options, clip=bool((meta.training or {}).get("clip_predictions", False)))
     genes, prompt_genes = list(meta.gene_names), trained.gan.prompt_genes
     split = load_split(meta.dataset, meta.split, data_dir)
     adata = read_dataset(meta.dataset, data_dir, backed=True)

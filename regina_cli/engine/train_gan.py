@@ -132,7 +132,7 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
     best = best_epoch_scores(paths, summary["best_epoch"])
     summary.update({"run_dir": str(paths.run_dir), "phase": paths.phase, "selection": metric,
                     "parameter_checksum": parameter_checksum(gan), "prompt_fit": built["prompt_fit"],
-                    "diagnostics": best.as_dict() if best else {},
+                    "diagnostics": best.as_dict() if best else {}, "clip_predictions": clip_chosen(best),
                     "warnings": (best.warnings() if best else []) + untrained_kept(summary, g.expression_prior)})
     if ctx.is_main:
         write_meta(paths, meta.trained(summary))
@@ -235,6 +235,14 @@ def initialise_prompts(gan, encoder, cells, latents, stats: ConditionStats, conf
     return {**fitted, "encoder_prompt_scale": float(gan.encoder_prompt_scale)}
 
 
+def clip_chosen(best: gan_validation.ValidationScores | None) -> bool:
+    """Whether `regina predict` sets negative predicted values to 0 by default: when that scored
+    higher on validation at the kept epoch. Residual decoding adds each condition's change to real
+    control cells, so a gene's zeros go negative where it falls; whether clipping them helps the
+    mean change differs between screens (benchmarks/README.md)."""
+    return best is not None and best.pearson_delta_clipped > best.pearson_delta
+
+
 def untrained_kept(summary: dict, expression_prior: str) -> list[str]:
     """A sentence when no trained epoch beat the untrained transition (epoch 0): the kept weights
     then carry nothing phase-2 training learned, which a user should not have to infer."""
@@ -252,4 +260,4 @@ def best_epoch_scores(paths, epoch: int) -> gan_validation.ValidationScores | No
     if not rows:
         return None
     names = list(gan_validation.ValidationScores.__dataclass_fields__)
-    return gan_validation.ValidationScores(*(float(rows[0][f"val_{n}"]) for n in names))
+    return gan_validation.ValidationScores(*(float(rows[0].get(f"val_{n}") or "nan") for n in names))
