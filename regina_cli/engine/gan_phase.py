@@ -182,9 +182,9 @@ class CycleGANPhase:
     def _predict(self, rows: torch.Tensor, controls: torch.Tensor, groups: torch.Tensor,
                  shift: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """For cells `rows` started from `controls` (their expression moved by `shift`, see
-        `gan.match_control_mean`): the predicted expression (as decoded, and clipped at 0), the prompt, the predicted latent
-        shift, and the decoded control latent plus the real shift of the condition (`groups`),
-        the autoencoder ceiling."""
+        `gan.match_control_mean`): the predicted expression (as decoded, and clipped at 0), the
+        prompt, the predicted latent shift, and the decoded control latent plus the real shift of
+        the condition (`groups`), the autoencoder ceiling."""
         x_ctrl, z_ctrl = self.cells.rows(controls), self.latents[controls]
         if shift is not None:
             x_ctrl = x_ctrl + shift
@@ -198,8 +198,8 @@ class CycleGANPhase:
                                         anchor_x=torch.cat([anchor_x, x_ctrl]), anchor_z=torch.cat([anchor_z, z_ctrl]),
                                         residual=residual)
         expression, ceiling = decoded.float().chunk(2)
-        return {"expression": expression, "clipped": expression.clamp_min(0), "ceiling": ceiling, "prompt": prompt.float(),
-                "latent_shift": (z_pred - z_ctrl).float()}
+        return {"expression": expression, "clipped": expression.clamp_min(0), "ceiling": ceiling,
+                "prompt": prompt.float(), "latent_shift": (z_pred - z_ctrl).float()}
 
     def weights(self) -> dict[str, torch.Tensor]:
         return ckpt.state_dict_to_cpu(torch.nn.ModuleDict({"gan": self.gan, "decoder": self.ae.decoder}))
