@@ -123,13 +123,14 @@ def full_truth_scores(results: list[dict], opts) -> None:
 
 
 def report(results: list[dict], opts) -> str:
+    clipped = " (`--clip`: negative values set to 0)" if opts.clip else ""
     lines = ["# Training conditions held out of phase 2", "",
              f"Command: `python benchmarks/holdout.py {' '.join(sys.argv[1:])}`  ",
              f"Load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", "",
              "pearson_delta on the held-out conditions (and the split's own predictable validation conditions), "
              "mean over split seeds x draws. `epoch 0` and `selected`: as train-gan validates (at most 256 cells "
              "per condition); `predicted`: the selected model's "
-             f"{opts.cells} predicted cells per condition{' (`--clip`: negative values set to 0)' if opts.clip else ''}, scored like train_mean against every cell of each "
+             f"{opts.cells} predicted cells per condition{clipped}, scored like train_mean against every cell of each "
              "condition; `vs default`: the arm's `predicted` score minus the default's on the same draw "
              "(wins / losses).", ""]
     arms = ["default", *[name for name, _ in opts.arm]]

@@ -253,13 +253,13 @@ def summarise(results: list[dict]) -> pd.DataFrame:
         table = r["table"]
         ours = table[table["model"] == MODEL].set_index("condition")
         for model, frame in table.groupby("model", sort=False):
-            shared = frame.set_index("condition").index.intersection(ours.index)
+            theirs = frame.set_index("condition")
+            shared = theirs.index.intersection(ours.index)
             row = {"dataset": r["dataset"], "seed": r["seed"], "model": model, "n": len(shared),
-                   "regina_higher": int((ours.loc[shared, WINS_METRIC] >
-                                         frame.set_index("condition").loc[shared, WINS_METRIC]).sum())}
+                   "regina_higher": int((ours.loc[shared, WINS_METRIC] > theirs.loc[shared, WINS_METRIC]).sum())}
             for m in METRICS:
                 if m in frame.columns:
-                    row[m] = float(frame.set_index("condition").loc[shared, m].mean())
+                    row[m] = float(theirs.loc[shared, m].mean())
                     row[f"regina_{m}"] = float(ours.loc[shared, m].mean())
             if model == MODEL:
                 row.update({k: r[k] for k in ("collapse_index", "collapse_index_true", "collapse_index_true_denoised",
