@@ -169,7 +169,9 @@ def test_predict_test_set_through_cli(tiny_run):
     result = CliRunner().invoke(app, ["--json", "predict", "--run", str(run), "--cells", "4",
                                       "--device", "cpu", "--out", str(run / "p.h5ad")])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["skipped"] == ["UNKNOWNGENE+ctrl"]  # no prompt exists for it
+    reported = json.loads(result.stdout)
+    assert reported["skipped"] == ["UNKNOWNGENE+ctrl"]  # no prompt exists for it
+    assert reported["clipped"] is False  # the run recorded no choice: values as decoded
     pred = ad.read_h5ad(run / "p.h5ad")
     assert set(pred.obs[keys.OBS_CONDITION]) == {"G4+ctrl", "ctrl"}
     assert (pred.obs[keys.OBS_CONDITION] == "G4+ctrl").sum() == 4
@@ -177,6 +179,7 @@ def test_predict_test_set_through_cli(tiny_run):
     result = CliRunner().invoke(app, ["predict", "--run", str(run), "--conditions-file", str(run / "conds.txt"),
                                       "--cells", "3", "--device", "cpu", "--no-controls", "--clip"])
     assert result.exit_code == 0, result.output
+    assert "negative values set to 0 (as asked" in result.output
     clipped = ad.read_h5ad(run / keys.PREDICTIONS_FILE)
     assert clipped.n_obs == 6 and clipped.X.min() >= 0 and clipped.uns[keys.UNS_REGINA]["clip"]
     result = CliRunner().invoke(app, ["predict", "--run", str(run), "--conditions", "G4+ctrl", "--cells", "3",

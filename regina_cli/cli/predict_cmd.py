@@ -73,8 +73,10 @@ def predict_command(
     if result.skipped:
         info(f"[yellow]skipped {len(result.skipped)} condition(s) whose targets are neither measured nor "
              f"perturbed in training nor in the run's gene knowledge:[/] {', '.join(result.skipped)}")
+    chosen_by = "as asked" if clip is not None or sparsify else "the run's validation choice"
+    info(f"negative values {'set to 0' if result.clipped else 'kept as decoded'} ({chosen_by}; --clip/--no-clip)")
     info(f"wrote {result.path}")
     emit_result({"predictions": str(result.path), "conditions": result.n_conditions, "cells": result.n_cells,
                  "new_conditions": result.n_new_conditions, "skipped": result.skipped, "sources": result.sources,
-                 "device": result.device, "warnings": result.warnings,
+                 "device": result.device, "warnings": result.warnings, "clipped": result.clipped,
                  "seconds": round(result.seconds, 3)})

@@ -49,6 +49,7 @@ class PredictionResult:
     device: str
     seconds: float
     warnings: list[str] = field(default_factory=list)  # a stale run used with allow_stale
+    clipped: bool = False  # negative values set to 0 (asked for, or the run's validation choice)
 
 
 def predict(run_dir: str | Path, conditions: str | Sequence[str], *, n_cells: int = 100, seed: int = 0,
@@ -119,7 +120,8 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
     write_h5ad(predictions, path)
     return PredictionResult(path=path, n_conditions=len(requested), n_cells=int(len(plan)),
                             n_new_conditions=plan.n_new, skipped=skipped, sources=sources,
-                            device=str(trained.device), seconds=time.perf_counter() - started, warnings=warnings)
+                            device=str(trained.device), seconds=time.perf_counter() - started, warnings=warnings,
+                            clipped=bool(options.clip or options.sparsify))
 
 
 def check_memory(n_rows: int, n_genes: int, device) -> None:
