@@ -206,9 +206,9 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
     table = np.stack([effects.prior(name) if not is_control(name) else np.zeros(cells.n_genes)
                       for name in cells.conditions])
     for held, fold in zip(folds, fold_effects):
+        chosen = replace(_reweighted(fold, weight, knowledge_weight, covariation_weight), knockdown_scale=knockdown_scale)
         for code in held:
-            table[code] = replace(_reweighted(fold, weight, knowledge_weight, covariation_weight),
-                                  knockdown_scale=knockdown_scale).prior(cells.conditions[code], own=True)
+            table[code] = chosen.prior(cells.conditions[code], own=True)
     return torch.as_tensor(table, dtype=torch.float32, device=cells.device)
 
 

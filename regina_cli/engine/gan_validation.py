@@ -261,8 +261,8 @@ def score(plan: ValidationPlan, means: dict, latent_shift_true: torch.Tensor) ->
     mean squared error, and the diagnostics (module docstring); one read-back.
 
     `means` (from `group_means`): "expression" (prediction), "ceiling" (decoded control latent +
-    real shift), "prompt" and "latent_shift" (predicted) per condition, and optionally "clipped"
-    (the predicted cells with negative values set to 0, averaged); `latent_shift_true` [K, z].
+    real shift), "prompt" and "latent_shift" (predicted), and "clipped" (the predicted cells with
+    negative values set to 0, averaged) per condition; `latent_shift_true` [K, z].
     """
     delta_true, delta_pred = plan.delta_true, means["expression"] - plan.reference
     k = min(TOP_DE, delta_true.shape[1])  # a screen of fewer than 20 genes ranks all of them
@@ -278,8 +278,7 @@ def score(plan: ValidationPlan, means: dict, latent_shift_true: torch.Tensor) ->
         (means["prompt"].norm(dim=1) / true_norm).mean(),
         (means["latent_shift"].norm(dim=1) / true_norm).mean(),
         pearson(means["ceiling"] - plan.reference, delta_true).nanmean(),
-        pearson(means["clipped"] - plan.reference, delta_true).nanmean() if "clipped" in means
-        else torch.tensor(float("nan"), dtype=torch.float64, device=delta_true.device),
+        pearson(means["clipped"] - plan.reference, delta_true).nanmean(),
     ])
     return ValidationScores(*values.tolist())
 
