@@ -437,3 +437,59 @@ def test_train_gan_says_when_no_trained_epoch_beat_the_untrained_start():
     assert "expression prior" not in untrained_kept({"best_epoch": 0, "epochs": 3}, "none")[0]
     assert untrained_kept({"best_epoch": 4, "epochs": 12}, "linear") == []
     assert untrained_kept({"best_epoch": 0, "epochs": 0}, "linear") == []
+
+
+def test_clip_choice_pools_every_condition_predicted_unseen():
+    """One validation condition cannot outvote twenty training conditions predicted from priors
+    fitted without them; the training side counts only where the untrained model saw nothing of
+    those conditions' cells."""
+    from regina_cli.config import build_config
+    from regina_cli.engine.clip_choice import clip_chosen, cross_fitted_start, evidence
+    from regina_cli.engine.gan_validation import ValidationScores
+
+    def scores(decoded: float, clipped: float) -> ValidationScores:
+        return ValidationScores(decoded, *([0.0] * 7), clipped)
+
+    found = evidence(scores(0.45, 0.47), 1, (scores(0.30, 0.29), 20))
+    assert found["validation"] == {"conditions": 1, "pearson_delta": 0.45, "pearson_delta_clipped": 0.47}
+    assert found["training_held_out"]["conditions"] == 20
+    assert not clip_chosen(found)  # 1 x +0.02 against 20 x -0.01
+    assert clip_chosen(evidence(scores(0.45, 0.47), 1, None))
+    assert clip_chosen(evidence(scores(0.45, 0.44), 5, (scores(0.30, 0.32), 20)))
+    assert evidence(scores(0.45, float("nan")), 1, None) == {} and not clip_chosen({})
+    assert evidence(None, 0, (scores(0.3, 0.2), 0)) == {}
+    assert cross_fitted_start(build_config().gan)
+    for fitted_on_training in ("gan.expression_prior=none", "gan.learned_prompt_init=shift",
+                               "gan.gene_features=coexpression", "gan.prompt_scale=matched"):
+        assert not cross_fitted_start(build_config(overrides=[fitted_on_training]).gan)
+
+
+def test_training_conditions_are_scored_from_their_cross_fitted_priors():
+    """`cross_fitted_scores` predicts each phase-2 training condition from the table of priors
+    fitted without it, not from the prior fitted on all of them (which holds its own effect)."""
+    from test_predict import TINY_MODEL
+    from test_tensors import tiny_labels, tiny_screen, tiny_split
+
+    from regina_cli.config import build_config
+    from regina_cli.data.tensors import CellTensors
+    from regina_cli.engine.distributed import DistContext
+    from regina_cli.engine.gan_phase import encode_all
+    from regina_cli.engine.gene_prompts import prompt_gene_names
+    from regina_cli.engine.train_gan import build_phase
+    from regina_cli.model.autoencoder import Autoencoder
+
+    torch.manual_seed(0)
+    adata, split = tiny_screen(), tiny_split()
+    config = build_config(overrides=TINY_MODEL)
+    table, learned = prompt_gene_names(split.train, list(adata.var_names), config.gan)
+    cells = CellTensors.from_anndata(adata, split, tiny_labels(adata), device_data="always", prompt_genes=table)
+    autoencoder = Autoencoder(cells.n_genes, 2, config.model).eval()
+    latents = encode_all(autoencoder.encoder, cells, "off")
+    ctx = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    phase, _ = build_phase(autoencoder, cells, config, ctx, None, latents, prompt_genes=table,
+                           learned_genes=learned)
+    scores, n = phase.cross_fitted_scores()
+    assert n == 4  # G1+ctrl, G2+ctrl, G1+G2, NOTMEASURED+ctrl
+    phase.train_prior = phase.train_prior + 5.0  # the table moves the predictions; the fitted module does not
+    moved, _ = phase.cross_fitted_scores()
+    assert moved.pearson_delta != pytest.approx(scores.pearson_delta, abs=1e-4)

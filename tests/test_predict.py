@@ -22,6 +22,7 @@ from regina_cli.config import build_config
 from regina_cli.data.dataset import write_dataset
 from regina_cli.data.split import save_split
 from regina_cli.engine import checkpoint as ckpt
+from regina_cli.engine.clip_choice import clip_chosen
 from regina_cli.engine.predict import predict, sample_plan
 from regina_cli.engine.prediction_file import FileOptions
 from regina_cli.engine.run_meta import RunMeta, write_meta
@@ -219,7 +220,13 @@ def test_predict_from_a_run_trained_by_the_engine(tmp_path):
     training = json.loads(ckpt.gan_paths(run).meta.read_text())["training"]
     scores = training["diagnostics"]
     assert -1 <= scores["pearson_delta_clipped"] <= 1
-    assert training["clip_predictions"] == (scores["pearson_delta_clipped"] > scores["pearson_delta"])
+    evidence = training["clip_evidence"]
+    assert evidence["validation"]["pearson_delta_clipped"] == pytest.approx(scores["pearson_delta_clipped"])
+    assert evidence["validation"]["conditions"] == 2  # G3+ctrl, G3+G1
+    # and, before training, the four perturbed training conditions, each from the prior fitted without it
+    assert evidence["training_held_out"]["conditions"] == 4
+    assert -1 <= evidence["training_held_out"]["pearson_delta_clipped"] <= 1
+    assert training["clip_predictions"] == clip_chosen(evidence)
     assert "val_pearson_delta_clipped" in (run / "gan" / "history.csv").read_text().splitlines()[0]
 
 

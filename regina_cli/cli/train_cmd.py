@@ -104,10 +104,11 @@ def _report(command: str, summary: dict, phase_dir: Path) -> None:
                       f"knowledge {fit['prior_knowledge_weight']:g}; a measured target's own entry "
                       f"{fit['prior_knockdown_entry']:.3g}")
     if "clip_predictions" in summary:
-        scores = summary.get("diagnostics") or {}
-        table.add_row("predict clips at 0", f"{'yes' if summary['clip_predictions'] else 'no'} (validation "
-                      f"pearson_delta {scores.get('pearson_delta_clipped', float('nan')):.4f} clipped, "
-                      f"{scores.get('pearson_delta', float('nan')):.4f} as decoded)")
+        names = {"validation": "validation", "training_held_out": "training conditions the prior left out"}
+        found = "; ".join(f"{names.get(k, k)} {e['pearson_delta_clipped']:.4f} / {e['pearson_delta']:.4f} "
+                          f"({e['conditions']} conditions)" for k, e in (summary.get("clip_evidence") or {}).items())
+        table.add_row("predict clips at 0", f"{'yes' if summary['clip_predictions'] else 'no'} (pearson_delta "
+                      f"clipped / as decoded: {found or 'nothing scored'})")
     last = summary.get("last") or {}
     for key in sorted(k for k in last if k.startswith("val_")):
         table.add_row(f"last {key}", f"{last[key]:.4g}")

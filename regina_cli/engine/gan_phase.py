@@ -8,6 +8,8 @@ control of the same cell type (no true pairing exists); the losses are `model.lo
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from regina_cli import keys
@@ -179,22 +181,44 @@ class CycleGANPhase:
         self.scores = gan_validation.score(self.val_plan, means, self._val_shift)
         return self.scores.as_dict()
 
+    @torch.no_grad()
+    def cross_fitted_scores(self) -> tuple[gan_validation.ValidationScores, int] | None:
+        """The scores of phase 2's perturbed training conditions, each predicted from the prior
+        fitted without it (the cross-fitted table) by the model as it is now: before training,
+        held-out predictions of many more conditions than validation has (`engine.clip_choice`),
+        and how many conditions. None without an expression prior or a usable training condition."""
+        plan = gan_validation.training_plan(self.cells, self.train_index, seed=self.config.runtime.seed)
+        if plan is None or self.train_prior is None:
+            return None
+        shift = gan_validation.group_latent_shift(plan, self.latents, self.cells)
+        self.gan.eval()
+        self.ae.decoder.eval()
+        means = gan_validation.group_means(plan, self.cells, partial(self._predict, latent_shift=shift, cross_fitted=True),
+                                           seed=self.config.runtime.seed + 7,
+                                           match_control_mean=self.config.gan.match_control_mean)
+        self.gan.train()
+        self.ae.decoder.train()
+        return gan_validation.score(plan, means, shift), len(plan.conditions)
+
     def _predict(self, rows: torch.Tensor, controls: torch.Tensor, groups: torch.Tensor,
-                 shift: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 shift: torch.Tensor | None = None, *, latent_shift: torch.Tensor | None = None,
+                 cross_fitted: bool = False) -> dict[str, torch.Tensor]:
         """For cells `rows` started from `controls` (their expression moved by `shift`, see
         `gan.match_control_mean`): the predicted expression (as decoded, and clipped at 0), the
         prompt, the predicted latent shift, and the decoded control latent plus the real shift of
-        the condition (`groups`), the autoencoder ceiling."""
+        the condition (`groups` of the validation plan, or rows of `latent_shift`), the
+        autoencoder ceiling. `cross_fitted`: training conditions, from the priors fitted without them."""
         x_ctrl, z_ctrl = self.cells.rows(controls), self.latents[controls]
         if shift is not None:
             x_ctrl = x_ctrl + shift
+        latent_shift = self._val_shift if latent_shift is None else latent_shift
         codes = self.cells.condition_codes[rows]
         residual = self.config.gan.residual_decoding
         with amp_context(self.ctx.device, self.config.runtime.amp):
-            anchor_x, anchor_z = self.anchor(x_ctrl, z_ctrl, codes, training=False)
+            anchor_x, anchor_z = self.anchor(x_ctrl, z_ctrl, codes, training=cross_fitted)
             prompt = self.condition_prompt(x_ctrl, z_ctrl, codes, anchor_z=anchor_z)
             z_pred = self.gan.predict_latent(z_ctrl, prompt, anchor_z)
-            decoded = decode_prediction(self.ae.decoder, torch.cat([z_pred, z_ctrl + self._val_shift[groups]]),
+            decoded = decode_prediction(self.ae.decoder, torch.cat([z_pred, z_ctrl + latent_shift[groups]]),
                                         anchor_x=torch.cat([anchor_x, x_ctrl]), anchor_z=torch.cat([anchor_z, z_ctrl]),
                                         residual=residual)
         expression, ceiling = decoded.float().chunk(2)

@@ -125,6 +125,17 @@ def build_plan(cells, adata, *, seed: int, holdout: float = 0.0, min_conditions:
     if not conditions:
         source = "training conditions (no validation condition is predictable: its targets have no prompt)"
         rows, groups, conditions = _condition_groups(cells, cells.train_perturbed_idx, seed)
+    return _plan(cells, adata, source, held_out, rows, groups, conditions)
+
+
+def training_plan(cells, index: torch.Tensor, *, seed: int) -> ValidationPlan | None:
+    """A plan over the usable perturbed training conditions of cells `index` (no top-DE lists),
+    for predictions that did not see them (`engine.clip_choice`); None without any."""
+    rows, groups, conditions = _condition_groups(cells, index, seed)
+    return _plan(cells, None, "training conditions", [], rows, groups, conditions) if conditions else None
+
+
+def _plan(cells, adata, source: str, held_out: list[str], rows, groups, conditions: list[str]) -> ValidationPlan:
     dev = cells.device
     as_long = lambda a: torch.as_tensor(np.concatenate(a), dtype=torch.long, device=dev)  # noqa: E731
     plan_rows, plan_groups = as_long(rows), as_long(groups)
@@ -201,8 +212,10 @@ def training_control_mean(cells) -> torch.Tensor:
 
 def top_de_indices(adata, conditions: list[str], genes: list[str]) -> np.ndarray:
     """GEARS's `top_non_dropout_de_20` genes per condition as gene indices [K, 20] (the
-    condition -> condition_name map as GEARS builds it); -1 where the dataset has no list."""
+    condition -> condition_name map as GEARS builds it); -1 where the dataset (or no `adata`) has no list."""
     out = np.full((len(conditions), TOP_DE), -1, dtype=np.int64)
+    if adata is None:
+        return out
     de = adata.uns.get(keys.UNS_TOP_DE_20, {}) or {}
     if keys.OBS_CONDITION_NAME not in adata.obs:
         return out

@@ -28,7 +28,7 @@ from regina_cli.config import ReginaConfig
 from regina_cli.data.conditions import condition_genes, is_control
 from regina_cli.data.knowledge import TOP_K, resolve_knowledge
 from regina_cli.engine import checkpoint as ckpt
-from regina_cli.engine import expression_prior, gan_validation, gene_prompts
+from regina_cli.engine import clip_choice, expression_prior, gan_validation, gene_prompts
 from regina_cli.engine.condition_stats import ConditionStats, condition_stats
 from regina_cli.engine.distributed import (DistContext, broadcast_state, check_process_count, parameter_checksum,
                                            run_distributed)
@@ -104,6 +104,7 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
     phase, built = build_phase(autoencoder, cells, config, ctx, plan, latents, prompt_genes=prompt_genes,
                                learned_genes=learned_genes, knowledge=knowledge)
     gan = phase.gan
+    held_out = phase.cross_fitted_scores() if ctx.is_main and clip_choice.cross_fitted_start(g) else None
     broadcast_state(gan, ctx)
     compile_modules([autoencoder.encoder, autoencoder.decoder], config.runtime.compile, ctx.device)
 
@@ -130,9 +131,11 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
                   stopper=PatienceStopper(metric=metric, patience=g.patience),
                   best=BestTracker(metric, "max"), progress=bar, resume=resume)
     best = best_epoch_scores(paths, summary["best_epoch"])
+    clip_evidence = clip_choice.evidence(best, len(plan.conditions), held_out)
     summary.update({"run_dir": str(paths.run_dir), "phase": paths.phase, "selection": metric,
                     "parameter_checksum": parameter_checksum(gan), "prompt_fit": built["prompt_fit"],
-                    "diagnostics": best.as_dict() if best else {}, "clip_predictions": clip_chosen(best),
+                    "diagnostics": best.as_dict() if best else {}, "clip_evidence": clip_evidence,
+                    "clip_predictions": clip_choice.clip_chosen(clip_evidence),
                     "warnings": (best.warnings() if best else []) + untrained_kept(summary, g.expression_prior)})
     if ctx.is_main:
         write_meta(paths, meta.trained(summary))
@@ -233,14 +236,6 @@ def initialise_prompts(gan, encoder, cells, latents, stats: ConditionStats, conf
     fitted = gene_prompts.initialise_gene_prompts(
         gan, {gene: residual[position[code]] for gene, code in singles.items()}, learned_init=g.learned_prompt_init)
     return {**fitted, "encoder_prompt_scale": float(gan.encoder_prompt_scale)}
-
-
-def clip_chosen(best: gan_validation.ValidationScores | None) -> bool:
-    """Whether `regina predict` sets negative predicted values to 0 by default: when that scored
-    higher on validation at the kept epoch. Residual decoding adds each condition's change to real
-    control cells, so a gene's zeros go negative where it falls; whether clipping them helps the
-    mean change differs between screens (benchmarks/README.md)."""
-    return best is not None and best.pearson_delta_clipped > best.pearson_delta
 
 
 def untrained_kept(summary: dict, expression_prior: str) -> list[str]:
