@@ -193,6 +193,12 @@ class GANConfig:
                                   "held out of phase 2, 2 scored 0.330 against 0.325 at 1 on Papalexi (higher in 9 of "
                                   "15 runs, lower in 3) and 0.497 against 0.490 on the demo (9 of 9); 4 scored 0.331 "
                                   "and 0.488.", **_POSITIVE)
+    selection_se: float = _opt(1.0, "A trained epoch replaces the untrained start (epoch 0: with a prior, the prior "
+                               "itself) only when its validation pearson_delta is higher by more than this many "
+                               "standard errors of the per-condition differences (the one-standard-error rule: the "
+                               "simpler model unless the evidence is clear; with fewer than 2 validation conditions "
+                               "there is none, and epoch 0 is kept). 0 keeps the best epoch, the method's rule "
+                               "(preset original).", low=0)
     correction_scale: float = _opt(0.5, "How much of the transition's move from its anchor latent (E(X_ctrl + prior), "
                                    "or z_ctrl without a prior) a prediction keeps: 1 is T_fwd(z_ctrl) as trained (the "
                                    "method; preset original), 0 the anchor itself (with a prior, "
@@ -244,7 +250,7 @@ ORIGINAL_PHASE2 = {
     "lambda_bulk": 0.0, "grad_clip": 0.5, "discriminator_every": 5, "prompt_value": -1.0, "modality": "as_given",
     "prompt_sign": "perturbation", "prompt_scale": "raw", "gene_features": "none", "learned_prompts": "unmeasured",
     "learned_prompt_init": "small", "prompt_dropout": 0.0, "validation_holdout": 0.0, "residual_decoding": False,
-    "match_control_mean": False, "expression_prior": "none", "correction_scale": 1.0,
+    "match_control_mean": False, "expression_prior": "none", "correction_scale": 1.0, "selection_se": 0.0,
 }
 PRESETS: dict[str, dict] = {
     "original": {"ae": _ADAMSON["ae"], "gan": ORIGINAL_PHASE2},

@@ -437,6 +437,23 @@ def test_train_gan_says_when_no_trained_epoch_beat_the_untrained_start():
     assert "expression prior" not in untrained_kept({"best_epoch": 0, "epochs": 3}, "none")[0]
     assert untrained_kept({"best_epoch": 4, "epochs": 12}, "linear") == []
     assert untrained_kept({"best_epoch": 0, "epochs": 0}, "linear") == []
+    assert "by more than 1 standard errors (gan.selection_se)" in untrained_kept({"best_epoch": 0, "epochs": 5},
+                                                                                 "linear", 1.0)[0]
+
+
+def test_a_trained_epoch_must_beat_the_untrained_start_beyond_noise():
+    """The one-standard-error rule over validation conditions: a gain the conditions disagree on,
+    or measured on fewer than two of them, does not replace epoch 0; 0 standard errors is the
+    method's plain best epoch."""
+    from regina_cli.engine.gan_validation import selectable
+
+    start = torch.tensor([0.20, 0.30, 0.10])
+    assert selectable(start + torch.tensor([0.05, 0.06, 0.04]), start, 1.0)  # every condition gains
+    assert not selectable(start + torch.tensor([0.20, -0.10, -0.07]), start, 1.0)  # mean +0.01, noise 0.09
+    assert selectable(start + torch.tensor([0.20, -0.10, -0.07]), start, 0.0)
+    assert not selectable(torch.tensor([0.9]), torch.tensor([0.1]), 1.0)  # one condition: no standard error
+    assert not selectable(start - 0.01, start, 1.0)
+    assert selectable(start, None, 1.0)  # nothing to compare with yet
 
 
 def test_clip_choice_pools_every_condition_predicted_unseen():

@@ -94,7 +94,7 @@ def test_cli_trains_both_phases_on_the_demo(demo_data, tmp_path):
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]
     assert {"val_pearson_delta", "val_pearson_delta_top20_de", "train_cycle", "train_disc"} <= set(rows[1])
     gan_meta = json.loads((run_dir / "gan" / "meta.json").read_text())
-    assert gan_meta["selection"] == "pearson_delta" and gan_meta["validation_conditions_scored"]
+    assert gan_meta["selection"] == "pearson_delta_selectable" and gan_meta["validation_conditions_scored"]
     fit = gan_meta["training"]["prompt_fit"]  # the prior's weights, chosen by the folds, are recorded and shown
     assert fit["prior_covariation_weight"] in (0.0, 0.5, 1.0, 2.0, 3.0) and "expression prior" in result.output
 
@@ -210,6 +210,10 @@ def test_gan_resume_after_preemption_matches_an_uninterrupted_run(demo_data, tmp
     assert history(tmp_path / "run", keys.GAN_DIR)[-1]["train_total"] == history(tmp_path / "other", keys.GAN_DIR)[-1]["train_total"]
     for part in ("gan", "decoder"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    # the resumed run compares its epochs with the same untrained start (rebuilt, not saved)
+    selectable = [[r["val_pearson_delta_selectable"] for r in history(tmp_path / name, keys.GAN_DIR)]
+                  for name in ("run", "other")]
+    assert selectable[0] == selectable[1] and len(selectable[0]) == 3
 
 
 def _one_line_error(args):

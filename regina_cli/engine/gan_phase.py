@@ -77,6 +77,7 @@ class CycleGANPhase:
         self.latents = latents
         self.stats = stats
         self.train_prior = None  # [C, G] cross-fitted expression priors, set when the GAN has a prior
+        self.start_pearson = None  # [K] the untrained model's validation pearson_delta per condition
         if val_plan is not None:
             self._val_shift = gan_validation.group_latent_shift(val_plan, latents, cells)
         self._last_disc = torch.zeros((), device=ctx.device)
@@ -179,7 +180,20 @@ class CycleGANPhase:
         self.gan.train()
         self.ae.decoder.train()
         self.scores = gan_validation.score(self.val_plan, means, self._val_shift)
-        return self.scores.as_dict()
+        per_condition = gan_validation.condition_pearson(self.val_plan, means)
+        if self.start_pearson is None:  # the untrained model (validate_initial): the start itself
+            self.start_pearson = per_condition
+        ok = epoch == 0 or gan_validation.selectable(per_condition, self.start_pearson, self.config.gan.selection_se)
+        return {**self.scores.as_dict(),
+                gan_validation.SELECTION_METRIC: self.scores.pearson_delta if ok else float("-inf")}
+
+    @torch.no_grad()
+    def remember_start(self) -> None:
+        """Score the untrained model's validation conditions one by one: what a trained epoch must
+        beat (`gan.selection_se`). Called before training, also when resuming, where the model is
+        rebuilt untrained from the same seed before the saved state is loaded."""
+        self.start_pearson = None
+        self.validate(0)
 
     @torch.no_grad()
     def cross_fitted_scores(self) -> tuple[gan_validation.ValidationScores, int] | None:

@@ -34,7 +34,7 @@ from regina_cli import keys
 from regina_cli.data.conditions import gears_condition_names
 from regina_cli.evaluate.metrics import pearson
 
-SELECTION_METRIC = "pearson_delta"  # the original's criterion; top-20 DE is recorded beside it
+SELECTION_METRIC = "pearson_delta_selectable"  # pearson_delta where `selectable`; top-20 DE is recorded beside it
 CELLS_PER_CONDITION = 256
 CHUNK = 4096
 TOP_DE = 20
@@ -283,7 +283,7 @@ def score(plan: ValidationPlan, means: dict, latent_shift_true: torch.Tensor) ->
     top = torch.where(top >= 0, top, delta_true.abs().topk(k, dim=1).indices)
     true_norm = latent_shift_true.double().norm(dim=1).clamp_min(1e-12)
     values = torch.stack([
-        pearson(delta_pred, delta_true).nanmean(),
+        condition_pearson(plan, means).nanmean(),
         pearson(delta_pred.gather(1, top), delta_true.gather(1, top)).nanmean(),
         ((delta_pred - delta_true) ** 2).mean(),
         mean_pairwise_correlation(delta_pred),
@@ -294,6 +294,24 @@ def score(plan: ValidationPlan, means: dict, latent_shift_true: torch.Tensor) ->
         pearson(means["clipped"] - plan.reference, delta_true).nanmean(),
     ])
     return ValidationScores(*values.tolist())
+
+
+def condition_pearson(plan: ValidationPlan, means: dict) -> torch.Tensor:
+    """Pearson delta of each planned condition [K] (`score` averages it)."""
+    return pearson(means["expression"] - plan.reference, plan.delta_true)
+
+
+def selectable(per_condition: torch.Tensor, start: torch.Tensor | None, standard_errors: float) -> bool:
+    """Whether an epoch with these per-condition validation scores may replace the untrained
+    start (`start`, the same conditions): its mean gain over the start exceeds `standard_errors`
+    standard errors of the per-condition gains (`gan.selection_se`; 0: always)."""
+    if standard_errors <= 0 or start is None:
+        return True
+    gain = (per_condition - start).double()
+    gain = gain[gain.isfinite()]
+    if len(gain) < 2:
+        return False
+    return bool(gain.mean() > standard_errors * gain.std() / len(gain) ** 0.5)
 
 
 def mean_pairwise_correlation(deltas: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ Set-up (`build_phase`): per-condition statistics, the gene-prompt table, the exp
 (fitted on the training pseudo-bulk, cross-fitted for training conditions, knowledge rows for
 unmeasured genes), the prompts' starting values. Validation (`engine/gan_validation`) scores the
 predictable validation conditions, or training conditions held out of phase 2; the untrained
-transition is scored as epoch 0; the best epoch by validation pearson_delta is kept.
+transition is scored as epoch 0; the best epoch by validation pearson_delta is kept, a trained
+one only where it beats epoch 0 by more than `gan.selection_se` standard errors.
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
                                learned_genes=learned_genes, knowledge=knowledge)
     gan = phase.gan
     held_out = phase.cross_fitted_scores() if ctx.is_main and clip_choice.cross_fitted_start(g) else None
+    if ctx.is_main and resume:
+        phase.remember_start()
     broadcast_state(gan, ctx)
     compile_modules([autoencoder.encoder, autoencoder.decoder], config.runtime.compile, ctx.device)
 
@@ -136,7 +139,7 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
                     "parameter_checksum": parameter_checksum(gan), "prompt_fit": built["prompt_fit"],
                     "diagnostics": best.as_dict() if best else {}, "clip_evidence": clip_evidence,
                     "clip_predictions": clip_choice.clip_chosen(clip_evidence),
-                    "warnings": (best.warnings() if best else []) + untrained_kept(summary, g.expression_prior)})
+                    "warnings": (best.warnings() if best else []) + untrained_kept(summary, g.expression_prior, g.selection_se)})
     if ctx.is_main:
         write_meta(paths, meta.trained(summary))
     cells.close()
@@ -238,15 +241,17 @@ def initialise_prompts(gan, encoder, cells, latents, stats: ConditionStats, conf
     return {**fitted, "encoder_prompt_scale": float(gan.encoder_prompt_scale)}
 
 
-def untrained_kept(summary: dict, expression_prior: str) -> list[str]:
-    """A sentence when no trained epoch beat the untrained transition (epoch 0): the kept weights
-    then carry nothing phase-2 training learned, which a user should not have to infer."""
+def untrained_kept(summary: dict, expression_prior: str, standard_errors: float = 0.0) -> list[str]:
+    """A sentence when no trained epoch beat the untrained transition (epoch 0; by more than
+    `standard_errors`, `gan.selection_se`): the kept weights then carry nothing phase-2 training
+    learned, which a user should not have to infer."""
     if summary["best_epoch"] != 0 or summary["epochs"] < 1:
         return []
     start = "the expression prior and the untrained transition" if expression_prior != "none" else \
         "the untrained transition"
-    return [f"no training epoch beat epoch 0 on validation ({summary['epochs']} trained): the kept weights are "
-            f"those of {start}, so predictions carry nothing phase-2 training learned"]
+    margin = f" by more than {standard_errors:g} standard errors (gan.selection_se)" if standard_errors > 0 else ""
+    return [f"no training epoch beat epoch 0 on validation{margin} ({summary['epochs']} trained): the kept weights "
+            f"are those of {start}, so predictions carry nothing phase-2 training learned"]
 
 
 def best_epoch_scores(paths, epoch: int) -> gan_validation.ValidationScores | None:
