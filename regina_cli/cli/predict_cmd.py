@@ -37,8 +37,8 @@ def predict_command(
         "label), so rank_genes_groups and cell-eval run on the file directly."),
     clip: Optional[bool] = typer.Option(
         None, "--clip/--no-clip", show_default=False,
-        help="Set negative predicted values to 0 (the data's range), or keep them. Default: what scored higher on "
-        "validation at train-gan (gan/meta.json: clip_predictions)."),
+        help="Set negative predicted values to 0 (the data's range), or keep them. Default: what scored higher at "
+        "train-gan on the conditions it predicted unseen (gan/meta.json: clip_predictions, clip_evidence)."),
     sparsify: bool = typer.Option(
         False, "--sparsify", help="Clip, zero values below half the data's smallest non-zero value, store X sparse."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -73,7 +73,7 @@ def predict_command(
     if result.skipped:
         info(f"[yellow]skipped {len(result.skipped)} condition(s) whose targets are neither measured nor "
              f"perturbed in training nor in the run's gene knowledge:[/] {', '.join(result.skipped)}")
-    chosen_by = "as asked" if clip is not None or sparsify else "the run's validation choice"
+    chosen_by = "as asked" if clip is not None or sparsify else "the run's choice at train-gan"
     info(f"negative values {'set to 0' if result.clipped else 'kept as decoded'} ({chosen_by}; --clip/--no-clip)")
     info(f"wrote {result.path}")
     emit_result({"predictions": str(result.path), "conditions": result.n_conditions, "cells": result.n_cells,

@@ -49,7 +49,7 @@ class PredictionResult:
     device: str
     seconds: float
     warnings: list[str] = field(default_factory=list)  # a stale run used with allow_stale
-    clipped: bool = False  # negative values set to 0 (asked for, or the run's validation choice)
+    clipped: bool = False  # negative values set to 0 (asked for, or the run's choice at train-gan)
 
 
 def predict(run_dir: str | Path, conditions: str | Sequence[str], *, n_cells: int = 100, seed: int = 0,

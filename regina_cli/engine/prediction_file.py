@@ -31,7 +31,7 @@ CONTROL_SOURCE = "control"
 @dataclass
 class FileOptions:
     with_controls: bool = True
-    clip: bool | None = None  # None: what validation chose at train-gan (meta `clip_predictions`)
+    clip: bool | None = None  # None: what train-gan chose (meta `clip_predictions`, `engine.clip_choice`)
     sparsify: bool = False
 
 
