@@ -181,7 +181,7 @@ class CycleGANPhase:
         self.ae.decoder.train()
         self.scores = gan_validation.score(self.val_plan, means, self._val_shift)
         per_condition = gan_validation.condition_pearson(self.val_plan, means)
-        if self.start_pearson is None:  # the untrained model (validate_initial): the start itself
+        if epoch == 0 and self.start_pearson is None:  # the untrained model (validate_initial): the start
             self.start_pearson = per_condition
         ok = epoch == 0 or gan_validation.selectable(per_condition, self.start_pearson, self.config.gan.selection_se)
         return {**self.scores.as_dict(),
