@@ -8,6 +8,7 @@ control of the same cell type (no true pairing exists); the losses are `model.lo
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -173,12 +174,10 @@ class CycleGANPhase:
 
     @torch.no_grad()
     def validate(self, epoch: int) -> dict[str, float]:
-        self.gan.eval()
-        self.ae.decoder.eval()
-        means = gan_validation.group_means(self.val_plan, self.cells, self._predict, seed=self.config.runtime.seed + 7,
-                                           match_control_mean=self.config.gan.match_control_mean)
-        self.gan.train()
-        self.ae.decoder.train()
+        with self._evaluating():
+            means = gan_validation.group_means(self.val_plan, self.cells, self._predict,
+                                               seed=self.config.runtime.seed + 7,
+                                               match_control_mean=self.config.gan.match_control_mean)
         self.scores = gan_validation.score(self.val_plan, means, self._val_shift)
         per_condition = gan_validation.condition_pearson(self.val_plan, means)
         if epoch == 0 and self.start_pearson is None:  # the untrained model (validate_initial): the start
@@ -186,6 +185,17 @@ class CycleGANPhase:
         ok = epoch == 0 or gan_validation.selectable(per_condition, self.start_pearson, self.config.gan.selection_se)
         return {**self.scores.as_dict(),
                 gan_validation.SELECTION_METRIC: self.scores.pearson_delta if ok else float("-inf")}
+
+    @contextmanager
+    def _evaluating(self):
+        """The transition and decoder in eval mode for a prediction pass, back in training mode after."""
+        self.gan.eval()
+        self.ae.decoder.eval()
+        try:
+            yield
+        finally:
+            self.gan.train()
+            self.ae.decoder.train()
 
     @torch.no_grad()
     def remember_start(self) -> None:
@@ -205,13 +215,10 @@ class CycleGANPhase:
         if plan is None or self.train_prior is None:
             return None
         shift = gan_validation.group_latent_shift(plan, self.latents, self.cells)
-        self.gan.eval()
-        self.ae.decoder.eval()
-        means = gan_validation.group_means(plan, self.cells, partial(self._predict, latent_shift=shift, cross_fitted=True),
-                                           seed=self.config.runtime.seed + 7,
-                                           match_control_mean=self.config.gan.match_control_mean)
-        self.gan.train()
-        self.ae.decoder.train()
+        predict = partial(self._predict, latent_shift=shift, cross_fitted=True)
+        with self._evaluating():
+            means = gan_validation.group_means(plan, self.cells, predict, seed=self.config.runtime.seed + 7,
+                                               match_control_mean=self.config.gan.match_control_mean)
         return gan_validation.score(plan, means, shift), len(plan.conditions)
 
     def _predict(self, rows: torch.Tensor, controls: torch.Tensor, groups: torch.Tensor,
