@@ -437,8 +437,8 @@ def test_train_gan_says_when_no_trained_epoch_beat_the_untrained_start():
     assert "expression prior" not in untrained_kept({"best_epoch": 0, "epochs": 3}, "none")[0]
     assert untrained_kept({"best_epoch": 4, "epochs": 12}, "linear") == []
     assert untrained_kept({"best_epoch": 0, "epochs": 0}, "linear") == []
-    assert "by more than 1 standard errors (gan.selection_se)" in untrained_kept({"best_epoch": 0, "epochs": 5},
-                                                                                 "linear", 1.0)[0]
+    assert "by more than 1 standard error (gan.selection_se)" in untrained_kept({"best_epoch": 0, "epochs": 5},
+                                                                                "linear", 1.0)[0]
 
 
 def test_a_trained_epoch_must_beat_the_untrained_start_beyond_noise():

@@ -57,6 +57,9 @@ def test_stopper_state_round_trips():
 def test_patience_stopper_and_best_tracker():
     stopper = PatienceStopper(metric="pearson_delta", patience=2)
     assert _first_stop(stopper, [0.1, 0.3, 0.2, 0.25, 0.4]) == 4
+    assert "best of the trained epochs 0.3000" in stopper.reason
+    never = PatienceStopper(metric="pearson_delta_selectable", patience=2)  # no trained epoch may be kept
+    assert _first_stop(never, [float("-inf")] * 3) == 2 and "no trained epoch could be kept" in never.reason
     best = BestTracker("mse", "min")
     flags = [best.update(e, v) for e, v in enumerate([3.0, 2.0, float("nan"), 2.5, 1.0], 1)]
     assert flags == [True, True, False, False, True] and best.epoch == 5

@@ -63,8 +63,10 @@ class PatienceStopper:
         else:
             self.stale += 1
         if self.stale >= self.patience:
+            best = (f"best of the trained epochs {self.best:.4f}" if math.isfinite(self.best)
+                    else "no trained epoch could be kept")
             self.reason = (f"patience: no better validation {self.metric} for {self.stale} epochs "
-                           f"(best of the trained epochs {self.best:.4f}), stopped after epoch {epoch}")
+                           f"({best}), stopped after epoch {epoch}")
             return True
         return False
 

@@ -250,7 +250,8 @@ def untrained_kept(summary: dict, expression_prior: str, standard_errors: float 
         return []
     start = "the expression prior and the untrained transition" if expression_prior != "none" else \
         "the untrained transition"
-    margin = f" by more than {standard_errors:g} standard errors (gan.selection_se)" if standard_errors > 0 else ""
+    unit = "standard error" if standard_errors == 1 else "standard errors"
+    margin = f" by more than {standard_errors:g} {unit} (gan.selection_se)" if standard_errors > 0 else ""
     return [f"no training epoch beat epoch 0 on validation{margin} ({summary['epochs']} trained): the kept weights "
             f"are those of {start}, so predictions carry nothing phase-2 training learned"]
 
