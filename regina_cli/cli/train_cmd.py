@@ -104,9 +104,11 @@ def _report(command: str, summary: dict, phase_dir: Path) -> None:
                       f"knowledge {fit['prior_knowledge_weight']:g}; a measured target's own entry "
                       f"{fit['prior_knockdown_entry']:.3g}")
     if "clip_predictions" in summary:
-        names = {"validation": "validation", "training_held_out": "training conditions the prior left out"}
-        found = "; ".join(f"{names.get(k, k)} {e['pearson_delta_clipped']:.4f} / {e['pearson_delta']:.4f} "
-                          f"({e['conditions']} conditions)" for k, e in (summary.get("clip_evidence") or {}).items())
+        from regina_cli.engine import clip_choice
+
+        found = "; ".join(f"{clip_choice.LABELS.get(k, k)} {e['pearson_delta_clipped']:.4f} / "
+                          f"{e['pearson_delta']:.4f} ({e['conditions']} conditions)"
+                          for k, e in (summary.get("clip_evidence") or {}).items())
         table.add_row("predict clips at 0", f"{'yes' if summary['clip_predictions'] else 'no'} (pearson_delta "
                       f"clipped / as decoded: {found or 'nothing scored'})")
     last = summary.get("last") or {}

@@ -19,6 +19,7 @@ from regina_cli.engine.gan_validation import ValidationScores
 
 VALIDATION = "validation"
 TRAINING_HELD_OUT = "training_held_out"
+LABELS = {VALIDATION: "validation", TRAINING_HELD_OUT: "training conditions the prior left out"}
 
 
 def cross_fitted_start(g: GANConfig) -> bool:
@@ -34,9 +35,15 @@ def evidence(validation: ValidationScores | None, n_validation: int,
     """{source: {conditions, pearson_delta, pearson_delta_clipped}} for each source that scored both."""
     sources = {VALIDATION: (validation, n_validation) if validation is not None else None,
                TRAINING_HELD_OUT: held_out}
-    return {name: {"conditions": n, "pearson_delta": s.pearson_delta, "pearson_delta_clipped": s.pearson_delta_clipped}
-            for name, found in sources.items() if found is not None
-            for s, n in [found] if n and math.isfinite(s.pearson_delta) and math.isfinite(s.pearson_delta_clipped)}
+    found = {}
+    for name, source in sources.items():
+        if source is None:
+            continue
+        scores, n = source
+        if n and math.isfinite(scores.pearson_delta) and math.isfinite(scores.pearson_delta_clipped):
+            found[name] = {"conditions": n, "pearson_delta": scores.pearson_delta,
+                           "pearson_delta_clipped": scores.pearson_delta_clipped}
+    return found
 
 
 def clip_chosen(found: dict[str, dict]) -> bool:
