@@ -18,8 +18,10 @@ of each condition, one predicted cell per real one), then, scored alike against 
 held-out condition, REGINA (`regina predict --cells`, 1000 by default) and train_mean (pooled over
 the phase-2 training cells, as `regina evaluate` pools it). Only the last two compare REGINA with
 train_mean: the in-training figures carry the noise of a 256-cell truth that train_mean is not
-scored against. `--reuse` scores the runs a previous call trained without training them again.
-Test conditions are never read.
+scored against. With `--max-epochs` above 1 the report also follows the held-out conditions epoch
+by epoch (`history.csv`: pearson_delta, collapse index, latent shift ratio): what training does to
+conditions it never saw. `--reuse` scores the runs a previous call trained without training them
+again. Test conditions are never read.
 """
 
 from __future__ import annotations
@@ -83,12 +85,14 @@ def one_run(dataset: str, seed: int, draw: int, arm: str, sets: list[str], opts)
         rows = list(csv.DictReader(fh))
     return {"dataset": dataset, "seed": seed, "draw": draw, "arm": arm,
             "epoch0": float(rows[0]["val_pearson_delta"]), "selected": float(meta["training"]["best_value"]),
+            "by_epoch": {key: [float(row[f"val_{key}"]) for row in rows] for key in BY_EPOCH},
             "best_epoch": int(meta["training"]["best_epoch"]), "conditions": meta["validation_conditions_scored"],
             "train_conditions": [c for c in meta["train_conditions"] if c not in meta["held_out_conditions"]],
             "predictions": str(predictions)}
 
 
 STRATA = ((-1.0, 0.3), (0.3, 0.7), (0.7, 1.0))  # split-half correlation of a condition's true change
+BY_EPOCH = ("pearson_delta", "collapse_index", "shift_ratio")  # history.csv's validation columns, per epoch
 
 
 def full_truth_scores(results: list[dict], opts) -> None:
@@ -150,6 +154,8 @@ def report(results: list[dict], opts) -> str:
             lines.append(f"| {arm} | {len(mine)} | {np.mean([r['epoch0'] for r in mine]):.4f} | "
                          f"{np.mean([r['selected'] for r in mine]):.4f} | {np.mean([r['predicted'] for r in mine]):.4f} | "
                          f"{np.mean([r['train_mean'] for r in mine]):.4f} | {versus} |")
+        if any(len(r["by_epoch"]["pearson_delta"]) > 1 for r in done):
+            lines += by_epoch_table(done, arms)
         lines += ["", "By the split-half correlation of each held-out condition's true change (how far it stands "
                   "above the noise of its cells), `predicted` per condition:", "",
                   "| arm | " + " | ".join(f"{lo:g} to {hi:g}" for lo, hi in STRATA) + " |",
@@ -167,6 +173,29 @@ def report(results: list[dict], opts) -> str:
                 lines.append(f"Seed {r['seed']} draw {r['draw']} {r['arm']}: {r['failed']}")
         lines.append("")
     return "\n".join(lines)
+
+
+def by_epoch_table(done: list[dict], arms: list[str]) -> list[str]:
+    """What training did to the held-out conditions, epoch by epoch (as train-gan validates them):
+    pearson_delta, in how many runs it beat the untrained start, and the two collapse signs."""
+    lines = ["", "Validation by epoch (epoch 0: the untrained start; `beat start`: runs whose epoch scored "
+             "higher than their epoch 0; collapse index and predicted-to-true latent shift ratio as "
+             "`history.csv` records them):", "",
+             "| arm | runs | pearson_delta by epoch | beat start | collapse index | shift ratio |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for arm in arms:
+        mine = [r["by_epoch"] for r in done if r["arm"] == arm]
+        if not mine:
+            continue
+        epochs = range(min(len(m["pearson_delta"]) for m in mine))
+
+        def series(key, fmt):
+            return " / ".join(format(np.nanmean([m[key][e] for m in mine]), fmt) for e in epochs)
+
+        beat = " / ".join(f"{sum(m['pearson_delta'][e] > m['pearson_delta'][0] for m in mine)}" for e in epochs[1:])
+        lines.append(f"| {arm} | {len(mine)} | {series('pearson_delta', '.4f')} | {beat} of {len(mine)} | "
+                     f"{series('collapse_index', '.3f')} | {series('shift_ratio', '.2f')} |")
+    return lines
 
 
 def main() -> None:

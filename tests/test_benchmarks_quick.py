@@ -141,7 +141,8 @@ def test_holdout_compares_arms_on_the_same_held_out_training_conditions(tmp_path
                       data_dir=data, device="cpu", progress="silent")
     out = tmp_path / "holdout.md"
     done = run("holdout.py", "--workdir", str(tmp_path), "--datasets", "demo", "--seeds", "1", "--draws", "0",
-               "--phase1-from", "p1", "--arm", "noprior=gan.expression_prior=none", "--out", str(out), cwd=tmp_path)
+               "--phase1-from", "p1", "--arm", "noprior=gan.expression_prior=none", "--max-epochs", "2",
+               "--out", str(out), cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads(out.with_suffix(".json").read_text())
     assert [r["arm"] for r in results] == ["default", "noprior"] and not any("failed" in r for r in results)
@@ -153,6 +154,12 @@ def test_holdout_compares_arms_on_the_same_held_out_training_conditions(tmp_path
     assert all(-1 <= r[k] <= 1 for r in results for k in ("epoch0", "selected", "predicted", "train_mean"))
     text = out.read_text()
     assert "| default | 1 |" in text and "| noprior | 1 |" in text and "| train_mean | " in text
+    for r in results:  # what each epoch did to the held-out conditions, epoch 0 first, as history.csv has it
+        history = (folder / "runs" / "holdout" / f"{r['arm']}-draw0" / "gan" / "history.csv").read_text().splitlines()
+        assert len(r["by_epoch"]["pearson_delta"]) == len(history) - 1 == 3
+        assert r["by_epoch"]["pearson_delta"][0] == r["epoch0"]
+    by_epoch = text.split("Validation by epoch")[1]
+    assert "| default | 1 | " in by_epoch and " of 1 |" in by_epoch
     for r in results:  # per held-out condition: its reliability and both scores, averaging to the run's
         rows = r["per_condition"]
         assert sorted(rows) == sorted(r["conditions"]) and all(-1 <= v["reliability"] <= 1 for v in rows.values())
