@@ -18,9 +18,9 @@ of each condition, one predicted cell per real one), then, scored alike against 
 held-out condition, REGINA (`regina predict --cells`, 1000 by default) and train_mean (pooled over
 the phase-2 training cells, as `regina evaluate` pools it). Only the last two compare REGINA with
 train_mean: the in-training figures carry the noise of a 256-cell truth that train_mean is not
-scored against. With `--max-epochs` above 1 the report also follows the held-out conditions epoch
-by epoch (`history.csv`: pearson_delta, collapse index, latent shift ratio): what training does to
-conditions it never saw. `--reuse` scores the runs a previous call trained without training them
+scored against. The report also follows the held-out conditions epoch by epoch (`history.csv`:
+pearson_delta, collapse index, latent shift ratio; `--max-epochs` above 1 to see a trend): what
+training does to conditions it never saw. `--reuse` scores the runs a previous call trained without training them
 again. Test conditions are never read.
 """
 
@@ -154,8 +154,7 @@ def report(results: list[dict], opts) -> str:
             lines.append(f"| {arm} | {len(mine)} | {np.mean([r['epoch0'] for r in mine]):.4f} | "
                          f"{np.mean([r['selected'] for r in mine]):.4f} | {np.mean([r['predicted'] for r in mine]):.4f} | "
                          f"{np.mean([r['train_mean'] for r in mine]):.4f} | {versus} |")
-        if any(len(r["by_epoch"]["pearson_delta"]) > 1 for r in done):
-            lines += by_epoch_table(done, arms)
+        lines += by_epoch_table(done, arms)
         lines += ["", "By the split-half correlation of each held-out condition's true change (how far it stands "
                   "above the noise of its cells), `predicted` per condition:", "",
                   "| arm | " + " | ".join(f"{lo:g} to {hi:g}" for lo, hi in STRATA) + " |",
@@ -177,7 +176,8 @@ def report(results: list[dict], opts) -> str:
 
 def by_epoch_table(done: list[dict], arms: list[str]) -> list[str]:
     """What training did to the held-out conditions, epoch by epoch (as train-gan validates them):
-    pearson_delta, in how many runs it beat the untrained start, and the two collapse signs."""
+    pearson_delta, in how many runs it beat the untrained start, the collapse index and the
+    predicted-to-true latent shift ratio."""
     lines = ["", "Validation by epoch (epoch 0: the untrained start; `beat start`: runs whose epoch scored "
              "higher than their epoch 0; collapse index and predicted-to-true latent shift ratio as "
              "`history.csv` records them):", "",
