@@ -20,8 +20,8 @@ the phase-2 training cells, as `regina evaluate` pools it). Only the last two co
 train_mean: the in-training figures carry the noise of a 256-cell truth that train_mean is not
 scored against. The report also follows the held-out conditions epoch by epoch (`history.csv`:
 pearson_delta, collapse index, latent shift ratio; `--max-epochs` above 1 to see a trend): what
-training does to conditions it never saw. `--reuse` scores the runs a previous call trained without training them
-again. Test conditions are never read.
+training does to conditions it never saw. `--reuse` scores the runs a previous call trained
+without training them again. Test conditions are never read.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def report(results: list[dict], opts) -> str:
 def by_epoch_table(done: list[dict], arms: list[str]) -> list[str]:
     """What training did to the held-out conditions, epoch by epoch (as train-gan validates them):
     pearson_delta, in how many runs it beat the untrained start, the collapse index and the
-    predicted-to-true latent shift ratio."""
+    predicted-to-true latent shift ratio; up to the last epoch every run of the arm reached."""
     lines = ["", "Validation by epoch (epoch 0: the untrained start; `beat start`: runs whose epoch scored "
              "higher than their epoch 0; collapse index and predicted-to-true latent shift ratio as "
              "`history.csv` records them):", "",
