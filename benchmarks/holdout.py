@@ -85,14 +85,16 @@ def one_run(dataset: str, seed: int, draw: int, arm: str, sets: list[str], opts)
         rows = list(csv.DictReader(fh))
     return {"dataset": dataset, "seed": seed, "draw": draw, "arm": arm,
             "epoch0": float(rows[0]["val_pearson_delta"]), "selected": float(meta["training"]["best_value"]),
-            "by_epoch": {key: [float(row[f"val_{key}"]) for row in rows] for key in BY_EPOCH},
+            "by_epoch": {key: [float(row.get(f"val_{key}") or "nan") for row in rows] for key in BY_EPOCH},
             "best_epoch": int(meta["training"]["best_epoch"]), "conditions": meta["validation_conditions_scored"],
             "train_conditions": [c for c in meta["train_conditions"] if c not in meta["held_out_conditions"]],
             "predictions": str(predictions)}
 
 
 STRATA = ((-1.0, 0.3), (0.3, 0.7), (0.7, 1.0))  # split-half correlation of a condition's true change
-BY_EPOCH = ("pearson_delta", "collapse_index", "shift_ratio")  # history.csv's validation columns, per epoch
+# history.csv's validation columns, per epoch; fit_*: the conditions phase 2 trains on, each from the
+# prior fitted without it (absent from runs of older code: nan)
+BY_EPOCH = ("pearson_delta", "collapse_index", "shift_ratio", "fit_pearson_delta", "fit_collapse_index")
 
 
 def full_truth_scores(results: list[dict], opts) -> None:
@@ -177,12 +179,16 @@ def report(results: list[dict], opts) -> str:
 def by_epoch_table(done: list[dict], arms: list[str]) -> list[str]:
     """What training did to the held-out conditions, epoch by epoch (as train-gan validates them):
     pearson_delta, in how many runs it beat the untrained start, the collapse index and the
-    predicted-to-true latent shift ratio; up to the last epoch every run of the arm reached."""
+    predicted-to-true latent shift ratio; and to the conditions it trained on (`fit`, each predicted
+    from the prior fitted without it): pearson_delta and collapse index. Up to the last epoch every
+    run of the arm reached."""
     lines = ["", "Validation by epoch (epoch 0: the untrained start; `beat start`: runs whose epoch scored "
              "higher than their epoch 0; collapse index and predicted-to-true latent shift ratio as "
-             "`history.csv` records them):", "",
-             "| arm | runs | pearson_delta by epoch | beat start | collapse index | shift ratio |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "`history.csv` records them; `fit`: the same model on the conditions phase 2 trains on, each "
+             "predicted from the prior fitted without it, so a rise there is what training fitted):", "",
+             "| arm | runs | pearson_delta by epoch | beat start | collapse index | shift ratio | fit: pearson_delta "
+             "| fit: collapse index |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for arm in arms:
         mine = [r["by_epoch"] for r in done if r["arm"] == arm]
         if not mine:
@@ -194,7 +200,8 @@ def by_epoch_table(done: list[dict], arms: list[str]) -> list[str]:
 
         beat = " / ".join(f"{sum(m['pearson_delta'][e] > m['pearson_delta'][0] for m in mine)}" for e in epochs[1:])
         lines.append(f"| {arm} | {len(mine)} | {series('pearson_delta', '.4f')} | {beat} of {len(mine)} | "
-                     f"{series('collapse_index', '.3f')} | {series('shift_ratio', '.2f')} |")
+                     f"{series('collapse_index', '.3f')} | {series('shift_ratio', '.2f')} | "
+                     f"{series('fit_pearson_delta', '.4f')} | {series('fit_collapse_index', '.3f')} |")
     return lines
 
 

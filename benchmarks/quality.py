@@ -140,15 +140,19 @@ def reuse_phase1(source: Path, run_dir: Path, dataset: str, data: Path, preset: 
     as trained, which `regina` checks), and `--set` still applies on top."""
     import yaml
 
+    shutil.copytree(source / keys.AE_DIR, run_dir / keys.AE_DIR)
+    path = run_dir.parent / f"{run_dir.name}.phase2.yaml"
+    path.write_text(yaml.safe_dump({"gan": phase2_settings(dataset, data, preset)}, sort_keys=False))
+    return ["--config", str(path)]
+
+
+def phase2_settings(dataset: str, data: Path, preset: str | None = None) -> dict:
+    """The `gan` section this code gives a new run of `dataset` (its preset, else sized for its genes)."""
     from regina_cli.config import PRESETS, preset_config
     from regina_cli.data.dataset import gene_count
 
-    shutil.copytree(source / keys.AE_DIR, run_dir / keys.AE_DIR)
     preset = preset or (dataset if dataset in PRESETS else None)
-    current = preset_config(preset, None if preset else gene_count(dataset, data))
-    path = run_dir.parent / f"{run_dir.name}.phase2.yaml"
-    path.write_text(yaml.safe_dump({"gan": current.to_dict()["gan"]}, sort_keys=False))
-    return ["--config", str(path)]
+    return preset_config(preset, None if preset else gene_count(dataset, data)).to_dict()["gan"]
 
 
 def score(dataset: str, seed: int, data: Path, run_dir: Path, split: str, log: Path, env: dict, opts,

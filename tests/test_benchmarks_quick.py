@@ -122,6 +122,7 @@ def test_holdout_compares_arms_on_the_same_held_out_training_conditions(tmp_path
     """A tiny phase 1 laid out as quality.py leaves it; holdout.py trains phase 2 per arm with a
     share of the training perturbations held out and reports both arms and train_mean on them.
     Phase 2 takes this code's phase-2 defaults, not those phase 1 saved (here a stale scale)."""
+    import numpy as np
     from test_train_run import TINY
 
     from regina_cli.data.dataset import write_dataset
@@ -158,6 +159,9 @@ def test_holdout_compares_arms_on_the_same_held_out_training_conditions(tmp_path
         history = (folder / "runs" / "holdout" / f"{r['arm']}-draw0" / "gan" / "history.csv").read_text().splitlines()
         assert len(r["by_epoch"]["pearson_delta"]) == len(history) - 1 == 3
         assert r["by_epoch"]["pearson_delta"][0] == r["epoch0"]
+    fit = results[0]["by_epoch"]["fit_pearson_delta"]  # the conditions phase 2 trained on: only with a prior
+    assert len(fit) == 3 and all(-1 <= v <= 1 for v in fit)
+    assert np.isnan(results[1]["by_epoch"]["fit_pearson_delta"]).all()
     by_epoch = text.split("Validation by epoch")[1]
     assert "| default | 1 | " in by_epoch and " of 1 |" in by_epoch
     for r in results:  # per held-out condition: its reliability and both scores, averaging to the run's
@@ -262,3 +266,51 @@ def test_quality_counts_the_conditions_regina_wins_over_seeds():
     summary = summarise(results)
     text = markdown(summary, SimpleNamespace(on="test", seeds=[1, 2], preset=None, set=[]), "0.00")
     assert "Conditions where REGINA's pearson_delta is higher (all seeds): train_mean 3/4, additive 1/1." in text
+
+
+def test_prior_residual_rules_learn_an_error_that_is_there_and_report_every_rule(tmp_path):
+    """prior_residuals.py's rules recover a shared or a linear error of the prior from the training
+    conditions when the data hold one; end to end, it sets phase 2 up as holdout.py's runs start it
+    (a tiny phase 1 laid out as quality.py leaves it) and scores every rule on the held-out conditions."""
+    import numpy as np
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from prior_residuals import corrections, mean_pearson
+
+    rng = np.random.default_rng(0)
+    programs = rng.normal(size=(4, 60))
+    prior = rng.normal(size=(40, 4)) @ programs + 0.1 * rng.normal(size=(40, 60))
+    shift, mixing = rng.normal(size=60), 0.8 * rng.normal(size=(60, 60)) / np.sqrt(60)
+    for truth, rule in ((prior + 3 * shift, "shared shift (mean error)"),
+                        (prior + prior @ programs.T @ programs @ mixing / 60, "rank-5 linear map, ridge 0.1")):
+        fitted = corrections(prior[:30], truth[:30], prior[30:])
+        assert mean_pearson(fitted[rule], truth[30:]) > 0.99 > mean_pearson(prior[30:], truth[30:]) + 0.05
+
+    from test_train_run import TINY
+
+    from regina_cli.config import build_config
+    from regina_cli.data.dataset import write_dataset
+    from regina_cli.data.demo import simulate_screen
+    from regina_cli.data.label import label_dataset
+    from regina_cli.data.split import split_dataset
+    from regina_cli.engine.train_ae import train_autoencoder
+
+    folder = tmp_path / "demo" / "seed1"
+    data = folder / "data"
+    write_dataset(simulate_screen(n_cells=400, n_genes=160, n_singles=10, n_doubles=2, seed=0), "demo", data)
+    split_dataset("demo", mode="simulation", seed=1, data_dir=data)
+    label_dataset("demo", "stress", split="simulation_1", data_dir=data)
+    config = build_config(preset="demo", overrides=[*TINY, "ae.max_epochs=1"])
+    train_autoencoder("demo", split="simulation_1", labels="stress", run_dir=folder / "runs" / "p1", config=config,
+                      data_dir=data, device="cpu", progress="silent")
+    out = tmp_path / "residuals.md"
+    done = run("prior_residuals.py", "--workdir", str(tmp_path), "--datasets", "demo", "--seeds", "1", "--draws", "0",
+               "--phase1-from", "p1", "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [record] = json.loads(out.with_suffix(".json").read_text())
+    assert record["held_conditions"] >= 2 and record["train_conditions"] >= 2
+    assert set(record["scores"]) == {"prior (none learned)", "train_mean",
+                                     *corrections(prior[:12], prior[:12], prior[12:14])}
+    assert all(-1 <= v <= 1 for v in record["scores"].values())
+    assert not (folder / "runs" / "p1" / "gan").exists()  # set up, never trained or written
+    assert "| shared shift (mean error) |" in out.read_text()

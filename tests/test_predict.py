@@ -227,7 +227,13 @@ def test_predict_from_a_run_trained_by_the_engine(tmp_path):
     assert evidence["training_held_out"]["conditions"] == 4
     assert -1 <= evidence["training_held_out"]["pearson_delta_clipped"] <= 1
     assert training["clip_predictions"] == clip_chosen(evidence)
-    assert "val_pearson_delta_clipped" in (run / "gan" / "history.csv").read_text().splitlines()[0]
+    history = ckpt.read_history(ckpt.gan_paths(run))
+    assert "val_pearson_delta_clipped" in history[0]
+    # each epoch also scores the conditions phase 2 trains on, epoch 0 with that same evidence
+    start = evidence["training_held_out"]["pearson_delta"]
+    assert float(history[0]["val_fit_pearson_delta"]) == pytest.approx(start, abs=1e-5)  # history keeps 6 digits
+    assert all(-1 <= float(row["val_fit_pearson_delta"]) <= 1 for row in history)
+    assert -1 <= float(history[1]["val_fit_collapse_index"]) <= 1
 
 
 def test_cells_follow_the_conditions_cell_type_mix():

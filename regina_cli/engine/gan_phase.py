@@ -79,6 +79,7 @@ class CycleGANPhase:
         self.stats = stats
         self.train_prior = None  # [C, G] cross-fitted expression priors, set when the GAN has a prior
         self.start_pearson = None  # [K] the untrained model's validation pearson_delta per condition
+        self.start_fit = None  # `cross_fitted_scores()` of the untrained model, when train_gan computed it
         if val_plan is not None:
             self._val_shift = gan_validation.group_latent_shift(val_plan, latents, cells)
         self._last_disc = torch.zeros((), device=ctx.device)
@@ -183,8 +184,17 @@ class CycleGANPhase:
         if epoch == 0 and self.start_pearson is None:  # the untrained model (validate_initial): the start
             self.start_pearson = per_condition
         ok = epoch == 0 or gan_validation.selectable(per_condition, self.start_pearson, self.config.gan.selection_se)
-        return {**self.scores.as_dict(),
+        return {**self.scores.as_dict(), **self._fit_scores(epoch),
                 gan_validation.SELECTION_METRIC: self.scores.pearson_delta if ok else float("-inf")}
+
+    def _fit_scores(self, epoch: int) -> dict[str, float]:
+        """How well the model predicts the conditions it trains on, each from the prior fitted
+        without it (`fit_*`; none without an expression prior): whether training fits them at all,
+        which validation alone cannot tell apart from fitting them in a way that does not carry over."""
+        fit = self.start_fit if epoch == 0 and self.start_fit is not None else self.cross_fitted_scores()
+        if fit is None:
+            return {}
+        return {"fit_pearson_delta": fit[0].pearson_delta, "fit_collapse_index": fit[0].collapse_index}
 
     @contextmanager
     def _evaluating(self):

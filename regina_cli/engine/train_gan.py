@@ -20,6 +20,7 @@ one only where it beats epoch 0 by more than `gan.selection_se` standard errors.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,19 +70,36 @@ def train_gan(
     return run_distributed(_train_gan_process, kwargs, gpus=gpus, device=device)
 
 
-def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_dir, resume, progress,
-                       provenance) -> dict:
+@dataclass
+class PhaseSetup:
+    """What `train-gan` builds before its first step (`setup_phase`)."""
+
+    phase: CycleGANPhase
+    built: dict  # `build_phase`'s second value
+    plan: gan_validation.ValidationPlan | None
+    cells: object  # data.tensors.CellTensors
+    adata: object  # the screen, opened backed
+    ae_meta: object  # phase 1's engine.run_meta.RunMeta
+    knowledge: object | None
+    known: list[str]  # genes the knowledge places
+    prompt_genes: list[str]
+    learned_genes: list[str]
+
+
+def setup_phase(ctx: DistContext, run_dir, config: ReginaConfig, data_dir) -> PhaseSetup:
+    """Phase 2 of `run_dir` as `train-gan` starts it, before any step and without writing anything:
+    the data, the frozen phase-1 model, the validation plan (with its training hold-out, if any)
+    and `build_phase`. Benchmarks read the untrained model's tables from it."""
     from regina_cli.data.dataset import read_dataset
     from regina_cli.data.split import load_split
     from regina_cli.data.tensors import CellTensors
     from regina_cli.model.autoencoder import Autoencoder
 
     g = config.gan
-    ae_paths, paths = ckpt.ae_paths(run_dir), ckpt.gan_paths(run_dir)
+    ae_paths = ckpt.ae_paths(run_dir)
     ae_meta = read_trained_meta(ae_paths)
     split_obj = load_split(ae_meta.dataset, ae_meta.split, data_dir)
     adata = read_dataset(ae_meta.dataset, data_dir, backed=True)
-    prepare_run_dir(paths, dataset=ae_meta.dataset, genes=ae_meta.gene_names, resume=resume)
     seed_everything(config.runtime.seed + ctx.rank)
     knowledge = resolve_knowledge(config.model.gene_knowledge, data_dir) if config.model.gene_knowledge else None
     known = (expression_prior.knowledge_genes(knowledge, ae_meta.gene_names, condition_genes(split_obj.train))
@@ -104,18 +122,30 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
     latents = encode_all(autoencoder.encoder, cells, config.runtime.amp)
     phase, built = build_phase(autoencoder, cells, config, ctx, plan, latents, prompt_genes=prompt_genes,
                                learned_genes=learned_genes, knowledge=knowledge)
-    gan = phase.gan
-    held_out = phase.cross_fitted_scores() if ctx.is_main and clip_choice.cross_fitted_start(g) else None
+    return PhaseSetup(phase, built, plan, cells, adata, ae_meta, knowledge, known, prompt_genes, learned_genes)
+
+
+def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_dir, resume, progress,
+                       provenance) -> dict:
+    g = config.gan
+    paths = ckpt.gan_paths(run_dir)
+    ae_meta = read_trained_meta(ckpt.ae_paths(run_dir))
+    prepare_run_dir(paths, dataset=ae_meta.dataset, genes=ae_meta.gene_names, resume=resume)
+    setup = setup_phase(ctx, run_dir, config, data_dir)
+    phase, plan, cells, knowledge = setup.phase, setup.plan, setup.cells, setup.knowledge
+    autoencoder, gan = phase.ae, phase.gan
+    phase.start_fit = phase.cross_fitted_scores() if ctx.is_main else None
+    held_out = phase.start_fit if clip_choice.cross_fitted_start(g) else None
     if ctx.is_main and resume:
         phase.remember_start()
     broadcast_state(gan, ctx)
     compile_modules([autoencoder.encoder, autoencoder.decoder], config.runtime.compile, ctx.device)
 
     meta = ae_meta.for_phase(
-        keys.GAN_DIR, prompt_genes=prompt_genes, learned_genes=learned_genes,
-        prior_observed_genes=built["observed_genes"],
+        keys.GAN_DIR, prompt_genes=setup.prompt_genes, learned_genes=setup.learned_genes,
+        prior_observed_genes=setup.built["observed_genes"],
         gene_knowledge=None if knowledge is None else {"source": knowledge.source, "kind": knowledge.kind,
-                                                       "sha256": knowledge.sha256(), "genes_used": len(known)},
+                                                       "sha256": knowledge.sha256(), "genes_used": len(setup.known)},
         gene_features=gene_prompts.feature_source(g), prompt_value=g.prompt_value,
         validation_conditions_scored=plan.conditions, validation_source=plan.source, held_out_conditions=plan.held_out,
         top20_de_source=plan.de_source, n_train_pairs_per_epoch=int(len(phase.train_index)),
@@ -124,7 +154,7 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
     if ctx.is_main:
         ckpt.write_config(paths, config)
         write_meta(paths, meta)
-    adata.file.close()  # CellTensors holds what it needs (and its own file handle when streaming)
+    setup.adata.file.close()  # CellTensors holds what it needs (and its own file handle when streaming)
     bar = TrainingProgress("train-gan", max_epochs=g.max_epochs, mode=progress if ctx.is_main else "silent")
     if plan.source != gan_validation.FROM_VALIDATION:
         bar.message(f"note: validating on {plan.source}")
@@ -136,7 +166,7 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
     best = best_epoch_scores(paths, summary["best_epoch"])
     clip_evidence = clip_choice.evidence(best, len(plan.conditions), held_out)
     summary.update({"run_dir": str(paths.run_dir), "phase": paths.phase, "selection": metric,
-                    "parameter_checksum": parameter_checksum(gan), "prompt_fit": built["prompt_fit"],
+                    "parameter_checksum": parameter_checksum(gan), "prompt_fit": setup.built["prompt_fit"],
                     "diagnostics": best.as_dict() if best else {}, "clip_evidence": clip_evidence,
                     "clip_predictions": clip_choice.clip_chosen(clip_evidence),
                     "warnings": ((best.warnings() if best else [])
