@@ -80,6 +80,7 @@ class CycleGANPhase:
         self.train_prior = None  # [C, G] cross-fitted expression priors, set when the GAN has a prior
         self.start_pearson = None  # [K] the untrained model's validation pearson_delta per condition
         self.start_fit = None  # `cross_fitted_scores()` of the untrained model, when train_gan computed it
+        self._fit_plan = None  # (training plan, its true latent shifts) of `cross_fitted_scores`, built once
         if val_plan is not None:
             self._val_shift = gan_validation.group_latent_shift(val_plan, latents, cells)
         self._last_disc = torch.zeros((), device=ctx.device)
@@ -218,13 +219,18 @@ class CycleGANPhase:
     @torch.no_grad()
     def cross_fitted_scores(self) -> tuple[gan_validation.ValidationScores, int] | None:
         """The scores of phase 2's perturbed training conditions, each predicted from the prior
-        fitted without it (the cross-fitted table) by the model as it is now: before training,
-        held-out predictions of many more conditions than validation has (`engine.clip_choice`),
-        and how many conditions. None without an expression prior or a usable training condition."""
-        plan = gan_validation.training_plan(self.cells, self.train_index, seed=self.config.runtime.seed)
-        if plan is None or self.train_prior is None:
+        fitted without it (the cross-fitted table) by the model as it is now, and how many
+        conditions: before training, held-out predictions of many more conditions than validation
+        has (`engine.clip_choice`); after each epoch, what training fitted (`fit_*`). None without
+        an expression prior or a usable training condition."""
+        if self.train_prior is None:
             return None
-        shift = gan_validation.group_latent_shift(plan, self.latents, self.cells)
+        if self._fit_plan is None:  # the conditions and their truth stay the same every epoch
+            plan = gan_validation.training_plan(self.cells, self.train_index, seed=self.config.runtime.seed)
+            if plan is None:
+                return None
+            self._fit_plan = plan, gan_validation.group_latent_shift(plan, self.latents, self.cells)
+        plan, shift = self._fit_plan
         predict = partial(self._predict, latent_shift=shift, cross_fitted=True)
         with self._evaluating():
             means = gan_validation.group_means(plan, self.cells, predict, seed=self.config.runtime.seed + 7,
