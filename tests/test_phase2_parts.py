@@ -510,3 +510,20 @@ def test_training_conditions_are_scored_from_their_cross_fitted_priors():
     phase.train_prior = phase.train_prior + 5.0  # the table moves the predictions; the fitted module does not
     moved, _ = phase.cross_fitted_scores()
     assert moved.pearson_delta != pytest.approx(scores.pearson_delta, abs=1e-4)
+
+
+def test_fit_scores_draw_a_bounded_seeded_set_of_trained_on_conditions():
+    """`fit_*` scores at most FIT_CONDITIONS trained-on conditions, every cell of each drawn one,
+    the same draw for the same seed; a screen with fewer keeps all of them."""
+    from types import SimpleNamespace
+
+    from regina_cli.engine.gan_phase import some_conditions
+
+    cells = SimpleNamespace(condition_codes=torch.arange(50).repeat_interleave(3))
+    index = torch.arange(150)
+    drawn = some_conditions(cells, index, 32, seed=0)
+    kept = torch.unique(cells.condition_codes[drawn])
+    assert len(kept) == 32 and len(drawn) == 32 * 3
+    assert torch.equal(drawn, some_conditions(cells, index, 32, seed=0))
+    assert not torch.equal(drawn, some_conditions(cells, index, 32, seed=1))
+    assert torch.equal(some_conditions(cells, index[:60], 32, seed=0), index[:60])  # 20 conditions: all

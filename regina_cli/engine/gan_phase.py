@@ -24,6 +24,10 @@ from regina_cli.model.gan import decode_prediction, prior_anchor
 from regina_cli.model.prompt import condition_prompt
 
 LATENT_CHUNK = 4096
+# Trained-on conditions scored after each epoch (`fit_*`), drawn once per run: on a large screen
+# scoring all of them would cost a sizeable share of an epoch (Papalexi's 13 take 3.9 s against
+# 44 s of training an epoch, on one CPU thread).
+FIT_CONDITIONS = 32
 
 
 def instance_noise_std(cfg, epoch: int) -> float:
@@ -79,8 +83,7 @@ class CycleGANPhase:
         self.stats = stats
         self.train_prior = None  # [C, G] cross-fitted expression priors, set when the GAN has a prior
         self.start_pearson = None  # [K] the untrained model's validation pearson_delta per condition
-        self.start_fit = None  # `cross_fitted_scores()` of the untrained model, when train_gan computed it
-        self._fit_plan = None  # (training plan, its true latent shifts) of `cross_fitted_scores`, built once
+        self._fit_plans = {}  # max_conditions -> (training plan, its true latent shifts) or None, built once
         if val_plan is not None:
             self._val_shift = gan_validation.group_latent_shift(val_plan, latents, cells)
         self._last_disc = torch.zeros((), device=ctx.device)
@@ -192,7 +195,7 @@ class CycleGANPhase:
         """How well the model predicts the conditions it trains on, each from the prior fitted
         without it (`fit_*`; none without an expression prior): whether training fits them at all,
         which validation alone cannot tell apart from fitting them in a way that does not carry over."""
-        fit = self.start_fit if epoch == 0 and self.start_fit is not None else self.cross_fitted_scores()
+        fit = self.cross_fitted_scores(FIT_CONDITIONS)
         if fit is None:
             return {}
         return {"fit_pearson_delta": fit[0].pearson_delta, "fit_collapse_index": fit[0].collapse_index}
@@ -217,20 +220,26 @@ class CycleGANPhase:
         self.validate(0)
 
     @torch.no_grad()
-    def cross_fitted_scores(self) -> tuple[gan_validation.ValidationScores, int] | None:
+    def cross_fitted_scores(self, max_conditions: int | None = None
+                            ) -> tuple[gan_validation.ValidationScores, int] | None:
         """The scores of phase 2's perturbed training conditions, each predicted from the prior
         fitted without it (the cross-fitted table) by the model as it is now, and how many
         conditions: before training, held-out predictions of many more conditions than validation
-        has (`engine.clip_choice`); after each epoch, what training fitted (`fit_*`). None without
-        an expression prior or a usable training condition."""
+        has (`engine.clip_choice`); after each epoch, what training fitted (`fit_*`, at most
+        `max_conditions` of them, a seeded draw). None without an expression prior or a usable
+        training condition."""
         if self.train_prior is None:
             return None
-        if self._fit_plan is None:  # the conditions and their truth stay the same every epoch
-            plan = gan_validation.training_plan(self.cells, self.train_index, seed=self.config.runtime.seed)
-            if plan is None:
-                return None
-            self._fit_plan = plan, gan_validation.group_latent_shift(plan, self.latents, self.cells)
-        plan, shift = self._fit_plan
+        if max_conditions not in self._fit_plans:  # the conditions and their truth stay the same every epoch
+            seed = self.config.runtime.seed
+            index = self.train_index if max_conditions is None else \
+                some_conditions(self.cells, self.train_index, max_conditions, seed)
+            plan = gan_validation.training_plan(self.cells, index, seed=seed)
+            self._fit_plans[max_conditions] = None if plan is None else \
+                (plan, gan_validation.group_latent_shift(plan, self.latents, self.cells))
+        if self._fit_plans[max_conditions] is None:
+            return None
+        plan, shift = self._fit_plans[max_conditions]
         predict = partial(self._predict, latent_shift=shift, cross_fitted=True)
         with self._evaluating():
             means = gan_validation.group_means(plan, self.cells, predict, seed=self.config.runtime.seed + 7,
@@ -264,6 +273,15 @@ class CycleGANPhase:
 
     def weights(self) -> dict[str, torch.Tensor]:
         return ckpt.state_dict_to_cpu(torch.nn.ModuleDict({"gan": self.gan, "decoder": self.ae.decoder}))
+
+
+def some_conditions(cells, index: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """The cells of `index` whose condition is among a seeded draw of `n` of theirs (all if fewer)."""
+    codes = torch.unique(cells.condition_codes[index])
+    if len(codes) <= n:
+        return index
+    chosen = codes[torch.randperm(len(codes), generator=torch.Generator().manual_seed(seed))[:n].to(codes.device)]
+    return index[torch.isin(cells.condition_codes[index], chosen)]
 
 
 def phase_train_index(cells, held_out: list[str]) -> torch.Tensor:

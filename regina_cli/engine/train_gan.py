@@ -134,8 +134,7 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
     setup = setup_phase(ctx, run_dir, config, data_dir)
     phase, plan, cells, knowledge = setup.phase, setup.plan, setup.cells, setup.knowledge
     autoencoder, gan = phase.ae, phase.gan
-    phase.start_fit = phase.cross_fitted_scores() if ctx.is_main else None
-    held_out = phase.start_fit if clip_choice.cross_fitted_start(g) else None
+    held_out = phase.cross_fitted_scores() if ctx.is_main and clip_choice.cross_fitted_start(g) else None
     if ctx.is_main and resume:
         phase.remember_start()
     broadcast_state(gan, ctx)
