@@ -512,18 +512,16 @@ def test_training_conditions_are_scored_from_their_cross_fitted_priors():
     assert moved.pearson_delta != pytest.approx(scores.pearson_delta, abs=1e-4)
 
 
+
 def test_fit_scores_draw_a_bounded_seeded_set_of_trained_on_conditions():
-    """`fit_*` scores at most FIT_CONDITIONS trained-on conditions, every cell of each drawn one,
-    the same draw for the same seed; a screen with fewer keeps all of them."""
-    from types import SimpleNamespace
+    """`fit_*` scores at most FIT_CONDITIONS trained-on conditions, every sampled cell of each
+    drawn one kept and its group renumbered, the same draw for the same seed."""
+    from regina_cli.engine.gan_validation import _some_groups
 
-    from regina_cli.engine.gan_phase import some_conditions
-
-    cells = SimpleNamespace(condition_codes=torch.arange(50).repeat_interleave(3))
-    index = torch.arange(150)
-    drawn = some_conditions(cells, index, 32, seed=0)
-    kept = torch.unique(cells.condition_codes[drawn])
-    assert len(kept) == 32 and len(drawn) == 32 * 3
-    assert torch.equal(drawn, some_conditions(cells, index, 32, seed=0))
-    assert not torch.equal(drawn, some_conditions(cells, index, 32, seed=1))
-    assert torch.equal(some_conditions(cells, index[:60], 32, seed=0), index[:60])  # 20 conditions: all
+    rows = [np.arange(3) + 10 * c for c in range(50)]
+    conditions = [f"G{c}+ctrl" for c in range(50)]
+    kept_rows, groups, kept = _some_groups(rows, conditions, 32, seed=0)
+    assert len(kept) == len(set(kept)) == 32 and kept == sorted(kept, key=conditions.index)
+    for j, (r, g, name) in enumerate(zip(kept_rows, groups, kept)):
+        assert (g == j).all() and np.array_equal(r, rows[conditions.index(name)])
+    assert _some_groups(rows, conditions, 32, seed=0)[2] == kept != _some_groups(rows, conditions, 32, seed=1)[2]

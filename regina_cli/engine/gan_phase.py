@@ -26,7 +26,7 @@ from regina_cli.model.prompt import condition_prompt
 LATENT_CHUNK = 4096
 # Trained-on conditions scored after each epoch (`fit_*`), drawn once per run: on a large screen
 # scoring all of them would cost a sizeable share of an epoch (Papalexi's 13 take 3.9 s against
-# 44 s of training an epoch, on one CPU thread).
+# 21-36 s of training an epoch, on one CPU thread).
 FIT_CONDITIONS = 32
 
 
@@ -188,10 +188,10 @@ class CycleGANPhase:
         if epoch == 0 and self.start_pearson is None:  # the untrained model (validate_initial): the start
             self.start_pearson = per_condition
         ok = epoch == 0 or gan_validation.selectable(per_condition, self.start_pearson, self.config.gan.selection_se)
-        return {**self.scores.as_dict(), **self._fit_scores(epoch),
+        return {**self.scores.as_dict(), **self._fit_scores(),
                 gan_validation.SELECTION_METRIC: self.scores.pearson_delta if ok else float("-inf")}
 
-    def _fit_scores(self, epoch: int) -> dict[str, float]:
+    def _fit_scores(self) -> dict[str, float]:
         """How well the model predicts the conditions it trains on, each from the prior fitted
         without it (`fit_*`; none without an expression prior): whether training fits them at all,
         which validation alone cannot tell apart from fitting them in a way that does not carry over."""
@@ -231,10 +231,8 @@ class CycleGANPhase:
         if self.train_prior is None:
             return None
         if max_conditions not in self._fit_plans:  # the conditions and their truth stay the same every epoch
-            seed = self.config.runtime.seed
-            index = self.train_index if max_conditions is None else \
-                some_conditions(self.cells, self.train_index, max_conditions, seed)
-            plan = gan_validation.training_plan(self.cells, index, seed=seed)
+            plan = gan_validation.training_plan(self.cells, self.train_index, seed=self.config.runtime.seed,
+                                                max_conditions=max_conditions)
             self._fit_plans[max_conditions] = None if plan is None else \
                 (plan, gan_validation.group_latent_shift(plan, self.latents, self.cells))
         if self._fit_plans[max_conditions] is None:
@@ -273,15 +271,6 @@ class CycleGANPhase:
 
     def weights(self) -> dict[str, torch.Tensor]:
         return ckpt.state_dict_to_cpu(torch.nn.ModuleDict({"gan": self.gan, "decoder": self.ae.decoder}))
-
-
-def some_conditions(cells, index: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """The cells of `index` whose condition is among a seeded draw of `n` of theirs (all if fewer)."""
-    codes = torch.unique(cells.condition_codes[index])
-    if len(codes) <= n:
-        return index
-    chosen = codes[torch.randperm(len(codes), generator=torch.Generator().manual_seed(seed))[:n].to(codes.device)]
-    return index[torch.isin(cells.condition_codes[index], chosen)]
 
 
 def phase_train_index(cells, held_out: list[str]) -> torch.Tensor:

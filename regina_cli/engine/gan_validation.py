@@ -128,11 +128,21 @@ def build_plan(cells, adata, *, seed: int, holdout: float = 0.0, min_conditions:
     return _plan(cells, adata, source, held_out, rows, groups, conditions)
 
 
-def training_plan(cells, index: torch.Tensor, *, seed: int) -> ValidationPlan | None:
-    """A plan over the usable perturbed training conditions of cells `index` (no top-DE lists),
-    for predictions that did not see them (`engine.clip_choice`); None without any."""
+def training_plan(cells, index: torch.Tensor, *, seed: int, max_conditions: int | None = None) -> ValidationPlan | None:
+    """A plan over the usable perturbed training conditions of cells `index` (no top-DE lists; at
+    most `max_conditions` of them, a seeded draw), for predictions that did not see them
+    (`engine.clip_choice`, the `fit_*` diagnostics); None without any."""
     rows, groups, conditions = _condition_groups(cells, index, seed)
+    if max_conditions is not None and len(conditions) > max_conditions:
+        rows, groups, conditions = _some_groups(rows, conditions, max_conditions, seed)
     return _plan(cells, None, "training conditions", [], rows, groups, conditions) if conditions else None
+
+
+def _some_groups(rows: list, conditions: list[str], n: int, seed: int) -> tuple[list, list, list[str]]:
+    """`_condition_groups`' (rows, groups, conditions) cut to a seeded draw of `n` conditions."""
+    keep = np.sort(np.random.default_rng(seed).choice(len(conditions), n, replace=False))
+    rows = [rows[i] for i in keep]
+    return rows, [np.full(len(r), j) for j, r in enumerate(rows)], [conditions[i] for i in keep]
 
 
 def _plan(cells, adata, source: str, held_out: list[str], rows, groups, conditions: list[str]) -> ValidationPlan:
