@@ -146,7 +146,7 @@ class GANConfig:
                                           "alone; below it the gan.validation_holdout share of training perturbations "
                                           "joins them. 1 (only when none is predictable) by default: the hold-out also "
                                           "leaves the prior without those conditions, which costs small screens "
-                                          "(benchmarks/results/quality.md).", **_AT_LEAST_1)
+                                          "(McFaline 0.644 -> 0.581 at 3; benchmarks/results/knowledge.md).", **_AT_LEAST_1)
     residual_decoding: bool = _opt(True, "Predict X_ctrl + D(T(z)) - D(z) instead of the method's D(T(z)) (cancels decoder error).")
     match_control_mean: bool = _opt(True, "Shift the control cells drawn for each condition (and cell type) so their "
                                      "mean is the mean of all training controls of that cell type: a 100-cell draw "
@@ -163,13 +163,13 @@ class GANConfig:
                                       "where they do not predict). On by default: on the demo's validation "
                                       "conditions it raised pearson_delta from 0.464 to 0.476 with the co-variation "
                                       "term (0.409 to 0.429 without it; seeds 1-3, higher in each; "
-                                      "benchmarks/results/knowledge.md).")
+                                      "docs/knowledge.md).")
     covariation_components: int = _opt(32, "With an expression prior: principal components of the training "
                                        "controls whose gene co-variation moves the genes that co-vary with a measured "
                                        "target along with its knock-down, by a weight chosen on held-out training "
                                        "genes (0 where it does not predict; 0 here turns the term off). On the demo's "
                                        "validation conditions pearson_delta rose from 0.409 to 0.464 (seeds 1-3; "
-                                       "benchmarks/results/quality.md).", **_NON_NEGATIVE)
+                                       "benchmarks/README.md).", **_NON_NEGATIVE)
     covariation_cells: str = _opt("controls", "Cells whose co-variation the co-variation term reads: controls (the "
                                   "training controls), or training (the controls and the perturbed training cells; "
                                   "each fold of the fit reads only the conditions it may see). controls by default: "

@@ -83,6 +83,34 @@ def test_mean_profiles_in_another_gene_order_give_the_same_precision(screen, run
     assert json.loads((tmp_path / "means" / keys.METRICS_FILE).read_text())["models"][0]["form"] == "means"
 
 
+def test_evaluate_loaded_in_memory_scores_as_the_command_does(screen, run, tmp_path, data_dir):
+    """The notebook path (`evaluate_loaded`, no files written) gives the command's table."""
+    from regina_cli.data.dataset import read_dataset
+    from regina_cli.evaluate.predictions import align, shared_genes
+    from regina_cli.evaluate.readers import name_columns, read_predictions
+    from regina_cli.evaluate.run import evaluate_loaded
+    from regina_cli.evaluate.truth import Truth
+
+    adata, split = screen
+    write_predictions(adata, split.test, tmp_path / "pred.h5ad")
+    result = run("--predictions", tmp_path / "pred.h5ad", "--split", split.name, "--out", tmp_path / "cli",
+                 "--no-plots", "--baselines", "train_mean", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    real = read_dataset(NAME, data_dir)
+    raw = name_columns(read_predictions(tmp_path / "pred.h5ad", condition_key=keys.OBS_CONDITION,
+                                        separator=keys.GENE_SEPARATOR), list(real.var_names))
+    truth = Truth(real, shared_genes([raw], list(real.var_names)))
+    loaded = evaluate_loaded(truth, split, [align(raw, truth, "pred")], baselines=["train_mean"])
+
+    assert [m.name for m in loaded.models] == ["pred"] and set(loaded.profiles) == {"train_mean"}
+    assert set(loaded.profiles["train_mean"]) == set(split.test)
+    cli = pd.read_csv(tmp_path / "cli" / keys.PER_CONDITION_FILE).set_index(["condition", "model"]).sort_index()
+    memory = loaded.table.set_index(["condition", "model"]).sort_index()
+    assert list(memory.index) == list(cli.index) and set(memory.index.get_level_values("model")) == {"pred", "train_mean"}
+    np.testing.assert_allclose(memory[list(METRICS)].to_numpy(float), cli[list(METRICS)].to_numpy(float),
+                               rtol=1e-5, atol=1e-7)
+
+
 def test_unknown_conditions_are_skipped_and_counted(screen, run, tmp_path):
     adata, split = screen
     pred = write_predictions(adata, split.test[:2], tmp_path / "pred.h5ad")

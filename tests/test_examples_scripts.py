@@ -16,9 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from regina_cli.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE = REPO / "examples" / "pipeline.sh"
@@ -267,16 +265,8 @@ def test_sbatch_saves_and_requeues_when_the_time_limit_nears(fake_env, tmp_path)
 
 
 # --- The real pipeline --------------------------------------------------------------------------
-def commands_not_built() -> list[str]:
-    runner = CliRunner()
-    return [c for c in STEPS if "not built yet" in runner.invoke(app, [c, "--help"]).output.lower()]
-
-
 @pytest.mark.slow
 def test_pipeline_end_to_end_on_a_tiny_demo(tmp_path):
-    missing = commands_not_built()
-    if missing:
-        pytest.skip(f"commands not built yet: {', '.join(missing)}")
     env = clean_environ()
     # The `regina` of the interpreter running the tests, also when its venv is not activated.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

@@ -459,12 +459,17 @@ def test_one_cell_import_says_why(world, tmp_path):
 
 
 def test_predict_finds_a_combination_written_in_the_other_order(world, tmp_path):
+    import anndata
+
     meta = json.loads((Path(world.paths["run"]) / keys.AE_DIR / keys.META_FILE).read_text())
     a, b = next(c for c in meta["test_conditions"] + meta["train_conditions"] if "ctrl" not in c).split("+")
     result = invoke(*(x.format(**world.paths) for x in [*PREDICT, "--conditions", f"{b}+{a}"]),
                     "--out", tmp_path / "p.h5ad")
     assert result.exit_code == 0, result.output
     assert "never measured" not in result.output
+    written = anndata.read_h5ad(tmp_path / "p.h5ad").obs
+    predicted = written.loc[written[keys.OBS_PROMPT_SOURCE] != "control", keys.OBS_CONDITION]
+    assert set(predicted.astype(str)) == {f"{a}+{b}"}  # the dataset's spelling, not the one asked for
 
 
 def test_no_absurd_throughput_from_an_epoch_too_short_to_time(world, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from regina_cli.cli.options import check_data_dir, check_seed
 from regina_cli.errors import ReginaError
 
 # Names repeated here (not imported) so that `regina --help` loads nothing heavy;
-# tests/test_data_fetch.py checks they equal regina_cli.data.fetch.DATASETS.
+# tests/test_data_demo.py checks they equal regina_cli.data.fetch.DATASETS.
 _DATASETS = "demo, norman, adamson, dixit, replogle_k562_essential, replogle_rpe1_essential"
 
 

@@ -13,7 +13,7 @@ from regina_cli.cli.options import check_data_dir, check_seed
 from regina_cli.errors import ReginaError
 
 # Defaults repeated here (not imported) so that `regina --help` does not load numpy/pandas;
-# tests/test_split_cli.py checks they equal regina_cli.data.split's.
+# tests/test_split.py checks they equal regina_cli.data.split's.
 _MODES = "simulation, simulation_single, combo_seen0, combo_seen1, combo_seen2, single, no_test"
 
 

@@ -143,7 +143,7 @@ def fetch(
 ) -> FetchResult:
     """Fetch, simulate or import dataset `name`; a no-op when it is already present (unless force).
 
-    `demo` holds `simulate_screen` keyword arguments (only for `demo`); `options` tells the
+    `demo` holds `data.demo.simulate_demo` keyword arguments (only for `demo`); `options` tells the
     importer how to read the labels of a `source` file.
     """
     keys.check_name(name)

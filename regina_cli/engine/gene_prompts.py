@@ -10,9 +10,11 @@ unseen genes apart. Gene prompts add what generalises (`model.gan.GenePrompts`):
   space by a learned layer. Fitted first in closed form (ridge, penalty chosen by leave-one-out
   error) from the features of the genes perturbed alone in training to their real latent shifts,
   so an unseen gene starts at what its features predict, not at zero;
-* a learned vector per gene perturbed in training (`gan.learned_prompts`), started at the part of
-  its real shift that the features do not explain (`gan.learned_prompt_init = shift`), so training
-  starts with each seen condition at its own shift instead of one generic move.
+* a learned vector per gene perturbed in training (`gan.learned_prompts`: by default only the
+  unmeasured ones, whose encoder prompt is empty), started small or, with
+  `gan.learned_prompt_init = shift` (useful without an expression prior), at the part of its real
+  shift that the features do not explain, so training starts with each seen condition at its own
+  shift instead of one generic move.
 """
 
 from __future__ import annotations

@@ -243,7 +243,7 @@ def _scorers(models: list[Predictions], profiles: dict, conditions: list[str], c
 
 def evaluate_loaded(truth, split, models: list[Predictions], *, baselines: list[str], seed: int = 0,
                     device="cpu", max_true_cells: int = MAX_TRUE_CELLS, on: str = "test") -> Evaluation:
-    """The engine without file I/O (tests and notebooks call it directly)."""
+    """The engine without file I/O, for notebooks (a test checks it scores as the command does)."""
     device = torch.device(device)
     conditions = sorted({c for m in models for c in m.conditions})
     train = training_data(truth, split.train)

@@ -82,7 +82,6 @@ class Truth:
         self.conditions_of_cells = obs[keys.OBS_CONDITION].astype(str).to_numpy()
         names = set(np.unique(self.conditions_of_cells))
         controls = {c for c in names if is_control(c)}
-        self.control_labels = sorted(controls)
         self.control_rows = np.flatnonzero(np.isin(self.conditions_of_cells, list(controls)))
         if len(self.control_rows) == 0:
             raise ReginaError("the dataset has no control cells ('ctrl'); deltas cannot be computed")
