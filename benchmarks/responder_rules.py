@@ -19,7 +19,9 @@ predicts its mean change from the other training conditions by:
   two (`conditions + 0.5 (knowledge - conditions)`, the prior's knowledge weight v = 0.5);
 * amplitude: the conditions' mean change scaled by the factor (`AMPLITUDES`) that best predicts
   the other measured training singles, each from the rest (how much the shared response counts
-  against the knock-down entry, chosen as the prior's fold weights are).
+  against the knock-down entry, chosen as the prior's fold weights are);
+* pooling: the mean change moved from conditions towards cells by the share (`POOLINGS`) chosen
+  the same way (whether this screen's training targets favour train_mean's pooling).
 
 A measured target gets the median knock-down change of the other measured training singles at
 its own gene in every rule (the prior's self entry). Scores: Pearson of predicted and observed
@@ -46,6 +48,7 @@ from regina_cli.data.knowledge import load_gene_knowledge  # noqa: E402
 from regina_cli.data.split import load_split  # noqa: E402
 
 AMPLITUDES = (0.25, 0.5, 1.0, 2.0, 4.0)
+POOLINGS = (0.0, 0.5, 1.0)
 STRATA = ((-1.0, 0.3), (0.3, 0.7), (0.7, 1.0))
 
 
@@ -76,13 +79,16 @@ class Screen:
     def self_entry(self, targets: list[str]) -> float:
         return float(np.median([self.change[t][self.index[t]] for t in targets if t in self.index] or [0.0]))
 
-    def predict(self, target: str, others: list[str], rule: str, knowledge=None, amplitude: float = 1.0) -> np.ndarray:
+    def predict(self, target: str, others: list[str], rule: str, knowledge=None, amplitude: float = 1.0,
+                pooling: float = 0.0) -> np.ndarray:
         changes = np.stack([self.change[t] for t in others])
         mean = changes.mean(0)
         if rule == "cells":
+            pooling = 1.0
+        if pooling:
             counts = np.asarray([self.cells[t] for t in others], dtype=float)
-            mean = counts @ changes / counts.sum()
-        elif rule.startswith("knowledge"):
+            mean = mean + pooling * (counts @ changes / counts.sum() - mean)
+        if rule.startswith("knowledge"):
             weights, usable = knowledge.neighbours([target], others)
             if usable[0]:
                 mix = weights[0] @ changes
@@ -92,14 +98,15 @@ class Screen:
             prediction[self.index[target]] = self.self_entry(others)
         return prediction
 
-    def chosen_amplitude(self, others: list[str]) -> float:
-        """The amplitude that best predicts each measured target among `others` from the rest."""
+    def chosen(self, others: list[str], setting: str, values: tuple[float, ...]) -> float:
+        """The value of `setting` (`amplitude`, `pooling`) that best predicts each measured target
+        among `others` from the rest."""
         measured = [t for t in others if t in self.index]
 
-        def score(a: float) -> float:
-            return np.mean([_pearson(self.predict(t, [o for o in others if o != t], "conditions", amplitude=a),
+        def score(value: float) -> float:
+            return np.mean([_pearson(self.predict(t, [o for o in others if o != t], "conditions", **{setting: value}),
                                      self.change[t]) for t in measured] or [0.0])
-        return max(AMPLITUDES, key=score)
+        return max(values, key=score)
 
 
 def held_out_rows(screen: Screen, train: list[str], knowledge) -> list[dict]:
@@ -110,17 +117,18 @@ def held_out_rows(screen: Screen, train: list[str], knowledge) -> list[dict]:
         row = {"target": target, "measured": target in screen.index, "reliability": screen.reliability[target]}
         for rule in rules:
             row[rule] = _pearson(screen.predict(target, others, rule, knowledge), screen.change[target])
-        amplitude = screen.chosen_amplitude(others)
-        row["amplitude"] = _pearson(screen.predict(target, others, "conditions", amplitude=amplitude),
+        for setting, values in (("amplitude", AMPLITUDES), ("pooling", POOLINGS)):
+            value = screen.chosen(others, setting, values)
+            row[setting] = _pearson(screen.predict(target, others, "conditions", **{setting: value}),
                                     screen.change[target])
-        row["amplitude chosen"] = amplitude
+            row[f"{setting} chosen"] = value
         rows.append(row)
     return rows
 
 
 def report(dataset: str, per_seed: dict[int, list[dict]]) -> str:
     rows = [r for seed_rows in per_seed.values() for r in seed_rows]
-    rules = [k for k in rows[0] if k not in ("target", "measured", "reliability", "amplitude chosen")]
+    rules = [k for k in rows[0] if k not in ("target", "measured", "reliability") and not k.endswith(" chosen")]
     groups = [(f"reliability {lo:g}-{hi:g}", lambda r, lo=lo, hi=hi: lo < r["reliability"] <= hi) for lo, hi in STRATA]
     groups += [("measured targets", lambda r: r["measured"]),
                ("measured, reliability > 0.7", lambda r: r["measured"] and r["reliability"] > 0.7),
@@ -133,9 +141,12 @@ def report(dataset: str, per_seed: dict[int, list[dict]]) -> str:
         if chosen:
             lines.append(f"| {name} | {len(chosen)} | " +
                          " | ".join(f"{np.mean([r[k] for r in chosen]):.3f}" for k in rules) + " |")
-    amplitudes = sorted({r["amplitude chosen"] for r in rows})
-    lines += ["", "Amplitudes chosen: " + ", ".join(
-        f"{a:g} ({sum(r['amplitude chosen'] == a for r in rows)})" for a in amplitudes), ""]
+    lines.append("")
+    for setting in ("amplitude", "pooling"):
+        chosen = [r[f"{setting} chosen"] for r in rows]
+        lines.append(f"{setting.capitalize()} chosen: " + ", ".join(
+            f"{a:g} ({chosen.count(a)})" for a in sorted(set(chosen))) + "  ")
+    lines.append("")
     return "\n".join(lines)
 
 

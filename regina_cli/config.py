@@ -178,11 +178,12 @@ class GANConfig:
                                   "training singles, too little to change the default.",
                                   choices=("controls", "training"))
     prior_mean: str = _opt("conditions", "How the prior's mean change (its start for an unseen target) averages the "
-                           "training conditions: conditions (each counts once) or cells (each condition by its cell "
-                           "count, as the train_mean baseline pools them). conditions by default: on training "
-                           "conditions held out of phase 2, cells scored 0.305 against 0.301 on Papalexi (0.350 "
-                           "against 0.301 on its strongest responders, lower on the moderate ones) and 0.485 against "
-                           "0.490 on the demo.", choices=("conditions", "cells"))
+                           "training conditions: conditions (each counts once), cells (each condition by its cell "
+                           "count, as the train_mean baseline pools them), or chosen (the share pooled over cells, "
+                           "0, 0.5 or 1, chosen by the folds on held-out measured training targets). conditions by "
+                           "default: on training conditions held out of phase 2, cells scored 0.305 against 0.301 on "
+                           "Papalexi (0.350 against 0.301 on its strongest responders, lower on the moderate ones) "
+                           "and 0.485 against 0.490 on the demo.", choices=("conditions", "cells", "chosen"))
     covariation_skip: int = _opt(2, "Leading principal components of the controls left out of the co-variation "
                                  "term: the axes every gene moves on (cell cycle, stress, depth), which would give "
                                  "every knock-down one shared shift. 0 keeps them (demo validation 0.420 instead "

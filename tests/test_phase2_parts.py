@@ -147,6 +147,14 @@ def test_prior_is_fitted_on_training_conditions_and_cross_fitted_for_them(monkey
     crossk = fit_expression_prior(ExpressionPrior(cells.n_genes, len(table), 10, n_observed=3), cells, stats, control,
                                   table, seed=0, knockdown_scale=3.0)
     assert scales and set(scales) == {1.0}
+    # `gan.prior_mean = chosen`: the module starts unseen genes from the chosen mix, and says which
+    chosen = ExpressionPrior(cells.n_genes, len(table), 10, n_observed=3)
+    fit_expression_prior(chosen, cells, stats, control, table, seed=0, prior_mean="chosen")
+    codes = [code[c] for c in cells.conditions if c != "ctrl" and stats.counts[code[c]] > 0]
+    once, pooled = expression_prior._mean_changes(stats, codes, control.double().numpy(), "chosen")
+    share = float(chosen.mean_pooling)
+    assert share in expression_prior.POOLINGS and float(prior.mean_pooling) == 0.0
+    np.testing.assert_allclose(chosen.mean_change.numpy(), once + share * (pooled - once), atol=1e-5)
     # ... and the table the transition trains on carries k (a measured training single: its own gene)
     g1 = genes.index("G1")
     assert abs(float(cross[code["G1+ctrl"], g1])) > 0.1
@@ -362,7 +370,7 @@ def test_folds_give_covariation_weight_only_when_it_predicts_held_out_genes(info
     from regina_cli.engine.expression_prior import _choose_weights
 
     folds, held, observed = _covarying_folds(informative)
-    _, _, covariation = _choose_weights(folds, held, observed, with_knowledge=False, with_covariation=True)
+    _, _, covariation, _ = _choose_weights(folds, held, observed, with_knowledge=False, with_covariation=True)
     if informative:
         assert covariation >= 0.5
         moved = replace(folds[0], covariation_weight=covariation).unseen("R0")
@@ -413,16 +421,44 @@ def test_knockdown_scale_multiplies_the_targets_own_entry_only():
 
 def test_prior_mean_change_counts_conditions_once_or_by_their_cells():
     """`gan.prior_mean`: conditions average each condition's change once; cells pool them by cell
-    count, as train_mean does (a 3-cell condition then weighs three times a 1-cell one)."""
+    count, as train_mean does (a 3-cell condition then weighs three times a 1-cell one); chosen
+    keeps both for the folds to mix."""
     from types import SimpleNamespace
 
-    from regina_cli.engine.expression_prior import _mean_change
+    from regina_cli.engine.expression_prior import _mean_changes
 
     stats = SimpleNamespace(counts=torch.tensor([0.0, 3.0, 1.0]),
                             expression_mean=torch.tensor([[9.0, 9.0], [2.0, 1.0], [6.0, 1.0]]))
     control = np.array([1.0, 1.0])
-    np.testing.assert_allclose(_mean_change(stats, [1, 2], control), [3.0, 0.0])
-    np.testing.assert_allclose(_mean_change(stats, [1, 2], control, by_cells=True), [2.0, 0.0])
+    once, none = _mean_changes(stats, [1, 2], control, "conditions")
+    np.testing.assert_allclose(once, [3.0, 0.0])
+    assert none is None and _mean_changes(stats, [1, 2], control, "cells")[1] is None
+    np.testing.assert_allclose(_mean_changes(stats, [1, 2], control, "cells")[0], [2.0, 0.0])
+    both = _mean_changes(stats, [1, 2], control, "chosen")
+    np.testing.assert_allclose(np.stack(both), [[3.0, 0.0], [2.0, 0.0]])
+
+
+@pytest.mark.parametrize("pooled_predicts", [True, False])
+def test_folds_pool_the_mean_change_over_cells_only_when_held_out_targets_say_so(pooled_predicts):
+    """`gan.prior_mean = chosen`: the held-out training singles decide how much of the start is
+    pooled over cells; whatever is chosen, every unseen gene starts from that mix."""
+    from regina_cli.engine.expression_prior import POOLINGS, _choose_weights, _Effects
+    from regina_cli.evaluate.baselines import LinearModel
+
+    rng = np.random.default_rng(0)
+    genes = [f"R{i}" for i in range(12)]
+    index = {g: i for i, g in enumerate(genes)}
+    once, pooled = rng.normal(size=12), rng.normal(size=12)
+    truth = pooled if pooled_predicts else once
+    observed = {g: truth + rng.normal(0, 0.3, 12) for g in genes[:6]}
+    model = LinearModel(np.zeros((12, 0)), np.zeros((0, 0)), once, index)
+    folds = [_Effects(model, observed, once, 1.0, 0.0, pooled_change=pooled) for _ in observed]
+    held = list(enumerate(observed))
+    pooling = _choose_weights(folds, held, observed, False, False, POOLINGS)[3]
+    assert pooling == (1.0 if pooled_predicts else 0.0)
+    assert _choose_weights(folds, held, observed, False, False)[3] == 0.0  # conditions: nothing to choose
+    mixed = _Effects(model, observed, once, 0.0, 0.0, pooled_change=pooled, pooling=0.5)
+    np.testing.assert_allclose(mixed.unseen("NOT_MEASURED"), (once + pooled) / 2)
 
 
 def test_train_gan_says_when_no_trained_epoch_beat_the_untrained_start():

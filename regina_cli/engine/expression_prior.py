@@ -37,13 +37,15 @@ def _training_data(cells, stats, codes: list[int], control_mean: np.ndarray) -> 
 
 
 LINEAR_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+POOLINGS = (0.0, 0.5, 1.0)  # share of the mean change pooled over cells (`gan.prior_mean = chosen`)
 COVARIATION_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0)
 COVARIATION_CELLS = 10_000  # cells sampled for their co-variation (bounds its memory)
 
 
 @dataclass
 class _Effects:
-    """Single-gene effects for the prior: the observed ones, else the mean change m moved by
+    """Single-gene effects for the prior: the observed ones, else the mean change m (over
+    conditions, moved by `pooling` towards its pooling over cells, `pooled_change`) moved by
     `weight` towards the linear model and by `knowledge_weight` towards the knowledge neighbours'
     observed effects (m + w (linear - m) + v (k - m)), plus for a measured gene g its control
     co-variation slopes times its knock-down (u s C C_g / var_g, `covariation_weight` u), the
@@ -60,15 +62,25 @@ class _Effects:
     precision: np.ndarray | None = None  # [G] 1 / each gene's variance in the controls (0 if constant)
     covariation_weight: float = 0.0
     knockdown_scale: float = 1.0
+    pooled_change: np.ndarray | None = None
+    pooling: float = 0.0
+
+    @property
+    def start(self) -> np.ndarray:
+        """m: where an unseen gene's effect starts."""
+        if not self.pooling:
+            return self.mean_change
+        return self.mean_change + self.pooling * (self.pooled_change - self.mean_change)
 
     def unseen(self, gene: str) -> np.ndarray:
         embedding = self.model.embed(canonical_condition([gene]))
         linear = self.model.offset if embedding is None else self.model.predict_change(embedding)
-        effect = self.mean_change + self.weight * (linear - self.mean_change)
+        start = self.start
+        effect = start + self.weight * (linear - start)
         if gene in self.neighbours and self.knowledge_weight:
             genes, weights = self.neighbours[gene]
             known = sum(w * self.observed[g] for g, w in zip(genes, weights))
-            effect = effect + self.knowledge_weight * (known - self.mean_change)
+            effect = effect + self.knowledge_weight * (known - start)
         if gene in self.model.gene_index:
             i = self.model.gene_index[gene]
             if self.covariation_weight:
@@ -116,34 +128,37 @@ def _neighbours(knowledge, genes, observed: dict[str, np.ndarray], exclude=()) -
 
 
 def _choose_weights(fold_effects: list[_Effects], held_out: list[tuple[int, str]], observed: dict[str, np.ndarray],
-                    with_knowledge: bool, with_covariation: bool) -> tuple[float, float, float]:
-    """(linear weight w, knowledge weight v, co-variation weight u), w + v <= 1, each the candidate
-    whose held-out single-gene predictions correlate best with the observed effects, scored on the
-    genes it acts on, in turn: w on the held-out targets the screen measures (for the others the
+                    with_knowledge: bool, with_covariation: bool,
+                    poolings: tuple[float, ...] = (0.0,)) -> tuple[float, float, float, float]:
+    """(linear weight w, knowledge weight v, co-variation weight u, pooling p), w + v <= 1, each the
+    candidate whose held-out single-gene predictions correlate best with the observed effects,
+    scored on the genes it acts on, in turn: p among `poolings` and then w on the held-out targets
+    the screen measures (for the others the
     linear model predicts a constant, so they would choose w by how the model's offset compares
     with the mean change); v, given w, on those with knowledge neighbours, without the co-variation
     term (v also moves targets the screen does not measure, where that term is absent); u, given
     both, on the measured ones again. Where no held-out gene qualifies, all of them."""
-    def score(pairs: list[tuple[int, str]], w: float, v: float, u: float) -> float:
-        return float(np.mean([_pearson(_reweighted(fold_effects[f], w, v, u).unseen(g), observed[g])
+    def score(pairs: list[tuple[int, str]], w: float, v: float, u: float, p: float) -> float:
+        return float(np.mean([_pearson(_reweighted(fold_effects[f], w, v, u, p).unseen(g), observed[g])
                               for f, g in pairs] or [0.0]))
 
     embedded = [(f, g) for f, g in held_out if fold_effects[f].model.embed(canonical_condition([g])) is not None]
-    weight = max(LINEAR_WEIGHTS, key=lambda w: score(embedded or held_out, w, 0.0, 0.0))
+    pooling = max(poolings, key=lambda p: score(embedded or held_out, 0.0, 0.0, 0.0, p))
+    weight = max(LINEAR_WEIGHTS, key=lambda w: score(embedded or held_out, w, 0.0, 0.0, pooling))
     knowledge = 0.0
     if with_knowledge:
         near = [(f, g) for f, g in held_out if g in fold_effects[f].neighbours]
         knowledge = max((v for v in LINEAR_WEIGHTS if weight + v <= 1),
-                        key=lambda v: score(near or held_out, weight, v, 0.0))
+                        key=lambda v: score(near or held_out, weight, v, 0.0, pooling))
     covariation = max(COVARIATION_WEIGHTS if with_covariation else (0.0,),
-                      key=lambda u: score(embedded or held_out, weight, knowledge, u))
-    return weight, knowledge, covariation
+                      key=lambda u: score(embedded or held_out, weight, knowledge, u, pooling))
+    return weight, knowledge, covariation, pooling
 
 
 @torch.no_grad()
 def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt_genes: list[str], *,
                          seed: int, knowledge=None, covariation_skip: int = 0,
-                         covariation_cells: str = "controls", mean_by_cells: bool = False,
+                         covariation_cells: str = "controls", prior_mean: str = "conditions",
                          knockdown_scale: float = 1.0) -> torch.Tensor:
     """Fit `prior` (`model.gan.ExpressionPrior`) on every perturbed training condition in `stats`
     and return the cross-fitted prior of each condition code [C, G]: a training condition gets the
@@ -160,8 +175,9 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
     `covariation_skip` leading directions of the training controls, or with `covariation_cells =
     "training"` of the controls and the training cells of the conditions a fit may see: each
     fold's own, so a held-out gene's cells never shape its slopes), how far a measured target's
-    co-varying genes follow its knock-down. `mean_by_cells` weights each condition's change in the
-    mean change by its cell count (train_mean's pooling) instead of counting it once.
+    co-varying genes follow its knock-down. `prior_mean`: the mean change counts each condition
+    once (`conditions`), by its cell count (`cells`, train_mean's pooling), or the folds choose the
+    share pooled over cells (`chosen`, among `POOLINGS`) first, on the measured held-out targets.
     The folds choose these weights with a measured target's own entry at 1 x the median
     self-change; `knockdown_scale` k applies to the cross-fitted table and the fitted prior only.
     Choosing them at k lost on the demo's validation conditions (benchmarks/README.md).
@@ -190,23 +206,27 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
         held_genes = {g for g, c in singles.items() if c in held}
         unseen_here = {g for c in held for g in parse_condition(cells.conditions[c])
                        if g in held_genes or g not in observed}
-        fold_effects.append(_Effects(model, observed, _mean_change(stats, kept, mean, mean_by_cells), 1.0,
+        once, pooled = _mean_changes(stats, kept, mean, prior_mean)
+        fold_effects.append(_Effects(model, observed, once, 1.0,
                                      median_self_effect(observed, full.gene_index, exclude=held_genes),
                                      _neighbours(knowledge, unseen_here, observed, exclude=held_genes),
-                                     **(shared or covariation(kept))))
+                                     **(shared or covariation(kept)), pooled_change=pooled))
         held_out_singles += [(len(fold_effects) - 1, g) for g in held_genes]
-    weight, knowledge_weight, covariation_weight = _choose_weights(
-        fold_effects, held_out_singles, observed, knowledge is not None, fold_effects[0].covariation is not None)
+    weight, knowledge_weight, covariation_weight, pooling = _choose_weights(
+        fold_effects, held_out_singles, observed, knowledge is not None, fold_effects[0].covariation is not None,
+        POOLINGS if prior_mean == "chosen" else (0.0,))
     needed = (set(prompt_genes) | {g for name in cells.conditions for g in parse_condition(name)}) - set(observed)
-    effects = _Effects(full, observed, _mean_change(stats, codes, mean, mean_by_cells), weight,
+    once, pooled = _mean_changes(stats, codes, mean, prior_mean)
+    effects = _Effects(full, observed, once, weight,
                        median_self_effect(observed, full.gene_index), _neighbours(knowledge, needed, observed),
                        knowledge_weight, **(shared or covariation(codes)), covariation_weight=covariation_weight,
-                       knockdown_scale=knockdown_scale)
+                       knockdown_scale=knockdown_scale, pooled_change=pooled, pooling=pooling)
     _load(prior, effects, prompt_genes)
     table = np.stack([effects.prior(name) if not is_control(name) else np.zeros(cells.n_genes)
                       for name in cells.conditions])
     for held, fold in zip(folds, fold_effects):
-        chosen = replace(_reweighted(fold, weight, knowledge_weight, covariation_weight), knockdown_scale=knockdown_scale)
+        chosen = replace(_reweighted(fold, weight, knowledge_weight, covariation_weight, pooling),
+                         knockdown_scale=knockdown_scale)
         for code in held:
             table[code] = chosen.prior(cells.conditions[code], own=True)
     return torch.as_tensor(table, dtype=torch.float32, device=cells.device)
@@ -225,8 +245,9 @@ def _fit(train: TrainingData) -> LinearModel:
 
 
 def _reweighted(effects: _Effects, weight: float, knowledge_weight: float = 0.0,
-                covariation_weight: float = 0.0) -> _Effects:
-    return replace(effects, weight=weight, knowledge_weight=knowledge_weight, covariation_weight=covariation_weight)
+                covariation_weight: float = 0.0, pooling: float = 0.0) -> _Effects:
+    return replace(effects, weight=weight, knowledge_weight=knowledge_weight, covariation_weight=covariation_weight,
+                   pooling=pooling)
 
 
 @torch.no_grad()
@@ -272,11 +293,14 @@ def covariation_loadings(x: torch.Tensor, components: int, generator: torch.Gene
     return loadings, precision
 
 
-def _mean_change(stats, codes: list[int], control_mean: np.ndarray, by_cells: bool = False) -> np.ndarray:
-    """The mean over conditions of their mean change, each condition counted once or (`by_cells`)
-    by its cells, which is train_mean's pooled change."""
-    weights = stats.counts[codes].double().cpu().numpy() if by_cells else np.ones(len(codes))
-    return weights @ stats.expression_mean[codes].double().cpu().numpy() / weights.sum() - control_mean
+def _mean_changes(stats, codes: list[int], control_mean: np.ndarray, prior_mean: str) -> tuple:
+    """(the mean change, the change pooled over cells or None): the mean change counts each
+    condition once, or (`prior_mean` cells) by its cell count, as train_mean pools it; with `chosen`
+    the pooled change comes too, for the folds to mix in."""
+    means = stats.expression_mean[codes].double().cpu().numpy()
+    counts = stats.counts[codes].double().cpu().numpy()
+    once, pooled = means.mean(0) - control_mean, counts @ means / counts.sum() - control_mean
+    return {"conditions": (once, None), "cells": (pooled, None), "chosen": (once, pooled)}[prior_mean]
 
 
 def _load(prior, effects: _Effects, prompt_genes: list[str]) -> None:
@@ -286,7 +310,8 @@ def _load(prior, effects: _Effects, prompt_genes: list[str]) -> None:
     prior.embedding.zero_()[:, :k] = torch.as_tensor(model.gene_embedding, dtype=prior.embedding.dtype)
     prior.weight.zero_()[:k, :k] = torch.as_tensor(model.weights, dtype=prior.weight.dtype)
     prior.offset.copy_(torch.as_tensor(model.offset, dtype=prior.offset.dtype))
-    prior.mean_change.copy_(torch.as_tensor(effects.mean_change, dtype=prior.mean_change.dtype))
+    prior.mean_change.copy_(torch.as_tensor(effects.start, dtype=prior.mean_change.dtype))
+    prior.mean_pooling.fill_(effects.pooling)
     prior.linear_weight.fill_(effects.weight)
     prior.self_effect.fill_(effects.self_effect)
     prior.knockdown_scale.fill_(effects.knockdown_scale)

@@ -193,7 +193,7 @@ def build_phase(autoencoder, cells, config: ReginaConfig, ctx: DistContext,
                                                             knowledge=knowledge,
                                                             covariation_skip=config.gan.covariation_skip,
                                                             covariation_cells=config.gan.covariation_cells,
-                                                            mean_by_cells=config.gan.prior_mean == "cells",
+                                                            prior_mean=config.gan.prior_mean,
                                                             knockdown_scale=config.gan.knockdown_scale)
         if knowledge is not None:
             expression_prior.fill_knowledge_embeddings(gan.expression_prior, knowledge, cells.genes, prompt_genes)
@@ -205,7 +205,8 @@ def build_phase(autoencoder, cells, config: ReginaConfig, ctx: DistContext,
                   "prior_self_effect": float(prior.self_effect),
                   "prior_knockdown_entry": float(prior.self_effect * prior.knockdown_scale),
                   "prior_knowledge_weight": float(prior.knowledge_weight),
-                  "prior_covariation_weight": float(prior.covariation_weight)}
+                  "prior_covariation_weight": float(prior.covariation_weight),
+                  "prior_mean_pooling": float(prior.mean_pooling)}
     return phase, {"observed_genes": observed, "prompt_fit": fitted}
 
 

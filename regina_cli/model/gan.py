@@ -210,10 +210,13 @@ class ExpressionPrior(_LoadsOlderRuns, nn.Module):
         self.register_buffer("covariation_precision", torch.zeros(n_genes))
         self.register_buffer("covariation_weight", torch.zeros(()))
         self.register_buffer("knockdown_scale", torch.ones(()))
+        # the share of mean_change pooled over cells (`gan.prior_mean`): a record, mean_change holds it
+        self.register_buffer("mean_pooling", torch.zeros(()))
 
     # Runs saved before a term existed: without it (as constructed), and the own entry s itself.
     LEGACY_BUFFERS = {**dict.fromkeys(("neighbour_rows", "neighbour_weights", "knowledge_weight", "covariation",
-                                       "covariation_precision", "covariation_weight")), "knockdown_scale": 1.0}
+                                       "covariation_precision", "covariation_weight", "mean_pooling")),
+                      "knockdown_scale": 1.0}
 
     def neighbour_effect(self, prompt_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(k [B, k, n_genes]: similarity-weighted observed effects of each target's knowledge
