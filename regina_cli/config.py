@@ -371,14 +371,24 @@ def parse_set(assignments: list[str] | None) -> dict:
     return nested
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """YAML's complaint on one line: what is wrong and where (its own message spans several
+    lines, with a caret under the text)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ReginaError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+    except UnicodeDecodeError:
+        raise ReginaError(f"config file {path} is not a text file (YAML)") from None
     except yaml.YAMLError as exc:
-        raise ReginaError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ReginaError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ReginaError(f"config file {path} must be a mapping of sections")
     return data

@@ -166,3 +166,18 @@ def test_control_rows_are_not_scored_but_are_the_predicted_controls(screen, run,
     assert summary["models"][0]["n_control_rows"] == controls.n_obs and len(table) == len(split.test)
     np.testing.assert_allclose(table[PRECISION_METRICS], plain[PRECISION_METRICS], rtol=1e-6)
     np.testing.assert_allclose(table["discrimination_score_l1"], moved["discrimination_score_l1"])
+
+
+def test_a_gene_column_with_text_is_refused_but_a_label_column_is_set_aside(tmp_path):
+    """A typo in one cell must not drop a gene from the score unnoticed; a column of labels is not a gene."""
+    from regina_cli.errors import ReginaError
+    from regina_cli.evaluate.readers import read_predictions
+
+    frame = pd.DataFrame({"condition": ["A+ctrl", "B+ctrl"], "G1": [1.0, 2.0], "G2": [0.5, 3.0], "note": ["x", "y"]})
+    frame.to_csv(tmp_path / "ok.csv", index=False)
+    raw = read_predictions(tmp_path / "ok.csv", condition_key="condition", separator="+")
+    assert raw.gene_names == [["G1", "G2"]] and raw.x.shape == (2, 2)
+    frame["G1"] = ["1.0", "oops"]
+    frame.to_csv(tmp_path / "typo.csv", index=False)
+    with pytest.raises(ReginaError, match=r"column 'G1' holds numbers and text \('oops' in data row 2\)"):
+        read_predictions(tmp_path / "typo.csv", condition_key="condition", separator="+")

@@ -169,6 +169,23 @@ def retrain_phase1(w: World) -> None:
     torch.save(weights, path)
 
 
+def write_bad_yaml(w: World) -> None:
+    (w.root / "bad.yaml").write_text("model: [1,2\n")
+
+
+def predict_a_training_condition_only(w: World) -> None:
+    """The predictions file relabelled: every predicted cell of one training condition."""
+    import anndata
+
+    train = json.loads((Path(w.paths["run"]) / keys.AE_DIR / keys.META_FILE).read_text())["train_conditions"]
+    predictions = anndata.read_h5ad(w.paths["preds"])
+    predicted = predictions.obs[keys.OBS_PROMPT_SOURCE].astype(str) != "control"
+    condition = predictions.obs[keys.OBS_CONDITION].astype(str)
+    condition[predicted] = next(c for c in train if c != keys.CTRL)
+    predictions.obs[keys.OBS_CONDITION] = condition.astype("category")
+    predictions.write_h5ad(w.paths["preds"])
+
+
 def drop_gan_checkpoint(w: World) -> None:
     (Path(w.paths["run"]) / keys.GAN_DIR / keys.LAST_CHECKPOINT).unlink()
 
@@ -252,6 +269,8 @@ CASES = [
     Case("fetch-demo-options-with-from", ["fetch", "demo", "--cells", "50", "--from", "{h5ad}", *D], "only apply"),
     Case("fetch-import-options-without-from", ["fetch", "new", "--n-top-genes", "5", *D], "only apply with --from"),
     Case("fetch-unknown-dataset", ["fetch", "nosuchscreen", *D], "unknown dataset"),
+    Case("fetch-demo-too-large", ["fetch", "demo", "--force", "--cells", "100000000000", "--genes", "100000000", *D],
+         "lower --cells or --genes"),
     # split
     Case("split-seed-negative", ["split", "demo", "--seed", "-1", *D], "--seed takes a whole number"),
     Case("split-seed-2^32", ["split", "demo", "--seed", SEED_MAX_PLUS_1, *D], "--seed takes"),
@@ -309,6 +328,13 @@ CASES = [
     Case("ae-name-outside", ["train-ae", "../outside", *AE[2:], "--run", "{root}/runs/new", *SETS],
          "not a usable dataset name"),
     Case("ae-gpus-0", [*AE, "--run", "{root}/runs/new", "--gpus", "0", *SETS], "--gpus"),
+    Case("ae-gene-knowledge-not-a-table", [*AE, "--run", "{root}/runs/new", *SETS, "--gene-knowledge", "{file}"],
+         "gene knowledge file"),
+    Case("ae-resume-gene-knowledge-missing", [*AE, "--run", "{run}", "--resume", "--gene-knowledge", "{root}/no.tsv"],
+         "not found"),
+    Case("ae-config-not-text", [*AE, "--run", "{root}/runs/new", "--config", "{h5ad}"], "not a text file"),
+    Case("ae-config-bad-yaml", [*AE, "--run", "{root}/runs/new", "--config", "{root}/bad.yaml"],
+         "not valid YAML: expected ',' or ']'", change=write_bad_yaml),
     # train-gan
     Case("gan-on-interrupted-phase1", GAN, "did not finish training", change=mark_interrupted(keys.AE_DIR)),
     Case("gan-run-missing", ["train-gan", "--run", "{root}/runs/none", "--device", "cpu", *D], "regina train-ae"),
@@ -336,6 +362,10 @@ CASES = [
     Case("predict-unknown-gene", [*PREDICT, "--conditions", "NOPE+ctrl"], "not among the"),
     Case("predict-control-condition", [*PREDICT, "--conditions", "ctrl"], "is the control condition"),
     Case("predict-conditions-file-missing", [*PREDICT, "--conditions-file", "{root}/nope.txt"], "does not exist"),
+    Case("predict-conditions-file-not-text", [*PREDICT, "--conditions-file", "{h5ad}"], "not a text file"),
+    Case("predict-conditions-and-file", [*PREDICT, "--conditions", "test", "--conditions-file", "{file}"], "not both"),
+    Case("predict-out-is-the-dataset", [*PREDICT, "--out", "{h5ad}"], "dataset folder"),
+    Case("predict-out-not-h5ad", [*PREDICT, "--out", "{root}/p.csv"], "ending in .h5ad"),
     Case("predict-run-is-a-file", ["predict", "--run", "{file}", "--device", "cpu", *D], "regina train-ae"),
     Case("predict-data-dir-is-a-file", [*PREDICT[:-2], "--data-dir", "{file}"], "is a file, not a folder"),
     Case("predict-after-dataset-refetched", PREDICT, "another version of dataset demo",
@@ -353,6 +383,8 @@ CASES = [
     Case("evaluate-split-missing", [*EVALUATE, "--split", "simulation_9"], "not found"),
     Case("evaluate-data-dir-is-a-file", [*EVALUATE[:-2], "--data-dir", "{file}"], "is a file, not a folder"),
     Case("evaluate-predictions-not-h5ad", [*EVALUATE[:3], "{file}", *EVALUATE[4:]], "afile"),
+    Case("evaluate-no-test-condition-predicted", EVALUATE, "predicts none of the",
+         change=predict_a_training_condition_only),
 ]
 
 

@@ -249,3 +249,11 @@ def test_cells_follow_the_conditions_cell_type_mix():
     assert (controls[keys.OBS_CONDITION] == "ctrl").all()
     assert (controls[keys.OBS_CELL_TYPE].to_numpy() == plan.cells["cell_type"].to_numpy()).all()
     assert list(plan.control_names) == list(controls.index)
+
+
+def test_conditions_files_from_any_editor_are_read(tmp_path):
+    """A byte-order mark, Windows line ends, blank lines and comments are not conditions."""
+    from regina_cli.engine.predict import read_conditions_file
+
+    (tmp_path / "c.txt").write_bytes("\ufeffA+ctrl\r\n\r\n# doubles\r\nA+B  # the pair\r\n".encode("utf-8"))
+    assert read_conditions_file(tmp_path / "c.txt") == ["A+ctrl", "A+B"]

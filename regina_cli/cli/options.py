@@ -32,14 +32,20 @@ def check_data_dir(data_dir: str | Path | None, *, writes: bool) -> None:
 
 
 def check_out_file(out: Path | None) -> None:
-    """`--out` names a file to write: not an existing folder, and inside a folder."""
+    """`--out` names an h5ad file to write: not an existing folder, inside a folder, and not a
+    dataset (a dataset folder's files are what every other step reads)."""
     if out is None:
         return
     if out.is_dir():
         raise ReginaError(f"--out {out} is a folder: give a file path, e.g. {out / keys.PREDICTIONS_FILE}")
+    if out.suffix != ".h5ad":
+        raise ReginaError(f"--out {out}: predictions are written as h5ad; give a path ending in .h5ad")
     parent = next((p for p in out.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise ReginaError(f"--out {out}: {parent} is a file, not a folder; choose another path")
+    if out.name == keys.DATA_FILE or (out.parent / (keys.DATA_FILE + keys.CHECKSUM_SUFFIX)).exists():
+        raise ReginaError(f"--out {out} is in a dataset folder, whose files other steps read; write the "
+                          "predictions elsewhere (default: <run>/predictions.h5ad)")
 
 
 def check_out_folder(out: Path, marker: str) -> None:

@@ -17,9 +17,10 @@ from regina_cli.errors import ReginaError
 @user_errors
 def predict_command(
     run: Path = typer.Option(..., "--run", help="Run directory with trained ae/ and gan/ phases."),
-    conditions: str = typer.Option(
-        "test", "--conditions",
-        help="test, val, all (the run's split), or a comma-separated list such as KLF1+ctrl,KLF1+CEBPA.",
+    conditions: Optional[str] = typer.Option(
+        None, "--conditions", show_default=False,
+        help="test, val, all (the run's split), or a comma-separated list such as KLF1+ctrl,KLF1+CEBPA "
+        "(default: test).",
     ),
     conditions_file: Path = typer.Option(
         None, "--conditions-file", help="File with one condition per line (instead of --conditions).",
@@ -54,9 +55,9 @@ def predict_command(
     check_seed(seed)
     check_out_file(out)
     check_data_dir(data_dir, writes=False)
-    if conditions_file is not None and conditions != "test":
+    if conditions_file is not None and conditions is not None:
         raise ReginaError("give either --conditions or --conditions-file, not both")
-    chosen = read_conditions_file(conditions_file) if conditions_file is not None else conditions
+    chosen = read_conditions_file(conditions_file) if conditions_file is not None else conditions or "test"
     options = FileOptions(with_controls=with_controls, clip=clip, sparsify=sparsify)
     result = run_prediction(run, chosen, n_cells=cells, seed=seed, out=out, device=device, data_dir=data_dir,
                             options=options, allow_stale=allow_stale)

@@ -57,6 +57,20 @@ STRESS_GENES = (
 ).split()
 
 
+def _check_memory(n_cells: int, n_genes: int) -> None:
+    """Refuse, with what it would need, a simulation that cannot fit in memory: the counts are
+    mostly non-zero, and the sparse matrix is built from its chunks (a second copy)."""
+    import torch
+
+    from regina_cli.data.memory import free_memory_bytes
+
+    need = 2 * SIMULATED_BYTES_PER_VALUE * n_cells * n_genes
+    free = free_memory_bytes(torch.device("cpu"))
+    if need > free / 2:
+        raise ReginaError(f"simulating {n_cells:,} cells x {n_genes:,} genes needs about {need / 2**30:,.1f} GiB, "
+                          f"more than half of the {free / 2**30:.1f} GiB free; lower --cells or --genes")
+
+
 def marker_genes() -> tuple[list[str], list[str], list[str]]:
     """(stress, S-phase, G2/M) genes; the cell-cycle lists are the ones `regina label` ships."""
     from regina_cli.data.label import cell_cycle_genes
@@ -69,6 +83,7 @@ PHASES = ("G1", "S", "G2M")  # same class names as `regina label --method cell-c
 PHASE_COLUMN = "simulated_phase"
 MIN_CELLS_PER_CONDITION = 3  # per cell type; scanpy's t-test needs at least two
 _CHUNK = 4096  # cells generated at once: bounds memory, and fixes the random stream
+SIMULATED_BYTES_PER_VALUE = 8  # CSR: a float32 value and an int32 column index per stored count
 TARGET_GAIN = 1.0  # norm of a target's program shift per unit of knock-down strength
 IDIOSYNCRATIC_SCALE = 0.4  # the part of an effect that the target's programs do not explain
 ANNOTATION_KEPT = 0.8  # synthetic annotation: chance that a true program membership is annotated
@@ -272,6 +287,7 @@ def simulate_demo(
         )
     if n_singles < 2 or n_cell_types < 1 or not 0 < control_fraction < 1:
         raise ReginaError("the demo needs at least 2 singles, 1 cell type and a control fraction in (0, 1)")
+    _check_memory(n_cells, n_genes)
     rng = np.random.default_rng(seed)
     design = design_screen(rng, n_genes=n_genes, n_singles=n_singles, n_doubles=n_doubles)
     dropped = _dropped_targets(design, drop_targets, seed)

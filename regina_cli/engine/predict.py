@@ -170,11 +170,16 @@ def resolve_conditions(conditions: str | Sequence[str], split, data_conditions: 
 
 
 def read_conditions_file(path: str | Path) -> list[str]:
-    """One condition per line; blank lines and `#` comments are skipped."""
+    """One condition per line (UTF-8, a byte-order mark allowed); blank lines and `#` comments are
+    skipped."""
     path = Path(path)
     if not path.is_file():
         raise ReginaError(f"conditions file {path} does not exist")
-    lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ReginaError(f"conditions file {path} is not a text file (one condition per line)") from None
+    lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
     return [line for line in lines if line]
 
 

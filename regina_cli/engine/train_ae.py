@@ -224,6 +224,7 @@ def _train_ae_process(ctx: DistContext, *, name, split, labels, run_dir, config:
     label_series = load_labels(name, labels, data_dir, split=split)
     adata = read_dataset(name, data_dir, backed=True)
     genes = [str(g) for g in adata.var_names]
+    notes = predictability_notes(split_obj, genes, config, data_dir)  # reads --gene-knowledge: refused before any write
     prepare_run_dir(paths, dataset=name, genes=genes, resume=resume)
     seed_everything(config.runtime.seed + ctx.rank)
     cells = CellTensors.from_anndata(
@@ -256,7 +257,7 @@ def _train_ae_process(ctx: DistContext, *, name, split, labels, run_dir, config:
                                  min_delta=config.ae.consistency_min_delta, min_epochs=config.ae.min_epochs)
     bar = TrainingProgress("train-ae", max_epochs=config.ae.max_epochs,
                            mode=progress if ctx.is_main else "silent")
-    for line in predictability_notes(split_obj, genes, config, data_dir):
+    for line in notes:
         bar.message(line)
     summary = fit(phase, ctx, paths, max_epochs=config.ae.max_epochs, stopper=stopper,
                   best=BestTracker(metric, mode), progress=bar, resume=resume)

@@ -90,6 +90,13 @@ def _read_table(path: Path, condition_key: str, separator: str) -> RawPrediction
         raise ReginaError(f"cannot read {path} as a table ({exc})") from None
     if condition_key not in frame:
         raise _missing_condition_column(path, condition_key, frame.columns)
+    for column in frame.columns.drop(condition_key):
+        if not pd.api.types.is_numeric_dtype(frame[column]):
+            numbers = pd.to_numeric(frame[column], errors="coerce")
+            if numbers.notna().any():  # mostly numbers: a gene column with a typo, not a label column
+                row = int(np.flatnonzero(numbers.isna() & frame[column].notna())[0])
+                raise ReginaError(f"{path}: column '{column}' holds numbers and text ({frame[column].iloc[row]!r} in "
+                                  f"data row {row + 1}); a gene column must be all numbers")
     genes = [c for c in frame.columns if c != condition_key and pd.api.types.is_numeric_dtype(frame[c])]
     if not genes:
         raise ReginaError(f"{path} has no numeric gene columns beside '{condition_key}'")

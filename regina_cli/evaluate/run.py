@@ -313,6 +313,15 @@ def model_names(raws, given: list[str] | None) -> list[str]:
     return names
 
 
+def check_targets_predicted(models: list[Predictions], truth, targets: list[str], what: str) -> None:
+    """A file that predicts none of the conditions scored would give a report without a score."""
+    wanted = {truth.resolve(c) or c for c in targets}
+    for model in models:
+        if not wanted & set(model.conditions):
+            raise ReginaError(f"{model.path} predicts none of the {len(wanted)} {what}; predict them (`regina "
+                              "predict --conditions test|val`) or choose the set with --on / --split")
+
+
 def _model_context(model: Predictions, truth, targets: list[str]) -> dict:
     missing = sorted({truth.resolve(c) or c for c in targets} - set(model.conditions))
     provenance = {k: v.item() if isinstance(v, np.generic) else v for k, v in model.provenance.items()
@@ -380,6 +389,7 @@ def evaluate(
         models = [align(raw, truth, n) for raw, n in zip(raws, names)]
         split_name = _resolve_split(name, split, models[0].provenance, data_dir)
         split_obj = load_split(name, split_name, data_dir)
+        check_targets_predicted(models, truth, getattr(split_obj, on), f"{on} conditions of split {split_name}")
         result = evaluate_loaded(truth, split_obj, models, baselines=baseline_names, seed=seed,
                                  device=torch_device, max_true_cells=max_true_cells, on=on)
         context = {
