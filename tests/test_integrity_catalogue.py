@@ -1,7 +1,8 @@
 """Issue 9's catalogue: bad input and faults across all seven commands, on one tiny world.
 
-Every bad-input case asserts exit status 2, exactly one `error:` line (the last), no traceback,
-and that no file of the world changed (SHA-256 of every file before and after). Cases that need
+Every bad-input case asserts exit status 2, exactly one `error:` line (the only line, unless the
+fault comes after work the command reports), no traceback, and that no file of the world changed
+(SHA-256 of every file before and after). Cases that need
 a changed world (a split replaced with --force, a run interrupted, ...) get a private copy.
 The fault tests kill commands with SIGTERM and SIGKILL at several points, then run them again:
 training resumes bit-identically; the other commands leave the old or the new complete output,
@@ -238,6 +239,7 @@ class Case:
     fragment: str
     change: Callable[[World], None] | None = None  # applied to a private copy of the world
     patch: Callable | None = None  # (monkeypatch, world): faults injected for this case only
+    after_work: bool = False  # the fault comes after work the command reports (an import, then the write)
     private: bool = field(default=False)
 
     @property
@@ -262,9 +264,10 @@ CASES = [
     Case("fetch-name-hidden", ["fetch", ".hidden", "--from", "{h5ad}", *D], "not a usable dataset name"),
     Case("fetch-from-missing", ["fetch", "new", "--from", "{root}/nope.h5ad", *D], "does not exist"),
     Case("fetch-from-not-h5ad", ["fetch", "new", "--from", "{file}", *D], "neither an h5ad"),
-    Case("fetch-disk-full-before", ["fetch", "new", "--from", "{h5ad}", *D], "MiB free", patch=disk_full),
+    Case("fetch-disk-full-before", ["fetch", "new", "--from", "{h5ad}", *D], "MiB free", patch=disk_full,
+         after_work=True),
     Case("fetch-disk-full-during", ["fetch", "new", "--from", "{h5ad}", *D], "the disk is full",
-         patch=hdf5_write_fails),
+         patch=hdf5_write_fails, after_work=True),
     Case("fetch-go-with-demo-options", ["fetch", "go", "--cells", "5", *D], "takes only"),
     Case("fetch-demo-options-with-from", ["fetch", "demo", "--cells", "50", "--from", "{h5ad}", *D], "only apply"),
     Case("fetch-import-options-without-from", ["fetch", "new", "--n-top-genes", "5", *D], "only apply with --from"),
@@ -409,6 +412,8 @@ def test_bad_input_is_one_line_and_changes_nothing(case: Case, world: World, tmp
         if case.patch is fake_read_only:
             Path(w.paths["data"]).chmod(0o755)
     assert_one_error_line(result, case.fragment)
+    if not case.after_work:  # bad input is refused before the command says anything else
+        assert len(result.output.strip().splitlines()) == 1, result.output
     assert snapshot(w.root) == before  # not one byte changed, no temporary file left
     assert snapshot(w.root.parent) == outside  # nothing written beside the world either
 

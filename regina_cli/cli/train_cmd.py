@@ -52,11 +52,12 @@ def train_ae_command(
     config, source = resolve_run_config(keys.AE_DIR, run_dir, request, dataset=name, resume=resume,
                                         data_dir=data_dir)
     m, ae = config.model, config.ae
-    info(f"model ({source}): {m.seq_len} tokens, d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, "
-         f"z_dim {m.z_dim}; batch {ae.batch_size}, up to {ae.max_epochs} epochs, lr {ae.lr:g}")
     summary = train_autoencoder(name, split=split, labels=labels, run_dir=run_dir, config=config,
                                 data_dir=data_dir, gpus=gpus, device=device, resume=resume,
-                                progress=_progress_mode())
+                                progress=_progress_mode(), announce=lambda: info(
+                                    f"model ({source}): {m.seq_len} tokens, d_model {m.d_model}, {m.n_layers} "
+                                    f"layers, {m.n_heads} heads, z_dim {m.z_dim}; batch {ae.batch_size}, up to "
+                                    f"{ae.max_epochs} epochs, lr {ae.lr:g}"))
     _report("train-ae", summary, run_dir / keys.AE_DIR)
 
 
@@ -81,10 +82,10 @@ def train_gan_command(
                             flags=phase_flags("gan", max_epochs=max_epochs, batch_size=batch_size))
     config, source = resolve_run_config(keys.GAN_DIR, run, request, resume=resume)
     g = config.gan
-    info(f"phase 2 ({source}): batch {g.batch_size}, up to {g.max_epochs} epochs, lr {g.lr:g}, "
-         f"lambda cycle {g.lambda_cycle:g} / adv {g.lambda_adv:g} / pred {g.lambda_pred:g}")
-    summary = train_gan(run, config=config, data_dir=data_dir, gpus=gpus, device=device,
-                        resume=resume, progress=_progress_mode())
+    summary = train_gan(run, config=config, data_dir=data_dir, gpus=gpus, device=device, resume=resume,
+                        progress=_progress_mode(), announce=lambda: info(
+                            f"phase 2 ({source}): batch {g.batch_size}, up to {g.max_epochs} epochs, lr {g.lr:g}, "
+                            f"lambda cycle {g.lambda_cycle:g} / adv {g.lambda_adv:g} / pred {g.lambda_pred:g}"))
     _report("train-gan", summary, run / keys.GAN_DIR)
 
 

@@ -36,6 +36,7 @@ core (66 s simulation, mostly Poisson draws; 22 s GEARS DE) and 5 GB of memory.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -276,9 +277,11 @@ def simulate_demo(
     control_fraction: float = 0.15,
     drop_targets: float = 0.0,
     seed: int = 0,
+    log: Callable[[str], None] = lambda message: None,
 ) -> tuple[AnnData, str]:
     """(the simulated screen in full GEARS layout, its gene annotation as TSV text); same seed,
-    same data. `drop_targets` leaves that fraction of the targets out of the measured genes."""
+    same data. `drop_targets` leaves that fraction of the targets out of the measured genes.
+    `log` hears when the options are checked and the cells are being simulated."""
     markers = [g for group in marker_genes() for g in group]
     if n_genes < len(markers) + n_singles:
         raise ReginaError(
@@ -293,6 +296,7 @@ def simulate_demo(
     dropped = _dropped_targets(design, drop_targets, seed)
     measured = ~np.isin(np.arange(n_genes), dropped)
     cond, cell_type = _allocate_cells(n_cells, len(design.conditions), n_cell_types, control_fraction, rng)
+    log("simulating the demo screen")
     phase = rng.choice(len(PHASES), size=n_cells, p=[0.5, 0.3, 0.2])
     base_by_type = design.base + rng.normal(0.0, 0.3, (n_cell_types, n_genes)).astype(np.float32)
 

@@ -172,8 +172,7 @@ def fetch(
     elif name == DEMO:
         from regina_cli.data.demo import simulate_demo
 
-        log("simulating the demo screen")
-        adata, annotation = simulate_demo(**(demo or {}))
+        adata, annotation = simulate_demo(**(demo or {}), log=log)
         action, source = "simulated", adata.uns[keys.UNS_REGINA]["source"]
         normalisation = adata.uns[keys.UNS_REGINA]["normalisation"]
         notes = _write_demo_knowledge(adata, annotation, name, data_dir, log)

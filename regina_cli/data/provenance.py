@@ -98,6 +98,8 @@ def check_predictions(name: str, predictions: str | Path, split: str | None, dat
                           f"`regina evaluate {dataset} --predictions {predictions}`")
     warnings = []
     made_split = made.get("split")
+    if split:
+        load_split(name, split, data_dir)  # a split that does not exist is the error, not a warning about it
     if split and isinstance(made_split, str) and split != made_split:
         warnings.append(f"{predictions} comes from a run trained on split {made_split}; scored on {split}, "
                         "its test set may hold conditions the run trained on")

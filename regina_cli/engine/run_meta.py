@@ -133,12 +133,18 @@ def prepare_run_dir(paths: PhasePaths, *, dataset: str, genes: list[str], resume
     meta = read_meta(paths) if paths.meta.is_file() else None
     if meta is not None:
         check_run_matches(meta, dataset=dataset, gene_names=genes, where=str(paths.run_dir))
+    check_not_started(paths, resume=resume)
+    if not resume:
+        paths.history.unlink(missing_ok=True)
+
+
+def check_not_started(paths: PhasePaths, *, resume: bool) -> None:
+    """A fresh phase refuses a directory that already holds one, started or trained."""
     if not resume and (paths.last.is_file() or paths.model.is_file()):
+        meta = read_meta(paths) if paths.meta.is_file() else None
         state = "an interrupted" if meta is not None and not meta.is_trained else "a trained"
         raise ReginaError(f"{paths.dir} already holds {state} {paths.phase} phase; pass --resume "
                           f"to continue it or choose another --run")
-    if not resume:
-        paths.history.unlink(missing_ok=True)
 
 
 def check_run_matches(meta: RunMeta, *, dataset: str, gene_names: list[str], where: str) -> None:

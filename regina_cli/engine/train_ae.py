@@ -15,6 +15,7 @@ of real and reconstructed cells) and classifier accuracy. L_cons drives early st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ import torch
 from regina_cli import keys
 from regina_cli.config import ReginaConfig
 from regina_cli.data.conditions import condition_genes
+from regina_cli.data.knowledge import resolve_knowledge
 from regina_cli.engine import checkpoint as ckpt
 from regina_cli.engine.distributed import (DistContext, broadcast_state, check_process_count, data_parallel,
                                            parameter_checksum, run_distributed)
@@ -30,8 +32,8 @@ from regina_cli.engine.loop import (EpochBatches, amp_context, compile_modules, 
                                     steps_per_epoch)
 from regina_cli.engine.progress import TrainingProgress
 from regina_cli.engine.run_config import check_fixed_shapes, resolve_run_config
-from regina_cli.engine.run_meta import (RunMeta, check_resume, check_run_dir, config_sha256, phase1_inputs,
-                                       prepare_run_dir, write_meta)
+from regina_cli.engine.run_meta import (RunMeta, check_not_started, check_resume, check_run_dir, config_sha256,
+                                       phase1_inputs, prepare_run_dir, write_meta)
 from regina_cli.errors import ReginaError
 
 # ae.selection -> (validation metric, direction). Variance preservation is the original's
@@ -156,7 +158,7 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def predictability_notes(split_obj, genes: list[str], config: ReginaConfig, data_dir) -> list[str]:
     """Say before training which validation and test conditions no prompt can reach (a target
     neither measured, nor perturbed in training, nor in `model.gene_knowledge`), with the fix."""
-    from regina_cli.data.knowledge import predictability, resolve_knowledge
+    from regina_cli.data.knowledge import predictability
 
     knowledge = resolve_knowledge(config.model.gene_knowledge, data_dir) if config.model.gene_knowledge else None
     notes = []
@@ -188,13 +190,15 @@ def train_autoencoder(
     device: str = "auto",
     resume: bool = False,
     progress: str = "auto",
+    announce: Callable[[], None] = lambda: None,
 ) -> dict:
     """Train phase 1 on dataset `name`; writes `run_dir/ae/` and returns a summary.
 
     `config`: a resolved config (`run_config.resolve_run_config`); by default the one that rule
     gives with no options. `progress`: "auto" (rich bar on a terminal, plain lines otherwise),
     "plain" or "silent". With `gpus` > 1 it runs that many data-parallel processes (or joins an
-    existing torchrun / Slurm launch).
+    existing torchrun / Slurm launch). `announce` runs once every input is checked, before
+    training starts (the CLI says what it trains there, so bad input gets its error line alone).
     """
     if config is None:
         config, _ = resolve_run_config(keys.AE_DIR, run_dir, dataset=name, resume=resume, data_dir=data_dir)
@@ -204,7 +208,11 @@ def train_autoencoder(
     check_resume(ckpt.ae_paths(run_dir), resume=resume, split=split, labels=labels)
     provenance = phase1_inputs(name, split, labels, data_dir)
     check_resume(ckpt.ae_paths(run_dir), provenance, resume=resume)  # the config may change (shapes checked above)
+    check_not_started(ckpt.ae_paths(run_dir), resume=resume)
+    if config.model.gene_knowledge:  # read again by each process, for its notes; a bad file stops here
+        resolve_knowledge(config.model.gene_knowledge, data_dir)
     provenance[keys.CONFIG_SHA256] = config_sha256(config)
+    announce()
     kwargs = dict(name=name, split=split, labels=labels, run_dir=str(run_dir), config=config,
                   data_dir=None if data_dir is None else str(data_dir), resume=resume, progress=progress,
                   provenance=provenance)
@@ -224,7 +232,7 @@ def _train_ae_process(ctx: DistContext, *, name, split, labels, run_dir, config:
     label_series = load_labels(name, labels, data_dir, split=split)
     adata = read_dataset(name, data_dir, backed=True)
     genes = [str(g) for g in adata.var_names]
-    notes = predictability_notes(split_obj, genes, config, data_dir)  # reads --gene-knowledge: refused before any write
+    notes = predictability_notes(split_obj, genes, config, data_dir)
     prepare_run_dir(paths, dataset=name, genes=genes, resume=resume)
     seed_everything(config.runtime.seed + ctx.rank)
     cells = CellTensors.from_anndata(

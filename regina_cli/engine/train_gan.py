@@ -20,6 +20,7 @@ one only where it beats epoch 0 by more than `gan.selection_se` standard errors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,8 @@ from regina_cli.engine.gan_phase import CycleGANPhase, encode_all, phase_train_i
 from regina_cli.engine.loop import compile_modules, fit, seed_everything
 from regina_cli.engine.progress import TrainingProgress
 from regina_cli.engine.run_config import check_fixed_shapes, resolve_run_config
-from regina_cli.engine.run_meta import config_sha256, phase2_inputs, prepare_run_dir, read_trained_meta, write_meta
+from regina_cli.engine.run_meta import (check_not_started, check_resume, config_sha256, phase2_inputs, prepare_run_dir,
+                                        read_trained_meta, write_meta)
 from regina_cli.errors import ReginaError
 
 
@@ -53,11 +55,12 @@ def train_gan(
     device: str = "auto",
     resume: bool = False,
     progress: str = "auto",
+    announce: Callable[[], None] = lambda: None,
 ) -> dict:
     """Train phase 2 on top of `run_dir/ae/`; writes `run_dir/gan/` and returns a summary.
 
     `config`: a resolved config (`run_config.resolve_run_config`); by default phase 1's (or, when
-    resuming, phase 2's saved one).
+    resuming, phase 2's saved one). `announce`: as in `train_ae.train_autoencoder`.
     """
     read_trained_meta(ckpt.ae_paths(run_dir))  # a clear error before anything starts
     if config is None:
@@ -65,6 +68,9 @@ def train_gan(
     check_fixed_shapes(keys.GAN_DIR, run_dir, config, resume=resume)
     check_process_count(gpus, device)
     provenance = {**phase2_inputs(run_dir, data_dir, resume=resume), keys.CONFIG_SHA256: config_sha256(config)}
+    check_resume(ckpt.gan_paths(run_dir), resume=resume)
+    check_not_started(ckpt.gan_paths(run_dir), resume=resume)
+    announce()
     kwargs = dict(run_dir=str(run_dir), config=config, resume=resume, progress=progress,
                   data_dir=None if data_dir is None else str(data_dir), provenance=provenance)
     return run_distributed(_train_gan_process, kwargs, gpus=gpus, device=device)
