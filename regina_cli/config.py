@@ -183,7 +183,10 @@ class GANConfig:
                            "0, 0.5 or 1, chosen by the folds on held-out measured training targets). conditions by "
                            "default: on training conditions held out of phase 2, cells scored 0.305 against 0.301 on "
                            "Papalexi (0.350 against 0.301 on its strongest responders, lower on the moderate ones) "
-                           "and 0.485 against 0.490 on the demo.", choices=("conditions", "cells", "chosen"))
+                           "and 0.485 against 0.490 on the demo; chosen 0.338 against 0.330 on Papalexi (0.387 "
+                           "against 0.332 on its strongest responders; higher in 6 of 15 runs, lower in 6) and 0.516 "
+                           "against 0.519 on the demo (benchmarks/README.md).",
+                           choices=("conditions", "cells", "chosen"))
     covariation_skip: int = _opt(2, "Leading principal components of the controls left out of the co-variation "
                                  "term: the axes every gene moves on (cell cycle, stress, depth), which would give "
                                  "every knock-down one shared shift. 0 keeps them (demo validation 0.420 instead "
