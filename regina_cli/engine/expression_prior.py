@@ -132,12 +132,12 @@ def _choose_weights(fold_effects: list[_Effects], held_out: list[tuple[int, str]
                     poolings: tuple[float, ...] = (0.0,)) -> tuple[float, float, float, float]:
     """(linear weight w, knowledge weight v, co-variation weight u, pooling p), w + v <= 1, each the
     candidate whose held-out single-gene predictions correlate best with the observed effects,
-    scored on the genes it acts on, in turn: p among `poolings` and then w on the held-out targets
-    the screen measures (for the others the
-    linear model predicts a constant, so they would choose w by how the model's offset compares
-    with the mean change); v, given w, on those with knowledge neighbours, without the co-variation
-    term (v also moves targets the screen does not measure, where that term is absent); u, given
-    both, on the measured ones again. Where no held-out gene qualifies, all of them."""
+    scored on the genes it acts on, in turn: p among `poolings`, then w given p, both on the
+    held-out targets the screen measures (for the others the linear model predicts a constant, so
+    they would choose w by how the model's offset compares with the mean change); v, given w, on
+    those with knowledge neighbours, without the co-variation term (v also moves targets the screen
+    does not measure, where that term is absent); u, given both, on the measured ones again. Where
+    no held-out gene qualifies, all of them."""
     def score(pairs: list[tuple[int, str]], w: float, v: float, u: float, p: float) -> float:
         return float(np.mean([_pearson(_reweighted(fold_effects[f], w, v, u, p).unseen(g), observed[g])
                               for f, g in pairs] or [0.0]))
