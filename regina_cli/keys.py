@@ -48,6 +48,9 @@ MODEL_FILE = "model.pt"
 BEST_CHECKPOINT = "best.pt"
 LAST_CHECKPOINT = "last.pt"
 PREDICTIONS_FILE = "predictions.h5ad"
+# Predicted cells per condition whose mean change is steady: with fewer, its sampling noise lowers
+# mean metrics (benchmarks/README.md, "Predicted cells per condition": 100 -> 1000 -> 3000 cells).
+STEADY_MEAN_CELLS = 1000
 EVAL_DIR = "eval"
 METRICS_FILE = "metrics.json"
 PER_CONDITION_FILE = "per_condition.csv"

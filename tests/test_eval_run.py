@@ -26,6 +26,7 @@ def test_cli_writes_metrics_table_and_plots_deterministically(screen, run, tmp_p
     first = run("--predictions", tmp_path / "pred.h5ad", "--split", split.name, "--out", tmp_path / "a", "--threads", "1")
     assert first.exit_code == 0, first.output
     assert "no_change" in first.output and "pred wins" in first.output and "…" not in first.output
+    assert "pred: 30 predicted cells per condition (median)" in first.output  # its means carry their noise
     again = run("--predictions", tmp_path / "pred.h5ad", "--split", split.name, "--out", tmp_path / "b", "--no-plots",
                 "--threads", "1")
     assert again.exit_code == 0, again.output
@@ -49,6 +50,7 @@ def test_cli_writes_metrics_table_and_plots_deterministically(screen, run, tmp_p
     assert overall["pearson_delta"] == pytest.approx(ours["pearson_delta"].mean(), rel=1e-5)
     assert {"unseen_single", "combo_seen2"} <= set(summary["results"]["pred"])
     assert summary["split"] == split.name and summary["versions"]["regina"]
+    assert summary["models"][0]["cells_per_condition"] == 30
     assert summary["n_genes_scored"] == summary["n_genes_dataset"] == adata.n_vars and summary["threads"] == 1
     # resampled true cells must beat "no change" on the headline precision metrics
     assert summary["comparison"]["pred"]["no_change"]["metrics"]["pearson_delta"]["model_better"]

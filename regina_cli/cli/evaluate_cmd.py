@@ -72,6 +72,11 @@ def evaluate_command(
         if model["form"] == "means":
             info(f"{model['name']}: mean profiles (one row per condition); distribution and DE metrics need cells "
                  "and are left out")
+        elif model["cells_per_condition"] < keys.STEADY_MEAN_CELLS:
+            info(f"{model['name']}: {model['cells_per_condition']} predicted cells per condition (median); each "
+                 "predicted mean change carries their sampling noise, the baselines' exact means do not: for "
+                 f"pearson_delta and the other mean metrics predict {keys.STEADY_MEAN_CELLS} (`--cells "
+                 f"{keys.STEADY_MEAN_CELLS}`)")
     if summary["n_genes_scored"] != summary["n_genes_dataset"]:
         info(f"scored on the {summary['n_genes_scored']} of {summary['n_genes_dataset']} genes that every "
              "prediction file shares with the dataset")

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from regina_cli import keys
 from regina_cli.cli.app import app
 from regina_cli.cli.common import DataDirOpt, emit_result, info, user_errors
 from regina_cli.cli.options import check_data_dir, check_out_file, check_seed
@@ -26,8 +27,8 @@ def predict_command(
         None, "--conditions-file", help="File with one condition per line (instead of --conditions).",
         show_default=False,
     ),
-    cells: int = typer.Option(100, "--cells", help="Predicted cells per condition (1000 when scoring mean "
-                              "changes: fewer leave sampling noise in each condition's mean)."),
+    cells: int = typer.Option(100, "--cells", help=f"Predicted cells per condition ({keys.STEADY_MEAN_CELLS} when "
+                              "scoring mean changes: fewer leave sampling noise in each condition's mean)."),
     seed: int = typer.Option(0, "--seed", help="Seed for drawing the control cells."),
     out: Path = typer.Option(
         None, "--out", help="Output h5ad (default: <run>/predictions.h5ad).", show_default=False
