@@ -128,23 +128,13 @@ def read_trained_meta(paths: PhasePaths) -> RunMeta:
 
 # --- Guarding a run directory ------------------------------------------------------------------------
 def prepare_run_dir(paths: PhasePaths, *, dataset: str, genes: list[str], resume: bool) -> None:
-    """A fresh phase needs an empty directory (what a start killed before its first checkpoint
-    left is cleared); a resumed one must match the data."""
+    """A fresh phase clears what a start killed before its first checkpoint left (`check_resume`
+    has refused one over a saved phase); a resumed one must match the data."""
     meta = read_meta(paths) if paths.meta.is_file() else None
     if meta is not None:
         check_run_matches(meta, dataset=dataset, gene_names=genes, where=str(paths.run_dir))
-    check_not_started(paths, resume=resume)
     if not resume:
         paths.history.unlink(missing_ok=True)
-
-
-def check_not_started(paths: PhasePaths, *, resume: bool) -> None:
-    """A fresh phase refuses a directory that already holds one, started or trained."""
-    if not resume and (paths.last.is_file() or paths.model.is_file()):
-        meta = read_meta(paths) if paths.meta.is_file() else None
-        state = "an interrupted" if meta is not None and not meta.is_trained else "a trained"
-        raise ReginaError(f"{paths.dir} already holds {state} {paths.phase} phase; pass --resume "
-                          f"to continue it or choose another --run")
 
 
 def check_run_matches(meta: RunMeta, *, dataset: str, gene_names: list[str], where: str) -> None:
@@ -202,9 +192,15 @@ def current_inputs(meta: RunMeta, data_dir=None) -> dict:
 
 
 def check_resume(paths: PhasePaths, inputs: dict | None = None, *, resume: bool, **options: str) -> None:
-    """Refuse, before anything is written, a resume that has nothing to continue, or whose
-    options (split=..., labels=...) or input hashes (`inputs`) differ from the run's."""
+    """Refuse, before anything is written, a fresh start over a phase the directory already holds
+    (started or trained), a resume that has nothing to continue, or one whose options (split=...,
+    labels=...) or input hashes (`inputs`) differ from the run's."""
     if not resume:
+        if paths.last.is_file() or paths.model.is_file():
+            meta = read_meta(paths) if paths.meta.is_file() else None
+            state = "an interrupted" if meta is not None and not meta.is_trained else "a trained"
+            raise ReginaError(f"{paths.dir} already holds {state} {paths.phase} phase; pass --resume "
+                              f"to continue it or choose another --run")
         return
     if not paths.last.is_file():
         raise ReginaError(f"nothing to resume: {paths.last} does not exist; drop --resume to start")

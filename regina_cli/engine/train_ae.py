@@ -32,8 +32,8 @@ from regina_cli.engine.loop import (EpochBatches, amp_context, compile_modules, 
                                     steps_per_epoch)
 from regina_cli.engine.progress import TrainingProgress
 from regina_cli.engine.run_config import check_fixed_shapes, resolve_run_config
-from regina_cli.engine.run_meta import (RunMeta, check_not_started, check_resume, check_run_dir, config_sha256,
-                                       phase1_inputs, prepare_run_dir, write_meta)
+from regina_cli.engine.run_meta import (RunMeta, check_resume, check_run_dir, config_sha256, phase1_inputs,
+                                       prepare_run_dir, write_meta)
 from regina_cli.errors import ReginaError
 
 # ae.selection -> (validation metric, direction). Variance preservation is the original's
@@ -208,7 +208,6 @@ def train_autoencoder(
     check_resume(ckpt.ae_paths(run_dir), resume=resume, split=split, labels=labels)
     provenance = phase1_inputs(name, split, labels, data_dir)
     check_resume(ckpt.ae_paths(run_dir), provenance, resume=resume)  # the config may change (shapes checked above)
-    check_not_started(ckpt.ae_paths(run_dir), resume=resume)
     if config.model.gene_knowledge:  # read again by each process, for its notes; a bad file stops here
         resolve_knowledge(config.model.gene_knowledge, data_dir)
     provenance[keys.CONFIG_SHA256] = config_sha256(config)

@@ -313,9 +313,13 @@ def model_names(raws, given: list[str] | None) -> list[str]:
     return names
 
 
+def _in_dataset_spelling(truth, conditions: list[str]) -> set[str]:
+    return {truth.resolve(c) or c for c in conditions}
+
+
 def check_targets_predicted(models: list[Predictions], truth, targets: list[str], what: str) -> None:
     """A file that predicts none of the conditions scored would give a report without a score."""
-    wanted = {truth.resolve(c) or c for c in targets}
+    wanted = _in_dataset_spelling(truth, targets)
     for model in models:
         if not wanted & set(model.conditions):
             raise ReginaError(f"{model.path} predicts none of the {len(wanted)} {what}; predict them (`regina "
@@ -323,7 +327,7 @@ def check_targets_predicted(models: list[Predictions], truth, targets: list[str]
 
 
 def _model_context(model: Predictions, truth, targets: list[str]) -> dict:
-    missing = sorted({truth.resolve(c) or c for c in targets} - set(model.conditions))
+    missing = sorted(_in_dataset_spelling(truth, targets) - set(model.conditions))
     provenance = {k: v.item() if isinstance(v, np.generic) else v for k, v in model.provenance.items()
                   if isinstance(v, (str, int, float, bool, np.generic))}
     return {
