@@ -93,7 +93,7 @@ def _read_table(path: Path, condition_key: str, separator: str) -> RawPrediction
     for column in frame.columns.drop(condition_key):
         if not pd.api.types.is_numeric_dtype(frame[column]):
             numbers = pd.to_numeric(frame[column], errors="coerce")
-            if numbers.notna().any():  # mostly numbers: a gene column with a typo, not a label column
+            if numbers.notna().any():  # some numbers: a gene column with a typo, not a label column
                 row = int(np.flatnonzero(numbers.isna() & frame[column].notna())[0])
                 raise ReginaError(f"{path}: column '{column}' holds numbers and text ({frame[column].iloc[row]!r} in "
                                   f"data row {row + 1}); a gene column must be all numbers")
