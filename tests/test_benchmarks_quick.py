@@ -118,6 +118,45 @@ def test_prior_study_scores_held_out_measured_singles():
         assert row["train_mean"] > 0.4 and abs(row["w=0.0, no knock-down entry"] - row["train_mean"]) < 0.1
 
 
+def test_shape_ceiling_arms_land_on_the_true_mean_and_a_shifted_screen_sits_at_the_floor():
+    """Every arm that claims the exact mean has it (the mixtures too); the spread arm has the truth's
+    per-gene spread; and on a screen whose conditions are the controls shifted, only the draw's
+    own mean noise separates a shift from the floor, which matching removes."""
+    import anndata as ad
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from shape_ceiling import ARMS, MIXTURE_SHARES, arms, condition_scores
+
+    generator = torch.Generator().manual_seed(0)
+    controls = torch.rand((400, 12), generator=generator) * 3
+    half = torch.rand((60, 12), generator=generator) * torch.linspace(1, 4, 12) + 1
+    drawn = controls[:60]
+    out = arms(half, drawn, controls.mean(0), controls.std(0))
+    assert set(out) == set(ARMS[:-1]) | {f"mixture {p}" for p in MIXTURE_SHARES}
+    for name in ["other half", "... draw's mean matched", "... with each gene's spread",
+                 *(f"mixture {p}" for p in MIXTURE_SHARES)]:
+        assert torch.allclose(out[name].mean(0), half.mean(0), atol=1e-4), name
+    assert torch.allclose(out["... with each gene's spread"].std(0), half.std(0) * drawn.std(0) / controls.std(0),
+                          atol=1e-4)
+    assert (out["... clipped at 0"] >= 0).all() and len(out["mixture 0.5"]) == len(half)
+
+    rng = np.random.default_rng(0)
+    base = rng.poisson(2.0, (1200, 20)).astype(np.float32)
+    labels = ["ctrl"] * 400 + ["A+ctrl"] * 400 + ["B+ctrl"] * 400
+    base[400:800, :5] += 2.0
+    base[800:, 5:10] += 3.0
+    screen = ad.AnnData(np.log1p(base), obs={"condition": labels, "cell_type": ["t"] * 1200})
+    rows = condition_scores(screen, ["A+ctrl", "B+ctrl"], seed=0, min_cells=20, reference_cells=100)
+    assert [r["condition"] for r in rows] == ["A+ctrl", "B+ctrl"]
+    for row in rows:
+        energy = {arm: row[arm]["energy_distance"] for arm in ARMS}
+        assert energy["controls"] > energy["controls + true mean"] > energy["... draw's mean matched"]
+        assert energy["... as a mixture"] <= energy["... draw's mean matched"]
+        assert energy["... draw's mean matched"] - energy["other half"] < 0.1 * (energy["controls"] - energy["other half"])
+
+
 def test_holdout_compares_arms_on_the_same_held_out_training_conditions(tmp_path):
     """A tiny phase 1 laid out as quality.py leaves it; holdout.py trains phase 2 per arm with a
     share of the training perturbations held out and reports both arms and train_mean on them.
