@@ -97,6 +97,10 @@ def test_cli_trains_both_phases_on_the_demo(demo_data, tmp_path):
     assert gan_meta["selection"] == "pearson_delta_selectable" and gan_meta["validation_conditions_scored"]
     fit = gan_meta["training"]["prompt_fit"]  # the prior's weights, chosen by the folds, are recorded and shown
     assert fit["prior_covariation_weight"] in (0.0, 0.5, 1.0, 2.0, 3.0) and "expression prior" in result.output
+    summary_row = result.output.split("last val_pearson_delta_selectable")[1][:40]
+    assert "inf" not in summary_row  # an epoch that may not be kept is said in words, not as -inf
+    if rows[-1]["val_pearson_delta_selectable"] == "-inf":
+        assert "not above epoch" in " ".join(summary_row.replace("│", " ").split())
 
     from regina_cli.engine.trained import load_trained
 

@@ -93,6 +93,14 @@ def _progress_mode() -> str:
     return "silent" if is_quiet() else "auto"
 
 
+def _last_value(key: str, value: float) -> str:
+    """A validation metric as the summary shows it; phase 2's selection score is -inf (history.csv)
+    for an epoch that may not be kept, which the table says in words."""
+    if key.endswith("_selectable") and value == float("-inf"):
+        return "- (not above epoch 0 by gan.selection_se standard errors: may not be kept)"
+    return f"{value:.4g}"
+
+
 def _report(command: str, summary: dict, phase_dir: Path) -> None:
     table = Table(title=f"{command}: {phase_dir}", show_header=False)
     table.add_row("stopped", summary["stop_reason"])
@@ -114,7 +122,7 @@ def _report(command: str, summary: dict, phase_dir: Path) -> None:
                       f"clipped / as decoded: {found or 'nothing scored'})")
     last = summary.get("last") or {}
     for key in sorted(k for k in last if k.startswith("val_")):
-        table.add_row(f"last {key}", f"{last[key]:.4g}")
+        table.add_row(f"last {key}", _last_value(key, last[key]))
     if "cells_per_s" in last:
         table.add_row("throughput", f"{last['cells_per_s']:,.0f} training cells/s")
     table.add_row("weights", str(phase_dir / keys.MODEL_FILE))
