@@ -90,7 +90,9 @@ class GANConfig:
     """Phase 2: latent cycle-GAN with perturbation prompts."""
 
     batch_size: int = _opt(64, "Control/perturbed pairs per step (per process).", low=2)
-    max_epochs: int = _opt(100, "Upper bound on epochs.", **_AT_LEAST_1)
+    max_epochs: int = _opt(100, "Upper bound on epochs; 0 trains nothing and keeps the untrained start (epoch 0: "
+                                "the expression prior, which needs gan.expression_prior), validated and saved as a "
+                                "trained run would be.", **_NON_NEGATIVE)
     patience: int = _opt(10, "Stop after this many epochs without a better validation Pearson delta.", **_AT_LEAST_1)
     lr: float = _opt(4e-4, "AdamW learning rate of the transition blocks.", **_POSITIVE)
     beta1: float = _opt(0.5, "AdamW beta1 (transitions and discriminator).", **_FRACTION)
@@ -476,6 +478,9 @@ def validate(config: ReginaConfig) -> None:
     if config.gan.match_control_mean and not config.gan.residual_decoding:
         raise ReginaError("gan.match_control_mean moves the control cells that residual decoding starts from: "
                           "set gan.residual_decoding=true too")
+    if config.gan.max_epochs == 0 and config.gan.expression_prior == "none":
+        raise ReginaError("gan.max_epochs=0 keeps phase 2's untrained start, which is a model only with an expression "
+                          "prior: set gan.expression_prior=linear or train at least 1 epoch")
     if config.gan.expression_prior != "none" and not config.gan.residual_decoding:
         raise ReginaError("gan.expression_prior decodes around the prior: set gan.residual_decoding=true too")
     if config.gan.noise_decay_end < config.gan.noise_decay_start:

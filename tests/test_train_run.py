@@ -20,6 +20,7 @@ from regina_cli.engine.preemption import TrainingInterrupted
 from regina_cli.engine.run_config import ConfigRequest, resolve_run_config
 from regina_cli.engine.train_ae import AutoencoderPhase, train_autoencoder
 from regina_cli.engine.train_gan import train_gan
+from regina_cli.errors import ReginaError
 
 TINY = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.z_dim=16", "model.ff_mult=2",
         "model.classifier_hidden=16", "model.transition_hidden=32", "model.discriminator_hidden=[32,16]",
@@ -218,6 +219,37 @@ def test_gan_resume_after_preemption_matches_an_uninterrupted_run(demo_data, tmp
     selectable = [[r["val_pearson_delta_selectable"] for r in history(tmp_path / name, keys.GAN_DIR)]
                   for name in ("run", "other")]
     assert selectable[0] == selectable[1] and len(selectable[0]) == 3
+
+
+def test_gan_max_epochs_0_keeps_the_untrained_start_a_trained_run_would_keep(demo_data, tmp_path):
+    """gan.max_epochs=0 validates and saves the expression prior (epoch 0) without a step: the same
+    weights and epoch-0 scores as a run whose trained epochs were not kept, and it resumes into
+    training; without a prior there is no untrained model to keep."""
+    import shutil
+
+    train(demo_data, tmp_path / "trained", tiny_config("ae.max_epochs=1"))
+    shutil.copytree(tmp_path / "trained", tmp_path / "untrained")
+    gan = dict(data_dir=demo_data, device="cpu", progress="silent")
+
+    def config(run, *overrides, resume=False):
+        return resolve_run_config("gan", tmp_path / run, ConfigRequest(overrides=list(overrides)), resume=resume)[0]
+
+    kept = train_gan(tmp_path / "trained", config=config("trained", "gan.max_epochs=1", "gan.selection_se=1000"), **gan)
+    summary = train_gan(tmp_path / "untrained", config=config("untrained", "gan.max_epochs=0"), **gan)
+    assert kept["best_epoch"] == summary["best_epoch"] == 0 and summary["epochs"] == 0
+    assert summary["stop_reason"].startswith("max_epochs: 0") and summary["last"]["epoch"] == 0
+    assert "clip_predictions" in summary and not any("no training epoch" in w for w in summary["warnings"])
+    a, b = (weights(tmp_path / run / "gan" / "model.pt") for run in ("trained", "untrained"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = {run: history(tmp_path / run, keys.GAN_DIR) for run in ("trained", "untrained")}
+    assert [r["epoch"] for r in rows["untrained"]] == ["0"]
+    assert rows["untrained"][0] == {k: v for k, v in rows["trained"][0].items() if v != ""}
+
+    resumed = train_gan(tmp_path / "untrained", config=config("untrained", "gan.max_epochs=1", resume=True),
+                        resume=True, **gan)
+    assert resumed["epochs"] == 1 and [r["epoch"] for r in history(tmp_path / "untrained", keys.GAN_DIR)] == ["0", "1"]
+    with pytest.raises(ReginaError, match="expression prior"):
+        tiny_config("gan.max_epochs=0", "gan.expression_prior=none")
 
 
 def _one_line_error(args):

@@ -69,7 +69,8 @@ def train_gan_command(
     overrides: Optional[List[str]] = SetOpt,
     gpus: int = GpusOpt,
     device: str = DeviceOpt,
-    max_epochs: Optional[int] = typer.Option(None, "--max-epochs", help="Shortcut for --set gan.max_epochs=N."),
+    max_epochs: Optional[int] = typer.Option(None, "--max-epochs", help="Shortcut for --set gan.max_epochs=N (0: "
+                                             "keep the expression prior, the untrained start, and train nothing)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Shortcut for --set gan.batch_size=N (per process)."),
     resume: bool = ResumeOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -84,6 +85,8 @@ def train_gan_command(
     g = config.gan
     summary = train_gan(run, config=config, data_dir=data_dir, gpus=gpus, device=device, resume=resume,
                         progress=_progress_mode(), announce=lambda: info(
+                            f"phase 2 ({source}): the expression prior, validated, no epoch trained (max_epochs 0)"
+                            if not g.max_epochs else
                             f"phase 2 ({source}): batch {g.batch_size}, up to {g.max_epochs} epochs, lr {g.lr:g}, "
                             f"lambda cycle {g.lambda_cycle:g} / adv {g.lambda_adv:g} / pred {g.lambda_pred:g}"))
     _report("train-gan", summary, run / keys.GAN_DIR)

@@ -130,7 +130,7 @@ def fit(
         if stop_reason:
             progress.message(f"{phase.name}: already finished ({stop_reason}); nothing to resume")
         if not resume and getattr(phase, "validate_initial", False):
-            _validate_initial(phase, ctx, paths, stopper, best, progress)
+            history_tail = _validate_initial(phase, ctx, paths, stopper, best, progress)
         epoch = start_epoch
         while not stop_reason and epoch <= max_epochs:
             phase.begin_epoch(epoch)
@@ -175,7 +175,8 @@ def fit(
                 raise _interrupted(signals, phase.name, epoch, n_steps, paths)
             epoch += 1
     barrier(ctx)
-    stop_reason = stop_reason or f"max_epochs: reached {max_epochs} epochs"
+    stop_reason = stop_reason or (f"max_epochs: reached {max_epochs} epochs" if max_epochs else
+                                  "max_epochs: 0, nothing trained (the untrained start kept)")
     return {"stop_reason": stop_reason, "best_epoch": best.epoch, "best_metric": best.metric,
             "best_value": best.value, "epochs": epoch - 1, "last": history_tail}
 
@@ -226,9 +227,10 @@ def _interrupted(signals: StopOnSignal, name: str, epoch: int, step: int, paths)
         f"state saved to {paths.last}; continue with --resume", signum)
 
 
-def _validate_initial(phase: Phase, ctx: DistContext, paths, stopper, best: BestTracker, progress) -> None:
+def _validate_initial(phase: Phase, ctx: DistContext, paths, stopper, best: BestTracker, progress) -> dict:
     """Score the untrained phase as epoch 0 (a phase that starts from a fitted prior is a valid
-    model already): history row, and the best weights if no epoch beats it."""
+    model already): history row (returned, the summary's last one when no epoch trains), and the
+    best weights if no epoch beats it."""
     val = _validate(phase, 0, ctx)
     is_best = best.update(0, val[best.metric])
     row = {"epoch": 0, **{f"val_{k}": v for k, v in val.items()}, "best": int(is_best)}
@@ -238,6 +240,7 @@ def _validate_initial(phase: Phase, ctx: DistContext, paths, stopper, best: Best
                 is_best=is_best)
     progress.message(f"{phase.name} before training: {format_losses({f'val_{k}': v for k, v in val.items()})}"
                      + (" *best*" if is_best else ""))
+    return row
 
 
 def _validate(phase: Phase, epoch: int, ctx: DistContext) -> dict[str, float]:
