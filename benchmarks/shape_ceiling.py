@@ -54,15 +54,16 @@ def arms(half: torch.Tensor, controls: torch.Tensor, control_mean: torch.Tensor,
          control_sd: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each arm's cells for one condition, as many as `half` (B) has; the mixture arm has one
     entry per share p (`mixture p`), of which `condition_scores` keeps the best."""
-    target = half.mean(0)
-    matched = controls - controls.mean(0) + target
+    target, drawn_mean = half.mean(0), controls.mean(0)
+    change = target - drawn_mean  # from the draw's own mean: lands exactly on B's
+    matched = controls + change
     ratio = torch.where(control_sd > 0, half.std(0) / control_sd.clamp_min(1e-12), torch.ones_like(control_sd))
-    spread = target + (controls - controls.mean(0)) * ratio
+    spread = target + (controls - drawn_mean) * ratio
     mixtures = {}
     for share in MIXTURE_SHARES:  # k of the n cells moved by the change x n / k: the mean lands on target
         k = max(round(share * len(controls)), 1)
         mixed = controls.clone()
-        mixed[:k] += (target - controls.mean(0)) * (len(controls) / k)
+        mixed[:k] += change * (len(controls) / k)
         mixtures[f"mixture {share}"] = mixed
     arms_ = (half, controls, controls + target - control_mean, matched, matched.clamp_min(0.0), spread)
     return {**dict(zip(ARMS, arms_)), **mixtures}
