@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py                          # --device cuda: writes results/gpu_<card>.json
     python benchmarks/gpu_check.py --device cpu --quick     # tiny shapes, under a minute (run by the tests)
+    python benchmarks/gpu_check.py --parts evaluate         # one part again (its own budget)
 
 Four parts, each in a process of its own with its own time budget: what a part has not reached
 when its budget runs out is skipped and listed, a failed part is recorded and the next one runs,
@@ -261,9 +262,9 @@ def run_all(args) -> dict:
                "command": " ".join(["python benchmarks/gpu_check.py", *sys.argv[1:]]), "device": args.device,
                "quick": args.quick, "load_average_before": os.getloadavg(),
                "targets": {"cells_per_s_each_phase": TARGET_CELLS_PER_S, "pearson_delta_tolerance": METRIC_TOLERANCE,
-                           "total_s": 480}, "parts": {}}
+                           "total_s": TOTAL_S}, "parts": {}}
     deadline = time.monotonic() + TOTAL_S
-    for name in PARTS:
+    for name in args.parts:
         budget = min(BUDGETS_S[name], deadline - time.monotonic())
         if budget < 5:
             results["parts"][name] = {"status": "skipped: no time left", "rows": [], "skipped": [name]}
@@ -314,6 +315,8 @@ def main() -> None:
                         "script itself in under a minute, measures nothing worth reporting")
     parser.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/gpu_<card>.json)")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a new temporary folder)")
+    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS),
+                        help="run only these parts, in this order (default: all four)")
     parser.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)  # one part, in its own process
     parser.add_argument("--state", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=float, help=argparse.SUPPRESS)
