@@ -45,7 +45,7 @@ DATASETS = {
     "papalexi": ("papalexi21_thp1_crisprko.h5ad", "cell-cycle"),
     "mcfaline": ("mcfaline23_gbm_crispri.h5ad", "obs:cell_type"),
 }
-METRICS = ("pearson_delta", "pearson_delta_top20_de", "mse_top20_de", "mmd_rbf", "energy_distance",
+METRICS = ("pearson_delta", "pearson_delta_top20_de", "pearson_delta_pert", "mse_top20_de", "mmd_rbf", "energy_distance",
            "variance_pearson")
 LOWER_IS_BETTER = {"mse_top20_de", "mmd_rbf", "energy_distance"}
 WINS_METRIC = "pearson_delta"  # counted condition by condition too: a mean over 4 conditions hides how it splits

@@ -14,6 +14,7 @@ from regina_cli.evaluate.baselines import (
     linear,
     no_change,
     parse_baselines,
+    perturbed_reference,
     train_mean,
 )
 
@@ -34,6 +35,15 @@ def test_no_change_and_train_mean(rng):
     # the mean of all perturbed training *cells*, so conditions weigh by their cell counts
     expected = (10 * means[0] + 30 * means[1] + 60 * means[2]) / 100
     np.testing.assert_allclose(train_mean(train, ["g9+ctrl", "g5+g6"])["g5+g6"], expected)
+
+
+def test_perturbed_reference_counts_each_training_condition_once(rng):
+    means = rng.normal(size=(3, len(GENES)))
+    train = _train(["g1+ctrl", "g2+ctrl", "g1+g2"], means, counts=[10, 30, 60])
+    np.testing.assert_allclose(perturbed_reference(train), means.mean(0))  # not weighted by cells, as train_mean is
+    equal = _train(["g1+ctrl", "g2+ctrl"], means[:2], counts=[20, 20])
+    np.testing.assert_allclose(train_mean(equal, ["g9+ctrl"])["g9+ctrl"], perturbed_reference(equal))
+    assert perturbed_reference(_train([], np.zeros((0, len(GENES))))) is None
 
 
 def test_additive_is_exact_for_additive_truth(rng):

@@ -123,6 +123,22 @@ def test_frac_sigma_undefined_when_de_genes_all_zero(case):
     assert np.isnan(_ours(case)["frac_sigma_below_1_non_dropout"][4])
 
 
+def test_systema_metrics_are_pearson_of_changes_from_the_perturbed_reference(case, rng):
+    reference = case["control"] + rng.normal(0.3, 0.2, G)  # the average training perturbation
+    case["pred"][4] = reference  # predicts only what perturbations share: undefined, not 0
+    t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
+    out = precision_metrics(t(case["pred"]), t(case["true"]), t(case["control"]), _gene_sets(case), t(case["std"]),
+                            torch.as_tensor(case["all_zero"]), t(reference))
+    for i in [0, 1, 2, 3, 5]:
+        p, q, de = case["pred"][i] - reference, case["true"][i] - reference, case["de"][i]
+        assert out["pearson_delta_pert"][i].item() == pytest.approx(stats.pearsonr(p, q)[0], rel=1e-9)
+        assert out["pearson_delta_pert_top20_de"][i].item() == pytest.approx(stats.pearsonr(p[de], q[de])[0], rel=1e-9)
+    assert np.isnan(out["pearson_delta_pert"][4].item()) and np.isnan(out["pearson_delta_pert_top20_de"][4].item())
+    # the control-based metrics do not depend on the reference
+    assert out["pearson_delta"].numpy() == pytest.approx(_ours(case)["pearson_delta"])
+    assert np.isnan(_ours(case)["pearson_delta_pert"]).all()  # no reference (no perturbed training condition)
+
+
 def test_pearson_rowwise_matches_numpy(rng):
     a, b = rng.normal(size=(5, 30)), rng.normal(size=(5, 30))
     expected = [np.corrcoef(a[i], b[i])[0, 1] for i in range(5)]

@@ -154,6 +154,12 @@ def linear(train: TrainingData, conditions: list[str]) -> dict[str, np.ndarray]:
 BASELINE_FUNCTIONS = {"no_change": no_change, "train_mean": train_mean, "additive": additive, "linear": linear}
 
 
+def perturbed_reference(train: TrainingData) -> np.ndarray | None:
+    """Systema's reference: the mean of the training conditions' means, each counted once (train_mean
+    pools cells instead); None without a perturbed training condition."""
+    return train.means.mean(0) if train.conditions else None
+
+
 def training_data(truth, train_conditions: list[str]) -> TrainingData:
     """Pseudo-bulk means of the perturbed training conditions present in the dataset."""
     conditions = sorted({truth.resolve(c) for c in train_conditions if not is_control(c)} - {None})

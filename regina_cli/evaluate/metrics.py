@@ -69,6 +69,15 @@ METRICS: dict[str, MetricInfo] = {
     "nmse_all": MetricInfo(False, "sum of squared change errors / sum of squared true changes, all genes", "precision"),
     # --- the original REGINA metrics: top 20 genes by |true change| ---
     "pearson_delta_top20_abs": MetricInfo(True, "REGINA: Pearson of mean change, top 20 genes by |true change|", "precision"),
+    # --- Systema (Vinas Torne et al. 2025): change from the perturbed reference, not from control ---
+    "pearson_delta_pert": MetricInfo(
+        True, "Systema: Pearson of predicted vs true mean minus the average training perturbation (each training "
+        "condition's mean counted once), all genes; what a prediction says beyond the change perturbations share "
+        "(train_mean scores about 0)", "precision",
+    ),
+    "pearson_delta_pert_top20_de": MetricInfo(
+        True, "Systema: as pearson_delta_pert, on the top 20 DE genes (rank_genes_groups_cov_all)", "precision"
+    ),
     "frac_wrong_sign_top20_abs": MetricInfo(
         False, "REGINA: share of top 20 genes by |true change| predicted with the opposite sign", "precision"
     ),
@@ -169,11 +178,13 @@ def precision_metrics(
     genes: GeneSets,
     true_std: torch.Tensor,
     true_all_zero: torch.Tensor,
+    perturbed_reference: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """All precision metrics, one value per condition.
 
     pred_mean, true_mean: [C, G] mean profiles; control_mean: [G]; true_std: [C, G] standard
-    deviation (ddof 0) over the true cells; true_all_zero: [C, G] true where every true cell is 0.
+    deviation (ddof 0) over the true cells; true_all_zero: [C, G] true where every true cell is 0;
+    perturbed_reference: [G] the average training perturbation (Systema's metrics are NaN without).
     """
     pred_delta = pred_mean - control_mean
     true_delta = true_mean - control_mean
@@ -216,7 +227,20 @@ def precision_metrics(
     out["frac_wrong_sign_top20_abs"] = (p_top * t_top < 0).to(pred_delta.dtype).mean(-1)
     out["frac_wrong_sign_all"] = opposite_sign.to(pred_delta.dtype).mean(-1)
     out["nmse_top20_abs"] = _normalised_mse(p_top, t_top, top_ok)
+    out.update(_systema(pred_mean, true_mean, perturbed_reference, de, de_ok))
     return out
+
+
+def _systema(pred_mean, true_mean, reference, de, de_ok) -> dict[str, torch.Tensor]:
+    """Pearson of the changes from the perturbed reference (Systema's corr_all_allpert and
+    corr_20de_allpert): undefined (NaN), not 0, for a prediction equal to the reference, so
+    predicting what every perturbation shares never scores."""
+    if reference is None:
+        nan = torch.full(pred_mean.shape[:1], float("nan"), dtype=pred_mean.dtype, device=pred_mean.device)
+        return {"pearson_delta_pert": nan, "pearson_delta_pert_top20_de": nan.clone()}
+    pred, true = pred_mean - reference, true_mean - reference
+    return {"pearson_delta_pert": pearson(pred, true),
+            "pearson_delta_pert_top20_de": _masked_pearson(_gather(pred, de), _gather(true, de), de_ok)}
 
 
 def _frac_sigma_below_1(pred_mean, true_mean, true_std, all_zero, valid) -> torch.Tensor:

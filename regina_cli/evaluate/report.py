@@ -31,6 +31,7 @@ HEADLINE = (
     "nmse_top20_de",
     "pearson_delta_top20_abs",
     "frac_wrong_sign_top20_abs",
+    "pearson_delta_pert",
     "discrimination_score_l1",
     "de_overlap_at_N",
     "mmd_rbf",

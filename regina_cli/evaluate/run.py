@@ -27,7 +27,7 @@ from regina_cli import keys
 from regina_cli.data.conditions import parse_condition
 from regina_cli.errors import ReginaError
 from regina_cli.io import atomic_dir
-from regina_cli.evaluate.baselines import baseline_profiles, parse_baselines, training_data
+from regina_cli.evaluate.baselines import baseline_profiles, parse_baselines, perturbed_reference, training_data
 from regina_cli.evaluate.de import Moments, de_ranks, overlap_metrics
 from regina_cli.evaluate.distribution import (PredictedCells, TrueCells, column_mean_var, distribution_metrics,
                                               random_projections)
@@ -76,12 +76,15 @@ def _t(a, device, dtype=torch.float64) -> torch.Tensor:
     return torch.as_tensor(np.asarray(a), dtype=dtype, device=device)
 
 
-def score_precision(profiles: np.ndarray, truth, conditions: list[str], gene_sets: GeneSets, device) -> dict:
-    """Precision metrics for mean profiles [C, G] of `conditions`: {metric: np.ndarray[C]}."""
+def score_precision(profiles: np.ndarray, truth, conditions: list[str], gene_sets: GeneSets, device,
+                    perturbed_reference: np.ndarray | None = None) -> dict:
+    """Precision metrics for mean profiles [C, G] of `conditions`: {metric: np.ndarray[C]};
+    `perturbed_reference` [G]: the average training perturbation (`perturbed_reference`)."""
     stats = [truth.stats(c) for c in conditions]
     out = precision_metrics(
         _t(profiles, device), _t(np.stack([s.mean for s in stats]), device), _t(truth.control_mean, device), gene_sets,
         _t(np.stack([s.std for s in stats]), device), torch.from_numpy(np.stack([s.all_zero for s in stats])).to(device),
+        None if perturbed_reference is None else _t(perturbed_reference, device),
     )
     return {m: v.cpu().numpy() for m, v in out.items()}
 
@@ -252,12 +255,13 @@ def evaluate_loaded(truth, split, models: list[Predictions], *, baselines: list[
     gene_sets = de_gene_sets(truth, conditions, device)
     position = {c: i for i, c in enumerate(conditions)}
     scorers = _scorers(models, profiles, conditions, truth.control_mean)
+    reference = perturbed_reference(train)
 
     with torch.inference_mode():
         precision = {}
         for s in scorers:
             subset = _rows_of(gene_sets, [position[c] for c in s.conditions])
-            precision[s.name] = score_precision(s.profiles, truth, s.conditions, subset, device)
+            precision[s.name] = score_precision(s.profiles, truth, s.conditions, subset, device, reference)
             precision[s.name]["discrimination_score_l1"] = score_discrimination(s, truth, conditions, device)
         score_cells(scorers, truth, seed=seed, device=device, max_true_cells=max_true_cells)
         true_ranks = true_de_ranks(truth, sorted({c for s in scorers for c in s.moments}), device)
