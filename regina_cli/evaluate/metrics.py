@@ -73,7 +73,7 @@ METRICS: dict[str, MetricInfo] = {
     "pearson_delta_pert": MetricInfo(
         True, "Systema: Pearson of predicted vs true mean minus the average training perturbation (each training "
         "condition's mean counted once), all genes; what a prediction says beyond the change perturbations share "
-        "(train_mean scores about 0)", "precision",
+        "(train_mean, which pools cells, scores about 0 where training conditions have alike cell counts)", "precision",
     ),
     "pearson_delta_pert_top20_de": MetricInfo(
         True, "Systema: as pearson_delta_pert, on the top 20 DE genes (rank_genes_groups_cov_all)", "precision"

@@ -79,7 +79,7 @@ def _t(a, device, dtype=torch.float64) -> torch.Tensor:
 def score_precision(profiles: np.ndarray, truth, conditions: list[str], gene_sets: GeneSets, device,
                     perturbed_reference: np.ndarray | None = None) -> dict:
     """Precision metrics for mean profiles [C, G] of `conditions`: {metric: np.ndarray[C]};
-    `perturbed_reference` [G]: the average training perturbation (`perturbed_reference`)."""
+    `perturbed_reference` [G]: the average training perturbation (`baselines.perturbed_reference`)."""
     stats = [truth.stats(c) for c in conditions]
     out = precision_metrics(
         _t(profiles, device), _t(np.stack([s.mean for s in stats]), device), _t(truth.control_mean, device), gene_sets,
