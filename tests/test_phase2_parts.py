@@ -99,6 +99,9 @@ def test_collapse_index_and_warnings():
     text = " ".join(collapsed.warnings())
     for fragment in ("look alike", "prompt is 0.05 times", "5.00 times the real ones", "autoencoder limits"):
         assert fragment in text
+    assert "phase 2 collapsed" in text
+    kept = " ".join(collapsed.warnings(prior_kept=True))  # epoch 0 with a prior: nothing collapsed in training
+    assert "look alike" in kept and "expression prior" in kept and "phase 2 collapsed" not in kept
 
 
 def test_prior_is_fitted_on_training_conditions_and_cross_fitted_for_them(monkeypatch):

@@ -85,13 +85,17 @@ class ValidationScores:
     def as_dict(self) -> dict[str, float]:
         return dict(vars(self))
 
-    def warnings(self) -> list[str]:
-        """Plain sentences for what looks wrong (empty when nothing does)."""
+    def warnings(self, prior_kept: bool = False) -> list[str]:
+        """Plain sentences for what looks wrong (empty when nothing does). `prior_kept`: the scores
+        are those of the untrained start with an expression prior, whose likeness comes from the
+        change the training conditions share, not from a phase-2 collapse."""
         out = []
         if self.collapse_index - self.collapse_index_true > 0.2:
+            cause = ("the kept start, the expression prior, leans on the change the training conditions share"
+                     if prior_kept else "phase 2 collapsed towards one shift")
             out.append(f"predictions of different conditions look alike: their mean deltas correlate at "
                        f"{self.collapse_index:.2f} on average, the real ones at {self.collapse_index_true:.2f} "
-                       "(phase 2 collapsed towards one shift)")
+                       f"({cause})")
         if self.prompt_to_shift < 0.1:
             out.append(f"the prompt is {self.prompt_to_shift:.2f} times the size of the real latent shifts: it can "
                        "hardly tell conditions apart (try gan.prompt_scale=matched or gan.gene_features)")
