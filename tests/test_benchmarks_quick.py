@@ -234,6 +234,7 @@ def test_holdout_compares_arms_on_the_same_held_out_training_conditions(tmp_path
     assert scored.returncode == 0, scored.stdout + scored.stderr
     record = json.loads((folder / "runs" / "q" / "quality.json").read_text())
     assert record["cells"] == 40 and "failed" not in record
+    assert -1 <= record["collapse_index_pert"] <= 1 and -1 <= record["collapse_index_pert_true"] <= 1
     predicted = anndata.read_h5ad(folder / "runs" / "q" / "predictions.h5ad")
     counts = predicted.obs["condition"].astype(str).value_counts()
     assert (counts.drop("ctrl", errors="ignore") == 40).all()
@@ -298,13 +299,15 @@ def test_quality_counts_the_conditions_regina_wins_over_seeds():
         rows += [("additive", c, v) for c, v in extra]
         table = pd.DataFrame(rows, columns=["model", "condition", "pearson_delta"])
         return {"dataset": "demo", "seed": seed, "table": table, "collapse_index": 0.3, "collapse_index_true": 0.2,
-                "collapse_index_true_denoised": 0.25, "train_seconds": 1.0, "seconds": 2.0}
+                "collapse_index_true_denoised": 0.25, "collapse_index_pert": 0.1, "collapse_index_pert_true": 0.05,
+                "train_seconds": 1.0, "seconds": 2.0}
 
     results = [result(1, {"A": 0.5, "B": 0.2}, {"A": 0.4, "B": 0.3, "C": 0.9}, extra=[("B", 0.1)]),
                result(2, {"A": 0.6, "D": 0.7}, {"A": 0.1, "D": 0.2})]
     summary = summarise(results)
     text = markdown(summary, SimpleNamespace(on="test", seeds=[1, 2], preset=None, set=[]), "0.00")
     assert "Conditions where REGINA's pearson_delta is higher (all seeds): train_mean 3/4, additive 1/1." in text
+    assert "from the average training perturbation instead of control: REGINA 0.100, truth 0.050" in text
 
 
 def test_prior_residual_rules_learn_an_error_that_is_there_and_report_every_rule(tmp_path):
