@@ -166,13 +166,13 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
                   stopper=PatienceStopper(metric=metric, patience=g.patience),
                   best=BestTracker(metric, "max"), progress=bar, resume=resume)
     best = best_epoch_scores(paths, summary["best_epoch"])
+    prior_kept = summary["best_epoch"] == 0 and g.expression_prior != "none"
     clip_evidence = clip_choice.evidence(best, len(plan.conditions), held_out)
     summary.update({"run_dir": str(paths.run_dir), "phase": paths.phase, "selection": metric,
                     "parameter_checksum": parameter_checksum(gan), "prompt_fit": setup.built["prompt_fit"],
                     "diagnostics": best.as_dict() if best else {}, "clip_evidence": clip_evidence,
                     "clip_predictions": clip_choice.clip_chosen(clip_evidence),
-                    "warnings": ((best.warnings(prior_kept=summary["best_epoch"] == 0
-                                                and g.expression_prior != "none") if best else [])
+                    "warnings": ((best.warnings(prior_kept=prior_kept) if best else [])
                                  + untrained_kept(summary, g.expression_prior, g.selection_se))})
     if ctx.is_main:
         write_meta(paths, meta.trained(summary))
