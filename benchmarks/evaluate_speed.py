@@ -102,7 +102,8 @@ def main() -> None:
 
     from regina_cli.data.split import make_split
     from regina_cli.evaluate.baselines import BASELINES
-    from regina_cli.evaluate.run import evaluate_loaded, resolve_device
+    from regina_cli.devices import resolve_device
+    from regina_cli.evaluate.run import evaluate_loaded
     from regina_cli.evaluate.truth import Truth
 
     device = resolve_device(args.device)

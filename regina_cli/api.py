@@ -44,7 +44,11 @@ def _progress(verbose: bool) -> str:
 
 def _name_of(value, attribute: str) -> str:
     """A split or label method given as its name or as the result that made it."""
-    return value if value is None or isinstance(value, str) else getattr(value, attribute)
+    if value is None or isinstance(value, str):
+        return value
+    if not hasattr(value, attribute):
+        raise ReginaError(f"expected a name or a result with .{attribute}, not {value!r}")
+    return getattr(value, attribute)
 
 
 def _run_dir(run) -> Path:
@@ -149,8 +153,10 @@ def split(name: str, *, mode: str = "simulation", seed: int = 1, train_gene_frac
     """`regina split`: train/val/test conditions, identical to cell-gears' for a mode and seed."""
     import pandas as pd
 
+    from regina_cli.checks import check_seed
     from regina_cli.data.split import split_dataset
 
+    check_seed(seed)
     outcome = split_dataset(name, mode=mode, seed=seed, train_gene_frac=train_gene_frac, split_file=split_file,
                             data_dir=data_dir, gene_knowledge=gene_knowledge)
     for warning in outcome.warnings:

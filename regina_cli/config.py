@@ -387,9 +387,10 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
 
 
 def load_yaml(path: str | Path) -> dict:
+    from regina_cli.checks import check_input_file
+
     path = Path(path)
-    if not path.is_file():
-        raise ReginaError(f"config file {path} does not exist")
+    check_input_file(path, "config file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
     except UnicodeDecodeError:

@@ -247,3 +247,35 @@ def test_import_and_help_load_no_heavy_library(args):
                 if line.startswith("import time:")}
     assert "regina_cli" in imported
     assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"out": "p.csv"}, "ending in .h5ad"),
+    ({"out": "data/demo/p.h5ad"}, "in a dataset folder"),
+    ({"clip": "no"}, "clip takes True, False or None"),
+    ({"sparsify": True, "clip": False}, "drop --no-clip or --sparsify"),
+    ({"seed": -1}, "--seed takes a whole number"),
+    ({"n_cells": 2.5}, "--cells must be at least 1"),
+])
+def test_predict_checks_its_arguments_as_the_command_line_does(notebook, kwargs, fragment):
+    namespace, workdir, _, _ = notebook
+    before = sorted(p for p in workdir.rglob("*"))
+    if "out" in kwargs:
+        kwargs = {**kwargs, "out": workdir / kwargs["out"]}
+    with pytest.raises(ReginaError, match=fragment):
+        regina.predict(namespace["gan"], "test", data_dir=workdir / "data", **kwargs)
+    assert sorted(p for p in workdir.rglob("*")) == before
+
+
+@pytest.mark.parametrize("call, fragment", [
+    (lambda pred, data: regina.evaluate("demo", pred, true_cells=0, data_dir=data), "--true-cells must be"),
+    (lambda pred, data: regina.evaluate("demo", pred, threads=-1, data_dir=data), "--threads must be"),
+    (lambda pred, data: regina.evaluate("demo", pred, seed=-1, data_dir=data), "--seed takes"),
+    (lambda pred, data: regina.evaluate("demo", pred, model_name=" ", data_dir=data), "--model-name must not"),
+    (lambda pred, data: regina.split("demo", seed=1.5, data_dir=data), "--seed takes"),
+    (lambda pred, data: regina.label("demo", "stress", split=123, data_dir=data), "a name or a result"),
+])
+def test_api_argument_errors_are_regina_errors(notebook, call, fragment):
+    namespace, workdir, _, _ = notebook
+    with pytest.raises(ReginaError, match=fragment):
+        call(namespace["pred"], workdir / "data")

@@ -113,3 +113,12 @@ def test_data_folder_is_left_as_it_was(aged):
     read_dataset("fp")
     assert sorted(p.name for p in aged.parent.iterdir()) == before
     assert fingerprint._entry(aged).parent == keys.verified_dir()
+
+
+def test_the_fix_for_a_changed_file_names_a_command_that_works():
+    """`regina fetch NAME --force` only knows the demo and GEARS' datasets: an imported one needs its source."""
+    from regina_cli.data.dataset import refetch_command
+
+    assert refetch_command("norman") == "`regina fetch norman --force`"
+    assert refetch_command("demo") == "`regina fetch demo --force`"
+    assert "`regina fetch fp --from SOURCE --force`" in refetch_command("fp")

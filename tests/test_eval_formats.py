@@ -181,3 +181,15 @@ def test_a_gene_column_with_text_is_refused_but_a_label_column_is_set_aside(tmp_
     frame.to_csv(tmp_path / "typo.csv", index=False)
     with pytest.raises(ReginaError, match=r"column 'G1' holds numbers and text \('oops' in data row 2\)"):
         read_predictions(tmp_path / "typo.csv", condition_key="condition", separator="+")
+
+
+def test_a_missing_condition_column_names_a_few_columns_not_every_gene(tmp_path):
+    from regina_cli.errors import ReginaError
+    from regina_cli.evaluate.readers import read_predictions
+
+    frame = pd.DataFrame(np.ones((2, 1000)), columns=[f"G{i}" for i in range(1000)])
+    frame.to_csv(tmp_path / "no_condition.csv")  # the index is an unnamed column, as pandas writes it
+    with pytest.raises(ReginaError) as raised:
+        read_predictions(tmp_path / "no_condition.csv", condition_key="condition", separator="+")
+    message = str(raised.value)
+    assert "column 'condition'" in message and "(1,001 in all)" in message and len(message) < 300

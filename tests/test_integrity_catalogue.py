@@ -328,6 +328,11 @@ CASES = [
     Case("ae-labels-hand-edited", [*AE, "--run", "{root}/runs/new", *SETS], "does not match its record",
          change=edit_labels),
     Case("ae-existing-run-without-resume", [*AE, "--run", "{run}"], "pass --resume"),
+    Case("ae-seq-len-above-gene-count", [*AE, "--run", "{root}/runs/new", *SETS, "--set", "model.seq_len=100000"],
+         "more than the 160 genes"),
+    Case("ae-run-in-dataset-folder", [*AE, "--run", "{root}/data/demo/run", *SETS], "is in a dataset folder"),
+    Case("ae-resume-below-epochs-done", [*AE, "--run", "{run}", "--resume", "--max-epochs", "1"],
+         "has trained 2 epochs already"),
     Case("ae-name-outside", ["train-ae", "../outside", *AE[2:], "--run", "{root}/runs/new", *SETS],
          "not a usable dataset name"),
     Case("ae-gpus-0", [*AE, "--run", "{root}/runs/new", "--gpus", "0", *SETS], "--gpus"),
@@ -349,6 +354,8 @@ CASES = [
          change=retrain_phase1),
     Case("gan-changes-phase1-shape", [*GAN, "--set", "model.z_dim=8"], "fixed by the phase-1 run"),
     Case("gan-garbage-meta", GAN, "damaged", change=garble_meta),
+    Case("gan-sets-phase1-setting", [*GAN, "--set", "ae.lr=0.1"], "ae.lr is a phase-1 setting"),
+    Case("gan-resume-below-epochs-done", [*GAN, "--resume", "--max-epochs", "0"], "has trained 1 epochs already"),
     # predict
     Case("predict-seed-negative", [*PREDICT, "--seed", "-1"], "--seed takes a whole number"),
     Case("predict-seed-2^32", [*PREDICT, "--seed", SEED_MAX_PLUS_1], "--seed takes"),
@@ -363,6 +370,9 @@ CASES = [
     Case("predict-config-edited", PREDICT, "the saved config changed", change=edit_config),
     Case("predict-phase1-retrained", PREDICT, "phase 1's weights changed", change=retrain_phase1),
     Case("predict-unknown-gene", [*PREDICT, "--conditions", "NOPE+ctrl"], "not among the"),
+    Case("predict-empty-conditions", [*PREDICT, "--conditions", ""], "no conditions given"),
+    Case("predict-sparsify-without-clip", [*PREDICT, "--sparsify", "--no-clip"], "drop --no-clip or --sparsify"),
+    Case("predict-conditions-file-is-a-folder", [*PREDICT, "--conditions-file", "{busy}"], "is a folder"),
     Case("predict-control-condition", [*PREDICT, "--conditions", "ctrl"], "is the control condition"),
     Case("predict-conditions-file-missing", [*PREDICT, "--conditions-file", "{root}/nope.txt"], "does not exist"),
     Case("predict-conditions-file-not-text", [*PREDICT, "--conditions-file", "{h5ad}"], "not a text file"),
@@ -371,7 +381,7 @@ CASES = [
     Case("predict-out-not-h5ad", [*PREDICT, "--out", "{root}/p.csv"], "ending in .h5ad"),
     Case("predict-run-is-a-file", ["predict", "--run", "{file}", "--device", "cpu", *D], "regina train-ae"),
     Case("predict-data-dir-is-a-file", [*PREDICT[:-2], "--data-dir", "{file}"], "is a file, not a folder"),
-    Case("predict-after-dataset-refetched", PREDICT, "another version of dataset demo",
+    Case("predict-after-dataset-refetched", PREDICT, "is stale: the dataset changed",
          change=refetch_other_version),
     # evaluate
     Case("evaluate-seed-negative", [*EVALUATE, "--seed", "-1"], "--seed takes a whole number"),
@@ -382,6 +392,9 @@ CASES = [
          "holds predictions for dataset 'demo', not 'other'"),
     Case("evaluate-split-replaced", EVALUATE, "the split file changed", change=resplit_with_force),
     Case("evaluate-predictions-missing", [*EVALUATE[:3], "{root}/nope.h5ad", *EVALUATE[4:]], "nope.h5ad"),
+    Case("evaluate-unknown-device", [*EVALUATE, "--device", "gpu"], "--device takes auto, cpu, cuda or cuda:N"),
+    Case("evaluate-empty-model-name", [*EVALUATE, "--model-name", ""], "--model-name must not be empty"),
+    Case("evaluate-predictions-is-a-folder", [*EVALUATE[:3], "{busy}", *EVALUATE[4:]], "is a folder"),
     Case("evaluate-unknown-baseline", [*EVALUATE, "--baselines", "bogus"], "bogus"),
     Case("evaluate-split-missing", [*EVALUATE, "--split", "simulation_9"], "not found"),
     Case("evaluate-data-dir-is-a-file", [*EVALUATE[:-2], "--data-dir", "{file}"], "is a file, not a folder"),
@@ -456,6 +469,27 @@ def test_replacing_with_force_makes_runs_stale_and_allow_stale_warns(world, tmp_
     result = invoke(*(a.format(**w.paths) for a in [*EVALUATE, "--allow-stale", "--out", "{root}/stale-eval"]))
     assert result.exit_code == 0, result.output
     assert "is stale" in result.output and (Path(w.paths["root"]) / "stale-eval" / keys.METRICS_FILE).is_file()
+
+
+def test_allow_stale_predicts_and_scores_after_the_dataset_changed(world, tmp_path):
+    """A dataset fetched again (same genes, other cells) makes the run and its split stale:
+    `--allow-stale` warns and goes on, as the README says, instead of refusing the split."""
+    import anndata
+
+    from regina_cli.data.dataset import write_dataset
+
+    w = world.copy(tmp_path)
+    adata = anndata.read_h5ad(w.paths["h5ad"])
+    write_dataset(adata[::2].copy(), "demo", w.root / "data")
+    refused = invoke(*(a.format(**w.paths) for a in [*PREDICT, "--out", "{root}/stale.h5ad"]))
+    assert_one_error_line(refused, "is stale: the dataset changed")
+    result = invoke(*(a.format(**w.paths) for a in [*PREDICT, "--allow-stale", "--out", "{root}/stale.h5ad"]))
+    assert result.exit_code == 0, result.output
+    assert "warning: run" in " ".join(result.output.split())
+    argv = [*EVALUATE[:3], "{root}/stale.h5ad", *EVALUATE[4:], "--allow-stale", "--out", "{root}/stale-eval"]
+    result = invoke(*(a.format(**w.paths) for a in argv))
+    assert result.exit_code == 0, result.output
+    assert (Path(w.paths["root"]) / "stale-eval" / keys.METRICS_FILE).is_file()
 
 
 def test_resume_may_change_what_is_not_a_shape(world, tmp_path):

@@ -212,3 +212,20 @@ def test_predictability_counts_what_has_no_prompt(tmp_path):
     assert informed["unpredictable_conditions"] == ["K+ctrl", "T+K"] and informed["unpredictable"] == 2
     path.write_text("gene,x\nK,1.0\nU,2.0\n")
     assert predictability(conditions, measured, train, load_gene_knowledge(path))["unpredictable"] == 0
+
+
+def test_training_warns_when_the_knowledge_names_no_gene_of_the_screen(tmp_path):
+    """Ensembl IDs against symbols: the file reads fine and helps nothing; train-ae says so."""
+    from regina_cli.config import build_config
+    from regina_cli.data.split import Split
+    from regina_cli.engine.train_ae import predictability_notes
+
+    genes = ["A", "B", "C"]
+    split = Split(dataset="tiny", mode="custom", seed=1, train_gene_frac=None, train=["ctrl", "A+ctrl"],
+                  val=["B+ctrl"], test=["C+ctrl", "D+ctrl"], subgroups={})
+    (tmp_path / "ensembl.tsv").write_text("ENSG0001\tGO:1\nENSG0002\tGO:1\n")
+    (tmp_path / "symbols.tsv").write_text("D\tGO:1\nA\tGO:1\n")
+    notes = {name: predictability_notes(split, genes, build_config(overrides=[f"model.gene_knowledge={tmp_path / name}"]),
+                                        tmp_path) for name in ("ensembl.tsv", "symbols.tsv")}
+    assert any("names none of the dataset's 3 genes nor its targets" in n for n in notes["ensembl.tsv"])
+    assert not any("names none" in n for n in notes["symbols.tsv"])

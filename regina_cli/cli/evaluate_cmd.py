@@ -10,7 +10,7 @@ import typer
 from regina_cli import keys
 from regina_cli.cli.app import app
 from regina_cli.cli.common import DataDirOpt, emit_result, info, show, user_errors
-from regina_cli.cli.options import check_data_dir, check_out_folder, check_seed
+from regina_cli.checks import check_data_dir, check_out_folder, check_seed
 
 
 @app.command("evaluate")
@@ -35,7 +35,7 @@ def evaluate_command(
                                   "output: _ for A_B)."),
     seed: int = typer.Option(0, "--seed", help="Seed for cell subsampling and random projections."),
     true_cells: int = typer.Option(100, "--true-cells", min=2, help="True cells per condition for MMD, energy and sliced Wasserstein."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0: the cores the load average says "
                                 "are idle, at least 1)."),
     allow_stale: bool = typer.Option(
@@ -59,7 +59,7 @@ def evaluate_command(
     summary = evaluate(
         name, list(predictions), split=split, out=out, baselines=baselines, plots=plots, condition_key=condition_key,
         separator=separator, model_name=model_name, on=on, data_dir=data_dir, seed=seed, device=device,
-        max_true_cells=true_cells, threads=threads,
+        max_true_cells=true_cells, threads=threads, allow_stale=allow_stale,
     )
     for model in summary["models"]:
         if model["n_skipped_not_in_dataset"]:

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from regina_cli.cli.app import app
 from regina_cli.cli.common import DataDirOpt, emit_result, info, is_quiet, show, user_errors
-from regina_cli.cli.options import check_data_dir, check_seed
+from regina_cli.checks import check_data_dir, check_seed
 from regina_cli.errors import ReginaError
 
 # Names repeated here (not imported) so that `regina --help` loads nothing heavy;

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from regina_cli.cli.app import app
 from regina_cli.cli.common import DataDirOpt, emit_result, info, show, user_errors
-from regina_cli.cli.options import check_data_dir
+from regina_cli.checks import check_data_dir
 
 
 @app.command("label")

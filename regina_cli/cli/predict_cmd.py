@@ -10,7 +10,7 @@ import typer
 from regina_cli import keys
 from regina_cli.cli.app import app
 from regina_cli.cli.common import DataDirOpt, emit_result, info, user_errors
-from regina_cli.cli.options import check_data_dir, check_out_file, check_seed
+from regina_cli.checks import check_data_dir
 from regina_cli.errors import ReginaError
 
 
@@ -53,12 +53,10 @@ def predict_command(
     from regina_cli.engine.prediction_file import FileOptions
     from regina_cli.engine.predict import read_conditions_file, run_prediction
 
-    check_seed(seed)
-    check_out_file(out)
     check_data_dir(data_dir, writes=False)
     if conditions_file is not None and conditions is not None:
         raise ReginaError("give either --conditions or --conditions-file, not both")
-    chosen = read_conditions_file(conditions_file) if conditions_file is not None else conditions or "test"
+    chosen = read_conditions_file(conditions_file) if conditions_file is not None else "test" if conditions is None else conditions
     options = FileOptions(with_controls=with_controls, clip=clip, sparsify=sparsify)
     result = run_prediction(run, chosen, n_cells=cells, seed=seed, out=out, device=device, data_dir=data_dir,
                             options=options, allow_stale=allow_stale)

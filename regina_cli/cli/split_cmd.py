@@ -9,7 +9,7 @@ from rich.table import Table
 
 from regina_cli.cli.app import app
 from regina_cli.cli.common import DataDirOpt, emit_result, info, show, user_errors
-from regina_cli.cli.options import check_data_dir, check_seed
+from regina_cli.checks import check_data_dir, check_seed
 from regina_cli.errors import ReginaError
 
 # Defaults repeated here (not imported) so that `regina --help` does not load numpy/pandas;

@@ -63,23 +63,28 @@ def is_complete(name: str, data_dir=None) -> bool:
     return data_file.is_file() and recorded_checksum(data_file) is not None
 
 
+def refetch_command(name: str) -> str:
+    """How to fetch dataset `name` again: by name for the demo and GEARS' datasets, else from the
+    file it was imported from (the name alone is unknown to `regina fetch`)."""
+    from regina_cli.data.fetch import DATASETS
+
+    return f"`regina fetch {name} --force`" if name in DATASETS else \
+        f"`regina fetch {name} --from SOURCE --force` with the file it was imported from"
+
+
 def verify_checksum(name: str, data_file: Path, *, reuse: bool = False) -> str:
     """The file's SHA-256, refused unless it is the recorded one. `reuse`: skip the hash when an
     earlier full check saw this very file unchanged (see data/fingerprint.py)."""
     recorded = recorded_checksum(data_file)
     if recorded is None:
-        raise ReginaError(
-            f"{data_file} has no recorded checksum (interrupted fetch?): run `regina fetch {name} --force`"
-        )
+        raise ReginaError(f"{data_file} has no recorded checksum (interrupted fetch?): run {refetch_command(name)}")
     if reuse and fingerprint.still_verified(data_file, recorded):
         return recorded
     started, before = time.time_ns(), fingerprint.identity(data_file)
     actual = sha256_of(data_file)
     if actual != recorded:
-        raise ReginaError(
-            f"{data_file} changed after it was verified (SHA-256 mismatch): "
-            f"run `regina fetch {name} --force` to fetch it again"
-        )
+        raise ReginaError(f"{data_file} changed after it was verified (SHA-256 mismatch): run "
+                          f"{refetch_command(name)} to fetch it again")
     fingerprint.remember(data_file, before, actual, started)
     return actual
 
@@ -154,4 +159,4 @@ def gene_count(name: str, data_dir=None) -> int:
             return int(x.shape[1] if isinstance(x, h5py.Dataset) else x.attrs["shape"][1])
     except (OSError, KeyError) as exc:
         raise ReginaError(f"{path} is not a readable h5ad file ({exc.__class__.__name__}): "
-                          f"run `regina fetch {name} --force`") from None
+                          f"run {refetch_command(name)}") from None

@@ -99,14 +99,15 @@ def check_predictions(name: str, predictions: str | Path, split: str | None, dat
     warnings = []
     made_split = made.get("split")
     if split:
-        load_split(name, split, data_dir)  # a split that does not exist is the error, not a warning about it
+        load_split(name, split, data_dir, allow_stale=allow_stale)  # a missing split is the error, not a warning
     if split and isinstance(made_split, str) and split != made_split:
         warnings.append(f"{predictions} comes from a run trained on split {made_split}; scored on {split}, "
                         "its test set may hold conditions the run trained on")
     current = {keys.DATASET_SHA256: dataset_sha256(name, data_dir)}
     if isinstance(made_split, str) and (split in (None, made_split)) and keys.split_file(
             name, made_split, data_dir).is_file():
-        current[keys.SPLIT_SHA256] = load_split(name, made_split, data_dir).sha256()
+        # its own hash only: a changed dataset is reported by the dataset's hash
+        current[keys.SPLIT_SHA256] = load_split(name, made_split, data_dir, allow_stale=True).sha256()
     reasons = [f"{reason} since the predictions were made"
                for reason in changed({k: str(v) for k, v in made.items() if k in HASH_FIELDS}, current)]
     return warnings + stale(f"prediction file {predictions}", reasons,

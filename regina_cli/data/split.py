@@ -103,9 +103,10 @@ class Split:
 
 def read_split_file(path: str | Path) -> dict:
     """A user's {train, val, test} dict from JSON or a GEARS split pickle."""
+    from regina_cli.checks import check_input_file
+
     path = Path(path)
-    if not path.is_file():
-        raise ReginaError(f"split file {path} not found")
+    check_input_file(path, "split file", "not found")
     raw = path.read_bytes()
     try:
         obj = safe_loads(raw) if is_pickle(raw) else json.loads(raw)
@@ -201,8 +202,9 @@ def save_split(split: Split, data_dir: str | Path | None = None, *, force: bool 
     return path
 
 
-def load_split(name: str, split: str, data_dir: str | Path | None = None) -> Split:
-    """The split `<mode>_<seed>` written by `regina split`, checked against the dataset's SHA-256."""
+def load_split(name: str, split: str, data_dir: str | Path | None = None, *, allow_stale: bool = False) -> Split:
+    """The split `<mode>_<seed>` written by `regina split`, checked against the dataset's SHA-256
+    (`allow_stale`: not; the caller warns that the dataset changed, as `--allow-stale` promises)."""
     path = keys.split_file(name, split, data_dir)
     mode, _, seed = split.rpartition("_")
     remake = f"regina split {name} --mode {mode} --seed {seed}" if mode in MODES and seed.isdigit() else (
@@ -216,7 +218,7 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None) -> Spl
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ReginaError(f"split file {path} is damaged ({exc}): run `regina split` again") from None
     recorded, current = obj.get(keys.DATASET_SHA256), dataset_sha256(name, data_dir)
-    if recorded and current and recorded != current:
+    if recorded and current and recorded != current and not allow_stale:
         raise ReginaError(f"split file {path} was made from another version of dataset {name} (SHA-256 "
                           f"{recorded[:12]}, now {current[:12]}): run `{remake} --force` to remake it")
     return loaded

@@ -302,6 +302,19 @@ def _save_state(phase, paths, ctx, *, epoch, step, running, stopper, best, stop_
         ckpt.save_torch(paths.last, state)
 
 
+def check_epochs_left(paths: ckpt.PhasePaths, max_epochs: int, *, resume: bool) -> None:
+    """Refuse, before anything is written, a resume whose --max-epochs is below the epochs the run
+    has trained: it would train nothing and record a limit the weights went past. (Equal is
+    allowed: a run killed after its last checkpoint finishes its records.)"""
+    if not resume or not paths.last.is_file():
+        return
+    state = ckpt.load_torch(paths.last, map_location="cpu")
+    done = int(state.get("epoch", 0))
+    if not _final_stop(state.get("stop_reason", "")) and max_epochs < done:
+        raise ReginaError(f"{paths.dir} has trained {done} epochs already, more than --max-epochs {max_epochs}: "
+                          f"pass --max-epochs {done} or more to resume")
+
+
 def _restore(phase: Phase, paths, stopper, best, ctx: DistContext):
     """Load `last.pt` into the phase; returns (next epoch, steps done in it, running sums, reason)."""
     if not paths.last.is_file():
@@ -330,7 +343,10 @@ def _restore(phase: Phase, paths, stopper, best, ctx: DistContext):
     if ctx.is_main:
         ckpt.truncate_history(paths, state["epoch"])
     running = RunningTerms.from_state(state["running"], ctx.device)
-    reason = state["stop_reason"]
-    if reason.startswith("max_epochs"):  # a larger --max-epochs continues a finished run
-        reason = ""
+    reason = state["stop_reason"] if _final_stop(state["stop_reason"]) else ""
     return state["epoch"] + 1, state["step"], running, reason
+
+
+def _final_stop(reason: str) -> str:
+    """The reason a run stopped for good: not a stop at --max-epochs, which a larger one continues."""
+    return "" if reason.startswith("max_epochs") else reason

@@ -73,8 +73,7 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
 
     started = time.perf_counter()
     options = options or FileOptions()
-    if n_cells < 1:
-        raise ReginaError("--cells must be at least 1")
+    check_request(n_cells, seed, out, options)
     run_dir = Path(run_dir)
     warnings = check_run_current(run_dir, data_dir, allow_stale=allow_stale)
     trained = load_trained(run_dir, device=device)
@@ -82,9 +81,9 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
         raise ReginaError(f"{run_dir} has no trained phase 2; run `regina train-gan --run {run_dir}` first")
     meta = trained.meta
     if options.clip is None:
-        options = replace(options, clip=bool((meta.training or {}).get("clip_predictions", False)))
+        options = replace(options, clip=options.sparsify or bool((meta.training or {}).get("clip_predictions", False)))
     genes, prompt_genes = list(meta.gene_names), trained.gan.prompt_genes
-    split = load_split(meta.dataset, meta.split, data_dir)
+    split = load_split(meta.dataset, meta.split, data_dir, allow_stale=allow_stale)
     adata = read_dataset(meta.dataset, data_dir, backed=True)
     try:
         if [str(g) for g in adata.var_names] != genes:
@@ -121,7 +120,7 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
     return PredictionResult(path=path, n_conditions=len(requested), n_cells=int(len(plan)),
                             n_new_conditions=plan.n_new, skipped=skipped, sources=sources,
                             device=str(trained.device), seconds=time.perf_counter() - started, warnings=warnings,
-                            clipped=bool(options.clip or options.sparsify))
+                            clipped=options.clip)
 
 
 def check_memory(n_rows: int, n_genes: int, device) -> None:
@@ -135,6 +134,22 @@ def check_memory(n_rows: int, n_genes: int, device) -> None:
         raise ReginaError(f"{n_rows:,} predicted cells x {n_genes:,} genes need about {need / 2**30:.1f} GiB, more "
                           f"than half of the {free / 2**30:.1f} GiB free; lower --cells or predict fewer "
                           "conditions per call (--conditions-file)")
+
+
+def check_request(n_cells: int, seed: int, out, options: FileOptions) -> None:
+    """The options of a prediction, checked before anything is read (the command line and the
+    Python API alike)."""
+    from regina_cli.checks import check_out_file, check_seed, is_whole
+
+    if not is_whole(n_cells) or n_cells < 1:
+        raise ReginaError(f"--cells must be at least 1 (a whole number), not {n_cells!r}")
+    check_seed(seed)
+    check_out_file(None if out is None else Path(out))
+    if options.clip not in (None, True, False):
+        raise ReginaError(f"clip takes True, False or None (the run's choice), not {options.clip!r}")
+    if options.sparsify and options.clip is False:
+        raise ReginaError("--sparsify sets negative values to 0 (a sparse matrix stores zeros), so it cannot keep "
+                          "them: drop --no-clip or --sparsify")
 
 
 # --- Which conditions ---------------------------------------------------------------------------
@@ -172,9 +187,10 @@ def resolve_conditions(conditions: str | Sequence[str], split, data_conditions: 
 def read_conditions_file(path: str | Path) -> list[str]:
     """One condition per line (UTF-8, a byte-order mark allowed); blank lines and `#` comments are
     skipped."""
+    from regina_cli.checks import check_input_file
+
     path = Path(path)
-    if not path.is_file():
-        raise ReginaError(f"conditions file {path} does not exist")
+    check_input_file(path, "conditions file")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
@@ -268,8 +284,9 @@ def _allocate(weights: pd.Series, total: int) -> dict[str, int]:
 
 
 def prompt_sources(conditions: Sequence[str], genes: Sequence[str], learned_genes: Sequence[str]) -> dict[str, str]:
-    """condition -> `learned` (every target perturbed in training), `measured` (the others are
-    measured) or `knowledge` (a target known only through prior knowledge)."""
+    """condition -> `learned` (every target has a learned prompt vector: `gan.learned_prompts`),
+    `measured` (the targets without one are measured genes, prompted through the encoder) or
+    `knowledge` (a target known only through prior knowledge)."""
     measured, learned = set(genes), set(learned_genes)
     out = {}
     for condition in conditions:

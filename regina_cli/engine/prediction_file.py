@@ -50,7 +50,7 @@ def build(x: np.ndarray, plan, conditions, genes, *, sources: dict[str, str], re
         keys.OBS_PROMPT_SOURCE: [sources[c] for c in predicted_condition],
     }, index=[f"pred_{i}" for i in range(len(plan))])
     threshold = _sparsify_threshold(control_x) if options.sparsify else None
-    if options.clip or options.sparsify:
+    if options.clip:
         x = np.maximum(x, 0.0)
     if threshold is not None:
         x[x < threshold] = 0.0

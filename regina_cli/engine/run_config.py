@@ -12,7 +12,7 @@ shapes when resuming phase 2. Every check runs before anything is written.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from regina_cli import keys
@@ -86,3 +86,14 @@ def check_fixed_shapes(phase: str, run_dir: str | Path, config: ReginaConfig, *,
             if getattr(config.model, name) != getattr(saved.model, name):
                 raise ReginaError(f"model.{name} is fixed by {owner} in {run_dir}; train a new run with "
                                   f"`regina {command}` to change it")
+    if phase == keys.GAN_DIR and ae_config.is_file():
+        check_phase1_settings(run_dir, config, ckpt.read_config(ckpt.ae_paths(run_dir)))
+
+
+def check_phase1_settings(run_dir, config: ReginaConfig, phase1: ReginaConfig) -> None:
+    """`train-gan` cannot apply phase-1 training settings (`ae.*`): phase 1 ran with its own, and
+    a different value in phase 2's config would misstate how the run was trained."""
+    for item in fields(phase1.ae):
+        if getattr(config.ae, item.name) != getattr(phase1.ae, item.name):
+            raise ReginaError(f"ae.{item.name} is a phase-1 setting, used by the phase-1 run in {run_dir}; "
+                              "train a new run with `regina train-ae` to change it")

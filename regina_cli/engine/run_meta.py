@@ -153,8 +153,13 @@ def check_run_matches(meta: RunMeta, *, dataset: str, gene_names: list[str], whe
 
 
 def check_run_dir(run_dir: str | Path) -> None:
+    from regina_cli.checks import in_dataset_folder
+
     if Path(run_dir).exists() and not Path(run_dir).is_dir():
         raise ReginaError(f"--run {run_dir} is a file, not a run directory: choose another --run")
+    if in_dataset_folder(Path(run_dir)):
+        raise ReginaError(f"--run {run_dir} is in a dataset folder, whose files other steps read: choose a run "
+                          "directory elsewhere, e.g. runs/<name>")
 
 
 # --- Provenance ------------------------------------------------------------------------------------------
@@ -183,7 +188,8 @@ def current_inputs(meta: RunMeta, data_dir=None) -> dict:
 
     current = {keys.DATASET_SHA256: dataset_sha256(meta.dataset, data_dir)}
     if keys.split_file(meta.dataset, meta.split, data_dir).is_file():
-        current[keys.SPLIT_SHA256] = load_split(meta.dataset, meta.split, data_dir).sha256()
+        # its own hash only: a changed dataset is reported by the dataset's hash
+        current[keys.SPLIT_SHA256] = load_split(meta.dataset, meta.split, data_dir, allow_stale=True).sha256()
     try:
         current[keys.LABELS_SHA256] = file_sha256(labels_path(meta.dataset, meta.labels, data_dir, meta.split))
     except ReginaError:

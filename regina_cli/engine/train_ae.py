@@ -28,8 +28,8 @@ from regina_cli.engine import checkpoint as ckpt
 from regina_cli.engine.distributed import (DistContext, broadcast_state, check_process_count, data_parallel,
                                            parameter_checksum, run_distributed)
 from regina_cli.engine.early_stopping import BestTracker, ConsistencyStopper
-from regina_cli.engine.loop import (EpochBatches, amp_context, compile_modules, fit, scaled_lr, seed_everything,
-                                    steps_per_epoch)
+from regina_cli.engine.loop import (EpochBatches, amp_context, check_epochs_left, compile_modules, fit, scaled_lr,
+                                    seed_everything, steps_per_epoch)
 from regina_cli.engine.progress import TrainingProgress
 from regina_cli.engine.run_config import check_fixed_shapes, resolve_run_config
 from regina_cli.engine.run_meta import (RunMeta, check_resume, check_run_dir, config_sha256, phase1_inputs,
@@ -162,6 +162,13 @@ def predictability_notes(split_obj, genes: list[str], config: ReginaConfig, data
 
     knowledge = resolve_knowledge(config.model.gene_knowledge, data_dir) if config.model.gene_knowledge else None
     notes = []
+    targets = condition_genes([*split_obj.train, *split_obj.val, *split_obj.test])
+    if knowledge is not None and not any(knowledge.knows(g) for g in [*genes, *targets]):
+        notes.append(f"warning: gene knowledge {knowledge.source} names none of the dataset's {len(genes):,} genes "
+                     "nor its targets "
+                     f"(its genes look like {', '.join(knowledge.genes[:3])}; the dataset's like "
+                     f"{', '.join(genes[:3])}): it cannot help any prediction; check that both use the same "
+                     "gene identifiers")
     for set_name in ("val", "test"):
         counts = predictability(getattr(split_obj, set_name), genes, split_obj.train, knowledge)
         if not counts["unmeasured"]:
@@ -178,6 +185,17 @@ def predictability_notes(split_obj, genes: list[str], config: ReginaConfig, data
 
 
 # --- Public entry point ------------------------------------------------------------------------------
+def check_token_count(name: str, config: ReginaConfig, data_dir=None) -> None:
+    """A token holds at least one gene: more tokens than genes would only add padding (and a
+    model that may not fit in memory)."""
+    from regina_cli.data.dataset import gene_count
+
+    n_genes = gene_count(name, data_dir)
+    if config.model.seq_len > n_genes:
+        raise ReginaError(f"model.seq_len is {config.model.seq_len:,}, more than the {n_genes:,} genes of dataset "
+                          f"{name}: a token holds at least one gene, so lower model.seq_len")
+
+
 def train_autoencoder(
     name: str,
     *,
@@ -207,6 +225,8 @@ def train_autoencoder(
     check_run_dir(run_dir)  # provenance: every input checked before anything is written
     check_resume(ckpt.ae_paths(run_dir), resume=resume, split=split, labels=labels)
     provenance = phase1_inputs(name, split, labels, data_dir)
+    check_token_count(name, config, data_dir)
+    check_epochs_left(ckpt.ae_paths(run_dir), config.ae.max_epochs, resume=resume)
     check_resume(ckpt.ae_paths(run_dir), provenance, resume=resume)  # the config may change (shapes checked above)
     if config.model.gene_knowledge:  # read again by each process, for its notes; a bad file stops here
         resolve_knowledge(config.model.gene_knowledge, data_dir)

@@ -17,6 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from regina_cli import keys
+from regina_cli.checks import check_input_file
 from regina_cli.errors import ReginaError
 
 TABLE_SEPARATORS = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
@@ -49,9 +50,14 @@ def _check_finite(x: np.ndarray, path: Path, row_names) -> None:
                           f"'{row_names[row]}'); fix the predictions before evaluating")
 
 
+SHOWN_COLUMNS = 8  # a gene table has thousands of columns: the error line names the first few
+
+
 def _missing_condition_column(path: Path, key: str, columns) -> ReginaError:
+    names = [str(c) for c in columns]
+    shown = ", ".join(names[:SHOWN_COLUMNS]) + (f", ... ({len(names):,} in all)" if len(names) > SHOWN_COLUMNS else "")
     return ReginaError(f"{path} has no {'obs ' if path.suffix == '.h5ad' else ''}column '{key}' "
-                       f"(columns: {', '.join(map(str, columns)) or 'none'}); pass --condition-key")
+                       f"(columns: {shown or 'none'}); pass --condition-key")
 
 
 def _read_h5ad(path: Path, condition_key: str, separator: str) -> RawPredictions:
@@ -140,8 +146,7 @@ def name_columns(raw: RawPredictions, dataset_genes: list[str]) -> RawPrediction
 def read_predictions(path: str | Path, *, condition_key: str, separator: str) -> RawPredictions:
     """Any supported prediction file, with at least one row (pickles: see name_columns)."""
     path = Path(path)
-    if not path.is_file():
-        raise ReginaError(f"prediction file {path} not found; run `regina predict` or pass --predictions FILE")
+    check_input_file(path, "prediction file", "not found; run `regina predict` or pass --predictions FILE")
     suffix = path.suffix.lower()
     if suffix in TABLE_SEPARATORS:
         raw = _read_table(path, condition_key, separator)

@@ -25,6 +25,7 @@ import torch
 
 from regina_cli import keys
 from regina_cli.data.conditions import parse_condition
+from regina_cli.devices import resolve_device
 from regina_cli.errors import ReginaError
 from regina_cli.io import atomic_dir
 from regina_cli.evaluate.baselines import baseline_profiles, parse_baselines, perturbed_reference, training_data
@@ -41,14 +42,6 @@ from regina_cli.evaluate.predictions import CELLS, Predictions
 MAX_TRUE_CELLS = 100
 TARGET_SETS = ("test", "val")
 RECONSTRUCTION = keys.VARM_RECONSTRUCTION
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ReginaError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
-    return torch.device(device)
 
 
 def _padded(lists: list[list[int]], width: int, device):
@@ -285,6 +278,20 @@ def evaluate_loaded(truth, split, models: list[Predictions], *, baselines: list[
     return Evaluation(pd.DataFrame(rows), profiles, models)
 
 
+def check_options(*, seed, max_true_cells, threads, model_name) -> None:
+    """Options checked before anything is read (the command line and the Python API alike)."""
+    from regina_cli.checks import check_seed, is_whole
+
+    check_seed(seed)
+    if not is_whole(max_true_cells) or max_true_cells < 2:
+        raise ReginaError(f"--true-cells must be a whole number of at least 2, not {max_true_cells!r}")
+    if not is_whole(threads) or threads < 0:
+        raise ReginaError(f"--threads must be a whole number of at least 0 (0: the idle cores), not {threads!r}")
+    names = [model_name] if isinstance(model_name, str) else list(model_name or [])
+    if any(not str(n).strip() for n in names):
+        raise ReginaError("--model-name must not be empty")
+
+
 def _resolve_split(name: str, split: str | None, provenance: dict, data_dir) -> str:
     """--split, else the split `regina predict` recorded, else the dataset's only split."""
     if split:
@@ -361,10 +368,12 @@ def evaluate(
     device: str = "auto",
     max_true_cells: int = MAX_TRUE_CELLS,
     threads: int = 0,
+    allow_stale: bool = False,
 ) -> dict:
     """Score prediction files against dataset `name` on a split; write metrics, table, report, plots.
 
-    `threads`: CPU threads (0: the idle cores, see threads.py). Returns the summary written to
+    `threads`: CPU threads (0: the idle cores, see threads.py). `allow_stale`: score on a split
+    made from an earlier version of the dataset (the caller warns). Returns the summary written to
     metrics.json plus `out` (the folder written).
     """
     from regina_cli.data.dataset import read_dataset
@@ -376,6 +385,7 @@ def evaluate(
     from regina_cli.evaluate.threads import cpu_threads
     from regina_cli.evaluate.truth import Truth
 
+    check_options(seed=seed, max_true_cells=max_true_cells, threads=threads, model_name=model_name)
     with cpu_threads(threads) as n_threads, small_pages():
         paths = [Path(p) for p in (predictions if isinstance(predictions, (list, tuple)) else [predictions])]
         if on not in TARGET_SETS:
@@ -397,7 +407,7 @@ def evaluate(
         truth = Truth(adata, shared_genes(raws, dataset_genes))
         models = [align(raw, truth, n) for raw, n in zip(raws, names)]
         split_name = _resolve_split(name, split, models[0].provenance, data_dir)
-        split_obj = load_split(name, split_name, data_dir)
+        split_obj = load_split(name, split_name, data_dir, allow_stale=allow_stale)
         check_targets_predicted(models, truth, getattr(split_obj, on), f"{on} conditions of split {split_name}")
         result = evaluate_loaded(truth, split_obj, models, baselines=baseline_names, seed=seed,
                                  device=torch_device, max_true_cells=max_true_cells, on=on)

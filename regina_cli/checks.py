@@ -1,4 +1,4 @@
-"""Checks of option values that typer cannot express, shared by the commands.
+"""Checks of option values that typer cannot express, shared by the commands and the Python API.
 
 Each failure is a `ReginaError` (one `error:` line, exit status 2) raised before the command
 reads or writes anything. Nothing heavy is imported here: `regina --help` stays instant.
@@ -6,6 +6,7 @@ reads or writes anything. Nothing heavy is imported here: `regina --help` stays 
 
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 
@@ -15,9 +16,16 @@ from regina_cli.errors import ReginaError
 SEED_MAX = 2**32 - 1  # NumPy's legacy generator (GEARS' splits, the demo) takes seeds up to this
 
 
+def is_whole(value) -> bool:
+    """A whole number (Python's or NumPy's), not a bool, a float or a string."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_seed(seed: int | None, option: str = "--seed") -> None:
-    if seed is not None and not 0 <= seed <= SEED_MAX:
-        raise ReginaError(f"{option} takes a whole number from 0 to {SEED_MAX:,}, not {seed}")
+    if seed is None:
+        return
+    if not is_whole(seed) or not 0 <= seed <= SEED_MAX:
+        raise ReginaError(f"{option} takes a whole number from 0 to {SEED_MAX:,}, not {seed!r}")
 
 
 def check_data_dir(data_dir: str | Path | None, *, writes: bool) -> None:
@@ -29,6 +37,20 @@ def check_data_dir(data_dir: str | Path | None, *, writes: bool) -> None:
         raise ReginaError(f"{where} is a file, not a folder: give a folder with --data-dir")
     if writes and root.is_dir() and not os.access(root, os.W_OK | os.X_OK):
         raise ReginaError(f"{where} is not writable: choose a writable folder with --data-dir")
+
+
+def in_dataset_folder(path: Path) -> bool:
+    """Whether `path` is a dataset folder or lies inside one (`regina fetch` wrote its checksum there)."""
+    path = Path(path).absolute()
+    return any((folder / (keys.DATA_FILE + keys.CHECKSUM_SUFFIX)).exists() for folder in (path, *path.parents))
+
+
+def check_input_file(path: Path, what: str, missing: str = "does not exist") -> None:
+    """An input file must be a file: a folder gets its own message, not "not found"."""
+    if path.is_dir():
+        raise ReginaError(f"{what} {path} is a folder, not a file")
+    if not path.is_file():
+        raise ReginaError(f"{what} {path} {missing}")
 
 
 def check_out_file(out: Path | None) -> None:
@@ -43,7 +65,7 @@ def check_out_file(out: Path | None) -> None:
     parent = next((p for p in out.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise ReginaError(f"--out {out}: {parent} is a file, not a folder; choose another path")
-    if out.name == keys.DATA_FILE or (out.parent / (keys.DATA_FILE + keys.CHECKSUM_SUFFIX)).exists():
+    if out.name == keys.DATA_FILE or in_dataset_folder(out.parent):
         raise ReginaError(f"--out {out} is in a dataset folder, whose files other steps read; write the "
                           "predictions elsewhere (default: <run>/predictions.h5ad)")
 
