@@ -354,6 +354,7 @@ CASES = [
          change=retrain_phase1),
     Case("gan-changes-phase1-shape", [*GAN, "--set", "model.z_dim=8"], "fixed by the phase-1 run"),
     Case("gan-garbage-meta", GAN, "damaged", change=garble_meta),
+    Case("gan-empty-run", ["train-gan", "--run", "", "--device", "cpu", *D], "--run"),
     Case("gan-sets-phase1-setting", [*GAN, "--set", "ae.lr=0.1"], "ae.lr is a phase-1 setting"),
     Case("gan-resume-below-epochs-done", [*GAN, "--resume", "--max-epochs", "0"], "has trained 1 epochs already"),
     # predict
@@ -370,6 +371,7 @@ CASES = [
     Case("predict-config-edited", PREDICT, "the saved config changed", change=edit_config),
     Case("predict-phase1-retrained", PREDICT, "phase 1's weights changed", change=retrain_phase1),
     Case("predict-unknown-gene", [*PREDICT, "--conditions", "NOPE+ctrl"], "not among the"),
+    Case("predict-empty-run", ["predict", "--run", "", "--device", "cpu", *D], "--run"),
     Case("predict-empty-conditions", [*PREDICT, "--conditions", ""], "no conditions given"),
     Case("predict-sparsify-without-clip", [*PREDICT, "--sparsify", "--no-clip"], "drop --no-clip or --sparsify"),
     Case("predict-conditions-file-is-a-folder", [*PREDICT, "--conditions-file", "{busy}"], "is a folder"),

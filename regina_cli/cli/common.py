@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import typer
@@ -80,6 +81,14 @@ def user_errors(fn: Callable) -> Callable:
 
 
 # --- Options shared by several commands --------------------------------------------------------
+def run_directory(value: str) -> Path:
+    """`--run` as a path; an empty value (an unset shell variable) would put the run in the
+    current folder, so it is refused."""
+    if not str(value).strip():
+        raise typer.BadParameter("empty: give a run directory, e.g. runs/<name> (an unset shell variable?)")
+    return Path(value)
+
+
 DataDirOpt = typer.Option(
     None, "--data-dir", help="Data folder (default: $REGINA_DATA, else ./data).", show_default=False
 )

@@ -9,7 +9,7 @@ import typer
 
 from regina_cli import keys
 from regina_cli.cli.app import app
-from regina_cli.cli.common import DataDirOpt, emit_result, info, user_errors
+from regina_cli.cli.common import DataDirOpt, emit_result, info, run_directory, user_errors
 from regina_cli.checks import check_data_dir
 from regina_cli.errors import ReginaError
 
@@ -17,7 +17,7 @@ from regina_cli.errors import ReginaError
 @app.command("predict")
 @user_errors
 def predict_command(
-    run: Path = typer.Option(..., "--run", help="Run directory with trained ae/ and gan/ phases."),
+    run: Path = typer.Option(..., "--run", parser=run_directory, help="Run directory with trained ae/ and gan/ phases."),
     conditions: Optional[str] = typer.Option(
         None, "--conditions", show_default=False,
         help="test, val, all (the run's split), or a comma-separated list such as KLF1+ctrl,KLF1+CEBPA "

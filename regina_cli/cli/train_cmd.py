@@ -10,8 +10,8 @@ from rich.table import Table
 
 from regina_cli import keys
 from regina_cli.cli.app import app
-from regina_cli.cli.common import (ConfigOpt, DataDirOpt, SetOpt, emit_result, info, is_quiet, show,
-                                   user_errors)
+from regina_cli.cli.common import (ConfigOpt, DataDirOpt, SetOpt, emit_result, info, is_quiet, run_directory,
+                                   show, user_errors)
 
 GpusOpt = typer.Option(1, "--gpus", help="Data-parallel processes (GPUs; CPU processes with --device cpu). "
                        "Under torchrun or srun, joins the existing launch instead.")
@@ -25,7 +25,7 @@ def train_ae_command(
     name: str = typer.Argument(..., help="Dataset name, as given to `regina fetch`."),
     split: str = typer.Option(..., "--split", help="Split as <mode>_<seed>, e.g. simulation_1."),
     labels: str = typer.Option(..., "--labels", help="Label method, as given to `regina label` (stress, cell-cycle, obs:COL)."),
-    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/<NAME>)."),
+    run: Optional[Path] = typer.Option(None, "--run", parser=run_directory, help="Run directory (default: runs/<NAME>)."),
     config_file: Optional[Path] = ConfigOpt,
     preset: Optional[str] = typer.Option(None, "--preset", help="original, norman, adamson, dixit or demo (default: the "
                                          "dataset's name if it is one, else sizes fitted to the gene count)."),
@@ -64,7 +64,8 @@ def train_ae_command(
 @app.command("train-gan")
 @user_errors
 def train_gan_command(
-    run: Path = typer.Option(..., "--run", help="Run directory holding a trained ae/ (from `regina train-ae`)."),
+    run: Path = typer.Option(..., "--run", parser=run_directory,
+                             help="Run directory holding a trained ae/ (from `regina train-ae`)."),
     config_file: Optional[Path] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
     gpus: int = GpusOpt,
