@@ -494,6 +494,19 @@ def test_allow_stale_predicts_and_scores_after_the_dataset_changed(world, tmp_pa
     assert (Path(w.paths["root"]) / "stale-eval" / keys.METRICS_FILE).is_file()
 
 
+def test_resume_with_more_epochs_follows_the_longer_cosine(world, tmp_path):
+    """Phase 2 trained 1 epoch, resumed to 3: the learning rate of epochs 2 and 3 is that of an
+    uninterrupted 3-epoch run (base x 0.75, 0.25), not the 1-epoch cosine restarted (0, base)."""
+    import pandas as pd
+
+    w = world.copy(tmp_path)
+    result = invoke(*(a.format(**w.paths) for a in GAN), "--resume", "--max-epochs", "3")
+    assert result.exit_code == 0, result.output
+    history = pd.read_csv(Path(w.paths["run"]) / keys.GAN_DIR / "history.csv").set_index("epoch")
+    rates = history["lr_transitions"]
+    assert rates[2] == pytest.approx(0.75 * rates[1]) and rates[3] == pytest.approx(0.25 * rates[1])
+
+
 def test_resume_may_change_what_is_not_a_shape(world, tmp_path):
     w = world.copy(tmp_path)
     for command in (GAN, [*AE, "--run", "{run}"]):  # phase 2 first: resuming phase 1 may make it stale

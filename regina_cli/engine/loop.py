@@ -13,6 +13,7 @@ when the progress display refreshes and at the end of an epoch.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
 from typing import Protocol
@@ -329,7 +330,7 @@ def _restore(phase: Phase, paths, stopper, best, ctx: DistContext):
     for name, opt in phase.optimizers().items():
         opt.load_state_dict(state["optimizers"][name])
     for name, sched in phase.schedulers().items():
-        sched.load_state_dict(state["schedulers"][name])
+        _load_schedule(sched, state["schedulers"][name])
     if len(state["rng"]) == ctx.world_size:
         ckpt.restore_rng_state(state["rng"][ctx.rank], phase.generators())
     else:  # resumed with another process count: rank 0's streams, offset per rank
@@ -345,6 +346,21 @@ def _restore(phase: Phase, paths, stopper, best, ctx: DistContext):
     running = RunningTerms.from_state(state["running"], ctx.device)
     reason = state["stop_reason"] if _final_stop(state["stop_reason"]) else ""
     return state["epoch"] + 1, state["step"], running, reason
+
+
+def _load_schedule(scheduler, saved: dict) -> None:
+    """A saved learning-rate schedule, continued at the length this run was built with: a resume
+    with a larger --max-epochs follows the cosine of an uninterrupted run that long (the saved
+    length would restart the cosine). Same length: the saved state as it is, so resume stays exact."""
+    length = getattr(scheduler, "T_max", None)
+    scheduler.load_state_dict(saved)
+    if length is None or length == scheduler.T_max:
+        return
+    scheduler.T_max = length
+    progress = (1 + math.cos(math.pi * scheduler.last_epoch / length)) / 2
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * progress
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def _final_stop(reason: str) -> str:
