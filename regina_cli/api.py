@@ -174,7 +174,7 @@ class LabelResult:
     balance: pd.DataFrame  # one row per class: cells, share, and cells per split set
     fitted_on: str  # which cells the labels were fitted on, in words
     details: dict  # how they were obtained (stress: threshold, quantile, markers)
-    path: Path  # data/<name>/labels/<method>.csv
+    path: Path  # data/<name>/labels/<method>@<split>.csv (<method>.csv without a split)
 
 
 def label(name: str, method: str, *, split: str | SplitResult | None = None, quantile: float | None = None,
@@ -292,8 +292,7 @@ def predict(run: str | Path | TrainResult, conditions: str | Sequence[str] = "te
     result = run_prediction(_run_dir(run), chosen, n_cells=n_cells, seed=seed, out=out, device=device,
                             data_dir=data_dir, options=options)
     if result.skipped:
-        warnings.warn(f"skipped {len(result.skipped)} condition(s) whose targets are neither measured nor perturbed "
-                      f"in training nor in the run's gene knowledge: {', '.join(result.skipped)}", stacklevel=2)
+        warnings.warn(result.skipped_warning, stacklevel=2)
     return anndata.read_h5ad(result.path)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from rich.console import Console
 
 from cli_helpers import invoke
@@ -73,3 +74,26 @@ def test_evaluation_tables_fit_80_columns_without_cutting():
         assert name in text
     assert f"{models[0]} wins" in text and f"{len(HEADLINE) // 2 + 1}/{len(HEADLINE)}" in text
     set_output_mode(quiet=False, json_output=False)
+
+
+def test_an_interrupted_command_still_prints_its_one_json_document(capsys):
+    """Training reports an interruption as an error document; predict and evaluate did not."""
+    import typer
+
+    from regina_cli.cli.common import user_errors
+    from regina_cli.io import Terminated
+
+    @user_errors
+    def command(error):
+        raise error
+
+    set_output_mode(quiet=False, json_output=True)
+    try:
+        for error, expected in ((KeyboardInterrupt(), 130), (Terminated(15), 143)):
+            with pytest.raises(typer.Exit) as stopped:
+                command(error)
+            document = json.loads(capsys.readouterr().out)
+            assert stopped.value.exit_code == expected == document["exit_code"]
+            assert document["error"].startswith("interrupted")
+    finally:
+        set_output_mode(quiet=False, json_output=False)

@@ -489,9 +489,12 @@ def test_allow_stale_predicts_and_scores_after_the_dataset_changed(world, tmp_pa
     assert result.exit_code == 0, result.output
     assert "warning: run" in " ".join(result.output.split())
     argv = [*EVALUATE[:3], "{root}/stale.h5ad", *EVALUATE[4:], "--allow-stale", "--out", "{root}/stale-eval"]
-    result = invoke(*(a.format(**w.paths) for a in argv))
+    result = invoke("--json", *(a.format(**w.paths) for a in argv))
     assert result.exit_code == 0, result.output
     assert (Path(w.paths["root"]) / "stale-eval" / keys.METRICS_FILE).is_file()
+    document = json.loads(result.stdout)  # a script sees the warning too, and paths it can open
+    assert any("is stale: the dataset changed" in warning for warning in document["warnings"])
+    assert all(Path(p).is_file() for p in document.get("plots", []))
 
 
 def test_resume_with_more_epochs_follows_the_longer_cosine(world, tmp_path):

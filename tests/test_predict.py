@@ -172,6 +172,7 @@ def test_predict_test_set_through_cli(tiny_run):
     assert result.exit_code == 0, result.output
     reported = json.loads(result.stdout)
     assert reported["skipped"] == ["UNKNOWNGENE+ctrl"]  # no prompt exists for it
+    assert any("skipped 1 condition(s)" in w and "UNKNOWNGENE+ctrl" in w for w in reported["warnings"])
     assert reported["clipped"] is False  # the run recorded no choice: values as decoded
     pred = ad.read_h5ad(run / "p.h5ad")
     assert set(pred.obs[keys.OBS_CONDITION]) == {"G4+ctrl", "ctrl"}

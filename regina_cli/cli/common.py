@@ -74,8 +74,11 @@ def user_errors(fn: Callable) -> Callable:
                 emit_error(str(exc), exc.exit_code)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (io.Terminated, with its exit code)
-            console.print(f"[bold red]interrupted[/]{f' by {exc}' if str(exc) else ''}")
-            raise typer.Exit(getattr(exc, "exit_code", 130)) from None
+            message, code = f"interrupted{f' by {exc}' if str(exc) else ''}", getattr(exc, "exit_code", 130)
+            console.print(f"[bold red]{message}[/]")
+            if _state["json"]:  # a script reading stdout gets its one document here too
+                emit_error(message, code)
+            raise typer.Exit(code) from None
 
     return wrapper
 

@@ -52,9 +52,10 @@ def evaluate_command(
     check_seed(seed)
     check_out_folder(out or predictions[0].parent / keys.EVAL_DIR, keys.METRICS_FILE)
     check_data_dir(data_dir, writes=False)
-    for path in predictions:
-        for warning in check_predictions(name, path, split, data_dir, allow_stale=allow_stale):
-            info(f"[bold yellow]warning:[/] {warning}")
+    warnings = [w for path in predictions for w in check_predictions(name, path, split, data_dir,
+                                                                     allow_stale=allow_stale)]
+    for warning in warnings:
+        info(f"[bold yellow]warning:[/] {warning}")
 
     summary = evaluate(
         name, list(predictions), split=split, out=out, baselines=baselines, plots=plots, condition_key=condition_key,
@@ -62,13 +63,17 @@ def evaluate_command(
         max_true_cells=true_cells, threads=threads, allow_stale=allow_stale,
     )
     for model in summary["models"]:
+        found = []
         if model["n_skipped_not_in_dataset"]:
             shown = ", ".join(model["skipped_not_in_dataset"][:5])
-            info(f"[yellow]warning:[/] {model['name']}: skipped {model['n_skipped_not_in_dataset']} predicted "
-                 f"condition(s) not in {name}: {shown}")
+            found.append(f"{model['name']}: skipped {model['n_skipped_not_in_dataset']} predicted condition(s) not "
+                         f"in {name}: {shown}")
         if model["n_target_conditions_not_predicted"]:
-            info(f"[yellow]warning:[/] {model['name']}: {model['n_target_conditions_not_predicted']} {on} "
-                 "condition(s) have no prediction")
+            found.append(f"{model['name']}: {model['n_target_conditions_not_predicted']} {on} condition(s) have no "
+                         "prediction")
+        for warning in found:
+            info(f"[yellow]warning:[/] {warning}")
+        warnings += found
         if model["form"] == "means":
             info(f"{model['name']}: mean profiles (one row per condition); distribution and DE metrics need cells "
                  "and are left out")
@@ -86,5 +91,9 @@ def evaluate_command(
              "(additive needs both singles in training; linear needs measured target genes)")
     for table in summary_tables(summary):
         show(table)
-    info(f"wrote {summary['out']}" + (f" (open {summary['report']})" if summary.get("report") else ""))
-    emit_result(summary)
+    # The written file names are relative to the output folder; the terminal and --json name them from here.
+    out_dir = Path(summary["out"])
+    info(f"wrote {out_dir}" + (f" (open {out_dir / summary['report']})" if summary.get("report") else ""))
+    emit_result({**summary, "warnings": warnings,
+                 **({"report": str(out_dir / summary["report"])} if summary.get("report") else {}),
+                 **({"plots": [str(out_dir / p) for p in summary["plots"]]} if "plots" in summary else {})})

@@ -60,7 +60,8 @@ def predict_command(
     options = FileOptions(with_controls=with_controls, clip=clip, sparsify=sparsify)
     result = run_prediction(run, chosen, n_cells=cells, seed=seed, out=out, device=device, data_dir=data_dir,
                             options=options, allow_stale=allow_stale)
-    for warning in result.warnings:
+    warnings = [*result.warnings, *filter(None, [result.skipped_warning])]
+    for warning in warnings:
         info(f"[bold yellow]warning:[/] {warning}")
     extra = (f", {result.n_new_conditions} never measured in the data"
              if result.n_new_conditions else "")
@@ -70,13 +71,10 @@ def predict_command(
     for condition, source in result.sources.items():
         by_source.setdefault(source, []).append(condition)
     info("prompt sources: " + "; ".join(f"{source} {len(c)}" for source, c in sorted(by_source.items())))
-    if result.skipped:
-        info(f"[yellow]skipped {len(result.skipped)} condition(s) whose targets are neither measured nor "
-             f"perturbed in training nor in the run's gene knowledge:[/] {', '.join(result.skipped)}")
     chosen_by = "as asked" if clip is not None or sparsify else "the run's choice at train-gan"
     info(f"negative values {'set to 0' if result.clipped else 'kept as decoded'} ({chosen_by}; --clip/--no-clip)")
     info(f"wrote {result.path}")
     emit_result({"predictions": str(result.path), "conditions": result.n_conditions, "cells": result.n_cells,
                  "new_conditions": result.n_new_conditions, "skipped": result.skipped, "sources": result.sources,
-                 "device": result.device, "warnings": result.warnings, "clipped": result.clipped,
+                 "device": result.device, "warnings": warnings, "clipped": result.clipped,
                  "seconds": round(result.seconds, 3)})

@@ -51,6 +51,14 @@ class PredictionResult:
     warnings: list[str] = field(default_factory=list)  # a stale run used with allow_stale
     clipped: bool = False  # negative values set to 0 (asked for, or the run's choice at train-gan)
 
+    @property
+    def skipped_warning(self) -> str | None:
+        """What to tell the user about `skipped` (None: nothing was)."""
+        if not self.skipped:
+            return None
+        return (f"skipped {len(self.skipped)} condition(s) whose targets are neither measured nor perturbed in "
+                f"training nor in the run's gene knowledge: {', '.join(self.skipped)}")
+
 
 def predict(run_dir: str | Path, conditions: str | Sequence[str], *, n_cells: int = 100, seed: int = 0,
             out: str | Path | None = None, device: str = "auto", data_dir: str | Path | None = None,
