@@ -111,6 +111,23 @@ def test_options_relabel_a_users_screen(tmp_path, rng):
     assert "RPE1_A+B_1+1" in read_dataset("lines").uns[keys.UNS_RANK_GENES]
 
 
+def test_normalised_values_without_log_get_log1p_and_say_so(tmp_path, rng):
+    """A CPM-style export (normalize_total, no log1p) was taken for log data and kept as it was."""
+    screen, logged = tiny_screen(rng), tiny_screen(np.random.default_rng(0))
+    X = screen.X.toarray()
+    screen.X = sp.csr_matrix((X / X.sum(1, keepdims=True) * 1e4).astype(np.float32))
+    screen.write_h5ad(tmp_path / "cpm.h5ad")
+    logged.write_h5ad(tmp_path / "counts.h5ad")
+    args = ("--condition-key", "perturbation", "--control", "NT", "--separator", "_")
+    assert fetch_cli("cpm", "--from", tmp_path / "cpm.h5ad", *args).exit_code == 0
+    assert fetch_cli("counts", "--from", tmp_path / "counts.h5ad", *args).exit_code == 0
+    imported = read_dataset("cpm")
+    assert imported.uns[keys.UNS_REGINA]["normalisation"].startswith("normalised values without log detected")
+    expected = np.log1p(X / X.sum(1, keepdims=True) * 1e4)
+    np.testing.assert_allclose(imported.X.toarray(), expected, rtol=1e-5, atol=1e-5)
+    assert float(read_dataset("counts").X.max()) < 20
+
+
 def test_zip_and_folder_sources(tmp_path, rng):
     folder = tmp_path / "copy" / "screen"
     folder.mkdir(parents=True)
@@ -160,6 +177,7 @@ def _bad(tmp_path, rng, case: str):
         "NaN in X": "NaN",
         "cell type without controls": "have no control cells",
         "three genes in one label": "more than two genes",
+        "counts that are not whole numbers": "neither raw counts (whole numbers) nor log-normalised",
     }[case]
     if case == "no control cells":
         screen.obs["condition"] = np.repeat(["A", "B", "A+B"], 12)
@@ -172,6 +190,8 @@ def _bad(tmp_path, rng, case: str):
         screen.X[3, 4] = np.nan
     elif case == "three genes in one label":
         screen.obs["condition"] = screen.obs["condition"].replace({"B": "A+B+G2"})
+    elif case == "counts that are not whole numbers":  # ambient-corrected counts, say
+        screen.X = screen.X * 30.7
     elif case == "cell type without controls":
         screen.obs["cell_type"] = np.where(screen.obs["condition"] == "B", "other", "main")
     screen.write_h5ad(path)
@@ -190,6 +210,7 @@ def _bad(tmp_path, rng, case: str):
         "NaN in X",
         "cell type without controls",
         "three genes in one label",
+        "counts that are not whole numbers",
     ],
 )
 def test_bad_inputs_give_one_line_error_and_no_output(tmp_path, rng, case):

@@ -258,3 +258,29 @@ def test_conditions_files_from_any_editor_are_read(tmp_path):
 
     (tmp_path / "c.txt").write_bytes("\ufeffA+ctrl\r\n\r\n# doubles\r\nA+B  # the pair\r\n".encode("utf-8"))
     assert read_conditions_file(tmp_path / "c.txt") == ["A+ctrl", "A+B"]
+
+
+def test_a_combination_asked_in_both_orders_is_one_condition():
+    """Targets, not their order, make a condition: the dataset's spelling when it measured them,
+    else the first spelling asked; an unmeasured pair asked as A+B and B+A was predicted twice."""
+    from types import SimpleNamespace
+
+    from regina_cli.engine.predict import resolve_conditions
+
+    split = SimpleNamespace(train=[], val=[], test=[])
+    data = ["ctrl", "A+ctrl", "B+A"]
+    assert resolve_conditions("A+B,C+D,D+C,A,A+ctrl", split, data) == ["B+A", "C+D", "A+ctrl"]
+
+
+def test_a_conditions_control_draw_does_not_depend_on_the_rest_of_the_request():
+    """Job arrays split one request into several: each part must predict what the whole does."""
+    from regina_cli.engine.predict import sample_plan
+
+    obs = pd.DataFrame({keys.OBS_CONDITION: ["ctrl"] * 50 + ["A+ctrl"] * 5},
+                       index=[f"c{i}" for i in range(55)])
+    whole = sample_plan(obs, ["A+ctrl", "B+ctrl", "A+B"], ["ctrl", "A+ctrl"], 20, seed=3)
+    part = sample_plan(obs, ["A+B"], ["ctrl", "A+ctrl"], 20, seed=3)
+    drawn = whole.cells.loc[whole.cells["condition_index"] == 2, "control_row"].to_numpy()
+    np.testing.assert_array_equal(drawn, part.cells["control_row"].to_numpy())
+    other_seed = sample_plan(obs, ["A+B"], ["ctrl", "A+ctrl"], 20, seed=4)
+    assert not np.array_equal(part.cells["control_row"].to_numpy(), other_seed.cells["control_row"].to_numpy())

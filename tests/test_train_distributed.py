@@ -43,3 +43,7 @@ def test_two_gloo_processes_stay_in_sync(tmp_path):
     assert meta["world_size"] == 2
     assert len(params) > 0 and abs(sum(float(v.double().sum()) for v in params.values())
                                    - summary["parameter_checksum"]) < 1e-6 * max(1.0, abs(summary["parameter_checksum"]))
+    # history.csv has the columns of a one-process run, in the same order.
+    header = (run_dir / "ae" / "history.csv").read_text().splitlines()[0].split(",")
+    validation = [c for c in header if c.startswith("val_")]
+    assert validation == ["val_mse", "val_cons", "val_variance_preservation", "val_clf_acc"]

@@ -116,6 +116,35 @@ def is_raw_counts(X: sp.csr_matrix) -> bool:
     return data.size > 0 and bool(np.all(data == np.round(data))) and float(data.max()) > 1
 
 
+LOG_MAX = 20.0  # log1p of counts normalised to 1e4 (GEARS) or 1e6 (log CPM) stays below ~14
+
+
+def check_log_scale(X: sp.csr_matrix) -> bool:
+    """For values that are not counts: True when they are normalised but not log-transformed
+    (every cell sums to the same total, values far above what log1p gives), which log1p fixes;
+    False for log-scale values. Anything else large is refused: taken for log data, it would
+    train and score on the wrong scale without a word."""
+    top = float(X.data.max()) if X.data.size else 0.0
+    if top <= LOG_MAX:
+        return False
+    sums = np.asarray(X.sum(axis=1)).ravel()
+    if sums.size and np.allclose(sums, sums.mean(), rtol=1e-3):
+        return True
+    raise ReginaError(f"X is neither raw counts (whole numbers) nor log-normalised (values up to {top:,.1f}, "
+                      f"where log1p of normalised counts stays below {LOG_MAX:g}): put the raw counts in X (files often keep "
+                      "them in adata.layers or adata.raw), or normalize_total + log1p X first")
+
+
+def log_transform(adata) -> str:
+    """log1p of values already normalised to one total per cell."""
+    import scanpy as sc
+
+    total = float(np.asarray(adata.X.sum(axis=1)).ravel().mean())
+    sc.pp.log1p(adata)
+    adata.X = adata.X.astype(np.float32)
+    return f"normalised values without log detected (every cell sums to {total:,.0f}): log1p"
+
+
 def normalise_counts(adata) -> str:
     """normalize_total(target_sum=1e4) + log1p, as GEARS' datasets were prepared."""
     import scanpy as sc
@@ -306,10 +335,11 @@ def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
     genes = gene_names(adata, notes, log)
     X = as_csr_float32(adata.X)
     counts = is_raw_counts(X)
+    unlogged = not counts and check_log_scale(X)
     is_gears = all(k in adata.obs for k in GEARS_OBS) and all(k in adata.uns for k in GEARS_UNS)
     relabelling = options.condition_key is not None or bool(options.control) or options.separator is not None
     filtering = options.n_top_genes is not None or options.gene_list is not None
-    keep_gears = is_gears and not relabelling and not counts and not filtering  # DE fields index var
+    keep_gears = is_gears and not relabelling and not counts and not unlogged and not filtering  # DE fields index var
     uns = {k: dict(adata.uns[k]) for k in GEARS_UNS} if keep_gears else {}
     original_index = adata.var_names.copy()
     adata = adata.__class__(X=X, obs=adata.obs.copy(), var=adata.var.copy(), uns=uns)
@@ -327,8 +357,8 @@ def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
         check_controls(adata.obs)
     else:
         relabel(adata, name, options, notes, log)
-        if counts:
-            notes.normalisation = normalise_counts(adata)
+        if counts or unlogged:
+            notes.normalisation = normalise_counts(adata) if counts else log_transform(adata)
             log(notes.normalisation)
         adata = drop_tiny_groups(adata, notes, log)
         check_controls(adata.obs)

@@ -249,7 +249,7 @@ def _validate(phase: Phase, epoch: int, ctx: DistContext) -> dict[str, float]:
     values = phase.validate(epoch) if ctx.is_main else None
     if not ctx.is_distributed:
         return values
-    names = sorted(values) if values is not None else None
+    names = list(values) if values is not None else None  # rank 0's order: history.csv's columns as with 1 process
     names = _broadcast_names(names, ctx)
     numbers = broadcast_floats([values[n] for n in names] if values else [0.0] * len(names), ctx)
     return dict(zip(names, numbers))

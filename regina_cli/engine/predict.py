@@ -18,6 +18,7 @@ Each condition's prompt source is recorded: `learned` (every target was perturbe
 from __future__ import annotations
 
 import difflib
+import hashlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -165,7 +166,8 @@ def resolve_conditions(conditions: str | Sequence[str], split, data_conditions: 
     """`test` / `all` from the run's split, else the given labels, normalised and de-duplicated.
 
     A label the dataset uses is kept as spelled (so predictions match the real cells); any
-    other is written in GEARS's spelling ("A" -> "A+ctrl").
+    other is written in GEARS's spelling ("A" -> "A+ctrl"), and the same targets in another
+    order ("B+A" after "A+B") are the same condition.
     """
     if isinstance(conditions, str):
         if conditions in CONDITION_SETS:
@@ -185,8 +187,8 @@ def resolve_conditions(conditions: str | Sequence[str], split, data_conditions: 
         if is_control(label):
             raise ReginaError(f"{label!r} is the control condition, not a perturbation; name perturbations "
                               "like A+ctrl or A+B")
-        genes = parse_condition(label)  # the dataset's spelling when it measured these targets in any order
-        out.append(by_genes.get(frozenset(genes), canonical_condition(genes)))
+        genes = parse_condition(label)  # the dataset's spelling when it measured these targets in any order,
+        out.append(by_genes.setdefault(frozenset(genes), canonical_condition(genes)))  # else the first asked
     if not out:
         raise ReginaError("no conditions given; use --conditions test, all, or A+ctrl,A+B")
     return list(dict.fromkeys(out))
@@ -252,9 +254,10 @@ def sample_plan(obs: pd.DataFrame, conditions: Sequence[str], train_conditions: 
     """Which control cell each predicted cell starts from, per condition and cell type.
 
     Controls come from the training controls of the same cell type, drawn with replacement
-    only when a cell type has fewer controls than cells requested.
+    only when a cell type has fewer controls than cells requested. Each condition draws from its
+    own stream (the seed and its name), so its cells do not depend on what else is asked: a
+    request split over jobs predicts what the whole request does.
     """
-    rng = np.random.default_rng(seed)
     condition = obs[keys.OBS_CONDITION].astype(str).to_numpy()
     cell_type = (obs[keys.OBS_CELL_TYPE].astype(str).to_numpy() if keys.OBS_CELL_TYPE in obs
                  else np.full(len(obs), "all"))
@@ -273,11 +276,17 @@ def sample_plan(obs: pd.DataFrame, conditions: Sequence[str], train_conditions: 
         weights = counts.loc[cond, counts.columns.isin(list(pools))] if measured else pd.Series(dtype=float)
         if weights.sum() == 0:
             weights = pd.Series(1, index=sorted(pools))
+        rng = np.random.default_rng([seed, _name_key(cond)])
         for ct, k in _allocate(weights, n_cells).items():
             picks = rng.choice(pools[ct], size=k, replace=k > len(pools[ct]))
             parts.append(pd.DataFrame({"condition_index": c_idx, "cell_type": ct, "control_row": picks}))
     cells = pd.concat(parts, ignore_index=True)
     return SamplePlan(cells, np.asarray(obs.index)[cells["control_row"].to_numpy()].astype(str), n_new, pools)
+
+
+def _name_key(condition: str) -> int:
+    """A condition's name as a stable 64-bit number (Python's hash() changes between processes)."""
+    return int.from_bytes(hashlib.sha256(condition.encode()).digest()[:8], "little")
 
 
 def _allocate(weights: pd.Series, total: int) -> dict[str, int]:
