@@ -140,6 +140,14 @@ def refetch_other_version(w: World) -> None:
     write_dataset(simulate_screen(n_cells=400, n_genes=160, n_singles=8, n_doubles=4, seed=9), "demo", w.root / "data")
 
 
+def mark_early_stopped(w: World) -> None:
+    """Phase 1 as if early stopping had ended it (a stop no larger --max-epochs continues)."""
+    path = Path(w.paths["run"]) / keys.AE_DIR / "last.pt"
+    state = torch.load(path, weights_only=False)
+    state["stop_reason"] = "consistency: no gain for 3 epochs"
+    torch.save(state, path)
+
+
 def mark_interrupted(phase: str) -> Callable[[World], None]:
     def change(w: World) -> None:
         path = Path(w.paths["run"]) / phase / keys.META_FILE
@@ -333,6 +341,8 @@ CASES = [
     Case("ae-run-in-dataset-folder", [*AE, "--run", "{root}/data/demo/run", *SETS], "is in a dataset folder"),
     Case("ae-resume-below-epochs-done", [*AE, "--run", "{run}", "--resume", "--max-epochs", "1"],
          "has trained 2 epochs already"),
+    Case("ae-resume-finished-run-other-settings", [*AE, "--run", "{run}", "--resume", "--set", "ae.lr=0.5"],
+         "already finished", change=mark_early_stopped),
     Case("ae-name-outside", ["train-ae", "../outside", *AE[2:], "--run", "{root}/runs/new", *SETS],
          "not a usable dataset name"),
     Case("ae-gpus-0", [*AE, "--run", "{root}/runs/new", "--gpus", "0", *SETS], "--gpus"),
@@ -723,8 +733,9 @@ def test_outputs_are_old_or_new_never_a_mix(command, world, tmp_path):
     else:
         target = Path(p["eval"])
         assert invoke(*(a.format(**p) for a in PREDICT), "--seed", "1", "--out", tmp_path / "other.h5ad").exit_code == 0
+        # --threads 1: on an idle machine evaluate would take 2 threads, and OpenMP deadlocks in a forked child
         argv = ["evaluate", "demo", "--predictions", tmp_path / "other.h5ad", "--device", "cpu", "--no-plots",
-                "--data-dir", p["data"], "--out", target]
+                "--threads", "1", "--data-dir", p["data"], "--out", target]
         reference = argv[:-1] + [tmp_path / "reference-eval"]
         new_at = tmp_path / "reference-eval"
     old = _outputs(target)

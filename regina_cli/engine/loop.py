@@ -303,15 +303,19 @@ def _save_state(phase, paths, ctx, *, epoch, step, running, stopper, best, stop_
         ckpt.save_torch(paths.last, state)
 
 
-def check_epochs_left(paths: ckpt.PhasePaths, max_epochs: int, *, resume: bool) -> None:
-    """Refuse, before anything is written, a resume whose --max-epochs is below the epochs the run
-    has trained: it would train nothing and record a limit the weights went past. (Equal is
-    allowed: a run killed after its last checkpoint finishes its records.)"""
+def check_resume_trains(paths: ckpt.PhasePaths, config, max_epochs: int, *, resume: bool) -> None:
+    """Refuse, before anything is written, a resume that would train nothing yet record settings
+    the weights were not trained with: a --max-epochs below the epochs trained (equal is allowed:
+    a run killed after its last checkpoint finishes its records), or other settings for a run that
+    stopped for good (early stopping)."""
     if not resume or not paths.last.is_file():
         return
     state = ckpt.load_torch(paths.last, map_location="cpu")
-    done = int(state.get("epoch", 0))
-    if not _final_stop(state.get("stop_reason", "")) and max_epochs < done:
+    done, final = int(state.get("epoch", 0)), _final_stop(state.get("stop_reason", ""))
+    if final and paths.config.is_file() and ckpt.read_config(paths) != config:
+        raise ReginaError(f"{paths.dir} already finished ({final}), so resuming trains nothing and cannot take "
+                          "other settings: train a new --run to change them")
+    if not final and max_epochs < done:
         raise ReginaError(f"{paths.dir} has trained {done} epochs already, more than --max-epochs {max_epochs}: "
                           f"pass --max-epochs {done} or more to resume")
 

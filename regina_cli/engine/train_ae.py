@@ -28,7 +28,7 @@ from regina_cli.engine import checkpoint as ckpt
 from regina_cli.engine.distributed import (DistContext, broadcast_state, check_process_count, data_parallel,
                                            parameter_checksum, run_distributed)
 from regina_cli.engine.early_stopping import BestTracker, ConsistencyStopper
-from regina_cli.engine.loop import (EpochBatches, amp_context, check_epochs_left, compile_modules, fit, scaled_lr,
+from regina_cli.engine.loop import (EpochBatches, amp_context, check_resume_trains, compile_modules, fit, scaled_lr,
                                     seed_everything, steps_per_epoch)
 from regina_cli.engine.progress import TrainingProgress
 from regina_cli.engine.run_config import check_fixed_shapes, resolve_run_config
@@ -226,7 +226,7 @@ def train_autoencoder(
     check_resume(ckpt.ae_paths(run_dir), resume=resume, split=split, labels=labels)
     provenance = phase1_inputs(name, split, labels, data_dir)
     check_token_count(name, config, data_dir)
-    check_epochs_left(ckpt.ae_paths(run_dir), config.ae.max_epochs, resume=resume)
+    check_resume_trains(ckpt.ae_paths(run_dir), config, config.ae.max_epochs, resume=resume)
     check_resume(ckpt.ae_paths(run_dir), provenance, resume=resume)  # the config may change (shapes checked above)
     if config.model.gene_knowledge:  # read again by each process, for its notes; a bad file stops here
         resolve_knowledge(config.model.gene_knowledge, data_dir)

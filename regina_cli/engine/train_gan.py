@@ -38,7 +38,7 @@ from regina_cli.engine.distributed import (DistContext, broadcast_state, check_p
 from regina_cli.engine.early_stopping import BestTracker, PatienceStopper
 from regina_cli.engine.expression_prior import PRIOR_DIM, observed_genes
 from regina_cli.engine.gan_phase import CycleGANPhase, encode_all, phase_train_index
-from regina_cli.engine.loop import check_epochs_left, compile_modules, fit, seed_everything
+from regina_cli.engine.loop import check_resume_trains, compile_modules, fit, seed_everything
 from regina_cli.engine.progress import TrainingProgress
 from regina_cli.engine.run_config import check_fixed_shapes, resolve_run_config
 from regina_cli.engine.run_meta import config_sha256, phase2_inputs, prepare_run_dir, read_trained_meta, write_meta
@@ -67,7 +67,7 @@ def train_gan(
     check_fixed_shapes(keys.GAN_DIR, run_dir, config, resume=resume)
     check_process_count(gpus, device)
     provenance = {**phase2_inputs(run_dir, data_dir, resume=resume), keys.CONFIG_SHA256: config_sha256(config)}
-    check_epochs_left(ckpt.gan_paths(run_dir), config.gan.max_epochs, resume=resume)
+    check_resume_trains(ckpt.gan_paths(run_dir), config, config.gan.max_epochs, resume=resume)
     announce()
     kwargs = dict(run_dir=str(run_dir), config=config, resume=resume, progress=progress,
                   data_dir=None if data_dir is None else str(data_dir), provenance=provenance)
