@@ -17,7 +17,8 @@ from regina_cli.errors import ReginaError
 @app.command("predict")
 @user_errors
 def predict_command(
-    run: Path = typer.Option(..., "--run", parser=run_directory, help="Run directory with trained ae/ and gan/ phases."),
+    run: Path = typer.Option(..., "--run", parser=run_directory,
+                             help="Run directory with trained ae/ and gan/ phases."),
     conditions: Optional[str] = typer.Option(
         None, "--conditions", show_default=False,
         help="test, val, all (the run's split), or a comma-separated list such as KLF1+ctrl,KLF1+CEBPA "
@@ -56,7 +57,10 @@ def predict_command(
     check_data_dir(data_dir, writes=False)
     if conditions_file is not None and conditions is not None:
         raise ReginaError("give either --conditions or --conditions-file, not both")
-    chosen = read_conditions_file(conditions_file) if conditions_file is not None else "test" if conditions is None else conditions
+    if conditions_file is not None:
+        chosen = read_conditions_file(conditions_file)
+    else:  # an empty --conditions is not "unset": run_prediction says no conditions were given
+        chosen = "test" if conditions is None else conditions
     options = FileOptions(with_controls=with_controls, clip=clip, sparsify=sparsify)
     result = run_prediction(run, chosen, n_cells=cells, seed=seed, out=out, device=device, data_dir=data_dir,
                             options=options, allow_stale=allow_stale)

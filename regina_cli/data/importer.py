@@ -131,8 +131,8 @@ def check_log_scale(X: sp.csr_matrix) -> bool:
     if sums.size and np.allclose(sums, sums.mean(), rtol=1e-3):
         return True
     raise ReginaError(f"X is neither raw counts (whole numbers) nor log-normalised (values up to {top:,.1f}, "
-                      f"where log1p of normalised counts stays below {LOG_MAX:g}): put the raw counts in X (files often keep "
-                      "them in adata.layers or adata.raw), or normalize_total + log1p X first")
+                      f"where log1p of normalised counts stays below {LOG_MAX:g}): put the raw counts in X "
+                      "(files often keep them in adata.layers or adata.raw), or normalize_total + log1p X first")
 
 
 def log_transform(adata) -> str:
