@@ -33,6 +33,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -136,6 +137,12 @@ def prepare_demo(part: Part, data: Path, sizes: Sizes, *, again: bool = True) ->
     return all(part.command(name, [*args, "--data-dir", data]) for name, args in steps)
 
 
+def fresh(run: Path) -> Path:
+    """`run` emptied: a scratch run left by an earlier check would be refused as already trained."""
+    shutil.rmtree(run, ignore_errors=True)
+    return run
+
+
 def pipeline(part: Part, args, sizes: Sizes) -> None:
     data = args.work / "data"
     if not prepare_demo(part, data, sizes):
@@ -143,7 +150,7 @@ def pipeline(part: Part, args, sizes: Sizes) -> None:
     deltas = {}
     runs = [(args.device, args.device)] + ([("cpu reference", "cpu")] if part.device.type != "cpu" else [])
     for label, device in runs:
-        run = args.work / "runs" / label.replace(" ", "_")
+        run = fresh(args.work / "runs" / label.replace(" ", "_"))
         train = ["--device", device, "--max-epochs", "2", "--set", "runtime.amp=bf16", "--set",
                  "runtime.compile=true", "--data-dir", data]
         steps = [("train-ae", ["train-ae", "demo", "--split", SPLIT, "--labels", "stress", "--run", run, *train]),
@@ -178,7 +185,7 @@ def torchrun(part: Part, args, sizes: Sizes) -> None:
         return
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"]
     command = ["--quiet", "train-ae", "demo", "--split", SPLIT, "--labels", "stress", "--run",
-               args.work / "runs" / "torchrun", "--max-epochs", "2", "--gpus", "1", "--device", args.device,
+               fresh(args.work / "runs" / "torchrun"), "--max-epochs", "2", "--gpus", "1", "--device", args.device,
                "--set", "runtime.amp=bf16", "--data-dir", data]
     log = args.work / "torchrun.log"
     report = run_step(args.work / "torchrun_step.json", command, launcher=launcher, timeout_s=part.left(), log=log)
