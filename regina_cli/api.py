@@ -382,10 +382,10 @@ def evaluate(name: str, predictions, *, model_name: str | Sequence[str] | None =
     """
     import pandas as pd
 
-    from regina_cli.evaluate.run import evaluate as evaluate_files
+    from regina_cli.evaluate.run import evaluate as evaluate_files, model_name_list
 
     items = list(predictions) if isinstance(predictions, (list, tuple)) else [predictions]
-    names = [model_name] if isinstance(model_name, str) else None if model_name is None else list(model_name)
+    names = model_name_list(model_name)
     with tempfile.TemporaryDirectory(prefix="in-memory-predictions-") as folder:
         paths = _stage_predictions(items, names if names and len(names) == len(items) else None, Path(folder),
                                    condition_key)

@@ -386,6 +386,7 @@ CASES = [
     Case("predict-sparsify-without-clip", [*PREDICT, "--sparsify", "--no-clip"], "drop --no-clip or --sparsify"),
     Case("predict-conditions-file-is-a-folder", [*PREDICT, "--conditions-file", "{busy}"], "is a folder"),
     Case("predict-control-condition", [*PREDICT, "--conditions", "ctrl"], "is the control condition"),
+    Case("predict-no-target", [*PREDICT, "--conditions", "+"], "'+' names no target gene"),
     Case("predict-conditions-file-missing", [*PREDICT, "--conditions-file", "{root}/nope.txt"], "does not exist"),
     Case("predict-conditions-file-not-text", [*PREDICT, "--conditions-file", "{h5ad}"], "not a text file"),
     Case("predict-conditions-and-file", [*PREDICT, "--conditions", "test", "--conditions-file", "{file}"], "not both"),

@@ -81,13 +81,14 @@ def copy_file(src: str | Path, dst: str | Path) -> None:
         shutil.copyfile(src, tmp)
 
 
-def load_torch(path: str | Path, *, map_location: Any = "cpu") -> Any:
-    """Load a REGINA `.pt` file with `weights_only=True`; a damaged file is a user error."""
+def load_torch(path: str | Path, *, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """Load a REGINA `.pt` file with `weights_only=True`; a damaged file is a user error. `mmap`:
+    tensors stay on disk until read (for a look at a checkpoint's small entries)."""
     path = Path(path)
     if not path.is_file():
         raise ReginaError(f"{path} does not exist; train this phase first")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # truncated or foreign files: tell the user which one
         raise ReginaError(f"cannot read checkpoint {path} ({type(exc).__name__}); retrain or delete it") from None
 

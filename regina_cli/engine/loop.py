@@ -310,7 +310,7 @@ def check_resume_trains(paths: ckpt.PhasePaths, config, max_epochs: int, *, resu
     stopped for good (early stopping)."""
     if not resume or not paths.last.is_file():
         return
-    state = ckpt.load_torch(paths.last, map_location="cpu")
+    state = ckpt.load_torch(paths.last, map_location="cpu", mmap=True)  # _restore reads the tensors later
     done, final = int(state.get("epoch", 0)), _final_stop(state.get("stop_reason", ""))
     if final and paths.config.is_file() and ckpt.read_config(paths) != config:
         raise ReginaError(f"{paths.dir} already finished ({final}), so resuming trains nothing and cannot take "

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from regina_cli import keys
-from regina_cli.data.conditions import canonical_condition, is_control, parse_condition
+from regina_cli.data.conditions import CTRL, canonical_condition, is_control, parse_condition
 from regina_cli.engine import prediction_file
 from regina_cli.engine.prediction_file import FileOptions
 from regina_cli.errors import ReginaError
@@ -185,8 +185,8 @@ def resolve_conditions(conditions: str | Sequence[str], split, data_conditions: 
         if not label:
             continue
         if is_control(label):
-            raise ReginaError(f"{label!r} is the control condition, not a perturbation; name perturbations "
-                              "like A+ctrl or A+B")
+            what = "is the control condition" if label == CTRL else "names no target gene"
+            raise ReginaError(f"{label!r} {what}, not a perturbation; name perturbations like A+ctrl or A+B")
         genes = parse_condition(label)  # the dataset's spelling when it measured these targets in any order,
         out.append(by_genes.setdefault(frozenset(genes), canonical_condition(genes)))  # else the first asked
     if not out:

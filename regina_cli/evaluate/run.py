@@ -287,8 +287,7 @@ def check_options(*, seed, max_true_cells, threads, model_name) -> None:
         raise ReginaError(f"--true-cells must be a whole number of at least 2, not {max_true_cells!r}")
     if not is_whole(threads) or threads < 0:
         raise ReginaError(f"--threads must be a whole number of at least 0 (0: the idle cores), not {threads!r}")
-    names = [model_name] if isinstance(model_name, str) else list(model_name or [])
-    if any(not str(n).strip() for n in names):
+    if any(not str(n).strip() for n in model_name_list(model_name) or []):
         raise ReginaError("--model-name must not be empty")
 
 
@@ -306,6 +305,11 @@ def _resolve_split(name: str, split: str | None, provenance: dict, data_dir) -> 
         f"pass --split <mode>_<seed> (found {', '.join(found) if found else 'no splits'} in {folder}); "
         "`regina split NAME` writes one"
     )
+
+
+def model_name_list(model_name: str | list[str] | tuple | None) -> list[str] | None:
+    """--model-name as a list (one name may come as a plain string from Python); None when not given."""
+    return [model_name] if isinstance(model_name, str) else None if model_name is None else list(model_name)
 
 
 def model_names(raws, given: list[str] | None) -> list[str]:
@@ -403,7 +407,7 @@ def evaluate(
             adata = read_dataset(name, data_dir)
             dataset_genes = [str(g) for g in adata.var_names]
             raws = [name_columns(r.result(), dataset_genes) for r in reads]
-        names = model_names(raws, [model_name] if isinstance(model_name, str) else model_name)
+        names = model_names(raws, model_name_list(model_name))
         truth = Truth(adata, shared_genes(raws, dataset_genes))
         models = [align(raw, truth, n) for raw, n in zip(raws, names)]
         split_name = _resolve_split(name, split, models[0].provenance, data_dir)
