@@ -15,7 +15,8 @@ from cli_helpers import invoke
 from regina_cli import keys
 from regina_cli.data.dataset import GEARS_UNS, read_dataset, write_dataset
 from regina_cli.data.demo import simulate_screen
-from regina_cli.data.importer import CONTROL_LABELS, normalise_label
+from regina_cli.data.conditions import CONTROL_LABELS
+from regina_cli.data.importer import normalise_label
 
 
 def fetch_cli(*args: str):
@@ -128,6 +129,96 @@ def test_normalised_values_without_log_get_log1p_and_say_so(tmp_path, rng):
     assert float(read_dataset("counts").X.max()) < 20
 
 
+USER_LABELS = ("--condition-key", "perturbation", "--control", "NT", "--separator", "_")
+
+
+def test_log1p_of_counts_is_normalised_like_the_counts(tmp_path, rng):
+    """log1p(counts) without depth normalisation passed for log-normalised data."""
+    screen = tiny_screen(rng)
+    counts = screen.copy()
+    screen.X = sp.csr_matrix(np.log1p(screen.X.toarray()).astype(np.float32))
+    screen.write_h5ad(tmp_path / "log1p.h5ad")
+    counts.write_h5ad(tmp_path / "counts.h5ad")
+    result = fetch_cli("logged", "--from", tmp_path / "log1p.h5ad", *USER_LABELS)
+    assert result.exit_code == 0, result.output
+    assert fetch_cli("counts", "--from", tmp_path / "counts.h5ad", *USER_LABELS).exit_code == 0
+    assert read_dataset("logged").uns[keys.UNS_REGINA]["normalisation"].startswith("log1p of raw counts detected")
+    np.testing.assert_allclose(read_dataset("logged").X.toarray(), read_dataset("counts").X.toarray(), atol=1e-5)
+
+
+def test_float16_and_binary_counts_import_as_counts(tmp_path, rng):
+    """float16 X ended in a traceback; 0/1 counts were taken for log data."""
+    screen = tiny_screen(rng)
+    dense = screen.copy()
+    dense.X = screen.X.toarray().astype(np.float16)
+    dense.write_h5ad(tmp_path / "half.h5ad")
+    binary = screen.copy()
+    binary.X = sp.csr_matrix((screen.X.toarray() > 3).astype(np.float32))
+    binary.write_h5ad(tmp_path / "binary.h5ad")
+    screen.write_h5ad(tmp_path / "single.h5ad")
+    for name in ("half", "binary", "single"):
+        result = fetch_cli(name, "--from", tmp_path / f"{name}.h5ad", *USER_LABELS)
+        assert result.exit_code == 0, result.output
+        assert read_dataset(name).uns[keys.UNS_REGINA]["normalisation"].startswith("raw counts detected")
+    np.testing.assert_allclose(read_dataset("half").X.toarray(), read_dataset("single").X.toarray(), atol=1e-5)
+
+
+def test_gene_symbols_come_from_the_column_that_names_the_targets(tmp_path, rng):
+    """Ensembl var_names with symbols in var['gene_symbols'] turned every target unmeasured; a
+    missing symbol became a gene called 'nan'."""
+    screen = tiny_screen(rng)
+    symbols = list(screen.var_names)
+    symbols[5] = None
+    screen.var = pd.DataFrame({"gene_symbols": symbols}, index=[f"ENSG{i:011d}" for i in range(screen.n_vars)])
+    screen.write_h5ad(tmp_path / "ensembl.h5ad")
+    result = fetch_cli("ens", "--from", tmp_path / "ensembl.h5ad", *USER_LABELS)
+    assert result.exit_code == 0, result.output
+    genes = list(read_dataset("ens").var_names)
+    assert genes[:2] == ["A", "B"] and genes[5] == "ENSG00000000005"
+    assert "gene names from var['gene_symbols']: it names 2 of 2 targets, var_names 0" in result.output
+    assert read_dataset("ens").uns[keys.UNS_REGINA]["targets_measured"] == 2
+
+
+def test_a_combination_spelled_both_ways_is_one_condition(tmp_path, rng):
+    """'A+B' and 'B+A' stayed two conditions: a split could train on one and test on the other."""
+    screen = tiny_screen(rng, labels=("control", "A", "B", "B+A", "A+B"), key="condition")
+    screen.obs["condition"] = screen.obs["condition"].to_numpy()
+    screen.obs.loc[screen.obs_names[36:40], "condition"] = "A+B"  # 16 cells 'A+B', 8 'B+A': 'A+B' is kept
+    screen.write_h5ad(tmp_path / "both.h5ad")
+    result = fetch_cli("both", "--from", tmp_path / "both.h5ad")
+    assert result.exit_code == 0, result.output
+    conditions = read_dataset("both").obs[keys.OBS_CONDITION].astype(str)
+    assert "A+B" in set(conditions) and "B+A" not in set(conditions)
+    assert "'B+A' counted as 'A+B'" in result.output
+
+
+def test_import_keeps_the_files_own_condition_column_and_names_dropped_conditions(tmp_path, rng):
+    screen = tiny_screen(rng)
+    screen.obs["condition"] = np.tile(["stim", "unstim"], screen.n_obs // 2)
+    keep = np.ones(screen.n_obs, dtype=bool)
+    keep[np.flatnonzero(screen.obs["perturbation"] == "B")[1:]] = False  # B: 1 cell
+    screen = screen[keep].copy()
+    X = screen.X.toarray()
+    X[0] = 0  # a control cell with no counts
+    screen.X = sp.csr_matrix(X)
+    screen.write_h5ad(tmp_path / "screen.h5ad")
+    result = fetch_cli("mine", "--from", tmp_path / "screen.h5ad", *USER_LABELS)
+    assert result.exit_code == 0, result.output
+    adata = read_dataset("mine")
+    assert set(adata.obs["condition_input"]) == {"stim", "unstim"}
+    assert "dropped 1 cells with no expression at all" in result.output
+    assert "fewer than 2 cells in their cell type: B+ctrl" in " ".join(result.output.split())
+    assert adata.uns[keys.UNS_REGINA]["dropped_cells"] == 2
+
+
+def test_labels_joined_by_another_separator_get_a_hint(tmp_path, rng):
+    screen = tiny_screen(rng, labels=("NT", "A", "B", "A|B"))
+    screen.write_h5ad(tmp_path / "pipe.h5ad")
+    result = fetch_cli("pipe", "--from", tmp_path / "pipe.h5ad", "--condition-key", "perturbation", "--control", "NT")
+    assert result.exit_code == 0, result.output
+    assert "'A|B' looks like a combination: pass --separator '|'" in " ".join(result.output.split())
+
+
 def test_zip_and_folder_sources(tmp_path, rng):
     folder = tmp_path / "copy" / "screen"
     folder.mkdir(parents=True)
@@ -178,6 +269,10 @@ def _bad(tmp_path, rng, case: str):
         "cell type without controls": "have no control cells",
         "three genes in one label": "more than two genes",
         "counts that are not whole numbers": "neither raw counts (whole numbers) nor log-normalised",
+        "empty labels": "5 cells have no perturbation label (missing or empty)",
+        "no cell type": "3 cells have no cell type in obs['cell_type']",
+        "one control cell": "has 1 control cell",
+        "no X": "the file has no X (layers: counts",
     }[case]
     if case == "no control cells":
         screen.obs["condition"] = np.repeat(["A", "B", "A+B"], 12)
@@ -194,6 +289,15 @@ def _bad(tmp_path, rng, case: str):
         screen.X = screen.X * 30.7
     elif case == "cell type without controls":
         screen.obs["cell_type"] = np.where(screen.obs["condition"] == "B", "other", "main")
+    elif case == "empty labels":  # '' and whitespace read as controls before
+        screen.obs["condition"] = np.where(np.arange(screen.n_obs) % 7 == 3, " ", screen.obs["condition"])
+    elif case == "no cell type":
+        screen.obs["cell_type"] = pd.Categorical(np.where(np.arange(screen.n_obs) % 11 == 4, None, "main"))
+    elif case == "one control cell":
+        screen = screen[(screen.obs["condition"] != "control").to_numpy() | (np.arange(screen.n_obs) == 0)].copy()
+    elif case == "no X":
+        screen.layers["counts"] = screen.X
+        screen.X = None
     screen.write_h5ad(path)
     return path, args, message
 
@@ -211,6 +315,10 @@ def _bad(tmp_path, rng, case: str):
         "cell type without controls",
         "three genes in one label",
         "counts that are not whole numbers",
+        "empty labels",
+        "no cell type",
+        "one control cell",
+        "no X",
     ],
 )
 def test_bad_inputs_give_one_line_error_and_no_output(tmp_path, rng, case):

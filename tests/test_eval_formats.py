@@ -167,6 +167,41 @@ def test_control_rows_are_not_scored_but_are_the_predicted_controls(screen, run,
     np.testing.assert_allclose(table[PRECISION_METRICS], plain[PRECISION_METRICS], rtol=1e-6)
     np.testing.assert_allclose(table["discrimination_score_l1"], moved["discrimination_score_l1"])
 
+    # Another tool's control label, as `regina fetch` reads it: the same predicted controls, not a skipped condition
+    with_controls.obs[keys.OBS_CONDITION] = with_controls.obs[keys.OBS_CONDITION].astype(str).replace(
+        {"ctrl": "Non-Targeting"})
+    with_controls.write_h5ad(tmp_path / "labelled.h5ad")
+    result, labelled, table = run("--predictions", tmp_path / "labelled.h5ad", "--baselines", "none", "--no-plots",
+                                  out="l")
+    assert labelled["models"][0]["n_control_rows"] == controls.n_obs and "skipped" not in result.output
+    np.testing.assert_allclose(table["discrimination_score_l1"], moved["discrimination_score_l1"])
+
+
+def test_predictions_off_the_log_scale_are_scored_with_a_warning(screen, run, tmp_path):
+    """Counts from another tool score near 0 against log-normalised truth: say why."""
+    adata, split = screen
+    pred = write_predictions(adata, split.test, tmp_path / "log.h5ad")
+    counts = pred.copy()
+    counts.X = np.round(np.expm1(np.clip(pred.X, 0, None)) * 30).astype(np.float32)
+    counts.write_h5ad(tmp_path / "counts.h5ad")
+    result, summary, _ = run("--predictions", tmp_path / "counts.h5ad", "--baselines", "none", "--no-plots", out="c")
+    assert "where log1p of normalised counts stays below 20" in summary["models"][0]["scale_warning"]
+    assert "convert them first" in " ".join(result.output.split())
+    _, summary, _ = run("--predictions", tmp_path / "log.h5ad", "--baselines", "none", "--no-plots", out="l")
+    assert summary["models"][0]["scale_warning"] == ""
+
+
+def test_a_condition_spelled_twice_names_both_spellings(screen, data_dir, tmp_path):
+    adata, split = screen
+    single = next(c for c in split.test if c.endswith("+ctrl"))
+    pred = write_predictions(adata, [single, single], tmp_path / "two.h5ad")
+    pred.obs[keys.OBS_CONDITION] = [single] * 30 + [single.replace("+ctrl", "")] * 30
+    pred.write_h5ad(tmp_path / "two.h5ad")
+    result = invoke("evaluate", NAME, "--data-dir", data_dir, "--predictions", tmp_path / "two.h5ad",
+                    "--out", tmp_path / "out")
+    gene = single.replace("+ctrl", "")
+    assert_user_error(result, f"names condition {single} twice (as '{gene}' and '{single}')")
+
 
 def test_a_gene_column_with_text_is_refused_but_a_label_column_is_set_aside(tmp_path):
     """A typo in one cell must not drop a gene from the score unnoticed; a column of labels is not a gene."""

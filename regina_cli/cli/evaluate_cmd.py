@@ -68,6 +68,9 @@ def evaluate_command(
             shown = ", ".join(model["skipped_not_in_dataset"][:5])
             found.append(f"{model['name']}: skipped {model['n_skipped_not_in_dataset']} predicted condition(s) not "
                          f"in {name}: {shown}")
+        if model["scale_warning"]:
+            found.append(f"{model['name']}: {model['scale_warning']}: predictions are scored against the dataset's "
+                         "log1p of counts normalised per cell (normalize_total 1e4), so convert them first")
         if model["n_target_conditions_not_predicted"]:
             found.append(f"{model['name']}: {model['n_target_conditions_not_predicted']} {on} condition(s) have no "
                          "prediction")

@@ -9,6 +9,9 @@ from typing import Iterable
 
 from regina_cli.keys import CTRL, GENE_SEPARATOR
 
+# Control labels other tools write, matched without case: the importer and evaluate read them all as "ctrl".
+CONTROL_LABELS = ("ctrl", "control", "non-targeting", "nontargeting", "non_targeting", "NTC")
+
 
 def parse_condition(condition: str) -> tuple[str, ...]:
     """Targeted genes of a condition in label order: "A+ctrl" -> ("A",), "ctrl" -> ()."""

@@ -20,12 +20,11 @@ import pandas as pd
 import scipy.sparse as sp
 
 from regina_cli import __version__, keys
-from regina_cli.data.conditions import canonical_condition, condition_genes, parse_condition
+from regina_cli.data.conditions import CONTROL_LABELS, canonical_condition, condition_genes, parse_condition
 from regina_cli.data.dataset import GEARS_OBS, GEARS_UNS
 from regina_cli.data.sources import extract_zip, file_kind, locate_h5ad, read_h5ad
 from regina_cli.errors import ReginaError
 
-CONTROL_LABELS = ("ctrl", "control", "non-targeting", "nontargeting", "non_targeting", "NTC")
 CELL_TYPE_FALLBACK_NOTE = "no cell-type column: every cell gets the cell type {!r}"
 TARGET_SUM = 1e4
 MIN_CELLS = 2  # scanpy's t-test needs two cells per group
@@ -70,10 +69,37 @@ def check_names(adata) -> None:
         )
 
 
-def gene_names(adata, notes: ImportNotes, log: Log) -> pd.Index:
-    """Gene symbols from var['gene_name'] when present, else var_names, made unique if needed."""
-    names = adata.var[keys.VAR_GENE_NAME] if keys.VAR_GENE_NAME in adata.var else adata.var_names
-    names = pd.Index(np.asarray(names).astype(str))
+# var columns that hold gene symbols in common files (scanpy, 10x, CELLxGENE, monocle), in the order preferred
+SYMBOL_COLUMNS = (keys.VAR_GENE_NAME, "gene_symbols", "gene_symbol", "symbol", "symbols", "feature_name",
+                  "gene_short_name")
+MISSING_TEXT = ("", "nan", "NaN", "None")  # what a missing value reads as once a column is turned into text
+
+
+def _missing(values: pd.Series) -> pd.Series:
+    return values.isna() | values.astype(str).str.strip().isin(MISSING_TEXT)
+
+
+def gene_names(adata, notes: ImportNotes, log: Log, targets: set[str] = frozenset()) -> pd.Index:
+    """Gene symbols: of var_names and the symbol columns (`SYMBOL_COLUMNS`), the one that names the
+    most perturbation targets (Ensembl var_names with symbols beside them must not turn every
+    target into an unmeasured one), var['gene_name'] first on a tie; a gene without a symbol
+    keeps its var_name; made unique if needed."""
+    index = pd.Series(np.asarray(adata.var_names).astype(str))
+    candidates = [(f"var['{c}']", pd.Series(np.asarray(adata.var[c], dtype=object)))
+                  for c in SYMBOL_COLUMNS if c in adata.var] + [("var_names", index)]
+    found = [len(targets & set(values.astype(str))) for _, values in candidates]
+    best = int(np.argmax(found))
+    source, values = candidates[best]
+    if source != f"var['{keys.VAR_GENE_NAME}']" and len(candidates) > 1:  # not what a GEARS file holds: say so
+        notes.messages.append(f"gene names from {source}: it names {found[best]} of {len(targets)} targets, "
+                              + ", ".join(f"{s} {n}" for (s, _), n in zip(candidates, found) if s != source))
+        log(notes.messages[-1])
+    missing = _missing(values)
+    if missing.any():
+        notes.messages.append(f"{int(missing.sum())} genes have no symbol in {source}: named by their var_names "
+                              f"(e.g. {index[missing].iloc[0]!r})")
+        log(notes.messages[-1])
+    names = pd.Index(values.astype(str).where(~missing, index).to_numpy())
     if names.duplicated().any():
         from anndata.utils import make_index_unique
 
@@ -98,7 +124,12 @@ def rekey_de_genes(uns: dict, old_index: pd.Index, genes: pd.Index) -> None:
 
 
 def as_csr_float32(X) -> sp.csr_matrix:
-    X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
+    if sp.issparse(X):
+        X = X.tocsr()
+        if X.dtype == np.float16:  # scipy's sparse formats hold no float16: widen the values alone
+            X = sp.csr_matrix((X.data.astype(np.float32), X.indices, X.indptr), shape=X.shape)
+    else:
+        X = sp.csr_matrix(np.asarray(X, dtype=np.float32))
     X = X.astype(np.float32, copy=False)
     if not np.isfinite(X.data).all():
         raise ReginaError("the expression matrix contains NaN or infinite values: clean X before importing")
@@ -111,9 +142,32 @@ def as_csr_float32(X) -> sp.csr_matrix:
 
 
 def is_raw_counts(X: sp.csr_matrix) -> bool:
-    """Integer-valued with some value above 1: counts (log1p values are almost never integers)."""
+    """Whole numbers, some of them 1 or more: counts (log1p values are almost never whole numbers)."""
     data = X.data
-    return data.size > 0 and bool(np.all(data == np.round(data))) and float(data.max()) > 1
+    return data.size > 0 and bool(np.all(data == np.round(data))) and float(data.max()) >= 1
+
+
+LOG_COUNT_SAMPLE = 200_000  # stored values checked for log1p of whole numbers
+
+
+def is_log1p_counts(X: sp.csr_matrix) -> bool:
+    """log1p of raw counts, never normalised for depth: expm1 of every value is a whole number
+    (within float32 rounding; log1p of depth-normalised values is not), some of them above 1."""
+    data = X.data
+    if data.size == 0 or float(data.max()) > LOG_MAX:
+        return False
+    step = max(1, data.size // LOG_COUNT_SAMPLE)
+    values = np.expm1(data[::step].astype(np.float64))
+    whole = np.round(values)
+    return bool(np.all(np.abs(values - whole) <= 0.01 + 1e-6 * values)) and float(whole.max()) > 1
+
+
+def counts_from_log1p(adata) -> str:
+    """Recover the counts of log1p(counts), so they can be normalised as raw counts are."""
+    sums = np.asarray(np.round(np.expm1(adata.X.astype(np.float64))).sum(axis=1)).ravel()
+    adata.X.data = np.round(np.expm1(adata.X.data.astype(np.float64))).astype(np.float32)
+    return (f"log1p of raw counts detected (expm1 gives whole numbers; cells sum to {sums.min():,.0f}-"
+            f"{sums.max():,.0f}, never normalised for depth): counts recovered, then ")
 
 
 LOG_MAX = 20.0  # log1p of counts normalised to 1e4 (GEARS) or 1e6 (log CPM) stays below ~14
@@ -152,7 +206,7 @@ def normalise_counts(adata) -> str:
     sc.pp.normalize_total(adata, target_sum=TARGET_SUM)
     sc.pp.log1p(adata)
     adata.X = adata.X.astype(np.float32)
-    return f"raw counts detected: normalize_total(target_sum={TARGET_SUM:g}) + log1p"
+    return f"normalize_total(target_sum={TARGET_SUM:g}) + log1p"
 
 
 # --- Labels ---------------------------------------------------------------------------------------
@@ -183,11 +237,13 @@ def normalise_label(label: str, controls: set[str], separator: str) -> str:
     return canonical_condition(dict.fromkeys(genes))
 
 
-def normalise_conditions(raw: pd.Series, options: ImportOptions) -> pd.Series:
-    """Map every distinct raw label once (labels repeat over thousands of cells)."""
-    if raw.isna().any():
+def normalise_conditions(raw: pd.Series, options: ImportOptions) -> tuple[pd.Series, dict[str, str]]:
+    """Map every distinct raw label once (labels repeat over thousands of cells); one spelling per
+    target set (`merge_spellings`). Returns the labels and the spellings merged."""
+    missing = _missing(raw)
+    if missing.any():
         raise ReginaError(
-            f"{int(raw.isna().sum())} cells have no perturbation label: drop them or fill the column"
+            f"{int(missing.sum())} cells have no perturbation label (missing or empty): drop them or fill the column"
         )
     controls = {c.lower() for c in CONTROL_LABELS + tuple(options.control)}
     separator = options.separator or keys.GENE_SEPARATOR
@@ -198,7 +254,24 @@ def normalise_conditions(raw: pd.Series, options: ImportOptions) -> pd.Series:
             f"{len(too_many)} labels target more than two genes (e.g. {too_many[0]!r}): the GEARS layout "
             "holds singles and pairs only; drop those cells or check --separator"
         )
-    return raw.astype(str).map(mapping)
+    conditions = raw.astype(str).map(mapping)
+    merged = merge_spellings(conditions)
+    return (conditions.map(lambda c: merged.get(c, c)) if merged else conditions), merged
+
+
+def merge_spellings(conditions: pd.Series) -> dict[str, str]:
+    """{spelling: the one kept} for combinations labelled in both orders (`A+B` and `B+A`): one
+    condition, or a split could put one spelling in training and the other in test. The spelling
+    of more cells is kept (ties: the first in sort order)."""
+    counts = conditions.value_counts()
+    by_targets: dict[frozenset, list[str]] = {}
+    for condition in sorted(counts.index):
+        by_targets.setdefault(frozenset(parse_condition(condition)), []).append(condition)
+    merged = {}
+    for spellings in by_targets.values():
+        kept = max(spellings, key=lambda c: counts[c])  # max keeps the first of equal counts
+        merged.update({c: kept for c in spellings if c != kept})
+    return merged
 
 
 def check_controls(obs: pd.DataFrame) -> None:
@@ -223,9 +296,18 @@ def drop_tiny_groups(adata, notes: ImportNotes, log: Log):
     sizes = groups.map(groups.value_counts())
     tiny = (sizes < MIN_CELLS).to_numpy()
     if tiny.any():
-        notes.dropped_cells = int(tiny.sum())
+        condition = adata.obs[keys.OBS_CONDITION].astype(str).to_numpy()
+        cell_type = adata.obs[keys.OBS_CELL_TYPE].astype(str).to_numpy()
+        control = condition == keys.CTRL
+        short = sorted(set(cell_type[tiny & control]) & set(cell_type[~tiny & ~control]))
+        if short:
+            raise ReginaError(f"cell type {short[0]!r} has 1 control cell: controls are matched by cell type, and "
+                              f"each cell type with perturbed cells needs at least {MIN_CELLS}")
+        notes.dropped_cells += int(tiny.sum())
+        names = sorted(set(condition[tiny]))
         notes.messages.append(
-            f"dropped {notes.dropped_cells} cells whose condition has fewer than {MIN_CELLS} cells in their cell type"
+            f"dropped {int(tiny.sum())} cells whose condition has fewer than {MIN_CELLS} cells in their cell "
+            f"type: {', '.join(names[:5])}{f' and {len(names) - 5} more' if len(names) > 5 else ''}"
         )
         log(notes.messages[-1])
         adata = adata[~tiny].copy()
@@ -281,7 +363,11 @@ def select_genes(adata, options: ImportOptions, targets: set[str], notes: Import
     return adata[:, picked | rescued].copy()
 
 
-def report_targets(targets: set[str], measured: pd.Index, notes: ImportNotes, log: Log) -> None:
+SEPARATOR_LOOKALIKES = ("|", ";", ",")  # no gene symbol holds these; a label that does is a combination
+
+
+def report_targets(targets: set[str], measured: pd.Index, notes: ImportNotes, log: Log,
+                   separator_given: bool = False) -> None:
     """`k of n targets measured`, naming the unmeasured ones (all of them go to uns['regina'])."""
     notes.targets = len(targets)
     notes.unmeasured_targets = sorted(g for g in targets if g not in measured)
@@ -293,6 +379,10 @@ def report_targets(targets: set[str], measured: pd.Index, notes: ImportNotes, lo
         more = len(notes.unmeasured_targets) - len(shown)
         message += (f"; not measured: {', '.join(shown)}{f' and {more} more' if more else ''} "
                     "(kept: their perturbations still act on the measured genes)")
+        joined = next((g for g in notes.unmeasured_targets if any(c in g for c in SEPARATOR_LOOKALIKES)), None)
+        if joined and not separator_given:
+            mark = next(c for c in SEPARATOR_LOOKALIKES if c in joined)
+            message += f"; {joined!r} looks like a combination: pass --separator '{mark}'"
     notes.messages.append(message)
     log(message)
 
@@ -301,7 +391,11 @@ def relabel(adata, name: str, options: ImportOptions, notes: ImportNotes, log: L
     """obs `condition` and `cell_type` in GEARS spelling (the original column is kept beside)."""
     column = pick_condition_column(adata, options.condition_key)
     raw = adata.obs[column]
-    condition = normalise_conditions(raw, options)
+    condition, merged = normalise_conditions(raw, options)
+    if merged:
+        notes.messages.append("one condition per pair of targets: " + ", ".join(
+            f"{a!r} counted as {b!r}" for a, b in sorted(merged.items())[:5]))
+        log(notes.messages[-1])
     notes.relabelled = int((condition != raw.astype(str)).sum())
     if notes.relabelled:
         changed = {a: b for a, b in zip(raw.astype(str), condition) if a != b}
@@ -312,6 +406,10 @@ def relabel(adata, name: str, options: ImportOptions, notes: ImportNotes, log: L
         raise ReginaError(f"obs has no column {options.cell_type_key!r}: fix --cell-type-key")
     cell_type_key = options.cell_type_key or keys.OBS_CELL_TYPE
     if cell_type_key in adata.obs:
+        missing = _missing(adata.obs[cell_type_key])
+        if missing.any():
+            raise ReginaError(f"{int(missing.sum())} cells have no cell type in obs['{cell_type_key}'] (missing or "
+                              "empty): drop them or fill the column")
         cell_type = adata.obs[cell_type_key].astype(str).to_numpy()
     else:
         cell_type = name
@@ -319,6 +417,11 @@ def relabel(adata, name: str, options: ImportOptions, notes: ImportNotes, log: L
         log(notes.messages[-1])
     if notes.relabelled and column == keys.OBS_CONDITION:
         adata.obs[f"{keys.OBS_CONDITION}_original"] = raw.to_numpy()
+    elif column != keys.OBS_CONDITION and keys.OBS_CONDITION in adata.obs:  # the file's own, not the perturbation
+        adata.obs[f"{keys.OBS_CONDITION}_input"] = adata.obs[keys.OBS_CONDITION].to_numpy()
+        notes.messages.append(f"the file's obs['{keys.OBS_CONDITION}'] is kept as obs['{keys.OBS_CONDITION}_input']: "
+                              f"obs['{keys.OBS_CONDITION}'] now holds the perturbations of obs['{column}']")
+        log(notes.messages[-1])
     adata.obs[keys.OBS_CONDITION] = condition.to_numpy()
     adata.obs[keys.OBS_CELL_TYPE] = cell_type
 
@@ -332,19 +435,26 @@ def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
         raise ReginaError(f"the file holds {adata.n_obs} cell(s): a screen needs at least {MIN_CELLS} control cells "
                           f"and {MIN_CELLS} cells of a perturbation; check that --from names the whole screen")
     check_names(adata)
-    genes = gene_names(adata, notes, log)
+    genes = gene_names(adata, notes, log, _label_targets(adata, options))
+    if adata.X is None:
+        layers = ", ".join(map(str, adata.layers)) or "none"
+        raise ReginaError(f"the file has no X (layers: {layers}; raw: {'yes' if adata.raw is not None else 'no'}): "
+                          "put the raw counts or log-normalised values in X")
     X = as_csr_float32(adata.X)
     counts = is_raw_counts(X)
-    unlogged = not counts and check_log_scale(X)
+    log_counts = not counts and is_log1p_counts(X)
+    unlogged = not counts and not log_counts and check_log_scale(X)
     is_gears = all(k in adata.obs for k in GEARS_OBS) and all(k in adata.uns for k in GEARS_UNS)
     relabelling = options.condition_key is not None or bool(options.control) or options.separator is not None
     filtering = options.n_top_genes is not None or options.gene_list is not None
-    keep_gears = is_gears and not relabelling and not counts and not unlogged and not filtering  # DE fields index var
+    keep_gears = (is_gears and not relabelling and not counts and not log_counts and not unlogged
+                  and not filtering)  # DE fields index var
     uns = {k: dict(adata.uns[k]) for k in GEARS_UNS} if keep_gears else {}
     original_index = adata.var_names.copy()
     adata = adata.__class__(X=X, obs=adata.obs.copy(), var=adata.var.copy(), uns=uns)
     adata.var_names = genes
     adata.var[keys.VAR_GENE_NAME] = genes.to_numpy()
+    adata = drop_empty_cells(adata, notes, log)
 
     if keep_gears:
         notes.kept_gears_fields = True
@@ -357,8 +467,12 @@ def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
         check_controls(adata.obs)
     else:
         relabel(adata, name, options, notes, log)
-        if counts or unlogged:
-            notes.normalisation = normalise_counts(adata) if counts else log_transform(adata)
+        if counts or log_counts or unlogged:
+            if counts or log_counts:
+                found = "raw counts detected: " if counts else counts_from_log1p(adata)
+                notes.normalisation = found + normalise_counts(adata)
+            else:
+                notes.normalisation = log_transform(adata)
             log(notes.normalisation)
         adata = drop_tiny_groups(adata, notes, log)
         check_controls(adata.obs)
@@ -367,8 +481,31 @@ def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
         add_gears_de(adata)
 
     targets = condition_genes(adata.obs[keys.OBS_CONDITION].astype(str).unique())
-    report_targets(targets, adata.var_names, notes, log)
+    report_targets(targets, adata.var_names, notes, log, separator_given=options.separator is not None)
     return adata, notes
+
+
+def _label_targets(adata, options: ImportOptions) -> set[str]:
+    """The genes the perturbation labels name, read leniently (the labels are checked later):
+    what tells the file's gene naming apart."""
+    column = options.condition_key or keys.OBS_CONDITION
+    if column not in adata.obs:
+        return set()
+    controls = {c.lower() for c in CONTROL_LABELS + tuple(options.control)}
+    separator = options.separator or keys.GENE_SEPARATOR
+    labels = pd.unique(adata.obs[column].dropna().astype(str))
+    return condition_genes(normalise_label(label, controls, separator) for label in labels)
+
+
+def drop_empty_cells(adata, notes: ImportNotes, log: Log):
+    """Drop cells without a single count: nothing to normalise, nothing to learn from."""
+    empty = np.asarray(adata.X.sum(axis=1)).ravel() == 0
+    if not empty.any():
+        return adata
+    notes.dropped_cells += int(empty.sum())
+    notes.messages.append(f"dropped {int(empty.sum())} cells with no expression at all (every value 0)")
+    log(notes.messages[-1])
+    return adata[~empty].copy()
 
 
 def import_screen(source: Path, name: str, options: ImportOptions, *, scratch_root: Path, log: Log):

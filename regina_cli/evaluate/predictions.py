@@ -37,6 +37,7 @@ class Predictions:
     prompt_source: dict[str, str] = field(default_factory=dict)  # condition -> measured/learned/...
     reconstruction: dict[str, np.ndarray] = field(default_factory=dict)  # condition -> profile
     skipped: list[str] = field(default_factory=list)  # conditions absent from the truth
+    scale_warning: str = ""  # why the values look off the dataset's log1p scale ('' when they do not)
     path: str = ""
     provenance: dict = field(default_factory=dict)  # uns['regina'] written by `regina predict`
 
@@ -72,6 +73,24 @@ def _most_common(values) -> str:
     return Counter(values).most_common(1)[0][0]
 
 
+WHOLE_NUMBER_SAMPLE = 1_000_000  # values checked for being whole numbers
+
+
+def off_scale(x: np.ndarray) -> str:
+    """Why predicted values `x` cannot be on the dataset's scale (log1p of depth-normalised counts,
+    which `regina fetch` makes), or '': counts or unlogged values from another tool would be scored
+    without a word, and score near 0."""
+    from regina_cli.data.importer import LOG_MAX
+
+    top = float(x.max()) if x.size else 0.0
+    if top > LOG_MAX:
+        return f"values up to {top:,.1f}, where log1p of normalised counts stays below {LOG_MAX:g}"
+    sample = x.ravel()[:: max(1, x.size // WHOLE_NUMBER_SAMPLE)]
+    if top >= 1 and np.array_equal(sample, np.round(sample)):
+        return "every value is a whole number (raw counts?)"
+    return ""
+
+
 def align(raw: RawPredictions, truth: Truth, name: str) -> Predictions:
     """Predictions of one file on the truth's genes and condition spelling."""
     position = {g: i for i, g in enumerate(gene_naming(raw, truth.dataset_genes))}
@@ -90,15 +109,17 @@ def align(raw: RawPredictions, truth: Truth, name: str) -> Predictions:
     form = MEANS if (counts[~control] == 1).all() else CELLS
 
     grouped: dict[str, np.ndarray] = {}
+    spelled: dict[str, str] = {}
     skipped = []
     for label in perturbed:
         condition = truth.resolve(label)
         if condition is None:
             skipped.append(label)
         elif condition in grouped:
-            raise ReginaError(f"{raw.path} names condition {condition} twice (as '{label}' too); keep one spelling")
+            raise ReginaError(f"{raw.path} names condition {condition} twice (as '{spelled[condition]}' and "
+                              f"'{label}'); keep one spelling")
         else:
-            grouped[condition] = rows_of[label]
+            grouped[condition], spelled[condition] = rows_of[label], label
     if not grouped:
         raise ReginaError(f"none of the {len(perturbed)} predicted conditions of {raw.path} is in the dataset; "
                           "wrong dataset, --condition-key or --separator?")
@@ -120,6 +141,7 @@ def align(raw: RawPredictions, truth: Truth, name: str) -> Predictions:
         prompt_source={} if prompts is None else {c: _most_common(prompts[grouped[c]]) for c in conditions},
         reconstruction=_reconstruction(raw, truth, columns),
         skipped=sorted(skipped),
+        scale_warning=off_scale(x),
         path=str(raw.path),
         provenance=raw.provenance,
     )

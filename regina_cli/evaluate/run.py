@@ -348,6 +348,7 @@ def _model_context(model: Predictions, truth, targets: list[str]) -> dict:
     return {
         "name": model.name, "path": model.path, "form": model.form, "n_conditions": len(model.conditions),
         "n_skipped_not_in_dataset": len(model.skipped), "skipped_not_in_dataset": model.skipped,
+        "scale_warning": model.scale_warning,
         "n_target_conditions_not_predicted": len(missing), "target_conditions_not_predicted": missing,
         "n_control_rows": model.n_control_rows, "has_prompt_source": bool(model.prompt_source),
         "cells_per_condition": int(np.median([len(c) for c in model.cells])) if model.form == CELLS else None,
