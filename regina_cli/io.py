@@ -225,13 +225,62 @@ def write_h5ad(adata, path: str | Path) -> None:
         pass
 
 
+# --- One writer per run --------------------------------------------------------------------------
+RUN_LOCK = ".regina.lock"
+
+
+def _in_use(run_dir: Path, holder: str) -> ReginaError:
+    return ReginaError(f"{run_dir} is in use by another regina process{f' ({holder})' if holder else ''}: "
+                       "wait for it to end, or choose another --run")
+
+
+def check_not_in_use(run_dir: str | Path) -> None:
+    """Refuse, without creating anything, a run another process is training (`run_lock`)."""
+    path = Path(run_dir) / RUN_LOCK
+    if not path.is_file():
+        return
+    import fcntl
+
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(Path(run_dir), handle.read().strip()) from None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold `run_dir`'s lock while training writes it: two writers would interleave one history and
+    leave one config beside the other's weights (two jobs of one array, a requeued job whose first
+    try still runs). The kernel drops the lock when the process ends, however it ends, so a killed
+    run never blocks the next. The lock file stays (removing it could let two writers in)."""
+    import fcntl
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / RUN_LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise _in_use(run_dir, handle.read().strip()) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 # --- Signals ------------------------------------------------------------------------------------
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that no `except Exception` swallows it;
     temporary outputs are removed on the way out and the exit code says which signal."""
 
     def __init__(self, signum: int):
-        super().__init__(f"signal {signum}: run the same command again (no half-written output was left)")
+        super().__init__(f"signal {signum}: run the same command again")
         self.exit_code = 128 + signum
 
 

@@ -97,3 +97,34 @@ def test_an_interrupted_command_still_prints_its_one_json_document(capsys):
             assert document["error"].startswith("interrupted")
     finally:
         set_output_mode(quiet=False, json_output=False)
+
+
+def test_only_the_first_process_of_a_launch_prints(monkeypatch, tmp_path):
+    """Under torchrun every rank ran the whole command line: --json gave one document per rank."""
+    for var, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("TORCHELASTIC_RUN_ID", "x")):
+        monkeypatch.setenv(var, value)
+    try:
+        result = invoke("--json", "predict", "--run", tmp_path / "absent")
+        assert result.exit_code == 2 and result.stdout == ""  # rank 0 prints the document
+        assert result.output.startswith("rank 1: error: ")
+        monkeypatch.setenv("RANK", "0")
+        result = invoke("--json", "predict", "--run", tmp_path / "absent")
+        assert json.loads(result.stdout)["exit_code"] == 2 and result.output.count("error:") == 1
+    finally:
+        set_output_mode(quiet=False, json_output=False)
+
+
+def test_an_interruption_is_one_error_line(capsys):
+    import typer
+
+    from regina_cli.cli.common import user_errors
+    from regina_cli.io import Terminated
+
+    @user_errors
+    def command():
+        raise Terminated(15)
+
+    with pytest.raises(typer.Exit):
+        command()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == ["error: interrupted by signal 15: run the same command again"]

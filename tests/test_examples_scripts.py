@@ -90,7 +90,7 @@ def regina_steps(env: dict) -> list[str]:
         if words[0] == "regina":
             steps.append(words[1])
         elif words[0] == "torchrun":
-            steps.append(words[words.index("regina_cli") + 1])
+            steps.append(words[words.index("--", words.index("regina_cli")) + 1])
     return steps
 
 
@@ -222,9 +222,15 @@ def test_sbatch_two_nodes_launch_training_through_torchrun_rendezvous(fake_env):
     for launch in launches:
         assert launch.startswith(
             "srun torchrun --nnodes 2 --nproc_per_node 4 --rdzv_id 42 --rdzv_backend c10d "
-            "--rdzv_endpoint node-a:29500 -m regina_cli train-"
+            "--rdzv_endpoint node-a:29500 -m regina_cli -- train-"
         )
         assert "--gpus 1" in launch  # torchrun starts the processes, regina joins them
+        # torchrun's own parser (not the fake) hands every regina option to regina: `--run` is no `--run-path`
+        from torch.distributed.run import get_args_parser
+
+        parsed = get_args_parser().parse_args(launch.split()[2:])
+        assert parsed.module and parsed.training_script == "regina_cli"
+        assert parsed.training_script_args[0].startswith("train-") and "--run" in parsed.training_script_args
 
 
 def test_sbatch_in_the_container_wraps_every_command(fake_env, tmp_path):

@@ -537,6 +537,73 @@ def test_resume_may_change_what_is_not_a_shape(world, tmp_path):
     assert not retrained or "phase 1's weights changed" in " ".join(result.output.split())
 
 
+def test_a_run_being_trained_refuses_a_second_writer(world, tmp_path):
+    """Two jobs training one --run (an array, a requeued job whose first try still runs) mixed
+    one history and left one config beside the other's weights; the second is now refused."""
+    from regina_cli.io import run_lock
+
+    w = world.copy(tmp_path)
+    run = Path(w.paths["run"])
+    before = snapshot(run)
+    with run_lock(run):  # this process trains the run (the same lock another process would meet)
+        for command in ([*GAN, "--resume", "--max-epochs", "2"], [*AE, "--run", "{run}", "--resume"]):
+            result = invoke(*(a.format(**w.paths) for a in command))
+            assert_one_error_line(result, f"{run} is in use by another regina process (pid {os.getpid()} on ")
+        fresh = tmp_path / "fresh"
+        with run_lock(fresh):
+            result = invoke(*(a.format(**w.paths) for a in AE), "--run", fresh)
+            assert_one_error_line(result, "is in use by another regina process")
+    assert snapshot(run) == before
+    result = invoke(*(a.format(**w.paths) for a in GAN), "--resume", "--max-epochs", "2")
+    assert result.exit_code == 0, result.output  # the lock goes with its holder
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_error_line(world, tmp_path, monkeypatch):
+    """A full disk or used-up quota inside torch.save ended in two tracebacks and no JSON."""
+    import torch as torch_mod
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0")
+
+    w = world.copy(tmp_path)
+    monkeypatch.setattr(torch_mod, "save", full)
+    result = invoke("--json", *(a.format(**w.paths) for a in GAN), "--resume", "--max-epochs", "2")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    document = json.loads(result.stdout)
+    assert "the write failed (is the disk full, or the quota used up?)" in document["error"]
+
+
+def test_a_job_arrays_parts_score_as_the_whole_prediction(world, tmp_path):
+    """Parts of one prediction (a job array) given the same --model-name score as one file of
+    every condition; before, they could only be two models, and a merge by hand counted shared
+    control cells twice."""
+    import pandas as pd
+
+    w = world.copy(tmp_path)
+    run = Path(w.paths["run"])
+    conditions = json.loads((run / keys.AE_DIR / keys.META_FILE).read_text())["test_conditions"]
+    conditions = [c for c in conditions if c != "ctrl"]
+    files = {"whole": conditions, "part1": conditions[:2], "part2": conditions[2:]}
+    for name, chosen in files.items():
+        result = invoke(*(a.format(**w.paths) for a in PREDICT), "--conditions", ",".join(chosen),
+                        "--out", tmp_path / f"{name}.h5ad")
+        assert result.exit_code == 0, result.output
+    scored = {}
+    for label, extra in (("whole", ["--predictions", tmp_path / "whole.h5ad"]),
+                         ("parts", ["--predictions", tmp_path / "part1.h5ad", "--predictions", tmp_path / "part2.h5ad",
+                                    "--model-name", "regina", "--model-name", "regina"])):
+        result = invoke("evaluate", "demo", *extra, "--device", "cpu", "--no-plots", "--baselines", "none",
+                        "--data-dir", w.paths["data"], "--out", tmp_path / label)
+        assert result.exit_code == 0, result.output
+        scored[label] = pd.read_csv(tmp_path / label / keys.PER_CONDITION_FILE).set_index("condition").sort_index()
+    numeric = scored["whole"].select_dtypes("number").columns
+    pd.testing.assert_frame_equal(scored["parts"][numeric], scored["whole"][numeric], rtol=1e-6)
+    result = invoke("evaluate", "demo", "--predictions", tmp_path / "part1.h5ad", "--predictions",
+                    tmp_path / "whole.h5ad", "--model-name", "m", "--model-name", "m", "--device", "cpu",
+                    "--data-dir", w.paths["data"], "--out", tmp_path / "twice")
+    assert_one_error_line(result, f"m: condition {sorted(files['part1'])[0]} is in two parts")
+
+
 def test_all_control_import_warns(world, tmp_path):
     import anndata
 

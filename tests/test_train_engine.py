@@ -128,15 +128,18 @@ def test_progress_plain_lines_and_silence(capsys):
 
 
 def test_process_discovery_from_torchrun_and_slurm(monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
-                "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS",
+                "SLURM_LOCALID", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
         monkeypatch.setenv(var, "")  # recorded, so what discovery writes is undone afterwards
         monkeypatch.delenv(var)
     assert launched_by_scheduler() is None
-    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
     monkeypatch.setenv("SLURM_PROCID", "0")
     assert launched_by_scheduler() is None  # one task: nothing to join
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS")
     monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert launched_by_scheduler() is None  # the batch shell of a 4-task job, not an srun step: no peers will come
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     monkeypatch.setenv("SLURM_JOB_ID", "1234")
@@ -146,7 +149,7 @@ def test_process_discovery_from_torchrun_and_slurm(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert launched_by_scheduler() == (1, 0, 2)  # torchrun's variables win
-    for var in ("SLURM_NTASKS", "SLURM_PROCID"):
+    for var in ("SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID"):
         monkeypatch.delenv(var)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
@@ -236,3 +239,11 @@ def test_too_few_validation_conditions_are_joined_by_a_training_holdout(n_val):
     trained = cells.condition_codes[phase_train_index(cells, plan.held_out)]
     assert not torch.isin(trained, torch.as_tensor(held_codes)).any()  # phase 2 never trains on them
     assert build_plan(cells, adata, seed=0, holdout=0.2, min_conditions=1).conditions == val
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_training_stops_on_slurms_warning_signals(signum):
+    """`#SBATCH --signal=USR1@120` killed training at once, with no checkpoint."""
+    with StopOnSignal() as stop:
+        os.kill(os.getpid(), signum)
+        assert stop.requested and stop.signum == signum

@@ -84,4 +84,7 @@ def main_options(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
-    set_output_mode(quiet=quiet, json_output=json_output)
+    from regina_cli.launch import scheduler_place
+
+    place = scheduler_place()
+    set_output_mode(quiet=quiet, json_output=json_output, rank=place.rank if place else 0)

@@ -18,12 +18,15 @@ from rich.markup import escape
 from regina_cli.errors import ReginaError
 
 console = Console(stderr=True, highlight=False)
-_state = {"quiet": False, "json": False}
+_state = {"quiet": False, "json": False, "rank": 0}
 
 
-def set_output_mode(*, quiet: bool, json_output: bool) -> None:
-    _state["quiet"] = quiet or json_output
-    _state["json"] = json_output
+def set_output_mode(*, quiet: bool, json_output: bool, rank: int = 0) -> None:
+    """`rank`: this process's place in a torchrun/srun launch; only the first one prints (the
+    others would repeat every line, table and JSON document), the others only their errors, marked."""
+    _state["quiet"] = quiet or json_output or rank > 0
+    _state["json"] = json_output and rank == 0
+    _state["rank"] = rank
 
 
 def is_quiet() -> bool:
@@ -50,7 +53,8 @@ def emit_result(result: dict) -> None:
 
 def print_error(message: str) -> None:
     """The one `error: ...` line on stderr (the message is printed as is, never as markup)."""
-    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    rank = f"rank {_state['rank']}: " if _state["rank"] else ""
+    console.print(f"{rank}[bold red]error:[/] {escape(message)}", soft_wrap=True)
 
 
 def emit_error(message: str, exit_code: int) -> None:
@@ -75,7 +79,7 @@ def user_errors(fn: Callable) -> Callable:
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (io.Terminated, with its exit code)
             message, code = f"interrupted{f' by {exc}' if str(exc) else ''}", getattr(exc, "exit_code", 130)
-            console.print(f"[bold red]{message}[/]")
+            print_error(message)
             if _state["json"]:  # a script reading stdout gets its one document here too
                 emit_error(message, code)
             raise typer.Exit(code) from None

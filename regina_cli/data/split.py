@@ -207,11 +207,11 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None, *, all
     (`allow_stale`: not; the caller warns that the dataset changed, as `--allow-stale` promises)."""
     path = keys.split_file(name, split, data_dir)
     mode, _, seed = split.rpartition("_")
-    remake = f"regina split {name} --mode {mode} --seed {seed}" if mode in MODES and seed.isdigit() else (
-        f"regina split {name} --mode MODE --seed SEED` (split names are <mode>_<seed>, e.g. simulation_1"
-    )
+    named = mode in MODES and seed.isdigit()
+    remake = f"regina split {name} --mode {mode} --seed {seed}" if named else f"regina split {name} --mode MODE --seed SEED"
+    hint = "" if named else " (split names are <mode>_<seed>, e.g. simulation_1)"
     if not path.is_file():
-        raise ReginaError(f"split {split!r} of {name} not found at {path}: run `{remake}`")
+        raise ReginaError(f"split {split!r} of {name} not found at {path}: run `{remake}`{hint}")
     try:
         obj = json.loads(path.read_text())
         loaded = Split.from_dict(obj)
@@ -220,7 +220,7 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None, *, all
     recorded, current = obj.get(keys.DATASET_SHA256), dataset_sha256(name, data_dir)
     if recorded and current and recorded != current and not allow_stale:
         raise ReginaError(f"split file {path} was made from another version of dataset {name} (SHA-256 "
-                          f"{recorded[:12]}, now {current[:12]}): run `{remake} --force` to remake it")
+                          f"{recorded[:12]}, now {current[:12]}): run `{remake} --force`{hint} to remake it")
     return loaded
 
 

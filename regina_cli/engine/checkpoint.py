@@ -69,10 +69,21 @@ def gan_paths(run_dir: str | Path) -> PhasePaths:
 
 
 # --- Tensors on disk ---------------------------------------------------------------------------
+# What torch.save's C++ writer says when a write fails (a full disk, a used-up quota): no errno reaches Python.
+_FAILED_WRITE = ("iostream error", "unexpected pos", "failed writing")
+
+
 def save_torch(path: str | Path, obj: Any) -> None:
-    """`torch.save` through a temporary file, renamed only when complete."""
+    """`torch.save` through a temporary file, renamed only when complete; a failed write is a
+    user error (the previous file stays)."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:
+            if not any(mark in str(exc) for mark in _FAILED_WRITE):
+                raise
+            raise ReginaError(f"cannot write {path}: the write failed (is the disk full, or the quota used up?): "
+                              "free some space or write elsewhere, then run again with --resume") from None
 
 
 def copy_file(src: str | Path, dst: str | Path) -> None:

@@ -2,7 +2,7 @@
 
 A process learns its place from the environment: `RANK`/`LOCAL_RANK`/`WORLD_SIZE` (torchrun,
 or the processes `--gpus N` spawns through torchrun's own elastic launcher), else
-`SLURM_PROCID`/`SLURM_LOCALID`/`SLURM_NTASKS` under `srun`. NCCL on GPUs, gloo on the CPU.
+`SLURM_PROCID`/`SLURM_LOCALID`/`SLURM_STEP_NUM_TASKS` under `srun`. NCCL on GPUs, gloo on the CPU.
 One `is_main` flag gates every print and every write.
 
 Gradients are averaged inside `optimizer.step()` itself (`data_parallel` registers a step
@@ -14,6 +14,7 @@ gradients DDP's forward hooks would silently leave unsynchronised.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ import torch.distributed as dist
 
 from regina_cli.devices import resolve_device
 from regina_cli.errors import ReginaError
+from regina_cli.io import check_not_in_use, run_lock
+from regina_cli.launch import scheduler_place
 
 
 @dataclass(frozen=True)
@@ -43,20 +46,34 @@ class DistContext:
 
 
 def launched_by_scheduler() -> tuple[int, int, int] | None:
-    """(rank, local_rank, world_size) when torchrun started us (even alone: `--nproc-per-node=1`
-    still runs the NCCL/gloo set-up) or `srun` started several of us, else None."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env and (int(env["WORLD_SIZE"]) > 1 or "TORCHELASTIC_RUN_ID" in env):
-        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        local = int(env.get("SLURM_LOCALID", 0))
-        # init_process_group(env://) reads these; the sbatch script may set MASTER_ADDR itself.
+    """(rank, local_rank, world_size) when torchrun started us or `srun` started several of us
+    (`launch.scheduler_place`), else None; under srun, the variables init_process_group(env://) reads."""
+    place = scheduler_place()
+    if place is None:
+        return None
+    if place.launcher == "srun":
+        env = os.environ  # the sbatch script may set MASTER_ADDR itself
         env.setdefault("MASTER_ADDR", env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
         env.setdefault("MASTER_PORT", str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
-        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local)
-        return rank, local, world
-    return None
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = map(str, (place.rank, place.world_size, place.local_rank))
+    return place.rank, place.local_rank, place.world_size
+
+
+def _first_process() -> bool:
+    place = scheduler_place()
+    return place is None or place.rank == 0
+
+
+def check_run_free(run_dir) -> None:
+    """Refuse a run another regina process is training (`io.run_lock`); the other processes of
+    this launch share the first one's lock, so only the first looks."""
+    if _first_process():
+        check_not_in_use(run_dir)
+
+
+def run_writer(run_dir):
+    """The run's lock while this launch trains it, held by its first process (`io.run_lock`)."""
+    return run_lock(run_dir) if _first_process() else contextlib.nullcontext()
 
 
 def check_process_count(gpus: int, device: str) -> None:

@@ -1,7 +1,7 @@
-"""SIGTERM/SIGINT during training: finish the current step, save a resumable checkpoint, exit.
+"""SIGTERM/SIGINT/SIGUSR1 during training: finish the current step, save a resumable checkpoint, exit.
 
 Slurm pre-emption and time limits send SIGTERM (and a grace period) before killing a job; a
-user presses Ctrl-C. Both become a flag the training loop checks between steps, so the state
+user presses Ctrl-C; `#SBATCH --signal=USR1@120` sends SIGUSR1 ahead of the limit. Each becomes a flag the training loop checks between steps, so the state
 saved is consistent. A second Ctrl-C stops at once, as users expect.
 """
 
@@ -22,9 +22,9 @@ class TrainingInterrupted(ReginaError):
 
 
 class StopOnSignal:
-    """Context manager: while active, SIGTERM/SIGINT set `.signum` instead of killing us."""
+    """Context manager: while active, SIGTERM/SIGINT/SIGUSR1 set `.signum` instead of killing us."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.signum: int | None = None

@@ -25,8 +25,8 @@ from regina_cli.config import ReginaConfig
 from regina_cli.data.conditions import condition_genes
 from regina_cli.data.knowledge import resolve_knowledge
 from regina_cli.engine import checkpoint as ckpt
-from regina_cli.engine.distributed import (DistContext, broadcast_state, check_process_count, data_parallel,
-                                           parameter_checksum, run_distributed)
+from regina_cli.engine.distributed import (DistContext, broadcast_state, check_process_count, check_run_free,
+                                           data_parallel, parameter_checksum, run_distributed, run_writer)
 from regina_cli.engine.early_stopping import BestTracker, ConsistencyStopper
 from regina_cli.engine.loop import (EpochBatches, amp_context, check_resume_trains, compile_modules, fit, scaled_lr,
                                     seed_everything, steps_per_epoch)
@@ -223,6 +223,7 @@ def train_autoencoder(
     check_fixed_shapes(keys.AE_DIR, run_dir, config, resume=resume)
     check_process_count(gpus, device)
     check_run_dir(run_dir)  # provenance: every input checked before anything is written
+    check_run_free(run_dir)
     check_resume(ckpt.ae_paths(run_dir), resume=resume, split=split, labels=labels)
     provenance = phase1_inputs(name, split, labels, data_dir)
     check_token_count(name, config, data_dir)
@@ -231,11 +232,13 @@ def train_autoencoder(
     if config.model.gene_knowledge:  # read again by each process, for its notes; a bad file stops here
         resolve_knowledge(config.model.gene_knowledge, data_dir)
     provenance[keys.CONFIG_SHA256] = config_sha256(config)
-    announce()
     kwargs = dict(name=name, split=split, labels=labels, run_dir=str(run_dir), config=config,
                   data_dir=None if data_dir is None else str(data_dir), resume=resume, progress=progress,
                   provenance=provenance)
-    return run_distributed(_train_ae_process, kwargs, gpus=gpus, device=device)
+    with run_writer(run_dir):
+        check_resume(ckpt.ae_paths(run_dir), resume=resume)  # again: another process may have trained it since
+        announce()
+        return run_distributed(_train_ae_process, kwargs, gpus=gpus, device=device)
 
 
 def _train_ae_process(ctx: DistContext, *, name, split, labels, run_dir, config: ReginaConfig,

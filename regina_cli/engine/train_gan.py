@@ -33,15 +33,16 @@ from regina_cli.data.knowledge import TOP_K, resolve_knowledge
 from regina_cli.engine import checkpoint as ckpt
 from regina_cli.engine import clip_choice, expression_prior, gan_validation, gene_prompts
 from regina_cli.engine.condition_stats import ConditionStats, condition_stats
-from regina_cli.engine.distributed import (DistContext, broadcast_state, check_process_count, parameter_checksum,
-                                           run_distributed)
+from regina_cli.engine.distributed import (DistContext, broadcast_state, check_process_count, check_run_free,
+                                           parameter_checksum, run_distributed, run_writer)
 from regina_cli.engine.early_stopping import BestTracker, PatienceStopper
 from regina_cli.engine.expression_prior import PRIOR_DIM, observed_genes
 from regina_cli.engine.gan_phase import CycleGANPhase, encode_all, phase_train_index
 from regina_cli.engine.loop import check_resume_trains, compile_modules, fit, seed_everything
 from regina_cli.engine.progress import TrainingProgress
 from regina_cli.engine.run_config import check_fixed_shapes, resolve_run_config
-from regina_cli.engine.run_meta import config_sha256, phase2_inputs, prepare_run_dir, read_trained_meta, write_meta
+from regina_cli.engine.run_meta import (check_resume, config_sha256, phase2_inputs, prepare_run_dir,
+                                       read_trained_meta, write_meta)
 from regina_cli.errors import ReginaError
 
 
@@ -61,6 +62,7 @@ def train_gan(
     `config`: a resolved config (`run_config.resolve_run_config`); by default phase 1's (or, when
     resuming, phase 2's saved one). `announce`: as in `train_ae.train_autoencoder`.
     """
+    check_run_free(run_dir)
     read_trained_meta(ckpt.ae_paths(run_dir))  # a clear error before anything starts
     if config is None:
         config, _ = resolve_run_config(keys.GAN_DIR, run_dir, resume=resume)
@@ -68,10 +70,12 @@ def train_gan(
     check_process_count(gpus, device)
     provenance = {**phase2_inputs(run_dir, data_dir, resume=resume), keys.CONFIG_SHA256: config_sha256(config)}
     check_resume_trains(ckpt.gan_paths(run_dir), config, config.gan.max_epochs, resume=resume)
-    announce()
     kwargs = dict(run_dir=str(run_dir), config=config, resume=resume, progress=progress,
                   data_dir=None if data_dir is None else str(data_dir), provenance=provenance)
-    return run_distributed(_train_gan_process, kwargs, gpus=gpus, device=device)
+    with run_writer(run_dir):
+        check_resume(ckpt.gan_paths(run_dir), resume=resume)  # again: another process may have trained it since
+        announce()
+        return run_distributed(_train_gan_process, kwargs, gpus=gpus, device=device)
 
 
 @dataclass

@@ -147,6 +147,48 @@ def name_columns(raw: RawPredictions, dataset_genes: list[str]) -> RawPrediction
     return raw
 
 
+# What makes prediction files parts of one prediction: the same run, inputs and drawing rule.
+PART_IDENTITY = ("run", "ae_model_sha256", "config_sha256", "dataset_sha256", "split_sha256", "seed", "clip",
+                 "sparsify", "cells_per_condition")
+
+
+def merge_parts(name: str, parts: list[RawPredictions]) -> RawPredictions:
+    """One model's predictions from files that each hold some of its conditions (a job array's
+    parts, `--model-name` given once per file with the same name). Each part of `regina predict`
+    carries the control cells it drew from: a control cell in several parts counts once, or the
+    predicted controls (and the DE metrics measured from them) would weigh it twice."""
+    first = parts[0]
+    for part in parts[1:]:
+        if part.gene_names != first.gene_names or part.x.shape[1] != first.x.shape[1]:
+            raise ReginaError(f"the parts of {name} ({first.path}, {part.path}) hold different genes: "
+                              "predict every part from the same run")
+        differs = [k for k in PART_IDENTITY if part.provenance.get(k) != first.provenance.get(k)]
+        if differs:
+            raise ReginaError(f"the parts of {name} ({first.path}, {part.path}) come from different predictions "
+                              f"({', '.join(differs)} differ): score them as two models, with two --model-name")
+    seen: dict[str, Path] = {}
+    for part in parts:
+        for label in sorted(set(part.labels) - {keys.CTRL}):
+            if label in seen:
+                raise ReginaError(f"{name}: condition {label} is in two parts ({seen[label]} and {part.path}); "
+                                  "give each condition to one part")
+            seen[label] = part.path
+    obs = pd.concat([part.obs for part in parts], ignore_index=True)
+    labels = np.concatenate([part.labels for part in parts])
+    keep = np.ones(len(labels), dtype=bool)
+    if keys.OBS_CONTROL_CELL in obs:
+        control = labels == keys.CTRL
+        keep[control] = ~obs[keys.OBS_CONTROL_CELL][control].duplicated().to_numpy()
+    recons = [part.reconstruction for part in parts]
+    reconstruction = None
+    if all(r is not None for r in recons):
+        joined = pd.concat(recons, axis=1)
+        reconstruction = joined.loc[:, ~joined.columns.duplicated()]
+    return RawPredictions(first.path, np.concatenate([part.x for part in parts])[keep], first.gene_names,
+                          labels[keep], obs[keep].reset_index(drop=True), reconstruction,
+                          {**first.provenance, "parts": len(parts)})
+
+
 def read_predictions(path: str | Path, *, condition_key: str, separator: str) -> RawPredictions:
     """Any supported prediction file, with at least one row (pickles: see name_columns)."""
     path = Path(path)

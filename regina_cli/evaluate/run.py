@@ -313,19 +313,30 @@ def model_name_list(model_name: str | list[str] | tuple | None) -> list[str] | N
 
 
 def model_names(raws, given: list[str] | None) -> list[str]:
-    """--model-name values in file order; else `regina` for a file `regina predict` wrote, else the stem."""
+    """--model-name values in file order; else `regina` for a file `regina predict` wrote, else the
+    stem. A name given to several files makes them parts of one model (`readers.merge_parts`)."""
     from regina_cli.evaluate.baselines import BASELINES
 
     given = list(given or [])
     if given and len(given) != len(raws):
         raise ReginaError(f"give one --model-name per --predictions file ({len(raws)} files, {len(given)} names)")
     names = given or [("regina" if raw.provenance else raw.path.stem) for raw in raws]
-    if len(set(names)) != len(names):
-        raise ReginaError(f"model names must differ ({', '.join(names)}); pass --model-name once per file")
+    if not given and len(set(names)) != len(names):
+        raise ReginaError(f"model names must differ ({', '.join(names)}); pass --model-name once per file "
+                          "(the same name for the parts of one prediction, such as a job array's)")
     clash = [n for n in names if n in BASELINES or n.startswith(RECONSTRUCTION)]
     if clash:
         raise ReginaError(f"model name {clash[0]!r} is a baseline's name; pass another --model-name")
     return names
+
+
+def models_of(raws, names: list[str]) -> tuple[list, list[str]]:
+    """The files grouped into models by name, in first-appearance order (parts merged)."""
+    from regina_cli.evaluate.readers import merge_parts
+
+    order = list(dict.fromkeys(names))
+    grouped = [[raw for raw, n in zip(raws, names) if n == name] for name in order]
+    return [group[0] if len(group) == 1 else merge_parts(name, group) for name, group in zip(order, grouped)], order
 
 
 def _in_dataset_spelling(truth, conditions: list[str]) -> set[str]:
@@ -408,7 +419,7 @@ def evaluate(
             adata = read_dataset(name, data_dir)
             dataset_genes = [str(g) for g in adata.var_names]
             raws = [name_columns(r.result(), dataset_genes) for r in reads]
-        names = model_names(raws, model_name_list(model_name))
+        raws, names = models_of(raws, model_names(raws, model_name_list(model_name)))
         truth = Truth(adata, shared_genes(raws, dataset_genes))
         models = [align(raw, truth, n) for raw, n in zip(raws, names)]
         split_name = _resolve_split(name, split, models[0].provenance, data_dir)
