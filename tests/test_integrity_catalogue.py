@@ -604,6 +604,25 @@ def test_a_job_arrays_parts_score_as_the_whole_prediction(world, tmp_path):
     assert_one_error_line(result, f"m: condition {sorted(files['part1'])[0]} is in two parts")
 
 
+def test_read_only_data_is_enough_for_what_is_already_there(world, tmp_path, monkeypatch):
+    """Shared cluster storage is often read-only: fetching a present dataset and making an existing
+    split again write nothing, so they succeed there (they were refused as unwritable)."""
+    w = world.copy(tmp_path)
+    split = Path(w.paths["data"]) / "demo" / keys.SPLITS_DIR / "simulation_1.json"
+    inode = split.stat().st_ino
+    fake_read_only(monkeypatch, w)
+    try:
+        before = snapshot(w.root)
+        for command in (["fetch", "demo", *D], ["split", "demo", "--seed", "1", *D]):
+            result = invoke(*(a.format(**w.paths) for a in command))
+            assert result.exit_code == 0, result.output
+        assert snapshot(w.root) == before and split.stat().st_ino == inode  # not even rewritten in place
+        result = invoke(*(a.format(**w.paths) for a in ["split", "demo", "--seed", "3", *D]))
+        assert_one_error_line(result, "is not writable")
+    finally:
+        Path(w.paths["data"]).chmod(0o755)
+
+
 def test_all_control_import_warns(world, tmp_path):
     import anndata
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from regina_cli import keys
 from regina_cli.cli.app import app
 from regina_cli.cli.common import DataDirOpt, emit_result, info, show, user_errors
 from regina_cli.checks import check_data_dir, check_seed
@@ -44,7 +45,8 @@ def split_command(
     from regina_cli.data.split import split_dataset
 
     check_seed(seed)
-    check_data_dir(data_dir, writes=True)
+    made = split_file is None and keys.split_file(name, f"{mode}_{seed}", data_dir).is_file()
+    check_data_dir(data_dir, writes=not made)  # the same split again writes nothing: a read-only folder will do
     if split_file is not None and ctx.get_parameter_source("seed").name == "COMMANDLINE":
         raise ReginaError("--seed does not apply to --split-file: a user's split is named by its content")
     outcome = split_dataset(

@@ -191,14 +191,18 @@ def make_split(
 def save_split(split: Split, data_dir: str | Path | None = None, *, force: bool = False) -> Path:
     """Write the split with the dataset's SHA-256; replacing a split of other content needs `force`."""
     path = keys.split_file(split.dataset, split.name, data_dir)
-    if path.is_file() and not force:
+    content = {**split.to_dict(), keys.DATASET_SHA256: dataset_sha256(split.dataset, data_dir)}
+    if path.is_file():
         try:
-            same = Split.from_dict(json.loads(path.read_text())).sha256() == split.sha256()
+            saved = json.loads(path.read_text())
+            same = Split.from_dict(saved).sha256() == split.sha256()
         except (ValueError, KeyError, TypeError):
-            same = False
-        if not same:
+            saved, same = {}, False
+        if same and saved.get(keys.DATASET_SHA256) == content[keys.DATASET_SHA256]:
+            return path  # the same split of the same data: nothing to write (a read-only folder will do)
+        if not same and not force:
             refuse_replacing(path, "choose another --seed")
-    write_json(path, {**split.to_dict(), keys.DATASET_SHA256: dataset_sha256(split.dataset, data_dir)})
+    write_json(path, content)
     return path
 
 
