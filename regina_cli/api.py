@@ -334,6 +334,8 @@ def _stage_predictions(items: list, names: list[str] | None, folder: Path, condi
             continue
         default = "predictions" if len(items) == 1 else f"predictions_{i + 1}"
         stem = _SAFE_STEM.sub("_", names[i]) if names else default
+        if names and names.count(names[i]) > 1:  # parts of one model: one file each
+            stem += f"_part{i + 1}"
         if isinstance(item, AnnData):
             path = folder / f"{stem}.h5ad"
             write_h5ad(item, path)

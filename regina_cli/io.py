@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -235,17 +236,29 @@ def _in_use(run_dir: Path, holder: str) -> ReginaError:
 
 
 def check_not_in_use(run_dir: str | Path) -> None:
-    """Refuse, without creating anything, a run another process is training (`run_lock`)."""
-    path = Path(run_dir) / RUN_LOCK
-    if not path.is_file():
-        return
+    """Refuse, without creating anything, a run another process is training (`run_lock`). A
+    shared lock is enough to find an exclusive holder, and needs no write access."""
     import fcntl
 
-    with open(path) as handle:
+    try:
+        handle = open(Path(run_dir) / RUN_LOCK)
+    except OSError:  # no lock file, or one this user cannot read: `run_lock` decides
+        return
+    with handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             raise _in_use(Path(run_dir), handle.read().strip()) from None
+        except OSError:  # a file system without locks: `run_lock` says so
+            return
+
+
+def _unlocked(path: Path, exc: OSError) -> None:
+    sys.stderr.write(f"warning: cannot lock {path} ({os.strerror(exc.errno) if exc.errno else exc}): a second "
+                     "regina process training this run at the same time would not be refused\n")
+
+
+LOCK_TRIES = 3  # a `check_not_in_use` probe holds the lock for an instant: try again before refusing
 
 
 @contextlib.contextmanager
@@ -253,21 +266,43 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
     """Hold `run_dir`'s lock while training writes it: two writers would interleave one history and
     leave one config beside the other's weights (two jobs of one array, a requeued job whose first
     try still runs). The kernel drops the lock when the process ends, however it ends, so a killed
-    run never blocks the next. The lock file stays (removing it could let two writers in)."""
+    run never blocks the next. The lock file stays (removing it could let two writers in). Where
+    the file system cannot lock (Lustre without `flock`, some NFS mounts), training goes on with
+    a warning: the lock guards against a mistake, it is not needed to train."""
     import fcntl
+    import time
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / RUN_LOCK, "a+") as handle:
+    path = run_dir / RUN_LOCK
+    try:
+        handle, writable = open(path, "a+"), True
+    except PermissionError:  # another user's lock file in a shared run folder: a read handle can lock too
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            handle, writable = open(path), False
+        except OSError as exc:
+            _unlocked(path, exc)
+            yield
+            return
+    with handle:
+        for attempt in range(LOCK_TRIES):
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == LOCK_TRIES - 1:
+                    handle.seek(0)
+                    raise _in_use(run_dir, handle.read().strip()) from None
+                time.sleep(0.1)
+            except OSError as exc:
+                _unlocked(path, exc)
+                yield
+                return
+        if writable:
             handle.seek(0)
-            raise _in_use(run_dir, handle.read().strip()) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
         try:
             yield
         finally:
@@ -275,9 +310,15 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
 
 
 # --- Signals ------------------------------------------------------------------------------------
+# Signals that stop a command the way Ctrl-C does: Slurm's time limit and pre-emption (SIGTERM),
+# and the warning a job asks for ahead of its limit (`#SBATCH --signal=USR1@120`).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that no `except Exception` swallows it;
-    temporary outputs are removed on the way out and the exit code says which signal."""
+    """A stop signal (`STOP_SIGNALS`), raised like Ctrl-C's KeyboardInterrupt so that no `except
+    Exception` swallows it; temporary outputs are removed on the way out and the exit code says
+    which signal."""
 
     def __init__(self, signum: int):
         super().__init__(f"signal {signum}: run the same command again")
@@ -286,7 +327,7 @@ class Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def exit_cleanly_on_sigterm() -> Iterator[None]:
-    """While active, SIGTERM (Slurm's time limit, `kill`) raises `Terminated` in the main thread,
+    """While active, SIGTERM or SIGUSR1 (`STOP_SIGNALS`) raises `Terminated` in the main thread,
     so the `finally` blocks above remove temporary outputs before the process ends."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -295,19 +336,20 @@ def exit_cleanly_on_sigterm() -> Iterator[None]:
     def handle(signum, frame):
         raise Terminated(signum)
 
-    previous = signal.signal(signal.SIGTERM, handle)
+    previous = {signum: signal.signal(signum, handle) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class SignalsHeld:
-    """Context manager: after `hold()`, SIGTERM and SIGINT wait until the block ends, so a commit of
-    several steps (a file and its checksum) is never cut in the middle by them. They are held at
+    """Context manager: after `hold()`, the stop signals and SIGINT wait until the block ends, so a
+    commit of several steps (a file and its checksum) is never cut in the middle by them. They are held at
     the Python level (a mask would not do: another thread may receive the signal)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (*STOP_SIGNALS, signal.SIGINT)
 
     def __init__(self) -> None:
         self._previous: dict | None = None

@@ -21,6 +21,13 @@ def scheduler_place(env=None) -> Place | None:
     the step's task count: the batch shell of a job of several tasks has SLURM_NTASKS > 1 and
     SLURM_PROCID 0 too, and a command run there must not wait for peers that never come."""
     env = os.environ if env is None else env
+    try:
+        return _place(env)
+    except ValueError:  # a malformed variable names no launch: one process, which never waits for peers
+        return None
+
+
+def _place(env) -> Place | None:
     if "RANK" in env and "WORLD_SIZE" in env and (int(env["WORLD_SIZE"]) > 1 or "TORCHELASTIC_RUN_ID" in env):
         return Place(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), "torchrun")
     if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in env:

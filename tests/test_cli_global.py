@@ -128,3 +128,22 @@ def test_an_interruption_is_one_error_line(capsys):
         command()
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert lines == ["error: interrupted by signal 15: run the same command again"]
+
+
+def test_slurms_warning_signal_outside_training_is_an_interruption(capsys):
+    """SIGUSR1 (`#SBATCH --signal=USR1@120`) killed any command but training on the spot."""
+    import os
+    import signal
+
+    import typer
+
+    from regina_cli.cli.common import user_errors
+
+    @user_errors
+    def command():
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    with pytest.raises(typer.Exit) as stopped:
+        command()
+    assert stopped.value.exit_code == 128 + signal.SIGUSR1
+    assert "error: interrupted by signal 10" in capsys.readouterr().err

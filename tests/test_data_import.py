@@ -252,6 +252,32 @@ def test_gears_file_is_kept_verbatim(tmp_path):
             np.testing.assert_array_equal(np.asarray(adata.uns[key][group]), np.asarray(value))
 
 
+def test_a_gears_file_with_a_combination_in_both_orders_is_relabelled(tmp_path):
+    """Kept verbatim, a GEARS-layout file's `A+B` and `B+A` stayed two conditions."""
+    demo = simulate_screen(n_cells=400, n_genes=180, n_singles=5, n_doubles=2, seed=5)
+    double = next(c for c in demo.obs[keys.OBS_CONDITION].astype(str).unique() if "ctrl" not in c)
+    a, b = double.split("+")
+    rows = np.flatnonzero(demo.obs[keys.OBS_CONDITION].astype(str) == double)
+    conditions = demo.obs[keys.OBS_CONDITION].astype(str).to_numpy()
+    conditions[rows[: len(rows) // 3]] = f"{b}+{a}"
+    demo.obs[keys.OBS_CONDITION] = conditions
+    source, _ = write_dataset(demo, "both_orders", tmp_path)
+    result = fetch_cli("both", "--from", source)
+    assert result.exit_code == 0, result.output
+    assert "labelled in both orders" in " ".join(result.output.split())
+    found = set(read_dataset("both").obs[keys.OBS_CONDITION].astype(str))
+    assert double in found and f"{b}+{a}" not in found
+
+
+def test_symbols_in_var_names_stay_when_no_column_names_more_targets(tmp_path, rng):
+    screen = tiny_screen(rng, labels=("NT", "X1", "X2"))  # no target is measured
+    screen.var["gene_symbols"] = [f"ENSG{i:011d}" for i in range(screen.n_vars)]
+    screen.write_h5ad(tmp_path / "ids.h5ad")
+    result = fetch_cli("ids", "--from", tmp_path / "ids.h5ad", *USER_LABELS)
+    assert result.exit_code == 0, result.output
+    assert list(read_dataset("ids").var_names[:2]) == ["A", "B"] and "gene names from" not in result.output
+
+
 def _bad(tmp_path, rng, case: str):
     path = tmp_path / "bad.h5ad"
     args = []

@@ -558,6 +558,20 @@ def test_a_run_being_trained_refuses_a_second_writer(world, tmp_path):
     assert result.exit_code == 0, result.output  # the lock goes with its holder
 
 
+def test_a_file_system_without_locks_trains_with_a_warning(world, tmp_path, monkeypatch, capfd):
+    """Lustre without `flock` (ENOSYS) ended training with an OSError traceback."""
+    import fcntl
+
+    def unsupported(*args):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    w = world.copy(tmp_path)
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    result = invoke(*(a.format(**w.paths) for a in GAN), "--resume", "--max-epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert "warning: cannot lock" in capfd.readouterr().err + result.output
+
+
 def test_a_checkpoint_that_cannot_be_written_is_one_error_line(world, tmp_path, monkeypatch):
     """A full disk or used-up quota inside torch.save ended in two tracebacks and no JSON."""
     import torch as torch_mod
@@ -596,8 +610,17 @@ def test_a_job_arrays_parts_score_as_the_whole_prediction(world, tmp_path):
                         "--data-dir", w.paths["data"], "--out", tmp_path / label)
         assert result.exit_code == 0, result.output
         scored[label] = pd.read_csv(tmp_path / label / keys.PER_CONDITION_FILE).set_index("condition").sort_index()
+    import anndata
+
+    import regina_cli as regina
+
+    in_memory = regina.evaluate("demo", [anndata.read_h5ad(tmp_path / f"part{i}.h5ad") for i in (1, 2)],
+                                model_name=["regina", "regina"], baselines="none", device="cpu",
+                                data_dir=w.paths["data"])  # the API stages each part in a file of its own
+    scored["api"] = in_memory.per_condition.set_index("condition").sort_index()
     numeric = scored["whole"].select_dtypes("number").columns
     pd.testing.assert_frame_equal(scored["parts"][numeric], scored["whole"][numeric], rtol=1e-6)
+    pd.testing.assert_frame_equal(scored["api"][numeric], scored["whole"][numeric], rtol=1e-6)
     result = invoke("evaluate", "demo", "--predictions", tmp_path / "part1.h5ad", "--predictions",
                     tmp_path / "whole.h5ad", "--model-name", "m", "--model-name", "m", "--device", "cpu",
                     "--data-dir", w.paths["data"], "--out", tmp_path / "twice")

@@ -47,3 +47,81 @@ def test_two_gloo_processes_stay_in_sync(tmp_path):
     header = (run_dir / "ae" / "history.csv").read_text().splitlines()[0].split(",")
     validation = [c for c in header if c.startswith("val_")]
     assert validation == ["val_mse", "val_cons", "val_variance_preservation", "val_clf_acc"]
+
+
+def test_a_user_error_on_one_rank_ends_every_process(tmp_path):
+    """Only rank 0 writes checkpoints: its full disk (one user error) left the other process
+    waiting in its next all-reduce for 30 minutes. Now the error line comes at once."""
+    import os
+    import subprocess
+    import sys
+
+    from regina_cli.data.dataset import write_dataset
+    from regina_cli.data.demo import simulate_screen
+    from regina_cli.data.label import label_dataset
+    from regina_cli.data.split import split_dataset
+
+    data_dir = tmp_path / "data"
+    write_dataset(simulate_screen(n_cells=300, n_genes=140, n_singles=6, n_doubles=3, seed=0), "screen", data_dir)
+    split_dataset("screen", mode="simulation", seed=1, data_dir=data_dir)
+    label_dataset("screen", "stress", split="simulation_1", data_dir=data_dir)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(  # loaded by every spawned process: rank 0's disk fills at epoch 1
+        "import os, torch\n_save = torch.save\n"
+        "def save(obj, f, *a, **k):\n"
+        "    if os.environ.get('RANK') == '0' and isinstance(obj, dict) and obj.get('epoch', 0) >= 1:\n"
+        "        raise RuntimeError('[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0')\n"
+        "    return _save(obj, f, *a, **k)\n"
+        "torch.save = save\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    sets = [a for s in TINY for a in ("--set", s)]
+    result = subprocess.run([sys.executable, "-m", "regina_cli", "train-ae", "screen", "--split", "simulation_1",
+                             "--labels", "stress", "--run", str(tmp_path / "run"), "--gpus", "2", "--device", "cpu",
+                             "--data-dir", str(data_dir), "--max-epochs", "3", *sets],
+                            env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the write failed (is the disk full" in errors[0], result.stderr[-2000:]
+
+
+def test_an_srun_launch_on_a_busy_run_is_refused_by_every_process(tmp_path):
+    """Only rank 0 looked at the run's lock: refused, it left, and the other srun process waited
+    30 minutes for it in the process group. Every process now gets rank 0's verdict."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from regina_cli.data.dataset import write_dataset
+    from regina_cli.data.demo import simulate_screen
+    from regina_cli.data.label import label_dataset
+    from regina_cli.data.split import split_dataset
+    from regina_cli.io import run_lock
+
+    data_dir = tmp_path / "data"
+    write_dataset(simulate_screen(n_cells=300, n_genes=140, n_singles=6, n_doubles=3, seed=0), "screen", data_dir)
+    split_dataset("screen", mode="simulation", seed=1, data_dir=data_dir)
+    label_dataset("screen", "stress", split="simulation_1", data_dir=data_dir)
+    with socket.socket() as probe:  # a free port for the two processes to meet on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sets = [a for s in TINY for a in ("--set", s)]
+    command = [sys.executable, "-m", "regina_cli", "train-ae", "screen", "--split", "simulation_1", "--labels",
+               "stress", "--run", str(tmp_path / "run"), "--device", "cpu", "--data-dir", str(data_dir), *sets]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                      "TORCHELASTIC", "MASTER_"))}
+    with run_lock(tmp_path / "run"):  # another job trains this run
+        ranks = [subprocess.Popen(command, env={**clean, "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": str(rank),
+                                                "SLURM_LOCALID": str(rank), "MASTER_ADDR": "127.0.0.1",
+                                                "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+        try:
+            outputs = [process.communicate(timeout=120) for process in ranks]
+        finally:
+            for process in ranks:
+                process.kill()
+    assert [process.returncode for process in ranks] == [2, 2], outputs
+    assert outputs[0][1].splitlines()[-1].startswith("error: ") and "is in use by another regina process" in outputs[0][1]
+    assert outputs[1][1].splitlines()[-1].startswith("rank 1: error: ")

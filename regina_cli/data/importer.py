@@ -80,17 +80,19 @@ def _missing(values: pd.Series) -> pd.Series:
 
 
 def gene_names(adata, notes: ImportNotes, log: Log, targets: set[str] = frozenset()) -> pd.Index:
-    """Gene symbols: of var_names and the symbol columns (`SYMBOL_COLUMNS`), the one that names the
-    most perturbation targets (Ensembl var_names with symbols beside them must not turn every
-    target into an unmeasured one), var['gene_name'] first on a tie; a gene without a symbol
-    keeps its var_name; made unique if needed."""
+    """Gene symbols: var['gene_name'] if present, else var_names, unless one of the symbol columns
+    (`SYMBOL_COLUMNS`) names more perturbation targets (Ensembl var_names with symbols beside
+    them must not turn every target into an unmeasured one); a gene without a symbol keeps its
+    var_name; made unique if needed."""
     index = pd.Series(np.asarray(adata.var_names).astype(str))
     candidates = [(f"var['{c}']", pd.Series(np.asarray(adata.var[c], dtype=object)))
                   for c in SYMBOL_COLUMNS if c in adata.var] + [("var_names", index)]
     found = [len(targets & set(values.astype(str))) for _, values in candidates]
+    usual = 0 if keys.VAR_GENE_NAME in adata.var else len(candidates) - 1  # var['gene_name'], else var_names
     best = int(np.argmax(found))
+    best = best if found[best] > found[usual] else usual  # another naming only when it names more targets
     source, values = candidates[best]
-    if source != f"var['{keys.VAR_GENE_NAME}']" and len(candidates) > 1:  # not what a GEARS file holds: say so
+    if best != usual:  # not the naming a GEARS file uses: say so
         notes.messages.append(f"gene names from {source}: it names {found[best]} of {len(targets)} targets, "
                               + ", ".join(f"{s} {n}" for (s, _), n in zip(candidates, found) if s != source))
         log(notes.messages[-1])
@@ -291,7 +293,8 @@ def check_controls(obs: pd.DataFrame) -> None:
 
 
 def drop_tiny_groups(adata, notes: ImportNotes, log: Log):
-    """Drop (cell type, condition) groups with fewer than two cells: no DE test is possible."""
+    """Drop (cell type, condition) groups with fewer than two cells: no DE test is possible. A
+    cell type with perturbed cells and one control cell is refused: it would lose its controls."""
     groups = adata.obs[keys.OBS_CELL_TYPE].astype(str) + "\t" + adata.obs[keys.OBS_CONDITION].astype(str)
     sizes = groups.map(groups.value_counts())
     tiny = (sizes < MIN_CELLS).to_numpy()
@@ -447,8 +450,9 @@ def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
     is_gears = all(k in adata.obs for k in GEARS_OBS) and all(k in adata.uns for k in GEARS_UNS)
     relabelling = options.condition_key is not None or bool(options.control) or options.separator is not None
     filtering = options.n_top_genes is not None or options.gene_list is not None
+    spelled_twice = is_gears and bool(merge_spellings(adata.obs[keys.OBS_CONDITION].astype(str)))
     keep_gears = (is_gears and not relabelling and not counts and not log_counts and not unlogged
-                  and not filtering)  # DE fields index var
+                  and not filtering and not spelled_twice)  # DE fields index var and name conditions
     uns = {k: dict(adata.uns[k]) for k in GEARS_UNS} if keep_gears else {}
     original_index = adata.var_names.copy()
     adata = adata.__class__(X=X, obs=adata.obs.copy(), var=adata.var.copy(), uns=uns)
@@ -466,6 +470,10 @@ def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
             log(notes.messages[-1])
         check_controls(adata.obs)
     else:
+        if spelled_twice:
+            notes.messages.append("GEARS layout found, but a combination is labelled in both orders: one "
+                                  "condition each, and the DE fields computed again")
+            log(notes.messages[-1])
         relabel(adata, name, options, notes, log)
         if counts or log_counts or unlogged:
             if counts or log_counts:

@@ -15,9 +15,12 @@ gradients DDP's forward hooks would silently leave unsynchronised.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -59,21 +62,12 @@ def launched_by_scheduler() -> tuple[int, int, int] | None:
     return place.rank, place.local_rank, place.world_size
 
 
-def _first_process() -> bool:
-    place = scheduler_place()
-    return place is None or place.rank == 0
-
-
 def check_run_free(run_dir) -> None:
-    """Refuse a run another regina process is training (`io.run_lock`); the other processes of
-    this launch share the first one's lock, so only the first looks."""
-    if _first_process():
+    """Refuse a run another regina process is training (`io.run_lock`). In a torchrun/srun launch
+    every process must reach the same verdict, so there it is taken after they join
+    (`run_distributed`)."""
+    if scheduler_place() is None:
         check_not_in_use(run_dir)
-
-
-def run_writer(run_dir):
-    """The run's lock while this launch trains it, held by its first process (`io.run_lock`)."""
-    return run_lock(run_dir) if _first_process() else contextlib.nullcontext()
 
 
 def check_process_count(gpus: int, device: str) -> None:
@@ -109,18 +103,51 @@ def teardown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def run_distributed(target: Callable, kwargs: dict, *, gpus: int, device: str) -> Any:
+def run_distributed(target: Callable, kwargs: dict, *, gpus: int, device: str, run_dir=None,
+                    recheck: Callable[[], None] = lambda: None) -> Any:
     """Run `target(ctx, **kwargs)`: in this process, joined to an existing launch, or in `gpus`
-    processes started through torchrun's elastic launcher (rank 0's result is returned)."""
-    if gpus > 1 and launched_by_scheduler() is None:
-        return _spawn(target, kwargs, nprocs=gpus, device=device)
-    return _run_here(target, kwargs, device)
+    processes started through torchrun's elastic launcher (rank 0's result is returned).
+
+    `run_dir`: the run `target` writes, locked while it runs (`io.run_lock`; `recheck` then runs
+    under the lock, for what another writer may have changed before it): by this process, or in
+    a torchrun/srun launch by its first process once all have joined, every process sharing its
+    verdict (a refusal on rank 0 alone would leave the others waiting for it)."""
+    if launched_by_scheduler() is not None:
+        return _run_here(target, kwargs, device, run_dir, recheck)
+    with _locked(run_dir, recheck):
+        if gpus > 1:
+            return _spawn(target, kwargs, nprocs=gpus, device=device)
+        return _run_here(target, kwargs, device)
 
 
-def _run_here(target: Callable, kwargs: dict, device: str) -> Any:
+@contextlib.contextmanager
+def _locked(run_dir, recheck: Callable[[], None]):
+    if run_dir is None:
+        yield
+        return
+    with run_lock(run_dir):
+        recheck()
+        yield
+
+
+def _run_here(target: Callable, kwargs: dict, device: str, run_dir=None,
+              recheck: Callable[[], None] = lambda: None) -> Any:
     ctx = setup(device)
     try:
-        return target(ctx, **kwargs)
+        with contextlib.ExitStack() as held:
+            refusal = ""
+            if ctx.is_main:
+                try:
+                    held.enter_context(_locked(run_dir, recheck))
+                except ReginaError as exc:
+                    refusal = str(exc)
+            if ctx.is_distributed:  # every process learns rank 0's verdict
+                verdict = [refusal]
+                dist.broadcast_object_list(verdict, src=0)
+                refusal = verdict[0]
+            if refusal:
+                raise ReginaError(refusal)
+            return target(ctx, **kwargs)
     finally:
         teardown(ctx)
 
@@ -137,36 +164,42 @@ def _spawn(target: Callable, kwargs: dict, *, nprocs: int, device: str) -> Any:
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
         start_method="spawn",
     )
-    try:
-        results = elastic_launch(config, _worker)(target, kwargs, device, nprocs)
-    except SignalException as exc:  # the launcher passed SIGTERM/SIGINT on; workers saved last.pt
-        raise TrainingInterrupted(f"training interrupted by signal {int(exc.sigval)}; the processes saved their "
-                                  "state (last.pt) if they were training: continue with --resume",
-                                  int(exc.sigval)) from None
-    except ChildFailedError as exc:
-        raise RuntimeError(f"a training process failed: {exc}") from exc
-    outcome = results[0]
-    if "user_error" in outcome:
-        error = ReginaError(outcome["user_error"])
-        error.exit_code = outcome["exit_code"]
-        raise error
-    return outcome["result"] if len(results) == 1 else {**outcome["result"], "per_rank": [
-        results[r]["result"] for r in sorted(results)]}
+    with tempfile.TemporaryDirectory(prefix="regina-errors-") as errors:
+        try:
+            results = elastic_launch(config, _worker)(target, kwargs, device, nprocs, errors)
+        except SignalException as exc:  # the launcher passed SIGTERM/SIGINT on; workers saved last.pt
+            raise TrainingInterrupted(f"training interrupted by signal {int(exc.sigval)}; the processes saved "
+                                      "their state (last.pt) if they were training: continue with --resume",
+                                      int(exc.sigval)) from None
+        except ChildFailedError as exc:
+            reported = sorted(Path(errors).glob("rank*.json"), key=lambda f: int(f.stem[4:]))
+            if not reported:
+                raise RuntimeError(f"a training process failed: {exc}") from exc
+            outcome = json.loads(reported[0].read_text())
+            error = ReginaError(outcome["user_error"])
+            error.exit_code = outcome["exit_code"]
+            raise error from None
+    return results[0] if len(results) == 1 else {**results[0], "per_rank": [results[r] for r in sorted(results)]}
 
 
-def _worker(target: Callable, kwargs: dict, device: str, nprocs: int) -> dict:
+def _worker(target: Callable, kwargs: dict, device: str, nprocs: int, errors: str) -> dict:
     """Body of each spawned process: share the CPU fairly, run the target, report user errors.
 
+    A user error (one line for the user) goes to `errors/rank<R>.json`, and the process leaves at
+    once: the launcher then stops the others, which would otherwise wait in their next collective
+    for a peer that left (a checkpoint only rank 0 writes failing on a full disk, say).
     `target` must be a module-level function: the spawned process unpickles it by reference."""
     from regina_cli.engine.preemption import TrainingInterrupted
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
     try:
-        return {"result": _run_here(target, kwargs, device)}
+        return _run_here(target, kwargs, device)
     except TrainingInterrupted as exc:  # state saved; the launcher, shutting down on the signal, reads
         os._exit(exc.exit_code)  # no result and would wait 30 s before killing us: leave at once
     except ReginaError as exc:
-        return {"user_error": str(exc), "exit_code": exc.exit_code}
+        rank = os.environ.get("RANK", "0")
+        Path(errors, f"rank{rank}.json").write_text(json.dumps({"user_error": str(exc), "exit_code": exc.exit_code}))
+        os._exit(exc.exit_code)
 
 
 # --- Collectives (no-ops in a single process) -----------------------------------------------------

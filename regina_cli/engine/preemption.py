@@ -1,8 +1,9 @@
-"""SIGTERM/SIGINT/SIGUSR1 during training: finish the current step, save a resumable checkpoint, exit.
+"""A stop signal during training: finish the current step, save a resumable checkpoint, exit.
 
-Slurm pre-emption and time limits send SIGTERM (and a grace period) before killing a job; a
-user presses Ctrl-C; `#SBATCH --signal=USR1@120` sends SIGUSR1 ahead of the limit. Each becomes a flag the training loop checks between steps, so the state
-saved is consistent. A second Ctrl-C stops at once, as users expect.
+Slurm pre-emption and time limits send SIGTERM (and a grace period) before killing a job, and
+`#SBATCH --signal=USR1@120` sends SIGUSR1 ahead of the limit; a user presses Ctrl-C. Each becomes
+a flag the training loop checks between steps, so the state saved is consistent. A second Ctrl-C
+stops at once, as users expect.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import signal
 import threading
 
 from regina_cli.errors import ReginaError
+from regina_cli.io import STOP_SIGNALS
 
 
 class TrainingInterrupted(ReginaError):
@@ -22,9 +24,10 @@ class TrainingInterrupted(ReginaError):
 
 
 class StopOnSignal:
-    """Context manager: while active, SIGTERM/SIGINT/SIGUSR1 set `.signum` instead of killing us."""
+    """Context manager: while active, Ctrl-C and the stop signals (`io.STOP_SIGNALS`) set `.signum`
+    instead of killing us."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    SIGNALS = (*STOP_SIGNALS, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signum: int | None = None

@@ -16,6 +16,7 @@ of real and reconstructed cells) and classifier accuracy. L_cons drives early st
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from regina_cli.data.conditions import condition_genes
 from regina_cli.data.knowledge import resolve_knowledge
 from regina_cli.engine import checkpoint as ckpt
 from regina_cli.engine.distributed import (DistContext, broadcast_state, check_process_count, check_run_free,
-                                           data_parallel, parameter_checksum, run_distributed, run_writer)
+                                           data_parallel, parameter_checksum, run_distributed)
 from regina_cli.engine.early_stopping import BestTracker, ConsistencyStopper
 from regina_cli.engine.loop import (EpochBatches, amp_context, check_resume_trains, compile_modules, fit, scaled_lr,
                                     seed_everything, steps_per_epoch)
@@ -235,10 +236,9 @@ def train_autoencoder(
     kwargs = dict(name=name, split=split, labels=labels, run_dir=str(run_dir), config=config,
                   data_dir=None if data_dir is None else str(data_dir), resume=resume, progress=progress,
                   provenance=provenance)
-    with run_writer(run_dir):
-        check_resume(ckpt.ae_paths(run_dir), resume=resume)  # again: another process may have trained it since
-        announce()
-        return run_distributed(_train_ae_process, kwargs, gpus=gpus, device=device)
+    announce()
+    recheck = partial(check_resume, ckpt.ae_paths(run_dir), resume=resume)  # under the lock: trained meanwhile?
+    return run_distributed(_train_ae_process, kwargs, gpus=gpus, device=device, run_dir=run_dir, recheck=recheck)
 
 
 def _train_ae_process(ctx: DistContext, *, name, split, labels, run_dir, config: ReginaConfig,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from regina_cli.engine import checkpoint as ckpt
 from regina_cli.engine import clip_choice, expression_prior, gan_validation, gene_prompts
 from regina_cli.engine.condition_stats import ConditionStats, condition_stats
 from regina_cli.engine.distributed import (DistContext, broadcast_state, check_process_count, check_run_free,
-                                           parameter_checksum, run_distributed, run_writer)
+                                           parameter_checksum, run_distributed)
 from regina_cli.engine.early_stopping import BestTracker, PatienceStopper
 from regina_cli.engine.expression_prior import PRIOR_DIM, observed_genes
 from regina_cli.engine.gan_phase import CycleGANPhase, encode_all, phase_train_index
@@ -72,10 +73,9 @@ def train_gan(
     check_resume_trains(ckpt.gan_paths(run_dir), config, config.gan.max_epochs, resume=resume)
     kwargs = dict(run_dir=str(run_dir), config=config, resume=resume, progress=progress,
                   data_dir=None if data_dir is None else str(data_dir), provenance=provenance)
-    with run_writer(run_dir):
-        check_resume(ckpt.gan_paths(run_dir), resume=resume)  # again: another process may have trained it since
-        announce()
-        return run_distributed(_train_gan_process, kwargs, gpus=gpus, device=device)
+    announce()
+    recheck = partial(check_resume, ckpt.gan_paths(run_dir), resume=resume)  # under the lock: trained meanwhile?
+    return run_distributed(_train_gan_process, kwargs, gpus=gpus, device=device, run_dir=run_dir, recheck=recheck)
 
 
 @dataclass
