@@ -143,10 +143,10 @@ def as_csr_float32(X) -> sp.csr_matrix:
     return X
 
 
-def is_raw_counts(X: sp.csr_matrix) -> bool:
+def looks_like_counts(values: np.ndarray) -> bool:
     """Whole numbers, some of them 1 or more: counts (log1p values are almost never whole numbers)."""
-    data = X.data
-    return data.size > 0 and bool(np.all(data == np.round(data))) and float(data.max()) >= 1
+    return values.size > 0 and float(values.max()) >= 1 and bool(np.array_equal(values, np.round(values)))
+
 
 
 LOG_COUNT_SAMPLE = 200_000  # stored values checked for log1p of whole numbers
@@ -230,6 +230,11 @@ def pick_condition_column(adata, key: str | None) -> str:
     )
 
 
+def label_rules(options: ImportOptions) -> tuple[set[str], str]:
+    """(control labels, lower case; the separator of combinations) the options ask for."""
+    return {c.lower() for c in CONTROL_LABELS + tuple(options.control)}, options.separator or keys.GENE_SEPARATOR
+
+
 def normalise_label(label: str, controls: set[str], separator: str) -> str:
     """One raw label -> GEARS spelling: controls -> "ctrl", "A"/"ctrl+A" -> "A+ctrl", "A_B" -> "A+B"."""
     if label.strip().lower() in controls:
@@ -247,9 +252,7 @@ def normalise_conditions(raw: pd.Series, options: ImportOptions) -> tuple[pd.Ser
         raise ReginaError(
             f"{int(missing.sum())} cells have no perturbation label (missing or empty): drop them or fill the column"
         )
-    controls = {c.lower() for c in CONTROL_LABELS + tuple(options.control)}
-    separator = options.separator or keys.GENE_SEPARATOR
-    mapping = {label: normalise_label(label, controls, separator) for label in pd.unique(raw.astype(str))}
+    mapping = {label: normalise_label(label, *label_rules(options)) for label in pd.unique(raw.astype(str))}
     too_many = [label for label, condition in mapping.items() if len(parse_condition(condition)) > 2]
     if too_many:
         raise ReginaError(
@@ -444,7 +447,7 @@ def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
         raise ReginaError(f"the file has no X (layers: {layers}; raw: {'yes' if adata.raw is not None else 'no'}): "
                           "put the raw counts or log-normalised values in X")
     X = as_csr_float32(adata.X)
-    counts = is_raw_counts(X)
+    counts = looks_like_counts(X.data)
     log_counts = not counts and is_log1p_counts(X)
     unlogged = not counts and not log_counts and check_log_scale(X)
     is_gears = all(k in adata.obs for k in GEARS_OBS) and all(k in adata.uns for k in GEARS_UNS)
@@ -499,10 +502,8 @@ def _label_targets(adata, options: ImportOptions) -> set[str]:
     column = options.condition_key or keys.OBS_CONDITION
     if column not in adata.obs:
         return set()
-    controls = {c.lower() for c in CONTROL_LABELS + tuple(options.control)}
-    separator = options.separator or keys.GENE_SEPARATOR
     labels = pd.unique(adata.obs[column].dropna().astype(str))
-    return condition_genes(normalise_label(label, controls, separator) for label in labels)
+    return condition_genes(normalise_label(label, *label_rules(options)) for label in labels)
 
 
 def drop_empty_cells(adata, notes: ImportNotes, log: Log):

@@ -80,13 +80,12 @@ def off_scale(x: np.ndarray) -> str:
     """Why predicted values `x` cannot be on the dataset's scale (log1p of depth-normalised counts,
     which `regina fetch` makes), or '': counts or unlogged values from another tool would be scored
     without a word, and score near 0."""
-    from regina_cli.data.importer import LOG_MAX
+    from regina_cli.data.importer import LOG_MAX, looks_like_counts
 
     top = float(x.max()) if x.size else 0.0
     if top > LOG_MAX:
         return f"values up to {top:,.1f}, where log1p of normalised counts stays below {LOG_MAX:g}"
-    sample = x.ravel()[:: max(1, x.size // WHOLE_NUMBER_SAMPLE)]
-    if top >= 1 and np.array_equal(sample, np.round(sample)):
+    if looks_like_counts(x.ravel()[:: max(1, x.size // WHOLE_NUMBER_SAMPLE)]):
         return "every value is a whole number (raw counts?)"
     return ""
 

@@ -184,9 +184,12 @@ def merge_parts(name: str, parts: list[RawPredictions]) -> RawPredictions:
     if all(r is not None for r in recons):
         joined = pd.concat(recons, axis=1)
         reconstruction = joined.loc[:, ~joined.columns.duplicated()]
-    return RawPredictions(first.path, np.concatenate([part.x for part in parts])[keep], first.gene_names,
-                          labels[keep], obs[keep].reset_index(drop=True), reconstruction,
-                          {**first.provenance, "parts": len(parts)})
+    provenance = {**first.provenance, "parts": len(parts)}
+    if "n_predicted_cells" in provenance:
+        provenance["n_predicted_cells"] = sum(int(part.provenance.get("n_predicted_cells", 0)) for part in parts)
+    return RawPredictions(Path(" + ".join(str(part.path) for part in parts)),
+                          np.concatenate([part.x for part in parts])[keep], first.gene_names, labels[keep],
+                          obs[keep].reset_index(drop=True), reconstruction, provenance)
 
 
 def read_predictions(path: str | Path, *, condition_key: str, separator: str) -> RawPredictions:
