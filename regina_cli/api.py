@@ -51,6 +51,29 @@ def _name_of(value, attribute: str) -> str:
     return getattr(value, attribute)
 
 
+def _split_of(split, name: str) -> str | None:
+    """A split's name; a `SplitResult` of another dataset is refused (its name alone would pick
+    this dataset's split of that name, which is another split)."""
+    found = _name_of(split, "name")
+    made_for = getattr(getattr(split, "split", None), "dataset", name)
+    if made_for != name:
+        raise ReginaError(f"split {found} was made for dataset {made_for!r}, not {name!r}: "
+                          f"pass regina.split({name!r}, ...) or a split name")
+    return found
+
+
+def _labels_of(labels, name: str, split: str | None, data_dir) -> str | None:
+    """A label method; a `LabelResult` of another dataset or split is refused, for the same reason."""
+    method = _name_of(labels, "method")
+    path = getattr(labels, "path", None)
+    if path is not None:
+        own = {keys.labels_file(name, method, data_dir, split).resolve(), keys.labels_file(name, method, data_dir).resolve()}
+        if Path(path).resolve() not in own:
+            raise ReginaError(f"labels {path} are not {name}'s {method} labels for split {split}: pass "
+                              f"regina.label({name!r}, {method!r}, split={split!r}) or the method's name")
+    return method
+
+
 def _run_dir(run) -> Path:
     """A run given as a path, a `TrainResult` or a `TrainedRun` (both have `run_dir`)."""
     return Path(getattr(run, "run_dir", run))
@@ -185,7 +208,7 @@ def label(name: str, method: str, *, split: str | SplitResult | None = None, qua
 
     from regina_cli.data.label import label_dataset
 
-    outcome = label_dataset(name, method, quantile=quantile, split=_name_of(split, "name"), data_dir=data_dir)
+    outcome = label_dataset(name, method, quantile=quantile, split=_split_of(split, name), data_dir=data_dir)
     return LabelResult(method, outcome.labels.cell_state, pd.DataFrame(outcome.balance), outcome.fitted_on,
                        dict(outcome.labels.details), outcome.path)
 
@@ -240,7 +263,8 @@ def train_ae(name: str, *, split: str | SplitResult, labels: str | LabelResult, 
     request = ConfigRequest(preset=preset, config_file=config_file, overrides=overrides, flags=flags)
     config, source = resolve_run_config(keys.AE_DIR, run_dir, request, dataset=name, resume=resume,
                                         data_dir=data_dir)
-    summary = train_autoencoder(name, split=_name_of(split, "name"), labels=_name_of(labels, "method"),
+    split_name = _split_of(split, name)
+    summary = train_autoencoder(name, split=split_name, labels=_labels_of(labels, name, split_name, data_dir),
                                 run_dir=run_dir, config=config, data_dir=data_dir, gpus=gpus, device=device,
                                 resume=resume, progress=_progress(verbose))
     return _trained(summary, run_dir, keys.AE_DIR, config, source)
@@ -316,6 +340,13 @@ class EvaluationResult:
 _SAFE_STEM = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
+def _named_profile(value) -> bool:
+    """A mean profile indexed by gene names (not by position)."""
+    import pandas as pd
+
+    return isinstance(value, pd.Series) and not isinstance(value.index, pd.RangeIndex)
+
+
 def _stage_predictions(items: list, names: list[str] | None, folder: Path, condition_key: str) -> list[Path]:
     """Prediction files for `items`: paths as given; AnnData, DataFrames and GEARS-style dicts
     written to `folder` in the format `regina evaluate` reads (h5ad, CSV, safe pickle)."""
@@ -339,9 +370,16 @@ def _stage_predictions(items: list, names: list[str] | None, folder: Path, condi
         if isinstance(item, AnnData):
             path = folder / f"{stem}.h5ad"
             write_h5ad(item, path)
+        elif isinstance(item, dict) and any(_named_profile(v) for v in item.values()):
+            path = folder / f"{stem}.csv"  # profiles that name their genes are matched by name, as a table's are
+            frame = pd.DataFrame({str(k): pd.Series(v) for k, v in item.items()}).T
+            frame.rename_axis(condition_key).reset_index().to_csv(path, index=False)
         elif isinstance(item, pd.DataFrame):
             path = folder / f"{stem}.csv"
-            frame = item.reset_index() if condition_key not in item and item.index.name == condition_key else item
+            frame = item
+            if condition_key not in item and (item.index.name in (condition_key, None)
+                                              and not isinstance(item.index, pd.RangeIndex)):
+                frame = item.rename_axis(condition_key).reset_index()  # conditions as the index, named or not
             frame.to_csv(path, index=False)
         elif isinstance(item, dict):
             path = folder / f"{stem}.pkl"
@@ -393,10 +431,13 @@ def evaluate(name: str, predictions, *, model_name: str | Sequence[str] | None =
                                    condition_key)
         keep = out is not None or isinstance(items[0], (str, Path))
         target = Path(out) if out is not None else None if keep else Path(folder) / keys.EVAL_DIR
-        summary = evaluate_files(name, paths, split=_name_of(split, "name"), out=target, baselines=baselines,
+        summary = evaluate_files(name, paths, split=_split_of(split, name), out=target, baselines=baselines,
                                  plots=plots and keep, condition_key=condition_key, separator=separator,
                                  model_name=names, on=on, data_dir=data_dir, seed=seed, device=device,
                                  max_true_cells=true_cells, threads=threads)
         written = Path(summary.pop("out"))
+        if summary["n_genes_scored"] != summary["n_genes_dataset"]:  # the command line says so too
+            warnings.warn(f"scored on the {summary['n_genes_scored']} of {summary['n_genes_dataset']} genes that "
+                          "every prediction shares with the dataset", stacklevel=2)
         per_condition = pd.read_csv(written / keys.PER_CONDITION_FILE)
     return EvaluationResult(_metrics_frame(summary["results"]), per_condition, summary, written if keep else None)

@@ -279,3 +279,45 @@ def test_api_argument_errors_are_regina_errors(notebook, call, fragment):
     namespace, workdir, _, _ = notebook
     with pytest.raises(ReginaError, match=fragment):
         call(namespace["pred"], workdir / "data")
+
+
+def test_profiles_and_tables_are_matched_by_gene_name(notebook):
+    """A dict of gene-indexed Series was read by position (true profiles sorted by gene: 0.16
+    instead of 1.0); a table indexed by condition without an index name was refused; a table of
+    some genes was scored on them without a word."""
+    ns, workdir, *_ = notebook
+    adata, split = ns["adata"], ns["split"].split
+    test = adata[adata.obs[keys.OBS_CONDITION].isin(split.test)]
+    means = pd.DataFrame(test.X.toarray(), columns=test.var_names).groupby(
+        test.obs[keys.OBS_CONDITION].astype(str).to_numpy()).mean()
+    arrays = {c: row.to_numpy() for c, row in means.iterrows()}
+    series = {c: row.sort_index() for c, row in means.iterrows()}  # another gene order, named
+    result = regina.evaluate("demo", [arrays, series, means], model_name=["arrays", "series", "table"],
+                             baselines="none", data_dir=workdir / "data")
+    table = result.per_condition.set_index(["model", "condition"])["pearson_delta"]
+    for other in ("series", "table"):  # `means` has no index name: its index is taken as the conditions
+        assert np.allclose(table[other].sort_index(), table["arrays"].sort_index())
+    with pytest.warns(UserWarning, match=r"scored on the 10 of \d+ genes"):
+        regina.evaluate("demo", means.iloc[:, :10], baselines="none", data_dir=workdir / "data")
+
+
+def test_a_split_or_labels_of_another_dataset_are_refused(notebook):
+    """Only the name was read, so another dataset's split picked this dataset's split of that name."""
+    ns, workdir, *_ = notebook
+    data = workdir / "data"
+    from regina_cli.data.demo import simulate_screen
+
+    regina.fetch("demo2", simulate_screen(n_cells=300, n_genes=150, n_singles=6, n_doubles=3, seed=4), data_dir=data)
+    other = regina.split("demo2", mode="simulation", seed=1, data_dir=data)
+    other_labels = regina.label("demo2", "stress", split=other, data_dir=data)
+    with pytest.raises(regina.ReginaError, match="was made for dataset 'demo2', not 'demo'"):
+        regina.label("demo", "stress", split=other, data_dir=data)
+    with pytest.raises(regina.ReginaError, match="are not demo's stress labels for split simulation_1"):
+        regina.train_ae("demo", split=ns["split"], labels=other_labels, run=workdir / "runs" / "x", data_dir=data)
+    assert not (workdir / "runs" / "x").exists()
+
+
+def test_one_override_may_be_a_plain_string():
+    from regina_cli.engine.run_config import ConfigRequest
+
+    assert ConfigRequest(overrides="ae.lr=1e-3").overrides == ["ae.lr=1e-3"]

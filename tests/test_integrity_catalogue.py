@@ -521,6 +521,28 @@ def test_resume_with_more_epochs_follows_the_longer_cosine(world, tmp_path):
     assert rates[2] == pytest.approx(0.75 * rates[1]) and rates[3] == pytest.approx(0.25 * rates[1])
 
 
+def test_a_resume_trains_at_the_rates_it_records(world, tmp_path):
+    """`--resume --set ae.lr=...` recorded the new rate in config.yaml but trained at the saved one."""
+    import pandas as pd
+    import yaml
+
+    w = world.copy(tmp_path)
+    run = Path(w.paths["run"])
+    cases = ((GAN, keys.GAN_DIR, "gan", "lr_transitions"), ([*AE, "--run", "{run}"], keys.AE_DIR, "ae", "lr_autoencoder"))
+    for command, phase, section, column in cases:  # phase 2 first: resuming phase 1 makes it stale
+        history = run / phase / "history.csv"
+        first = pd.read_csv(history).set_index("epoch")[column][1]
+        old = yaml.safe_load((run / phase / keys.CONFIG_FILE).read_text())[section]["lr"]
+        result = invoke(*(a.format(**w.paths) for a in command), "--resume", "--max-epochs", "3", "--set",
+                        f"{section}.lr={2 * old}")
+        assert result.exit_code == 0, result.output
+        rates = pd.read_csv(history).set_index("epoch")[column]
+        if section == "ae":  # a constant rate: the new one from the first resumed epoch on
+            assert rates[3] == pytest.approx(2 * first)
+        else:  # the cosine of a 3-epoch run at the new base rate: 1, 0.75, 0.25 of it
+            assert rates[2] == pytest.approx(2 * first * 0.75) and rates[3] == pytest.approx(2 * first * 0.25)
+
+
 def test_resume_may_change_what_is_not_a_shape(world, tmp_path):
     w = world.copy(tmp_path)
     for command in (GAN, [*AE, "--run", "{run}"]):  # phase 2 first: resuming phase 1 may make it stale

@@ -331,9 +331,14 @@ def _restore(phase: Phase, paths, stopper, best, ctx: DistContext):
         module_state = state["modules"][name]
         target = getattr(module, "_orig_mod", module)
         target.load_state_dict(module_state)
+    schedulers = phase.schedulers()
     for name, opt in phase.optimizers().items():
+        rates = [group["lr"] for group in opt.param_groups]  # this run's settings
         opt.load_state_dict(state["optimizers"][name])
-    for name, sched in phase.schedulers().items():
+        if name not in schedulers:  # a constant rate: the settings' (a resume may change it); else the schedule's
+            for group, rate in zip(opt.param_groups, rates):
+                group["lr"] = rate
+    for name, sched in schedulers.items():
         _load_schedule(sched, state["schedulers"][name])
     if len(state["rng"]) == ctx.world_size:
         ckpt.restore_rng_state(state["rng"][ctx.rank], phase.generators())
@@ -353,16 +358,19 @@ def _restore(phase: Phase, paths, stopper, best, ctx: DistContext):
 
 
 def _load_schedule(scheduler, saved: dict) -> None:
-    """A saved learning-rate schedule, continued at the length this run was built with: a resume
-    with a larger --max-epochs follows the cosine of an uninterrupted run that long (the saved
-    length would restart the cosine). Same length: the saved state as it is, so resume stays exact."""
-    length = getattr(scheduler, "T_max", None)
+    """A saved learning-rate schedule, continued at the length and base rates this run was built
+    with: a resume with a larger --max-epochs follows the cosine of an uninterrupted run that long
+    (the saved length would restart the cosine), and one with another rate (`--set ae.lr=...`)
+    trains at it, as its config records. Same settings: the saved state as it is, so resume
+    stays exact."""
+    length, bases = getattr(scheduler, "T_max", None), list(scheduler.base_lrs)
     scheduler.load_state_dict(saved)
-    if length is None or length == scheduler.T_max:
+    if length is None or (length == scheduler.T_max and bases == scheduler.base_lrs):
         return
-    scheduler.T_max = length
+    scheduler.T_max, scheduler.base_lrs = length, bases
     progress = (1 + math.cos(math.pi * scheduler.last_epoch / length)) / 2
-    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+    for group, base in zip(scheduler.optimizer.param_groups, bases):
+        group["initial_lr"] = base
         group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * progress
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 

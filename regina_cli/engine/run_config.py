@@ -32,8 +32,12 @@ class ConfigRequest:
 
     preset: str | None = None
     config_file: str | Path | None = None
-    overrides: list[str] | dict | None = None
+    overrides: list[str] | dict | str | None = None  # one `section.key=value` may come as a plain string
     flags: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.overrides, str):  # read as a list, it would be one override per character
+            self.overrides = [self.overrides]
 
 
 def phase_flags(section: str, **values) -> dict:
