@@ -261,6 +261,43 @@ def _unlocked(path: Path, exc: OSError) -> None:
 LOCK_TRIES = 3  # a `check_not_in_use` probe holds the lock for an instant: try again before refusing
 
 
+def _locked_handle(path: Path):
+    """`path` opened and exclusively locked (closing it unlocks); None, after a warning, where the
+    file or the file system cannot be locked. Another holder: refused."""
+    import fcntl
+    import time
+
+    try:
+        handle, writable = open(path, "a+"), True
+    except PermissionError:  # another user's lock file in a shared run folder: a read handle can lock too
+        try:
+            handle, writable = open(path), False
+        except OSError as exc:
+            _unlocked(path, exc)
+            return None
+    for attempt in range(LOCK_TRIES):
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if attempt == LOCK_TRIES - 1:
+                handle.seek(0)
+                holder = handle.read().strip()
+                handle.close()
+                raise _in_use(path.parent, holder) from None
+            time.sleep(0.1)
+        except OSError as exc:
+            handle.close()
+            _unlocked(path, exc)
+            return None
+    if writable:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+    return handle
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: str | Path) -> Iterator[None]:
     """Hold `run_dir`'s lock while training writes it: two writers would interleave one history and
@@ -269,47 +306,16 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
     run never blocks the next. The lock file stays (removing it could let two writers in). Where
     the file system cannot lock (Lustre without `flock`, some NFS mounts), training goes on with
     a warning: the lock guards against a mistake, it is not needed to train."""
-    import fcntl
-    import time
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / RUN_LOCK
+    handle = _locked_handle(run_dir / RUN_LOCK)
     try:
-        handle, writable = open(path, "a+"), True
-    except PermissionError:  # another user's lock file in a shared run folder: a read handle can lock too
-        try:
-            handle, writable = open(path), False
-        except OSError as exc:
-            _unlocked(path, exc)
-            yield
-            return
-    with handle:
-        for attempt in range(LOCK_TRIES):
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if attempt == LOCK_TRIES - 1:
-                    handle.seek(0)
-                    raise _in_use(run_dir, handle.read().strip()) from None
-                time.sleep(0.1)
-            except OSError as exc:
-                _unlocked(path, exc)
-                yield
-                return
-        if writable:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-            handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
+    finally:
+        if handle is not None:
+            handle.close()
 
 
-# --- Signals ------------------------------------------------------------------------------------
 # Signals that stop a command the way Ctrl-C does: Slurm's time limit and pre-emption (SIGTERM),
 # and the warning a job asks for ahead of its limit (`#SBATCH --signal=USR1@120`).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

@@ -13,6 +13,11 @@ from regina_cli.keys import CTRL, GENE_SEPARATOR
 CONTROL_LABELS = ("ctrl", "control", "non-targeting", "nontargeting", "non_targeting", "NTC")
 
 
+def control_labels(extra: Iterable[str] = ()) -> set[str]:
+    """`CONTROL_LABELS` and `extra` (a user's `--control`), lower case, for matching without case."""
+    return {c.lower() for c in (*CONTROL_LABELS, *extra)}
+
+
 def parse_condition(condition: str) -> tuple[str, ...]:
     """Targeted genes of a condition in label order: "A+ctrl" -> ("A",), "ctrl" -> ()."""
     return tuple(g for g in str(condition).split(GENE_SEPARATOR) if g and g != CTRL)

@@ -20,7 +20,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from regina_cli import __version__, keys
-from regina_cli.data.conditions import CONTROL_LABELS, canonical_condition, condition_genes, parse_condition
+from regina_cli.data.conditions import (CONTROL_LABELS, canonical_condition, condition_genes, control_labels,
+                                       parse_condition)
 from regina_cli.data.dataset import GEARS_OBS, GEARS_UNS
 from regina_cli.data.sources import extract_zip, file_kind, locate_h5ad, read_h5ad
 from regina_cli.errors import ReginaError
@@ -148,7 +149,6 @@ def looks_like_counts(values: np.ndarray) -> bool:
     return values.size > 0 and float(values.max()) >= 1 and bool(np.array_equal(values, np.round(values)))
 
 
-
 LOG_COUNT_SAMPLE = 200_000  # stored values checked for log1p of whole numbers
 
 
@@ -166,8 +166,8 @@ def is_log1p_counts(X: sp.csr_matrix) -> bool:
 
 def counts_from_log1p(adata) -> str:
     """Recover the counts of log1p(counts), so they can be normalised as raw counts are."""
-    sums = np.asarray(np.round(np.expm1(adata.X.astype(np.float64))).sum(axis=1)).ravel()
     adata.X.data = np.round(np.expm1(adata.X.data.astype(np.float64))).astype(np.float32)
+    sums = np.asarray(adata.X.sum(axis=1)).ravel()
     return (f"log1p of raw counts detected (expm1 gives whole numbers; cells sum to {sums.min():,.0f}-"
             f"{sums.max():,.0f}, never normalised for depth): counts recovered, then ")
 
@@ -232,7 +232,7 @@ def pick_condition_column(adata, key: str | None) -> str:
 
 def label_rules(options: ImportOptions) -> tuple[set[str], str]:
     """(control labels, lower case; the separator of combinations) the options ask for."""
-    return {c.lower() for c in CONTROL_LABELS + tuple(options.control)}, options.separator or keys.GENE_SEPARATOR
+    return control_labels(options.control), options.separator or keys.GENE_SEPARATOR
 
 
 def normalise_label(label: str, controls: set[str], separator: str) -> str:
@@ -252,7 +252,8 @@ def normalise_conditions(raw: pd.Series, options: ImportOptions) -> tuple[pd.Ser
         raise ReginaError(
             f"{int(missing.sum())} cells have no perturbation label (missing or empty): drop them or fill the column"
         )
-    mapping = {label: normalise_label(label, *label_rules(options)) for label in pd.unique(raw.astype(str))}
+    rules = label_rules(options)
+    mapping = {label: normalise_label(label, *rules) for label in pd.unique(raw.astype(str))}
     too_many = [label for label, condition in mapping.items() if len(parse_condition(condition)) > 2]
     if too_many:
         raise ReginaError(
@@ -478,12 +479,12 @@ def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
                                   "condition each, and the DE fields computed again")
             log(notes.messages[-1])
         relabel(adata, name, options, notes, log)
-        if counts or log_counts or unlogged:
-            if counts or log_counts:
-                found = "raw counts detected: " if counts else counts_from_log1p(adata)
-                notes.normalisation = found + normalise_counts(adata)
-            else:
-                notes.normalisation = log_transform(adata)
+        if counts or log_counts:
+            found = "raw counts detected: " if counts else counts_from_log1p(adata)
+            notes.normalisation = found + normalise_counts(adata)
+            log(notes.normalisation)
+        elif unlogged:
+            notes.normalisation = log_transform(adata)
             log(notes.normalisation)
         adata = drop_tiny_groups(adata, notes, log)
         check_controls(adata.obs)
@@ -502,8 +503,8 @@ def _label_targets(adata, options: ImportOptions) -> set[str]:
     column = options.condition_key or keys.OBS_CONDITION
     if column not in adata.obs:
         return set()
-    labels = pd.unique(adata.obs[column].dropna().astype(str))
-    return condition_genes(normalise_label(label, *label_rules(options)) for label in labels)
+    rules = label_rules(options)
+    return condition_genes(normalise_label(label, *rules) for label in pd.unique(adata.obs[column].dropna().astype(str)))
 
 
 def drop_empty_cells(adata, notes: ImportNotes, log: Log):

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 
 from regina_cli import keys
 from regina_cli.checks import check_input_file
-from regina_cli.data.conditions import CONTROL_LABELS
+from regina_cli.data.conditions import control_labels
 from regina_cli.errors import ReginaError
 
 TABLE_SEPARATORS = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
@@ -39,7 +39,7 @@ class RawPredictions:
 def normalise_labels(labels, separator: str) -> np.ndarray:
     """Labels in REGINA's spelling: another tool's control label (`control`, `non-targeting`, ...,
     as `regina fetch` reads them) is `ctrl`, and `--separator` joins combinations with `+`."""
-    controls = {c.lower() for c in CONTROL_LABELS}
+    controls = control_labels()
     labels = np.asarray([keys.CTRL if str(v).strip().lower() in controls else str(v) for v in labels], dtype=object)
     if separator and separator != keys.GENE_SEPARATOR:
         labels = np.array([v.replace(separator, keys.GENE_SEPARATOR) for v in labels], dtype=object)
