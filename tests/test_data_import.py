@@ -231,6 +231,27 @@ def test_import_keeps_the_files_own_condition_column_and_names_dropped_condition
     assert adata.uns[keys.UNS_REGINA]["dropped_cells"] == 2
 
 
+def test_the_files_own_condition_column_never_overwrites_another(tmp_path, rng):
+    """The file's obs['condition'] was kept as obs['condition_input'] (or, relabelled in place, as
+    obs['condition_original']) over the file's own column of that name."""
+    screen = tiny_screen(rng)
+    screen.obs["condition"] = np.tile(["stim", "unstim"], screen.n_obs // 2)
+    screen.obs["condition_input"] = np.tile(["lane1", "lane2", "lane3"], screen.n_obs // 3)
+    screen.write_h5ad(tmp_path / "screen.h5ad")
+    result = fetch_cli("mine", "--from", tmp_path / "screen.h5ad", *USER_LABELS)
+    assert result.exit_code == 0, result.output
+    obs = read_dataset("mine").obs
+    assert set(obs["condition_input"]) == {"lane1", "lane2", "lane3"}
+    assert set(obs["condition_input_2"]) == {"stim", "unstim"}
+    assert "the file's obs['condition'] is kept as obs['condition_input_2']" in " ".join(result.output.split())
+    relabelled = tiny_screen(rng, labels=("control", "A", "B"), key="condition")
+    relabelled.obs["condition_original"] = "lane1"
+    relabelled.write_h5ad(tmp_path / "relabelled.h5ad")
+    assert fetch_cli("relabelled", "--from", tmp_path / "relabelled.h5ad").exit_code == 0
+    obs = read_dataset("relabelled").obs
+    assert set(obs["condition_original"]) == {"lane1"} and set(obs["condition_original_2"]) == {"control", "A", "B"}
+
+
 def test_labels_joined_by_another_separator_get_a_hint(tmp_path, rng):
     screen = tiny_screen(rng, labels=("NT", "A", "B", "A|B"))
     screen.write_h5ad(tmp_path / "pipe.h5ad")

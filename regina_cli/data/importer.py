@@ -10,6 +10,7 @@ numbers stay comparable with the literature.
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -398,6 +399,12 @@ def report_targets(targets: set[str], measured: pd.Index, notes: ImportNotes, lo
     log(message)
 
 
+def free_column(obs: pd.DataFrame, name: str) -> str:
+    """`name`, else the first of `name_2`, `name_3`, ... that obs lacks: a column the importer keeps
+    beside the labels never overwrites one of the file's own."""
+    return next(c for c in itertools.chain([name], (f"{name}_{i}" for i in itertools.count(2))) if c not in obs)
+
+
 def relabel(adata, name: str, options: ImportOptions, notes: ImportNotes, log: Log) -> None:
     """obs `condition` and `cell_type` in GEARS spelling (the original column is kept beside)."""
     column = pick_condition_column(adata, options.condition_key)
@@ -427,10 +434,11 @@ def relabel(adata, name: str, options: ImportOptions, notes: ImportNotes, log: L
         notes.messages.append(CELL_TYPE_FALLBACK_NOTE.format(name))
         log(notes.messages[-1])
     if notes.relabelled and column == keys.OBS_CONDITION:
-        adata.obs[f"{keys.OBS_CONDITION}_original"] = raw.to_numpy()
+        adata.obs[free_column(adata.obs, f"{keys.OBS_CONDITION}_original")] = raw.to_numpy()
     elif column != keys.OBS_CONDITION and keys.OBS_CONDITION in adata.obs:  # the file's own, not the perturbation
-        adata.obs[f"{keys.OBS_CONDITION}_input"] = adata.obs[keys.OBS_CONDITION].to_numpy()
-        notes.messages.append(f"the file's obs['{keys.OBS_CONDITION}'] is kept as obs['{keys.OBS_CONDITION}_input']: "
+        kept = free_column(adata.obs, f"{keys.OBS_CONDITION}_input")
+        adata.obs[kept] = adata.obs[keys.OBS_CONDITION].to_numpy()
+        notes.messages.append(f"the file's obs['{keys.OBS_CONDITION}'] is kept as obs['{kept}']: "
                               f"obs['{keys.OBS_CONDITION}'] now holds the perturbations of obs['{column}']")
         log(notes.messages[-1])
     adata.obs[keys.OBS_CONDITION] = condition.to_numpy()
