@@ -10,6 +10,9 @@ import sys
 import types
 
 from regina_cli.errors import ReginaError
+from regina_cli.mpl_config import use_private_config_dir
+
+use_private_config_dir()  # before anything imports matplotlib (scanpy does)
 
 __version__ = "0.1.0"
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -214,3 +218,25 @@ def test_small_pages_switches_numpy_huge_pages_off_and_back():
         assert switch(True) is True  # restored afterwards
     finally:
         switch(before)
+
+
+FIGURE = ("from pathlib import Path; import numpy as np; from regina_cli.evaluate import figures; "
+          "from matplotlib.figure import Figure; fig = Figure(); "
+          "figures._boxes(fig.subplots(), [np.arange(5.0)], [0.0], 0.8, '#1f77b4'); "
+          "figures._savefig(fig, Path('box.png')); import os; print(os.environ.get('MPLCONFIGDIR', ''))")
+
+
+def test_figures_under_an_unwritable_home_print_nothing_on_stderr(tmp_path):
+    """With a read-only HOME (HPC nodes), matplotlib warned on stderr that it made a temporary
+    config folder and that MPLCONFIGDIR should be set: noise in a user's pipeline."""
+    (tmp_path / "file").write_text("")  # a HOME under a file: unwritable even for root, who ignores modes
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    env["HOME"] = str(tmp_path / "file" / "home")
+    done = subprocess.run([sys.executable, "-c", FIGURE], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "matplotlib" not in done.stderr.lower(), done.stderr
+    assert (tmp_path / "box.png").stat().st_size > 0
+    assert done.stdout.strip() and not Path(done.stdout.strip()).exists()  # a private folder, gone at exit
+    env["MPLCONFIGDIR"] = str(tmp_path / "mine")
+    kept = subprocess.run([sys.executable, "-c", FIGURE], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert kept.stdout.strip() == str(tmp_path / "mine"), kept.stderr  # the user's own is never replaced

@@ -1,0 +1,53 @@
+"""A private matplotlib config folder where the default one cannot be written (a read-only HOME,
+as on some HPC nodes). Matplotlib, imported by scanpy and by `regina evaluate`'s figures, would
+make a temporary one itself but warn about it on stderr: noise in a user's shell pipeline. Run
+before matplotlib is first imported (`import regina_cli` does); a user's MPLCONFIGDIR is kept.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ENV_MPLCONFIGDIR = "MPLCONFIGDIR"
+
+
+def default_dirs() -> list[Path]:
+    """The config and cache folders matplotlib picks without MPLCONFIGDIR (XDG ones on Linux)."""
+    if sys.platform.startswith(("linux", "freebsd")):
+        return [Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "matplotlib",
+                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "matplotlib"]
+    return [Path.home() / ".matplotlib"]
+
+
+def can_make(folder: Path) -> bool:
+    """`folder` is, or `mkdir -p` could make it, a writable folder; checked without making it, so
+    `regina --help` leaves HOME as it was."""
+    folder = folder.resolve()
+    for path in (folder, *folder.parents):
+        if path.exists():
+            return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+    return False
+
+
+def use_private_config_dir() -> None:
+    """Point an unset MPLCONFIGDIR at a private temporary folder, removed at exit, when matplotlib
+    cannot write its default folders (what matplotlib does then too, minus the warning)."""
+    if os.environ.get(ENV_MPLCONFIGDIR):
+        return
+    try:
+        if all(can_make(folder) for folder in default_dirs()):
+            return
+    except (OSError, RuntimeError):  # a folder that cannot be looked at, or no home at all
+        pass
+    import atexit
+    import shutil
+    import tempfile
+
+    try:
+        folder = tempfile.mkdtemp(prefix="regina-matplotlib-")
+    except OSError:  # no usable temporary folder either: matplotlib's own fallback says so
+        return
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ[ENV_MPLCONFIGDIR] = folder
