@@ -160,13 +160,13 @@ class SplitResult:
 
     split: Split  # the condition lists: .train, .val, .test, .subgroups
     summary: pd.DataFrame  # per set and subgroup: conditions, cells, unmeasured, unpredictable
-    path: Path  # data/<name>/splits/<mode>_<seed>.json
+    path: Path  # data/<name>/splits/<split name>.json
     n_unassigned: int  # dataset conditions in no set (GEARS leaves some out in combo/single modes)
     warnings: list[str]
 
     @property
     def name(self) -> str:
-        """`<mode>_<seed>`, e.g. simulation_1."""
+        """`<mode>_<seed>`, e.g. simulation_1 (simulation_1_0.5 at train_gene_frac=0.5)."""
         return self.split.name
 
 

@@ -118,7 +118,8 @@ def dataset_file(name: str, data_dir: str | Path | None = None) -> Path:
 
 
 def split_file(name: str, split: str, data_dir: str | Path | None = None) -> Path:
-    """`split` is `<mode>_<seed>`, e.g. `simulation_1` (or `custom_<hash>`)."""
+    """`split` is `<mode>_<seed>`, e.g. `simulation_1`, `simulation_1_0.5` at a share of training
+    genes other than 0.75 (`data.split.split_name`), or `custom_<hash>`."""
     return dataset_dir(name, data_dir) / SPLITS_DIR / f"{check_name(split, 'split name')}.json"
 
 

@@ -3,7 +3,7 @@
 Every bad-input case asserts exit status 2, exactly one `error:` line (the only line, unless the
 fault comes after work the command reports), no traceback, and that no file of the world changed
 (SHA-256 of every file before and after). Cases that need
-a changed world (a split replaced with --force, a run interrupted, ...) get a private copy.
+a changed world (a split file replaced, a run interrupted, ...) get a private copy.
 The fault tests kill commands with SIGTERM and SIGKILL at several points, then run them again:
 training resumes bit-identically; the other commands leave the old or the new complete output,
 never a mix, and no `.part` file. Commands run in forked child processes (real processes, real
@@ -123,9 +123,13 @@ def assert_one_error_line(result, fragment: str = "", code: int = 2) -> str:
 
 
 # --- World changes some cases need (each applied to a private copy) --------------------------------
-def resplit_with_force(w: World) -> None:
-    assert invoke("split", "demo", "--seed", "1", "--train-gene-frac", "0.5", "--force",
-                  "--data-dir", w.paths["data"]).exit_code == 0
+def replace_split(w: World) -> None:
+    """simulation_1.json with other content of the same dataset, as `--train-gene-frac 0.5 --force`
+    left it before a split at another share got its own name (the command makes none now)."""
+    splits = Path(w.paths["data"]) / "demo" / keys.SPLITS_DIR
+    assert invoke("split", "demo", "--seed", "1", "--train-gene-frac", "0.5", "--data-dir", w.paths["data"]
+                  ).exit_code == 0
+    (splits / "simulation_1_0.5.json").replace(splits / "simulation_1.json")
 
 
 def relabel_with_force(w: World) -> None:
@@ -286,7 +290,7 @@ CASES = [
     Case("split-seed-negative", ["split", "demo", "--seed", "-1", *D], "--seed takes a whole number"),
     Case("split-seed-2^32", ["split", "demo", "--seed", SEED_MAX_PLUS_1, *D], "--seed takes"),
     Case("split-name-outside", ["split", "../outside", *D], "not a usable dataset name", change=outside_dataset),
-    Case("split-recreate-other-content", ["split", "demo", "--seed", "1", "--train-gene-frac", "0.5", *D], "--force"),
+    Case("split-recreate-other-content", ["split", "demo", "--seed", "1", *D], "--force", change=replace_split),
     Case("split-seed-with-split-file", ["split", "demo", "--split-file", "{file}", "--seed", "3", *D],
          "does not apply to --split-file"),
     Case("split-unknown-mode", ["split", "demo", "--mode", "bogus", *D], "unknown split mode"),
@@ -330,7 +334,7 @@ CASES = [
     Case("ae-resume-nothing-saved", [*AE, "--run", "{root}/runs/new", "--resume", *SETS], "nothing to resume"),
     Case("ae-resume-labels-replaced", [*AE, "--run", "{run}", "--resume"], "the labels file changed",
          change=relabel_with_force),
-    Case("ae-resume-split-replaced", [*AE, "--run", "{run}", "--resume"], "changed after", change=resplit_with_force),
+    Case("ae-resume-split-replaced", [*AE, "--run", "{run}", "--resume"], "changed after", change=replace_split),
     Case("ae-labels-of-another-split", [*AE[:3], "simulation_2", *AE[4:], "--run", "{root}/runs/new", *SETS],
          "regina label demo --method stress --split simulation_2"),
     Case("ae-labels-hand-edited", [*AE, "--run", "{root}/runs/new", *SETS], "does not match its record",
@@ -359,7 +363,7 @@ CASES = [
     Case("gan-run-is-a-file", ["train-gan", "--run", "{file}", "--device", "cpu", *D], "regina train-ae"),
     Case("gan-batch-size-0", [*GAN, "--batch-size", "0"], "gan.batch_size"),
     Case("gan-resume-nothing-saved", [*GAN, "--resume"], "nothing to resume", change=drop_gan_checkpoint),
-    Case("gan-after-split-replaced", [*GAN, "--resume"], "phase 1 of", change=resplit_with_force),
+    Case("gan-after-split-replaced", [*GAN, "--resume"], "phase 1 of", change=replace_split),
     Case("gan-resume-after-phase1-retrained", [*GAN, "--resume"], "phase 1's weights changed",
          change=retrain_phase1),
     Case("gan-changes-phase1-shape", [*GAN, "--set", "model.z_dim=8"], "fixed by the phase-1 run"),
@@ -376,7 +380,7 @@ CASES = [
     Case("predict-cells-10-million", [*PREDICT[:-4], "--cells", "10000000", *D], "lower --cells"),
     Case("predict-garbage-meta", PREDICT, "damaged", change=garble_meta),
     Case("predict-interrupted-phase2", PREDICT, "did not finish training", change=mark_interrupted(keys.GAN_DIR)),
-    Case("predict-split-replaced", PREDICT, "is stale: the split file changed", change=resplit_with_force),
+    Case("predict-split-replaced", PREDICT, "is stale: the split file changed", change=replace_split),
     Case("predict-labels-replaced", PREDICT, "the labels file changed", change=relabel_with_force),
     Case("predict-config-edited", PREDICT, "the saved config changed", change=edit_config),
     Case("predict-phase1-retrained", PREDICT, "phase 1's weights changed", change=retrain_phase1),
@@ -403,7 +407,7 @@ CASES = [
     Case("evaluate-out-holds-other-files", [*EVALUATE, "--out", "{busy}"], "holds other files"),
     Case("evaluate-other-datasets-predictions", ["evaluate", "other", *EVALUATE[2:], "--split", "simulation_1"],
          "holds predictions for dataset 'demo', not 'other'"),
-    Case("evaluate-split-replaced", EVALUATE, "the split file changed", change=resplit_with_force),
+    Case("evaluate-split-replaced", EVALUATE, "the split file changed", change=replace_split),
     Case("evaluate-predictions-missing", [*EVALUATE[:3], "{root}/nope.h5ad", *EVALUATE[4:]], "nope.h5ad"),
     Case("evaluate-unknown-device", [*EVALUATE, "--device", "gpu"], "--device takes auto, cpu, cuda or cuda:N"),
     Case("evaluate-empty-model-name", [*EVALUATE, "--model-name", ""], "--model-name must not be empty"),
@@ -472,9 +476,9 @@ def test_labels_per_split_never_share_a_file(world, tmp_path):
     assert meta["labels_sha256"] == hashlib.sha256(before).hexdigest()  # the run names the file it used
 
 
-def test_replacing_with_force_makes_runs_stale_and_allow_stale_warns(world, tmp_path):
+def test_a_replaced_split_makes_runs_stale_and_allow_stale_warns(world, tmp_path):
     w = world.copy(tmp_path)
-    resplit_with_force(w)
+    replace_split(w)
     result = invoke(*(a.format(**w.paths) for a in [*PREDICT, "--allow-stale", "--out", "{root}/stale.h5ad"]))
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())  # rich wraps long lines

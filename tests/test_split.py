@@ -172,6 +172,27 @@ def test_cli_json_output_for_scripts(demo):
     assert sum(r["conditions"] for r in out["summary"] if r["subgroup"] == "all") <= demo.obs["condition"].nunique()
 
 
+def test_two_train_gene_fracs_are_two_splits_and_the_default_keeps_its_name(demo):
+    """Splits differing only in --train-gene-frac were both named simulation_1: the second was
+    refused, or replaced the first with --force."""
+    default = invoke("--json", "split", "demo", "--seed", "1")
+    half = invoke("split", "demo", "--seed", "1", "--train-gene-frac", "0.5")
+    assert default.exit_code == 0 and half.exit_code == 0, half.output
+    assert json.loads(default.stdout)["split"] == "simulation_1"
+    assert "later steps take it as --split simulation_1_0.5" in " ".join(half.output.split())
+    assert sorted(p.name for p in splits_dir().iterdir()) == ["simulation_1.json", "simulation_1_0.5.json"]
+    first, second = load_split("demo", "simulation_1"), load_split("demo", "simulation_1_0.5")
+    assert (first.train_gene_frac, second.train_gene_frac) == (0.75, 0.5) and first.test != second.test
+    assert second == make_split("demo", split_mod.conditions_in_order(demo.obs), seed=1, train_gene_frac=0.5)
+    assert invoke("split", "demo", "--seed", "1", "--train-gene-frac", "0.5").exit_code == 0  # the same again
+    assert invoke("label", "demo", "--method", "stress", "--split", "simulation_1_0.5").exit_code == 0
+    assert (keys.dataset_dir("demo") / keys.LABELS_DIR / "stress@simulation_1_0.5.csv").is_file()
+    with pytest.raises(ReginaError, match=r"split demo --mode simulation_single --seed 2 --train-gene-frac 0.5`"):
+        load_split("demo", "simulation_single_2_0.5")
+    with pytest.raises(ReginaError, match=r"plus _<train-gene-frac> when that is not 0.75"):
+        load_split("demo", "simulation_1_0.75")  # the default share is never spelled out
+
+
 @pytest.mark.parametrize(
     "args, fragments",
     [

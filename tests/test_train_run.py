@@ -260,6 +260,8 @@ def test_bad_inputs_give_one_line_errors(demo_data, tmp_path):
     base = ["train-ae", "screen", "--data-dir", str(demo_data), "--device", "cpu", "--max-epochs", "1",
             *[a for s in TINY for a in ("--set", s)]]
     assert "regina split" in _one_line_error([*base, "--split", "simulation_9", "--labels", "stress"])
+    assert "regina split screen --mode simulation --seed 9 --train-gene-frac 0.5`" in _one_line_error(
+        [*base, "--split", "simulation_9_0.5", "--labels", "stress"])
     assert "regina label" in _one_line_error([*base, "--split", "simulation_1", "--labels", "cell-cycle"])
     assert "regina train-ae" in _one_line_error(["train-gan", "--run", str(tmp_path / "nothing")])
 

@@ -25,7 +25,7 @@ def evaluate_command(
         None, "--model-name", metavar="NAME", help="Name of the model in every table, file and plot; once per --predictions "
         "(default: regina for `regina predict` files, else the file name).", show_default=False,
     ),
-    split: str = typer.Option(None, "--split", help="Split <mode>_<seed>, e.g. simulation_1 (default: the one `regina predict` recorded, else the only one)."),
+    split: str = typer.Option(None, "--split", help="Split <mode>_<seed>, e.g. simulation_1 (simulation_1_0.5 at --train-gene-frac 0.5; default: the one `regina predict` recorded, else the only one)."),
     on: str = typer.Option("test", "--on", help="Score the split's test or val conditions (tune models on val)."),
     out: Path = typer.Option(None, "--out", help="Output folder (default: eval/ beside the first predictions file)."),
     baselines: str = typer.Option("all", "--baselines", help="all, none, or a list: no_change,train_mean,additive,linear."),

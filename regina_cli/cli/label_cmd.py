@@ -22,7 +22,8 @@ def label_command(
         show_default=False,
     ),
     split: str = typer.Option(
-        None, "--split", help="Fit on the training cells of this split (<mode>_<seed>, e.g. simulation_1).",
+        None, "--split", help="Fit on the training cells of this split (<mode>_<seed>, e.g. "
+        "simulation_1; simulation_1_0.5 at --train-gene-frac 0.5).",
         show_default=False,
     ),
     force: bool = typer.Option(

@@ -26,7 +26,8 @@ def split_command(
     mode: str = typer.Option("simulation", "--mode", help=f"GEARS split mode: {_MODES}."),
     seed: int = typer.Option(1, "--seed", help="Split seed (same seed, same split as cell-gears)."),
     train_gene_frac: float = typer.Option(
-        0.75, "--train-gene-frac", help="Simulation modes: share of perturbed genes seen in training."
+        0.75, "--train-gene-frac", help="Simulation modes: share of perturbed genes seen in training (a share "
+        "other than 0.75 names the split <mode>_<seed>_<share>, e.g. simulation_1_0.5)."
     ),
     split_file: Path = typer.Option(
         None, "--split-file", help="Use your own {train, val, test} dict (JSON or GEARS pickle) instead; "
@@ -41,11 +42,12 @@ def split_command(
     ),
     data_dir: Path = DataDirOpt,
 ) -> None:
-    """Split the conditions of dataset NAME into train/val/test and write splits/<mode>_<seed>.json."""
-    from regina_cli.data.split import split_dataset
+    """Split the conditions of dataset NAME into train/val/test and write splits/<split>.json; the
+    split's name (<mode>_<seed>, e.g. simulation_1) is what later steps take as --split."""
+    from regina_cli.data.split import split_dataset, split_name
 
     check_seed(seed)
-    made = split_file is None and keys.split_file(name, f"{mode}_{seed}", data_dir).is_file()
+    made = split_file is None and keys.split_file(name, split_name(mode, seed, train_gene_frac), data_dir).is_file()
     check_data_dir(data_dir, writes=not made)  # the same split again writes nothing: a read-only folder will do
     if split_file is not None and ctx.get_parameter_source("seed").name == "COMMANDLINE":
         raise ReginaError("--seed does not apply to --split-file: a user's split is named by its content")

@@ -23,7 +23,8 @@ ResumeOpt = typer.Option(False, "--resume", help="Continue from last.pt exactly 
 @user_errors
 def train_ae_command(
     name: str = typer.Argument(..., help="Dataset name, as given to `regina fetch`."),
-    split: str = typer.Option(..., "--split", help="Split as <mode>_<seed>, e.g. simulation_1."),
+    split: str = typer.Option(..., "--split", help="Split as `regina split` named it: <mode>_<seed>, e.g. simulation_1 "
+                                "(simulation_1_0.5 at --train-gene-frac 0.5)."),
     labels: str = typer.Option(..., "--labels", help="Label method, as given to `regina label` (stress, cell-cycle, obs:COL)."),
     run: Optional[Path] = typer.Option(None, "--run", parser=run_directory, help="Run directory (default: runs/<NAME>)."),
     config_file: Optional[Path] = ConfigOpt,

@@ -17,6 +17,7 @@ from regina_cli.data.conditions import condition_genes, is_combination, is_contr
 from regina_cli.errors import ReginaError
 
 MODES = ("simulation", "simulation_single", "combo_seen0", "combo_seen1", "combo_seen2", "single", "no_test")
+SIMULATION_MODES = ("simulation", "simulation_single")  # those that hold out genes: train_gene_frac applies
 CUSTOM_MODE = "custom"  # a user's own split dict (`--split-file`)
 SETS = ("train", "val", "test")
 SUBGROUPS = ("combo_seen0", "combo_seen1", "combo_seen2", "unseen_single")

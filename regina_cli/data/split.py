@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -27,20 +28,44 @@ import pandas as pd
 from regina_cli import keys
 from regina_cli.data.conditions import is_control
 from regina_cli.data.gears_split import (  # noqa: F401  (the split vocabulary, re-exported)
-    CUSTOM_MODE, DEFAULT_SEED, DEFAULT_TRAIN_GENE_FRAC, MODES, SETS, SUBGROUP_KEYS, SUBGROUPS, complete_subgroups,
-    derived_subgroups, gears_split)
+    CUSTOM_MODE, DEFAULT_SEED, DEFAULT_TRAIN_GENE_FRAC, MODES, SETS, SIMULATION_MODES, SUBGROUP_KEYS, SUBGROUPS,
+    complete_subgroups, derived_subgroups, gears_split)
 from regina_cli.data.provenance import content_sha256, dataset_sha256, refuse_replacing
 from regina_cli.data.safe_pickle import is_pickle, safe_loads
 from regina_cli.errors import ReginaError
 from regina_cli.io import write_json
 
+SPLIT_NAME = re.compile(rf"^({'|'.join(MODES)})_(\d+)(?:_([0-9.e-]+))?$")
 
+
+def split_name(mode: str, seed: int, train_gene_frac: float | None = None) -> str:
+    """`<mode>_<seed>` (`simulation_1`); a simulation mode at a share of training genes other than
+    GEARS' default adds it, spelled as in GEARS' own file names (`norman_simulation_1_0.5.pkl`):
+    `simulation_1_0.5`. Two shares are two splits, and every name made at the default stays."""
+    if mode in SIMULATION_MODES and train_gene_frac not in (None, DEFAULT_TRAIN_GENE_FRAC):
+        return f"{mode}_{seed}_{train_gene_frac}"
+    return f"{mode}_{seed}"
+
+
+def parse_split_name(split: str) -> tuple[str, int, float | None] | None:
+    """(mode, seed, share of training genes or None) that `split_name` turns into `split`; None
+    for any other name (a user's `custom_<hash>`, a typo)."""
+    found = SPLIT_NAME.match(split)
+    if found is None:
+        return None
+    mode, seed, frac = found[1], int(found[2]), found[3]
+    try:
+        parsed = (mode, seed, None if frac is None else float(frac))
+    except ValueError:
+        return None
+    return parsed if split_name(*parsed) == split else None
 
 
 @dataclass(frozen=True)
 class Split:
-    """Conditions of each set plus the test/val subgroups; `name` is `<mode>_<seed>`, or for a
-    user's split file `custom_<first 8 hex digits of its sets' hash>` (two files never share one)."""
+    """Conditions of each set plus the test/val subgroups; `name` is `split_name`'s
+    (`simulation_1`, `simulation_1_0.5`), or for a user's split file `custom_<first 8 hex digits of
+    its sets' hash>` (two files never share one)."""
 
     dataset: str
     mode: str
@@ -55,7 +80,7 @@ class Split:
     def name(self) -> str:
         if self.mode == CUSTOM_MODE:
             return f"{CUSTOM_MODE}_{content_sha256({s: sorted(getattr(self, s)) for s in SETS})[:8]}"
-        return f"{self.mode}_{self.seed}"
+        return split_name(self.mode, self.seed, self.train_gene_frac)
 
     def sha256(self) -> str:
         """Hash of what the split says (not of how the file spells it): labels and runs record it."""
@@ -169,7 +194,7 @@ def make_split(
         sets, mode = validate_user_split(user_split, conditions, source), CUSTOM_MODE
     else:
         sets, gears_groups = gears_split(conditions, mode, seed, train_gene_frac)
-        frac = train_gene_frac if mode.startswith("simulation") else None
+        frac = train_gene_frac if mode in SIMULATION_MODES else None
         required = ("train", "val") if mode == "no_test" else SETS
         for s in required:
             if not [c for c in sets[s] if not is_control(c)]:
@@ -207,13 +232,15 @@ def save_split(split: Split, data_dir: str | Path | None = None, *, force: bool 
 
 
 def load_split(name: str, split: str, data_dir: str | Path | None = None, *, allow_stale: bool = False) -> Split:
-    """The split `<mode>_<seed>` written by `regina split`, checked against the dataset's SHA-256
-    (`allow_stale`: not; the caller warns that the dataset changed, as `--allow-stale` promises)."""
+    """The split named `split` (`split_name`'s, or `custom_<hash>`) written by `regina split`,
+    checked against the dataset's SHA-256 (`allow_stale`: not; the caller warns that the dataset
+    changed, as `--allow-stale` promises)."""
     path = keys.split_file(name, split, data_dir)
-    mode, _, seed = split.rpartition("_")
-    named = mode in MODES and seed.isdigit()
-    remake = f"regina split {name} --mode {mode} --seed {seed}" if named else f"regina split {name} --mode MODE --seed SEED"
-    hint = "" if named else " (split names are <mode>_<seed>, e.g. simulation_1)"
+    remake, hint = remake_command(name, split), ""
+    if remake is None:
+        remake = f"regina split {name} --mode MODE --seed SEED"
+        hint = (" (split names are <mode>_<seed>, e.g. simulation_1, plus _<train-gene-frac> when that is not "
+                f"{DEFAULT_TRAIN_GENE_FRAC}, e.g. simulation_1_0.5)")
     if not path.is_file():
         raise ReginaError(f"split {split!r} of {name} not found at {path}: run `{remake}`{hint}")
     try:
@@ -226,6 +253,15 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None, *, all
         raise ReginaError(f"split file {path} was made from another version of dataset {name} (SHA-256 "
                           f"{recorded[:12]}, now {current[:12]}): run `{remake} --force`{hint} to remake it")
     return loaded
+
+
+def remake_command(name: str, split: str) -> str | None:
+    """The `regina split` command that makes the split named `split`; None for a name it cannot make."""
+    parsed = parse_split_name(split)
+    if parsed is None:
+        return None
+    mode, seed, frac = parsed
+    return f"regina split {name} --mode {mode} --seed {seed}" + ("" if frac is None else f" --train-gene-frac {frac}")
 
 
 def conditions_in_order(obs: pd.DataFrame) -> list[str]:
