@@ -252,6 +252,19 @@ def test_the_files_own_condition_column_never_overwrites_another(tmp_path, rng):
     assert set(obs["condition_original"]) == {"lane1"} and set(obs["condition_original_2"]) == {"control", "A", "B"}
 
 
+def test_the_files_own_cell_type_column_is_kept_beside(tmp_path, rng):
+    """--cell-type-key K overwrote the file's own obs['cell_type'] without a word."""
+    screen = tiny_screen(rng)
+    screen.obs["cell_type"] = np.tile(["batch1", "batch2"], screen.n_obs // 2)
+    screen.obs["line"] = "K562"
+    screen.write_h5ad(tmp_path / "screen.h5ad")
+    result = fetch_cli("mine", "--from", tmp_path / "screen.h5ad", *USER_LABELS, "--cell-type-key", "line")
+    assert result.exit_code == 0, result.output
+    obs = read_dataset("mine").obs
+    assert set(obs["cell_type"]) == {"K562"} and set(obs["cell_type_input"]) == {"batch1", "batch2"}
+    assert "the file's obs['cell_type'] is kept as obs['cell_type_input']" in " ".join(result.output.split())
+
+
 def test_labels_joined_by_another_separator_get_a_hint(tmp_path, rng):
     screen = tiny_screen(rng, labels=("NT", "A", "B", "A|B"))
     screen.write_h5ad(tmp_path / "pipe.h5ad")

@@ -405,6 +405,18 @@ def free_column(obs: pd.DataFrame, name: str) -> str:
     return next(c for c in itertools.chain([name], (f"{name}_{i}" for i in itertools.count(2))) if c not in obs)
 
 
+def keep_own_column(adata, key: str, column: str, what: str, notes: ImportNotes, log: Log) -> None:
+    """The file's own obs[`key`], where `what` comes from another column `column`: kept beside as
+    `<key>_input` (`free_column`), not overwritten without a word."""
+    if column == key or key not in adata.obs:
+        return
+    kept = free_column(adata.obs, f"{key}_input")
+    adata.obs[kept] = adata.obs[key].to_numpy()
+    notes.messages.append(f"the file's obs['{key}'] is kept as obs['{kept}']: obs['{key}'] now holds {what} of "
+                          f"obs['{column}']")
+    log(notes.messages[-1])
+
+
 def relabel(adata, name: str, options: ImportOptions, notes: ImportNotes, log: Log) -> None:
     """obs `condition` and `cell_type` in GEARS spelling (the original column is kept beside)."""
     column = pick_condition_column(adata, options.condition_key)
@@ -435,12 +447,8 @@ def relabel(adata, name: str, options: ImportOptions, notes: ImportNotes, log: L
         log(notes.messages[-1])
     if notes.relabelled and column == keys.OBS_CONDITION:
         adata.obs[free_column(adata.obs, f"{keys.OBS_CONDITION}_original")] = raw.to_numpy()
-    elif column != keys.OBS_CONDITION and keys.OBS_CONDITION in adata.obs:  # the file's own, not the perturbation
-        kept = free_column(adata.obs, f"{keys.OBS_CONDITION}_input")
-        adata.obs[kept] = adata.obs[keys.OBS_CONDITION].to_numpy()
-        notes.messages.append(f"the file's obs['{keys.OBS_CONDITION}'] is kept as obs['{kept}']: "
-                              f"obs['{keys.OBS_CONDITION}'] now holds the perturbations of obs['{column}']")
-        log(notes.messages[-1])
+    keep_own_column(adata, keys.OBS_CONDITION, column, "the perturbations", notes, log)
+    keep_own_column(adata, keys.OBS_CELL_TYPE, cell_type_key, "the cell types", notes, log)
     adata.obs[keys.OBS_CONDITION] = condition.to_numpy()
     adata.obs[keys.OBS_CELL_TYPE] = cell_type
 
