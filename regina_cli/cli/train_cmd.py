@@ -15,7 +15,7 @@ from regina_cli.cli.common import (ConfigOpt, DataDirOpt, SetOpt, emit_result, i
 
 GpusOpt = typer.Option(1, "--gpus", help="Data-parallel processes (GPUs; CPU processes with --device cpu). "
                        "Under torchrun or srun, joins the existing launch instead.")
-DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 ResumeOpt = typer.Option(False, "--resume", help="Continue from last.pt exactly (optimisers, RNG, epoch).")
 
 

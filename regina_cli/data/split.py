@@ -310,7 +310,7 @@ def unpredictable_warning(summary: list[dict], knowledge_given: bool) -> str | N
     if not test["unpredictable"]:
         return None
     fix = ("pass a gene knowledge file that covers those genes" if knowledge_given else
-           "pass --gene-knowledge FILE (gene embeddings or GO terms) at train-ae and predict, "
+           "pass --gene-knowledge FILE (gene embeddings or GO terms) at train-ae (the run keeps it for predict), "
            "or run `regina fetch go` and pass --gene-knowledge go")
     return (f"{test['unpredictable']} of {test['conditions']} test conditions are unpredictable: a target is "
             f"neither measured, nor perturbed in training, nor known to the gene knowledge; {fix}")
