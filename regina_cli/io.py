@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -192,9 +193,21 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def json_ready(obj: Any) -> Any:
+    """`obj` with every non-finite float as None (null): JSON has no NaN or Infinity, which Python
+    writes but strict parsers refuse and jq turns into a huge number."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: json_ready(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(value) for value in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Stable JSON (sorted keys, fixed indent) so the same content gives the same bytes."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps(json_ready(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def h5ad_bytes(adata) -> int:

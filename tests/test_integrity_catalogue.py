@@ -25,12 +25,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from cli_helpers import invoke
-from regina_cli import keys
+from regina_cli import io, keys
 from regina_cli.data.dataset import verify_checksum
 from regina_cli.errors import ReginaError
 from regina_cli.cli import app
@@ -611,6 +612,26 @@ def test_a_checkpoint_that_cannot_be_written_is_one_error_line(world, tmp_path, 
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     document = json.loads(result.stdout)
     assert "the write failed (is the disk full, or the quota used up?)" in document["error"]
+
+
+def _strict_json(text: str):
+    return json.loads(text, parse_constant=lambda constant: pytest.fail(f"{constant} is not JSON"))
+
+
+def test_json_outputs_hold_no_nan_or_infinity(world, tmp_path):
+    """train-gan wrote -Infinity (the selectable score of an epoch the one-standard-error rule
+    does not take) on stdout and into meta.json: not JSON, which strict parsers refuse and jq
+    reads as -1.8e308. Non-finite numbers are null now."""
+    w = world.copy(tmp_path)
+    result = invoke("--json", *(a.format(**w.paths) for a in GAN), "--resume", "--max-epochs", "2")
+    assert result.exit_code == 0, result.output
+    document = _strict_json(result.stdout)
+    _strict_json((Path(w.paths["run"]) / keys.GAN_DIR / keys.META_FILE).read_text())
+    history = (Path(w.paths["run"]) / keys.GAN_DIR / keys.HISTORY_FILE).read_text()
+    if "-inf" in history.splitlines()[-1]:  # the last epoch was not selectable: its score is null
+        assert None in document["last"].values(), document["last"]
+    io.write_json(tmp_path / "x.json", {"a": float("-inf"), "b": [float("nan"), 1.0], "c": np.float64("inf")})
+    assert _strict_json((tmp_path / "x.json").read_text()) == {"a": None, "b": [None, 1.0], "c": None}
 
 
 def test_a_job_arrays_parts_score_as_the_whole_prediction(world, tmp_path):

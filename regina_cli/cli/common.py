@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from regina_cli.errors import ReginaError
+from regina_cli.io import json_ready
 
 console = Console(stderr=True, highlight=False)
 _state = {"quiet": False, "json": False, "rank": 0}
@@ -48,7 +49,7 @@ def show(renderable: Any) -> None:
 def emit_result(result: dict) -> None:
     """With --json, the command's result as one JSON document on stdout (for scripts)."""
     if _state["json"]:
-        sys.stdout.write(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+        sys.stdout.write(json.dumps(json_ready(result), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
 
 
 def print_error(message: str) -> None:
