@@ -270,6 +270,14 @@ def test_a_combination_asked_in_both_orders_is_one_condition():
     split = SimpleNamespace(train=[], val=[], test=[])
     data = ["ctrl", "A+ctrl", "B+A"]
     assert resolve_conditions("A+B,C+D,D+C,A,A+ctrl", split, data) == ["B+A", "C+D", "A+ctrl"]
+    with pytest.raises(ReginaError, match=r"'A\+A' names A twice; a gene is perturbed once \(A\+ctrl\)"):
+        resolve_conditions("A+A", split, data)  # was the single A+ctrl without a word
+
+
+def test_a_missing_dataset_is_named_before_its_split(tiny_run, tmp_path):
+    """A wrong --data-dir was reported as a missing split, whose suggested fix then failed."""
+    with pytest.raises(ReginaError, match="dataset 'tiny' not found.*regina fetch"):
+        predict(tiny_run[0], "G1", device="cpu", data_dir=tmp_path / "elsewhere")
 
 
 def test_a_conditions_control_draw_does_not_depend_on_the_rest_of_the_request():

@@ -92,9 +92,9 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
     if options.clip is None:
         options = replace(options, clip=options.sparsify or bool((meta.training or {}).get("clip_predictions", False)))
     genes, prompt_genes = list(meta.gene_names), trained.gan.prompt_genes
-    split = load_split(meta.dataset, meta.split, data_dir, allow_stale=allow_stale)
-    adata = read_dataset(meta.dataset, data_dir, backed=True)
+    adata = read_dataset(meta.dataset, data_dir, backed=True)  # before its split: a missing dataset is the fix to name
     try:
+        split = load_split(meta.dataset, meta.split, data_dir, allow_stale=allow_stale)
         if [str(g) for g in adata.var_names] != genes:
             raise ReginaError(f"dataset {meta.dataset!r} no longer has the genes {run_dir} was trained "
                               "on; re-fetch the same dataset")
@@ -188,6 +188,9 @@ def resolve_conditions(conditions: str | Sequence[str], split, data_conditions: 
             what = "is the control condition" if label == CTRL else "names no target gene"
             raise ReginaError(f"{label!r} {what}, not a perturbation; name perturbations like A+ctrl or A+B")
         genes = parse_condition(label)  # the dataset's spelling when it measured these targets in any order,
+        if len(set(genes)) < len(genes):
+            twice = next(g for g in genes if genes.count(g) > 1)
+            raise ReginaError(f"{label!r} names {twice} twice; a gene is perturbed once ({twice}+ctrl)")
         out.append(by_genes.setdefault(frozenset(genes), canonical_condition(genes)))  # else the first asked
     if not out:
         raise ReginaError("no conditions given; use --conditions test, all, or A+ctrl,A+B")
