@@ -94,6 +94,8 @@ def test_predict_seen_unseen_unmeasured_and_combinations(tiny_run):
     assert list(pred.var_names) == GENES and pred.X.shape == (CELLS * len(conditions), len(GENES))
     expected_labels = conditions[:-1] + ["G7+ctrl"]  # GEARS spelling for a label the data lacks
     assert pred.obs[keys.OBS_CONDITION].value_counts().to_dict() == {c: CELLS for c in expected_labels}
+    # named by condition (pred_<row> collided between the parts of a job array)
+    assert sorted(pred.obs_names) == sorted(f"{c}_{n}" for c in expected_labels for n in range(CELLS))
     sources = pred.obs.groupby(keys.OBS_CONDITION, observed=True)[keys.OBS_PROMPT_SOURCE].first().astype(str)
     assert sources.to_dict() == {"G4+ctrl": "measured", "G3+G1": "measured", "NOTMEASURED+ctrl": "learned",
                                  "NOTMEASURED+G4": "measured", "G1+G2+G3": "measured", "G7+ctrl": "measured"}

@@ -35,6 +35,13 @@ class FileOptions:
     sparsify: bool = False
 
 
+def predicted_names(conditions: np.ndarray) -> list[str]:
+    """`<condition>_<n>` for each predicted cell, n counting within its condition: unique across the
+    parts of a job array too (each part holds its own conditions), which `pred_<row>` was not."""
+    counts = pd.Series(conditions).groupby(conditions).cumcount().to_numpy()
+    return [f"{condition}_{n}" for condition, n in zip(conditions, counts)]
+
+
 def build(x: np.ndarray, plan, conditions, genes, *, sources: dict[str, str], reconstruction: np.ndarray,
           controls: tuple[np.ndarray, pd.DataFrame], options: FileOptions, provenance: dict):
     """The AnnData of predicted cells (and, with `with_controls`, the real controls they came from)."""
@@ -48,7 +55,7 @@ def build(x: np.ndarray, plan, conditions, genes, *, sources: dict[str, str], re
         keys.OBS_CELL_TYPE: plan.cells["cell_type"].astype(str).to_numpy(),
         keys.OBS_CONTROL_CELL: plan.control_names,
         keys.OBS_PROMPT_SOURCE: [sources[c] for c in predicted_condition],
-    }, index=[f"pred_{i}" for i in range(len(plan))])
+    }, index=predicted_names(predicted_condition))
     threshold = _sparsify_threshold(control_x) if options.sparsify else None
     if options.clip:
         x = np.maximum(x, 0.0)
