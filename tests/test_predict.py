@@ -176,6 +176,7 @@ def test_predict_test_set_through_cli(tiny_run):
     assert reported["skipped"] == ["UNKNOWNGENE+ctrl"]  # no prompt exists for it
     assert any("skipped 1 condition(s)" in w and "UNKNOWNGENE+ctrl" in w for w in reported["warnings"])
     assert reported["clipped"] is False  # the run recorded no choice: values as decoded
+    assert reported["replaced"] is False
     pred = ad.read_h5ad(run / "p.h5ad")
     assert set(pred.obs[keys.OBS_CONDITION]) == {"G4+ctrl", "ctrl"}
     assert (pred.obs[keys.OBS_CONDITION] == "G4+ctrl").sum() == 4
@@ -190,6 +191,7 @@ def test_predict_test_set_through_cli(tiny_run):
                                       "--device", "cpu", "--no-controls", "--no-clip"])
     assert result.exit_code == 0, result.output
     assert not ad.read_h5ad(run / keys.PREDICTIONS_FILE).uns[keys.UNS_REGINA]["clip"]
+    assert "replacing the predictions there" in " ".join(result.output.split())  # the --clip file before it
 
 
 def test_unknown_gene_is_a_clear_error(tiny_run):

@@ -51,6 +51,7 @@ class PredictionResult:
     seconds: float
     warnings: list[str] = field(default_factory=list)  # a stale run used with allow_stale
     clipped: bool = False  # negative values set to 0 (asked for, or the run's choice at train-gan)
+    replaced: bool = False  # a file was at `path` before (scores made from it no longer match)
 
     @property
     def skipped_warning(self) -> str | None:
@@ -125,11 +126,12 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
             "decoding": "residual: X_ctrl + D(T(z)) - D(z)" if trained.config.gan.residual_decoding
             else "D(T(z_ctrl, prompt))", "skipped_conditions": list(skipped), "stale": warnings,
             **{k: v for k, v in meta.hashes().items() if v}})
+    replaced = path.exists()
     write_h5ad(predictions, path)
     return PredictionResult(path=path, n_conditions=len(requested), n_cells=int(len(plan)),
                             n_new_conditions=plan.n_new, skipped=skipped, sources=sources,
                             device=str(trained.device), seconds=time.perf_counter() - started, warnings=warnings,
-                            clipped=options.clip)
+                            clipped=options.clip, replaced=replaced)
 
 
 def check_memory(n_rows: int, n_genes: int, device) -> None:
