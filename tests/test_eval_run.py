@@ -89,24 +89,29 @@ def test_mean_profiles_in_another_gene_order_give_the_same_precision(screen, run
     assert json.loads((tmp_path / "means" / keys.METRICS_FILE).read_text())["models"][0]["form"] == "means"
 
 
-def test_evaluate_loaded_in_memory_scores_as_the_command_does(screen, run, tmp_path, data_dir):
-    """The notebook path (`evaluate_loaded`, no files written) gives the command's table."""
+def _in_memory(path, split, data_dir, baselines: list[str]):
+    """(truth, evaluation) of the prediction file at `path`, scored without writing anything."""
     from regina_cli.data.dataset import read_dataset
     from regina_cli.evaluate.predictions import align, shared_genes
     from regina_cli.evaluate.readers import name_columns, read_predictions
     from regina_cli.evaluate.run import evaluate_loaded
     from regina_cli.evaluate.truth import Truth
 
+    real = read_dataset(NAME, data_dir)
+    raw = name_columns(read_predictions(path, condition_key=keys.OBS_CONDITION, separator=keys.GENE_SEPARATOR),
+                       list(real.var_names))
+    truth = Truth(real, shared_genes([raw], list(real.var_names)))
+    return truth, evaluate_loaded(truth, split, [align(raw, truth, "pred")], baselines=baselines)
+
+
+def test_evaluate_loaded_in_memory_scores_as_the_command_does(screen, run, tmp_path, data_dir):
+    """The notebook path (`evaluate_loaded`, no files written) gives the command's table."""
     adata, split = screen
     write_predictions(adata, split.test, tmp_path / "pred.h5ad")
     result = run("--predictions", tmp_path / "pred.h5ad", "--split", split.name, "--out", tmp_path / "cli",
                  "--no-plots", "--baselines", "train_mean", "--threads", "1")
     assert result.exit_code == 0, result.output
-    real = read_dataset(NAME, data_dir)
-    raw = name_columns(read_predictions(tmp_path / "pred.h5ad", condition_key=keys.OBS_CONDITION,
-                                        separator=keys.GENE_SEPARATOR), list(real.var_names))
-    truth = Truth(real, shared_genes([raw], list(real.var_names)))
-    loaded = evaluate_loaded(truth, split, [align(raw, truth, "pred")], baselines=["train_mean"])
+    _, loaded = _in_memory(tmp_path / "pred.h5ad", split, data_dir, ["train_mean"])
 
     assert [m.name for m in loaded.models] == ["pred"] and set(loaded.profiles) == {"train_mean"}
     assert set(loaded.profiles["train_mean"]) == set(split.test)
@@ -115,6 +120,24 @@ def test_evaluate_loaded_in_memory_scores_as_the_command_does(screen, run, tmp_p
     assert list(memory.index) == list(cli.index) and set(memory.index.get_level_values("model")) == {"pred", "train_mean"}
     np.testing.assert_allclose(memory[list(METRICS)].to_numpy(float), cli[list(METRICS)].to_numpy(float),
                                rtol=1e-5, atol=1e-7)
+
+
+def test_scatter_legend_gives_no_change_the_tables_pearson_delta(screen, tmp_path, data_dir):
+    """no_change predicts a constant (no change), whose Pearson is undefined: the tables count it
+    as 0 (GEARS), and delta_scatter.png's legend showed r=nan beside them."""
+    from matplotlib.figure import Figure
+
+    from regina_cli.evaluate import figures
+
+    adata, split = screen
+    condition = split.test[0]
+    write_predictions(adata, [condition], tmp_path / "pred.h5ad")
+    truth, loaded = _in_memory(tmp_path / "pred.h5ad", split, data_dir, ["no_change"])
+    ax = Figure().subplots()
+    figures._delta_scatter(ax, loaded, truth, condition, "test", figures.colours(["pred", "no_change"]), {"pred"})
+    table = loaded.table.set_index(["model", "condition"])["pearson_delta"]
+    assert table["no_change", condition] == 0.0
+    assert f"no_change (r={table['no_change', condition]:.2f})" in ax.get_legend_handles_labels()[1]
 
 
 def test_unknown_conditions_are_skipped_and_counted(screen, run, tmp_path):

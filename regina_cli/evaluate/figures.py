@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from regina_cli import keys
 from regina_cli.data.conditions import parse_condition
-from regina_cli.evaluate.metrics import METRICS
+from regina_cli.evaluate.metrics import METRICS, gears_pearson
 from regina_cli.io import atomic_path
 
 N_EXAMPLES = 4
@@ -86,6 +87,12 @@ def _delta_bars(ax, result, truth, condition: str, why: str, colour: dict, model
     ax.set_title(f"{condition}: top DE genes (targets in red) - {why}", fontsize=9)
 
 
+def _scatter_r(pred: np.ndarray, true: np.ndarray) -> float:
+    """The scatter's r, by the tables' definition (0 for a constant prediction such as no_change)."""
+    a, b = (torch.as_tensor(x, dtype=torch.float64)[None] for x in (pred, true))
+    return float(gears_pearson(a, b, torch.ones_like(a, dtype=torch.bool))[0])
+
+
 def _delta_scatter(ax, result, truth, condition: str, why: str, colour: dict, models: set) -> None:
     true_delta = truth.stats(condition).mean - truth.control_mean
     targets = _targets(truth, condition)
@@ -94,7 +101,7 @@ def _delta_scatter(ax, result, truth, condition: str, why: str, colour: dict, mo
     lo, hi = [], []
     for name, profile in _profiles_of(result, condition).items():
         pred = profile[genes] - truth.control_mean[genes]
-        r = np.corrcoef(pred, true_delta[genes])[0, 1] if np.ptp(pred) > 0 else float("nan")
+        r = _scatter_r(pred, true_delta[genes])
         ax.scatter(true_delta[genes], pred, s=14 if name in models else 8, color=colour[name],
                    alpha=0.8 if name in models else 0.5, label=f"{name} (r={r:.2f})")
         lo.append(pred.min())

@@ -27,7 +27,8 @@ CAPTIONS = {
     "delta_top_de.png": "Mean change vs control on each example condition's top DE genes: grey bars = truth, "
                         "markers = models and baselines; targeted genes in red.",
     "delta_scatter.png": "Predicted vs true change per gene (top genes by |true change|); the diagonal is a "
-                         "perfect prediction; targeted genes marked in red.",
+                         "perfect prediction; targeted genes marked in red; r = Pearson over the plotted genes "
+                         "(0 for a constant prediction such as no_change, as pearson_delta counts it).",
     "pca_cells.png": "Control, true and predicted cells in the first two principal components of all of "
                      "them; the red arrow is the targeted gene's direction.",
 }

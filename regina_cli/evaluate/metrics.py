@@ -150,8 +150,9 @@ def pearson(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) 
     return _masked_pearson(a, b, torch.ones_like(a, dtype=torch.bool) if mask is None else mask)
 
 
-def _gears_pearson(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """GEARS replaces an undefined Pearson by 0; rows without any gene stay NaN (no metric)."""
+def gears_pearson(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GEARS replaces an undefined Pearson by 0; rows without any gene stay NaN (no metric).
+    The figures' r uses it too, so a constant prediction (no_change) shows the tables' 0 there."""
     r = _masked_pearson(a, b, mask)
     return torch.where(mask.any(-1), torch.nan_to_num(r, nan=0.0), r)
 
@@ -193,12 +194,12 @@ def precision_metrics(
     opposite_sign = pred_delta * true_delta < 0
     out: dict[str, torch.Tensor] = {}
 
-    out["pearson_delta"] = _gears_pearson(pred_delta, true_delta, all_genes)
+    out["pearson_delta"] = gears_pearson(pred_delta, true_delta, all_genes)
     out["frac_correct_direction_all"] = same_sign.to(pred_delta.dtype).mean(-1)
 
     de, de_ok = genes.top20_de, genes.top20_de_valid
     p_de, t_de = _gather(pred_delta, de), _gather(true_delta, de)
-    out["pearson_delta_top20_de"] = _gears_pearson(p_de, t_de, de_ok)
+    out["pearson_delta_top20_de"] = gears_pearson(p_de, t_de, de_ok)
     out["mse_top20_de"] = _masked_mean((p_de - t_de) ** 2, de_ok)
     # GEARS divides by 20 whatever the number of listed genes.
     n_correct = ((torch.sign(p_de) == torch.sign(t_de)) & de_ok).sum(-1).to(pred_delta.dtype)
@@ -207,7 +208,7 @@ def precision_metrics(
 
     nd, nd_ok = genes.top20_non_dropout, genes.top20_non_dropout_valid
     p_nd, t_nd = _gather(pred_delta, nd), _gather(true_delta, nd)
-    out["pearson_delta_top20_de_non_dropout"] = _gears_pearson(p_nd, t_nd, nd_ok)
+    out["pearson_delta_top20_de_non_dropout"] = gears_pearson(p_nd, t_nd, nd_ok)
     out["mse_top20_de_non_dropout"] = _masked_mean((p_nd - t_nd) ** 2, nd_ok)
     out["frac_correct_direction_top20_non_dropout"] = _masked_mean(
         (torch.sign(p_nd) == torch.sign(t_nd)).to(pred_delta.dtype), nd_ok
@@ -223,7 +224,7 @@ def precision_metrics(
     top_abs = torch.topk(true_delta.abs(), min(TOP_K, true_delta.shape[1]), dim=1).indices
     p_top, t_top = _gather(pred_delta, top_abs), _gather(true_delta, top_abs)
     top_ok = torch.ones_like(top_abs, dtype=torch.bool)
-    out["pearson_delta_top20_abs"] = _gears_pearson(p_top, t_top, top_ok)
+    out["pearson_delta_top20_abs"] = gears_pearson(p_top, t_top, top_ok)
     out["frac_wrong_sign_top20_abs"] = (p_top * t_top < 0).to(pred_delta.dtype).mean(-1)
     out["frac_wrong_sign_all"] = opposite_sign.to(pred_delta.dtype).mean(-1)
     out["nmse_top20_abs"] = _normalised_mse(p_top, t_top, top_ok)
