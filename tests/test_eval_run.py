@@ -140,6 +140,23 @@ def test_scatter_legend_gives_no_change_the_tables_pearson_delta(screen, tmp_pat
     assert f"no_change (r={table['no_change', condition]:.2f})" in ax.get_legend_handles_labels()[1]
 
 
+def test_report_overall_table_says_how_many_conditions_each_column_is_over(screen, run, tmp_path):
+    """additive predicts only the combinations of trained singles: its column in report.html's
+    Overall table sat beside the model's with no count, as if both were means over the same set."""
+    adata, split = screen
+    write_predictions(adata, split.test, tmp_path / "pred.h5ad")
+    result = run("--predictions", tmp_path / "pred.h5ad", "--split", split.name, "--out", tmp_path / "e",
+                 "--baselines", "no_change,additive")
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "e" / keys.PER_CONDITION_FILE)
+    n = table[table["set"] == "test"].groupby("model")["condition"].nunique()
+    assert n["pred"] == n["no_change"] == len(split.test) > n["additive"] > 0
+    page = (tmp_path / "e" / keys.REPORT_FILE).read_text()
+    overall = page.split("<h2>Overall</h2>")[1].split("</table>")[0]
+    for name in ("pred", "no_change", "additive"):
+        assert f"<th>{name}\nn={n[name]}</th>" in overall
+
+
 def test_unknown_conditions_are_skipped_and_counted(screen, run, tmp_path):
     adata, split = screen
     pred = write_predictions(adata, split.test[:2], tmp_path / "pred.h5ad")

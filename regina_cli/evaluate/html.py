@@ -9,13 +9,15 @@ import base64
 import html
 from pathlib import Path
 
-from regina_cli.evaluate.report import BY_PROMPT_SOURCE, OVERALL, SUBGROUP_METRICS, fmt, headline_rows, ordered, wins
+from regina_cli.evaluate.report import (BY_PROMPT_SOURCE, OVERALL, SUBGROUP_METRICS, fmt, headline_headers,
+                                        headline_rows, ordered, wins)
 from regina_cli.io import write_text
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
 th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; }
+th { white-space: pre-line; }
 th:first-child, td:first-child { text-align: left; }
 .better { color: #1a7f37; } .worse { color: #c62828; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0 1.2em; }
@@ -53,7 +55,7 @@ def _headline(summary: dict) -> str:
     shown = [r["metric"] for r in rows]
     for model in models:
         body.append([f"{html.escape(model)} wins", *[""] * len(models), *[wins(summary, model, b, shown) for b in baselines]])
-    return _table(["metric", *models, *baselines], body)
+    return _table(["metric", *headline_headers(summary)], body)
 
 
 def _grouped(summary: dict) -> str:
@@ -112,8 +114,10 @@ def write_html(summary: dict, figures: list[Path], path: Path) -> None:
         f"{html.escape(summary['dataset'])}</h1>",
         _context(summary),
         "<h2>Overall</h2>",
-        f"<p class='note'>Means over conditions. Baseline columns: green = {html.escape(first)} better on the "
-        "conditions both predict, red = baseline better, black = tie; 'wins' counts the metrics in this table.</p>",
+        f"<p class='note'>Means over the n conditions under each name; a baseline's n = the conditions it "
+        f"shares with {html.escape(first)}, its values are means over those. Baseline columns: green = "
+        f"{html.escape(first)} better on those conditions, red = baseline better, black = tie; 'wins' counts "
+        "the metrics in this table.</p>",
         _headline(summary),
         "<h2>By subgroup</h2>",
         _grouped(summary),

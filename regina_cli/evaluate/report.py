@@ -175,6 +175,16 @@ def headline_rows(summary: dict) -> list[dict]:
     return rows
 
 
+def headline_headers(summary: dict) -> list[str]:
+    """Column headers of the headline table: each name over the number of conditions its values
+    are means over (a baseline's: those it shares with the first model), so that a baseline
+    scored on a few conditions (additive: combinations only) is not read as comparable at a glance."""
+    models, baselines = ordered(summary)
+    n = {m: summary["results"].get(m, {}).get(OVERALL, {}).get("n_conditions", 0) for m in models}
+    n.update({b: entry["n_conditions"] for b, entry in summary["comparison"].get(models[0], {}).items()})
+    return [f"{name}\nn={n[name]}" if name in n else name for name in models + baselines]
+
+
 def wins(summary: dict, model: str, baseline: str, shown: list[str]) -> str:
     entry = summary["comparison"].get(model, {}).get(baseline)
     if entry is None:
@@ -231,8 +241,7 @@ def summary_tables(summary: dict) -> list:
     models, baselines = ordered(summary)
     rows = headline_rows(summary)
     shown = [r["metric"] for r in rows]
-    first = summary["comparison"].get(models[0], {})
-    headers = models + [f"{b}\nn={first[b]['n_conditions']}" if b in first else b for b in baselines]
+    headers = headline_headers(summary)
     body = []
     for r in rows:
         cells = [fmt(r["values"][m]) for m in models]
