@@ -139,6 +139,14 @@ def test_systema_metrics_are_pearson_of_changes_from_the_perturbed_reference(cas
     assert np.isnan(_ours(case)["pearson_delta_pert"]).all()  # no reference (no perturbed training condition)
 
 
+def test_de_metric_descriptions_read_all_or_the_top_n():
+    """The `_at_N` descriptions read "share of the all true DE genes"."""
+    assert "share of all true DE genes" in METRICS["de_overlap_at_N"].description
+    assert "share of all predicted DE genes" in METRICS["de_precision_at_N"].description
+    assert "share of the top 50 true DE genes" in METRICS["de_overlap_at_50"].description
+    assert not [m for m, info in METRICS.items() if "the all" in info.description]
+
+
 def test_pearson_rowwise_matches_numpy(rng):
     a, b = rng.normal(size=(5, 30)), rng.normal(size=(5, 30))
     expected = [np.corrcoef(a[i], b[i])[0, 1] for i in range(5)]

@@ -99,10 +99,10 @@ METRICS: dict[str, MetricInfo] = {
 def _de_metrics() -> dict[str, MetricInfo]:
     out = {}
     for kind, size in ((k, n) for k in ("overlap", "precision") for n in DE_SIZES):
-        top = f"top {size}" if size else "all"
+        top = f"the top {size}" if size else "all"
         among = "true" if kind == "overlap" else "predicted"
         out[f"de_{kind}_at_{size or 'N'}"] = MetricInfo(
-            True, f"cell-eval's {kind}_at_{size or 'N'} with a Welch t-test: share of the {top} {among} DE genes "
+            True, f"cell-eval's {kind}_at_{size or 'N'} with a Welch t-test: share of {top} {among} DE genes "
             "(FDR < 0.05, by |log2 fold change|) found in both", "de",
         )
     return out
