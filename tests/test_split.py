@@ -339,8 +339,8 @@ def test_split_counts_unpredictable_conditions_and_warns_with_the_fix(dropped_de
     assert n_test == 7 and rows[("train", "all")]["unpredictable"] == 0
     assert out["warnings"] == [
         f"7 of 8 test conditions are unpredictable: a target is neither measured, nor perturbed in training, nor "
-        "known to the gene knowledge; pass --gene-knowledge FILE (gene embeddings or GO terms) at train-ae and "
-        "predict, or run `regina fetch go` and pass --gene-knowledge go"
+        "known to the gene knowledge; pass --gene-knowledge FILE (gene embeddings or GO terms) at train-ae (the "
+        "run keeps it for predict), or run `regina fetch go` and pass --gene-knowledge go"
     ]
     human = invoke("split", "demo")
     assert "warning: 7 of 8 test conditions are unpredictable" in " ".join(human.output.split())
