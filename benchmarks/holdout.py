@@ -83,8 +83,9 @@ def one_run(dataset: str, seed: int, draw: int, arm: str, sets: list[str], opts)
         return {"dataset": dataset, "seed": seed, "draw": draw, "arm": arm, "failed": str(failure)}
     with (run_dir / keys.GAN_DIR / "history.csv").open() as fh:
         rows = list(csv.DictReader(fh))
+    selected = meta["training"]["best_value"]  # null in JSON where it is not finite
     return {"dataset": dataset, "seed": seed, "draw": draw, "arm": arm,
-            "epoch0": float(rows[0]["val_pearson_delta"]), "selected": float(meta["training"]["best_value"]),
+            "epoch0": float(rows[0]["val_pearson_delta"]), "selected": float("nan" if selected is None else selected),
             "by_epoch": {key: [float(row.get(f"val_{key}") or "nan") for row in rows] for key in BY_EPOCH},
             "best_epoch": int(meta["training"]["best_epoch"]), "conditions": meta["validation_conditions_scored"],
             "train_conditions": [c for c in meta["train_conditions"] if c not in meta["held_out_conditions"]],

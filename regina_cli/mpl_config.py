@@ -13,12 +13,17 @@ from pathlib import Path
 ENV_MPLCONFIGDIR = "MPLCONFIGDIR"
 
 
-def default_dirs() -> list[Path]:
-    """The config and cache folders matplotlib picks without MPLCONFIGDIR (XDG ones on Linux)."""
+def default_dirs() -> tuple[Path, Path]:
+    """(config, cache): the folders matplotlib picks without MPLCONFIGDIR (XDG ones on Linux)."""
     if sys.platform.startswith(("linux", "freebsd")):
-        return [Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "matplotlib",
-                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "matplotlib"]
-    return [Path.home() / ".matplotlib"]
+        return (Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "matplotlib",
+                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "matplotlib")
+    return Path.home() / ".matplotlib", Path.home() / ".matplotlib"
+
+
+def holds_settings(folder: Path) -> bool:
+    """A user's matplotlibrc or styles are there, which MPLCONFIGDIR would hide."""
+    return (folder / "matplotlibrc").is_file() or (folder / "stylelib").is_dir()
 
 
 def can_make(folder: Path) -> bool:
@@ -33,11 +38,14 @@ def can_make(folder: Path) -> bool:
 
 def use_private_config_dir() -> None:
     """Point an unset MPLCONFIGDIR at a private temporary folder, removed at exit, when matplotlib
-    cannot write its default folders (what matplotlib does then too, minus the warning)."""
+    cannot write its default folders (what matplotlib does then too, minus the warning). Not where
+    only the cache folder is unwritable and the config folder holds the user's settings: keeping
+    them is worth matplotlib's warning."""
     if os.environ.get(ENV_MPLCONFIGDIR):
         return
     try:
-        if all(can_make(folder) for folder in default_dirs()):
+        config, cache = default_dirs()
+        if can_make(config) and (can_make(cache) or holds_settings(config)):
             return
     except (OSError, RuntimeError):  # a folder that cannot be looked at, or no home at all
         pass

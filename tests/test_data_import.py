@@ -149,6 +149,17 @@ def test_log1p_of_counts_is_normalised_like_the_counts(tmp_path, rng, dtype):
     np.testing.assert_allclose(read_dataset("logged").X.toarray(), read_dataset("counts").X.toarray(), atol=1e-5)
 
 
+def test_log1p_of_counts_converted_by_another_tool_is_still_recognised():
+    """log1p(counts) a unit in the last place off (another tool's log1p, a float64 -> float32 cast)."""
+    import scipy.sparse as sp
+
+    from regina_cli.data.importer import is_log1p_counts
+
+    logged = np.log1p(np.arange(1, 200, dtype=np.float32))
+    nudged = np.nextafter(logged, np.float32(np.inf))
+    assert is_log1p_counts(sp.csr_matrix(nudged[None, :]), np.dtype(np.float32))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_log_normalised_values_are_not_taken_for_log1p_of_counts(tmp_path, rng, dtype):
     """The rounding allowed for log1p(counts) must not take in log-normalised values, even with
@@ -284,6 +295,19 @@ def test_zip_and_folder_sources(tmp_path, rng):
     a, b = read_dataset("from_folder"), read_dataset("from_zip")
     np.testing.assert_array_equal(a.X.toarray(), b.X.toarray())
     assert set(a.obs[keys.OBS_CONDITION]) == {"ctrl", "A+ctrl", "B+ctrl"}
+
+
+def test_cell_type_key_is_read_from_a_gears_layout_file(tmp_path):
+    """A GEARS-layout file was kept as it was, so --cell-type-key was ignored without a word, even
+    one naming no column."""
+    demo = simulate_screen(n_cells=300, n_genes=140, n_singles=3, n_doubles=1, seed=2)
+    demo.obs["line"] = "K562"
+    source, _ = write_dataset(demo, "gears_copy", tmp_path)
+    result = fetch_cli("gears_copy", "--from", source, "--cell-type-key", "line")
+    assert result.exit_code == 0, result.output
+    obs = read_dataset("gears_copy").obs
+    assert set(obs[keys.OBS_CELL_TYPE]) == {"K562"} and "cell_type_input" in obs
+    assert fetch_cli("other", "--from", source, "--cell-type-key", "nosuch").exit_code == 2
 
 
 def test_gears_file_is_kept_verbatim(tmp_path):

@@ -280,3 +280,21 @@ def test_figures_under_an_unwritable_home_print_nothing_on_stderr(tmp_path):
     env["MPLCONFIGDIR"] = str(tmp_path / "mine")
     kept = subprocess.run([sys.executable, "-c", FIGURE], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert kept.stdout.strip() == str(tmp_path / "mine"), kept.stderr  # the user's own is never replaced
+
+
+def test_a_users_matplotlib_settings_are_kept_when_only_the_cache_is_unwritable(tmp_path, monkeypatch):
+    """A writable config folder with the user's matplotlibrc beside an unwritable cache folder:
+    MPLCONFIGDIR, which moves both, would hide the settings; matplotlib's own warning is the lesser harm."""
+    from regina_cli.mpl_config import ENV_MPLCONFIGDIR, use_private_config_dir
+
+    (tmp_path / "file").write_text("")
+    (tmp_path / "config" / "matplotlib").mkdir(parents=True)
+    monkeypatch.delenv(ENV_MPLCONFIGDIR, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file" / "cache"))
+    use_private_config_dir()
+    assert ENV_MPLCONFIGDIR in os.environ  # no settings to keep: the private folder
+    monkeypatch.delenv(ENV_MPLCONFIGDIR)
+    (tmp_path / "config" / "matplotlib" / "matplotlibrc").write_text("lines.linewidth: 7\n")
+    use_private_config_dir()
+    assert ENV_MPLCONFIGDIR not in os.environ

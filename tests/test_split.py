@@ -191,6 +191,11 @@ def test_two_train_gene_fracs_are_two_splits_and_the_default_keeps_its_name(demo
         load_split("demo", "simulation_single_2_0.5")
     with pytest.raises(ReginaError, match=r"plus _<train-gene-frac> when that is not 0.75"):
         load_split("demo", "simulation_1_0.75")  # the default share is never spelled out
+    # an older version's file at 0.5 under the default's name, its dataset changed since: remake what it holds
+    old = json.loads((splits_dir() / "simulation_1_0.5.json").read_text())
+    (splits_dir() / "simulation_1.json").write_text(json.dumps({**old, keys.DATASET_SHA256: "0" * 64}))
+    with pytest.raises(ReginaError, match=r"--train-gene-frac 0.5 --force` \(it holds split simulation_1_0.5\)"):
+        load_split("demo", "simulation_1")
 
 
 @pytest.mark.parametrize(

@@ -77,7 +77,7 @@ def predict_command(
     info("prompt sources: " + "; ".join(f"{source} {len(c)}" for source, c in sorted(by_source.items())))
     chosen_by = "as asked" if clip is not None or sparsify else "the run's choice at train-gan"
     info(f"negative values {'set to 0' if result.clipped else 'kept as decoded'} ({chosen_by}; --clip/--no-clip)")
-    info(f"wrote {result.path}" + (" (replacing the predictions there: scores made from them no longer match)"
+    info(f"wrote {result.path}" + (" (replacing the predictions there: scores made from them may no longer match)"
                                    if result.replaced else ""))
     emit_result({"predictions": str(result.path), "conditions": result.n_conditions, "cells": result.n_cells,
                  "new_conditions": result.n_new_conditions, "skipped": result.skipped, "sources": result.sources,

@@ -151,22 +151,25 @@ def looks_like_counts(values: np.ndarray) -> bool:
 
 
 LOG_COUNT_SAMPLE = 200_000  # stored values checked for log1p of whole numbers
+# Units in the last place allowed: log1p's own rounding is 0.5-0.63 of one; float32 leaves room for
+# another tool's conversions, float16's units are so coarse that more would take in normalised values.
+LOG_COUNT_ULPS = {np.dtype(np.float16): 1, np.dtype(np.float32): 4}
 
 
 def is_log1p_counts(X: sp.csr_matrix, stored: np.dtype) -> bool:
     """log1p of raw counts, never normalised for depth: every value is log1p of a whole number to
-    within one unit in the last place of the file's dtype `stored` (its rounding alone moves expm1
-    off whole numbers by 0.04 at 40 in float16, 0.005 at 1e4 in float32; log1p of depth-normalised
-    values lands that close only by chance), some of them above 1."""
+    within `LOG_COUNT_ULPS` units in the last place of the file's dtype `stored` (its rounding alone
+    moves expm1 off whole numbers by 0.04 at 40 in float16, 0.005 at 1e4 in float32; log1p of
+    depth-normalised values lands that close only by chance), some of them above 1."""
     data = X.data
     if data.size == 0 or float(data.max()) > LOG_MAX:
         return False
     step = max(1, data.size // LOG_COUNT_SAMPLE)
     values = data[::step].astype(np.float64)
     whole = np.round(np.expm1(values))
-    precision = np.float16 if stored == np.float16 else np.float32  # X is float32 whatever the file holds
-    ulp = np.spacing(values.astype(precision)).astype(np.float64)
-    return bool(np.all(np.abs(np.log1p(whole) - values) <= ulp)) and float(whole.max()) > 1
+    precision = np.dtype(np.float16 if stored == np.float16 else np.float32)  # X is float32 whatever the file held
+    allowed = LOG_COUNT_ULPS[precision] * np.spacing(values.astype(precision)).astype(np.float64)
+    return bool(np.all(np.abs(np.log1p(whole) - values) <= allowed)) and float(whole.max()) > 1
 
 
 def counts_from_log1p(adata) -> str:
@@ -472,7 +475,8 @@ def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
     log_counts = not counts and is_log1p_counts(X, adata.X.dtype)
     unlogged = not counts and not log_counts and check_log_scale(X)
     is_gears = all(k in adata.obs for k in GEARS_OBS) and all(k in adata.uns for k in GEARS_UNS)
-    relabelling = options.condition_key is not None or bool(options.control) or options.separator is not None
+    relabelling = (options.condition_key is not None or options.cell_type_key is not None or bool(options.control)
+                   or options.separator is not None)
     filtering = options.n_top_genes is not None or options.gene_list is not None
     spelled_twice = is_gears and bool(merge_spellings(adata.obs[keys.OBS_CONDITION].astype(str)))
     keep_gears = (is_gears and not relabelling and not counts and not log_counts and not unlogged
