@@ -198,6 +198,14 @@ def test_two_train_gene_fracs_are_two_splits_and_the_default_keeps_its_name(demo
         load_split("demo", "simulation_1")
 
 
+def test_the_result_table_goes_to_stdout_and_status_lines_to_stderr(demo):
+    """Result tables were on stderr, so `regina split demo > split.txt` kept nothing."""
+    result = invoke("split", "demo", "--seed", "4")
+    assert result.exit_code == 0, result.output
+    assert "unpredictable" in result.stdout and "later steps take it as" not in result.stdout
+    assert "later steps take it as" in result.stderr and "unpredictable" not in result.stderr
+
+
 @pytest.mark.parametrize(
     "args, fragments",
     [

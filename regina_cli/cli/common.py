@@ -18,7 +18,8 @@ from rich.markup import escape
 from regina_cli.errors import ReginaError
 from regina_cli.io import json_ready
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False)  # status lines, warnings and errors
+results = Console(highlight=False)  # a command's result tables, on stdout
 _state = {"quiet": False, "json": False, "rank": 0}
 
 
@@ -41,9 +42,10 @@ def info(message: str) -> None:
 
 
 def show(renderable: Any) -> None:
-    """A rich table or panel on stderr (silenced by --quiet/--json)."""
+    """A result table on stdout, so `regina CMD > results.txt` keeps it while status lines stay on
+    stderr (silenced by --quiet; --json prints the result document instead)."""
     if not _state["quiet"]:
-        console.print(renderable)
+        results.print(renderable)
 
 
 def emit_result(result: dict) -> None:

@@ -13,12 +13,11 @@ from importlib import metadata
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from regina_cli import __version__, keys
 from regina_cli.cli.app import app
-from regina_cli.cli.common import DataDirOpt, emit_result, is_quiet, user_errors
+from regina_cli.cli.common import DataDirOpt, emit_result, show, user_errors
 
 _GIB = 2**30
 
@@ -163,6 +162,5 @@ def info_command(
 ) -> None:
     """Versions, device, CUDA and GPU memory (paste this into bug reports)."""
     report = system_report(dataset, data_dir=data_dir)
-    if not is_quiet():  # the report is this command's output: on stdout, so `regina info > info.txt` keeps it
-        Console(highlight=False).print(_report_table(report))
+    show(_report_table(report))  # on stdout: `regina info > info.txt` keeps it
     emit_result(report)
