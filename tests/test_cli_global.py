@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from rich.console import Console
@@ -147,3 +150,14 @@ def test_slurms_warning_signal_outside_training_is_an_interruption(capsys):
         command()
     assert stopped.value.exit_code == 128 + signal.SIGUSR1
     assert "error: interrupted by signal 10" in capsys.readouterr().err
+
+
+def test_result_tables_on_a_stdout_that_cannot_encode_them_are_escaped():
+    """Tables moved to stdout, whose encoding errors are strict (stderr's replace): an evaluate table's
+    arrows on a latin-1 stdout ended in a UnicodeEncodeError traceback."""
+    code = ("from regina_cli.cli.common import set_output_mode, show; "
+            "set_output_mode(quiet=False, json_output=False); show('pearson_delta \u2191')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          env={**os.environ, "PYTHONIOENCODING": "latin-1"})
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert b"pearson_delta \\u2191" in done.stdout

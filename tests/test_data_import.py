@@ -307,6 +307,7 @@ def test_cell_type_key_is_read_from_a_gears_layout_file(tmp_path):
     assert result.exit_code == 0, result.output
     obs = read_dataset("gears_copy").obs
     assert set(obs[keys.OBS_CELL_TYPE]) == {"K562"} and "cell_type_input" in obs
+    assert "GEARS layout found, but labels read as given" in " ".join(result.output.split())
     assert fetch_cli("other", "--from", source, "--cell-type-key", "nosuch").exit_code == 2
 
 

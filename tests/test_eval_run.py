@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io as text_io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +14,13 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from rich.console import Console
 
 from cli_helpers import invoke
 from eval_helpers import NAME, data_dir, screen, write_predictions  # noqa: F401 (fixtures)
 from regina_cli import keys
 from regina_cli.evaluate.metrics import METRICS
+from regina_cli.evaluate.report import headline_rows, summary_tables
 
 @pytest.fixture
 def run(data_dir):
@@ -38,6 +42,14 @@ def test_cli_writes_metrics_table_and_plots_deterministically(screen, run, tmp_p
     for name in (keys.PER_CONDITION_FILE,):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     summary = json.loads((tmp_path / "a" / keys.METRICS_FILE).read_text())
+    # without colour (a file), a baseline better than the model still shows: marked *
+    lost = json.loads(json.dumps(summary))
+    lost["comparison"]["pred"]["no_change"]["metrics"]["pearson_delta"].update(tie=False, model_better=False)
+    plain = Console(file=text_io.StringIO(), color_system=None, width=80)
+    for table in summary_tables(lost):
+        plain.print(table)
+    worse = sum(v[1] == "worse" for r in headline_rows(lost) for v in r["values"].values() if isinstance(v, list | tuple))
+    assert worse >= 1 and len(re.findall(r"\d\*", plain.file.getvalue())) == worse
     rerun = json.loads((tmp_path / "b" / keys.METRICS_FILE).read_text())
     assert summary["results"] == rerun["results"] and summary["comparison"] == rerun["comparison"]
 

@@ -194,8 +194,11 @@ def test_two_train_gene_fracs_are_two_splits_and_the_default_keeps_its_name(demo
     # an older version's file at 0.5 under the default's name, its dataset changed since: remake what it holds
     old = json.loads((splits_dir() / "simulation_1_0.5.json").read_text())
     (splits_dir() / "simulation_1.json").write_text(json.dumps({**old, keys.DATASET_SHA256: "0" * 64}))
-    with pytest.raises(ReginaError, match=r"--train-gene-frac 0.5 --force` \(it holds split simulation_1_0.5\)"):
+    with pytest.raises(ReginaError, match=r"seed 1 --force` \(it holds what is now split simulation_1_0.5.*"
+                                          r"--train-gene-frac 0.5` and pass --split simulation_1_0.5\)"):
         load_split("demo", "simulation_1")
+    assert invoke("split", "demo", "--seed", "1", "--force").exit_code == 0  # the advice clears it
+    assert load_split("demo", "simulation_1").train_gene_frac == 0.75
 
 
 def test_the_result_table_goes_to_stdout_and_status_lines_to_stderr(demo):

@@ -29,6 +29,8 @@ def set_output_mode(*, quiet: bool, json_output: bool, rank: int = 0) -> None:
     _state["quiet"] = quiet or json_output or rank > 0
     _state["json"] = json_output and rank == 0
     _state["rank"] = rank
+    if hasattr(sys.stdout, "reconfigure"):  # a table's arrows on a latin-1 stdout: escaped, not a traceback
+        sys.stdout.reconfigure(errors="backslashreplace")
 
 
 def is_quiet() -> bool:

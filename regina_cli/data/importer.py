@@ -498,9 +498,11 @@ def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
             log(notes.messages[-1])
         check_controls(adata.obs)
     else:
-        if spelled_twice:
-            notes.messages.append("GEARS layout found, but a combination is labelled in both orders: one "
-                                  "condition each, and the DE fields computed again")
+        if is_gears:
+            why = ("a combination is labelled in both orders: one condition each" if spelled_twice else
+                   "labels read as given (--condition-key, --cell-type-key, --control, --separator)" if relabelling
+                   else "genes filtered" if filtering else "X normalised")
+            notes.messages.append(f"GEARS layout found, but {why}, and the DE fields computed again")
             log(notes.messages[-1])
         relabel(adata, name, options, notes, log)
         if counts or log_counts:

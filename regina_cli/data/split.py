@@ -250,8 +250,9 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None, *, all
         raise ReginaError(f"split file {path} is damaged ({exc}): run `regina split` again") from None
     recorded, current = obj.get(keys.DATASET_SHA256), dataset_sha256(name, data_dir)
     if recorded and current and recorded != current and not allow_stale:
-        if loaded.name != split:  # an older version's file, at a share now named apart: remake what it holds
-            remake, hint = remake_command(name, loaded.name) or remake, f" (it holds split {loaded.name})"
+        if loaded.name != split:  # an older version's file at a share that is now named apart
+            hint = (f" (it holds what is now split {loaded.name}, made by an older version; to keep that one, "
+                    f"run `{remake_command(name, loaded.name)}` and pass --split {loaded.name})")
         raise ReginaError(f"split file {path} was made from another version of dataset {name} (SHA-256 "
                           f"{recorded[:12]}, now {current[:12]}): run `{remake} --force`{hint} to remake it")
     return loaded

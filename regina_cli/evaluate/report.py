@@ -247,8 +247,8 @@ def summary_tables(summary: dict) -> list:
         cells = [fmt(r["values"][m]) for m in models]
         for b in baselines:
             v = r["values"][b]
-            cells.append("-" if v is None else fmt(v[0]) if v[1] == "tie" else
-                         f"[{'green' if v[1] == 'better' else 'red'}]{fmt(v[0])}[/]")
+            cells.append("-" if v is None else fmt(v[0]) if v[1] == "tie" else f"[green]{fmt(v[0])}[/]"
+                         if v[1] == "better" else f"[red]{fmt(v[0])}*[/]")  # the star: for a file, without colour
         body.append([f"{r['metric']} {r['arrow']}", *cells])
     for model in models:
         body.append([f"{model} wins", *([""] * len(models)), *[wins(summary, model, b, shown) for b in baselines]])
@@ -256,7 +256,8 @@ def summary_tables(summary: dict) -> list:
     genes = (f", {summary['n_genes_scored']} of {summary['n_genes_dataset']} genes"
              if summary["n_genes_scored"] != summary["n_genes_dataset"] else "")
     title = f"{summary['dataset']} / {summary['split']}: {n} {summary['on']} conditions{genes}"
-    caption = f"baselines: green = {models[0]} better on the same conditions, red = baseline better, plain = tie"
+    caption = (f"baselines: green = {models[0]} better on the same conditions, red and * = baseline better, "
+               "plain = tie")
     tables = _tables(title, ["metric"], headers, body, caption)
 
     names = models + baselines
