@@ -59,6 +59,11 @@ class ImportNotes:
     kept_gears_fields: bool = False
     messages: list[str] = field(default_factory=list)
 
+    def say(self, message: str, log: Log) -> None:
+        """Keep `message` for uns['regina'] and show it now."""
+        self.messages.append(message)
+        log(message)
+
 
 # --- Checks on the matrix and names ---------------------------------------------------------------
 
@@ -95,23 +100,19 @@ def gene_names(adata, notes: ImportNotes, log: Log, targets: set[str] = frozense
     best = best if found[best] > found[usual] else usual  # another naming only when it names more targets
     source, values = candidates[best]
     if best != usual:  # not the naming a GEARS file uses: say so
-        notes.messages.append(f"gene names from {source}: it names {found[best]} of {len(targets)} targets, "
-                              + ", ".join(f"{s} {n}" for (s, _), n in zip(candidates, found) if s != source))
-        log(notes.messages[-1])
+        notes.say(f"gene names from {source}: it names {found[best]} of {len(targets)} targets, "
+                  + ", ".join(f"{s} {n}" for (s, _), n in zip(candidates, found) if s != source), log)
     missing = _missing(values)
     if missing.any():
-        notes.messages.append(f"{int(missing.sum())} genes have no symbol in {source}: named by their var_names "
-                              f"(e.g. {index[missing].iloc[0]!r})")
-        log(notes.messages[-1])
+        notes.say(f"{int(missing.sum())} genes have no symbol in {source}: named by their var_names "
+                  f"(e.g. {index[missing].iloc[0]!r})", log)
     names = pd.Index(values.astype(str).where(~missing, index).to_numpy())
     if names.duplicated().any():
         from anndata.utils import make_index_unique
 
-        notes.messages.append(
+        notes.say(
             f"{int(names.duplicated().sum())} duplicate gene symbols made unique (e.g. "
-            f"{names[names.duplicated()][0]!r} -> {names[names.duplicated()][0]}-1)"
-        )
-        log(notes.messages[-1])
+            f"{names[names.duplicated()][0]!r} -> {names[names.duplicated()][0]}-1)", log)
         names = make_index_unique(names)
     return names
 
@@ -320,11 +321,9 @@ def drop_tiny_groups(adata, notes: ImportNotes, log: Log):
                               f"each cell type with perturbed cells needs at least {MIN_CELLS}")
         notes.dropped_cells += int(tiny.sum())
         names = sorted(set(condition[tiny]))
-        notes.messages.append(
+        notes.say(
             f"dropped {int(tiny.sum())} cells whose condition has fewer than {MIN_CELLS} cells in their cell "
-            f"type: {', '.join(names[:5])}{f' and {len(names) - 5} more' if len(names) > 5 else ''}"
-        )
-        log(notes.messages[-1])
+            f"type: {', '.join(names[:5])}{f' and {len(names) - 5} more' if len(names) > 5 else ''}", log)
         adata = adata[~tiny].copy()
     return adata
 
@@ -347,8 +346,7 @@ def _picked_genes(adata, options: ImportOptions, notes: ImportNotes, log: Log) -
         listed = _listed_genes(options.gene_list)
         absent = [g for g in listed if g not in adata.var_names]
         if absent:
-            notes.messages.append(f"{len(absent)} of {len(listed)} listed genes are not measured (e.g. {absent[0]})")
-            log(notes.messages[-1])
+            notes.say(f"{len(absent)} of {len(listed)} listed genes are not measured (e.g. {absent[0]})", log)
         return adata.var_names.isin(listed), f"gene list {options.gene_list}"
     if options.n_top_genes < 1:
         raise ReginaError(f"--n-top-genes must be at least 1, got {options.n_top_genes}")
@@ -370,11 +368,9 @@ def select_genes(adata, options: ImportOptions, targets: set[str], notes: Import
     picked, description = _picked_genes(adata, options, notes, log)
     rescued = adata.var_names.isin(list(targets)) & ~picked
     notes.gene_filter = f"{description} + {int(rescued.sum())} measured targets"
-    notes.messages.append(
+    notes.say(
         f"kept {int(picked.sum())} of {adata.n_vars} genes ({description}) plus {int(rescued.sum())} "
-        "targeted genes the filter would drop"
-    )
-    log(notes.messages[-1])
+        "targeted genes the filter would drop", log)
     return adata[:, picked | rescued].copy()
 
 
@@ -398,8 +394,7 @@ def report_targets(targets: set[str], measured: pd.Index, notes: ImportNotes, lo
         if joined and not separator_given:
             mark = next(c for c in SEPARATOR_LOOKALIKES if c in joined)
             message += f"; {joined!r} looks like a combination: pass --separator '{mark}'"
-    notes.messages.append(message)
-    log(message)
+    notes.say(message, log)
 
 
 def free_column(obs: pd.DataFrame, name: str) -> str:
@@ -415,9 +410,8 @@ def keep_own_column(adata, key: str, column: str, what: str, notes: ImportNotes,
         return
     kept = free_column(adata.obs, f"{key}_input")
     adata.obs[kept] = adata.obs[key].to_numpy()
-    notes.messages.append(f"the file's obs['{key}'] is kept as obs['{kept}']: obs['{key}'] now holds {what} of "
-                          f"obs['{column}']")
-    log(notes.messages[-1])
+    notes.say(f"the file's obs['{key}'] is kept as obs['{kept}']: obs['{key}'] now holds {what} of "
+              f"obs['{column}']", log)
 
 
 def relabel(adata, name: str, options: ImportOptions, notes: ImportNotes, log: Log) -> None:
@@ -426,15 +420,13 @@ def relabel(adata, name: str, options: ImportOptions, notes: ImportNotes, log: L
     raw = adata.obs[column]
     condition, merged = normalise_conditions(raw, options)
     if merged:
-        notes.messages.append("one condition per pair of targets: " + ", ".join(
-            f"{a!r} counted as {b!r}" for a, b in sorted(merged.items())[:5]))
-        log(notes.messages[-1])
+        notes.say("one condition per pair of targets: " + ", ".join(
+            f"{a!r} counted as {b!r}" for a, b in sorted(merged.items())[:5]), log)
     notes.relabelled = int((condition != raw.astype(str)).sum())
     if notes.relabelled:
         changed = {a: b for a, b in zip(raw.astype(str), condition) if a != b}
         examples = ", ".join(f"{a!r} -> {b!r}" for a, b in list(changed.items())[:3])
-        notes.messages.append(f"relabelled {notes.relabelled:,} cells to GEARS spelling ({examples}, ...)")
-        log(notes.messages[-1])
+        notes.say(f"relabelled {notes.relabelled:,} cells to GEARS spelling ({examples}, ...)", log)
     if options.cell_type_key is not None and options.cell_type_key not in adata.obs:
         raise ReginaError(f"obs has no column {options.cell_type_key!r}: fix --cell-type-key")
     cell_type_key = options.cell_type_key or keys.OBS_CELL_TYPE
@@ -446,8 +438,7 @@ def relabel(adata, name: str, options: ImportOptions, notes: ImportNotes, log: L
         cell_type = adata.obs[cell_type_key].astype(str).to_numpy()
     else:
         cell_type = name
-        notes.messages.append(CELL_TYPE_FALLBACK_NOTE.format(name))
-        log(notes.messages[-1])
+        notes.say(CELL_TYPE_FALLBACK_NOTE.format(name), log)
     if notes.relabelled and column == keys.OBS_CONDITION:
         adata.obs[free_column(adata.obs, f"{keys.OBS_CONDITION}_original")] = raw.to_numpy()
     keep_own_column(adata, keys.OBS_CONDITION, column, "the perturbations", notes, log)
@@ -490,20 +481,17 @@ def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
 
     if keep_gears:
         notes.kept_gears_fields = True
-        notes.messages.append("GEARS layout found: labels and DE fields kept as they are")
-        log(notes.messages[-1])
+        notes.say("GEARS layout found: labels and DE fields kept as they are", log)
         if not original_index.astype(str).equals(genes):
             rekey_de_genes(adata.uns, original_index, genes)
-            notes.messages.append("var_names switched to gene symbols (var['gene_name']); DE gene lists renamed")
-            log(notes.messages[-1])
+            notes.say("var_names switched to gene symbols (var['gene_name']); DE gene lists renamed", log)
         check_controls(adata.obs)
     else:
         if is_gears:
             why = ("a combination is labelled in both orders: one condition each" if spelled_twice else
                    "labels read as given (--condition-key, --cell-type-key, --control, --separator)" if relabelling
                    else "genes filtered" if filtering else "X normalised")
-            notes.messages.append(f"GEARS layout found, but {why}, and the DE fields computed again")
-            log(notes.messages[-1])
+            notes.say(f"GEARS layout found, but {why}, and the DE fields computed again", log)
         relabel(adata, name, options, notes, log)
         if counts or log_counts:
             found = "raw counts detected: " if counts else counts_from_log1p(adata)
@@ -539,8 +527,7 @@ def drop_empty_cells(adata, notes: ImportNotes, log: Log):
     if not empty.any():
         return adata
     notes.dropped_cells += int(empty.sum())
-    notes.messages.append(f"dropped {int(empty.sum())} cells with no expression at all (every value 0)")
-    log(notes.messages[-1])
+    notes.say(f"dropped {int(empty.sum())} cells with no expression at all (every value 0)", log)
     return adata[~empty].copy()
 
 
