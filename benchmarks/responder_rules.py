@@ -14,6 +14,7 @@ predicts its mean change from the other training conditions by:
 
 * conditions: their mean change, each condition once (the prior's start, `gan.prior_mean`);
 * cells: pooled over cells (the train_mean baseline);
+* median: their median change, gene by gene (a centre that a few strong responders cannot move);
 * knowledge: the observed effects of the target's gene-knowledge neighbours among the other
   training targets (`GeneKnowledge.neighbours`, GEARS's GO weighting), and halfway between the
   two (`conditions + 0.5 (knowledge - conditions)`, the prior's knowledge weight v = 0.5);
@@ -83,6 +84,8 @@ class Screen:
                 pooling: float = 0.0) -> np.ndarray:
         changes = np.stack([self.change[t] for t in others])
         mean = changes.mean(0)
+        if rule == "median":
+            mean = np.median(changes, axis=0)
         if rule == "cells":
             pooling = 1.0
         if pooling:
@@ -113,7 +116,7 @@ def held_out_rows(screen: Screen, train: list[str], knowledge) -> list[dict]:
     rows = []
     for target in train:
         others = [t for t in train if t != target]
-        rules = ["conditions", "cells"] + (["knowledge", "knowledge 0.5"] if knowledge is not None else [])
+        rules = ["conditions", "cells", "median"] + (["knowledge", "knowledge 0.5"] if knowledge is not None else [])
         row = {"target": target, "measured": target in screen.index, "reliability": screen.reliability[target]}
         for rule in rules:
             row[rule] = _pearson(screen.predict(target, others, rule, knowledge), screen.change[target])

@@ -280,8 +280,49 @@ def test_responder_rules_score_held_out_singles_by_their_reliability(tmp_path):
         assert rows[target]["knowledge"] > rows[target]["conditions"] + 0.2
     for target in weak:
         assert rows[target]["amplitude chosen"] < 1 and rows[target]["amplitude"] > rows[target]["conditions"]
+    # the median over conditions ignores the minority's programs: better for the weak, worse for the strong
+    assert np.mean([rows[t]["median"] - rows[t]["conditions"] for t in weak]) > 0
+    assert np.mean([rows[t]["median"] - rows[t]["conditions"] for t in strong]) < -0.2
     table = report("toy", {1: list(rows.values())})
     assert "| measured targets | 15 |" in table and "| reliability 0.7-1 | 6 |" in table
+
+
+def test_make_knowledge_reads_kegg_and_go_from_an_org_db_sqlite(tmp_path):
+    """`make_knowledge.py --org-db` turns org.Hs.eg.db's tables into gene<TAB>term pairs that
+    `--gene-knowledge` loads: KEGG pathways prefixed, GO ids from all three aspects, genes by symbol,
+    rows of genes without a symbol dropped, and the source dates kept beside the file."""
+    import json
+    import sqlite3
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from make_knowledge import build_from_org_db
+
+    from regina_cli.data.knowledge import load_gene_knowledge
+
+    db = sqlite3.connect(tmp_path / "org.sqlite")
+    db.executescript("""
+        CREATE TABLE gene_info (_id INTEGER, symbol TEXT);
+        CREATE TABLE metadata (name TEXT, value TEXT);
+        CREATE TABLE kegg (_id INTEGER, path_id TEXT);
+        CREATE TABLE go_bp (_id INTEGER, go_id TEXT);
+        CREATE TABLE go_mf (_id INTEGER, go_id TEXT);
+        CREATE TABLE go_cc (_id INTEGER, go_id TEXT);
+        INSERT INTO gene_info VALUES (1, 'IFNGR1'), (2, 'JAK2');
+        INSERT INTO metadata VALUES ('KEGGSOURCEDATE', '2011-Mar15');
+        INSERT INTO kegg VALUES (1, '04630'), (2, '04630'), (2, '04062'), (9, '04630');
+        INSERT INTO go_bp VALUES (1, 'GO:0060333');
+        INSERT INTO go_mf VALUES (2, 'GO:0004713');
+        INSERT INTO go_cc VALUES (2, 'GO:0005886');
+    """)
+    db.commit()
+    db.close()
+    kegg = build_from_org_db(tmp_path / "org.sqlite", tmp_path / "kegg.tsv", ["kegg"])
+    assert kegg.read_text().splitlines() == ["gene\tterm", "IFNGR1\tKEGG:04630", "JAK2\tKEGG:04062", "JAK2\tKEGG:04630"]
+    assert json.loads(kegg.with_suffix(".json").read_text())["source_dates"]["KEGGSOURCEDATE"] == "2011-Mar15"
+    both = load_gene_knowledge(build_from_org_db(tmp_path / "org.sqlite", tmp_path / "both.tsv", ["kegg", "go"]))
+    terms = dict(zip(both.genes, both.terms))
+    assert set(terms["JAK2"]) == {"KEGG:04630", "KEGG:04062", "GO:0004713", "GO:0005886"}
+    assert set(terms["IFNGR1"]) == {"KEGG:04630", "GO:0060333"}
 
 
 def test_quality_counts_the_conditions_regina_wins_over_seeds():
