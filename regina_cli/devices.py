@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 from regina_cli.errors import ReginaError
@@ -26,3 +27,11 @@ def resolve_device(spec: str, local_rank: int = 0):
     if index is not None and int(index) >= count:
         raise ReginaError(f"--device {spec}: only {count} GPU(s) are visible (cuda:0 to cuda:{count - 1})")
     return torch.device("cuda", int(index) if index is not None else local_rank % count)
+
+
+def available_cpus() -> int:
+    """Cores this process may run on (its CPU affinity: a Slurm allocation, taskset), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1

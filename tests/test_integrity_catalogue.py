@@ -351,6 +351,8 @@ CASES = [
     Case("ae-name-outside", ["train-ae", "../outside", *AE[2:], "--run", "{root}/runs/new", *SETS],
          "not a usable dataset name"),
     Case("ae-gpus-0", [*AE, "--run", "{root}/runs/new", "--gpus", "0", *SETS], "--gpus"),
+    Case("ae-gpus-more-processes-than-cores", [*AE, "--run", "{root}/runs/new", "--gpus", "100000", "--device", "cpu",
+                                               *SETS], "CPU cores; use at most --gpus"),
     Case("ae-gene-knowledge-not-a-table", [*AE, "--run", "{root}/runs/new", *SETS, "--gene-knowledge", "{file}"],
          "gene knowledge file"),
     Case("ae-resume-gene-knowledge-missing", [*AE, "--run", "{run}", "--resume", "--gene-knowledge", "{root}/no.tsv"],

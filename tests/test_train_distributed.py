@@ -125,3 +125,22 @@ def test_an_srun_launch_on_a_busy_run_is_refused_by_every_process(tmp_path):
     assert [process.returncode for process in ranks] == [2, 2], outputs
     assert outputs[0][1].splitlines()[-1].startswith("error: ") and "is in use by another regina process" in outputs[0][1]
     assert outputs[1][1].splitlines()[-1].startswith("rank 1: error: ")
+
+
+def test_gpus_above_one_refuses_a_node_without_a_gpu_or_more_processes_than_cores(monkeypatch):
+    """`--gpus 4` with `--device auto` on a node without a GPU (a batch job that forgot to ask for
+    one) must not quietly start 4 CPU processes, and `--device cpu` must not start more processes
+    than the cores it may use: both fail before anything is spawned."""
+    import pytest
+
+    from regina_cli.engine import distributed
+    from regina_cli.errors import ReginaError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed, "available_cpus", lambda: 4)
+    distributed.check_process_count(1, "auto")
+    distributed.check_process_count(4, "cpu")
+    with pytest.raises(ReginaError, match="no CUDA GPU is visible; run on a GPU node, or add --device cpu"):
+        distributed.check_process_count(4, "auto")
+    with pytest.raises(ReginaError, match="would start 5 processes on 4 CPU cores; use at most --gpus 4"):
+        distributed.check_process_count(5, "cpu")

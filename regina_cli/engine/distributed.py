@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from regina_cli.devices import resolve_device
+from regina_cli.devices import available_cpus, resolve_device
 from regina_cli.errors import ReginaError
 from regina_cli.io import check_not_in_use, run_lock
 from regina_cli.launch import scheduler_place
@@ -76,11 +76,20 @@ def check_process_count(gpus: int, device: str) -> None:
         raise ReginaError(f"--gpus takes a positive number, not {gpus}")
     if gpus > 1 and ":" in str(device):
         raise ReginaError(f"--device {device} names one GPU; with --gpus {gpus} use --device cuda (one GPU per process)")
-    if resolve_device(device).type == "cuda" and gpus > torch.cuda.device_count():
-        raise ReginaError(
-            f"--gpus {gpus} asks for more GPUs than the {torch.cuda.device_count()} visible; "
-            f"lower --gpus or use --device cpu for CPU processes"
-        )
+    if gpus == 1:
+        return
+    if resolve_device(device).type == "cuda":
+        if gpus > torch.cuda.device_count():
+            raise ReginaError(
+                f"--gpus {gpus} asks for more GPUs than the {torch.cuda.device_count()} visible; "
+                f"lower --gpus or use --device cpu for CPU processes"
+            )
+    elif str(device) != "cpu":  # `auto` on a node without a GPU (a job that forgot to ask for one)
+        raise ReginaError(f"--gpus {gpus}: no CUDA GPU is visible; run on a GPU node, "
+                          f"or add --device cpu to train in {gpus} CPU processes")
+    elif gpus > available_cpus():
+        raise ReginaError(f"--gpus {gpus} --device cpu would start {gpus} processes on {available_cpus()} "
+                          f"CPU cores; use at most --gpus {available_cpus()}")
 
 
 def setup(device: str) -> DistContext:
@@ -191,7 +200,7 @@ def _worker(target: Callable, kwargs: dict, device: str, nprocs: int, errors: st
     `target` must be a module-level function: the spawned process unpickles it by reference."""
     from regina_cli.engine.preemption import TrainingInterrupted
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
+    torch.set_num_threads(max(1, available_cpus() // nprocs))
     try:
         return _run_here(target, kwargs, device)
     except TrainingInterrupted as exc:  # state saved; the launcher, shutting down on the signal, reads

@@ -14,13 +14,12 @@ import contextlib
 import os
 from typing import Iterator
 
+from regina_cli.devices import available_cpus
+
 
 def free_cpus() -> int:
     """Cores this process may use minus the ones the load average says are busy (at least 1)."""
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        available = os.cpu_count() or 1
+    available = available_cpus()
     try:
         busy = os.getloadavg()[0]
     except (AttributeError, OSError):
