@@ -21,11 +21,20 @@ def is_whole(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_seed(seed: int | None, option: str = "--seed") -> None:
-    if seed is None:
-        return
+def is_number(value) -> bool:
+    """A real number (Python's or NumPy's), not a bool or a string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_seed(seed: int, option: str = "--seed") -> None:
     if not is_whole(seed) or not 0 <= seed <= SEED_MAX:
         raise ReginaError(f"{option} takes a whole number from 0 to {SEED_MAX:,}, not {seed!r}")
+
+
+def check_share(value: float, option: str) -> None:
+    """A share strictly between 0 and 1 (from Python it may come as anything, a string say)."""
+    if not is_number(value) or not 0.0 < value < 1.0:
+        raise ReginaError(f"{option} must lie strictly between 0 and 1, got {value!r}")
 
 
 def check_data_dir(data_dir: str | Path | None, *, writes: bool) -> None:

@@ -9,7 +9,6 @@ from rich.table import Table
 
 from regina_cli.cli.app import app
 from regina_cli.cli.common import DataDirOpt, emit_result, info, is_quiet, show, user_errors
-from regina_cli.checks import check_data_dir, check_seed
 from regina_cli.errors import ReginaError
 
 # Names repeated here (not imported) so that `regina --help` loads nothing heavy;
@@ -88,13 +87,9 @@ def fetch_command(
     """Put dataset NAME at <data-dir>/NAME/perturb_processed.h5ad (GEARS layout, SHA-256 recorded)."""
     import sys
 
-    from regina_cli.data.dataset import is_complete
     from regina_cli.data.fetch import GO, fetch, fetch_go
     from regina_cli.data.importer import ImportOptions
 
-    check_seed(seed)
-    present = name != GO and not force and is_complete(name, data_dir)  # a no-op: a read-only folder will do
-    check_data_dir(data_dir, writes=not present)
     demo = {
         key: value
         for key, value in dict(
@@ -104,7 +99,7 @@ def fetch_command(
         if value is not None
     }
     options = ImportOptions(
-        control=tuple(control or ()), condition_key=condition_key, separator=separator, cell_type_key=cell_type_key,
+        control=control, condition_key=condition_key, separator=separator, cell_type_key=cell_type_key,
         n_top_genes=n_top_genes, gene_list=None if gene_list is None else str(gene_list),
     )
     progress = sys.stderr.isatty() and not is_quiet()

@@ -9,7 +9,6 @@ from rich.table import Table
 
 from regina_cli.cli.app import app
 from regina_cli.cli.common import DataDirOpt, emit_result, info, show, user_errors
-from regina_cli.checks import check_data_dir
 
 
 @app.command("label")
@@ -34,7 +33,6 @@ def label_command(
     """Label every cell of dataset NAME and write labels/<method>[@<split>].csv (columns cell, cell_state)."""
     from regina_cli.data.label import label_dataset
 
-    check_data_dir(data_dir, writes=True)
     outcome = label_dataset(name, method, quantile=quantile, split=split, data_dir=data_dir, force=force)
     info(f"fitted on {outcome.fitted_on}")
     if "threshold" in outcome.labels.details:

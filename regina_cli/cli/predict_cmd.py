@@ -10,7 +10,6 @@ import typer
 from regina_cli import keys
 from regina_cli.cli.app import app
 from regina_cli.cli.common import DataDirOpt, emit_result, info, run_directory, user_errors
-from regina_cli.checks import check_data_dir
 from regina_cli.errors import ReginaError
 
 
@@ -54,7 +53,6 @@ def predict_command(
     from regina_cli.engine.prediction_file import FileOptions
     from regina_cli.engine.predict import read_conditions_file, run_prediction
 
-    check_data_dir(data_dir, writes=False)
     if conditions_file is not None and conditions is not None:
         raise ReginaError("give either --conditions or --conditions-file, not both")
     if conditions_file is not None:

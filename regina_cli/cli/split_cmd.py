@@ -7,10 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from regina_cli import keys
 from regina_cli.cli.app import app
 from regina_cli.cli.common import DataDirOpt, emit_result, info, show, user_errors
-from regina_cli.checks import check_data_dir, check_seed
 from regina_cli.errors import ReginaError
 
 # Defaults repeated here (not imported) so that `regina --help` does not load numpy/pandas;
@@ -44,11 +42,8 @@ def split_command(
 ) -> None:
     """Split the conditions of dataset NAME into train/val/test and write splits/<split>.json; the
     split's name (<mode>_<seed>, e.g. simulation_1) is what later steps take as --split."""
-    from regina_cli.data.split import split_dataset, split_name
+    from regina_cli.data.split import split_dataset
 
-    check_seed(seed)
-    made = split_file is None and keys.split_file(name, split_name(mode, seed, train_gene_frac), data_dir).is_file()
-    check_data_dir(data_dir, writes=not made)  # the same split again writes nothing: a read-only folder will do
     if split_file is not None and ctx.get_parameter_source("seed").name == "COMMANDLINE":
         raise ReginaError("--seed does not apply to --split-file: a user's split is named by its content")
     outcome = split_dataset(

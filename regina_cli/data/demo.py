@@ -45,6 +45,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from regina_cli import __version__, keys
+from regina_cli.checks import check_seed, is_number, is_whole
 from regina_cli.data.conditions import canonical_condition
 from regina_cli.data.gears_de import add_gears_de
 from regina_cli.data.importer import TARGET_SUM
@@ -265,6 +266,28 @@ def _dropped_targets(design: Design, drop_targets: float, seed: int) -> np.ndarr
         raise ReginaError(f"--drop-targets is a fraction of the targets, between 0 and 1; got {drop_targets}")
     n_drop = max(int(round(drop_targets * len(design.targets))), int(drop_targets > 0))
     return np.sort(np.random.default_rng([seed, 2]).choice(design.targets, size=n_drop, replace=False))
+
+
+# simulate_demo's options and the `regina fetch demo` option of each (control_fraction has none)
+DEMO_OPTIONS = {"n_cells": "--cells", "n_genes": "--genes", "n_singles": "--singles", "n_doubles": "--doubles",
+                "n_cell_types": "--cell-types", "control_fraction": "control_fraction",
+                "drop_targets": "--drop-targets", "seed": "--seed"}
+FRACTIONS = ("control_fraction", "drop_targets")
+
+
+def check_demo_options(options: dict) -> None:
+    """The demo's options, before anything is simulated: known names, whole counts, numbers for
+    the fractions, a seed numpy takes (from Python they come as given, `n_cells="300"` say)."""
+    unknown = sorted(set(options) - set(DEMO_OPTIONS))
+    if unknown:
+        raise ReginaError(f"unknown option(s) {', '.join(unknown)}; the demo takes {', '.join(DEMO_OPTIONS)}")
+    for key, value in options.items():
+        if key == "seed":
+            check_seed(value)
+        elif key in FRACTIONS and not is_number(value):
+            raise ReginaError(f"{DEMO_OPTIONS[key]} takes a number, not {value!r}")
+        elif key not in FRACTIONS and (not is_whole(value) or value < 0):
+            raise ReginaError(f"{DEMO_OPTIONS[key]} takes a whole number of at least 0, not {value!r}")
 
 
 def simulate_demo(

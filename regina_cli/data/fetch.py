@@ -16,6 +16,7 @@ from typing import Callable
 import pandas as pd
 
 from regina_cli import keys
+from regina_cli.checks import check_data_dir
 from regina_cli.data.conditions import is_control, parse_condition
 from regina_cli.data.dataset import (checksum_file, is_complete, missing_gears_fields, record_checksum,
                                      recorded_checksum, verify_checksum, write_dataset)
@@ -149,13 +150,19 @@ def fetch(
     keys.check_name(name)
     if demo and (name != DEMO or source):
         raise ReginaError("the simulation size options only apply to `regina fetch demo` without --from")
+    if demo:
+        from regina_cli.data.demo import check_demo_options
+
+        check_demo_options(demo)
     options = options or ImportOptions()
     if options != ImportOptions() and source is None:
         raise ReginaError(
             "--control, --condition-key, --cell-type-key, --separator, --n-top-genes and --gene-list only apply with --from"
         )
     data_file = keys.dataset_file(name, data_dir)
-    if not force and is_complete(name, data_dir):
+    present = not force and is_complete(name, data_dir)
+    check_data_dir(data_dir, writes=not present)  # a dataset already there needs no writable folder
+    if present:
         return _present(name, data_file)
 
     notes: list[str] = []
@@ -229,6 +236,7 @@ def fetch_go(*, data_dir=None, source: str | None = None, force: bool = False, l
     from regina_cli.data.knowledge import ANNOTATION, load_gene_knowledge
     from regina_cli.io import atomic_path
 
+    check_data_dir(data_dir, writes=True)
     target = keys.go_file(data_dir)
     if not force and target.is_file() and recorded_checksum(target) is not None:
         verify_checksum(GO, target)

@@ -10,17 +10,20 @@ numbers stay comparable with the literature.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from regina_cli import __version__, keys
+from regina_cli.checks import is_whole
 from regina_cli.data.conditions import (CONTROL_LABELS, canonical_condition, condition_genes, control_labels,
                                        parse_condition)
 from regina_cli.data.dataset import GEARS_OBS, GEARS_UNS
@@ -38,12 +41,22 @@ Log = Callable[[str], None]
 class ImportOptions:
     """How to read the user's labels (each None means: detect)."""
 
-    control: tuple[str, ...] = ()
+    control: tuple[str, ...] = ()  # given as one label, a list of them, or None (none)
     condition_key: str | None = None
     separator: str | None = None
     cell_type_key: str | None = None
     n_top_genes: int | None = None  # keep the N most variable genes (plus every measured target)
     gene_list: str | None = None  # or the genes listed in this file (plus every measured target)
+
+    def __post_init__(self) -> None:
+        """`control="SCR"` is one label (not S, C, R); the values are checked here, before the file
+        is read, as a Python caller may pass anything."""
+        control = self.control or ()
+        self.control = tuple(control) if isinstance(control, Iterable) and not isinstance(control, str) else (control,)
+        if not all(isinstance(label, str) for label in self.control):
+            raise ReginaError(f"--control takes labels (text), not {list(self.control)!r}")
+        if self.n_top_genes is not None and (not is_whole(self.n_top_genes) or self.n_top_genes < 1):
+            raise ReginaError(f"--n-top-genes must be at least 1 (a whole number), got {self.n_top_genes!r}")
 
 
 @dataclass
@@ -348,8 +361,6 @@ def _picked_genes(adata, options: ImportOptions, notes: ImportNotes, log: Log) -
         if absent:
             notes.say(f"{len(absent)} of {len(listed)} listed genes are not measured (e.g. {absent[0]})", log)
         return adata.var_names.isin(listed), f"gene list {options.gene_list}"
-    if options.n_top_genes < 1:
-        raise ReginaError(f"--n-top-genes must be at least 1, got {options.n_top_genes}")
     if options.n_top_genes >= adata.n_vars:
         return np.ones(adata.n_vars, dtype=bool), f"n_top_genes={options.n_top_genes}: every gene"
     import scanpy as sc
@@ -447,6 +458,14 @@ def relabel(adata, name: str, options: ImportOptions, notes: ImportNotes, log: L
     adata.obs[keys.OBS_CELL_TYPE] = cell_type
 
 
+def check_has_x(adata) -> None:
+    """The importer reads X only; layers and raw are named to say where the values may be."""
+    if adata.X is None:
+        layers = ", ".join(map(str, adata.layers)) or "none"
+        raise ReginaError(f"the file has no X (layers: {layers}; raw: {'yes' if adata.raw is not None else 'no'}): "
+                          "put the raw counts or log-normalised values in X")
+
+
 def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
     """The imported AnnData in GEARS layout (X normalised, labels canonical, DE fields), plus notes."""
     from regina_cli.data.gears_de import add_gears_de
@@ -457,10 +476,7 @@ def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
                           f"and {MIN_CELLS} cells of a perturbation; check that --from names the whole screen")
     check_names(adata)
     genes = gene_names(adata, notes, log, _label_targets(adata, options))
-    if adata.X is None:
-        layers = ", ".join(map(str, adata.layers)) or "none"
-        raise ReginaError(f"the file has no X (layers: {layers}; raw: {'yes' if adata.raw is not None else 'no'}): "
-                          "put the raw counts or log-normalised values in X")
+    check_has_x(adata)
     X = as_csr_float32(adata.X)
     counts = looks_like_counts(X.data)
     log_counts = not counts and is_log1p_counts(X, adata.X.dtype)
@@ -470,8 +486,9 @@ def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
                    or options.separator is not None)
     filtering = options.n_top_genes is not None or options.gene_list is not None
     spelled_twice = is_gears and bool(merge_spellings(adata.obs[keys.OBS_CONDITION].astype(str)))
+    named_twice = adata.var_names.duplicated().any()  # the DE fields' gene names would be ambiguous
     keep_gears = (is_gears and not relabelling and not counts and not log_counts and not unlogged
-                  and not filtering and not spelled_twice)  # DE fields index var and name conditions
+                  and not filtering and not spelled_twice and not named_twice)  # DE fields index var, name conditions
     uns = {k: dict(adata.uns[k]) for k in GEARS_UNS} if keep_gears else {}
     original_index = adata.var_names.copy()
     adata = adata.__class__(X=X, obs=adata.obs.copy(), var=adata.var.copy(), uns=uns)
@@ -489,6 +506,7 @@ def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
     else:
         if is_gears:
             why = ("a combination is labelled in both orders: one condition each" if spelled_twice else
+                   "var_names name a gene twice" if named_twice else
                    "labels read as given (--condition-key, --cell-type-key, --control, --separator)" if relabelling
                    else "genes filtered" if filtering else "X normalised")
             notes.say(f"GEARS layout found, but {why}, and the DE fields computed again", log)
@@ -531,16 +549,26 @@ def drop_empty_cells(adata, notes: ImportNotes, log: Log):
     return adata[~empty].copy()
 
 
+@contextlib.contextmanager
+def duplicate_genes_allowed():
+    """Without anndata's "Variable names are not unique" warning: `gene_names` makes them unique
+    (and says so), so its advice to call var_names_make_unique would mislead."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Variable names are not unique", category=UserWarning)
+        yield
+
+
 def import_screen(source: Path, name: str, options: ImportOptions, *, scratch_root: Path, log: Log):
     """Read a zip, folder or h5ad and return it in GEARS layout, with notes on what changed."""
     source = Path(source)
-    if source.is_file() and file_kind(source) == "zip":
-        scratch_root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".import-", dir=scratch_root) as workdir:
-            adata = read_h5ad(extract_zip(source, name, Path(workdir)))
-    else:
-        adata = read_h5ad(locate_h5ad(source, name))
-    adata, notes = to_gears_layout(adata, name, options, log)
+    with duplicate_genes_allowed():
+        if source.is_file() and file_kind(source) == "zip":
+            scratch_root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=".import-", dir=scratch_root) as workdir:
+                adata = read_h5ad(extract_zip(source, name, Path(workdir)))
+        else:
+            adata = read_h5ad(locate_h5ad(source, name))
+        adata, notes = to_gears_layout(adata, name, options, log)
     adata.uns[keys.UNS_REGINA] = {
         "source": str(source),
         "regina_version": __version__,

@@ -26,6 +26,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from regina_cli import keys
+from regina_cli.checks import check_data_dir, check_share
 from regina_cli.data.provenance import dataset_sha256, file_sha256, refuse_replacing, text_sha256
 from regina_cli.errors import ReginaError
 from regina_cli.io import write_json, write_text
@@ -142,8 +143,7 @@ class Labels:
 
 def stress_labels(adata, train: np.ndarray, quantile: float = DEFAULT_QUANTILE) -> Labels:
     """`Stressed` above the `quantile` of the training cells' stress score, else `Homeostasis`."""
-    if not 0.0 < quantile < 1.0:
-        raise ReginaError(f"--quantile must lie strictly between 0 and 1, got {quantile}")
+    check_share(quantile, "--quantile")
     names = gene_names(adata)
     markers = stress_markers(names)
     if len(markers) == 0:
@@ -270,6 +270,7 @@ def label_dataset(name: str, method: str, *, quantile: float | None = None, spli
     from regina_cli.data.dataset import read_dataset
     from regina_cli.data.split import SETS, load_split
 
+    check_data_dir(data_dir, writes=True)
     is_obs = obs_column_of(method) is not None  # checked before the (slow) read
     path = keys.labels_file(name, method, data_dir, split=split)
     split_obj = load_split(name, split, data_dir) if split is not None else None

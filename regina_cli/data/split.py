@@ -30,6 +30,7 @@ from regina_cli.data.conditions import is_control
 from regina_cli.data.gears_split import (  # noqa: F401  (the split vocabulary, re-exported)
     CUSTOM_MODE, DEFAULT_SEED, DEFAULT_TRAIN_GENE_FRAC, MODES, SETS, SIMULATION_MODES, SUBGROUP_KEYS, SUBGROUPS,
     complete_subgroups, derived_subgroups, gears_split)
+from regina_cli.checks import check_data_dir, check_seed, check_share
 from regina_cli.data.provenance import content_sha256, dataset_sha256, refuse_replacing
 from regina_cli.data.safe_pickle import is_pickle, safe_loads
 from regina_cli.errors import ReginaError
@@ -126,19 +127,22 @@ class Split:
 # --- User split files --------------------------------------------------------------------------
 
 
-def read_split_file(path: str | Path) -> dict:
-    """A user's {train, val, test} dict from JSON or a GEARS split pickle."""
+def read_split_file(path: str | Path | dict) -> dict:
+    """A user's {train, val, test} dict from JSON or a GEARS split pickle (from Python: the dict itself)."""
     from regina_cli.checks import check_input_file
 
-    path = Path(path)
-    check_input_file(path, "split file", "not found")
-    raw = path.read_bytes()
-    try:
-        obj = safe_loads(raw) if is_pickle(raw) else json.loads(raw)
-    except (pickle.UnpicklingError, ValueError, EOFError) as exc:
-        raise ReginaError(f"split file {path} is neither JSON nor a GEARS split pickle ({exc})") from None
+    if isinstance(path, dict):
+        obj, what = path, "split_file"
+    else:
+        path, what = Path(path), f"split file {path}"
+        check_input_file(path, "split file", "not found")
+        raw = path.read_bytes()
+        try:
+            obj = safe_loads(raw) if is_pickle(raw) else json.loads(raw)
+        except (pickle.UnpicklingError, ValueError, EOFError) as exc:
+            raise ReginaError(f"split file {path} is neither JSON nor a GEARS split pickle ({exc})") from None
     if not isinstance(obj, dict) or any(s not in obj for s in SETS):
-        raise ReginaError(f"split file {path} must be a dict with keys train, val and test")
+        raise ReginaError(f"{what} must be a dict with keys train, val and test")
     return obj
 
 
@@ -186,8 +190,7 @@ def make_split(
     source: str = "split file",
 ) -> Split:
     """A `Split` for a dataset's conditions (obs order): GEARS's for `mode`, or a user's dict."""
-    if not 0.0 < train_gene_frac < 1.0:
-        raise ReginaError(f"--train-gene-frac must lie strictly between 0 and 1, got {train_gene_frac}")
+    check_share(train_gene_frac, "--train-gene-frac")
     conditions = [str(c) for c in conditions]
     gears_groups, frac = None, None
     if user_split is not None:
@@ -325,19 +328,23 @@ def split_dataset(
     mode: str = "simulation",
     seed: int = DEFAULT_SEED,
     train_gene_frac: float = DEFAULT_TRAIN_GENE_FRAC,
-    split_file: str | Path | None = None,
+    split_file: str | Path | dict | None = None,
     data_dir: str | Path | None = None,
     gene_knowledge: str | None = None,
     force: bool = False,
 ) -> SplitOutcome:
     """`regina split`: read the dataset's conditions, make the split, write it atomically.
 
-    `gene_knowledge` (a path or `go`) only informs the summary of predictable conditions;
-    `force` replaces an existing split of other content (runs built on it become stale).
+    `split_file`: a user's split (a file, or from Python the dict); `gene_knowledge` (a path or
+    `go`) only informs the summary of predictable conditions; `force` replaces an existing split
+    of other content (runs built on it become stale).
     """
     from regina_cli.data.dataset import read_dataset
     from regina_cli.data.knowledge import resolve_knowledge
 
+    check_seed(seed)
+    made = split_file is None and keys.split_file(name, split_name(mode, seed, train_gene_frac), data_dir).is_file()
+    check_data_dir(data_dir, writes=not made)  # the same split again writes nothing: a read-only folder will do
     if split_file is None and mode not in MODES:
         raise ReginaError(f"unknown split mode {mode!r}: choose one of {', '.join(MODES)}")
     user_split = read_split_file(split_file) if split_file is not None else None
@@ -351,7 +358,7 @@ def split_dataset(
     conditions = conditions_in_order(obs)
     split = make_split(
         name, conditions, mode=mode, seed=seed, train_gene_frac=train_gene_frac,
-        user_split=user_split, source=str(split_file),
+        user_split=user_split, source="split_file" if isinstance(split_file, dict) else str(split_file),
     )
     path = save_split(split, data_dir, force=force)
     counts = obs[keys.OBS_CONDITION].astype(str).value_counts().to_dict()

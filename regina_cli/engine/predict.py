@@ -22,7 +22,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -75,6 +75,7 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
                    options: FileOptions | None = None, allow_stale: bool = False) -> PredictionResult:
     """`predict` plus what the CLI reports (counts, device, time). A run whose dataset, split,
     labels, config or phase-1 weights changed after training is refused (`allow_stale`: warned)."""
+    from regina_cli.checks import check_data_dir
     from regina_cli.data.dataset import read_dataset
     from regina_cli.data.split import load_split
     from regina_cli.engine.run_meta import check_run_current
@@ -83,7 +84,9 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
 
     started = time.perf_counter()
     options = options or FileOptions()
+    conditions = condition_list(conditions)
     check_request(n_cells, seed, out, options)
+    check_data_dir(data_dir, writes=False)
     run_dir = Path(run_dir)
     warnings = check_run_current(run_dir, data_dir, allow_stale=allow_stale)
     trained = load_trained(run_dir, device=device)
@@ -147,6 +150,18 @@ def check_memory(n_rows: int, n_genes: int, device) -> None:
                           "conditions per call (--conditions-file)")
 
 
+def condition_list(conditions) -> str | list[str]:
+    """`conditions` as a string, or a list (from Python any list-like of strings: an Index, say)."""
+    if isinstance(conditions, str):
+        return conditions
+    if isinstance(conditions, Iterable) and not isinstance(conditions, (bytes, dict)):
+        listed = list(conditions)
+        if all(isinstance(c, str) for c in listed):
+            return listed
+    raise ReginaError(f"--conditions takes test, val, all or conditions such as A+ctrl,A+B (a string, or a list "
+                      f"of strings), not {conditions!r}")
+
+
 def check_request(n_cells: int, seed: int, out, options: FileOptions) -> None:
     """The options of a prediction, checked before anything is read (the command line and the
     Python API alike)."""
@@ -172,6 +187,9 @@ def resolve_conditions(conditions: str | Sequence[str], split, data_conditions: 
     order ("B+A" after "A+B") are the same condition.
     """
     if isinstance(conditions, str):
+        if conditions.strip().lower() == "train":  # else read as gene `train`, "not among the measured genes"
+            raise ReginaError("--conditions takes the sets test, val and all (train, val and test together), or "
+                              "conditions such as A+ctrl,A+B; not train")
         if conditions in CONDITION_SETS:
             chosen = {"test": split.test, "val": split.val}.get(conditions, [*split.train, *split.val, *split.test])
             chosen = [c for c in chosen if not is_control(c)]

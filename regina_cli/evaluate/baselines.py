@@ -30,8 +30,12 @@ class TrainingData:
     counts: np.ndarray  # [T] cells per condition
 
 
-def parse_baselines(spec: str) -> list[str]:
-    """`all`, `none` or a comma-separated list of baseline names."""
+def parse_baselines(spec: str | list[str]) -> list[str]:
+    """`all`, `none` or a comma-separated list of baseline names (from Python also a list)."""
+    if isinstance(spec, (list, tuple)) and all(isinstance(name, str) for name in spec):
+        spec = ",".join(spec)
+    if not isinstance(spec, str):
+        raise ReginaError(f"--baselines takes all, none or a list of {', '.join(BASELINES)}, not {spec!r}")
     spec = spec.strip().lower()
     if spec == "all":
         return list(BASELINES)
