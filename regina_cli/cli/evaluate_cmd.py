@@ -10,7 +10,6 @@ import typer
 from regina_cli import keys
 from regina_cli.cli.app import app
 from regina_cli.cli.common import DataDirOpt, emit_result, info, show, user_errors
-from regina_cli.checks import check_data_dir, check_out_folder, check_seed
 
 
 @app.command("evaluate")
@@ -45,38 +44,21 @@ def evaluate_command(
 ) -> None:
     """Precision (GEARS-comparable), cell-eval, distribution and DE metrics against baselines; writes
     metrics.json, per_condition.csv, report.html and plots/."""
-    from regina_cli.data.provenance import check_predictions
     from regina_cli.evaluate.report import summary_tables
     from regina_cli.evaluate.run import evaluate
 
-    check_seed(seed)
-    check_out_folder(out or predictions[0].parent / keys.EVAL_DIR, keys.METRICS_FILE)
-    check_data_dir(data_dir, writes=False)
-    warnings = [w for path in predictions for w in check_predictions(name, path, split, data_dir,
-                                                                     allow_stale=allow_stale)]
-    for warning in warnings:
-        info(f"[bold yellow]warning:[/] {warning}")
+    warnings = []
+
+    def warn(message: str) -> None:
+        info(f"[bold yellow]warning:[/] {message}")
+        warnings.append(message)
 
     summary = evaluate(
         name, list(predictions), split=split, out=out, baselines=baselines, plots=plots, condition_key=condition_key,
         separator=separator, model_name=model_name, on=on, data_dir=data_dir, seed=seed, device=device,
-        max_true_cells=true_cells, threads=threads, allow_stale=allow_stale,
+        max_true_cells=true_cells, threads=threads, allow_stale=allow_stale, warn=warn,
     )
     for model in summary["models"]:
-        found = []
-        if model["n_skipped_not_in_dataset"]:
-            shown = ", ".join(model["skipped_not_in_dataset"][:5])
-            found.append(f"{model['name']}: skipped {model['n_skipped_not_in_dataset']} predicted condition(s) not "
-                         f"in {name}: {shown}")
-        if model["scale_warning"]:
-            found.append(f"{model['name']}: {model['scale_warning']}: predictions are scored against the dataset's "
-                         "log1p of counts normalised per cell (normalize_total 1e4), so convert them first")
-        if model["n_target_conditions_not_predicted"]:
-            found.append(f"{model['name']}: {model['n_target_conditions_not_predicted']} {on} condition(s) have no "
-                         "prediction")
-        for warning in found:
-            info(f"[yellow]warning:[/] {warning}")
-        warnings += found
         if model["form"] == "means":
             info(f"{model['name']}: mean profiles (one row per condition); distribution and DE metrics need cells "
                  "and are left out")

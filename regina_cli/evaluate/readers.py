@@ -57,10 +57,11 @@ def _check_finite(x: np.ndarray, path: Path, row_names) -> None:
 SHOWN_COLUMNS = 8  # a gene table has thousands of columns: the error line names the first few
 
 
-def _missing_condition_column(path: Path, key: str, columns) -> ReginaError:
+def missing_condition_column(source, key: str, columns, *, in_obs: bool) -> ReginaError:
+    """`source` (a file, or what a Python caller passed) has no condition column `key`."""
     names = [str(c) for c in columns]
     shown = ", ".join(names[:SHOWN_COLUMNS]) + (f", ... ({len(names):,} in all)" if len(names) > SHOWN_COLUMNS else "")
-    return ReginaError(f"{path} has no {'obs ' if path.suffix == '.h5ad' else ''}column '{key}' "
+    return ReginaError(f"{source} has no {'obs ' if in_obs else ''}column '{key}' "
                        f"(columns: {shown or 'none'}); pass --condition-key")
 
 
@@ -72,7 +73,7 @@ def _read_h5ad(path: Path, condition_key: str, separator: str) -> RawPredictions
     except Exception as exc:  # noqa: BLE001 - any failure to parse means "not an h5ad"
         raise ReginaError(f"cannot read {path} as an .h5ad file ({type(exc).__name__}: {exc})") from None
     if condition_key not in pred.obs:
-        raise _missing_condition_column(path, condition_key, pred.obs.columns)
+        raise missing_condition_column(path, condition_key, pred.obs.columns, in_obs=True)
     x = pred.X.toarray() if sp.issparse(pred.X) else np.asarray(pred.X)
     x = np.asarray(x, dtype=np.float32)
     _check_finite(x, path, pred.obs_names)
@@ -99,7 +100,7 @@ def _read_table(path: Path, condition_key: str, separator: str) -> RawPrediction
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise ReginaError(f"cannot read {path} as a table ({exc})") from None
     if condition_key not in frame:
-        raise _missing_condition_column(path, condition_key, frame.columns)
+        raise missing_condition_column(path, condition_key, frame.columns, in_obs=False)
     for column in frame.columns.drop(condition_key):
         if not pd.api.types.is_numeric_dtype(frame[column]):
             numbers = pd.to_numeric(frame[column], errors="coerce")

@@ -18,6 +18,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -385,14 +386,19 @@ def evaluate(
     max_true_cells: int = MAX_TRUE_CELLS,
     threads: int = 0,
     allow_stale: bool = False,
+    warn: Callable[[str], None] = lambda message: None,
 ) -> dict:
     """Score prediction files against dataset `name` on a split; write metrics, table, report, plots.
 
-    `threads`: CPU threads (0: the idle cores, see threads.py). `allow_stale`: score on a split
-    made from an earlier version of the dataset (the caller warns). Returns the summary written to
-    metrics.json plus `out` (the folder written).
+    `threads`: CPU threads (0: the idle cores, see threads.py). `allow_stale`: score predictions
+    whose run's dataset or split changed since (refused otherwise: `provenance.check_predictions`).
+    `warn` hears each warning when it is found (the command line prints it in yellow, the Python
+    API raises a UserWarning), so one given before an error is not lost. Returns the summary
+    written to metrics.json plus `out` (the folder written).
     """
+    from regina_cli.checks import check_data_dir, check_out_folder
     from regina_cli.data.dataset import read_dataset
+    from regina_cli.data.provenance import check_predictions
     from regina_cli.data.split import load_split
     from regina_cli.evaluate import report
     from regina_cli.evaluate.pages import small_pages
@@ -402,14 +408,19 @@ def evaluate(
     from regina_cli.evaluate.truth import Truth
 
     check_options(seed=seed, max_true_cells=max_true_cells, threads=threads, model_name=model_name)
+    paths = [Path(p) for p in (predictions if isinstance(predictions, (list, tuple)) else [predictions])]
+    out = Path(out) if out is not None else paths[0].parent / keys.EVAL_DIR
+    check_out_folder(out, keys.METRICS_FILE)
+    check_data_dir(data_dir, writes=False)
+    for path in paths:
+        for warning in check_predictions(name, path, split, data_dir, allow_stale=allow_stale):
+            warn(warning)
     with cpu_threads(threads) as n_threads, small_pages():
-        paths = [Path(p) for p in (predictions if isinstance(predictions, (list, tuple)) else [predictions])]
         if on not in TARGET_SETS:
             raise ReginaError(f"--on must be one of {', '.join(TARGET_SETS)}, not {on!r}")
         if not separator:
             raise ReginaError("--separator must not be empty")
         baseline_names = parse_baselines(baselines)
-        out = Path(out) if out is not None else paths[0].parent / keys.EVAL_DIR
         torch_device = resolve_device(device)
         # The dataset (checksum + read) and the prediction files are read side by side: both mostly
         # wait on hashing and HDF5 reads, which release the GIL.
@@ -444,4 +455,24 @@ def evaluate(
         }
         with atomic_dir(out) as staging:  # every file appears at once, replacing the previous folder whole
             summary = report.write_report(result, context, staging, truth=truth, plots=plots)
+        for warning in model_warnings(summary):
+            warn(warning)
         return {**summary, "out": str(out)}
+
+
+def model_warnings(summary: dict) -> list[str]:
+    """What is worth a warning about each model's predictions: conditions the dataset lacks,
+    values on another scale, conditions of the scored set left unpredicted."""
+    found = []
+    for model in summary["models"]:
+        if model["n_skipped_not_in_dataset"]:
+            shown = ", ".join(model["skipped_not_in_dataset"][:5])
+            found.append(f"{model['name']}: skipped {model['n_skipped_not_in_dataset']} predicted condition(s) not "
+                         f"in {summary['dataset']}: {shown}")
+        if model["scale_warning"]:
+            found.append(f"{model['name']}: {model['scale_warning']}: predictions are scored against the dataset's "
+                         "log1p of counts normalised per cell (normalize_total 1e4), so convert them first")
+        if model["n_target_conditions_not_predicted"]:
+            found.append(f"{model['name']}: {model['n_target_conditions_not_predicted']} {summary['on']} "
+                         "condition(s) have no prediction")
+    return found
