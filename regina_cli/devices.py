@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import re
+import threading
+from typing import Iterator
 
 from regina_cli.errors import ReginaError
 
@@ -35,3 +39,33 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+@functools.cache
+def start_threads() -> int:
+    """The intra-op threads torch starts a process with (OMP_NUM_THREADS, else its default): what
+    a command trains on. Read in a new thread, because numba's OpenMP layer (scanpy runs it)
+    raises the count of the thread it runs in; and once, before `torch_threads` first sets a
+    count, after which new threads start with the count set."""
+    import torch
+
+    found = []
+    probe = threading.Thread(target=lambda: found.append(torch.get_num_threads()))
+    probe.start()
+    probe.join()
+    return found[0]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None = None) -> Iterator[int]:
+    """torch's intra-op threads set to `n` (None: `start_threads()`) inside the block, then
+    restored. Training runs in one, so a notebook trains exactly as the command does."""
+    import torch
+
+    n = n or start_threads()  # read before the first set_num_threads below
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(previous)

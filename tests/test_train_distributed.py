@@ -1,10 +1,15 @@
 """`--gpus 2 --device cpu`: two data-parallel gloo processes started through torchrun's elastic
-launcher train phase 1; the ranks must end with identical weights, and rank 0 alone writes."""
+launcher train phase 1; the ranks must end with identical weights, and rank 0 alone writes. One
+process trains on the threads torch started with."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from regina_cli.config import build_config
@@ -144,3 +149,32 @@ def test_gpus_above_one_refuses_a_node_without_a_gpu_or_more_processes_than_core
         distributed.check_process_count(4, "auto")
     with pytest.raises(ReginaError, match="would start 5 processes on 4 CPU cores; use at most --gpus 4"):
         distributed.check_process_count(5, "cpu")
+
+
+def test_training_runs_on_the_threads_torch_starts_with():
+    """numba's OpenMP layer (scanpy's) raised torch's threads in a notebook, so its training
+    differed from the command's; training now runs on the count torch started the process with."""
+    from regina_cli.devices import available_cpus
+
+    if available_cpus() < 2:
+        pytest.skip("one core: numba cannot raise torch's thread count")
+    script = """
+import numba, torch
+from regina_cli.engine.distributed import run_distributed
+
+@numba.njit(parallel=True)
+def total(n):
+    s = 0.0
+    for i in numba.prange(n):
+        s += i
+    return s
+
+total(1000)
+raised = torch.get_num_threads()
+print(raised, run_distributed(lambda ctx: torch.get_num_threads(), {}, gpus=1, device="cpu"), torch.get_num_threads())
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    raised, training, after = map(int, done.stdout.split())
+    assert raised > 1, "numba did not raise torch's count here: the test shows nothing"
+    assert (training, after) == (1, raised)

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from regina_cli.devices import available_cpus, resolve_device
+from regina_cli.devices import available_cpus, resolve_device, torch_threads
 from regina_cli.errors import ReginaError
 from regina_cli.io import check_not_in_use, run_lock
 from regina_cli.launch import scheduler_place
@@ -120,13 +120,15 @@ def run_distributed(target: Callable, kwargs: dict, *, gpus: int, device: str, r
     `run_dir`: the run `target` writes, locked while it runs (`io.run_lock`; `recheck` then runs
     under the lock, for what another writer may have changed before it): by this process, or in
     a torchrun/srun launch by its first process once all have joined, every process sharing its
-    verdict (a refusal on rank 0 alone would leave the others waiting for it)."""
+    verdict (a refusal on rank 0 alone would leave the others waiting for it). In this process
+    it runs on the threads torch started with (`devices.torch_threads`), as a command would."""
     if launched_by_scheduler() is not None:
         return _run_here(target, kwargs, device, run_dir, recheck)
     with _locked(run_dir, recheck):
         if gpus > 1:
             return _spawn(target, kwargs, nprocs=gpus, device=device)
-        return _run_here(target, kwargs, device)
+        with torch_threads():  # the command's count, whatever numba (scanpy) set in a notebook
+            return _run_here(target, kwargs, device)
 
 
 @contextlib.contextmanager

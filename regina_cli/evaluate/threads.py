@@ -14,7 +14,7 @@ import contextlib
 import os
 from typing import Iterator
 
-from regina_cli.devices import available_cpus
+from regina_cli.devices import available_cpus, torch_threads
 
 
 def free_cpus() -> int:
@@ -30,19 +30,12 @@ def free_cpus() -> int:
 @contextlib.contextmanager
 def cpu_threads(n: int = 0) -> Iterator[int]:
     """Limit torch's and the BLAS thread pools to `n` threads (0: free_cpus()) inside the block."""
-    import torch
-
     n = n or free_cpus()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
     try:
-        try:
-            from threadpoolctl import threadpool_limits  # installed with scikit-learn (scanpy)
-        except ImportError:  # pragma: no cover
-            limits = contextlib.nullcontext()
-        else:
-            limits = threadpool_limits(limits=n)
-        with limits:
-            yield n
-    finally:
-        torch.set_num_threads(previous)
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn (scanpy)
+    except ImportError:  # pragma: no cover
+        limits = contextlib.nullcontext()
+    else:
+        limits = threadpool_limits(limits=n)
+    with torch_threads(n), limits:
+        yield n
