@@ -15,7 +15,7 @@ import re
 import tempfile
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -80,22 +80,58 @@ def _run_dir(run) -> Path:
 
 
 # --- fetch ---------------------------------------------------------------------------------------
-@contextmanager
-def _staged_anndata(adata, data_dir):
-    """An in-memory AnnData as a temporary h5ad under the data folder, for the file importer."""
-    from regina_cli.data.fetch import DOWNLOADS_DIR
+def _unstorable(staged: AnnData, folder: Path) -> str | None:
+    """The first obs or var column of `staged` that an h5ad file cannot hold (to name it)."""
+    from anndata import AnnData
+
+    for where in ("obs", "var"):
+        frame = getattr(staged, where)
+        for column in frame.columns:
+            try:
+                AnnData(**{where: frame[[column]]}).write_h5ad(folder / "probe.h5ad")
+            except Exception:  # noqa: BLE001 - anndata and h5py raise many types
+                return f"{where}[{column!r}]"
+    return None
+
+
+def _write_staged(staged: AnnData, path: Path, what: str) -> None:
+    """Write `staged`, a new AnnData holding what REGINA reads of the user's `what`: writing runs
+    anndata's strings_to_categoricals on the object written, which must not be the user's."""
     from regina_cli.io import write_h5ad
 
+    try:
+        write_h5ad(staged, path)
+    except ReginaError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anndata and h5py raise many types
+        culprit = _unstorable(staged, path.parent) or "its content"
+        raise ReginaError(f"{what}: {culprit} cannot be stored in an h5ad file ({type(exc).__name__}: {exc}); an "
+                          "h5ad column has a text name and holds text, numbers or categories: convert, rename or "
+                          "drop it") from None
+
+
+@contextmanager
+def _staged_anndata(adata, data_dir):
+    """What the importer reads of an in-memory AnnData (X, obs, var, GEARS' uns fields), as a
+    temporary h5ad under the data folder."""
     from anndata import AnnData
+
+    from regina_cli.data.dataset import GEARS_UNS
+    from regina_cli.data.fetch import DOWNLOADS_DIR
+    from regina_cli.data.importer import check_has_x, duplicate_genes_allowed
 
     if not isinstance(adata, AnnData):
         raise ReginaError(f"adata must be an AnnData, not {type(adata).__name__}; give a file as source=")
+    check_has_x(adata)
+    with duplicate_genes_allowed():
+        staged = AnnData(X=adata.X, obs=adata.obs.copy(deep=False), var=adata.var.copy(deep=False),
+                         uns={k: adata.uns[k] for k in GEARS_UNS if k in adata.uns})
     scratch = keys.data_root(data_dir) / DOWNLOADS_DIR
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         with tempfile.TemporaryDirectory(prefix="in-memory-anndata-", dir=scratch) as folder:
             path = Path(folder) / "in-memory.h5ad"
-            write_h5ad(adata, path)
+            _write_staged(staged, path, "adata")
             yield path
     finally:
         if not any(scratch.iterdir()):
@@ -103,22 +139,24 @@ def _staged_anndata(adata, data_dir):
 
 
 def fetch(name: str, adata: AnnData | None = None, *, source: str | Path | None = None, force: bool = False,
-          control: Sequence[str] = (), condition_key: str | None = None, cell_type_key: str | None = None,
-          separator: str | None = None, n_top_genes: int | None = None, gene_list: str | Path | None = None,
-          data_dir: str | Path | None = None, backed: bool = False, verbose: bool = False, **simulation: Any):
+          control: str | Sequence[str] | None = (), condition_key: str | None = None,
+          cell_type_key: str | None = None, separator: str | None = None, n_top_genes: int | None = None,
+          gene_list: str | Path | None = None, data_dir: str | Path | None = None, backed: bool = False,
+          verbose: bool = False, **simulation: Any):
     """`regina fetch`: put dataset `name` in the data folder and return it as AnnData (GEARS layout).
 
-    `adata` imports an in-memory AnnData exactly as `source` (`--from`) imports a file; the import
-    options (`control`, `condition_key`, ...) apply to either. `simulation` takes the demo's
-    sizes (`n_cells`, `n_genes`, `n_singles`, `n_doubles`, `n_cell_types`, `seed`, `drop_targets`).
-    `fetch("go")` fetches GEARS' GO annotation and returns its `GoResult` instead.
+    `adata` imports an in-memory AnnData exactly as `source` (`--from`) imports a file (it is left
+    unchanged); the import options (`control`: one label or a list, ...) apply to either.
+    `simulation` takes the demo's options: `n_cells`, `n_genes`, `n_singles`, `n_doubles`,
+    `n_cell_types`, `control_fraction`, `drop_targets`, `seed`. `fetch("go")` fetches GEARS' GO
+    annotation and returns its `GoResult` instead.
     """
     from regina_cli.data.dataset import read_dataset
     from regina_cli.data.fetch import GO, fetch as fetch_dataset, fetch_go
     from regina_cli.data.importer import ImportOptions
 
     options = ImportOptions(
-        control=tuple(control), condition_key=condition_key, separator=separator, cell_type_key=cell_type_key,
+        control=control, condition_key=condition_key, separator=separator, cell_type_key=cell_type_key,
         n_top_genes=n_top_genes, gene_list=None if gene_list is None else str(gene_list),
     )
     log = _log(verbose)
@@ -129,7 +167,6 @@ def fetch(name: str, adata: AnnData | None = None, *, source: str | Path | None 
                         progress=verbose)
     if adata is not None and source is not None:
         raise ReginaError("give either adata or source (--from), not both")
-    _check_simulation(simulation)
     kwargs = dict(data_dir=data_dir, force=force, options=options, demo=simulation, log=log, progress=verbose)
     if adata is not None:
         with _staged_anndata(adata, data_dir) as path:
@@ -140,17 +177,6 @@ def fetch(name: str, adata: AnnData | None = None, *, source: str | Path | None 
         warnings.warn(f"{name} is already present and was not fetched again, so the options given did not "
                       "apply: pass force=True to replace it", stacklevel=2)
     return read_dataset(name, data_dir, backed=backed)
-
-
-def _check_simulation(simulation: dict) -> None:
-    import inspect
-
-    from regina_cli.data.demo import simulate_demo
-
-    known = list(inspect.signature(simulate_demo).parameters)
-    unknown = sorted(set(simulation) - set(known))
-    if unknown:
-        raise ReginaError(f"fetch() got unknown option(s) {', '.join(unknown)}; the demo takes {', '.join(known)}")
 
 
 # --- split and label -----------------------------------------------------------------------------
@@ -169,19 +195,23 @@ class SplitResult:
         """`<mode>_<seed>`, e.g. simulation_1 (simulation_1_0.5 at train_gene_frac=0.5)."""
         return self.split.name
 
+    def __repr__(self) -> str:
+        """One line: the condition lists and the summary table are in their fields."""
+        sets = ", ".join(f"{s}={len(getattr(self.split, s))}" for s in ("train", "val", "test"))
+        return f"SplitResult(name={self.name!r}, {sets}, n_unassigned={self.n_unassigned}, path={str(self.path)!r})"
+
 
 def split(name: str, *, mode: str = "simulation", seed: int = 1, train_gene_frac: float = 0.75,
-          split_file: str | Path | None = None, gene_knowledge: str | None = None,
+          split_file: str | Path | dict | None = None, gene_knowledge: str | None = None, force: bool = False,
           data_dir: str | Path | None = None) -> SplitResult:
-    """`regina split`: train/val/test conditions, identical to cell-gears' for a mode and seed."""
+    """`regina split`: train/val/test conditions, identical to cell-gears' for a mode and seed
+    (`split_file`: your own, as a dict or a file)."""
     import pandas as pd
 
-    from regina_cli.checks import check_seed
     from regina_cli.data.split import split_dataset
 
-    check_seed(seed)
     outcome = split_dataset(name, mode=mode, seed=seed, train_gene_frac=train_gene_frac, split_file=split_file,
-                            data_dir=data_dir, gene_knowledge=gene_knowledge)
+                            data_dir=data_dir, gene_knowledge=gene_knowledge, force=force)
     for warning in outcome.warnings:
         warnings.warn(warning, stacklevel=2)
     return SplitResult(outcome.split, pd.DataFrame(outcome.summary), outcome.path, outcome.n_unassigned,
@@ -193,22 +223,23 @@ class LabelResult:
     """What `label` wrote: pass it (or its `method`) as `labels=` to `train_ae`."""
 
     method: str
-    labels: pd.Series  # cell name -> class, ready for adata.obs["cell_state"]
-    balance: pd.DataFrame  # one row per class: cells, share, and cells per split set
+    labels: pd.Series = field(repr=False)  # cell name -> class, ready for adata.obs["cell_state"]
+    balance: pd.DataFrame = field(repr=False)  # one row per class: cells, share, and cells per split set
     fitted_on: str  # which cells the labels were fitted on, in words
-    details: dict  # how they were obtained (stress: threshold, quantile, markers)
+    details: dict = field(repr=False)  # how they were obtained (stress: threshold, quantile, markers)
     path: Path  # data/<name>/labels/<method>@<split>.csv (<method>.csv without a split)
 
 
 def label(name: str, method: str, *, split: str | SplitResult | None = None, quantile: float | None = None,
-          data_dir: str | Path | None = None) -> LabelResult:
+          force: bool = False, data_dir: str | Path | None = None) -> LabelResult:
     """`regina label`: one cell-state class per cell (`stress`, `cell-cycle` or `obs:<column>`),
     fitted on the training cells of `split`."""
     import pandas as pd
 
     from regina_cli.data.label import label_dataset
 
-    outcome = label_dataset(name, method, quantile=quantile, split=_split_of(split, name), data_dir=data_dir)
+    outcome = label_dataset(name, method, quantile=quantile, split=_split_of(split, name), data_dir=data_dir,
+                            force=force)
     return LabelResult(method, outcome.labels.cell_state, pd.DataFrame(outcome.balance), outcome.fitted_on,
                        dict(outcome.labels.details), outcome.path)
 
@@ -216,7 +247,8 @@ def label(name: str, method: str, *, split: str | SplitResult | None = None, qua
 # --- training ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainResult:
-    """A finished training phase: pass it as the run of `train_gan` and `predict`."""
+    """A finished training phase: pass it as the run of `train_gan` and `predict`, which then read
+    the data folder it was trained on."""
 
     run_dir: Path
     phase: str  # "ae" or "gan"
@@ -225,22 +257,28 @@ class TrainResult:
     best_epoch: int  # the epoch whose weights model.pt holds
     best_metric: str
     best_value: float
-    history: pd.DataFrame  # one row per epoch: training losses and validation scores (history.csv)
-    config: ReginaConfig  # the configuration the phase ran with
-    config_source: str  # where its base came from (preset, phase 1, a resumed run)
-    warnings: list[str]
-    summary: dict  # everything the engine reported (what `--json` prints)
+    data_dir: Path  # the data folder it was trained on
+    history: pd.DataFrame = field(repr=False)  # one row per epoch: training losses and validation scores
+    config: ReginaConfig = field(repr=False)  # the configuration the phase ran with
+    config_source: str = field(repr=False)  # where its base came from (preset, phase 1, a resumed run)
+    warnings: list[str] = field(repr=False)
+    summary: dict = field(repr=False)  # everything the engine reported (what `--json` prints)
 
 
-def _trained(summary: dict, run_dir: Path, phase: str, config, source: str) -> TrainResult:
+def _trained(summary: dict, run_dir: Path, phase: str, config, source: str, data_dir) -> TrainResult:
     import pandas as pd
 
     for warning in summary.get("warnings", []):
         warnings.warn(warning, stacklevel=3)
     history = pd.read_csv(run_dir / phase / keys.HISTORY_FILE)
     return TrainResult(run_dir, phase, summary["stop_reason"], summary["epochs"], summary["best_epoch"],
-                       summary["best_metric"], summary["best_value"], history, config, source,
-                       list(summary.get("warnings", [])), summary)
+                       summary["best_metric"], summary["best_value"], keys.data_root(data_dir), history, config,
+                       source, list(summary.get("warnings", [])), summary)
+
+
+def _data_dir_of(run, data_dir):
+    """`data_dir` as given, else the one a `TrainResult` was trained on (else None: the default)."""
+    return data_dir if data_dir is not None else getattr(run, "data_dir", None)
 
 
 def train_ae(name: str, *, split: str | SplitResult, labels: str | LabelResult, run: str | Path | None = None,
@@ -267,7 +305,7 @@ def train_ae(name: str, *, split: str | SplitResult, labels: str | LabelResult, 
     summary = train_autoencoder(name, split=split_name, labels=_labels_of(labels, name, split_name, data_dir),
                                 run_dir=run_dir, config=config, data_dir=data_dir, gpus=gpus, device=device,
                                 resume=resume, progress=_progress(verbose))
-    return _trained(summary, run_dir, keys.AE_DIR, config, source)
+    return _trained(summary, run_dir, keys.AE_DIR, config, source, data_dir)
 
 
 def train_gan(run: str | Path | TrainResult, *, config_file: str | Path | None = None,
@@ -279,13 +317,13 @@ def train_gan(run: str | Path | TrainResult, *, config_file: str | Path | None =
     from regina_cli.engine.run_config import ConfigRequest, phase_flags, resolve_run_config
     from regina_cli.engine.train_gan import train_gan as train_phase2
 
-    run_dir = _run_dir(run)
+    run_dir, data_dir = _run_dir(run), _data_dir_of(run, data_dir)
     request = ConfigRequest(config_file=config_file, overrides=overrides,
                             flags=phase_flags("gan", max_epochs=max_epochs, batch_size=batch_size))
     config, source = resolve_run_config(keys.GAN_DIR, run_dir, request, resume=resume)
     summary = train_phase2(run_dir, config=config, data_dir=data_dir, gpus=gpus, device=device, resume=resume,
                            progress=_progress(verbose))
-    return _trained(summary, run_dir, keys.GAN_DIR, config, source)
+    return _trained(summary, run_dir, keys.GAN_DIR, config, source, data_dir)
 
 
 def load_run(run: str | Path | TrainResult, *, device: str = "auto"):
@@ -298,7 +336,8 @@ def load_run(run: str | Path | TrainResult, *, device: str = "auto"):
 # --- predict -------------------------------------------------------------------------------------
 def predict(run: str | Path | TrainResult, conditions: str | Sequence[str] = "test", *, n_cells: int = 100,
             seed: int = 0, out: str | Path | None = None, with_controls: bool = True, clip: bool | None = None,
-            sparsify: bool = False, device: str = "auto", data_dir: str | Path | None = None) -> AnnData:
+            sparsify: bool = False, device: str = "auto", allow_stale: bool = False,
+            data_dir: str | Path | None = None) -> AnnData:
     """`regina predict`: predicted cells for `conditions` ("test", "val", "all", "A+ctrl,A+B" or a
     list), written to `out` (default `<run>/predictions.h5ad`) and returned as AnnData.
 
@@ -312,11 +351,10 @@ def predict(run: str | Path | TrainResult, conditions: str | Sequence[str] = "te
     from regina_cli.engine.prediction_file import FileOptions
 
     options = FileOptions(with_controls=with_controls, clip=clip, sparsify=sparsify)
-    chosen = conditions if isinstance(conditions, str) else list(conditions)
-    result = run_prediction(_run_dir(run), chosen, n_cells=n_cells, seed=seed, out=out, device=device,
-                            data_dir=data_dir, options=options)
-    if result.skipped:
-        warnings.warn(result.skipped_warning, stacklevel=2)
+    result = run_prediction(_run_dir(run), conditions, n_cells=n_cells, seed=seed, out=out, device=device,
+                            data_dir=_data_dir_of(run, data_dir), options=options, allow_stale=allow_stale)
+    for warning in [*result.warnings, *filter(None, [result.skipped_warning])]:
+        warnings.warn(warning, stacklevel=2)
     return anndata.read_h5ad(result.path)
 
 
@@ -336,6 +374,15 @@ class EvaluationResult:
         """report.html, when plots were drawn and kept."""
         return self.out / self.summary["report"] if self.out is not None and "report" in self.summary else None
 
+    def __repr__(self) -> str:
+        """One line: the tables are in `metrics` and `per_condition` (a notebook cell would print
+        the whole summary otherwise)."""
+        s = self.summary
+        models = [m["name"] for m in s["models"]]
+        n_conditions = int(self.per_condition["condition"].nunique())
+        return (f"EvaluationResult(dataset={s['dataset']!r}, split={s['split']!r}, on={s['on']!r}, models={models}, "
+                f"baselines={s['baselines']}, n_conditions={n_conditions}, out={self.out!r})")
+
 
 _SAFE_STEM = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -347,29 +394,52 @@ def _named_profile(value) -> bool:
     return isinstance(value, pd.Series) and not isinstance(value.index, pd.RangeIndex)
 
 
-def _stage_predictions(items: list, names: list[str] | None, folder: Path, condition_key: str) -> list[Path]:
+def _prediction_fields(adata: AnnData, condition_key: str, what: str) -> AnnData:
+    """What `evaluate` reads of an AnnData of predictions, as a new AnnData (`_write_staged`): X,
+    the condition column, var names and REGINA's own fields."""
+    from anndata import AnnData
+
+    from regina_cli.evaluate.readers import missing_condition_column
+
+    if condition_key not in adata.obs:
+        raise missing_condition_column(what, condition_key, adata.obs.columns, in_obs=True)
+    columns = list(dict.fromkeys(c for c in (condition_key, keys.OBS_CONTROL_CELL, keys.OBS_PROMPT_SOURCE)
+                                 if c in adata.obs))
+    genes = [keys.VAR_GENE_NAME] if keys.VAR_GENE_NAME in adata.var else []
+    varm = {k: adata.varm[k] for k in [keys.VARM_RECONSTRUCTION] if k in adata.varm}
+    uns = {k: adata.uns[k] for k in [keys.UNS_REGINA] if k in adata.uns}
+    return AnnData(X=adata.X, obs=adata.obs[columns].copy(), var=adata.var[genes].copy(), varm=varm, uns=uns)
+
+
+def _stage_predictions(items: list, names: list[str] | None, folder: Path,
+                       condition_key: str) -> tuple[list[Path], dict[Path, str]]:
     """Prediction files for `items`: paths as given; AnnData, DataFrames and GEARS-style dicts
-    written to `folder` in the format `regina evaluate` reads (h5ad, CSV, safe pickle)."""
+    written to `folder` in the format `regina evaluate` reads (h5ad, CSV, safe pickle). Also what
+    to call each written file in messages: the argument passed (`predictions[1] (a dict)`)."""
     import pickle
 
     import numpy as np
     import pandas as pd
     from anndata import AnnData
 
-    from regina_cli.io import write_h5ad
-
-    paths = []
+    paths, called = [], {}
     for i, item in enumerate(items):
         if isinstance(item, (str, Path)):
             paths.append(Path(item))
             continue
+        if not isinstance(item, (AnnData, pd.DataFrame, dict)):
+            raise ReginaError(f"predictions must be a path, an AnnData, a DataFrame or a dict condition -> mean "
+                              f"profile, not {type(item).__name__}")
         default = "predictions" if len(items) == 1 else f"predictions_{i + 1}"
         stem = _SAFE_STEM.sub("_", names[i]) if names else default
         if names and names.count(names[i]) > 1:  # parts of one model: one file each
             stem += f"_part{i + 1}"
+        kind = ("an AnnData" if isinstance(item, AnnData) else "a DataFrame" if isinstance(item, pd.DataFrame)
+                else "a dict")
+        what = f"{'predictions' if len(items) == 1 else f'predictions[{i}]'} ({kind})"
         if isinstance(item, AnnData):
             path = folder / f"{stem}.h5ad"
-            write_h5ad(item, path)
+            _write_staged(_prediction_fields(item, condition_key, what), path, what)
         elif isinstance(item, dict) and any(_named_profile(v) for v in item.values()):
             path = folder / f"{stem}.csv"  # profiles that name their genes are matched by name, as a table's are
             frame = pd.DataFrame({str(k): pd.Series(v) for k, v in item.items()}).T
@@ -381,14 +451,20 @@ def _stage_predictions(items: list, names: list[str] | None, folder: Path, condi
                                               and not isinstance(item.index, pd.RangeIndex)):
                 frame = item.rename_axis(condition_key).reset_index()  # conditions as the index, named or not
             frame.to_csv(path, index=False)
-        elif isinstance(item, dict):
+        else:
             path = folder / f"{stem}.pkl"
             path.write_bytes(pickle.dumps({str(k): np.asarray(v, dtype=np.float64) for k, v in item.items()}))
-        else:
-            raise ReginaError(f"predictions must be a path, an AnnData, a DataFrame or a dict condition -> mean "
-                              f"profile, not {type(item).__name__}")
         paths.append(path)
-    return paths
+        called[path] = what
+    return paths, called
+
+
+def _called(text: str, called: dict[Path, str]) -> str:
+    """`text` (a message) naming in-memory predictions as passed, not by their staged file (deleted
+    by the time the user reads it)."""
+    for path, what in called.items():
+        text = text.replace(str(path), what)
+    return text
 
 
 def _metrics_frame(results: dict) -> pd.DataFrame:
@@ -409,9 +485,9 @@ def _metrics_frame(results: dict) -> pd.DataFrame:
 
 def evaluate(name: str, predictions, *, model_name: str | Sequence[str] | None = None,
              split: str | SplitResult | None = None, on: str = "test", out: str | Path | None = None,
-             baselines: str = "all", plots: bool = True, condition_key: str = keys.OBS_CONDITION,
+             baselines: str | Sequence[str] = "all", plots: bool = True, condition_key: str = keys.OBS_CONDITION,
              separator: str = keys.GENE_SEPARATOR, seed: int = 0, true_cells: int = 100, device: str = "auto",
-             threads: int = 0, data_dir: str | Path | None = None) -> EvaluationResult:
+             threads: int = 0, allow_stale: bool = False, data_dir: str | Path | None = None) -> EvaluationResult:
     """`regina evaluate`: score predictions against dataset `name`'s held-out conditions and baselines.
 
     `predictions`: an AnnData (cells or one mean row per condition), a DataFrame (a `condition_key`
@@ -427,14 +503,23 @@ def evaluate(name: str, predictions, *, model_name: str | Sequence[str] | None =
     items = list(predictions) if isinstance(predictions, (list, tuple)) else [predictions]
     names = model_name_list(model_name)
     with tempfile.TemporaryDirectory(prefix="in-memory-predictions-") as folder:
-        paths = _stage_predictions(items, names if names and len(names) == len(items) else None, Path(folder),
-                                   condition_key)
+        paths, called = _stage_predictions(items, names if names and len(names) == len(items) else None,
+                                           Path(folder), condition_key)
         keep = out is not None or isinstance(items[0], (str, Path))
         target = Path(out) if out is not None else None if keep else Path(folder) / keys.EVAL_DIR
-        summary = evaluate_files(name, paths, split=_split_of(split, name), out=target, baselines=baselines,
-                                 plots=plots and keep, condition_key=condition_key, separator=separator,
-                                 model_name=names, on=on, data_dir=data_dir, seed=seed, device=device,
-                                 max_true_cells=true_cells, threads=threads)
+        found = []
+        try:
+            summary = evaluate_files(name, paths, split=_split_of(split, name), out=target,
+                                     baselines=baselines, plots=plots and keep, condition_key=condition_key,
+                                     separator=separator, model_name=names, on=on, data_dir=data_dir, seed=seed,
+                                     device=device, max_true_cells=true_cells, threads=threads,
+                                     allow_stale=allow_stale, warn=found.append)
+        except ReginaError as exc:
+            exc.args = (_called(str(exc), called),)
+            raise
+        finally:  # a warning found before an error explains it (a stale file, say)
+            for warning in found:
+                warnings.warn(_called(warning, called), stacklevel=2)
         written = Path(summary.pop("out"))
         if summary["n_genes_scored"] != summary["n_genes_dataset"]:  # the command line says so too
             warnings.warn(f"scored on the {summary['n_genes_scored']} of {summary['n_genes_dataset']} genes that "

@@ -176,6 +176,7 @@ def test_fetch_imports_an_in_memory_anndata_as_from_does_a_file(demo_adata, tmp_
 @pytest.mark.parametrize("call, command", [
     (lambda: regina.fetch("bad name!"), ["fetch", "bad name!"]),
     (lambda: regina.fetch("nosuch"), ["fetch", "nosuch"]),
+    (lambda: regina.fetch("demo", seed=-1), ["fetch", "demo", "--seed", "-1"]),
     (lambda: regina.fetch("demo", n_cells=300, source="x.h5ad"),
      ["fetch", "demo", "--cells", "300", "--from", "x.h5ad"]),
     (lambda: regina.split("nosuch"), ["split", "nosuch"]),
@@ -321,3 +322,244 @@ def test_one_override_may_be_a_plain_string():
     from regina_cli.engine.run_config import ConfigRequest
 
     assert ConfigRequest(overrides="ae.lr=1e-3").overrides == ["ae.lr=1e-3"]
+
+
+# --- The command line's options, checks and warnings, and the user's objects left alone ------------
+def copy_of_notebook(notebook, tmp_path) -> Path:
+    """The notebook's data and run, copied into `tmp_path` (for tests that change them)."""
+    import shutil
+
+    _, workdir, *_ = notebook
+    for part in ("data", "runs/demo"):
+        shutil.copytree(workdir / part, tmp_path / part)
+    return tmp_path
+
+
+def test_every_command_line_option_is_a_keyword():
+    """`force` and `allow_stale` were missing while the errors said to pass them."""
+    from typer.main import get_command
+
+    from regina_cli.cli import app
+    from regina_cli.data.demo import DEMO_OPTIONS
+
+    functions = {"fetch": api.fetch, "split": api.split, "label": api.label, "train-ae": api.train_ae,
+                 "train-gan": api.train_gan, "predict": api.predict, "evaluate": api.evaluate}
+    renamed = {"cells": "n_cells", "conditions_file": "conditions"}  # predict's; a list replaces the file
+    demo_flags = set(DEMO_OPTIONS.values())
+    for command, function in functions.items():
+        ours = set(inspect.signature(function).parameters)
+        for param in get_command(app).commands[command].params:
+            if command == "fetch" and set(param.opts) & demo_flags:
+                continue  # the demo's options go to **simulation, each named in DEMO_OPTIONS
+            assert renamed.get(param.name, param.name) in ours, (command, param.name)
+
+
+def test_evaluate_warns_what_the_command_line_warns(notebook, tmp_path):
+    """Values on another scale, conditions not in the dataset and test conditions left
+    unpredicted were scored without a word."""
+    ns, workdir, *_ = notebook
+    pred, data = ns["pred"], workdir / "data"
+    odd = pred.copy()
+    odd.X = np.round(np.expm1(np.asarray(odd.X)) * 50)
+    first = ns["split"].split.test[0]
+    odd.obs[keys.OBS_CONDITION] = odd.obs[keys.OBS_CONDITION].astype(str).replace({first: "ZZZ+ctrl"})
+    path = tmp_path / "odd.h5ad"
+    odd.copy().write_h5ad(path)  # anndata's writer makes the string columns of what it writes categorical
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        regina.evaluate("demo", odd, plots=False, data_dir=data)
+    said = [str(w.message) for w in caught if "genes that every prediction" not in str(w.message)]
+    cli = invoke("--json", "evaluate", "demo", "--predictions", path, "--no-plots", "--out", tmp_path / "eval",
+                 "--data-dir", data)
+    assert cli.exit_code == 0, cli.output
+    expected = json.loads(cli.stdout)["warnings"]
+    assert len(expected) == 3 and said == [w.replace(str(path), "predictions (an AnnData)") for w in expected]
+    assert odd.obs[keys.OBS_CONDITION].dtype == object  # and the AnnData passed in is left as it was
+
+
+def test_evaluate_refuses_stale_predictions_and_split_mismatches_warn(notebook, tmp_path):
+    """A dataset fetched again with other content: evaluate scored the old predictions without a
+    word, and split/label/predict asked for --force / --allow-stale, which they did not take."""
+    root = copy_of_notebook(notebook, tmp_path)
+    data, run = root / "data", root / "runs" / "demo"
+    predictions = run / keys.PREDICTIONS_FILE
+    with pytest.warns(UserWarning, match="comes from a run trained on split simulation_1; scored on simulation_2"):
+        regina.split("demo", seed=2, data_dir=data)
+        regina.evaluate("demo", predictions, split="simulation_2", plots=False, out=root / "e2", data_dir=data)
+    regina.fetch("demo", n_cells=500, n_genes=200, n_singles=10, n_doubles=6, force=True, data_dir=data)
+    regina.split("demo", seed=1, data_dir=data)  # the same conditions: the same split
+    with pytest.raises(ReginaError, match="pass --force"):
+        regina.label("demo", "stress", split="simulation_1", data_dir=data)
+    regina.label("demo", "stress", split="simulation_1", force=True, data_dir=data)
+    for call in (lambda **kw: regina.evaluate("demo", predictions, plots=False, data_dir=data, **kw),
+                 lambda **kw: regina.predict(run, n_cells=5, out=root / "p.h5ad", data_dir=data, **kw)):
+        with pytest.raises(ReginaError, match="is stale: the dataset changed.*pass --allow-stale"):
+            call()
+        with pytest.warns(UserWarning, match="is stale: the dataset changed"):
+            call(allow_stale=True)
+    regina.fetch("demo", n_cells=500, n_genes=200, n_singles=12, n_doubles=6, force=True, data_dir=data)
+    with pytest.raises(ReginaError, match="pass --force"):
+        regina.split("demo", seed=1, data_dir=data)
+    regina.split("demo", seed=1, force=True, data_dir=data)
+
+
+def test_an_evaluation_folder_of_other_files_is_not_replaced(notebook, tmp_path):
+    """The API skipped the command's check: `out` holding the user's files was replaced whole."""
+    ns, workdir, *_ = notebook
+    (tmp_path / "mine.txt").write_text("keep me\n")
+    with pytest.raises(ReginaError, match="holds other files and no metrics.json"):
+        regina.evaluate("demo", ns["pred"], out=tmp_path, plots=False, data_dir=workdir / "data")
+    assert (tmp_path / "mine.txt").read_text() == "keep me\n"
+
+
+def _screen(adata) -> anndata.AnnData:
+    """The demo as a user's own screen: string obs columns, A_B labels, no GEARS fields."""
+    obs = pd.DataFrame({"perturbation": adata.obs[keys.OBS_CONDITION].astype(str).str.replace("+", "_").to_numpy(),
+                        "cell_type": adata.obs[keys.OBS_CELL_TYPE].astype(str).to_numpy()}, index=adata.obs_names)
+    return anndata.AnnData(adata.X.copy(), obs=obs, var=pd.DataFrame(index=adata.var_names.copy()))
+
+
+def test_the_anndata_passed_in_comes_back_unchanged(notebook):
+    """Writing it turned its string columns categorical (the user's next edit then failed), and
+    made a view an actual AnnData."""
+    ns, workdir, *_ = notebook
+    mine = _screen(ns["adata"])
+    view = mine[mine.obs["perturbation"] != "nothing"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # anndata's ImplicitModificationWarning included
+        regina.fetch("unchanged", view, condition_key="perturbation", separator="_", data_dir=workdir / "data")
+        regina.fetch("unchanged2", mine, condition_key="perturbation", separator="_", data_dir=workdir / "data")
+    assert view.is_view and (mine.obs.dtypes == object).all()
+    mine.obs.loc[mine.obs["perturbation"] == "ctrl", "perturbation"] = "NTC"  # failed on a categorical
+
+
+def test_fetch_reads_only_what_it_imports_and_names_what_it_cannot_store(notebook):
+    ns, workdir, *_ = notebook
+    data = workdir / "data"
+    other = ns["adata"].copy()
+    other.uns["params"] = {"when": pd.Timestamp("2024-01-01")}  # not read: not staged
+    other.obsm["X_umap"] = np.zeros((other.n_obs, 2))
+    regina.fetch("with_uns", other, data_dir=data)
+    mixed = ns["adata"].copy()
+    mixed.obs["mixed"] = [1 if i % 2 else "x" for i in range(mixed.n_obs)]
+    with pytest.raises(ReginaError, match=r"adata: obs\['mixed'\] cannot be stored in an h5ad file"):
+        regina.fetch("mixed", mixed, data_dir=data)
+    numbered = ns["adata"].copy()
+    numbered.obs[1] = 0
+    with pytest.raises(ReginaError, match=r"adata: obs\[1\] cannot be stored"):
+        regina.fetch("numbered", numbered, data_dir=data)
+
+
+def test_one_control_label_is_a_string(notebook):
+    """`control="SCR"` became the controls S, C and R, and no control was found."""
+    from regina_cli.data.importer import ImportOptions
+
+    assert ImportOptions(control="SCR").control == ("SCR",) and ImportOptions(control=None).control == ()
+    ns, workdir, *_ = notebook
+    screen = _screen(ns["adata"])
+    screen.obs["perturbation"] = screen.obs["perturbation"].str.replace("ctrl", "SCR")
+    found = regina.fetch("scr", screen, condition_key="perturbation", separator="_", control="SCR",
+                         data_dir=workdir / "data")
+    assert (found.obs[keys.OBS_CONDITION] == "ctrl").sum() == (ns["adata"].obs[keys.OBS_CONDITION] == "ctrl").sum()
+
+
+def test_duplicate_gene_names_are_made_unique_without_anndatas_advice(notebook):
+    """anndata's "call .var_names_make_unique" warning came twice for what the importer does
+    itself; a GEARS-layout file with a gene named twice ended in a pandas ValueError."""
+    ns, workdir, *_ = notebook
+    for name, adata in (("dup_plain", _screen(ns["adata"])), ("dup_gears", ns["adata"].copy())):
+        adata.var_names = [*adata.var_names[:5], adata.var_names[4], *adata.var_names[6:]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            regina.fetch(name, adata, condition_key="perturbation" if name == "dup_plain" else None,
+                         separator="_" if name == "dup_plain" else None, data_dir=workdir / "data")
+
+
+def test_train_result_carries_its_data_folder(notebook, tmp_path):
+    """train_gan(ae) and predict(gan) read ./data (or $REGINA_DATA) again, not the data_dir
+    phase 1 was trained on."""
+    ns, workdir, *_ = notebook
+    data = copy_of_notebook(notebook, tmp_path / "elsewhere") / "data"
+    ae = regina.train_ae("demo", split="simulation_1", labels="stress", run=tmp_path / "run", preset="demo",
+                         overrides=ns["tiny"], max_epochs=1, data_dir=data)
+    assert ae.data_dir == data and not keys.dataset_file("demo").exists()  # nothing at the default
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # phase 2's diagnostics of a one-epoch model
+        gan = regina.train_gan(ae, max_epochs=0)
+    assert gan.data_dir == data
+    assert regina.predict(gan, n_cells=5).n_obs > 0
+
+
+@pytest.mark.parametrize("call, fragment", [
+    (lambda ns, data: regina.predict(ns["gan"], None, data_dir=data), "--conditions takes test, val, all"),
+    (lambda ns, data: regina.predict(ns["gan"], [1, 2], data_dir=data), "--conditions takes test, val, all"),
+    (lambda ns, data: regina.predict(data.parent / "runs" / "demo", "train", data_dir=data), "sets test, val and all"),
+    (lambda ns, data: regina.predict(ns["gan"], seed=None, data_dir=data), "--seed takes"),
+    (lambda ns, data: regina.fetch("demo", force=True, seed=-1, data_dir=data), "--seed takes"),
+    (lambda ns, data: regina.fetch("demo", force=True, seed=None, data_dir=data), "--seed takes"),
+    (lambda ns, data: regina.fetch("demo", force=True, n_cells=300.0, data_dir=data), "--cells takes a whole"),
+    (lambda ns, data: regina.fetch("demo", force=True, n_cells="300", data_dir=data), "--cells takes a whole"),
+    (lambda ns, data: regina.fetch("demo", force=True, n_doubles=-1, data_dir=data), "--doubles takes a whole"),
+    (lambda ns, data: regina.fetch("demo", force=True, drop_targets="0.1", data_dir=data), "--drop-targets takes"),
+    (lambda ns, data: regina.fetch("demo", force=True, log=print, data_dir=data), "unknown option.*log"),
+    (lambda ns, data: regina.fetch("x", source="x.h5ad", n_top_genes="50", data_dir=data), "--n-top-genes must"),
+    (lambda ns, data: regina.fetch("x", ns["adata"], control=[1], data_dir=data), "--control takes labels"),
+    (lambda ns, data: regina.split("demo", train_gene_frac="0.5", data_dir=data), "--train-gene-frac must"),
+    (lambda ns, data: regina.label("demo", "stress", quantile="0.5", data_dir=data), "--quantile must"),
+    (lambda ns, data: regina.evaluate("demo", ns["pred"], baselines=1, data_dir=data), "--baselines takes"),
+    (lambda ns, data: regina.evaluate("demo", ns["pred"], baselines=["nope"], data_dir=data), "unknown baseline"),
+])
+def test_wrong_types_are_regina_errors_with_the_command_lines_words(notebook, call, fragment):
+    """Each ended in a TypeError, ValueError or AttributeError from deep inside."""
+    ns, workdir, *_ = notebook
+    before = sorted(workdir.rglob("*"))
+    with pytest.raises(ReginaError, match=fragment):
+        call(ns, workdir / "data")
+    assert sorted(workdir.rglob("*")) == before
+
+
+def test_baselines_and_a_split_come_as_python_lists_and_dicts(notebook, tmp_path):
+    ns, workdir, *_ = notebook
+    data = copy_of_notebook(notebook, tmp_path) / "data"
+    as_list = regina.evaluate("demo", ns["pred"], baselines=["train_mean", "linear"], plots=False, data_dir=data)
+    as_text = regina.evaluate("demo", ns["pred"], baselines="train_mean,linear", plots=False, data_dir=data)
+    assert as_list.per_condition.equals(as_text.per_condition)
+    sets = ns["split"].split
+    mine = {"train": list(sets.train), "val": list(sets.val), "test": list(sets.test)}
+    from_dict = regina.split("demo", split_file=mine, data_dir=data)
+    (tmp_path / "mine.json").write_text(json.dumps(mine))
+    assert regina.split("demo", split_file=tmp_path / "mine.json", data_dir=data).name == from_dict.name
+
+
+@pytest.mark.parametrize("predictions, called", [
+    (lambda cond: {cond: np.ones(10)}, r"predictions \(a dict\) holds 10 values per condition"),
+    (lambda cond: [{cond: np.zeros(200)}, {cond: np.ones(10)}], r"predictions\[1\] \(a dict\) holds 10 values"),
+    (lambda cond: pd.DataFrame({"condition": [cond], "NOGENE": [1.0]}), r"predictions \(a DataFrame\) shares no gene"),
+    (lambda cond: anndata.AnnData(np.ones((1, 3)), obs=pd.DataFrame({"guide": [cond]}, index=["c1"])),
+     r"predictions \(an AnnData\) has no obs column 'condition' \(columns: guide\)"),
+])
+def test_errors_name_in_memory_predictions_as_passed(notebook, predictions, called):
+    """They named a temporary file, already deleted when the user read the message."""
+    ns, workdir, *_ = notebook
+    with pytest.raises(ReginaError, match=called) as raised:
+        regina.evaluate("demo", predictions(ns["split"].split.test[0]), split="simulation_1",
+                        data_dir=workdir / "data")
+    assert "in-memory" not in str(raised.value)
+
+
+def test_results_print_in_a_line_or_two(notebook):
+    """A notebook cell showing a result printed 70,000 characters (the whole summary), a loaded
+    run 14,000 (every torch module), a TrainResult 4,500."""
+    ns, workdir, *_ = notebook
+    shown = {"result": repr(ns["result"]), "ae": repr(ns["ae"]), "split": repr(ns["split"]),
+             "labels": repr(ns["labels"]), "run": repr(regina.load_run(workdir / "runs" / "demo", device="cpu"))}
+    assert all(len(text) < 400 for text in shown.values()), {k: len(v) for k, v in shown.items()}
+    assert "models=['regina']" in shown["result"] and "n_conditions=" in shown["result"]
+    assert "phase='ae'" in shown["ae"] and "dataset='demo'" in shown["run"]
+    assert "name='simulation_1'" in shown["split"] and "method='stress'" in shown["labels"]
+
+
+def test_fetch_documents_every_demo_option():
+    from regina_cli.data.demo import DEMO_OPTIONS
+
+    assert all(option in api.fetch.__doc__ for option in DEMO_OPTIONS)

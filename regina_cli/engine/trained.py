@@ -23,6 +23,12 @@ class TrainedRun:
     config: ReginaConfig
     device: torch.device
 
+    def __repr__(self) -> str:
+        """One line: a notebook cell would print the networks, metadata and config whole."""
+        phases = "ae, gan" if self.gan is not None else "ae"
+        return (f"TrainedRun(run_dir={str(self.run_dir)!r}, dataset={self.meta.dataset!r}, split={self.meta.split!r}, "
+                f"phases={phases!r}, device={str(self.device)!r})")
+
 
 def load_trained(run_dir: str | Path, *, device: str = "auto") -> TrainedRun:
     """Load the best weights of `run_dir` in eval mode. The decoder is phase 2's when phase 2
