@@ -491,6 +491,27 @@ def test_a_replaced_split_makes_runs_stale_and_allow_stale_warns(world, tmp_path
     assert "is stale" in result.output and (Path(w.paths["root"]) / "stale-eval" / keys.METRICS_FILE).is_file()
 
 
+def test_predictions_of_a_stale_run_are_not_scored_as_a_clean_runs(world, tmp_path):
+    """Labels made again make the run stale while dataset and split stay: `predict --allow-stale`
+    records why, and `evaluate` refuses that file unless told, then warns and keeps the reasons in
+    metrics.json (it used to score it as a clean run's, without a word)."""
+    w = world.copy(tmp_path)
+    relabel = ["label", "demo", "--method", "stress", "--split", "simulation_1", "--quantile", "0.6", "--force",
+               "--data-dir", w.paths["data"]]
+    assert invoke(*relabel).exit_code == 0
+    result = invoke(*(a.format(**w.paths) for a in [*PREDICT, "--allow-stale", "--out", "{root}/stale.h5ad"]))
+    assert result.exit_code == 0, result.output
+    argv = [*EVALUATE[:3], "{root}/stale.h5ad", *EVALUATE[4:], "--out", "{root}/stale-eval"]
+    refused = invoke(*(a.format(**w.paths) for a in argv))
+    assert_one_error_line(refused, "was predicted with --allow-stale")
+    assert not (Path(w.paths["root"]) / "stale-eval").exists()
+    result = invoke("--json", *(a.format(**w.paths) for a in [*argv, "--allow-stale"]))
+    assert result.exit_code == 0, result.output
+    assert any("predicted with --allow-stale" in warning for warning in json.loads(result.stdout)["warnings"])
+    metrics = json.loads((Path(w.paths["root"]) / "stale-eval" / keys.METRICS_FILE).read_text())
+    assert any("the labels file changed" in why for why in metrics["models"][0]["stale"])
+
+
 def test_allow_stale_predicts_and_scores_after_the_dataset_changed(world, tmp_path):
     """A dataset fetched again (same genes, other cells) makes the run and its split stale:
     `--allow-stale` warns and goes on, as the README says, instead of refusing the split."""

@@ -110,5 +110,14 @@ def check_predictions(name: str, predictions: str | Path, split: str | None, dat
         current[keys.SPLIT_SHA256] = load_split(name, made_split, data_dir, allow_stale=True).sha256()
     reasons = [f"{reason} since the predictions were made"
                for reason in changed({k: str(v) for k, v in made.items() if k in HASH_FIELDS}, current)]
+    reasons += [f"it was predicted with --allow-stale ({why})" for why in recorded_staleness(made)]
     return warnings + stale(f"prediction file {predictions}", reasons,
                             "predict again from a run trained on the current files", allow_stale=allow_stale)
+
+
+def recorded_staleness(provenance: dict) -> list[str]:
+    """Why `predict --allow-stale` called its run stale (uns['regina']['stale']; anndata reads the
+    list back as an array), so a later step cannot score such predictions as a clean run's."""
+    import numpy as np
+
+    return [str(why) for why in np.atleast_1d(provenance.get("stale", [])).tolist() if str(why)]

@@ -354,6 +354,8 @@ def check_targets_predicted(models: list[Predictions], truth, targets: list[str]
 
 
 def _model_context(model: Predictions, truth, targets: list[str]) -> dict:
+    from regina_cli.data.provenance import recorded_staleness
+
     missing = sorted(_in_dataset_spelling(truth, targets) - set(model.conditions))
     provenance = {k: v.item() if isinstance(v, np.generic) else v for k, v in model.provenance.items()
                   if isinstance(v, (str, int, float, bool, np.generic))}
@@ -364,7 +366,7 @@ def _model_context(model: Predictions, truth, targets: list[str]) -> dict:
         "n_target_conditions_not_predicted": len(missing), "target_conditions_not_predicted": missing,
         "n_control_rows": model.n_control_rows, "has_prompt_source": bool(model.prompt_source),
         "cells_per_condition": int(np.median([len(c) for c in model.cells])) if model.form == CELLS else None,
-        "provenance": provenance,
+        "provenance": provenance, "stale": recorded_staleness(model.provenance),
     }
 
 
