@@ -169,6 +169,16 @@ def edit_config(w: World) -> None:
     path.write_text(path.read_text().replace("prompt_value:", "prompt_value: 2.0 #"))
 
 
+def labels_of_another_split(w: World) -> None:
+    """stress@simulation_1 replaced by the labels (and record) fitted on simulation_2, whose
+    training cells include simulation_1's test cells."""
+    folder = Path(w.paths["data"]) / "demo" / keys.LABELS_DIR
+    assert invoke("label", "demo", "--method", "stress", "--split", "simulation_2", "--data-dir", w.paths["data"]
+                  ).exit_code == 0
+    for suffix in (".csv", ".json"):
+        shutil.copy(folder / f"stress@simulation_2{suffix}", folder / f"stress@simulation_1{suffix}")
+
+
 def edit_labels(w: World) -> None:
     path = Path(w.paths["data"]) / "demo" / keys.LABELS_DIR / "stress@simulation_1.csv"
     path.write_text(path.read_text().replace("Homeostasis", "Stressed", 1))
@@ -338,6 +348,8 @@ CASES = [
     Case("ae-resume-split-replaced", [*AE, "--run", "{run}", "--resume"], "changed after", change=replace_split),
     Case("ae-labels-of-another-split", [*AE[:3], "simulation_2", *AE[4:], "--run", "{root}/runs/new", *SETS],
          "regina label demo --method stress --split simulation_2"),
+    Case("ae-labels-fitted-on-another-split", [*AE, "--run", "{root}/runs/new", *SETS],
+         "was fitted on split simulation_2, not simulation_1", change=labels_of_another_split),
     Case("ae-labels-hand-edited", [*AE, "--run", "{root}/runs/new", *SETS], "does not match its record",
          change=edit_labels),
     Case("ae-existing-run-without-resume", [*AE, "--run", "{run}"], "pass --resume"),

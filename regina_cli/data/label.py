@@ -315,37 +315,38 @@ def _record(path: Path) -> dict:
 
 
 def labels_path(name: str, method: str, data_dir: str | Path | None = None, split: str | None = None) -> Path:
-    """The labels file for training on `split`: the one fitted on it, else one fitted on all cells;
-    labels fitted on another split are refused (their reference genes saw that split's test cells)."""
-    fix = f"run `regina label {name} --method {method}{f' --split {split}' if split else ''}`"
+    """The labels file for training on `split`: the one fitted on it, else one fitted on all cells
+    (`verify_labels` refuses either when its record names another split)."""
     own = keys.labels_file(name, method, data_dir, split=split)
     if own.is_file():
         return own
     shared = keys.labels_file(name, method, data_dir)
     if not shared.is_file():
-        raise ReginaError(f"labels {method!r} of {name} not found at {own}: {fix}")
-    fitted = _record(shared).get("split")
-    if split is not None and fitted is not None and fitted != split:
-        raise ReginaError(f"{shared} was fitted on split {fitted}, not {split}: {fix}")
+        raise ReginaError(f"labels {method!r} of {name} not found at {own}: run "
+                          f"`regina label {name} --method {method}{f' --split {split}' if split else ''}`")
     return shared
 
 
-def verify_labels(path: Path, name: str, data_dir: str | Path | None = None) -> str:
+def verify_labels(path: Path, name: str, data_dir: str | Path | None = None, split: str | None = None) -> str:
     """The labels file's SHA-256, after checking it against its record: its own hash, the
-    dataset's and the split's. A mismatch is a one-line error with the command that remakes it."""
+    dataset's, and that it was fitted on `split` as it is now (name and hash) or on all cells:
+    labels fitted on another split saw that split's training cells, which may be this one's test
+    cells. A mismatch is a one-line error with the command that remakes it."""
     from regina_cli.data.split import load_split
 
     record, digest = _record(path), file_sha256(path)
-    split = record.get("split")
+    fitted = record.get("split")
     fix = (f"run `regina label {name} --method {record.get('method', 'METHOD')}"
            f"{f' --split {split}' if split else ''} --force`")
     if record.get(keys.LABELS_SHA256) not in (None, digest):
         raise ReginaError(f"{path} does not match its record {record_file(path).name} (an interrupted or "
                           f"hand-edited label file): {fix}")
+    if fitted is not None and fitted != split:
+        raise ReginaError(f"{path} was fitted on split {fitted}, not {split}: {fix}")
     if record.get(keys.DATASET_SHA256) not in (None, dataset_sha256(name, data_dir)):
         raise ReginaError(f"{path} was fitted on another version of dataset {name}: {fix}")
-    if split and record.get(keys.SPLIT_SHA256) not in (None, load_split(name, split, data_dir).sha256()):
-        raise ReginaError(f"split {split} changed after {path} was fitted on it: {fix}")
+    if fitted and record.get(keys.SPLIT_SHA256) not in (None, load_split(name, fitted, data_dir).sha256()):
+        raise ReginaError(f"split {fitted} changed after {path} was fitted on it: {fix}")
     return digest
 
 
@@ -353,7 +354,7 @@ def load_labels(name: str, method: str, data_dir: str | Path | None = None, spli
     """Labels written by `regina label` for training on `split`, verified (see `verify_labels`):
     a Series of class names indexed by obs_names."""
     path = labels_path(name, method, data_dir, split)
-    verify_labels(path, name, data_dir)
+    verify_labels(path, name, data_dir, split)
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     if list(table.columns) != ["cell", keys.OBS_CELL_STATE]:
         raise ReginaError(f"{path} must have the columns cell,{keys.OBS_CELL_STATE}: run `regina label` again")
