@@ -133,6 +133,21 @@ def replace_split(w: World) -> None:
     (splits / "simulation_1_0.5.json").replace(splits / "simulation_1.json")
 
 
+def edit_split(edit: Callable[[dict], None]) -> Callable[[World], None]:
+    """simulation_1.json changed by hand (`edit` changes its dict in place)."""
+    def change(w: World) -> None:
+        path = Path(w.paths["data"]) / "demo" / keys.SPLITS_DIR / "simulation_1.json"
+        content = json.loads(path.read_text())
+        edit(content)
+        path.write_text(json.dumps(content))
+    return change
+
+
+def split_2_under_split_1(w: World) -> None:
+    splits = Path(w.paths["data"]) / "demo" / keys.SPLITS_DIR
+    shutil.copy(splits / "simulation_2.json", splits / "simulation_1.json")
+
+
 def relabel_with_force(w: World) -> None:
     assert invoke("label", "demo", "--method", "stress", "--split", "simulation_1", "--quantile", "0.5", "--force",
                   "--data-dir", w.paths["data"]).exit_code == 0
@@ -317,6 +332,15 @@ CASES = [
                                            "--force", *D], "another version of dataset demo",
          change=refetch_other_version),
     # label
+    Case("label-split-train-test-overlap", ["label", "demo", "--method", "stress", "--split", "simulation_1",
+                                            "--force", *D], "damaged (1 condition(s) in both train and test",
+         change=edit_split(lambda split: split["train"].append(split["test"][0]))),
+    Case("label-split-control-in-test", ["label", "demo", "--method", "stress", "--split", "simulation_1", "--force",
+                                         *D], "control condition 'ctrl' must be in train",
+         change=edit_split(lambda split: split["test"].append(split["train"].pop(split["train"].index("ctrl"))))),
+    Case("label-split-unknown-conditions", ["label", "demo", "--method", "stress", "--split", "simulation_1",
+                                            "--force", *D], "not in the data",
+         change=edit_split(lambda split: split["train"].append("NOPE+ctrl"))),
     Case("label-recreate-other-content", ["label", "demo", "--method", "stress", "--split", "simulation_1",
                                           "--quantile", "0.5", *D], "--force"),
     Case("label-unknown-method", ["label", "demo", "--method", "bogus", *D], "unknown label method"),
@@ -348,6 +372,8 @@ CASES = [
     Case("ae-resume-split-replaced", [*AE, "--run", "{run}", "--resume"], "changed after", change=replace_split),
     Case("ae-labels-of-another-split", [*AE[:3], "simulation_2", *AE[4:], "--run", "{root}/runs/new", *SETS],
          "regina label demo --method stress --split simulation_2"),
+    Case("ae-split-of-another-name", [*AE, "--run", "{root}/runs/new", *SETS],
+         "holds split simulation_2, not simulation_1", change=split_2_under_split_1),
     Case("ae-labels-fitted-on-another-split", [*AE, "--run", "{root}/runs/new", *SETS],
          "was fitted on split simulation_2, not simulation_1", change=labels_of_another_split),
     Case("ae-labels-hand-edited", [*AE, "--run", "{root}/runs/new", *SETS], "does not match its record",
@@ -396,6 +422,8 @@ CASES = [
     Case("predict-garbage-meta", PREDICT, "damaged", change=garble_meta),
     Case("predict-interrupted-phase2", PREDICT, "did not finish training", change=mark_interrupted(keys.GAN_DIR)),
     Case("predict-split-replaced", PREDICT, "is stale: the split file changed", change=replace_split),
+    Case("predict-split-train-test-overlap", PREDICT, "in both train and test",
+         change=edit_split(lambda split: split["train"].append(split["test"][0]))),
     Case("predict-labels-replaced", PREDICT, "the labels file changed", change=relabel_with_force),
     Case("predict-config-edited", PREDICT, "the saved config changed", change=edit_config),
     Case("predict-phase1-retrained", PREDICT, "phase 1's weights changed", change=retrain_phase1),

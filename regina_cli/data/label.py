@@ -268,7 +268,7 @@ def label_dataset(name: str, method: str, *, quantile: float | None = None, spli
     Replacing an existing labels file of other content needs `force` (runs built on it become stale).
     """
     from regina_cli.data.dataset import read_dataset
-    from regina_cli.data.split import SETS, load_split
+    from regina_cli.data.split import SETS, check_split_conditions, load_split
 
     check_data_dir(data_dir, writes=True)
     is_obs = obs_column_of(method) is not None  # checked before the (slow) read
@@ -277,6 +277,8 @@ def label_dataset(name: str, method: str, *, quantile: float | None = None, spli
     adata = read_dataset(name, data_dir, backed=is_obs)  # obs columns need no expression matrix
     try:
         condition = adata.obs[keys.OBS_CONDITION].astype(str).to_numpy()
+        if split_obj is not None:
+            check_split_conditions(split_obj, set(condition))
         sets = {s: np.isin(condition, getattr(split_obj, s)) for s in SETS} if split_obj else {}
         train = sets.get("train")
         labels = compute_labels(adata, method, train=train, quantile=quantile)

@@ -146,30 +146,47 @@ def read_split_file(path: str | Path | dict) -> dict:
     return obj
 
 
-def validate_user_split(obj: dict, conditions: Sequence[str], source: str) -> dict[str, list[str]]:
-    """Check a user's split against the dataset: known conditions, no overlap, nothing empty."""
-    known = set(conditions)
+def _set_lists(obj: dict) -> dict[str, list[str]]:
+    """Each set of a split dict as a sorted list of condition names (TypeError: not a list)."""
     sets: dict[str, list[str]] = {}
     for s in SETS:
         values = obj[s]
         if isinstance(values, str) or not isinstance(values, Iterable):
-            raise ReginaError(f"{source}: '{s}' must be a list of conditions")
+            raise TypeError(f"'{s}' must be a list of conditions")
         sets[s] = sorted({str(v) for v in values})
+    return sets
+
+
+def _sets_problem(sets: dict[str, list[str]]) -> str | None:
+    """What makes a split unusable whatever the dataset: a condition in two sets (a test
+    condition trained on), or a control outside train. None when there is nothing."""
+    for i, a in enumerate(SETS):
+        for b in SETS[i + 1 :]:
+            both = sorted(set(sets[a]) & set(sets[b]))
+            if both:
+                return f"{len(both)} condition(s) in both {a} and {b}, e.g. {both[0]}"
+    misplaced = sorted(c for s in ("val", "test") for c in sets[s] if is_control(c))
+    if misplaced:
+        return f"control condition {misplaced[0]!r} must be in train, as in GEARS"
+    return None
+
+
+def validate_user_split(obj: dict, conditions: Sequence[str], source: str) -> dict[str, list[str]]:
+    """Check a user's split against the dataset: known conditions, no overlap, nothing empty."""
+    known = set(conditions)
+    try:
+        sets = _set_lists(obj)
+    except TypeError as exc:
+        raise ReginaError(f"{source}: {exc}") from None
+    for s in SETS:
         unknown = [c for c in sets[s] if c not in known]
         if unknown:
             raise ReginaError(
                 f"{source}: {len(unknown)} {s} condition(s) not in the dataset, e.g. {', '.join(unknown[:3])}"
             )
-    for i, a in enumerate(SETS):
-        for b in SETS[i + 1 :]:
-            both = sorted(set(sets[a]) & set(sets[b]))
-            if both:
-                raise ReginaError(f"{source}: {len(both)} condition(s) in both {a} and {b}, e.g. {both[0]}")
-    controls = sorted(c for c in known if is_control(c))
-    misplaced = [c for c in controls if c in sets["val"] or c in sets["test"]]
-    if misplaced:
-        raise ReginaError(f"{source}: control condition {misplaced[0]!r} must be in train, as in GEARS")
-    sets["train"] = sorted(set(sets["train"]) | set(controls))
+    if (problem := _sets_problem(sets)) is not None:
+        raise ReginaError(f"{source}: {problem}")
+    sets["train"] = sorted(set(sets["train"]) | {c for c in known if is_control(c)})
     for s in SETS:
         if not [c for c in sets[s] if not is_control(c)]:
             raise ReginaError(f"{source}: the {s} set has no perturbed condition")
@@ -236,7 +253,9 @@ def save_split(split: Split, data_dir: str | Path | None = None, *, force: bool 
 
 def load_split(name: str, split: str, data_dir: str | Path | None = None, *, allow_stale: bool = False) -> Split:
     """The split named `split` (`split_name`'s, or `custom_<hash>`) written by `regina split`,
-    checked against the dataset's SHA-256 (`allow_stale`: not; the caller warns that the dataset
+    checked before anything uses it: no condition in two sets, controls in train, and the name
+    its content gives (a copied or hand-edited file under another split's name is refused);
+    and against the dataset's SHA-256 (`allow_stale`: not; the caller warns that the dataset
     changed, as `--allow-stale` promises)."""
     path = keys.split_file(name, split, data_dir)
     remake, hint = remake_command(name, split), ""
@@ -246,11 +265,20 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None, *, all
                 f"{DEFAULT_TRAIN_GENE_FRAC}, e.g. simulation_1_0.5)")
     if not path.is_file():
         raise ReginaError(f"split {split!r} of {name} not found at {path}: run `{remake}`{hint}")
+    fix = (f"run `{remake} --force`" if parse_split_name(split) else
+           f"run `regina split {name} --split-file FILE` again with the file it was made from")
     try:
         obj = json.loads(path.read_text())
         loaded = Split.from_dict(obj)
+        problem = _sets_problem(_set_lists(obj))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ReginaError(f"split file {path} is damaged ({exc}): run `regina split` again") from None
+        raise ReginaError(f"split file {path} is damaged ({exc}): {fix}") from None
+    if problem is not None:
+        raise ReginaError(f"split file {path} is damaged ({problem}): {fix}")
+    if loaded.dataset != name or split not in (loaded.name, split_name(loaded.mode, loaded.seed)):
+        # (the second name: an older version's, before a share other than 0.75 was named apart)
+        found = loaded.name if loaded.dataset == name else f"{loaded.name} of dataset {loaded.dataset}"
+        raise ReginaError(f"split file {path} holds split {found}, not {split} (copied or renamed by hand?): {fix}")
     recorded, current = obj.get(keys.DATASET_SHA256), dataset_sha256(name, data_dir)
     if recorded and current and recorded != current and not allow_stale:
         if loaded.name != split:  # an older version's file at a share that is now named apart
@@ -259,6 +287,17 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None, *, all
         raise ReginaError(f"split file {path} was made from another version of dataset {name} (SHA-256 "
                           f"{recorded[:12]}, now {current[:12]}): run `{remake} --force`{hint} to remake it")
     return loaded
+
+
+def check_split_conditions(split: Split, data_conditions: set[str]) -> None:
+    """The split's train/val conditions must be the dataset's (one made for another dataset, or
+    edited by hand, is refused before anything is fitted on it)."""
+    missing = sorted((set(split.train) | set(split.val)) - data_conditions)
+    if missing:
+        raise ReginaError(
+            f"the split lists {len(missing)} train/val conditions that are not in the data "
+            f"(e.g. {', '.join(missing[:3])}); it was made for another dataset: re-run `regina split`"
+        )
 
 
 def remake_command(name: str, split: str) -> str | None:

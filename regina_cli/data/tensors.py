@@ -23,6 +23,7 @@ from regina_cli import keys
 from regina_cli.data.conditions import condition_genes, is_control, parse_condition
 from regina_cli.data.memory import use_dense
 from regina_cli.data.rows import RowReader
+from regina_cli.data.split import check_split_conditions
 from regina_cli.errors import ReginaError
 
 
@@ -100,7 +101,7 @@ class CellTensors:
         obs = adata.obs
         condition = obs[keys.OBS_CONDITION].astype(str).to_numpy()
         keep_conditions = set(split.train) | set(split.val)
-        _check_split_conditions(split, set(condition))
+        check_split_conditions(split, set(condition))
         file_rows = np.flatnonzero(np.isin(condition, list(keep_conditions)))
         if len(file_rows) == 0:
             raise ReginaError("no cells of the split's train/val conditions are in the data; "
@@ -312,15 +313,6 @@ def condition_targets(conditions: Sequence[str], genes: Sequence[str], prompt_ge
                 usable[c] = False
     n_targets = np.array([len(p) for p in parsed], dtype=np.int64)
     return target_idx, prompt_idx, n_targets, usable
-
-
-def _check_split_conditions(split, data_conditions: set[str]) -> None:
-    missing = sorted((set(split.train) | set(split.val)) - data_conditions)
-    if missing:
-        raise ReginaError(
-            f"the split lists {len(missing)} train/val conditions that are not in the data "
-            f"(e.g. {', '.join(missing[:3])}); it was made for another dataset: re-run `regina split`"
-        )
 
 
 def _label_codes(labels: pd.Series | None, obs_names: np.ndarray, label_classes: Sequence[str] | None):
