@@ -69,6 +69,7 @@ SPLIT_SHA256 = "split_sha256"
 LABELS_SHA256 = "labels_sha256"
 CONFIG_SHA256 = "config_sha256"
 AE_MODEL_SHA256 = "ae_model_sha256"
+GAN_MODEL_SHA256 = "gan_model_sha256"
 
 # --- Locations -------------------------------------------------------------------------------
 ENV_DATA_DIR = "REGINA_DATA"

@@ -208,6 +208,15 @@ def retrain_phase1(w: World) -> None:
     torch.save(weights, path)
 
 
+def replace_phase2_weights(w: World) -> None:
+    """gan/model.pt replaced by other weights of the same shapes (another run's, say)."""
+    path = Path(w.paths["run"]) / keys.GAN_DIR / keys.MODEL_FILE
+    weights = torch.load(path, weights_only=True)
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[name] = weights[name] + 1
+    torch.save(weights, path)
+
+
 def write_bad_yaml(w: World) -> None:
     (w.root / "bad.yaml").write_text("model: [1,2\n")
 
@@ -427,6 +436,7 @@ CASES = [
     Case("predict-labels-replaced", PREDICT, "the labels file changed", change=relabel_with_force),
     Case("predict-config-edited", PREDICT, "the saved config changed", change=edit_config),
     Case("predict-phase1-retrained", PREDICT, "phase 1's weights changed", change=retrain_phase1),
+    Case("predict-phase2-weights-replaced", PREDICT, "phase 2's weights changed", change=replace_phase2_weights),
     Case("predict-unknown-gene", [*PREDICT, "--conditions", "NOPE+ctrl"], "not among the"),
     Case("predict-empty-run", ["predict", "--run", "", "--device", "cpu", *D], "--run"),
     Case("predict-empty-conditions", [*PREDICT, "--conditions", ""], "no conditions given"),
@@ -574,6 +584,18 @@ def test_allow_stale_predicts_and_scores_after_the_dataset_changed(world, tmp_pa
     document = json.loads(result.stdout)  # a script sees the warning too, and paths it can open
     assert any("is stale: the dataset changed" in warning for warning in document["warnings"])
     assert all(Path(p).is_file() for p in document.get("plots", []))
+
+
+def test_a_run_without_phase2_weights_hash_still_predicts(world, tmp_path):
+    """Runs trained before gan/meta.json recorded gan_model_sha256 predict as before, silently."""
+    w = world.copy(tmp_path)
+    path = Path(w.paths["run"]) / keys.GAN_DIR / keys.META_FILE
+    meta = json.loads(path.read_text())
+    assert meta.pop(keys.GAN_MODEL_SHA256)
+    path.write_text(json.dumps(meta))
+    result = invoke(*(a.format(**w.paths) for a in PREDICT), "--out", tmp_path / "p.h5ad")
+    assert result.exit_code == 0, result.output
+    assert "stale" not in result.output
 
 
 def test_resume_with_more_epochs_follows_the_longer_cosine(world, tmp_path):

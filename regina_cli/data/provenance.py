@@ -2,7 +2,8 @@
 
 The chain: a dataset's SHA-256 (recorded at fetch) -> a split file records it -> a label record
 records the dataset's and the split's -> a run's `meta.json` records the dataset's, split's,
-labels' and config's (phase 2 also phase 1's weights) -> a prediction file records the run's.
+labels' and config's (phase 2 also phase 1's weights, and its own once trained) -> a prediction
+file records the run's.
 Each consumer compares what was recorded with what is on disk now, so a split or label file
 replaced after a run was trained makes that run stale instead of silently mixing the two.
 """
@@ -17,10 +18,10 @@ from regina_cli import keys
 from regina_cli.errors import ReginaError
 
 HASH_FIELDS = (keys.DATASET_SHA256, keys.SPLIT_SHA256, keys.LABELS_SHA256, keys.CONFIG_SHA256,
-               keys.AE_MODEL_SHA256)
+               keys.AE_MODEL_SHA256, keys.GAN_MODEL_SHA256)
 _WHAT = {keys.DATASET_SHA256: "the dataset", keys.SPLIT_SHA256: "the split file",
          keys.LABELS_SHA256: "the labels file", keys.CONFIG_SHA256: "the saved config",
-         keys.AE_MODEL_SHA256: "phase 1's weights"}
+         keys.AE_MODEL_SHA256: "phase 1's weights", keys.GAN_MODEL_SHA256: "phase 2's weights"}
 
 
 def content_sha256(obj) -> str:

@@ -70,6 +70,7 @@ class RunMeta:
     labels_sha256: str | None = None
     config_sha256: str | None = None
     ae_model_sha256: str | None = None  # phase 2: the phase-1 weights it was trained on
+    gan_model_sha256: str | None = None  # phase 2, once trained: its own weights (gan/model.pt)
     regina_version: str = __version__
 
     @property
@@ -81,9 +82,9 @@ class RunMeta:
         return dataclasses.replace(self, **{"phase": phase, "status": TRAINING, "training": None,
                                             "regina_version": __version__, **changes})
 
-    def trained(self, summary: dict) -> "RunMeta":
-        """The same metadata, marked finished with the training loop's summary."""
-        return dataclasses.replace(self, status=TRAINED, training=summary)
+    def trained(self, summary: dict, **changes) -> "RunMeta":
+        """The same metadata, marked finished with the training loop's summary (and `changes`)."""
+        return dataclasses.replace(self, status=TRAINED, training=summary, **changes)
 
     def to_json(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -237,7 +238,8 @@ def phase2_inputs(run_dir: str | Path, data_dir=None, *, resume: bool = False) -
 
 def check_run_current(run_dir: str | Path, data_dir=None, *, allow_stale: bool = False) -> list[str]:
     """Refuse a trained run whose inputs changed after training (warnings instead with
-    `allow_stale`): dataset, split, labels, either phase's config, or phase 1's weights under phase 2."""
+    `allow_stale`): dataset, split, labels, either phase's config, phase 1's weights under phase 2,
+    or phase 2's own weights (another run's gan/model.pt would transform this run's latents)."""
     reasons = []
     for paths in (ae_paths(run_dir), gan_paths(run_dir)):
         if not paths.meta.is_file():
@@ -248,5 +250,6 @@ def check_run_current(run_dir: str | Path, data_dir=None, *, allow_stale: bool =
             current[keys.CONFIG_SHA256] = file_sha256(paths.config)
         if paths.phase == keys.GAN_DIR:
             current[keys.AE_MODEL_SHA256] = file_sha256(ae_paths(run_dir).model)
+            current[keys.GAN_MODEL_SHA256] = file_sha256(paths.model)
         reasons += [f"{reason} since {paths.phase}/ was trained" for reason in changed(meta.hashes(), current)]
     return stale(f"run {run_dir}", reasons, "train a new run on the current files", allow_stale=allow_stale)

@@ -31,6 +31,7 @@ from regina_cli import keys
 from regina_cli.config import ReginaConfig
 from regina_cli.data.conditions import condition_genes, is_control
 from regina_cli.data.knowledge import TOP_K, resolve_knowledge
+from regina_cli.data.provenance import file_sha256
 from regina_cli.engine import checkpoint as ckpt
 from regina_cli.engine import clip_choice, expression_prior, gan_validation, gene_prompts
 from regina_cli.engine.condition_stats import ConditionStats, condition_stats
@@ -180,7 +181,7 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
                     "warnings": ((best.warnings(prior_kept=prior_kept) if best else [])
                                  + untrained_kept(summary, g.expression_prior, g.selection_se))})
     if ctx.is_main:
-        write_meta(paths, meta.trained(summary))
+        write_meta(paths, meta.trained(summary, gan_model_sha256=file_sha256(paths.model)))
     cells.close()
     return summary
 
