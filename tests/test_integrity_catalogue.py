@@ -217,6 +217,19 @@ def replace_phase2_weights(w: World) -> None:
     torch.save(weights, path)
 
 
+def retrain_phase1_longer(w: World) -> None:
+    """Phase 1 trained again with more epochs after phase 2 started: its weights and its
+    ae.max_epochs both differ from what phase 2's saved config holds."""
+    import dataclasses
+
+    from regina_cli.engine import checkpoint as ckpt
+
+    retrain_phase1(w)
+    paths = ckpt.ae_paths(w.paths["run"])
+    config = ckpt.read_config(paths)
+    ckpt.write_config(paths, dataclasses.replace(config, ae=dataclasses.replace(config.ae, max_epochs=3)))
+
+
 def write_bad_yaml(w: World) -> None:
     (w.root / "bad.yaml").write_text("model: [1,2\n")
 
@@ -416,6 +429,8 @@ CASES = [
     Case("gan-after-split-replaced", [*GAN, "--resume"], "phase 1 of", change=replace_split),
     Case("gan-resume-after-phase1-retrained", [*GAN, "--resume"], "phase 1's weights changed",
          change=retrain_phase1),
+    Case("gan-resume-after-phase1-retrained-longer", [*GAN, "--resume"], "phase 1's weights changed",
+         change=retrain_phase1_longer),
     Case("gan-changes-phase1-shape", [*GAN, "--set", "model.z_dim=8"], "fixed by the phase-1 run"),
     Case("gan-garbage-meta", GAN, "damaged", change=garble_meta),
     Case("gan-empty-run", ["train-gan", "--run", "", "--device", "cpu", *D], "--run"),

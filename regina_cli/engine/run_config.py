@@ -18,7 +18,7 @@ from pathlib import Path
 from regina_cli import keys
 from regina_cli.config import PRESETS, ReginaConfig, layered, preset_config
 from regina_cli.engine import checkpoint as ckpt
-from regina_cli.engine.run_meta import read_trained_meta
+from regina_cli.engine.run_meta import check_phase1_kept, read_trained_meta
 from regina_cli.errors import ReginaError
 
 # Network shapes each phase's weights are saved with.
@@ -78,6 +78,8 @@ def _base(phase, run_dir, request, dataset, resume, data_dir) -> tuple[ReginaCon
 
 def check_fixed_shapes(phase: str, run_dir: str | Path, config: ReginaConfig, *, resume: bool) -> None:
     """Refuse shape changes the saved weights cannot take (a one-line error naming the key)."""
+    if phase == keys.GAN_DIR and resume:
+        check_phase1_kept(run_dir)
     fixed = []
     ae_config = ckpt.ae_paths(run_dir).config
     if (phase == keys.GAN_DIR or resume) and ae_config.is_file():

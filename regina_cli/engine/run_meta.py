@@ -218,9 +218,22 @@ def check_resume(paths: PhasePaths, inputs: dict | None = None, *, resume: bool,
         if getattr(meta, option) != asked:
             raise ReginaError(f"{paths.dir} was trained with --{option} {getattr(meta, option)}, not {asked}: "
                               f"resume with the same --{option}, or train a new --run")
-    reasons = changed(meta.hashes(), inputs or {})
+    _refuse_changed_inputs(paths, meta, inputs or {})
+
+
+def _refuse_changed_inputs(paths: PhasePaths, meta: RunMeta, inputs: dict) -> None:
+    reasons = changed(meta.hashes(), inputs)
     if reasons:
         raise ReginaError(f"cannot resume {paths.dir}: {'; '.join(reasons)} since it started; train a new --run")
+
+
+def check_phase1_kept(run_dir: str | Path) -> None:
+    """Refuse resuming phase 2 over a phase 1 that changed since phase 2 started (retrained, say),
+    before any setting is compared: the saved phase-2 config then differs from phase 1's, and the
+    difference is not a setting the user changed."""
+    paths = gan_paths(run_dir)
+    if paths.meta.is_file():
+        _refuse_changed_inputs(paths, read_meta(paths), {keys.AE_MODEL_SHA256: file_sha256(ae_paths(run_dir).model)})
 
 
 def phase2_inputs(run_dir: str | Path, data_dir=None, *, resume: bool = False) -> dict:
