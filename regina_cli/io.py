@@ -78,6 +78,20 @@ def check_free_space(path: str | Path, need_bytes: int) -> None:
                           f"{free / 2**20:,.0f} MiB free; free some space or write elsewhere")
 
 
+def check_writable_folder(folder: str | Path) -> None:
+    """Create `folder` and write (then remove) a temporary file in it, so a place that cannot be
+    written (a read-only file system, a path through a file) is one line before any work starts,
+    not a failure after it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".probe.{_owner()}", suffix=PART_MARK, dir=folder)
+        os.close(handle)
+        os.unlink(name)
+    except OSError as exc:
+        raise output_error(folder, exc) from None
+
+
 def _make_parent(path: Path) -> None:
     """Create the folder `path` goes into, and clear what killed writers left there."""
     try:
@@ -288,6 +302,8 @@ def _locked_handle(path: Path):
         except OSError as exc:
             _unlocked(path, exc)
             return None
+    except OSError as exc:  # a read-only file system, a full disk: training could not write either
+        raise output_error(path, exc) from None
     for attempt in range(LOCK_TRIES):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -320,7 +336,10 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
     the file system cannot lock (Lustre without `flock`, some NFS mounts), training goes on with
     a warning: the lock guards against a mistake, it is not needed to train."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(run_dir, exc) from None
     handle = _locked_handle(run_dir / RUN_LOCK)
     try:
         yield

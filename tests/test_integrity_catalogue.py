@@ -292,6 +292,16 @@ def unwritable_folder(monkeypatch, w: World) -> None:
     monkeypatch.setattr(io_mod.tempfile, "mkstemp", refuse)
 
 
+def read_only_file_system(monkeypatch, w: World) -> None:
+    """A read-only mount (as root, no chmod binds): every new file is refused with EROFS."""
+    import regina_cli.io as io_mod
+
+    def refuse(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(io_mod.tempfile, "mkstemp", refuse)
+
+
 @dataclass
 class Case:
     id: str
@@ -382,6 +392,9 @@ CASES = [
     Case("ae-heads-do-not-divide", [*AE, "--run", "{root}/runs/new", "--set", "model.n_heads=3"], "n_heads"),
     Case("ae-max-epochs-0", [*AE, "--run", "{root}/runs/new", "--max-epochs", "0"], "ae.max_epochs"),
     Case("ae-run-is-a-file", [*AE, "--run", "{file}", *SETS], "is a file, not a run directory"),
+    Case("ae-run-under-a-file", [*AE, "--run", "{file}/run", *SETS], "is a file, not a folder; choose another --run"),
+    Case("ae-run-read-only", [*AE, "--run", "{root}/runs/new", *SETS], "the file system is read-only",
+         patch=read_only_file_system),
     Case("ae-resume-changes-shape", [*AE, "--run", "{run}", "--resume", "--set", "model.d_model=64"],
          "model.d_model is fixed"),
     Case("ae-resume-other-split", [*AE[:3], "simulation_2", *AE[4:], "--run", "{run}", "--resume"],
@@ -431,6 +444,8 @@ CASES = [
          change=retrain_phase1),
     Case("gan-resume-after-phase1-retrained-longer", [*GAN, "--resume"], "phase 1's weights changed",
          change=retrain_phase1_longer),
+    Case("gan-resume-run-read-only", [*GAN, "--resume", "--max-epochs", "2"], "the file system is read-only",
+         patch=read_only_file_system),
     Case("gan-changes-phase1-shape", [*GAN, "--set", "model.z_dim=8"], "fixed by the phase-1 run"),
     Case("gan-garbage-meta", GAN, "damaged", change=garble_meta),
     Case("gan-empty-run", ["train-gan", "--run", "", "--device", "cpu", *D], "--run"),

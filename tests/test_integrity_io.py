@@ -95,6 +95,22 @@ def test_a_path_under_a_file_is_one_line(tmp_path):
         io.write_text(tmp_path / "afile" / "out.json", "{}")
 
 
+def test_a_run_lock_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """train-ae/train-gan take the lock after their own checks: a traceback there was exit 1."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ReginaError, match="afile/run: a part of the path is a file"):
+        with io.run_lock(tmp_path / "afile" / "run"):
+            pass
+
+    def read_only(path, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(io, "open", read_only, raising=False)
+    with pytest.raises(ReginaError, match=r"\.regina\.lock: the file system is read-only"):
+        with io.run_lock(tmp_path / "run"):
+            pass
+
+
 def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
     from types import SimpleNamespace
 

@@ -158,6 +158,9 @@ def check_run_dir(run_dir: str | Path) -> None:
 
     if Path(run_dir).exists() and not Path(run_dir).is_dir():
         raise ReginaError(f"--run {run_dir} is a file, not a run directory: choose another --run")
+    above = next((p for p in Path(run_dir).parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ReginaError(f"--run {run_dir}: {above} is a file, not a folder; choose another --run")
     if in_dataset_folder(Path(run_dir)):
         raise ReginaError(f"--run {run_dir} is in a dataset folder, whose files other steps read: choose a run "
                           "directory elsewhere, e.g. runs/<name>")

@@ -36,6 +36,7 @@ from regina_cli.engine.run_config import check_fixed_shapes, resolve_run_config
 from regina_cli.engine.run_meta import (RunMeta, check_resume, check_run_dir, config_sha256, phase1_inputs,
                                        prepare_run_dir, write_meta)
 from regina_cli.errors import ReginaError
+from regina_cli.io import check_writable_folder
 
 # ae.selection -> (validation metric, direction). Variance preservation is the original's
 # criterion: a reconstruction that keeps each gene's spread keeps perturbation effects, where
@@ -236,6 +237,7 @@ def train_autoencoder(
     kwargs = dict(name=name, split=split, labels=labels, run_dir=str(run_dir), config=config,
                   data_dir=None if data_dir is None else str(data_dir), resume=resume, progress=progress,
                   provenance=provenance)
+    check_writable_folder(run_dir)
     announce()
     recheck = partial(check_resume, ckpt.ae_paths(run_dir), resume=resume)  # under the lock: trained meanwhile?
     return run_distributed(_train_ae_process, kwargs, gpus=gpus, device=device, run_dir=run_dir, recheck=recheck)

@@ -46,6 +46,7 @@ from regina_cli.engine.run_config import check_fixed_shapes, resolve_run_config
 from regina_cli.engine.run_meta import (check_resume, config_sha256, phase2_inputs, prepare_run_dir,
                                        read_trained_meta, write_meta)
 from regina_cli.errors import ReginaError
+from regina_cli.io import check_writable_folder
 
 
 def train_gan(
@@ -74,6 +75,7 @@ def train_gan(
     check_resume_trains(ckpt.gan_paths(run_dir), config, config.gan.max_epochs, resume=resume)
     kwargs = dict(run_dir=str(run_dir), config=config, resume=resume, progress=progress,
                   data_dir=None if data_dir is None else str(data_dir), provenance=provenance)
+    check_writable_folder(run_dir)
     announce()
     recheck = partial(check_resume, ckpt.gan_paths(run_dir), resume=resume)  # under the lock: trained meanwhile?
     return run_distributed(_train_gan_process, kwargs, gpus=gpus, device=device, run_dir=run_dir, recheck=recheck)
