@@ -152,6 +152,32 @@ def test_slurms_warning_signal_outside_training_is_an_interruption(capsys):
     assert "error: interrupted by signal 10" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("stop, code", [(KeyboardInterrupt(), 130), ("Terminated", 143)])
+def test_an_interruption_wrapped_by_numba_is_still_an_interruption(stop, code, capsys):
+    """A signal landing in scanpy's numba-compiled HVG step of `fetch` reaches us as a SystemError
+    whose cause is the KeyboardInterrupt (or io.Terminated): that was a traceback and exit 1."""
+    import typer
+
+    from regina_cli.cli.common import user_errors
+    from regina_cli.io import Terminated
+
+    stop = Terminated(15) if stop == "Terminated" else stop
+
+    @user_errors
+    def command():
+        try:
+            raise stop
+        except KeyboardInterrupt as exc:
+            raise SystemError("CPUDispatcher(<function sparse_mean_var_minor_axis>) returned a result with an "
+                              "exception set") from exc
+
+    with pytest.raises(typer.Exit) as stopped:
+        command()
+    assert stopped.value.exit_code == code
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted")
+
+
 def test_result_tables_on_a_stdout_that_cannot_encode_them_are_escaped():
     """Tables moved to stdout, whose encoding errors are strict (stderr's replace): an evaluate table's
     arrows on a latin-1 stdout ended in a UnicodeEncodeError traceback."""

@@ -67,8 +67,30 @@ def emit_error(message: str, exit_code: int) -> None:
     sys.stdout.write(json.dumps({"error": message, "exit_code": exit_code}) + "\n")
 
 
+def _stop_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or stop signal (`io.Terminated`) that `exc` wraps, if any: numba, which runs
+    scanpy's compiled steps, turns one into `SystemError: ... returned a result with an exception set`."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _interrupted(stop: KeyboardInterrupt) -> typer.Exit:
+    """Ctrl-C or a stop signal as one error line; exit 130, or 128 + the signal (`io.Terminated`)."""
+    message, code = f"interrupted{f' by {stop}' if str(stop) else ''}", getattr(stop, "exit_code", 130)
+    print_error(message)
+    if _state["json"]:  # a script reading stdout gets its one document here too
+        emit_error(message, code)
+    return typer.Exit(code)
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn a `ReginaError` into `error: <message>` and a non-zero exit; Ctrl-C into exit 130."""
+    """Turn a `ReginaError` into `error: <message>` and a non-zero exit; Ctrl-C into exit 130, a
+    stop signal into 128 + its number, however it reached here."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -83,11 +105,12 @@ def user_errors(fn: Callable) -> Callable:
                 emit_error(str(exc), exc.exit_code)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (io.Terminated, with its exit code)
-            message, code = f"interrupted{f' by {exc}' if str(exc) else ''}", getattr(exc, "exit_code", 130)
-            print_error(message)
-            if _state["json"]:  # a script reading stdout gets its one document here too
-                emit_error(message, code)
-            raise typer.Exit(code) from None
+            raise _interrupted(exc) from None
+        except Exception as exc:
+            stop = _stop_behind(exc)
+            if stop is None:
+                raise
+            raise _interrupted(stop) from None
 
     return wrapper
 
