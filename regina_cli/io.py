@@ -159,6 +159,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
     with _temporary(path, make, lambda tmp: tmp.unlink(missing_ok=True)) as tmp:
         yield tmp
+        raise_pending_stop()  # a stop signal whose exception was lost: no output appears after it
         os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; outputs are shared
         os.replace(tmp, path)
 
@@ -176,6 +177,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     # removing the temporary folder also removes the old folder after an exchange
     with _temporary(path, make, lambda tmp: shutil.rmtree(tmp, ignore_errors=True)) as tmp:
         yield tmp
+        raise_pending_stop()
         os.chmod(tmp, 0o777 & ~_current_umask())
         if not path.is_dir():
             os.rename(tmp, path)
@@ -363,23 +365,63 @@ class Terminated(KeyboardInterrupt):
         self.exit_code = 128 + signum
 
 
+# The stop signal `exit_cleanly_on_sigterm` received, kept until the command ends: Python drops
+# an exception raised inside a garbage-collector callback or a finalizer (it only prints
+# "Exception ignored in ..."), so the handler's exception alone could be lost and the command
+# carry on. `held`: how many `SignalsHeld` blocks hold the signals now.
+_stop: dict = {"signum": None, "held": 0}
+
+
+def _stop_exception(signum: int) -> KeyboardInterrupt:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+
+def raise_pending_stop() -> None:
+    """At a safe point (an output about to appear, a command about to succeed): raise the stop
+    signal received earlier, whose exception may have been lost; nothing when none came, or
+    while signals are held (their block raises it when it ends)."""
+    if _stop["signum"] is not None and not _stop["held"]:
+        raise _stop_exception(_stop["signum"])
+
+
+def take_pending_stop() -> int | None:
+    """The stop signal received so far (None: none), handed to a caller that handles it itself
+    (training saves `last.pt` first, `engine.preemption`)."""
+    signum, _stop["signum"] = _stop["signum"], None
+    return signum
+
+
 @contextlib.contextmanager
 def exit_cleanly_on_sigterm() -> Iterator[None]:
-    """While active, SIGTERM or SIGUSR1 (`STOP_SIGNALS`) raises `Terminated` in the main thread,
-    so the `finally` blocks above remove temporary outputs before the process ends."""
+    """While active, SIGTERM or SIGUSR1 (`STOP_SIGNALS`), and Ctrl-C unless it is ignored, raise
+    `Terminated` (KeyboardInterrupt) in the main thread, so the `finally` blocks above remove
+    temporary outputs before the process ends. The signal is also remembered: if its exception is
+    lost in a garbage-collector callback, `raise_pending_stop` raises it at the next safe point
+    (and the "Exception ignored" traceback is not printed)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handle(signum, frame):
-        raise Terminated(signum)
+        _stop["signum"] = signum
+        raise _stop_exception(signum)
 
-    previous = {signum: signal.signal(signum, handle) for signum in STOP_SIGNALS}
+    def quiet_lost_stop(unraisable) -> None:
+        if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and _stop["signum"] is not None):
+            previous_hook(unraisable)
+
+    signals = [*STOP_SIGNALS, *([signal.SIGINT] if signal.getsignal(signal.SIGINT) is signal.default_int_handler
+                                else [])]
+    previous = {signum: signal.signal(signum, handle) for signum in signals}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, quiet_lost_stop
+    _stop["signum"] = None
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        sys.unraisablehook = previous_hook
+        _stop["signum"] = None
 
 
 class SignalsHeld:
@@ -396,6 +438,7 @@ class SignalsHeld:
     def hold(self) -> None:
         if threading.current_thread() is threading.main_thread() and self._previous is None:
             self._previous = {signum: signal.signal(signum, self._record) for signum in self.SIGNALS}
+            _stop["held"] += 1
 
     def _record(self, signum, frame) -> None:
         if signum not in self._pending:
@@ -410,5 +453,7 @@ class SignalsHeld:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = None
+        _stop["held"] -= 1
         for signum in self._pending:  # handled now, as it would have been
             signal.raise_signal(signum)
+        raise_pending_stop()

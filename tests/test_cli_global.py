@@ -178,6 +178,47 @@ def test_an_interruption_wrapped_by_numba_is_still_an_interruption(stop, code, c
     assert len(lines) == 1 and lines[0].startswith("error: interrupted")
 
 
+class SignalledWhileCollected:
+    """An object whose finalizer receives SIGTERM: the handler runs inside `__del__`, where Python
+    drops the exception it raises (as in a garbage-collector callback) and goes on."""
+
+    def __del__(self):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10000):  # the handler runs at one of these bytecodes
+            pass
+
+
+def test_a_stop_signal_lost_in_a_finalizer_still_stops_the_command(tmp_path, capsys):
+    """`regina label` killed with SIGTERM at an unlucky moment printed "Exception ignored ...
+    Terminated", wrote its labels and exited 0."""
+    import typer
+
+    from regina_cli import io
+    from regina_cli.cli.common import user_errors
+
+    @user_errors
+    def command():
+        SignalledWhileCollected()
+        io.write_text(tmp_path / "labels.csv", "cell,cell_state\n")
+
+    with pytest.raises(typer.Exit) as stopped:
+        command()
+    assert stopped.value.exit_code == 143
+    assert list(tmp_path.iterdir()) == []  # stopped before its output appeared, temporary file removed
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == ["error: interrupted by signal 15: run the same command again"]  # no "Exception ignored"
+
+    @user_errors
+    def writes_nothing():
+        SignalledWhileCollected()
+
+    with pytest.raises(typer.Exit) as stopped:  # no output to stop at: the exit status still says it
+        writes_nothing()
+    assert stopped.value.exit_code == 143
+
+
 def test_result_tables_on_a_stdout_that_cannot_encode_them_are_escaped():
     """Tables moved to stdout, whose encoding errors are strict (stderr's replace): an evaluate table's
     arrows on a latin-1 stdout ended in a UnicodeEncodeError traceback."""

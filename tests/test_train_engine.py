@@ -114,6 +114,24 @@ def test_stop_on_signal_turns_sigterm_into_a_flag_and_restores_the_handler():
     assert TrainingInterrupted("x", signal.SIGTERM).exit_code == 128 + signal.SIGTERM
 
 
+def test_a_stop_signal_lost_before_training_stops_it_at_its_first_step():
+    """A SIGTERM whose exception was lost while a run was set up (a garbage-collector callback)
+    was forgotten: training ran to its end, and a Slurm job got no last.pt before SIGKILL."""
+    from regina_cli import io
+
+    class SignalledWhileCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10000):
+                pass
+
+    with io.exit_cleanly_on_sigterm():
+        SignalledWhileCollected()
+        with StopOnSignal() as signals:
+            assert signals.signum == signal.SIGTERM
+        io.raise_pending_stop()  # handed to training: not raised a second time
+
+
 def test_progress_plain_lines_and_silence(capsys):
     with TrainingProgress("train-ae", max_epochs=2, mode="plain") as bar:
         bar.start_epoch(1, 3)

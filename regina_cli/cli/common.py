@@ -94,11 +94,13 @@ def user_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from regina_cli.io import exit_cleanly_on_sigterm
+        from regina_cli.io import exit_cleanly_on_sigterm, raise_pending_stop
 
         try:
             with exit_cleanly_on_sigterm():  # SIGTERM: temporary outputs removed, exit 128 + 15
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+                raise_pending_stop()  # a signal whose exception was lost on the way: not a success
+                return result
         except ReginaError as exc:
             print_error(str(exc))
             if _state["json"]:

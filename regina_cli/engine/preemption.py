@@ -12,7 +12,7 @@ import signal
 import threading
 
 from regina_cli.errors import ReginaError
-from regina_cli.io import STOP_SIGNALS
+from regina_cli.io import STOP_SIGNALS, take_pending_stop
 
 
 class TrainingInterrupted(ReginaError):
@@ -25,7 +25,8 @@ class TrainingInterrupted(ReginaError):
 
 class StopOnSignal:
     """Context manager: while active, Ctrl-C and the stop signals (`io.STOP_SIGNALS`) set `.signum`
-    instead of killing us."""
+    instead of killing us; one received before (whose exception was lost, see
+    `io.raise_pending_stop`) stops training at its first step."""
 
     SIGNALS = (*STOP_SIGNALS, signal.SIGINT)
 
@@ -46,6 +47,7 @@ class StopOnSignal:
         if threading.current_thread() is threading.main_thread():  # signal() only works there
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            self.signum = take_pending_stop()
         return self
 
     def __exit__(self, *exc) -> None:
