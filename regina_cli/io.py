@@ -255,6 +255,27 @@ def write_h5ad(adata, path: str | Path) -> None:
         pass
 
 
+@contextlib.contextmanager
+def folder_locked(folder: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` itself, waiting while another process holds it, so two
+    commits of several files into it (two `fetch --force` of one dataset) never interleave. The
+    folder is locked, not a file in it: a dataset folder holds only the dataset's own files. Where
+    the file system cannot lock a folder (some NFS mounts) the commit goes on unguarded."""
+    import fcntl
+
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)
+
+
 # --- One writer per run --------------------------------------------------------------------------
 RUN_LOCK = ".regina.lock"
 

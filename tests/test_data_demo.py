@@ -214,3 +214,56 @@ def test_drop_targets_removes_exactly_those_genes_and_keeps_their_conditions():
     assert text.startswith("gene\tterm\n") and len(text.splitlines()) > 100
     bad = invoke("fetch", "demo", "--force", *sizes, "--drop-targets", "1.5")
     assert bad.exit_code == 2 and "between 0 and 1" in bad.output
+
+
+def test_the_gene_knowledge_is_replaced_only_with_its_dataset(monkeypatch):
+    """`fetch demo --force` wrote gene_knowledge.tsv before the dataset: a write that failed (or a
+    Ctrl-C) after it left the new screen's annotation beside the old screen, which `fetch demo`
+    then called present."""
+    import anndata
+
+    from regina_cli.data.dataset import checksum_file
+
+    sizes = ["--cells", "400", "--genes", "200", "--singles", "4", "--doubles", "2"]
+    assert invoke("fetch", "demo", *sizes).exit_code == 0
+    folder = keys.dataset_dir("demo")
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+
+    def disk_full(self, path, *args, **kwargs):
+        raise OSError("Can't write data (file write failed: errno = 28, error message = 'No space left on device')")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(anndata.AnnData, "write_h5ad", disk_full)
+        result = invoke("fetch", "demo", "--force", *sizes, "--seed", "5")
+    assert result.exit_code == 2 and "the disk is full" in result.output
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # the old pair, whole
+    assert invoke("fetch", "demo", "--force", *sizes, "--seed", "5").exit_code == 0
+    simulation = read_dataset("demo").uns[keys.UNS_REGINA]["simulation"]
+    import hashlib
+
+    knowledge = (folder / keys.GENE_KNOWLEDGE_FILE).read_bytes()
+    assert simulation["seed"] == 5 and simulation["gene_knowledge"]["sha256"] == hashlib.sha256(knowledge).hexdigest()
+    assert checksum_file(folder / keys.DATA_FILE).is_file()
+
+
+def test_two_swaps_of_one_dataset_never_interleave(tmp_path):
+    """Two `fetch --force` of one dataset at once: the second waits for the first's swap (dataset,
+    its companion files, checksum) instead of mixing its files with the first's."""
+    import fcntl
+    import os
+    import threading
+
+    from regina_cli.data.dataset import is_complete
+
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    held = os.open(folder, os.O_RDONLY)  # another process in the middle of its swap
+    fcntl.flock(held, fcntl.LOCK_EX)
+    tiny = simulate_screen(n_cells=300, n_genes=150, n_singles=3, n_doubles=1, seed=0)
+    writer = threading.Thread(target=write_dataset, args=(tiny, "demo", tmp_path), kwargs={"beside": {"k.tsv": "x"}})
+    writer.start()
+    writer.join(1.0)
+    assert writer.is_alive() and not is_complete("demo", tmp_path) and not (folder / "k.tsv").exists()
+    os.close(held)
+    writer.join(30)
+    assert is_complete("demo", tmp_path) and (folder / "k.tsv").read_text() == "x"

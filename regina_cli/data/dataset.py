@@ -7,6 +7,7 @@ was changed (or half-copied) after it was verified is refused instead of silentl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import h5py
 from regina_cli import keys
 from regina_cli.data import fingerprint
 from regina_cli.errors import ReginaError
-from regina_cli.io import SignalsHeld, staged_h5ad, write_text
+from regina_cli.io import SignalsHeld, atomic_path, folder_locked, staged_h5ad, write_text
 
 GEARS_OBS = (keys.OBS_CONDITION, keys.OBS_CELL_TYPE, keys.OBS_CONTROL, keys.OBS_CONDITION_NAME, keys.OBS_DOSE)
 GEARS_VAR = (keys.VAR_GENE_NAME,)
@@ -122,16 +123,23 @@ def check_gears_layout(adata, source: str) -> None:
         raise ReginaError(f"{source} lacks the GEARS fields {', '.join(missing)}: fetch or import it again")
 
 
-def write_dataset(adata, name: str, data_dir=None) -> tuple[Path, str]:
-    """Write the dataset atomically, then its checksum (the mark of a complete fetch). The old
-    pair stays complete until the new file is written and hashed; the swap to the new pair is
-    not cut by SIGTERM, and a SIGKILL inside it leaves no checksum (an interrupted fetch)."""
+def write_dataset(adata, name: str, data_dir=None, *, beside: dict[str, str] | None = None) -> tuple[Path, str]:
+    """Write the dataset atomically, then its checksum (the mark of a complete fetch). `beside`:
+    text files (name -> content) that belong to this version of the dataset (the demo's gene
+    knowledge), staged with it and swapped in with it. The old set stays complete until every new
+    file is written and hashed; the swap to the new set is not cut by SIGTERM, waits for another
+    process's swap of the same dataset (`io.folder_locked`), and a SIGKILL inside it leaves no
+    checksum (an interrupted fetch, which the next fetch redoes whole)."""
     data_file = keys.dataset_file(name, data_dir)
-    with SignalsHeld() as held:
-        with staged_h5ad(adata, data_file) as tmp:
-            digest = sha256_of(tmp)
-            held.hold()
-            checksum_file(data_file).unlink(missing_ok=True)
+    with SignalsHeld() as held, contextlib.ExitStack() as lock:
+        with contextlib.ExitStack() as companions:
+            for file_name, text in (beside or {}).items():
+                companions.enter_context(atomic_path(data_file.parent / file_name)).write_text(text, encoding="utf-8")
+            with staged_h5ad(adata, data_file) as tmp:
+                digest = sha256_of(tmp)
+                lock.enter_context(folder_locked(data_file.parent))
+                held.hold()
+                checksum_file(data_file).unlink(missing_ok=True)
         return data_file, record_checksum(data_file, digest)
 
 

@@ -114,13 +114,10 @@ def _download_and_import(url: str, name: str, data_dir, options: ImportOptions, 
     return adata, notes
 
 
-def _write_demo_knowledge(adata, annotation: str, name: str, data_dir, log: Log) -> list[str]:
-    """The demo's synthetic GO-like annotation beside the dataset (written first: a complete
-    dataset always has it); notes for the summary."""
-    from regina_cli.io import write_text
-
+def _demo_notes(adata, name: str, data_dir, log: Log) -> list[str]:
+    """What the summary says about the demo's synthetic GO-like annotation (written with the
+    dataset, `write_dataset(beside=...)`: never one without the other)."""
     path = keys.dataset_dir(name, data_dir) / keys.GENE_KNOWLEDGE_FILE
-    write_text(path, annotation)
     notes = [f"synthetic GO-like gene annotation written to {path} (use it with --gene-knowledge {path})"]
     dropped = list(adata.uns[keys.UNS_REGINA]["simulation"]["dropped_targets"])
     if dropped:
@@ -166,6 +163,7 @@ def fetch(
         return _present(name, data_file)
 
     notes: list[str] = []
+    beside: dict[str, str] = {}  # files that belong to this version of the dataset
     if source is not None:
         if _is_url(source):
             adata, imported = _download_and_import(source, name, data_dir, options, require_gears=False,
@@ -182,7 +180,7 @@ def fetch(
         adata, annotation = simulate_demo(**(demo or {}), log=log)
         action, source = "simulated", adata.uns[keys.UNS_REGINA]["source"]
         normalisation = adata.uns[keys.UNS_REGINA]["normalisation"]
-        notes = _write_demo_knowledge(adata, annotation, name, data_dir, log)
+        beside = {keys.GENE_KNOWLEDGE_FILE: annotation}
     elif name in GEARS_URLS:
         source = GEARS_URLS[name]
         adata, imported = _download_and_import(source, name, data_dir, options, require_gears=True,
@@ -197,7 +195,9 @@ def fetch(
         notes.append(f"warning: {name} holds only control cells ({counts['n_controls']:,}): there is nothing to "
                      "split, train on or predict; check the labels (--condition-key, --control)")
         log(notes[-1])
-    path, digest = write_dataset(adata, name, data_dir)
+    path, digest = write_dataset(adata, name, data_dir, beside=beside)
+    if beside:
+        notes += _demo_notes(adata, name, data_dir, log)
     return FetchResult(
         name=name, path=str(path), sha256=digest, action=action, source=str(source),
         n_genes=adata.n_vars, normalisation=normalisation, notes=notes, **counts,
