@@ -219,6 +219,29 @@ def test_a_stop_signal_lost_in_a_finalizer_still_stops_the_command(tmp_path, cap
     assert stopped.value.exit_code == 143
 
 
+def test_a_bogus_columns_value_neither_hides_errors_nor_drops_table_columns(tmp_path, monkeypatch):
+    """COLUMNS=0 (set by some batch systems) printed nothing at all, the error line included;
+    COLUMNS=20 dropped the model's column from evaluate's tables."""
+    from io import StringIO
+
+    from rich.table import Table
+
+    from regina_cli.terminal import MIN_WIDTH, ReadableConsole
+
+    done = subprocess.run([sys.executable, "-m", "regina_cli", "split", "nope", "--data-dir", str(tmp_path)],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "0"})
+    assert done.returncode == 2 and done.stderr.startswith("error: dataset 'nope' not found at "), done.stderr
+    for columns in ("0", "20"):
+        monkeypatch.setenv("COLUMNS", columns)
+        out = StringIO()
+        console = ReadableConsole(file=out)
+        assert console.width == MIN_WIDTH
+        table = Table("metric", "regina", "no_change", "train_mean", "additive", "linear")
+        table.add_row("pearson_delta_top20_de", "0.86", "0", "0.698", "0.975", "0.843")
+        console.print(table)
+        assert "regina" in out.getvalue() and "0.843" in out.getvalue()
+
+
 def test_result_tables_on_a_stdout_that_cannot_encode_them_are_escaped():
     """Tables moved to stdout, whose encoding errors are strict (stderr's replace): an evaluate table's
     arrows on a latin-1 stdout ended in a UnicodeEncodeError traceback."""

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from regina_cli.errors import ReginaError
 from regina_cli.io import json_ready
+from regina_cli.terminal import ReadableConsole
 
-console = Console(stderr=True, highlight=False)  # status lines, warnings and errors
-results = Console(highlight=False)  # a command's result tables, on stdout
+console = ReadableConsole(stderr=True, highlight=False)  # status lines, warnings and errors
+results = ReadableConsole(highlight=False)  # a command's result tables, on stdout
 _state = {"quiet": False, "json": False, "rank": 0}
 
 

@@ -95,11 +95,11 @@ class _Reporter:
             from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                                        TimeRemainingColumn, TransferSpeedColumn)
 
-            from rich.console import Console
+            from regina_cli.terminal import ReadableConsole
 
             self.progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                TransferSpeedColumn(), TimeRemainingColumn(), console=ReadableConsole(stderr=True),
                 transient=True,
             )
             self.progress.start()

@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
+from regina_cli.terminal import ReadableConsole
+
 REFRESH_S = 0.5  # rich bar: how often losses are read back
 LOG_EVERY_S = 60.0  # plain logs: a mid-epoch line at most this often
 
@@ -27,7 +29,7 @@ class TrainingProgress:
     """`mode`: "rich", "plain" or "silent"; "auto" picks rich on a terminal, plain otherwise."""
 
     def __init__(self, phase: str, *, max_epochs: int, mode: str = "auto", console: Console | None = None):
-        self.console = console or Console(stderr=True, highlight=False)
+        self.console = console or ReadableConsole(stderr=True, highlight=False)
         if mode == "auto":
             mode = "rich" if self.console.is_terminal else "plain"
         self.mode, self.phase, self.max_epochs = mode, phase, max_epochs
