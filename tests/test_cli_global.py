@@ -242,6 +242,22 @@ def test_a_bogus_columns_value_neither_hides_errors_nor_drops_table_columns(tmp_
         assert "regina" in out.getvalue() and "0.843" in out.getvalue()
 
 
+def test_json_with_stdout_closed_is_no_traceback(tmp_path, monkeypatch):
+    """`regina --json CMD >&-` (Python's sys.stdout is None): an AttributeError traceback, exit 1."""
+    from regina_cli.cli.common import emit_error, emit_result
+
+    done = subprocess.run(f"{sys.executable} -m regina_cli --json split nope --data-dir {tmp_path} >&-", shell=True,
+                          capture_output=False, stderr=subprocess.PIPE, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.startswith("error:"), done.stderr
+    monkeypatch.setattr(sys, "stdout", None)
+    set_output_mode(quiet=False, json_output=True)
+    try:
+        emit_result({"split": "simulation_1"})  # a result with nowhere to go: nothing, as the tables
+        emit_error("x", 2)
+    finally:
+        set_output_mode(quiet=False, json_output=False)
+
+
 def test_result_tables_on_a_stdout_that_cannot_encode_them_are_escaped():
     """Tables moved to stdout, whose encoding errors are strict (stderr's replace): an evaluate table's
     arrows on a latin-1 stdout ended in a UnicodeEncodeError traceback."""

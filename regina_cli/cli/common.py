@@ -50,10 +50,17 @@ def show(renderable: Any) -> None:
         results.print(renderable)
 
 
+def _to_stdout(text: str) -> None:
+    """`text` on stdout; nothing where there is no stdout (`regina --json CMD >&-`: Python sets
+    sys.stdout to None), as the tables print nothing there."""
+    if sys.stdout is not None:
+        sys.stdout.write(text)
+
+
 def emit_result(result: dict) -> None:
     """With --json, the command's result as one JSON document on stdout (for scripts)."""
     if _state["json"]:
-        sys.stdout.write(json.dumps(json_ready(result), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
+        _to_stdout(json.dumps(json_ready(result), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
 
 
 def print_error(message: str) -> None:
@@ -64,7 +71,7 @@ def print_error(message: str) -> None:
 
 def emit_error(message: str, exit_code: int) -> None:
     """With --json, the error as one JSON object on stdout (stderr keeps its `error:` line)."""
-    sys.stdout.write(json.dumps({"error": message, "exit_code": exit_code}) + "\n")
+    _to_stdout(json.dumps({"error": message, "exit_code": exit_code}) + "\n")
 
 
 def _stop_behind(exc: BaseException) -> KeyboardInterrupt | None:
