@@ -26,7 +26,7 @@ import torch
 
 from regina_cli import keys
 from regina_cli.data.conditions import parse_condition
-from regina_cli.devices import resolve_device
+from regina_cli.devices import available_cpus, resolve_device
 from regina_cli.errors import ReginaError
 from regina_cli.io import atomic_dir
 from regina_cli.evaluate.baselines import baseline_profiles, parse_baselines, perturbed_reference, training_data
@@ -288,6 +288,9 @@ def check_options(*, seed, max_true_cells, threads, model_name) -> None:
         raise ReginaError(f"--true-cells must be a whole number of at least 2, not {max_true_cells!r}")
     if not is_whole(threads) or threads < 0:
         raise ReginaError(f"--threads must be a whole number of at least 0 (0: the idle cores), not {threads!r}")
+    if threads > available_cpus():  # thread pools that large fail to allocate (a MemoryError traceback)
+        raise ReginaError(f"--threads {threads} is more than the {available_cpus()} CPU cores this process may use; "
+                          f"use at most --threads {available_cpus()} (0: the idle cores)")
     if any(not str(n).strip() for n in model_name_list(model_name) or []):
         raise ReginaError("--model-name must not be empty")
 
