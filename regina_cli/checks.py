@@ -54,12 +54,16 @@ def in_dataset_folder(path: Path) -> bool:
     return any((folder / (keys.DATA_FILE + keys.CHECKSUM_SUFFIX)).exists() for folder in (path, *path.parents))
 
 
-def check_input_file(path: Path, what: str, missing: str = "does not exist") -> None:
-    """An input file must be a file: a folder gets its own message, not "not found"."""
+def check_input_file(path: Path, what: str, missing: str = "does not exist", *, stream: bool = False) -> None:
+    """An input file must be a file: a folder gets its own message, not "not found". `stream`:
+    the reader reads it once from the start, so a pipe will do (`<(...)`, `/dev/stdin`);
+    otherwise a pipe or device is named as such."""
     if path.is_dir():
         raise ReginaError(f"{what} {path} is a folder, not a file")
-    if not path.is_file():
+    if not path.exists():
         raise ReginaError(f"{what} {path} {missing}")
+    if not stream and not path.is_file():
+        raise ReginaError(f"{what} {path} is not a regular file (a pipe or a device): save it to a file first")
 
 
 def check_out_file(out: Path | None) -> None:

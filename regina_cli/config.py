@@ -390,7 +390,7 @@ def load_yaml(path: str | Path) -> dict:
     from regina_cli.checks import check_input_file
 
     path = Path(path)
-    check_input_file(path, "config file")
+    check_input_file(path, "config file", stream=True)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
     except UnicodeDecodeError:

@@ -629,6 +629,40 @@ def test_a_run_without_phase2_weights_hash_still_predicts(world, tmp_path):
     assert "stale" not in result.output
 
 
+def piped(text: str) -> str:
+    """A path to read `text` from once, as a shell's `<(...)` or `/dev/stdin` gives it (a pipe)."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, text.encode())
+    os.close(write_end)
+    return f"/dev/fd/{read_end}"
+
+
+def test_input_files_may_be_pipes(world, tmp_path):
+    """`--conditions-file <(...)`, `--split-file <(...)` and `--config <(...)` were refused as files
+    that "do not exist"; they are read once. A prediction file, which is read more than once, is
+    refused as what it is."""
+    from regina_cli.config import load_yaml
+
+    w = world.copy(tmp_path)
+    result = invoke(*(a.format(**w.paths) for a in PREDICT), "--out", tmp_path / "p.h5ad", "--conditions-file",
+                    piped("# from a pipe\nctrl+" + _a_measured_target(w) + "\n"))
+    assert result.exit_code == 0, result.output
+    sets = json.loads((Path(w.paths["data"]) / "demo" / keys.SPLITS_DIR / "simulation_2.json").read_text())
+    result = invoke("split", "demo", "--split-file", piped(json.dumps({s: sets[s] for s in ("train", "val", "test")})),
+                    "--data-dir", w.paths["data"])
+    assert result.exit_code == 0 and "custom_" in result.output, result.output
+    assert load_yaml(piped("ae: {lr: 0.01}\n")) == {"ae": {"lr": 0.01}}
+    argv = [a.format(**w.paths) for a in EVALUATE]
+    result = invoke(*argv[:3], piped("not h5ad"), *argv[4:])
+    assert_one_error_line(result, "is not a regular file (a pipe or a device)")
+
+
+def _a_measured_target(w: World) -> str:
+    meta = json.loads((Path(w.paths["run"]) / keys.AE_DIR / keys.META_FILE).read_text())
+    return next(c.split("+")[0] for c in meta["test_conditions"] if c.endswith("+ctrl") and c.split("+")[0] in
+                meta["gene_names"])
+
+
 def test_resume_with_more_epochs_follows_the_longer_cosine(world, tmp_path):
     """Phase 2 trained 1 epoch, resumed to 3: the learning rate of epochs 2 and 3 is that of an
     uninterrupted 3-epoch run (base x 0.75, 0.25), not the 1-epoch cosine restarted (0, base)."""

@@ -135,7 +135,7 @@ def read_split_file(path: str | Path | dict) -> dict:
         obj, what = path, "split_file"
     else:
         path, what = Path(path), f"split file {path}"
-        check_input_file(path, "split file", "not found")
+        check_input_file(path, "split file", "not found", stream=True)
         raw = path.read_bytes()
         try:
             obj = safe_loads(raw) if is_pickle(raw) else json.loads(raw)

@@ -223,7 +223,7 @@ def read_conditions_file(path: str | Path) -> list[str]:
     from regina_cli.checks import check_input_file
 
     path = Path(path)
-    check_input_file(path, "conditions file")
+    check_input_file(path, "conditions file", stream=True)
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
