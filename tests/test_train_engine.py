@@ -105,6 +105,19 @@ def test_damaged_checkpoint_is_a_user_error(tmp_path):
         ckpt.load_torch(bad)
 
 
+def test_a_failed_checkpoint_write_advises_resume_only_when_there_is_something_to_resume(tmp_path, monkeypatch):
+    """A full disk before the first last.pt advised `--resume`, which then said "nothing to resume"."""
+    def full(obj, path, *a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    with pytest.raises(ReginaError, match="then run the same command again$"):
+        ckpt.save_torch(tmp_path / "best.pt", {})
+    (tmp_path / "last.pt").write_bytes(b"an earlier epoch")
+    with pytest.raises(ReginaError, match="then run again with --resume$"):
+        ckpt.save_torch(tmp_path / "best.pt", {})
+
+
 def test_stop_on_signal_turns_sigterm_into_a_flag_and_restores_the_handler():
     before = signal.getsignal(signal.SIGTERM)
     with StopOnSignal() as signals:

@@ -75,15 +75,18 @@ _FAILED_WRITE = ("iostream error", "unexpected pos", "failed writing")
 
 def save_torch(path: str | Path, obj: Any) -> None:
     """`torch.save` through a temporary file, renamed only when complete; a failed write is a
-    user error (the previous file stays)."""
+    user error (the previous file stays) whose advice works: `--resume` only where a `last.pt`
+    beside it can be resumed."""
     with atomic_path(path) as tmp:
         try:
             torch.save(obj, tmp)
         except RuntimeError as exc:
             if not any(mark in str(exc) for mark in _FAILED_WRITE):
                 raise
+            again = ("run again with --resume" if Path(path).with_name(keys.LAST_CHECKPOINT).is_file() else
+                     "run the same command again")
             raise ReginaError(f"cannot write {path}: the write failed (is the disk full, or the quota used up?): "
-                              "free some space or write elsewhere, then run again with --resume") from None
+                              f"free some space or write elsewhere, then {again}") from None
 
 
 def copy_file(src: str | Path, dst: str | Path) -> None:
