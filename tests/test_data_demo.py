@@ -267,3 +267,18 @@ def test_two_swaps_of_one_dataset_never_interleave(tmp_path):
     os.close(held)
     writer.join(30)
     assert is_complete("demo", tmp_path) and (folder / "k.tsv").read_text() == "x"
+
+
+@pytest.mark.parametrize("sizes, message", [
+    (dict(n_cells=300, n_genes=200, n_singles=4, n_doubles=2, n_cell_types=50), "raise --cells or lower --cell-types"),
+    (dict(n_cells=20, n_genes=200, n_singles=4, n_doubles=2), "too few for 6 perturbations: every condition needs 3"),
+    (dict(n_cells=300, n_genes=100, n_singles=0, n_doubles=0), "--singles must be at least 2"),
+])
+def test_demo_size_errors_name_the_option_at_fault(sizes, message):
+    """300 cells in 50 cell types were "too few: raise --cells" (the same cells fit one type), and
+    --singles 0 was "--genes must be at least 124"."""
+    from regina_cli.data.demo import simulate_demo
+    from regina_cli.errors import ReginaError
+
+    with pytest.raises(ReginaError, match=message):
+        simulate_demo(**sizes)

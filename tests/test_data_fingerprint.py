@@ -122,3 +122,14 @@ def test_the_fix_for_a_changed_file_names_a_command_that_works():
     assert refetch_command("norman") == "`regina fetch norman --force`"
     assert refetch_command("demo") == "`regina fetch demo --force`"
     assert "`regina fetch fp --from SOURCE --force`" in refetch_command("fp")
+
+
+def test_a_missing_home_is_not_created_for_the_cache(tmp_path, monkeypatch):
+    """HOME=/nonexistent (as root) made /nonexistent/.cache/regina/...: no home, no cache."""
+    monkeypatch.delenv(keys.ENV_CACHE_HOME, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "nonexistent"))
+    monkeypatch.setattr(fingerprint, "RACY_MARGIN_NS", MARGIN_NS)
+    write_dataset(screen(), "fp")
+    time.sleep(3 * MARGIN_NS / 1e9)
+    read_dataset("fp")
+    assert not (tmp_path / "nonexistent").exists()

@@ -55,3 +55,10 @@ def test_info_on_a_missing_dataset_is_a_one_line_error():
     assert result.exit_code != 0
     assert "regina fetch nope" in result.output
     assert "Traceback" not in result.output
+
+
+def test_info_on_a_data_dir_that_is_a_file_says_so(tmp_path):
+    """It said "dataset 'demo' not found ... run `regina fetch demo` first", which cannot help."""
+    (tmp_path / "afile").write_text("x")
+    result = invoke("info", "--data-dir", tmp_path / "afile", "demo")
+    assert result.exit_code == 2 and "is a file, not a folder" in result.output

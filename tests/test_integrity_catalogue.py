@@ -351,6 +351,10 @@ CASES = [
     Case("split-recreate-other-content", ["split", "demo", "--seed", "1", *D], "--force", change=replace_split),
     Case("split-seed-with-split-file", ["split", "demo", "--split-file", "{file}", "--seed", "3", *D],
          "does not apply to --split-file"),
+    Case("split-mode-with-split-file", ["split", "demo", "--split-file", "{file}", "--mode", "combo_seen2", *D],
+         "--mode does not apply to --split-file"),
+    Case("split-gene-frac-with-split-file", ["split", "demo", "--split-file", "{file}", "--train-gene-frac", "0.3",
+                                             *D], "--train-gene-frac does not apply to --split-file"),
     Case("split-unknown-mode", ["split", "demo", "--mode", "bogus", *D], "unknown split mode"),
     Case("split-data-dir-is-a-file", ["split", "demo", "--data-dir", "{file}"], "is a file, not a folder"),
     Case("split-missing-dataset", ["split", "nothere", *D], "regina fetch nothere"),
@@ -546,6 +550,17 @@ def test_split_files_are_named_by_content_and_never_overwritten(world, tmp_path)
         names.append(json.loads(result.stdout)["split"])
     assert names[0] != names[1] and names[0] == names[2]  # the same file, the same name; another, another
     assert {p.stem for p in (Path(w.paths["data"]) / "demo" / keys.SPLITS_DIR).glob("custom_*")} == set(names)
+
+
+def test_a_split_made_again_says_nothing_was_written(world):
+    """`regina split demo --seed 1` of an existing split said "wrote ..." (a read-only folder too)."""
+    path = Path(world.paths["data"]) / "demo" / keys.SPLITS_DIR / "simulation_1.json"
+    before = os.stat(path)
+    result = invoke("--json", "split", "demo", "--seed", "1", "--data-dir", world.paths["data"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["written"] is False and os.stat(path).st_mtime_ns == before.st_mtime_ns
+    said = " ".join(invoke("split", "demo", "--seed", "1", "--data-dir", world.paths["data"]).output.split())
+    assert "already holds this split (nothing written)" in said and "wrote" not in said
 
 
 def test_labels_per_split_never_share_a_file(world, tmp_path):

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from regina_cli import __version__, keys
 from regina_cli.cli.app import app
+from regina_cli.checks import check_data_dir
 from regina_cli.cli.common import DataDirOpt, emit_result, show, user_errors
 
 _GIB = 2**30
@@ -161,6 +162,8 @@ def info_command(
     data_dir: Path = DataDirOpt,
 ) -> None:
     """Versions, device, CUDA and GPU memory (paste this into bug reports)."""
+    if dataset is not None:
+        check_data_dir(data_dir, writes=False)
     report = system_report(dataset, data_dir=data_dir)
     show(_report_table(report))  # on stdout: `regina info > info.txt` keeps it
     emit_result(report)

@@ -44,8 +44,11 @@ def split_command(
     split's name (<mode>_<seed>, e.g. simulation_1) is what later steps take as --split."""
     from regina_cli.data.split import split_dataset
 
-    if split_file is not None and ctx.get_parameter_source("seed").name == "COMMANDLINE":
-        raise ReginaError("--seed does not apply to --split-file: a user's split is named by its content")
+    given = [option for option in ("seed", "mode", "train_gene_frac")
+             if ctx.get_parameter_source(option).name == "COMMANDLINE"]
+    if split_file is not None and given:
+        raise ReginaError(f"--{given[0].replace('_', '-')} does not apply to --split-file: a user's split is "
+                          "named by its content, and its sets are the file's")
     outcome = split_dataset(
         name, mode=mode, seed=seed, train_gene_frac=train_gene_frac, split_file=split_file, data_dir=data_dir,
         gene_knowledge=gene_knowledge, force=force,
@@ -62,6 +65,7 @@ def split_command(
         info(f"{outcome.n_unassigned} condition(s) are in no set (GEARS leaves them out in mode {split.mode})")
     for warning in outcome.warnings:
         info(f"[yellow]warning:[/] {warning}")
-    info(f"wrote {outcome.path}; later steps take it as --split {split.name}")
-    emit_result({"split": split.name, "path": str(outcome.path), "summary": outcome.summary,
+    done = f"wrote {outcome.path}" if outcome.written else f"{outcome.path} already holds this split (nothing written)"
+    info(f"{done}; later steps take it as --split {split.name}")
+    emit_result({"split": split.name, "path": str(outcome.path), "written": outcome.written, "summary": outcome.summary,
                  "unassigned_conditions": outcome.n_unassigned, "warnings": outcome.warnings})

@@ -225,8 +225,11 @@ def _allocate_cells(n_cells: int, n_conditions: int, n_cell_types: int, control_
         n_ctrl = max(MIN_CELLS_PER_CONDITION, int(round(n * control_fraction)))
         n_free = n - n_ctrl - MIN_CELLS_PER_CONDITION * (n_conditions - 1)
         if n_free < 0:
+            each = f" in each of {n_cell_types} cell types ({n} cells each)" if n_cell_types > 1 else ""
+            fix = "raise --cells or lower --cell-types" if n_cell_types > 1 else "raise --cells"
             raise ReginaError(
-                f"{n_cells} cells are too few for {n_conditions - 1} perturbations: raise --cells"
+                f"{n_cells} cells are too few for {n_conditions - 1} perturbations{each}: every condition needs "
+                f"{MIN_CELLS_PER_CONDITION} cells or more{' per cell type' if n_cell_types > 1 else ''}; {fix}"
             )
         weights = rng.lognormal(0.0, 0.5, n_conditions - 1)
         sizes = MIN_CELLS_PER_CONDITION + rng.multinomial(n_free, weights / weights.sum())
@@ -305,14 +308,18 @@ def simulate_demo(
     """(the simulated screen in full GEARS layout, its gene annotation as TSV text); same seed,
     same data. `drop_targets` leaves that fraction of the targets out of the measured genes.
     `log` hears when the options are checked and the cells are being simulated."""
+    if n_singles < 2:
+        raise ReginaError(f"--singles must be at least 2 (the demo's combinations pair them), not {n_singles}")
+    if n_cell_types < 1:
+        raise ReginaError(f"--cell-types must be at least 1, not {n_cell_types}")
+    if not 0 < control_fraction < 1:
+        raise ReginaError(f"the control fraction must lie strictly between 0 and 1, not {control_fraction}")
     markers = [g for group in marker_genes() for g in group]
     if n_genes < len(markers) + n_singles:
         raise ReginaError(
             f"--genes must be at least {len(markers) + n_singles} "
             f"({len(markers)} marker genes plus one target per single perturbation)"
         )
-    if n_singles < 2 or n_cell_types < 1 or not 0 < control_fraction < 1:
-        raise ReginaError("the demo needs at least 2 singles, 1 cell type and a control fraction in (0, 1)")
     _check_memory(n_cells, n_genes)
     rng = np.random.default_rng(seed)
     design = design_screen(rng, n_genes=n_genes, n_singles=n_singles, n_doubles=n_doubles)

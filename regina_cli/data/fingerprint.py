@@ -53,7 +53,10 @@ def still_verified(path: Path, digest: str) -> bool:
 
 def remember(path: Path, before: dict[str, int], digest: str, started_ns: int) -> None:
     """Keep `path`'s identity after a full check that began at `started_ns` (wall clock) with the
-    file's identity `before`; a racily fresh or meanwhile changed file is not kept."""
+    file's identity `before`; a racily fresh or meanwhile changed file is not kept, nor is any
+    where the user has no home folder to keep a cache in ($HOME missing: it is not created)."""
+    if not os.environ.get(keys.ENV_CACHE_HOME) and not Path.home().is_dir():
+        return
     try:
         if identity(path) != before or before["st_ctime_ns"] > started_ns - RACY_MARGIN_NS:
             return

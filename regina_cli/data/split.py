@@ -233,21 +233,37 @@ def make_split(
     return Split(name, mode, seed, frac, *(sorted(sets[s]) for s in SETS), subgroups)
 
 
+def _saved(path: Path) -> dict:
+    """A split file's content as saved ({} when absent or unreadable)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def _same_sets(saved: dict, split: Split) -> bool:
+    try:
+        return Split.from_dict(saved).sha256() == split.sha256()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def is_saved(split: Split, data_dir: str | Path | None = None) -> bool:
+    """Whether its file already holds `split`, made from the dataset as it is now: saving it again
+    writes nothing (a read-only folder will do, and the command says so instead of "wrote")."""
+    saved = _saved(keys.split_file(split.dataset, split.name, data_dir))
+    return _same_sets(saved, split) and saved.get(keys.DATASET_SHA256) == dataset_sha256(split.dataset, data_dir)
+
+
 def save_split(split: Split, data_dir: str | Path | None = None, *, force: bool = False) -> Path:
     """Write the split with the dataset's SHA-256; replacing a split of other content needs `force`."""
     path = keys.split_file(split.dataset, split.name, data_dir)
-    content = {**split.to_dict(), keys.DATASET_SHA256: dataset_sha256(split.dataset, data_dir)}
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-            same = Split.from_dict(saved).sha256() == split.sha256()
-        except (ValueError, KeyError, TypeError):
-            saved, same = {}, False
-        if same and saved.get(keys.DATASET_SHA256) == content[keys.DATASET_SHA256]:
-            return path  # the same split of the same data: nothing to write (a read-only folder will do)
-        if not same and not force:
-            refuse_replacing(path, "choose another --seed")
-    write_json(path, content)
+    if is_saved(split, data_dir):
+        return path
+    if path.is_file() and not force and not _same_sets(_saved(path), split):
+        refuse_replacing(path, "choose another --seed")
+    write_json(path, {**split.to_dict(), keys.DATASET_SHA256: dataset_sha256(split.dataset, data_dir)})
     return path
 
 
@@ -347,6 +363,7 @@ class SplitOutcome:
     summary: list[dict]
     n_unassigned: int  # dataset conditions in no set (GEARS drops some in combo/single modes)
     warnings: list[str]
+    written: bool = True  # False: the file already held this split (`is_saved`)
 
 
 def unpredictable_warning(summary: list[dict], knowledge_given: bool) -> str | None:
@@ -399,10 +416,11 @@ def split_dataset(
         name, conditions, mode=mode, seed=seed, train_gene_frac=train_gene_frac,
         user_split=user_split, source="split_file" if isinstance(split_file, dict) else str(split_file),
     )
+    written = not is_saved(split, data_dir)
     path = save_split(split, data_dir, force=force)
     counts = obs[keys.OBS_CONDITION].astype(str).value_counts().to_dict()
     assigned = set(split.train) | set(split.val) | set(split.test)
     summary = split_summary(split, counts, measured, knowledge)
     warning = unpredictable_warning(summary, knowledge is not None)
     return SplitOutcome(split, path, summary, sum(c not in assigned for c in conditions),
-                        [warning] if warning else [])
+                        [warning] if warning else [], written)
