@@ -310,3 +310,16 @@ def test_a_users_matplotlib_settings_are_kept_when_only_the_cache_is_unwritable(
     (tmp_path / "config" / "matplotlib" / "matplotlibrc").write_text("lines.linewidth: 7\n")
     use_private_config_dir()
     assert ENV_MPLCONFIGDIR not in os.environ
+
+
+def test_threads_above_the_cores_run_and_absurd_counts_are_refused():
+    """A fixed --threads must rerun on a smaller allocation (bit-identical reruns want it fixed:
+    docs/evaluate.md), so more threads than cores is allowed; only counts whose thread pools
+    cannot be allocated are refused."""
+    from regina_cli.devices import available_cpus
+    from regina_cli.errors import ReginaError
+    from regina_cli.evaluate.run import MAX_THREADS, check_options
+
+    check_options(seed=0, max_true_cells=100, threads=available_cpus() + 1, model_name=None)
+    with pytest.raises(ReginaError, match="is more than 1024"):
+        check_options(seed=0, max_true_cells=100, threads=MAX_THREADS + 1, model_name=None)

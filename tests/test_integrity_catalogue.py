@@ -499,7 +499,7 @@ CASES = [
     Case("evaluate-unknown-device", [*EVALUATE, "--device", "gpu"], "--device takes auto, cpu, cuda or cuda:N"),
     Case("evaluate-empty-model-name", [*EVALUATE, "--model-name", ""], "--model-name must not be empty"),
     Case("evaluate-predictions-is-a-folder", [*EVALUATE[:3], "{busy}", *EVALUATE[4:]], "is a folder"),
-    Case("evaluate-threads-above-cores", [*EVALUATE, "--threads", "100000"], "use at most --threads"),
+    Case("evaluate-threads-absurd", [*EVALUATE, "--threads", "100000"], "--threads 100000 is more than 1024"),
     Case("evaluate-unknown-baseline", [*EVALUATE, "--baselines", "bogus"], "bogus"),
     Case("evaluate-split-missing", [*EVALUATE, "--split", "simulation_9"], "not found"),
     Case("evaluate-data-dir-is-a-file", [*EVALUATE[:-2], "--data-dir", "{file}"], "is a file, not a folder"),
