@@ -28,6 +28,7 @@ from regina_cli.data.split import (
     gears_split,
     load_split,
     make_split,
+    split_dataset,
 )
 from regina_cli.errors import ReginaError
 
@@ -372,3 +373,16 @@ def test_split_with_gene_knowledge_counts_what_it_makes_predictable(dropped_demo
     still = json.loads(invoke("--json", "split", "demo", "--gene-knowledge", unrelated).stdout)
     assert "pass a gene knowledge file that covers those genes" in still["warnings"][0]
     assert_user_error(invoke("split", "demo", "--gene-knowledge", "go"), "run `regina fetch go`")
+
+
+def test_a_copied_dataset_folder_keeps_its_splits(demo):
+    """`cp -r data/demo data/demo2`: the copy's splits load under the new name (its content and
+    hash are the dataset's), while a split copied under another split's name is still refused."""
+    split_dataset("demo", mode="simulation", seed=1)
+    split_dataset("demo", mode="simulation", seed=2)
+    shutil.copytree(keys.dataset_dir("demo"), keys.dataset_dir("demo2"))
+    assert load_split("demo2", "simulation_1").test == load_split("demo", "simulation_1").test
+    copied = keys.split_file("demo2", "simulation_1")
+    copied.write_text(keys.split_file("demo2", "simulation_2").read_text())
+    with pytest.raises(ReginaError, match="holds split simulation_2, not simulation_1"):
+        load_split("demo2", "simulation_1")

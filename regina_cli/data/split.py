@@ -291,10 +291,10 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None, *, all
         raise ReginaError(f"split file {path} is damaged ({exc}): {fix}") from None
     if problem is not None:
         raise ReginaError(f"split file {path} is damaged ({problem}): {fix}")
-    if loaded.dataset != name or split not in (loaded.name, split_name(loaded.mode, loaded.seed)):
-        # (the second name: an older version's, before a share other than 0.75 was named apart)
-        found = loaded.name if loaded.dataset == name else f"{loaded.name} of dataset {loaded.dataset}"
-        raise ReginaError(f"split file {path} holds split {found}, not {split} (copied or renamed by hand?): {fix}")
+    if split not in (loaded.name, split_name(loaded.mode, loaded.seed)):
+        # (the second name: an older version's, before a share other than 0.75 was named apart). The
+        # dataset's name is not compared: a copied dataset folder keeps its splits; its hash is.
+        raise ReginaError(f"split file {path} holds split {loaded.name}, not {split} (copied or renamed by hand?): {fix}")
     recorded, current = obj.get(keys.DATASET_SHA256), dataset_sha256(name, data_dir)
     if recorded and current and recorded != current and not allow_stale:
         if loaded.name != split:  # an older version's file at a share that is now named apart
