@@ -140,7 +140,7 @@ def write_report(result, context: dict, out: Path, *, truth, plots: bool = True)
         html.write_html(summary, written, out / keys.REPORT_FILE)
         summary["report"] = keys.REPORT_FILE
     with atomic_path(out / keys.PER_CONDITION_FILE) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.9g")  # float32 round-trips: means match metrics.json
+        table.to_csv(tmp, index=False)  # shortest exact decimals: means match metrics.json
     write_json(out / keys.METRICS_FILE, summary)
     return summary
 
