@@ -15,8 +15,9 @@ generated 2019-01-14, GO release 2019-01-11), which the GO Consortium releases u
 It is the same kind of knowledge GEARS uses (gene -> GO terms) and is independent of both
 screens. The second source, `--org-db`, reads the SQLite file of Bioconductor's org.Hs.eg.db
 (Entrez Gene symbols with their KEGG pathways, KEGG's last free release of 2011-03-15, and GO
-annotation): pathway membership, which GO's terms spread thinly. Nothing of either is committed: this script reads the GAF from the installed package with
-REGINA's own reader (NOT annotations dropped), writes a `gene<TAB>term` table for
+annotation): pathway membership, which GO's terms spread thinly. Nothing of either is
+committed: this script reads the GAF from the installed package with REGINA's own reader (NOT
+annotations dropped), or the org.Hs.eg.db tables read-only, writes a `gene<TAB>term` table for
 `--gene-knowledge`, a provenance file beside it, and prints how many targets of each real screen
 in ../shared/data the file knows, measured or not.
 """
@@ -24,6 +25,7 @@ in ../shared/data the file knows, measured or not.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 from importlib import metadata
@@ -81,7 +83,7 @@ def build_from_org_db(sqlite: Path, out: Path, terms: list[str]) -> Path:
 
     if not sqlite.is_file():
         raise SystemExit(f"error: {sqlite} is not a file (org.Hs.eg.db's extdata/org.Hs.eg.sqlite)")
-    with sqlite3.connect(f"file:{sqlite}?mode=ro", uri=True) as db:
+    with contextlib.closing(sqlite3.connect(f"file:{sqlite}?mode=ro", uri=True)) as db:
         symbol = dict(db.execute("SELECT _id, symbol FROM gene_info"))
         metadata_rows = dict(db.execute("SELECT name, value FROM metadata"))
         pairs = set()

@@ -256,15 +256,16 @@ def is_saved(split: Split, data_dir: str | Path | None = None) -> bool:
     return _same_sets(saved, split) and saved.get(keys.DATASET_SHA256) == dataset_sha256(split.dataset, data_dir)
 
 
-def save_split(split: Split, data_dir: str | Path | None = None, *, force: bool = False) -> Path:
-    """Write the split with the dataset's SHA-256; replacing a split of other content needs `force`."""
+def save_split(split: Split, data_dir: str | Path | None = None, *, force: bool = False) -> bool:
+    """Write the split with the dataset's SHA-256; replacing a split of other content needs `force`.
+    False: the file already held this split, and nothing was written."""
     path = keys.split_file(split.dataset, split.name, data_dir)
     if is_saved(split, data_dir):
-        return path
+        return False
     if path.is_file() and not force and not _same_sets(_saved(path), split):
         refuse_replacing(path, "choose another --seed")
     write_json(path, {**split.to_dict(), keys.DATASET_SHA256: dataset_sha256(split.dataset, data_dir)})
-    return path
+    return True
 
 
 def load_split(name: str, split: str, data_dir: str | Path | None = None, *, allow_stale: bool = False) -> Split:
@@ -416,8 +417,8 @@ def split_dataset(
         name, conditions, mode=mode, seed=seed, train_gene_frac=train_gene_frac,
         user_split=user_split, source="split_file" if isinstance(split_file, dict) else str(split_file),
     )
-    written = not is_saved(split, data_dir)
-    path = save_split(split, data_dir, force=force)
+    written = save_split(split, data_dir, force=force)
+    path = keys.split_file(split.dataset, split.name, data_dir)
     counts = obs[keys.OBS_CONDITION].astype(str).value_counts().to_dict()
     assigned = set(split.train) | set(split.val) | set(split.test)
     summary = split_summary(split, counts, measured, knowledge)
