@@ -58,11 +58,13 @@ def start_threads() -> int:
 
 @contextlib.contextmanager
 def torch_threads(n: int | None = None) -> Iterator[int]:
-    """torch's intra-op threads set to `n` (None: `start_threads()`) inside the block, then
-    restored. Training runs in one, so a notebook trains exactly as the command does."""
+    """torch's intra-op threads set to `n` inside the block, then restored. None: the count torch
+    started with (`start_threads()`), never more than the caller's: training runs in one, so a
+    notebook trains as the command does after numba raised the count, while a count lowered on
+    purpose stays (a forked child set to 1, as DataLoader workers are: OpenMP pools deadlock there)."""
     import torch
 
-    n = n or start_threads()  # read before the first set_num_threads below
+    n = n or min(start_threads(), torch.get_num_threads())  # start_threads() read before any set below
     previous = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

@@ -178,3 +178,19 @@ print(raised, run_distributed(lambda ctx: torch.get_num_threads(), {}, gpus=1, d
     raised, training, after = map(int, done.stdout.split())
     assert raised > 1, "numba did not raise torch's count here: the test shows nothing"
     assert (training, after) == (1, raised)
+
+
+def test_training_never_raises_a_thread_count_lowered_on_purpose(monkeypatch):
+    """A forked child that set torch to 1 thread (as DataLoader workers do: a forked OpenMP pool
+    deadlocks) must train on 1, not on the count the process started with: the suite's kill tests
+    hung in a fork once training set it back to 2."""
+    from regina_cli import devices
+
+    monkeypatch.setattr(devices, "start_threads", lambda: 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with devices.torch_threads() as n:
+            assert n == torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
