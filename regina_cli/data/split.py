@@ -249,22 +249,18 @@ def _same_sets(saved: dict, split: Split) -> bool:
         return False
 
 
-def is_saved(split: Split, data_dir: str | Path | None = None) -> bool:
-    """Whether its file already holds `split`, made from the dataset as it is now: saving it again
-    writes nothing (a read-only folder will do, and the command says so instead of "wrote")."""
-    saved = _saved(keys.split_file(split.dataset, split.name, data_dir))
-    return _same_sets(saved, split) and saved.get(keys.DATASET_SHA256) == dataset_sha256(split.dataset, data_dir)
-
-
 def save_split(split: Split, data_dir: str | Path | None = None, *, force: bool = False) -> bool:
     """Write the split with the dataset's SHA-256; replacing a split of other content needs `force`.
-    False: the file already held this split, and nothing was written."""
+    False: the file already held this split of the dataset as it is now, and nothing was written
+    (a read-only folder will do, and the command says so instead of "wrote")."""
     path = keys.split_file(split.dataset, split.name, data_dir)
-    if is_saved(split, data_dir):
+    saved, current = _saved(path), dataset_sha256(split.dataset, data_dir)
+    same = _same_sets(saved, split)
+    if same and saved.get(keys.DATASET_SHA256) == current:
         return False
-    if path.is_file() and not force and not _same_sets(_saved(path), split):
+    if path.is_file() and not same and not force:
         refuse_replacing(path, "choose another --seed")
-    write_json(path, {**split.to_dict(), keys.DATASET_SHA256: dataset_sha256(split.dataset, data_dir)})
+    write_json(path, {**split.to_dict(), keys.DATASET_SHA256: current})
     return True
 
 
@@ -364,7 +360,7 @@ class SplitOutcome:
     summary: list[dict]
     n_unassigned: int  # dataset conditions in no set (GEARS drops some in combo/single modes)
     warnings: list[str]
-    written: bool = True  # False: the file already held this split (`is_saved`)
+    written: bool = True  # False: the file already held this split (`save_split`)
 
 
 def unpredictable_warning(summary: list[dict], knowledge_given: bool) -> str | None:
