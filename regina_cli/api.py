@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from regina_cli import keys
-from regina_cli.errors import ReginaError
+from regina_cli.errors import ReginaError, warnings_among
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -173,6 +173,8 @@ def fetch(name: str, adata: AnnData | None = None, *, source: str | Path | None 
             result = fetch_dataset(name, source=str(path), **kwargs)
     else:
         result = fetch_dataset(name, source=None if source is None else str(source), **kwargs)
+    for warning in warnings_among(result.notes):
+        warnings.warn(warning, stacklevel=2)
     if result.action == "already present" and (adata is not None or source is not None or simulation):
         warnings.warn(f"{name} is already present and was not fetched again, so the options given did not "
                       "apply: pass force=True to replace it", stacklevel=2)

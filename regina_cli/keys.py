@@ -65,6 +65,7 @@ PART_MARK = ".part"  # temporary names of outputs being written (`io.atomic_path
 
 # --- Provenance fields (split files, label records, meta.json, predictions' uns['regina']) --------
 DATASET_SHA256 = "dataset_sha256"
+SPLIT_NAME = "name"  # a split file's own name, which its file name must be (older files lack it)
 SPLIT_SHA256 = "split_sha256"
 LABELS_SHA256 = "labels_sha256"
 CONFIG_SHA256 = "config_sha256"

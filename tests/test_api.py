@@ -563,3 +563,23 @@ def test_fetch_documents_every_demo_option():
     from regina_cli.data.demo import DEMO_OPTIONS
 
     assert all(option in api.fetch.__doc__ for option in DEMO_OPTIONS)
+
+
+def test_fetch_and_train_ae_warn_what_the_command_line_warns(notebook, tmp_path):
+    """Two warnings the commands print reached a notebook only with verbose=True, as plain text:
+    a screen of control cells only, and gene knowledge that names none of the screen's genes."""
+    ns, workdir, *_ = notebook
+    adata = ns["adata"]
+    controls = adata[adata.obs[keys.OBS_CONDITION] == keys.CTRL].copy()
+    with pytest.warns(UserWarning, match="holds only control cells"):
+        regina.fetch("allctrl", controls, data_dir=tmp_path / "data")
+    knowledge = tmp_path / "ensembl.tsv"
+    knowledge.write_text("ENSG0001\tGO:1\nENSG0002\tGO:1\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ae = regina.train_ae("demo", split=ns["split"], labels=ns["labels"], run=tmp_path / "run", preset="demo",
+                             overrides=ns["tiny"], max_epochs=1,
+                             gene_knowledge=str(knowledge), device="cpu", data_dir=workdir / "data")
+    said = [str(w.message) for w in caught]
+    assert any("names none of the dataset's 200 genes" in s for s in said)
+    assert ae.warnings and all(warning in said for warning in ae.warnings)

@@ -130,7 +130,9 @@ def replace_split(w: World) -> None:
     splits = Path(w.paths["data"]) / "demo" / keys.SPLITS_DIR
     assert invoke("split", "demo", "--seed", "1", "--train-gene-frac", "0.5", "--data-dir", w.paths["data"]
                   ).exit_code == 0
-    (splits / "simulation_1_0.5.json").replace(splits / "simulation_1.json")
+    older = json.loads((splits / "simulation_1_0.5.json").read_text())
+    del older[keys.SPLIT_NAME]  # an older version's file did not name itself
+    (splits / "simulation_1.json").write_text(json.dumps(older))
 
 
 def edit_split(edit: Callable[[dict], None]) -> Callable[[World], None]:

@@ -296,3 +296,33 @@ def test_a_conditions_control_draw_does_not_depend_on_the_rest_of_the_request():
     np.testing.assert_array_equal(drawn, part.cells["control_row"].to_numpy())
     other_seed = sample_plan(obs, ["A+B"], ["ctrl", "A+ctrl"], 20, seed=4)
     assert not np.array_equal(part.cells["control_row"].to_numpy(), other_seed.cells["control_row"].to_numpy())
+
+
+def test_a_run_finds_the_data_it_was_trained_on_from_anywhere(tmp_path, monkeypatch):
+    """A run trained with --data-dir elsewhere predicted from another folder read ./data or
+    $REGINA_DATA: "not found", or a false "stale" against another copy. It now reads the folder it
+    was trained on, and an error against another folder names the one to pass."""
+    import shutil
+
+    from regina_cli.engine.train_ae import train_autoencoder
+    from regina_cli.engine.train_gan import train_gan
+
+    trained_on = keys.data_root().resolve()
+    adata, _ = write_tiny_dataset()
+    config = build_config(overrides=[*TINY_MODEL, "ae.max_epochs=1", "ae.min_epochs=1", "ae.batch_size=32",
+                                     "gan.max_epochs=0"])
+    run = tmp_path / "runs" / "r"
+    train_autoencoder("tiny", split=tiny_split().name, labels="stress", run_dir=run, config=config, device="cpu",
+                      progress="silent")
+    other = tmp_path / "elsewhere"
+    write_dataset(adata[::2].copy(), "tiny", other / "data")  # another copy of `tiny`
+    monkeypatch.setenv("REGINA_DATA", str(other / "data"))
+    monkeypatch.chdir(other)
+    train_gan(run, device="cpu", progress="silent")
+    assert json.loads(ckpt.gan_paths(run).meta.read_text())["data_dir"] == str(trained_on)
+    assert ad.read_h5ad(predict(run, "G1", n_cells=4, device="cpu")).n_obs > 0
+    with pytest.raises(ReginaError, match=f"dataset changed.*pass --data-dir {trained_on} "):
+        predict(run, "G1", n_cells=4, device="cpu", data_dir=other / "data")
+    shutil.move(trained_on, tmp_path / "moved")
+    with pytest.raises(ReginaError, match=f"trained on the data in {trained_on}, which no longer holds 'tiny'"):
+        predict(run, "G1", n_cells=4, device="cpu")

@@ -123,7 +123,7 @@ def test_json_round_trip_and_lookup(tmp_path):
     path = keys.split_file("toy", "simulation_1", tmp_path)
     obj = json.loads(path.read_text())
     assert set(obj) == {"dataset", "mode", "seed", "train_gene_frac", "train", "val", "test", "subgroup",
-                        "dataset_sha256"}
+                        "name", "dataset_sha256"}
     assert obj["dataset_sha256"] is None  # no dataset "toy" was fetched: nothing to record
     assert set(obj["subgroup"]) == {"test_subgroup", "val_subgroup"}
     assert obj["train"] == sorted(obj["train"])
@@ -192,8 +192,15 @@ def test_two_train_gene_fracs_are_two_splits_and_the_default_keeps_its_name(demo
         load_split("demo", "simulation_single_2_0.5")
     with pytest.raises(ReginaError, match=r"plus _<train-gene-frac> when that is not 0.75"):
         load_split("demo", "simulation_1_0.75")  # the default share is never spelled out
-    # an older version's file at 0.5 under the default's name, its dataset changed since: remake what it holds
-    old = json.loads((splits_dir() / "simulation_1_0.5.json").read_text())
+    # this version's file copied by hand under the default's name names itself: refused as a copy
+    half_file = json.loads((splits_dir() / "simulation_1_0.5.json").read_text())
+    assert half_file[keys.SPLIT_NAME] == "simulation_1_0.5"
+    (splits_dir() / "simulation_1.json").write_text(json.dumps(half_file))
+    with pytest.raises(ReginaError, match=r"holds split simulation_1_0.5, not simulation_1 \(copied"):
+        load_split("demo", "simulation_1")
+    # an older version's file (no name) at 0.5 under the default's name, its dataset changed since:
+    # remake what it holds
+    old = {k: v for k, v in half_file.items() if k != keys.SPLIT_NAME}
     (splits_dir() / "simulation_1.json").write_text(json.dumps({**old, keys.DATASET_SHA256: "0" * 64}))
     with pytest.raises(ReginaError, match=r"seed 1 --force` \(it holds what is now split simulation_1_0.5.*"
                                           r"--train-gene-frac 0.5` and pass --split simulation_1_0.5\)"):

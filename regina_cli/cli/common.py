@@ -136,6 +136,10 @@ def run_directory(value: str) -> Path:
 DataDirOpt = typer.Option(
     None, "--data-dir", help="Data folder (default: $REGINA_DATA, else ./data).", show_default=False
 )
+RunDataDirOpt = typer.Option(
+    None, "--data-dir", show_default=False,
+    help="Data folder (default: the one the run was trained on while it holds the dataset, else "
+         "$REGINA_DATA, else ./data).")
 SetOpt = typer.Option(None, "--set", help="Config override section.key=value (repeatable).")
 ConfigOpt = typer.Option(None, "--config", help="YAML config file (see docs/configuration.md).")
 

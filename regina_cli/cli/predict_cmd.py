@@ -9,7 +9,7 @@ import typer
 
 from regina_cli import keys
 from regina_cli.cli.app import app
-from regina_cli.cli.common import DataDirOpt, emit_result, info, run_directory, user_errors
+from regina_cli.cli.common import RunDataDirOpt, emit_result, info, run_directory, user_errors
 from regina_cli.errors import ReginaError
 
 
@@ -47,7 +47,7 @@ def predict_command(
     allow_stale: bool = typer.Option(
         False, "--allow-stale", help="Predict from a run whose dataset, split, labels or config changed after "
         "training (refused otherwise), with a warning."),
-    data_dir: Path = DataDirOpt,
+    data_dir: Path = RunDataDirOpt,
 ) -> None:
     """Predict cells for each condition: control cells -> encoder -> prompt -> forward transition -> decoder."""
     from regina_cli.engine.prediction_file import FileOptions

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from regina_cli import keys
 from regina_cli.cli.app import app
-from regina_cli.cli.common import (ConfigOpt, DataDirOpt, SetOpt, emit_result, info, is_quiet, run_directory,
+from regina_cli.cli.common import (ConfigOpt, DataDirOpt, RunDataDirOpt, SetOpt, emit_result, info, is_quiet, run_directory,
                                    show, user_errors)
 
 GpusOpt = typer.Option(1, "--gpus", help="Data-parallel processes (GPUs; CPU processes with --device cpu). "
@@ -75,7 +75,7 @@ def train_gan_command(
                                              "keep the expression prior, the untrained start, and train nothing)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Shortcut for --set gan.batch_size=N (per process)."),
     resume: bool = ResumeOpt,
-    data_dir: Optional[Path] = DataDirOpt,
+    data_dir: Optional[Path] = RunDataDirOpt,
 ) -> None:
     """Phase 2: train the prompt-conditioned latent cycle-GAN on top of a phase-1 run."""
     from regina_cli.engine.run_config import ConfigRequest, phase_flags, resolve_run_config

@@ -260,7 +260,7 @@ def save_split(split: Split, data_dir: str | Path | None = None, *, force: bool 
         return False
     if path.is_file() and not same and not force:
         refuse_replacing(path, "choose another --seed")
-    write_json(path, {**split.to_dict(), keys.DATASET_SHA256: current})
+    write_json(path, {**split.to_dict(), keys.SPLIT_NAME: split.name, keys.DATASET_SHA256: current})
     return True
 
 
@@ -288,9 +288,11 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None, *, all
         raise ReginaError(f"split file {path} is damaged ({exc}): {fix}") from None
     if problem is not None:
         raise ReginaError(f"split file {path} is damaged ({problem}): {fix}")
-    if split not in (loaded.name, split_name(loaded.mode, loaded.seed)):
-        # (the second name: an older version's, before a share other than 0.75 was named apart). The
-        # dataset's name is not compared: a copied dataset folder keeps its splits; its hash is.
+    named = obj.get(keys.SPLIT_NAME)  # files name themselves; an older version's did not, and may
+    # then be at the name of before a share other than 0.75 was named apart. The dataset's name is
+    # not compared: a copied dataset folder keeps its splits; its hash is.
+    names = {loaded.name} if named else {loaded.name, split_name(loaded.mode, loaded.seed)}
+    if split not in names or named not in (None, loaded.name):
         raise ReginaError(f"split file {path} holds split {loaded.name}, not {split} (copied or renamed by hand?): {fix}")
     recorded, current = obj.get(keys.DATASET_SHA256), dataset_sha256(name, data_dir)
     if recorded and current and recorded != current and not allow_stale:

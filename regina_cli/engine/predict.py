@@ -78,7 +78,7 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
     from regina_cli.checks import check_data_dir
     from regina_cli.data.dataset import read_dataset
     from regina_cli.data.split import load_split
-    from regina_cli.engine.run_meta import check_run_current
+    from regina_cli.engine.run_meta import check_run_current, run_data_dir
     from regina_cli.engine.trained import load_trained
     from regina_cli.io import write_h5ad
 
@@ -86,8 +86,9 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
     options = options or FileOptions()
     conditions = condition_list(conditions)
     check_request(n_cells, seed, out, options)
-    check_data_dir(data_dir, writes=False)
     run_dir = Path(run_dir)
+    data_dir = run_data_dir(run_dir, data_dir)
+    check_data_dir(data_dir, writes=False)
     warnings = check_run_current(run_dir, data_dir, allow_stale=allow_stale)
     trained = load_trained(run_dir, device=device)
     if trained.gan is None:

@@ -64,6 +64,7 @@ class RunMeta:
     validation_source: str | None = None
     top20_de_source: str | None = None
     n_train_pairs_per_epoch: int | None = None
+    data_dir: str | None = None  # the data folder the phase was trained on (absolute); None in older runs
     # Provenance (data.provenance): what the phase was built from; None in runs of older versions
     dataset_sha256: str | None = None
     split_sha256: str | None = None
@@ -246,21 +247,55 @@ def phase2_inputs(run_dir: str | Path, data_dir=None, *, resume: bool = False) -
     reasons = changed(phase1.hashes(), current_inputs(phase1, data_dir))
     if reasons:
         raise ReginaError(f"phase 1 of {run_dir} is stale: {'; '.join(reasons)} since it was trained; "
-                          "train a new run with `regina train-ae`")
+                          + _stale_fix(phase1, data_dir, "train a new run with `regina train-ae`"))
     inputs = {keys.AE_MODEL_SHA256: file_sha256(ae_paths(run_dir).model)}
     check_resume(gan_paths(run_dir), inputs, resume=resume)
     return inputs
+
+
+def trained_data_dir(data_dir) -> str:
+    """What `RunMeta.data_dir` records: the data folder a phase reads, as an absolute path."""
+    return str(keys.data_root(data_dir).resolve())
+
+
+def run_data_dir(run_dir: str | Path, data_dir=None):
+    """The data folder of a command on a trained run: `data_dir` when given, else the folder the run
+    was trained on while it still holds the run's dataset (a run trained with --data-dir elsewhere
+    finds its data from any working directory), else None: $REGINA_DATA or ./data."""
+    if data_dir is not None:
+        return data_dir
+    paths = ae_paths(run_dir)
+    if not paths.meta.is_file():
+        return None
+    try:
+        meta = read_meta(paths)
+    except ReginaError:
+        return None  # the command that reads the run names the damage
+    if meta.data_dir and keys.dataset_file(meta.dataset, meta.data_dir).is_file():
+        return meta.data_dir
+    return None
+
+
+def _stale_fix(meta: RunMeta, data_dir, fix: str) -> str:
+    """`fix`, led by the data folder the run was trained on when it was checked against another."""
+    if not meta.data_dir or Path(meta.data_dir) == Path(trained_data_dir(data_dir)):
+        return fix
+    if keys.dataset_file(meta.dataset, meta.data_dir).is_file():
+        return f"pass --data-dir {meta.data_dir} (the data it was trained on), or {fix}"
+    return f"it was trained on the data in {meta.data_dir}, which no longer holds {meta.dataset!r}; {fix}"
 
 
 def check_run_current(run_dir: str | Path, data_dir=None, *, allow_stale: bool = False) -> list[str]:
     """Refuse a trained run whose inputs changed after training (warnings instead with
     `allow_stale`): dataset, split, labels, either phase's config, phase 1's weights under phase 2,
     or phase 2's own weights (another run's gan/model.pt would transform this run's latents)."""
-    reasons = []
+    reasons, fix = [], "train a new run on the current files"
     for paths in (ae_paths(run_dir), gan_paths(run_dir)):
         if not paths.meta.is_file():
             continue
         meta = read_meta(paths)
+        if paths.phase == keys.AE_DIR:
+            fix = _stale_fix(meta, data_dir, fix)
         current = current_inputs(meta, data_dir) if paths.phase == keys.AE_DIR else {}
         if paths.config.is_file():
             current[keys.CONFIG_SHA256] = file_sha256(paths.config)
@@ -268,4 +303,4 @@ def check_run_current(run_dir: str | Path, data_dir=None, *, allow_stale: bool =
             current[keys.AE_MODEL_SHA256] = file_sha256(ae_paths(run_dir).model)
             current[keys.GAN_MODEL_SHA256] = file_sha256(paths.model)
         reasons += [f"{reason} since {paths.phase}/ was trained" for reason in changed(meta.hashes(), current)]
-    return stale(f"run {run_dir}", reasons, "train a new run on the current files", allow_stale=allow_stale)
+    return stale(f"run {run_dir}", reasons, fix, allow_stale=allow_stale)

@@ -34,8 +34,8 @@ from regina_cli.engine.loop import (EpochBatches, amp_context, check_resume_trai
 from regina_cli.engine.progress import TrainingProgress
 from regina_cli.engine.run_config import check_fixed_shapes, resolve_run_config
 from regina_cli.engine.run_meta import (RunMeta, check_resume, check_run_dir, config_sha256, phase1_inputs,
-                                       prepare_run_dir, write_meta)
-from regina_cli.errors import ReginaError
+                                       prepare_run_dir, trained_data_dir, write_meta)
+from regina_cli.errors import ReginaError, warnings_among
 from regina_cli.io import check_writable_folder
 
 # ae.selection -> (validation metric, direction). Variance preservation is the original's
@@ -278,7 +278,7 @@ def _train_ae_process(ctx: DistContext, *, name, split, labels, run_dir, config:
         test_conditions=list(split_obj.test), perturbed_genes=sorted(condition_genes(cells.conditions)),
         selection=config.ae.selection, world_size=ctx.world_size, notes=cells.notes,
         n_train_cells=int(len(cells.train_idx)), n_val_cells=int(len(cells.val_idx)), dense_on_device=cells.dense,
-        **provenance)
+        data_dir=trained_data_dir(data_dir), **provenance)
     if ctx.is_main:
         ckpt.write_config(paths, config)
         write_meta(paths, meta)
@@ -294,7 +294,7 @@ def _train_ae_process(ctx: DistContext, *, name, split, labels, run_dir, config:
     summary = fit(phase, ctx, paths, max_epochs=config.ae.max_epochs, stopper=stopper,
                   best=BestTracker(metric, mode), progress=bar, resume=resume)
     summary.update({"run_dir": str(paths.run_dir), "phase": paths.phase, "selection": config.ae.selection,
-                    "parameter_checksum": parameter_checksum(model)})
+                    "parameter_checksum": parameter_checksum(model), "warnings": warnings_among(notes)})
     if ctx.is_main:
         write_meta(paths, meta.trained(summary))
     cells.close()

@@ -44,7 +44,7 @@ from regina_cli.engine.loop import check_resume_trains, compile_modules, fit, se
 from regina_cli.engine.progress import TrainingProgress
 from regina_cli.engine.run_config import check_fixed_shapes, resolve_run_config
 from regina_cli.engine.run_meta import (check_resume, config_sha256, phase2_inputs, prepare_run_dir,
-                                       read_trained_meta, write_meta)
+                                       read_trained_meta, run_data_dir, trained_data_dir, write_meta)
 from regina_cli.errors import ReginaError
 from regina_cli.io import check_writable_folder
 
@@ -67,6 +67,7 @@ def train_gan(
     """
     check_run_free(run_dir)
     read_trained_meta(ckpt.ae_paths(run_dir))  # a clear error before anything starts
+    data_dir = run_data_dir(run_dir, data_dir)
     if config is None:
         config, _ = resolve_run_config(keys.GAN_DIR, run_dir, resume=resume)
     check_fixed_shapes(keys.GAN_DIR, run_dir, config, resume=resume)
@@ -160,7 +161,7 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
         validation_conditions_scored=plan.conditions, validation_source=plan.source, held_out_conditions=plan.held_out,
         top20_de_source=plan.de_source, n_train_pairs_per_epoch=int(len(phase.train_index)),
         selection=gan_validation.SELECTION_METRIC, world_size=ctx.world_size, notes=cells.notes,
-        n_train_cells=None, n_val_cells=None, dense_on_device=None, **provenance)
+        n_train_cells=None, n_val_cells=None, dense_on_device=None, data_dir=trained_data_dir(data_dir), **provenance)
     if ctx.is_main:
         ckpt.write_config(paths, config)
         write_meta(paths, meta)
