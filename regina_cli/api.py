@@ -259,7 +259,7 @@ class TrainResult:
     best_epoch: int  # the epoch whose weights model.pt holds
     best_metric: str
     best_value: float
-    data_dir: Path  # the data folder it was trained on
+    data_dir: Path  # the data folder it was trained on (absolute: a notebook may change folder)
     history: pd.DataFrame = field(repr=False)  # one row per epoch: training losses and validation scores
     config: ReginaConfig = field(repr=False)  # the configuration the phase ran with
     config_source: str = field(repr=False)  # where its base came from (preset, phase 1, a resumed run)
@@ -274,7 +274,7 @@ def _trained(summary: dict, run_dir: Path, phase: str, config, source: str, data
         warnings.warn(warning, stacklevel=3)
     history = pd.read_csv(run_dir / phase / keys.HISTORY_FILE)
     return TrainResult(run_dir, phase, summary["stop_reason"], summary["epochs"], summary["best_epoch"],
-                       summary["best_metric"], summary["best_value"], keys.data_root(data_dir), history, config,
+                       summary["best_metric"], summary["best_value"], keys.data_root(data_dir).resolve(), history, config,
                        source, list(summary.get("warnings", [])), summary)
 
 

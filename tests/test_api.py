@@ -479,12 +479,18 @@ def test_train_result_carries_its_data_folder(notebook, tmp_path):
     """train_gan(ae) and predict(gan) read ./data (or $REGINA_DATA) again, not the data_dir
     phase 1 was trained on."""
     ns, workdir, *_ = notebook
-    data = copy_of_notebook(notebook, tmp_path / "elsewhere") / "data"
-    ae = regina.train_ae("demo", split="simulation_1", labels="stress", run=tmp_path / "run", preset="demo",
-                         overrides=ns["tiny"], max_epochs=1, data_dir=data)
+    root = copy_of_notebook(notebook, tmp_path / "elsewhere")
+    data = (root / "data").resolve()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        ae = regina.train_ae("demo", split="simulation_1", labels="stress", run=tmp_path / "run", preset="demo",
+                             overrides=ns["tiny"], max_epochs=1, data_dir="data")  # relative to this folder
     assert ae.data_dir == data and not keys.dataset_file("demo").exists()  # nothing at the default
-    with warnings.catch_warnings():
+    elsewhere = tmp_path / "another_folder"
+    elsewhere.mkdir()
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
         warnings.simplefilter("ignore")  # phase 2's diagnostics of a one-epoch model
+        mp.chdir(elsewhere)  # a notebook that changed folder (the result's path was relative)
         gan = regina.train_gan(ae, max_epochs=0)
     assert gan.data_dir == data
     assert regina.predict(gan, n_cells=5).n_obs > 0
