@@ -10,8 +10,8 @@ from rich.table import Table
 
 from regina_cli import keys
 from regina_cli.cli.app import app
-from regina_cli.cli.common import (ConfigOpt, DataDirOpt, RunDataDirOpt, SetOpt, emit_result, info, is_quiet, run_directory,
-                                   show, user_errors)
+from regina_cli.cli.common import (ConfigOpt, DataDirOpt, RunDataDirOpt, SetOpt, emit_result, info, is_quiet,
+                                   run_directory, show, user_errors)
 
 GpusOpt = typer.Option(1, "--gpus", help="Data-parallel processes (GPUs; CPU processes with --device cpu). "
                        "Under torchrun or srun, joins the existing launch instead.")
