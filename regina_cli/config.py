@@ -329,12 +329,25 @@ def _coerce(section: str, key: str, value: Any, target_type: Any) -> Any:
             return int(value)
         raise ReginaError(f"config key {name} takes a whole number, not {value!r}")
     if target_type is str:
-        return str(value)
+        return _coerce_text(name, value)
     if target_type is list:
         if isinstance(value, list):
             return list(value)
         raise ReginaError(f"config key {name} takes a list like [512, 256], not {value!r}")
     return value
+
+
+def _coerce_text(name: str, value: Any) -> str:
+    """YAML null (an empty value) means "none", i.e. ""; a YAML boolean or number is refused
+    because str() would turn `off` into 'False', a value the user never wrote."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    raise ReginaError(
+        f"config key {name} takes text, not {value!r}; quote the value (e.g. 'off') "
+        "so YAML does not read it as a boolean or number"
+    )
 
 
 def apply_overrides(config: ReginaConfig, overrides: dict) -> ReginaConfig:
