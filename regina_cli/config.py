@@ -72,7 +72,7 @@ class AEConfig:
     weight_decay: float = _opt(1e-3, "AdamW weight decay.", **_NON_NEGATIVE)
     grad_clip: float = _opt(0.5, "Gradient norm clip (0 disables).", **_NON_NEGATIVE)
     classifier_lr: float = _opt(1e-3, "AdamW learning rate of the latent classifier (L_sg step).", **_POSITIVE)
-    lr_scale_batch: bool = _opt(False, "Scale learning rates linearly with batch_size / 64 (large-batch GPU runs).")
+    lr_scale_batch: bool = _opt(False, "Scale learning rates linearly with the global batch (batch_size x processes) / 64 (large-batch GPU runs).")
     lambda_mse: float = _opt(1.5, "Weight of the reconstruction loss L_MSE.", **_NON_NEGATIVE)
     lambda_center: float = _opt(0.5, "Weight of the center loss L_CE.", **_NON_NEGATIVE)
     lambda_reg: float = _opt(1e-4, "Weight of the latent regulariser L_reg.", **_NON_NEGATIVE)
@@ -212,7 +212,7 @@ class GANConfig:
                                    "the whole move. 0.5 by default: on training conditions held out of phase 2 it "
                                    "scored 0.325 against 0.301 for 1 on Papalexi (higher in 14 of 15 runs) and 0.4900 "
                                    "against 0.4902 on the demo (benchmarks/README.md).", low=0, high=1)
-    lr_scale_batch: bool = _opt(False, "Scale learning rates linearly with batch_size / 64.")
+    lr_scale_batch: bool = _opt(False, "Scale learning rates linearly with the global batch (batch_size x processes) / 64.")
 
 
 @dataclass
