@@ -9,10 +9,11 @@ Cells per condition (`n_cells`) are shared between the condition's cell types in
 its real cells, so predicted and real populations have the same mix; a condition with no real
 cells (a new combination, say) is spread evenly over every cell type that has controls.
 
-Each condition's prompt source is recorded: `learned` (every target was perturbed in training),
-`measured` (an unseen target the screen measures: encoder prompt and co-expression features) or
-`knowledge` (an unseen target known only through prior knowledge). The file is written by
-`engine.prediction_file`.
+Each condition's prompt source is recorded (`prompt_sources`): `learned` (every target has a
+learned prompt vector, which by default, `gan.learned_prompts=unmeasured`, only training targets the
+screen does not measure have), `measured` (the targets without one are measured genes, seen or
+unseen, prompted through the encoder) or `knowledge` (a target known only through prior
+knowledge). The file is written by `engine.prediction_file`.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class PredictionResult:
     n_conditions: int
     n_cells: int
     n_new_conditions: int  # conditions without real cells in the dataset
-    skipped: list[str]  # conditions of `test`/`all` whose targets the model cannot know
+    skipped: list[str]  # conditions of `test`/`val`/`all` whose targets the model cannot know
     sources: dict[str, str]  # condition -> prompt source (learned, measured, knowledge)
     device: str
     seconds: float
