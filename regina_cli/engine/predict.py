@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from regina_cli import keys
-from regina_cli.data.conditions import CTRL, canonical_condition, is_control, parse_condition
+from regina_cli.data.conditions import canonical_condition, control_labels, is_control, parse_condition
 from regina_cli.engine import prediction_file
 from regina_cli.engine.prediction_file import FileOptions
 from regina_cli.errors import ReginaError
@@ -206,8 +206,9 @@ def resolve_conditions(conditions: str | Sequence[str], split, data_conditions: 
         label = raw.strip()
         if not label:
             continue
-        if is_control(label):
-            what = "is the control condition" if label == CTRL else "names no target gene"
+        control = label.lower() in control_labels()  # `ctrl`, and `control`, `NTC`, ... as fetch reads them
+        if control or is_control(label):
+            what = "is the control condition" if control else "names no target gene"
             raise ReginaError(f"{label!r} {what}, not a perturbation; name perturbations like A+ctrl or A+B")
         genes = parse_condition(label)  # the dataset's spelling when it measured these targets in any order,
         if len(set(genes)) < len(genes):
