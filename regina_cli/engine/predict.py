@@ -62,6 +62,11 @@ class PredictionResult:
         return (f"skipped {len(self.skipped)} condition(s) whose targets are neither measured nor perturbed in "
                 f"training nor in the run's gene knowledge: {', '.join(self.skipped)}")
 
+    @property
+    def all_warnings(self) -> list[str]:
+        """Everything to warn about (a stale run, skipped conditions), for the command and the API alike."""
+        return [*self.warnings, *filter(None, [self.skipped_warning])]
+
 
 def predict(run_dir: str | Path, conditions: str | Sequence[str], *, n_cells: int = 100, seed: int = 0,
             out: str | Path | None = None, device: str = "auto", data_dir: str | Path | None = None,
