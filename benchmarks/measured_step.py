@@ -53,6 +53,9 @@ def _write_report(path: Path, record: dict, started: float) -> None:
 
 
 def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):  # `--help` was taken for REPORT and written at exit
+        print(__doc__)
+        sys.exit(0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2)
     report, args = Path(sys.argv[1]), sys.argv[2:]
     args = args[1:] if args[:1] == ["--"] else args
     record = {"command": args, "exit_code": 1, "backend": None}

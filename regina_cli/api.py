@@ -152,17 +152,14 @@ def fetch(name: str, adata: AnnData | None = None, *, source: str | Path | None 
     annotation and returns its `GoResult` instead.
     """
     from regina_cli.data.dataset import read_dataset
-    from regina_cli.data.fetch import GO, fetch as fetch_dataset, fetch_go
+    from regina_cli.data.fetch import GO, check_go_options, fetch as fetch_dataset, fetch_go
     from regina_cli.data.importer import ImportOptions
 
-    options = ImportOptions(
-        control=control, condition_key=condition_key, separator=separator, cell_type_key=cell_type_key,
-        n_top_genes=n_top_genes, gene_list=None if gene_list is None else str(gene_list),
-    )
+    options = ImportOptions(control=control, condition_key=condition_key, separator=separator,
+                            cell_type_key=cell_type_key, n_top_genes=n_top_genes, gene_list=gene_list)
     log = _log(verbose)
     if name == GO:
-        if adata is not None or simulation or options != ImportOptions():
-            raise ReginaError("`regina fetch go` takes only --from, --force and --data-dir")
+        check_go_options(options, others=adata is not None or bool(simulation))
         return fetch_go(data_dir=data_dir, source=None if source is None else str(source), force=force, log=log,
                         progress=verbose)
     if adata is not None and source is not None:
@@ -294,15 +291,13 @@ def train_ae(name: str, *, split: str | SplitResult, labels: str | LabelResult, 
     Configuration as on the command line: the preset, then `config_file`, then `overrides`
     (`["ae.lr=1e-3"]` or `{"ae": {"lr": 1e-3}}`), then `max_epochs`, `batch_size`, `gene_knowledge`.
     """
-    from regina_cli.engine.run_config import ConfigRequest, phase_flags, resolve_run_config
+    from regina_cli.engine.run_config import resolve_training_config
     from regina_cli.engine.train_ae import train_autoencoder
 
     run_dir = Path(run) if run is not None else Path(keys.DEFAULT_RUNS_DIR) / name
-    flags = {**phase_flags("ae", max_epochs=max_epochs, batch_size=batch_size),
-             **phase_flags("model", gene_knowledge=gene_knowledge)}
-    request = ConfigRequest(preset=preset, config_file=config_file, overrides=overrides, flags=flags)
-    config, source = resolve_run_config(keys.AE_DIR, run_dir, request, dataset=name, resume=resume,
-                                        data_dir=data_dir)
+    config, source = resolve_training_config(
+        keys.AE_DIR, run_dir, dataset=name, resume=resume, data_dir=data_dir, preset=preset, config_file=config_file,
+        overrides=overrides, max_epochs=max_epochs, batch_size=batch_size, gene_knowledge=gene_knowledge)
     split_name = _split_of(split, name)
     summary = train_autoencoder(name, split=split_name, labels=_labels_of(labels, name, split_name, data_dir),
                                 run_dir=run_dir, config=config, data_dir=data_dir, gpus=gpus, device=device,
@@ -316,13 +311,12 @@ def train_gan(run: str | Path | TrainResult, *, config_file: str | Path | None =
               data_dir: str | Path | None = None, verbose: bool = False) -> TrainResult:
     """`regina train-gan`: phase 2 (the prompt-conditioned latent cycle-GAN) into `run`/gan/,
     starting from phase 1's configuration."""
-    from regina_cli.engine.run_config import ConfigRequest, phase_flags, resolve_run_config
+    from regina_cli.engine.run_config import resolve_training_config
     from regina_cli.engine.train_gan import train_gan as train_phase2
 
     run_dir, data_dir = _run_dir(run), _data_dir_of(run, data_dir)
-    request = ConfigRequest(config_file=config_file, overrides=overrides,
-                            flags=phase_flags("gan", max_epochs=max_epochs, batch_size=batch_size))
-    config, source = resolve_run_config(keys.GAN_DIR, run_dir, request, resume=resume)
+    config, source = resolve_training_config(keys.GAN_DIR, run_dir, resume=resume, config_file=config_file,
+                                             overrides=overrides, max_epochs=max_epochs, batch_size=batch_size)
     summary = train_phase2(run_dir, config=config, data_dir=data_dir, gpus=gpus, device=device, resume=resume,
                            progress=_progress(verbose))
     return _trained(summary, run_dir, keys.GAN_DIR, config, source, data_dir)
@@ -355,7 +349,7 @@ def predict(run: str | Path | TrainResult, conditions: str | Sequence[str] = "te
     options = FileOptions(with_controls=with_controls, clip=clip, sparsify=sparsify)
     result = run_prediction(_run_dir(run), conditions, n_cells=n_cells, seed=seed, out=out, device=device,
                             data_dir=_data_dir_of(run, data_dir), options=options, allow_stale=allow_stale)
-    for warning in [*result.warnings, *filter(None, [result.skipped_warning])]:
+    for warning in result.all_warnings:
         warnings.warn(warning, stacklevel=2)
     return anndata.read_h5ad(result.path)
 
@@ -500,6 +494,7 @@ def evaluate(name: str, predictions, *, model_name: str | Sequence[str] | None =
     """
     import pandas as pd
 
+    from regina_cli.evaluate.report import genes_scored_notice
     from regina_cli.evaluate.run import evaluate as evaluate_files, model_name_list
 
     items = list(predictions) if isinstance(predictions, (list, tuple)) else [predictions]
@@ -523,8 +518,7 @@ def evaluate(name: str, predictions, *, model_name: str | Sequence[str] | None =
             for warning in found:
                 warnings.warn(_called(warning, called), stacklevel=2)
         written = Path(summary.pop("out"))
-        if summary["n_genes_scored"] != summary["n_genes_dataset"]:  # the command line says so too
-            warnings.warn(f"scored on the {summary['n_genes_scored']} of {summary['n_genes_dataset']} genes that "
-                          "every prediction shares with the dataset", stacklevel=2)
+        if notice := genes_scored_notice(summary):  # the command line says so too
+            warnings.warn(notice, stacklevel=2)
         per_condition = pd.read_csv(written / keys.PER_CONDITION_FILE)
     return EvaluationResult(_metrics_frame(summary["results"]), per_condition, summary, written if keep else None)

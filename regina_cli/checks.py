@@ -26,9 +26,9 @@ def is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_seed(seed: int, option: str = "--seed") -> None:
+def check_seed(seed: int) -> None:
     if not is_whole(seed) or not 0 <= seed <= SEED_MAX:
-        raise ReginaError(f"{option} takes a whole number from 0 to {SEED_MAX:,}, not {seed!r}")
+        raise ReginaError(f"--seed takes a whole number from 0 to {SEED_MAX:,}, not {seed!r}")
 
 
 def check_share(value: float, option: str) -> None:

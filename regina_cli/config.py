@@ -72,7 +72,7 @@ class AEConfig:
     weight_decay: float = _opt(1e-3, "AdamW weight decay.", **_NON_NEGATIVE)
     grad_clip: float = _opt(0.5, "Gradient norm clip (0 disables).", **_NON_NEGATIVE)
     classifier_lr: float = _opt(1e-3, "AdamW learning rate of the latent classifier (L_sg step).", **_POSITIVE)
-    lr_scale_batch: bool = _opt(False, "Scale learning rates linearly with batch_size / 64 (large-batch GPU runs).")
+    lr_scale_batch: bool = _opt(False, "Scale learning rates linearly with the global batch (batch_size x processes) / 64 (large-batch GPU runs).")
     lambda_mse: float = _opt(1.5, "Weight of the reconstruction loss L_MSE.", **_NON_NEGATIVE)
     lambda_center: float = _opt(0.5, "Weight of the center loss L_CE.", **_NON_NEGATIVE)
     lambda_reg: float = _opt(1e-4, "Weight of the latent regulariser L_reg.", **_NON_NEGATIVE)
@@ -212,7 +212,7 @@ class GANConfig:
                                    "the whole move. 0.5 by default: on training conditions held out of phase 2 it "
                                    "scored 0.325 against 0.301 for 1 on Papalexi (higher in 14 of 15 runs) and 0.4900 "
                                    "against 0.4902 on the demo (benchmarks/README.md).", low=0, high=1)
-    lr_scale_batch: bool = _opt(False, "Scale learning rates linearly with batch_size / 64.")
+    lr_scale_batch: bool = _opt(False, "Scale learning rates linearly with the global batch (batch_size x processes) / 64.")
 
 
 @dataclass
@@ -329,12 +329,25 @@ def _coerce(section: str, key: str, value: Any, target_type: Any) -> Any:
             return int(value)
         raise ReginaError(f"config key {name} takes a whole number, not {value!r}")
     if target_type is str:
-        return str(value)
+        return _coerce_text(name, value)
     if target_type is list:
         if isinstance(value, list):
             return list(value)
         raise ReginaError(f"config key {name} takes a list like [512, 256], not {value!r}")
     return value
+
+
+def _coerce_text(name: str, value: Any) -> str:
+    """YAML null (an empty value) means "none", i.e. ""; a YAML boolean or number is refused
+    because str() would turn `off` into 'False', a value the user never wrote."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    raise ReginaError(
+        f"config key {name} takes text, not {value!r}; quote the value (e.g. 'off') "
+        "so YAML does not read it as a boolean or number"
+    )
 
 
 def apply_overrides(config: ReginaConfig, overrides: dict) -> ReginaConfig:

@@ -467,12 +467,19 @@ def test_duplicate_gene_names_are_made_unique_without_anndatas_advice(notebook):
     """anndata's "call .var_names_make_unique" warning came twice for what the importer does
     itself; a GEARS-layout file with a gene named twice ended in a pandas ValueError."""
     ns, workdir, *_ = notebook
+    genes = list(ns["adata"].var_names)
+    twice = genes[4]
     for name, adata in (("dup_plain", _screen(ns["adata"])), ("dup_gears", ns["adata"].copy())):
-        adata.var_names = [*adata.var_names[:5], adata.var_names[4], *adata.var_names[6:]]
+        adata.var_names = [*genes[:5], twice, *genes[6:]]
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            regina.fetch(name, adata, condition_key="perturbation" if name == "dup_plain" else None,
-                         separator="_" if name == "dup_plain" else None, data_dir=workdir / "data")
+            found = regina.fetch(name, adata, condition_key="perturbation" if name == "dup_plain" else None,
+                                 separator="_" if name == "dup_plain" else None, data_dir=workdir / "data")
+        assert found.var_names.is_unique and found.n_vars == len(genes)  # none dropped
+        if name == "dup_plain":  # named by var_names: the second one gets anndata's suffix
+            assert list(found.var_names) == [*genes[:5], f"{twice}-1", *genes[6:]]
+        else:  # a GEARS file is named by var['gene_name'], which still names each gene once
+            assert list(found.var_names) == genes
 
 
 def test_train_result_carries_its_data_folder(notebook, tmp_path):

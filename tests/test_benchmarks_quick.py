@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -48,6 +50,14 @@ def test_memory_quick_measures_every_step(tmp_path):
     assert all(s["ok"] and s["exit_code"] == 0 and 0 < s["peak_rss_gib"] < results["limit_gib"] for s in steps)
     assert steps[3]["note"] == "matrix kept dense in memory"  # a tiny screen fits
     assert (tmp_path / "work" / "run" / "eval" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("args, code", [(["--help"], 0), ([], 2), (["-x", "--", "fetch", "demo"], 2)])
+def test_measured_step_without_a_report_path_prints_its_use_and_writes_nothing(tmp_path, args, code):
+    """`measured_step.py --help` ran `regina` with no arguments and wrote its report to a file named `--help`."""
+    done = run("measured_step.py", *args, cwd=tmp_path)
+    assert done.returncode == code and "measured_step.py REPORT.json -- fetch demo" in done.stdout
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_memory_guard_kills_a_step_past_its_limit(tmp_path):

@@ -69,11 +69,24 @@ def test_set_parses_yaml_values():
         ("model.discriminator_hidden=[0]", "positive widths"),
         ("ae.lr=.inf", "finite"),
         ("gan.noise_decay_end=1", "noise_decay_end must not be before"),
+        ("gan.modality=off", "gan.modality takes text, not False; quote the value"),
+        ("model.gene_knowledge=true", "model.gene_knowledge takes text, not True"),
     ],
 )
 def test_bad_overrides_are_one_line_errors(assignment, message):
     with pytest.raises(ReginaError, match=message):
         build_config(overrides=[assignment])
+
+
+@pytest.mark.parametrize("assignment", ["model.gene_knowledge=null", "model.gene_knowledge=~", "model.gene_knowledge="])
+def test_a_null_text_key_means_none_not_the_word_none(assignment):
+    assert build_config(overrides=[assignment]).model.gene_knowledge == ""
+
+
+def test_an_empty_text_key_in_a_config_file_means_none(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  gene_knowledge:\n")
+    assert build_config(config_file=path).model.gene_knowledge == ""
 
 
 def test_unknown_preset_and_missing_file(tmp_path):

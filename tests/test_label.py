@@ -231,6 +231,23 @@ def test_cli_obs_column_json_output(demo):
     assert load_labels("demo", "obs:condition").nunique() == demo.obs["condition"].nunique()
 
 
+def test_labels_of_another_method_with_the_same_file_name_are_refused(demo_adata, tmp_path):
+    """`obs:grp:x` and `obs:grp_x` are both written to obs_grp_x.csv: train-ae loaded the other
+    column's labels without a word."""
+    cells = np.arange(demo_adata.n_obs)
+    write_dataset(with_obs(demo_adata, **{"grp:x": np.where(cells % 2, "a", "b"), "grp_x": np.where(cells % 3, "c", "d")}),
+                  "demo")
+    save_split(make_split("demo", conditions_in_order(demo_adata.obs), mode="simulation", seed=1))
+    assert invoke("label", "demo", "--method", "obs:grp:x", "--split", "simulation_1").exit_code == 0
+    assert set(load_labels("demo", "obs:grp:x", split="simulation_1")) == {"a", "b"}
+    with pytest.raises(ReginaError, match="holds the labels of method 'obs:grp:x', not 'obs:grp_x'"):
+        load_labels("demo", "obs:grp_x", split="simulation_1")
+    result = invoke("train-ae", "demo", "--split", "simulation_1", "--labels", "obs:grp_x", "--run", str(tmp_path / "run"),
+                    "--device", "cpu")
+    assert_user_error(result, "not 'obs:grp_x'", "regina label demo --method obs:grp_x --split simulation_1 --force")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     "args, fragments",
     [

@@ -17,6 +17,7 @@ import pytest
 
 from cli_helpers import assert_user_error, invoke
 from regina_cli import keys
+from regina_cli.cli import split_cmd
 from regina_cli.cli.split_cmd import split_command
 from regina_cli.data import split as split_mod
 from regina_cli.data.conditions import parse_condition
@@ -144,6 +145,7 @@ def test_cli_defaults_equal_the_engine_defaults():
     assert params["mode"].default.default == inspect.signature(make_split).parameters["mode"].default
     assert params["seed"].default.default == split_mod.DEFAULT_SEED
     assert params["train_gene_frac"].default.default == split_mod.DEFAULT_TRAIN_GENE_FRAC
+    assert split_cmd._MODES == ", ".join(MODES)  # a new mode would be missing from `split --help`
 
 
 # --- the command ------------------------------------------------------------------------------

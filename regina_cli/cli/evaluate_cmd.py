@@ -44,7 +44,7 @@ def evaluate_command(
 ) -> None:
     """Precision (GEARS-comparable), cell-eval, distribution and DE metrics against baselines; writes
     metrics.json, per_condition.csv, report.html and plots/."""
-    from regina_cli.evaluate.report import summary_tables
+    from regina_cli.evaluate.report import genes_scored_notice, summary_tables
     from regina_cli.evaluate.run import evaluate
 
     warnings = []
@@ -67,9 +67,8 @@ def evaluate_command(
                  "predicted mean change carries their sampling noise, the baselines' exact means do not: for "
                  f"pearson_delta and the other mean metrics predict {keys.STEADY_MEAN_CELLS} (`--cells "
                  f"{keys.STEADY_MEAN_CELLS}`)")
-    if summary["n_genes_scored"] != summary["n_genes_dataset"]:
-        info(f"scored on the {summary['n_genes_scored']} of {summary['n_genes_dataset']} genes that every "
-             "prediction file shares with the dataset")
+    if notice := genes_scored_notice(summary):
+        info(notice)
     idle = [b for b in summary["baselines"] if not any(b in c for c in summary["comparison"].values())]
     if idle:
         info(f"baseline(s) with no {on} condition they can predict: {', '.join(idle)} "

@@ -9,7 +9,6 @@ from rich.table import Table
 
 from regina_cli.cli.app import app
 from regina_cli.cli.common import DataDirOpt, emit_result, info, is_quiet, show, user_errors
-from regina_cli.errors import ReginaError
 
 # Names repeated here (not imported) so that `regina --help` loads nothing heavy;
 # tests/test_data_demo.py checks they equal regina_cli.data.fetch.DATASETS.
@@ -87,7 +86,7 @@ def fetch_command(
     """Put dataset NAME at <data-dir>/NAME/perturb_processed.h5ad (GEARS layout, SHA-256 recorded)."""
     import sys
 
-    from regina_cli.data.fetch import GO, fetch, fetch_go
+    from regina_cli.data.fetch import GO, check_go_options, fetch, fetch_go
     from regina_cli.data.importer import ImportOptions
 
     demo = {
@@ -98,14 +97,11 @@ def fetch_command(
         ).items()
         if value is not None
     }
-    options = ImportOptions(
-        control=control, condition_key=condition_key, separator=separator, cell_type_key=cell_type_key,
-        n_top_genes=n_top_genes, gene_list=None if gene_list is None else str(gene_list),
-    )
+    options = ImportOptions(control=control, condition_key=condition_key, separator=separator,
+                            cell_type_key=cell_type_key, n_top_genes=n_top_genes, gene_list=gene_list)
     progress = sys.stderr.isatty() and not is_quiet()
     if name == GO:
-        if demo or options != ImportOptions():
-            raise ReginaError("`regina fetch go` takes only --from, --force and --data-dir")
+        check_go_options(options, others=bool(demo))
         _show_go(fetch_go(data_dir=data_dir, source=source, force=force, log=info, progress=progress))
         return
     result = fetch(

@@ -62,7 +62,7 @@ def predict_command(
     options = FileOptions(with_controls=with_controls, clip=clip, sparsify=sparsify)
     result = run_prediction(run, chosen, n_cells=cells, seed=seed, out=out, device=device, data_dir=data_dir,
                             options=options, allow_stale=allow_stale)
-    warnings = [*result.warnings, *filter(None, [result.skipped_warning])]
+    warnings = result.all_warnings
     for warning in warnings:
         info(f"[bold yellow]warning:[/] {warning}")
     extra = (f", {result.n_new_conditions} never measured in the data"

@@ -43,15 +43,13 @@ def train_ae_command(
     data_dir: Optional[Path] = DataDirOpt,
 ) -> None:
     """Phase 1: train the regularised autoencoder with its latent classifier."""
-    from regina_cli.engine.run_config import ConfigRequest, phase_flags, resolve_run_config
+    from regina_cli.engine.run_config import resolve_training_config
     from regina_cli.engine.train_ae import train_autoencoder
 
     run_dir = run or Path(keys.DEFAULT_RUNS_DIR) / name
-    flags = {**phase_flags("ae", max_epochs=max_epochs, batch_size=batch_size),
-             **phase_flags("model", gene_knowledge=gene_knowledge)}
-    request = ConfigRequest(preset=preset, config_file=config_file, overrides=overrides, flags=flags)
-    config, source = resolve_run_config(keys.AE_DIR, run_dir, request, dataset=name, resume=resume,
-                                        data_dir=data_dir)
+    config, source = resolve_training_config(
+        keys.AE_DIR, run_dir, dataset=name, resume=resume, data_dir=data_dir, preset=preset, config_file=config_file,
+        overrides=overrides, max_epochs=max_epochs, batch_size=batch_size, gene_knowledge=gene_knowledge)
     m, ae = config.model, config.ae
     summary = train_autoencoder(name, split=split, labels=labels, run_dir=run_dir, config=config,
                                 data_dir=data_dir, gpus=gpus, device=device, resume=resume,
@@ -78,12 +76,11 @@ def train_gan_command(
     data_dir: Optional[Path] = RunDataDirOpt,
 ) -> None:
     """Phase 2: train the prompt-conditioned latent cycle-GAN on top of a phase-1 run."""
-    from regina_cli.engine.run_config import ConfigRequest, phase_flags, resolve_run_config
+    from regina_cli.engine.run_config import resolve_training_config
     from regina_cli.engine.train_gan import train_gan
 
-    request = ConfigRequest(config_file=config_file, overrides=overrides,
-                            flags=phase_flags("gan", max_epochs=max_epochs, batch_size=batch_size))
-    config, source = resolve_run_config(keys.GAN_DIR, run, request, resume=resume)
+    config, source = resolve_training_config(keys.GAN_DIR, run, resume=resume, config_file=config_file,
+                                             overrides=overrides, max_epochs=max_epochs, batch_size=batch_size)
     g = config.gan
     summary = train_gan(run, config=config, data_dir=data_dir, gpus=gpus, device=device, resume=resume,
                         progress=_progress_mode(), announce=lambda: info(

@@ -230,6 +230,13 @@ def _local_go_file(source: Path) -> Path:
     return source
 
 
+def check_go_options(options: ImportOptions, *, others: bool) -> None:
+    """`fetch go` stores GEARS' GO file as it is: an import option, or any other option (`others`:
+    the demo's, an AnnData), would be ignored without a word, so it is refused."""
+    if others or options != ImportOptions():
+        raise ReginaError("`regina fetch go` takes only --from, --force and --data-dir")
+
+
 def fetch_go(*, data_dir=None, source: str | None = None, force: bool = False, log: Log = print,
              progress: bool | None = None) -> GoResult:
     """GEARS' gene -> GO terms pickle into `<data-dir>/go/`, checked (read safely) before it is kept."""

@@ -49,8 +49,10 @@ class ImportOptions:
     gene_list: str | None = None  # or the genes listed in this file (plus every measured target)
 
     def __post_init__(self) -> None:
-        """`control="SCR"` is one label (not S, C, R); the values are checked here, before the file
-        is read, as a Python caller may pass anything."""
+        """`control="SCR"` is one label (not S, C, R), a `gene_list` Path is kept as text; the values
+        are checked here, before the file is read, as a Python caller may pass anything."""
+        if self.gene_list is not None:
+            self.gene_list = str(self.gene_list)
         control = self.control or ()
         self.control = tuple(control) if isinstance(control, Iterable) and not isinstance(control, str) else (control,)
         if not all(isinstance(label, str) for label in self.control):

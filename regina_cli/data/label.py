@@ -329,17 +329,21 @@ def labels_path(name: str, method: str, data_dir: str | Path | None = None, spli
     return shared
 
 
-def verify_labels(path: Path, name: str, data_dir: str | Path | None = None, split: str | None = None) -> str:
-    """The labels file's SHA-256, after checking it against its record: its own hash, the
-    dataset's, and that it was fitted on `split` as it is now (name and hash) or on all cells:
-    labels fitted on another split saw that split's training cells, which may be this one's test
-    cells. A mismatch is a one-line error with the command that remakes it."""
+def verify_labels(path: Path, name: str, method: str, data_dir: str | Path | None = None,
+                  split: str | None = None) -> str:
+    """The labels file's SHA-256, after checking it against its record: its method (`obs:a/b` and
+    `obs:a_b` share a file name), its own hash, the dataset's, and that it was fitted on `split` as
+    it is now (name and hash) or on all cells: labels fitted on another split saw that split's
+    training cells, which may be this one's test cells. A mismatch is a one-line error with the
+    command that remakes it."""
     from regina_cli.data.split import load_split
 
     record, digest = _record(path), file_sha256(path)
     fitted = record.get("split")
-    fix = (f"run `regina label {name} --method {record.get('method', 'METHOD')}"
-           f"{f' --split {split}' if split else ''} --force`")
+    fix = f"run `regina label {name} --method {method}{f' --split {split}' if split else ''} --force`"
+    if record.get("method") not in (None, method):
+        raise ReginaError(f"{path} holds the labels of method {record['method']!r}, not {method!r} (their "
+                          f"file names are the same): {fix}")
     if record.get(keys.LABELS_SHA256) not in (None, digest):
         raise ReginaError(f"{path} does not match its record {record_file(path).name} (an interrupted or "
                           f"hand-edited label file): {fix}")
@@ -356,7 +360,7 @@ def load_labels(name: str, method: str, data_dir: str | Path | None = None, spli
     """Labels written by `regina label` for training on `split`, verified (see `verify_labels`):
     a Series of class names indexed by obs_names."""
     path = labels_path(name, method, data_dir, split)
-    verify_labels(path, name, data_dir, split)
+    verify_labels(path, name, method, data_dir, split)
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     if list(table.columns) != ["cell", keys.OBS_CELL_STATE]:
         raise ReginaError(f"{path} must have the columns cell,{keys.OBS_CELL_STATE}: run `regina label` again")

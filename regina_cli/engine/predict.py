@@ -9,10 +9,11 @@ Cells per condition (`n_cells`) are shared between the condition's cell types in
 its real cells, so predicted and real populations have the same mix; a condition with no real
 cells (a new combination, say) is spread evenly over every cell type that has controls.
 
-Each condition's prompt source is recorded: `learned` (every target was perturbed in training),
-`measured` (an unseen target the screen measures: encoder prompt and co-expression features) or
-`knowledge` (an unseen target known only through prior knowledge). The file is written by
-`engine.prediction_file`.
+Each condition's prompt source is recorded (`prompt_sources`): `learned` (every target has a
+learned prompt vector, which by default, `gan.learned_prompts=unmeasured`, only training targets the
+screen does not measure have), `measured` (the targets without one are measured genes, seen or
+unseen, prompted through the encoder) or `knowledge` (a target known only through prior
+knowledge). The file is written by `engine.prediction_file`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pandas as pd
 import torch
 
 from regina_cli import keys
-from regina_cli.data.conditions import CTRL, canonical_condition, is_control, parse_condition
+from regina_cli.data.conditions import canonical_condition, control_labels, is_control, parse_condition
 from regina_cli.engine import prediction_file
 from regina_cli.engine.prediction_file import FileOptions
 from regina_cli.errors import ReginaError
@@ -45,7 +46,7 @@ class PredictionResult:
     n_conditions: int
     n_cells: int
     n_new_conditions: int  # conditions without real cells in the dataset
-    skipped: list[str]  # conditions of `test`/`all` whose targets the model cannot know
+    skipped: list[str]  # conditions of `test`/`val`/`all` whose targets the model cannot know
     sources: dict[str, str]  # condition -> prompt source (learned, measured, knowledge)
     device: str
     seconds: float
@@ -60,6 +61,11 @@ class PredictionResult:
             return None
         return (f"skipped {len(self.skipped)} condition(s) whose targets are neither measured nor perturbed in "
                 f"training nor in the run's gene knowledge: {', '.join(self.skipped)}")
+
+    @property
+    def all_warnings(self) -> list[str]:
+        """Everything to warn about (a stale run, skipped conditions), for the command and the API alike."""
+        return [*self.warnings, *filter(None, [self.skipped_warning])]
 
 
 def predict(run_dir: str | Path, conditions: str | Sequence[str], *, n_cells: int = 100, seed: int = 0,
@@ -205,8 +211,9 @@ def resolve_conditions(conditions: str | Sequence[str], split, data_conditions: 
         label = raw.strip()
         if not label:
             continue
-        if is_control(label):
-            what = "is the control condition" if label == CTRL else "names no target gene"
+        control = label.lower() in control_labels()  # `ctrl`, and `control`, `NTC`, ... as fetch reads them
+        if control or is_control(label):
+            what = "is the control condition" if control else "names no target gene"
             raise ReginaError(f"{label!r} {what}, not a perturbation; name perturbations like A+ctrl or A+B")
         genes = parse_condition(label)  # the dataset's spelling when it measured these targets in any order,
         if len(set(genes)) < len(genes):

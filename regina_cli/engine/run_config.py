@@ -46,6 +46,20 @@ def phase_flags(section: str, **values) -> dict:
     return {section: chosen} if chosen else {}
 
 
+def resolve_training_config(phase: str, run_dir: str | Path, *, dataset: str | None = None, resume: bool = False,
+                            data_dir: str | Path | None = None, preset: str | None = None,
+                            config_file: str | Path | None = None, overrides: list[str] | dict | str | None = None,
+                            max_epochs: int | None = None, batch_size: int | None = None,
+                            gene_knowledge: str | None = None) -> tuple[ReginaConfig, str]:
+    """`resolve_run_config` for what `train-ae`/`train-gan` (and `regina.train_ae`/`train_gan`) take:
+    their shortcuts (`--max-epochs`, `--batch-size` of the phase's section, `--gene-knowledge`)
+    become flags here, so the command line and the Python API cannot layer them differently."""
+    flags = {**phase_flags(phase, max_epochs=max_epochs, batch_size=batch_size),
+             **phase_flags("model", gene_knowledge=gene_knowledge)}
+    request = ConfigRequest(preset=preset, config_file=config_file, overrides=overrides, flags=flags)
+    return resolve_run_config(phase, run_dir, request, dataset=dataset, resume=resume, data_dir=data_dir)
+
+
 def resolve_run_config(phase: str, run_dir: str | Path, request: ConfigRequest | None = None, *,
                        dataset: str | None = None, resume: bool = False,
                        data_dir: str | Path | None = None) -> tuple[ReginaConfig, str]:

@@ -181,7 +181,7 @@ def phase1_inputs(name: str, split: str, labels: str, data_dir=None) -> dict:
     from regina_cli.data.split import load_split
 
     split_hash = load_split(name, split, data_dir).sha256()
-    labels_hash = verify_labels(labels_path(name, labels, data_dir, split), name, data_dir, split)
+    labels_hash = verify_labels(labels_path(name, labels, data_dir, split), name, labels, data_dir, split)
     return {keys.DATASET_SHA256: dataset_sha256(name, data_dir), keys.SPLIT_SHA256: split_hash,
             keys.LABELS_SHA256: labels_hash}
 

@@ -220,9 +220,10 @@ def train_autoencoder(
     existing torchrun / Slurm launch). `announce` runs once every input is checked, before
     training starts (the CLI says what it trains there, so bad input gets its error line alone).
     """
-    if config is None:
+    if config is None:  # resolving checks the shapes the run fixed
         config, _ = resolve_run_config(keys.AE_DIR, run_dir, dataset=name, resume=resume, data_dir=data_dir)
-    check_fixed_shapes(keys.AE_DIR, run_dir, config, resume=resume)
+    else:
+        check_fixed_shapes(keys.AE_DIR, run_dir, config, resume=resume)
     check_process_count(gpus, device)
     check_run_dir(run_dir)  # provenance: every input checked before anything is written
     check_run_free(run_dir)

@@ -68,9 +68,10 @@ def train_gan(
     check_run_free(run_dir)
     read_trained_meta(ckpt.ae_paths(run_dir))  # a clear error before anything starts
     data_dir = run_data_dir(run_dir, data_dir)
-    if config is None:
+    if config is None:  # resolving checks the shapes the run fixed
         config, _ = resolve_run_config(keys.GAN_DIR, run_dir, resume=resume)
-    check_fixed_shapes(keys.GAN_DIR, run_dir, config, resume=resume)
+    else:
+        check_fixed_shapes(keys.GAN_DIR, run_dir, config, resume=resume)
     check_process_count(gpus, device)
     provenance = {**phase2_inputs(run_dir, data_dir, resume=resume), keys.CONFIG_SHA256: config_sha256(config)}
     check_resume_trains(ckpt.gan_paths(run_dir), config, config.gan.max_epochs, resume=resume)

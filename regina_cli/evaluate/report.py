@@ -235,6 +235,15 @@ def _tables(title: str, labels: list[str], headers: list[str], rows: list[list[s
     return out
 
 
+def genes_scored_notice(summary: dict) -> str | None:
+    """What to say when not every gene of the dataset was scored (None: all were), for the command
+    and the API alike."""
+    if summary["n_genes_scored"] == summary["n_genes_dataset"]:
+        return None
+    return (f"scored on the {summary['n_genes_scored']} of {summary['n_genes_dataset']} genes that every "
+            "prediction file shares with the dataset")
+
+
 def summary_tables(summary: dict) -> list:
     """Rich tables: models and baselines (green = first model better on the same conditions), wins,
     subgroups, prompt sources. Each fits 80 columns."""
