@@ -562,3 +562,36 @@ def test_fit_scores_draw_a_bounded_seeded_set_of_trained_on_conditions():
     for j, (r, g, name) in enumerate(zip(kept_rows, groups, kept)):
         assert (g == j).all() and np.array_equal(r, rows[conditions.index(name)])
     assert _some_groups(rows, conditions, 32, seed=0)[2] == kept != _some_groups(rows, conditions, 32, seed=1)[2]
+
+
+def test_a_decoder_at_learning_rate_0_gets_no_gradients_and_the_transitions_still_train():
+    """`gan.decoder_lr=0` freezes the decoder: a step computes no gradient for its weights (work
+    for an update of 0) yet still back-propagates through it into the transitions."""
+    from test_predict import TINY_MODEL
+    from test_tensors import tiny_labels, tiny_screen, tiny_split
+
+    from regina_cli.config import build_config
+    from regina_cli.data.tensors import CellTensors
+    from regina_cli.engine.distributed import DistContext
+    from regina_cli.engine.gan_phase import encode_all
+    from regina_cli.engine.gene_prompts import prompt_gene_names
+    from regina_cli.engine.train_gan import build_phase
+    from regina_cli.model.autoencoder import Autoencoder
+
+    torch.manual_seed(0)
+    adata, split = tiny_screen(), tiny_split()
+    config = build_config(overrides=[*TINY_MODEL, "gan.decoder_lr=0", "gan.batch_size=4"])
+    table, learned = prompt_gene_names(split.train, list(adata.var_names), config.gan)
+    cells = CellTensors.from_anndata(adata, split, tiny_labels(adata), device_data="always", prompt_genes=table)
+    autoencoder = Autoencoder(cells.n_genes, 2, config.model).eval()
+    latents = encode_all(autoencoder.encoder, cells, "off")
+    ctx = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    phase, _ = build_phase(autoencoder, cells, config, ctx, None, latents, prompt_genes=table,
+                           learned_genes=learned)
+    decoder = {k: v.clone() for k, v in autoencoder.decoder.state_dict().items()}
+    head = phase.gan.forward_block.head.weight.clone()
+    phase.begin_epoch(1)
+    phase.train_step(1, 1)
+    assert all(p.grad is None for p in autoencoder.decoder.parameters())
+    assert all(torch.equal(v, autoencoder.decoder.state_dict()[k]) for k, v in decoder.items())
+    assert not torch.equal(head, phase.gan.forward_block.head.weight)

@@ -65,6 +65,9 @@ class CycleGANPhase:
             return data_parallel(torch.optim.AdamW(params, lr=rate, betas=betas, fused=fused), ctx, clip=clip)
 
         self.gen_optimizer = optimizer(gan.transition_parameters(), g.lr, g.grad_clip)
+        # decoder_lr 0 freezes the decoder: its weights then need no gradients (the step still
+        # back-propagates through it to the transitions)
+        autoencoder.decoder.requires_grad_(g.decoder_lr > 0)
         self.dec_optimizer = optimizer(autoencoder.decoder.parameters(), g.decoder_lr, g.grad_clip)
         self.disc_optimizer = optimizer(gan.discriminator_parameters(), g.discriminator_lr)
         self._optimizers = {"transitions": self.gen_optimizer, "decoder": self.dec_optimizer,

@@ -161,16 +161,20 @@ def cycle_loss(
     return F.mse_loss(ctrl_cycle.float(), z_ctrl.float()) + F.mse_loss(pert_cycle.float(), z_pert.float())
 
 
-def per_condition_moments(values: torch.Tensor, codes: torch.Tensor, n_codes: int):
-    """(count [C], mean [C, D], variance [C, D]) of `values` [B, D] grouped by condition code,
-    with scatter sums on the device (no host sync); empty codes have count 0."""
+def per_condition_means(values: torch.Tensor, codes: torch.Tensor, n_codes: int):
+    """(count [C], mean [C, D]) of `values` [B, D] grouped by condition code, with scatter sums
+    on the device (no host sync); empty codes have count 0 and mean 0."""
     ones = torch.ones(len(codes), dtype=values.dtype, device=values.device)
     count = torch.zeros(n_codes, dtype=values.dtype, device=values.device).index_add_(0, codes, ones)
     total = torch.zeros((n_codes, values.shape[1]), dtype=values.dtype, device=values.device).index_add_(0, codes, values)
-    squares = torch.zeros_like(total).index_add_(0, codes, values * values)
-    n = count.clamp_min(1).unsqueeze(1)
-    mean = total / n
-    return count, mean, (squares / n - mean * mean).clamp_min(0)
+    return count, total / count.clamp_min(1).unsqueeze(1)
+
+
+def per_condition_moments(values: torch.Tensor, codes: torch.Tensor, n_codes: int):
+    """(count [C], mean [C, D], variance [C, D]): `per_condition_means` and the spread around them."""
+    count, mean = per_condition_means(values, codes, n_codes)
+    squares = torch.zeros_like(mean).index_add_(0, codes, values * values)
+    return count, mean, (squares / count.clamp_min(1).unsqueeze(1) - mean * mean).clamp_min(0)
 
 
 def _masked_mean(per_code: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -192,7 +196,7 @@ def moment_loss(fake_pert: torch.Tensor, codes: torch.Tensor, latent_mean: torch
 def bulk_loss(predicted: torch.Tensor, codes: torch.Tensor, expression_mean: torch.Tensor) -> torch.Tensor:
     """Per-condition pseudo-bulk matching: the mean decoded prediction of a condition's cells in
     the batch against the mean expression of all its real cells (what `pearson_delta` scores)."""
-    count, mean, _ = per_condition_moments(predicted.float(), codes, len(expression_mean))
+    count, mean = per_condition_means(predicted.float(), codes, len(expression_mean))
     return _masked_mean((mean - expression_mean).pow(2).mean(1), count > 0)
 
 
