@@ -40,6 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import CELLS, DATASETS, ROOT, StepFailed, reuse_phase1, run, split_half_correlation  # noqa: E402
+from workdir import load_average, seed_data, seed_folder  # noqa: E402
 
 from regina_cli import keys  # noqa: E402
 from regina_cli.engine.expression_prior import _pearson  # noqa: E402
@@ -58,7 +59,7 @@ def parse_arm(text: str) -> tuple[str, list[str]]:
 
 def one_run(dataset: str, seed: int, draw: int, arm: str, sets: list[str], opts) -> dict:
     """Phase 2 of one arm on one hold-out draw; its validation scores and held-out conditions."""
-    folder = Path(opts.workdir) / dataset / f"seed{seed}"
+    folder = seed_folder(opts.workdir, dataset, seed)
     run_dir = folder / "runs" / "holdout" / f"{arm}-draw{draw}"
     log = run_dir.parent / f"{run_dir.name}.log"
     meta_file = run_dir / keys.GAN_DIR / "meta.json"
@@ -109,7 +110,7 @@ def full_truth_scores(results: list[dict], opts) -> None:
             continue
         key = (r["dataset"], r["seed"])
         if key not in truths:
-            path = Path(opts.workdir) / r["dataset"] / f"seed{r['seed']}" / "data" / r["dataset"] / "perturb_processed.h5ad"
+            path = keys.dataset_file(r["dataset"], seed_data(opts.workdir, r["dataset"], r["seed"]))
             truths[key] = Truth(anndata.read_h5ad(path))
         truth = truths[key]
         train = training_data(truth, r["train_conditions"])
@@ -133,7 +134,7 @@ def report(results: list[dict], opts) -> str:
     clipped = " (`--clip`: negative values set to 0)" if opts.clip else ""
     lines = ["# Training conditions held out of phase 2", "",
              f"Command: `python benchmarks/holdout.py {' '.join(sys.argv[1:])}`  ",
-             f"Load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", "",
+             f"Load average at the end: {load_average()}", "",
              "pearson_delta on the held-out conditions (and the split's own predictable validation conditions), "
              "mean over split seeds x draws. `epoch 0` and `selected`: as train-gan validates (at most 256 cells "
              "per condition); `predicted`: the selected model's "
@@ -225,7 +226,7 @@ def main() -> None:
     if not 0 < opts.share < 1 or opts.max_epochs < 1 or opts.cells < 1:
         parser.error("--share must lie between 0 and 1, --max-epochs and --cells be at least 1")
     missing = [str(p) for d in opts.datasets for s in opts.seeds
-               if not (p := Path(opts.workdir) / d / f"seed{s}" / "runs" / opts.phase1_from / keys.AE_DIR).is_dir()]
+               if not (p := seed_folder(opts.workdir, d, s) / "runs" / opts.phase1_from / keys.AE_DIR).is_dir()]
     if missing:
         parser.error(f"no phase-1 run to reuse at {missing[0]} (run benchmarks/quality.py --tag {opts.phase1_from} "
                      "with this --workdir first)")

@@ -52,6 +52,7 @@ import numpy as np
 import pandas as pd
 
 from quality import DATASETS, ROOT, StepFailed, run
+from workdir import load_average, read_screen, seed_folder, split_of
 
 ARMS = ("none", "knowledge", "random")
 SCORES = ("pearson_delta", "pearson_delta_top20_de")
@@ -77,13 +78,11 @@ def shuffled_copy(source: Path, out: Path, seed: int) -> Path:
 def conditions_table(dataset: str, split: str, data: Path) -> pd.DataFrame:
     """One row per test condition: subgroup, unmeasured (a target not measured), unseen (and
     not perturbed in training either)."""
-    import anndata
-
     from regina_cli.data.conditions import condition_genes, parse_condition
     from regina_cli.data.split import load_split
 
     split_obj = load_split(dataset, split, data)
-    adata = anndata.read_h5ad(data / dataset / "perturb_processed.h5ad", backed="r")
+    adata = read_screen(data, dataset, backed="r")
     measured = set(map(str, adata.var_names))
     adata.file.close()
     trained = condition_genes(split_obj.train)
@@ -103,7 +102,7 @@ def train_phase1(dataset: str, seed: int, folder: Path, env: dict) -> Path:
     if not (run_dir / "ae" / "meta.json").is_file() or json.loads((run_dir / "ae" / "meta.json").read_text()).get(
             "status") != "trained":
         shutil.rmtree(run_dir, ignore_errors=True)
-        run(["train-ae", dataset, "--split", f"simulation_{seed}", "--labels", DATASETS[dataset][1], "--run",
+        run(["train-ae", dataset, "--split", split_of(seed), "--labels", DATASETS[dataset][1], "--run",
              str(run_dir), "--device", "cpu"], folder / f"{PHASE1}.log", env)
     return run_dir
 
@@ -121,7 +120,7 @@ def run_arm(dataset: str, seed: int, arm: str, knowledge: Path | None, folder: P
         return {**kept, "table": pd.read_csv(scores) if scores.is_file() else None}
     log = folder / f"{arm}.log"
     log.unlink(missing_ok=True)
-    split = f"simulation_{seed}"
+    split = split_of(seed)
     given = ["--set", f"model.gene_knowledge={knowledge}"] if knowledge is not None else []
     given += [a for s in opts.set for a in ("--set", s)]
     started = time.perf_counter()
@@ -150,7 +149,7 @@ def run_arm(dataset: str, seed: int, arm: str, knowledge: Path | None, folder: P
 
 def job(dataset: str, seed: int, opts) -> dict:
     """Data, split and labels for one (dataset, seed), then every arm on them."""
-    folder = Path(opts.workdir) / dataset / f"seed{seed}"
+    folder = seed_folder(opts.workdir, dataset, seed)
     data = folder / "data"
     source, labels = DATASETS[dataset]
     arm_names = opts.arms if source is None else opts.real_arms
@@ -160,7 +159,7 @@ def job(dataset: str, seed: int, opts) -> dict:
     env = {**os.environ, "REGINA_DATA": str(data), "OMP_NUM_THREADS": str(opts.threads),
            "MKL_NUM_THREADS": str(opts.threads)}
     log = folder / "data.log"
-    split = f"simulation_{seed}"
+    split = split_of(seed)
     try:
         fetch = (["--drop-targets", str(opts.drop_targets)] if source is None
                  else ["--from", str(Path(opts.shared_data) / source)])
@@ -181,15 +180,13 @@ def job(dataset: str, seed: int, opts) -> dict:
 def prior_check(dataset: str, split: str, data: Path, files: dict) -> list[dict]:
     """The expression prior alone, per knowledge source (see the module docstring): one row per
     (group, source) with the mean Pearson over the group's test conditions."""
-    import anndata
-
     from regina_cli.data.conditions import condition_genes, parse_condition
     from regina_cli.data.knowledge import ANNOTATION, load_gene_knowledge
     from regina_cli.data.split import load_split
     from regina_cli.evaluate.baselines import fit_linear, training_data
     from regina_cli.evaluate.truth import Truth
 
-    truth = Truth(anndata.read_h5ad(data / dataset / "perturb_processed.h5ad"))
+    truth = Truth(read_screen(data, dataset))
     split_obj = load_split(dataset, split, data)
     train = training_data(truth, split_obj.train)
     model = fit_linear(train)
@@ -411,7 +408,7 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=opts.jobs) as pool:
         results = list(pool.map(lambda j: job(*j, opts), jobs))
     summary, cover = summarise(results), coverage(results)
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    load = load_average()
     text = markdown(summary, cover, results, opts, load)
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import phase2_settings  # noqa: E402
+from workdir import load_average, seed_folder  # noqa: E402
 
 from regina_cli import keys  # noqa: E402
 from regina_cli.engine import gan_validation  # noqa: E402
@@ -48,7 +48,7 @@ NEIGHBOUR_WEIGHTS = (0.5, 1.0)
 def tables(dataset: str, seed: int, draw: int, opts) -> dict[str, np.ndarray]:
     """Priors and true mean changes of phase 2's training conditions (cross-fitted priors) and of
     the held-out ones (full prior), and train_mean pooled over phase 2's training cells."""
-    folder = Path(opts.workdir) / dataset / f"seed{seed}"
+    folder = seed_folder(opts.workdir, dataset, seed)
     run, data = folder / "runs" / opts.phase1_from, folder / "data"
     settings = {**phase2_settings(dataset, data), "validation_min_conditions": 1000, "validation_holdout": opts.share}
     config, _ = resolve_run_config(keys.GAN_DIR, run, ConfigRequest(overrides={"gan": settings,
@@ -112,7 +112,7 @@ def score(t: dict[str, np.ndarray]) -> dict[str, float]:
 def report(runs: list[dict], opts) -> str:
     lines = [f"# What the prior gets wrong, learned from the training conditions: {', '.join(opts.datasets)}", "",
              f"Command: `python benchmarks/prior_residuals.py {' '.join(sys.argv[1:])}`  ",
-             f"Load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", ""]
+             f"Load average at the end: {load_average()}", ""]
     for dataset in opts.datasets:
         mine = [r for r in runs if r["dataset"] == dataset]
         if not mine:

@@ -16,11 +16,8 @@ place to try a rule before it goes near a test set.
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import replace
-from pathlib import Path
 
-import anndata
 import numpy as np
 import torch
 
@@ -30,6 +27,7 @@ from regina_cli.engine.expression_prior import (COVARIATION_WEIGHTS, LINEAR_WEIG
                                                 covariation_loadings, median_self_effect)
 from regina_cli.evaluate.baselines import TrainingData, train_mean, training_data
 from regina_cli.evaluate.truth import Truth
+from workdir import load_average, read_screen, seed_data, split_of
 
 
 def _subset(train: TrainingData, keep: list[int]) -> TrainingData:
@@ -85,14 +83,14 @@ def main() -> None:
     parser.add_argument("--covariation-components", type=int, default=32)
     parser.add_argument("--covariation-skip", type=int, default=2)
     opts = parser.parse_args()
-    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average {load_average()}")
     for dataset in opts.datasets:
         per_seed = {}
         for seed in opts.seeds:
-            data = Path(opts.workdir) / dataset / f"seed{seed}" / "data"
-            adata = anndata.read_h5ad(data / dataset / "perturb_processed.h5ad")
+            data = seed_data(opts.workdir, dataset, seed)
+            adata = read_screen(data, dataset)
             covariation = control_covariation(adata, opts.covariation_components, opts.covariation_skip)
-            rows = held_out_scores(training_data(Truth(adata), load_split(dataset, f"simulation_{seed}", data).train),
+            rows = held_out_scores(training_data(Truth(adata), load_split(dataset, split_of(seed), data).train),
                                    covariation)
             best = max(LINEAR_WEIGHTS, key=lambda w: np.mean([r[f"w={w}"] for r in rows]))
             for r in rows:  # the co-variation term as phase 2 adds it: at the seed's best w

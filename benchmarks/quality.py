@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from regina_cli import keys
+from workdir import load_average, read_screen, seed_folder, split_of
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = {
@@ -88,13 +89,13 @@ def pipeline(dataset: str, seed: int, opts) -> dict:
 
 
 def _pipeline(dataset: str, seed: int, opts) -> dict:
-    folder = Path(opts.workdir) / dataset / f"seed{seed}"
+    folder = seed_folder(opts.workdir, dataset, seed)
     data, run_dir = folder / "data", folder / "runs" / opts.tag
     log = folder / f"{opts.tag}.log"
     record = run_dir / "quality.json"
     env = {**os.environ, "REGINA_DATA": str(data), "OMP_NUM_THREADS": str(opts.threads),
            "MKL_NUM_THREADS": str(opts.threads)}
-    split = f"simulation_{seed}"
+    split = split_of(seed)
     if opts.reuse and record.is_file():
         kept = json.loads(record.read_text())
         if kept.get("cells", OLD_CELLS) != opts.cells and (run_dir / keys.GAN_DIR).is_dir():
@@ -189,7 +190,7 @@ def collapse_index(dataset: str, data: Path, predictions: Path, table: pd.DataFr
 
     from regina_cli.data.split import load_split
 
-    real = anndata.read_h5ad(data / dataset / "perturb_processed.h5ad")
+    real = read_screen(data, dataset)
     pred = anndata.read_h5ad(predictions)
     if "prompt_source" in pred.obs:  # predictions written with their control cells
         pred = pred[pred.obs["prompt_source"].astype(str) != "control"]
@@ -364,7 +365,7 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=opts.jobs) as pool:
         results = list(pool.map(lambda job: pipeline(*job, opts), jobs))
     summary = summarise(results)
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    load = load_average()
     text = markdown(summary, opts, load)
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(text)

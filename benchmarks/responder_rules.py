@@ -34,15 +34,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-import anndata
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import split_half_correlation  # noqa: E402
+from workdir import load_average, read_screen, seed_data, split_of  # noqa: E402
 
 from regina_cli.data.conditions import is_control, parse_condition  # noqa: E402
 from regina_cli.data.knowledge import load_gene_knowledge  # noqa: E402
@@ -162,14 +161,14 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write every held-out row here")
     opts = parser.parse_args()
     knowledge = load_gene_knowledge(opts.gene_knowledge) if opts.gene_knowledge else None
-    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
+    print(f"load average {load_average()}\n")
     everything = {}
     for dataset in opts.datasets:
         per_seed = {}
         for seed in opts.seeds:
-            data = Path(opts.workdir) / dataset / f"seed{seed}" / "data"
-            screen = Screen(anndata.read_h5ad(data / dataset / "perturb_processed.h5ad"))
-            train = sorted({g for c in load_split(dataset, f"simulation_{seed}", data).train
+            data = seed_data(opts.workdir, dataset, seed)
+            screen = Screen(read_screen(data, dataset))
+            train = sorted({g for c in load_split(dataset, split_of(seed), data).train
                             for g in parse_condition(c) if len(parse_condition(c)) == 1} & set(screen.change))
             per_seed[seed] = held_out_rows(screen, train, knowledge)
         everything[dataset] = per_seed

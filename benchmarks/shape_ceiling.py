@@ -32,10 +32,8 @@ Energy distance, MMD and variance Pearson are `regina evaluate`'s own functions
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-import anndata
 import numpy as np
 import torch
 
@@ -43,6 +41,7 @@ from regina_cli.data.conditions import is_control
 from regina_cli.data.split import load_split
 from regina_cli.evaluate.distribution import PredictedCells, TrueCells, distribution_metrics, random_projections
 from regina_cli.evaluate.run import MAX_TRUE_CELLS
+from workdir import load_average, read_screen, seed_data, split_of
 
 ARMS = ("other half", "controls", "controls + true mean", "... draw's mean matched", "... clipped at 0",
         "... with each gene's spread", "... as a mixture")
@@ -129,13 +128,13 @@ def main() -> None:
     opts = parser.parse_args()
     text = [f"Command: `python benchmarks/shape_ceiling.py --workdir {opts.workdir} --datasets "
             f"{' '.join(opts.datasets)} --seeds {' '.join(map(str, opts.seeds))}`  ",
-            f"Load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}"]
+            f"Load average at the start: {load_average()}"]
     for dataset in opts.datasets:
         per_seed = {}
         for seed in opts.seeds:
-            data = Path(opts.workdir) / dataset / f"seed{seed}" / "data"
-            adata = anndata.read_h5ad(data / dataset / "perturb_processed.h5ad")
-            train = [c for c in load_split(dataset, f"simulation_{seed}", data).train if not is_control(c)]
+            data = seed_data(opts.workdir, dataset, seed)
+            adata = read_screen(data, dataset)
+            train = [c for c in load_split(dataset, split_of(seed), data).train if not is_control(c)]
             per_seed[seed] = condition_scores(adata, train, seed, opts.min_cells, opts.reference_cells)
         text.append(report(dataset, per_seed))
     print("\n".join(text))
