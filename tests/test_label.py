@@ -248,6 +248,20 @@ def test_labels_of_another_method_with_the_same_file_name_are_refused(demo_adata
     assert not (tmp_path / "run").exists()
 
 
+def test_labels_of_an_older_version_of_the_dataset_are_refused(demo):
+    """Labels fitted on all cells (no --split), then the dataset fetched again with other values:
+    the labels file and its record are untouched and no split ties them to the dataset, so only
+    the record's dataset hash says that train-ae would learn classes scored on the old cells."""
+    assert invoke("label", "demo", "--method", "stress").exit_code == 0
+    assert load_labels("demo", "stress").index.equals(demo.obs_names)
+    changed = demo.copy()
+    changed.X = changed.X * 2
+    write_dataset(changed, "demo")  # `regina fetch --force` of a re-processed screen: same cells and genes
+    with pytest.raises(ReginaError, match="fitted on another version of dataset demo.*regina label demo --method "
+                                          "stress --force"):
+        load_labels("demo", "stress")
+
+
 @pytest.mark.parametrize(
     "args, fragments",
     [
