@@ -595,6 +595,19 @@ def test_a_replaced_split_makes_runs_stale_and_allow_stale_warns(world, tmp_path
     assert "is stale" in result.output and (Path(w.paths["root"]) / "stale-eval" / keys.METRICS_FILE).is_file()
 
 
+def test_a_replaced_split_is_stale_also_when_evaluate_names_it(world, tmp_path):
+    """`evaluate --split simulation_1`, naming the split the predictions were made on, after that
+    split file was replaced: the predictions' run trained on the old split, whose test conditions
+    the new one may train on. Naming the split must not skip the check that the file leaving out
+    --split gets ("evaluate-split-replaced")."""
+    w = world.copy(tmp_path)
+    replace_split(w)
+    argv = [*EVALUATE, "--split", "simulation_1", "--out", "{root}/named-eval"]
+    refused = invoke(*(a.format(**w.paths) for a in argv))
+    assert_one_error_line(refused, "is stale: the split file changed")
+    assert not (Path(w.paths["root"]) / "named-eval").exists()
+
+
 def test_predictions_of_a_stale_run_are_not_scored_as_a_clean_runs(world, tmp_path):
     """Labels made again make the run stale while dataset and split stay: `predict --allow-stale`
     records why, and `evaluate` refuses that file unless told, then warns and keeps the reasons in
