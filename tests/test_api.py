@@ -403,6 +403,25 @@ def test_evaluate_refuses_stale_predictions_and_split_mismatches_warn(notebook, 
     regina.split("demo", seed=1, force=True, data_dir=data)
 
 
+def test_evaluate_scores_on_the_split_it_is_given_not_the_one_the_predictions_recorded(notebook, tmp_path):
+    """`split=` (--split) chooses the split to score on; the split `predict` recorded is only the
+    default. Scoring on simulation_2 must report simulation_2 and place each condition in that
+    split's sets, not silently score on simulation_1 under the warning that says simulation_2."""
+    from regina_cli.data.split import load_split
+
+    root = copy_of_notebook(notebook, tmp_path)
+    data, run = root / "data", root / "runs" / "demo"
+    regina.split("demo", seed=2, data_dir=data)
+    with pytest.warns(UserWarning, match="scored on simulation_2"):
+        result = regina.evaluate("demo", run / keys.PREDICTIONS_FILE, split="simulation_2", plots=False,
+                                 out=root / "e2", data_dir=data)
+    assert result.summary["split"] == "simulation_2"
+    split = load_split("demo", "simulation_2", data)
+    table = result.per_condition
+    assert list(table["set"]) == [split.set_of(c) or "unsplit" for c in table["condition"]]
+    assert set(table["set"]) != {"test"}  # simulation_1's test conditions are not all simulation_2's
+
+
 def test_an_evaluation_folder_of_other_files_is_not_replaced(notebook, tmp_path):
     """The API skipped the command's check: `out` holding the user's files was replaced whole."""
     ns, workdir, *_ = notebook
