@@ -117,6 +117,16 @@ def test_condition_without_de_genes_is_undefined_not_zero(case):
     assert np.isfinite(ours["pearson_delta"][3])
 
 
+def test_frac_correct_direction_20_divides_by_20_when_fewer_de_genes_are_listed(case):
+    """GEARS' deeper_analysis divides the correct-sign count by 20 even when
+    rank_genes_groups_cov_all lists fewer genes (a small screen): dividing by the genes listed
+    would score such a condition higher than GEARS' published tables do."""
+    case["de"][3] = case["de"][3][:8]
+    ours = _ours(case)
+    assert ours["frac_correct_direction_20"][3] == pytest.approx(_reference(case, 3)["frac_correct_direction_20"])
+    assert ours["frac_correct_direction_20"][3] <= 8 / 20
+
+
 def test_frac_sigma_undefined_when_de_genes_all_zero(case):
     case["all_zero"][4, :] = True
     case["std"][4, :] = 0.0
