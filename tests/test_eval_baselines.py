@@ -56,6 +56,14 @@ def test_additive_is_exact_for_additive_truth(rng):
     assert set(out) == {"g1+g2", "g3+g1"}  # g7 never trained on; singles are not its business
 
 
+def test_additive_does_not_predict_a_trained_single(rng):
+    """additive is a baseline for combinations: a single it trained on would be "predicted" as its
+    own training mean, a perfect score the baseline did not earn (`predict --conditions all`)."""
+    means = rng.normal(size=(2, len(GENES)))
+    train = _train(["g1+ctrl", "g2+ctrl"], means)
+    assert set(additive(train, ["g1+ctrl", "g2+ctrl", "g1+g2"])) == {"g1+g2"}
+
+
 def test_linear_recovers_data_generated_by_the_linear_model(rng):
     """pseudo-bulk change = G W P^T + b with P = rows of G: unseen genes and pairs predicted exactly."""
     k = 3
@@ -78,6 +86,22 @@ def test_linear_recovers_data_generated_by_the_linear_model(rng):
     for c in targets:
         np.testing.assert_allclose(model.predict_change(model.embed(c)), change(c), atol=1e-6)
         assert np.corrcoef(out[c], change(c))[0, 1] > 0.99
+
+
+def test_linear_fits_the_control_as_a_condition_with_no_embedding_and_no_change(rng):
+    """The paper's fit counts the control among the training conditions (embedding 0, change 0),
+    which pulls the offset, and so every prediction, towards no change. The fit must equal the
+    two-sided ridge written out by hand with that row, not the one over perturbed conditions only."""
+    train = _train([f"g{i}+ctrl" for i in range(8)] + ["g1+g2"], rng.normal(0.5, 1.0, size=(9, len(GENES))))
+    model = fit_linear(train, pca_dim=4, ridge=0.1)
+    g = model.gene_embedding
+    p = np.stack([np.zeros(4)] + [model.embed(c) for c in train.conditions])  # control first
+    y = np.stack([np.zeros(len(GENES))] + [m - train.control_mean for m in train.means], axis=1)
+    p_c, y_c = p - p.mean(0), y - y.mean(1, keepdims=True)
+    weights = (np.linalg.solve(g.T @ g + 0.1 * np.eye(4), g.T @ y_c @ p_c)
+               @ np.linalg.inv(p_c.T @ p_c + 0.1 * np.eye(4)))
+    np.testing.assert_allclose(model.weights, weights, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(model.offset, y.mean(1) - g @ weights @ p.mean(0), rtol=1e-8, atol=1e-10)
 
 
 def test_linear_skips_unmeasured_targets(rng):
