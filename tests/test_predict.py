@@ -143,6 +143,7 @@ def test_clip_and_sparsify_give_data_like_values(tiny_run):
                                   options=FileOptions(with_controls=False, sparsify=True)))
     assert (plain.X < 0).any()  # an untrained decoder: negative values to clip
     assert sp.issparse(sparse.X) and sparse.X.min() >= 0
+    assert sparse.uns[keys.UNS_REGINA]["clip"]  # sparsify implies clipping, and the file says so
     threshold = sparse.uns[keys.UNS_REGINA]["sparsify_threshold"]
     dense = sparse.X.toarray()
     assert threshold > 0 and not ((dense > 0) & (dense < threshold)).any()
@@ -254,6 +255,18 @@ def test_cells_follow_the_conditions_cell_type_mix():
     assert (controls[keys.OBS_CONDITION] == "ctrl").all()
     assert (controls[keys.OBS_CELL_TYPE].to_numpy() == plan.cells["cell_type"].to_numpy()).all()
     assert list(plan.control_names) == list(controls.index)
+
+
+def test_control_cells_are_drawn_without_replacement_while_there_are_enough():
+    """Each predicted cell starts from another control cell as long as the cell type has enough:
+    drawing with replacement regardless repeats controls, and the repeats shrink the predicted
+    population's spread (what the distribution metrics score)."""
+    obs = pd.DataFrame({keys.OBS_CONDITION: ["ctrl"] * 40 + ["A+ctrl"] * 5}, index=[f"c{i}" for i in range(45)])
+    plan = sample_plan(obs, ["A+ctrl", "B+ctrl", "A+B"], ["ctrl", "A+ctrl"], 40, seed=0)
+    for _, rows in plan.cells.groupby("condition_index")["control_row"]:
+        assert rows.nunique() == 40
+    more = sample_plan(obs, ["A+ctrl"], ["ctrl", "A+ctrl"], 60, seed=0)  # more cells than controls: repeats
+    assert more.cells["control_row"].nunique() <= 40 and len(more) == 60
 
 
 def test_conditions_files_from_any_editor_are_read(tmp_path):
