@@ -151,3 +151,29 @@ def test_held_signals_wait_until_the_commit_is_complete(tmp_path):
             steps.append("after")  # never reached: the signal that waited is handled here
     torch.set_num_threads(before)
     assert steps == ["file renamed", "checksum written"]
+
+
+def test_outputs_get_the_permissions_of_the_umask_not_mkstemps_0600(tmp_path):
+    """Atomic outputs start as mkstemp's private 0600 temporary: left so, a dataset, split or run
+    written on a shared cluster folder could not be read by the group it was made for."""
+    before = os.umask(0o022)
+    try:
+        io.write_json(tmp_path / "record.json", {"a": 1})
+        with io.atomic_dir(tmp_path / "folder") as staging:
+            (staging / "x.txt").write_text("x")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "record.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_stop_signal_whose_exception_was_lost_keeps_the_output_from_appearing(tmp_path):
+    """The handler's exception can be lost (raised inside a garbage-collector callback): the
+    signal is remembered, and the commit of an output raises it instead of renaming a file the
+    killed command might not have finished into place."""
+    target = tmp_path / "predictions.h5ad"
+    with pytest.raises(io.Terminated):
+        with io.exit_cleanly_on_sigterm(), io.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            io._stop["signum"] = signal.SIGTERM  # what the handler recorded before its exception was lost
+    assert list(tmp_path.iterdir()) == []
