@@ -464,6 +464,27 @@ def test_folds_pool_the_mean_change_over_cells_only_when_held_out_targets_say_so
     np.testing.assert_allclose(mixed.unseen("NOT_MEASURED"), (once + pooled) / 2)
 
 
+@pytest.mark.parametrize("linear_predicts", [True, False])
+def test_folds_move_unseen_genes_towards_the_linear_model_only_when_it_predicts_held_out_genes(linear_predicts):
+    """The linear weight w is the candidate whose held-out single-gene predictions correlate best
+    with their observed effects: 1 (the linear baseline) where the gene-embedding model predicts
+    them, 0 (the mean change, train_mean) where it does not. Choosing badly starts every unseen
+    gene of phase 2 from the worse prior."""
+    from regina_cli.engine.expression_prior import _choose_weights, _Effects
+    from regina_cli.evaluate.baselines import LinearModel
+
+    rng = np.random.default_rng(0)
+    genes = [f"R{i}" for i in range(12)]
+    index = {g: i for i, g in enumerate(genes)}
+    embedding, once = rng.normal(size=(12, 3)), rng.normal(size=12)
+    model = LinearModel(embedding, np.eye(3), np.zeros(12), index)
+    truth = {g: model.predict_change(embedding[index[g]]) if linear_predicts else once for g in genes[:6]}
+    observed = {g: truth[g] + rng.normal(0, 0.1, 12) for g in truth}
+    folds = [_Effects(model, observed, once, 1.0, 0.0) for _ in observed]
+    weight = _choose_weights(folds, list(enumerate(observed)), observed, False, False)[0]
+    assert weight == (1.0 if linear_predicts else 0.0)
+
+
 def test_train_gan_says_when_no_trained_epoch_beat_the_untrained_start():
     """Epoch 0 kept after training: the summary says the predictions carry nothing learned in
     phase 2, naming what they do carry; a trained epoch kept, or nothing trained, says nothing."""
