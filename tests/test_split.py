@@ -106,6 +106,14 @@ def test_train_gene_frac_sets_the_number_of_training_genes():
         assert split.train_gene_frac == frac
 
 
+@pytest.mark.parametrize("frac", [0.0, 1.0])
+def test_train_gene_frac_of_none_or_all_genes_is_refused(frac):
+    """A share of 1 puts every gene in training (nothing unseen is left to test), 0 none: both are
+    refused by the option's own message, not by whatever later step an empty set breaks."""
+    with pytest.raises(ReginaError, match="--train-gene-frac must lie strictly between 0 and 1"):
+        make_split("toy", toy_conditions(), mode="simulation", seed=1, train_gene_frac=frac)
+
+
 def test_simulation_single_refuses_combinations():
     with pytest.raises(ReginaError, match="simulation_single needs a screen without combinations"):
         make_split("toy", toy_conditions(), mode="simulation_single")
