@@ -108,6 +108,18 @@ def test_consistency_loss_uses_first_prediction_as_soft_target(model):
     assert consistency_loss(model, z).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_consistency_loss_moves_the_round_trip_towards_the_first_prediction_only(model):
+    """With ae.lambda_cons > 0, L_cons trains the round trip C(E(D(z))) to agree with C(z), never
+    C(z) towards the round trip: its soft target C(z) carries no gradient."""
+    model.eval()
+    z = model.encoder(torch.randn(4, N_GENES)).detach().requires_grad_()
+    (ours,) = torch.autograd.grad(consistency_loss(model, z), z)
+    target = torch.softmax(model.classifier(z), -1).detach()
+    rec_logits = model.classifier(model.encoder(model.decoder(z)))
+    (expected,) = torch.autograd.grad(-(target * torch.log_softmax(rec_logits, -1)).sum(-1).mean(), z)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_transition_starts_as_identity_plus_prompt(cfg):
     z, prompt = torch.randn(5, 8), torch.randn(5, 8)
     forward = TransitionBlock(8, cfg, direction=1)
@@ -157,6 +169,32 @@ def test_gan_losses(cfg):
     noisy = discriminator_loss(gan.discriminator, z_pert, fake, prompt, noise_std=0.5,
                                generator=torch.Generator().manual_seed(0))
     assert noisy.item() != pytest.approx(l_d.item())
+
+
+def test_residual_decoding_in_training_starts_from_the_prior_anchor(cfg, model):
+    """With an expression prior, predict decodes anchor_x + D(T(z)) - D(anchor_z) (the control
+    moved by the prior); training's L_pred must score that same prediction, not the one residual
+    to the bare control, or phase 2 trains another model than the one that predicts."""
+    from torch.nn import functional as F
+
+    from regina_cli.config import GANConfig
+    from regina_cli.model.losses import generator_losses
+
+    torch.manual_seed(0)
+    model.eval()
+    gan = LatentCycleGAN(8, cfg, prompt_genes=["U1", "U2"], learned_genes=["U1", "U2"])
+    z_ctrl, z_pert, prompt = torch.randn(6, 8), torch.randn(6, 8) + 1, torch.randn(6, 8)
+    x_ctrl, x_pert = torch.randn(6, N_GENES), torch.randn(6, N_GENES)
+    anchor_x = x_ctrl + torch.randn(6, N_GENES)  # the control plus the prior's change
+    anchor_z = model.encoder(anchor_x).detach()
+    out = generator_losses(gan, model.decoder, z_ctrl=z_ctrl, z_pert=z_pert, x_ctrl=x_ctrl, x_pert=x_pert,
+                           prompt=prompt, anchor=(anchor_x, anchor_z),
+                           cfg=GANConfig(lambda_moment=0.0, lambda_bulk=0.0, residual_decoding=True))
+    with torch.no_grad():
+        decode = model.decoder
+        predicted = anchor_x + decode(gan.forward_block(z_ctrl, prompt)) - decode(anchor_z)
+        expected = F.mse_loss(predicted, x_pert)
+    assert out.terms["pred"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_gene_prompts_sum_learned_vectors_and_mapped_features(cfg):
