@@ -75,6 +75,18 @@ def test_moment_and_bulk_terms_compare_per_condition_statistics():
     assert bulk_loss(values, codes, expression_mean).item() == pytest.approx(1.0)  # (0 + 4/2) / 2
 
 
+def test_moment_loss_matches_the_spread_of_conditions_with_two_or_more_cells():
+    """The moment term matches each condition's spread as well as its mean (a transition that
+    collapses a condition's cells onto its mean pays for it), and only where the batch holds two
+    or more of its cells: one cell has no spread to compare."""
+    values = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0]])
+    codes = torch.tensor([0, 0, 2])
+    latent_mean = torch.tensor([[2.0, 1.0], [9.0, 9.0], [5.0, 5.0]])  # every mean matched
+    latent_std = torch.tensor([[2.0, 1.0], [9.0, 9.0], [3.0, 3.0]])  # condition 0: spread 1 where 2 is real
+    # mean error 0; spread error ((1 - 2)^2 + 0) / 2 for condition 0 only
+    assert moment_loss(values, codes, latent_mean, latent_std).item() == pytest.approx(0.5, abs=1e-3)
+
+
 def test_ridge_fit_recovers_a_linear_map_and_keeps_the_bias_unpenalised():
     rng = np.random.default_rng(0)
     x = torch.as_tensor(rng.normal(size=(40, 3)))
