@@ -293,3 +293,56 @@ def test_streaming_from_the_h5ad_trains_both_phases(demo_data, tmp_path):
     assert meta["dense_on_device"] is False
     summary = train_gan(tmp_path / "run", data_dir=demo_data, device="cpu", progress="silent")
     assert summary["epochs"] == 1 and summary["best_value"] == summary["best_value"]  # not NaN
+
+
+def test_a_resume_with_nothing_left_to_train_writes_nothing(demo_data, tmp_path, monkeypatch):
+    """`--resume` of a finished phase wrote meta.json back to "training" before finding nothing
+    to do (a kill then left a trained run unfinished for good), and phase 2 emptied its record's
+    last epoch. Both phases now return their record untouched; other settings are refused."""
+    from regina_cli.engine import loop, train_ae as train_ae_module, train_gan as train_gan_module
+
+    run = tmp_path / "run"
+    train(demo_data, run, tiny_config("ae.max_epochs=1"))
+
+    def config(phase, *overrides):
+        return resolve_run_config(phase, run, ConfigRequest(overrides=list(overrides)), resume=True)[0]
+
+    train_gan(run, config=resolve_run_config("gan", run, ConfigRequest(overrides=["gan.max_epochs=1"]))[0],
+              data_dir=demo_data, device="cpu", progress="silent")
+    before = {phase: (run / phase / keys.META_FILE).read_bytes() for phase in (keys.AE_DIR, keys.GAN_DIR)}
+    monkeypatch.setattr(train_ae_module, "fit", lambda *a, **k: pytest.fail("phase 1 trained"))
+    monkeypatch.setattr(train_gan_module, "fit", lambda *a, **k: pytest.fail("phase 2 trained"))
+    monkeypatch.setattr(train_gan_module, "run_distributed", lambda *a, **k: pytest.fail("phase 2 started"))
+    again = train(demo_data, run, config(keys.AE_DIR, "ae.max_epochs=1"), resume=True)
+    gan_again = train_gan(run, config=config(keys.GAN_DIR, "gan.max_epochs=1"), data_dir=demo_data, device="cpu",
+                          progress="silent", resume=True)
+    assert again["nothing_to_resume"] and gan_again["nothing_to_resume"]
+    assert gan_again["last"]["epoch"] == 1 and "clip_predictions" in gan_again  # the record, as trained
+    assert {phase: (run / phase / keys.META_FILE).read_bytes() for phase in before} == before
+    with pytest.raises(ReginaError, match="already finished .*cannot take other settings"):
+        train(demo_data, run, config(keys.AE_DIR, "ae.max_epochs=1", "ae.lr=0.01"), resume=True)
+    assert loop.finished_summary(ckpt.ae_paths(run), config(keys.AE_DIR, "ae.max_epochs=2"), 2, resume=True) is None
+    monkeypatch.undo()
+    untrained = tmp_path / "untrained"  # gan.max_epochs=0: the checkpoint holds no stop reason, the record does
+    train(demo_data, untrained, tiny_config("ae.max_epochs=1"))
+    zero = ConfigRequest(overrides=["gan.max_epochs=0"])
+    train_gan(untrained, config=resolve_run_config("gan", untrained, zero)[0], data_dir=demo_data, device="cpu",
+              progress="silent")
+    assert train_gan(untrained, config=resolve_run_config("gan", untrained, zero, resume=True)[0], data_dir=demo_data,
+                     device="cpu", progress="silent", resume=True)["nothing_to_resume"]
+
+
+def test_predict_on_a_run_being_trained_says_so(demo_data, tmp_path):
+    """predict on a run another process trains said "did not finish training ... --resume",
+    advice the run lock would refuse; it now says the run is in use."""
+    from regina_cli.engine.predict import predict
+    from regina_cli.io import run_lock
+
+    run = tmp_path / "run"
+    train(demo_data, run, tiny_config("ae.max_epochs=1"))
+    meta = json.loads((run / keys.AE_DIR / keys.META_FILE).read_text())
+    (run / keys.AE_DIR / keys.META_FILE).write_text(json.dumps({**meta, "status": "training"}))
+    with pytest.raises(ReginaError, match="did not finish training"):
+        predict(run, "test", device="cpu", data_dir=demo_data)
+    with run_lock(run), pytest.raises(ReginaError, match="is in use by another regina process"):
+        predict(run, "test", device="cpu", data_dir=demo_data)

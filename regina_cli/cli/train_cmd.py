@@ -104,6 +104,9 @@ def _last_value(key: str, value: float) -> str:
 
 
 def _report(command: str, summary: dict, phase_dir: Path) -> None:
+    if summary.get("nothing_to_resume"):
+        info(f"{phase_dir} already finished ({summary['stop_reason']}): nothing to resume, nothing written; "
+             "its record:")
     table = Table(title=f"{command}: {phase_dir}", show_header=False)
     table.add_row("stopped", summary["stop_reason"])
     table.add_row("epochs", str(summary["epochs"]))

@@ -320,6 +320,27 @@ def check_resume_trains(paths: ckpt.PhasePaths, config, max_epochs: int, *, resu
                           f"pass --max-epochs {done} or more to resume")
 
 
+def finished_summary(paths: ckpt.PhasePaths, config, max_epochs: int, *, resume: bool) -> dict | None:
+    """A resume of a trained phase with nothing left to train (it stopped for good, or at this
+    --max-epochs): the summary its meta.json recorded, with `nothing_to_resume` set and nothing
+    written, so the phase never reads as unfinished meanwhile and a kill cannot leave it so.
+    None for anything else. Other settings are refused: the weights were not trained with them."""
+    from regina_cli.engine.run_meta import read_meta
+
+    if not resume or not paths.last.is_file() or not paths.meta.is_file():
+        return None
+    meta = read_meta(paths)
+    if not meta.is_trained or not meta.training:
+        return None  # killed after its last checkpoint: the resume finishes its records
+    reason = meta.training.get("stop_reason", "")
+    if not _final_stop(reason) and max_epochs > int(meta.training.get("epochs", 0)):
+        return None
+    if paths.config.is_file() and ckpt.read_config(paths) != config:
+        raise ReginaError(f"{paths.dir} already finished ({reason}), so resuming trains nothing and cannot take "
+                          "other settings: train a new --run to change them")
+    return {**meta.training, "nothing_to_resume": True}
+
+
 def _restore(phase: Phase, paths, stopper, best, ctx: DistContext):
     """Load `last.pt` into the phase; returns (next epoch, steps done in it, running sums, reason)."""
     if not paths.last.is_file():

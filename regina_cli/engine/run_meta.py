@@ -21,7 +21,7 @@ from regina_cli import __version__, keys
 from regina_cli.data.provenance import HASH_FIELDS, changed, dataset_sha256, file_sha256, stale, text_sha256
 from regina_cli.engine.checkpoint import PhasePaths, ae_paths, gan_paths
 from regina_cli.errors import ReginaError
-from regina_cli.io import write_json
+from regina_cli.io import check_not_in_use, write_json
 
 TRAINING, TRAINED = "training", "trained"
 
@@ -123,6 +123,7 @@ def read_trained_meta(paths: PhasePaths) -> RunMeta:
     """The metadata of a phase that finished training; an interrupted one is a user error."""
     meta = read_meta(paths)
     if not meta.is_trained:
+        check_not_in_use(paths.run_dir)  # being trained right now: say so, not "resume it"
         raise ReginaError(f"{paths.dir} did not finish training (status: {meta.status}); continue it with "
                           f"`regina train-{paths.phase} ... --resume` first")
     return meta
@@ -139,11 +140,16 @@ def prepare_run_dir(paths: PhasePaths, *, dataset: str, genes: list[str], resume
         paths.history.unlink(missing_ok=True)
 
 
-def check_run_matches(meta: RunMeta, *, dataset: str, gene_names: list[str], where: str) -> None:
-    """Refuse data of another dataset or gene set than the run was trained on."""
+def check_run_dataset(meta: RunMeta, dataset: str, where: str) -> None:
+    """Refuse another dataset than the run was trained on."""
     if meta.dataset != dataset:
         raise ReginaError(f"run directory {where} was trained on dataset {meta.dataset!r}, not {dataset!r}; "
                           "choose another --run")
+
+
+def check_run_matches(meta: RunMeta, *, dataset: str, gene_names: list[str], where: str) -> None:
+    """Refuse data of another dataset or gene set than the run was trained on."""
+    check_run_dataset(meta, dataset, where)
     if list(meta.gene_names) != list(gene_names):
         missing = len(set(meta.gene_names) - set(gene_names))
         extra = len(set(gene_names) - set(meta.gene_names))

@@ -40,7 +40,7 @@ from regina_cli.engine.distributed import (DistContext, broadcast_state, check_p
 from regina_cli.engine.early_stopping import BestTracker, PatienceStopper
 from regina_cli.engine.expression_prior import PRIOR_DIM, observed_genes
 from regina_cli.engine.gan_phase import CycleGANPhase, encode_all, phase_train_index
-from regina_cli.engine.loop import check_resume_trains, compile_modules, fit, seed_everything
+from regina_cli.engine.loop import check_resume_trains, compile_modules, finished_summary, fit, seed_everything
 from regina_cli.engine.progress import TrainingProgress
 from regina_cli.engine.run_config import check_fixed_shapes, resolve_run_config
 from regina_cli.engine.run_meta import (check_resume, config_sha256, phase2_inputs, prepare_run_dir,
@@ -75,6 +75,8 @@ def train_gan(
     check_process_count(gpus, device)
     provenance = {**phase2_inputs(run_dir, data_dir, resume=resume), keys.CONFIG_SHA256: config_sha256(config)}
     check_resume_trains(ckpt.gan_paths(run_dir), config, config.gan.max_epochs, resume=resume)
+    if (finished := finished_summary(ckpt.gan_paths(run_dir), config, config.gan.max_epochs, resume=resume)) is not None:
+        return finished
     kwargs = dict(run_dir=str(run_dir), config=config, resume=resume, progress=progress,
                   data_dir=None if data_dir is None else str(data_dir), provenance=provenance)
     check_writable_folder(run_dir)
