@@ -551,9 +551,8 @@ def test_clip_choice_pools_every_condition_predicted_unseen():
         assert not cross_fitted_start(build_config(overrides=[fitted_on_training]).gan)
 
 
-def test_training_conditions_are_scored_from_their_cross_fitted_priors():
-    """`cross_fitted_scores` predicts each phase-2 training condition from the table of priors
-    fitted without it, not from the prior fitted on all of them (which holds its own effect)."""
+def tiny_built_phase(*overrides: str):
+    """(phase 2 built as train-gan builds it on the tiny screen, its untrained autoencoder)."""
     from test_predict import TINY_MODEL
     from test_tensors import tiny_labels, tiny_screen, tiny_split
 
@@ -567,14 +566,20 @@ def test_training_conditions_are_scored_from_their_cross_fitted_priors():
 
     torch.manual_seed(0)
     adata, split = tiny_screen(), tiny_split()
-    config = build_config(overrides=TINY_MODEL)
+    config = build_config(overrides=[*TINY_MODEL, *overrides])
     table, learned = prompt_gene_names(split.train, list(adata.var_names), config.gan)
     cells = CellTensors.from_anndata(adata, split, tiny_labels(adata), device_data="always", prompt_genes=table)
     autoencoder = Autoencoder(cells.n_genes, 2, config.model).eval()
     latents = encode_all(autoencoder.encoder, cells, "off")
     ctx = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    phase, _ = build_phase(autoencoder, cells, config, ctx, None, latents, prompt_genes=table,
-                           learned_genes=learned)
+    phase, _ = build_phase(autoencoder, cells, config, ctx, None, latents, prompt_genes=table, learned_genes=learned)
+    return phase, autoencoder
+
+
+def test_training_conditions_are_scored_from_their_cross_fitted_priors():
+    """`cross_fitted_scores` predicts each phase-2 training condition from the table of priors
+    fitted without it, not from the prior fitted on all of them (which holds its own effect)."""
+    phase, _ = tiny_built_phase()
     scores, n = phase.cross_fitted_scores()
     assert n == 4  # G1+ctrl, G2+ctrl, G1+G2, NOTMEASURED+ctrl
     phase.train_prior = phase.train_prior + 5.0  # the table moves the predictions; the fitted module does not
@@ -600,27 +605,7 @@ def test_fit_scores_draw_a_bounded_seeded_set_of_trained_on_conditions():
 def test_a_decoder_at_learning_rate_0_gets_no_gradients_and_the_transitions_still_train():
     """`gan.decoder_lr=0` freezes the decoder: a step computes no gradient for its weights (work
     for an update of 0) yet still back-propagates through it into the transitions."""
-    from test_predict import TINY_MODEL
-    from test_tensors import tiny_labels, tiny_screen, tiny_split
-
-    from regina_cli.config import build_config
-    from regina_cli.data.tensors import CellTensors
-    from regina_cli.engine.distributed import DistContext
-    from regina_cli.engine.gan_phase import encode_all
-    from regina_cli.engine.gene_prompts import prompt_gene_names
-    from regina_cli.engine.train_gan import build_phase
-    from regina_cli.model.autoencoder import Autoencoder
-
-    torch.manual_seed(0)
-    adata, split = tiny_screen(), tiny_split()
-    config = build_config(overrides=[*TINY_MODEL, "gan.decoder_lr=0", "gan.batch_size=4"])
-    table, learned = prompt_gene_names(split.train, list(adata.var_names), config.gan)
-    cells = CellTensors.from_anndata(adata, split, tiny_labels(adata), device_data="always", prompt_genes=table)
-    autoencoder = Autoencoder(cells.n_genes, 2, config.model).eval()
-    latents = encode_all(autoencoder.encoder, cells, "off")
-    ctx = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    phase, _ = build_phase(autoencoder, cells, config, ctx, None, latents, prompt_genes=table,
-                           learned_genes=learned)
+    phase, autoencoder = tiny_built_phase("gan.decoder_lr=0", "gan.batch_size=4")
     decoder = {k: v.clone() for k, v in autoencoder.decoder.state_dict().items()}
     head = phase.gan.forward_block.head.weight.clone()
     phase.begin_epoch(1)
