@@ -179,7 +179,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
     # removing the temporary folder also removes the old folder after an exchange
     with _temporary(path, make, lambda tmp: shutil.rmtree(tmp, ignore_errors=True)) as tmp:
-        yield tmp
+        with _errors_naming(path, instead_of=tmp):
+            yield tmp
         raise_pending_stop()
         os.chmod(tmp, 0o777 & ~_current_umask())
         if not path.is_dir():
@@ -191,6 +192,16 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
                 os.rename(path, old)
                 os.rename(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _errors_naming(path: Path, *, instead_of: Path) -> Iterator[None]:
+    """Errors met while the block fills the temporary folder name `path`, the folder the user gave
+    (`--out`): the temporary one is gone by the time they read the message."""
+    try:
+        yield
+    except ReginaError as exc:
+        raise ReginaError(str(exc).replace(str(instead_of), str(path))) from None
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -89,6 +89,17 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["split.json"]
 
 
+def test_errors_inside_an_atomic_folder_name_the_folder_not_its_temporary(tmp_path):
+    """evaluate --out DIR: the temporary folder is gone when the user reads the message."""
+    out = tmp_path / "eval"
+    with pytest.raises(ReginaError) as failed:
+        with io.atomic_dir(out) as staging:
+            (staging / "plots").write_text("a file where a folder goes")
+            io.write_text(staging / "plots" / "a.png", "x")
+    assert str(failed.value).startswith(f"cannot write {out / 'plots' / 'a.png'}: ")
+    assert io.PART_MARK not in str(failed.value) and list(tmp_path.iterdir()) == []
+
+
 FETCH_TINY = ["fetch", "demo", "--cells", "400", "--genes", "200", "--singles", "4", "--doubles", "2"]
 
 
