@@ -293,6 +293,11 @@ FILE_TOO_LARGE = RuntimeError("Can't decrement id ref count (unable to extend fi
                               "message = 'File too large')")
 
 
+def user_files_beside_the_evaluation(w: World) -> None:
+    """The user's notes in the folder of an evaluation, which evaluating again would replace."""
+    (Path(w.paths["eval"]) / "NOTES.txt").write_text("mine\n")
+
+
 def unwritable_folder(monkeypatch, w: World) -> None:
     import regina_cli.io as io_mod
 
@@ -510,6 +515,8 @@ CASES = [
     Case("evaluate-seed-2^32", [*EVALUATE, "--seed", SEED_MAX_PLUS_1], "--seed takes"),
     Case("evaluate-out-is-a-file", [*EVALUATE, "--out", "{file}"], "is a file"),
     Case("evaluate-out-holds-other-files", [*EVALUATE, "--out", "{busy}"], "holds other files"),
+    Case("evaluate-out-holds-user-files-beside-an-evaluation", EVALUATE, "holds NOTES.txt, which this command "
+         "does not write", change=user_files_beside_the_evaluation),
     Case("evaluate-other-datasets-predictions", ["evaluate", "other", *EVALUATE[2:], "--split", "simulation_1"],
          "holds predictions for dataset 'demo', not 'other'"),
     Case("evaluate-split-replaced", EVALUATE, "the split file changed", change=replace_split),
