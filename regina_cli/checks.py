@@ -83,11 +83,27 @@ def check_out_file(out: Path | None) -> None:
                           "predictions elsewhere (default: <run>/predictions.h5ad)")
 
 
-def check_out_folder(out: Path, marker: str) -> None:
+def check_out_folder(out: Path, marker: str, outputs: frozenset[str]) -> None:
     """The output folder (`--out`) is replaced as a whole: it must not be a file, nor a folder of
-    other files (one without the command's `marker` file)."""
+    other files (one without the command's `marker` file), nor a previous output beside which
+    the user put files of their own (`outputs`: every path the command writes), which replacing
+    it would delete."""
     if out.exists() and not out.is_dir():
         raise ReginaError(f"output folder {out} is a file: give a folder with --out")
     if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
         raise ReginaError(f"output folder {out} holds other files and no {marker}: it would be replaced as a "
                           "whole, so give a new or empty folder with --out")
+    if out.is_dir() and (foreign := _not_written_by(out, outputs)) is not None:
+        raise ReginaError(f"output folder {out} holds {foreign}, which this command does not write: the folder "
+                          f"is replaced as a whole, which would delete it; move it out, or give another --out")
+
+
+def _not_written_by(out: Path, outputs: frozenset[str]) -> str | None:
+    """The first path under `out` that is neither one of `outputs` nor a folder holding them."""
+    folders = {str(Path(p).parent) for p in outputs} - {"."}
+    for item in sorted(out.rglob("*")):  # a folder comes before what it holds
+        name = item.relative_to(out).as_posix()
+        ours = name in folders if item.is_dir() and not item.is_symlink() else name in outputs
+        if not ours:
+            return name + ("/" if item.is_dir() else "")
+    return None

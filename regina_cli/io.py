@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import gc
 import json
 import math
 import os
@@ -37,6 +38,8 @@ _FIXES = {
     errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
     errno.EEXIST: "a part of the path is a file, not a folder: choose another path",
     errno.EISDIR: "it is a folder: give a file path",
+    errno.EFBIG: "the file size limit is reached (`ulimit -f`, or the file system's largest file): free space "
+                 "or choose another folder",
 }
 WRITE_ERRNOS = frozenset(_FIXES)  # OSErrors that are about where we write (not, say, the network)
 
@@ -52,9 +55,9 @@ def _owner() -> str:
     return f"{_HOST}-{os.getpid()}~"
 
 
-def _errno_of(exc: OSError) -> int | None:
+def _errno_of(exc: Exception) -> int | None:
     """The errno, also when HDF5 only names it in its message (`errno = 28`)."""
-    if exc.errno is not None:
+    if getattr(exc, "errno", None) is not None:
         return exc.errno
     found = re.search(r"errno = (\d+)", str(exc))
     return int(found.group(1)) if found else None
@@ -176,7 +179,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
     # removing the temporary folder also removes the old folder after an exchange
     with _temporary(path, make, lambda tmp: shutil.rmtree(tmp, ignore_errors=True)) as tmp:
-        yield tmp
+        with _errors_naming(path, instead_of=tmp):
+            yield tmp
         raise_pending_stop()
         os.chmod(tmp, 0o777 & ~_current_umask())
         if not path.is_dir():
@@ -188,6 +192,16 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
                 os.rename(path, old)
                 os.rename(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _errors_naming(path: Path, *, instead_of: Path) -> Iterator[None]:
+    """Errors met while the block fills the temporary folder name `path`, the folder the user gave
+    (`--out`): the temporary one is gone by the time they read the message."""
+    try:
+        yield
+    except ReginaError as exc:
+        raise ReginaError(str(exc).replace(str(instead_of), str(path))) from None
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -240,13 +254,62 @@ def h5ad_bytes(adata) -> int:
     return size(adata.X) + sum(size(adata.layers[k]) for k in adata.layers) + frames
 
 
+# Set once an HDF5 write failed: HDF5 could not close what it was writing, and its exit handler
+# would crash (SIGSEGV in H5D_close) closing it again; see `skip_hdf5_shutdown`.
+_hdf5 = {"write_failed": False}
+
+
+def _ignore(*args) -> None:
+    return None
+
+
+def _failed_write(write: Callable[[], None]) -> OSError | None:
+    """Run `write`; None on success, else the OSError that a full disk, a quota or a file size
+    limit raised in HDF5 (h5py raises RuntimeError, or an OSError whose errno is only named in
+    the message). Other errors propagate. Returning (not raising) releases h5py's objects here."""
+    try:
+        write()
+    except (OSError, RuntimeError) as exc:
+        code = _errno_of(exc)
+        if code is None:
+            raise
+        return OSError(code, os.strerror(code))
+    return None
+
+
+def _write_hdf5(write: Callable[[], None]) -> None:
+    """Run `write` (an HDF5 write); a write that fails for lack of room raises one OSError. h5py
+    then reports each object it cannot close as a traceback (1,500 lines for one dataset):
+    those are silenced, and the objects collected while they are."""
+    hooks = sys.excepthook, sys.unraisablehook
+    sys.excepthook = sys.unraisablehook = _ignore  # Cython prints through both
+    try:
+        failure = _failed_write(write)
+        gc.collect()
+    finally:
+        sys.excepthook, sys.unraisablehook = hooks
+    if failure is not None:
+        _hdf5["write_failed"] = True
+        raise failure
+
+
+def skip_hdf5_shutdown(code: int) -> None:
+    """After a failed HDF5 write, end the process now with `code` (its output already removed):
+    HDF5's exit handler would segfault closing again the objects it could not close."""
+    if _hdf5["write_failed"]:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 @contextlib.contextmanager
 def staged_h5ad(adata, path: str | Path) -> Iterator[Path]:
     """Write `adata` to a temporary file beside `path` and yield it (to hash it, say); it is
-    renamed onto `path` when the block succeeds. Refused up front when the disk is too full."""
+    renamed onto `path` when the block succeeds. Refused up front when the disk is too full;
+    filled up during the write (another job, a quota), one error line naming `path`."""
     check_free_space(path, int(1.1 * h5ad_bytes(adata)) + 2**20)
     with atomic_path(path) as tmp:
-        adata.write_h5ad(tmp)
+        _write_hdf5(lambda: adata.write_h5ad(tmp))
         yield tmp
 
 

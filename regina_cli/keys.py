@@ -59,6 +59,9 @@ GENE2GO_FILE = "gene2go_all.pkl"  # GEARS' gene -> GO terms dict (name kept as G
 GENE_KNOWLEDGE_FILE = "gene_knowledge.tsv"  # demo: synthetic GO-like annotation beside the dataset
 REPORT_FILE = "report.html"
 PLOTS_DIR = "plots"
+PLOT_FILES = ("metric_by_subgroup.png", "delta_top_de.png", "delta_scatter.png", "pca_cells.png")  # in report order
+# Every path an evaluation writes into its folder: a folder holding anything else is not replaced
+EVAL_OUTPUTS = frozenset({METRICS_FILE, PER_CONDITION_FILE, REPORT_FILE, *(f"{PLOTS_DIR}/{p}" for p in PLOT_FILES)})
 LABELS_SPLIT_MARK = "@"  # labels fitted on a split: labels/<method>@<split>.csv
 RECORD_SUFFIX = ".json"  # beside a split's or labels' file: what it was built from (written last)
 PART_MARK = ".part"  # temporary names of outputs being written (`io.atomic_path`, downloads)

@@ -40,6 +40,24 @@ def demo_adata():
 
 
 @pytest.fixture
+def refetched_after_read(monkeypatch):
+    """Every `read_dataset` is followed, before the command goes on, by another job's `fetch
+    --force` of another version of that dataset (values doubled), committed meanwhile."""
+    from regina_cli.data import dataset
+
+    read = dataset.read_dataset
+
+    def read_then_refetch(name, data_dir=None, **kwargs):
+        adata = read(name, data_dir, **kwargs)
+        changed = read(name, data_dir)
+        changed.X = changed.X * 2
+        dataset.write_dataset(changed, name, data_dir)
+        return adata
+
+    monkeypatch.setattr(dataset, "read_dataset", read_then_refetch)
+
+
+@pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 

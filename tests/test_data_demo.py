@@ -269,6 +269,38 @@ def test_two_swaps_of_one_dataset_never_interleave(tmp_path):
     assert is_complete("demo", tmp_path) and (folder / "k.tsv").read_text() == "x"
 
 
+def test_of_two_fetches_without_force_the_second_to_finish_writes_nothing(monkeypatch):
+    """Both found no dataset and both committed theirs, the last one winning: the first had
+    printed a checksum no longer on disk. The second to reach the lock now finds the first's."""
+    import hashlib
+    import json
+
+    from regina_cli.data import dataset
+    from regina_cli.data.dataset import checksum_file, sha256_of
+    from regina_cli.data.fetch import fetch
+
+    sizes = ["--cells", "400", "--genes", "200", "--singles", "4", "--doubles", "2"]
+    lock = dataset.folder_locked
+
+    def the_other_fetch_first(folder):
+        monkeypatch.setattr(dataset, "folder_locked", lock)
+        fetch("demo", demo=dict(n_cells=400, n_genes=200, n_singles=4, n_doubles=2, seed=3), log=lambda line: None)
+        return lock(folder)
+
+    monkeypatch.setattr(dataset, "folder_locked", the_other_fetch_first)
+    result = invoke("--json", "fetch", "demo", *sizes)
+    assert result.exit_code == 0, result.output
+    summary, data_file = json.loads(result.stdout), keys.dataset_file("demo")
+    assert summary["action"] == "already present"
+    assert summary["sha256"] == sha256_of(data_file) == checksum_file(data_file).read_text().split()[0]
+    simulation = read_dataset("demo").uns[keys.UNS_REGINA]["simulation"]  # the other's, with its annotation
+    files = sorted(p.name for p in data_file.parent.iterdir())
+    assert simulation["seed"] == 3 and files == sorted([data_file.name, checksum_file(data_file).name,
+                                                        keys.GENE_KNOWLEDGE_FILE])
+    knowledge = (data_file.parent / keys.GENE_KNOWLEDGE_FILE).read_bytes()
+    assert simulation["gene_knowledge"]["sha256"] == hashlib.sha256(knowledge).hexdigest()
+
+
 @pytest.mark.parametrize("sizes, message", [
     (dict(n_cells=300, n_genes=200, n_singles=4, n_doubles=2, n_cell_types=50), "raise --cells or lower --cell-types"),
     (dict(n_cells=20, n_genes=200, n_singles=4, n_doubles=2), "too few for 6 perturbations: every condition needs 3"),

@@ -77,6 +77,27 @@ def test_cli_writes_metrics_table_and_plots_deterministically(screen, run, tmp_p
     assert page.count("data:image/png;base64,") == len(summary["plots"]) == 4 and "src='http" not in page
 
 
+def test_an_evaluation_is_replaced_only_when_the_folder_holds_nothing_else(screen, run, tmp_path):
+    """--out over a previous evaluation swaps the folder whole: files the user put there would go
+    with it, so they are named and refused; the evaluation's own outputs are replaced."""
+    adata, split = screen
+    write_predictions(adata, split.test, tmp_path / "pred.h5ad")
+    args = ["--predictions", tmp_path / "pred.h5ad", "--split", split.name, "--out", tmp_path / "eval", "--threads", "1"]
+    first = run(*args)
+    assert first.exit_code == 0, first.output
+    written = {p.relative_to(tmp_path / "eval").as_posix() for p in (tmp_path / "eval").rglob("*") if p.is_file()}
+    assert written == keys.EVAL_OUTPUTS  # every name an evaluation writes is known (cell-level: pca_cells too)
+    mine = tmp_path / "eval" / keys.PLOTS_DIR / "mine.svg"
+    mine.write_text("<svg/>")
+    refused = run(*args, "--no-plots")
+    assert refused.exit_code == 2 and "holds plots/mine.svg, which this command does not write" in refused.output
+    assert mine.is_file() and (tmp_path / "eval" / keys.REPORT_FILE).is_file()
+    mine.unlink()
+    again = run(*args, "--no-plots")
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [keys.METRICS_FILE, keys.PER_CONDITION_FILE]
+
+
 def test_mean_profiles_in_another_gene_order_give_the_same_precision(screen, run, tmp_path):
     adata, split = screen
     cells = write_predictions(adata, split.test, tmp_path / "cells.h5ad")

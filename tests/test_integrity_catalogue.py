@@ -273,16 +273,29 @@ def disk_full(monkeypatch, w: World) -> None:
     monkeypatch.setattr(io_mod.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9, free=0))
 
 
-def hdf5_write_fails(monkeypatch, w: World) -> None:
-    """A disk that fills up during the write, as HDF5 reports it (errno only in the message)."""
-    import anndata
+def hdf5_write_fails(error: Exception) -> Callable:
+    """A write that HDF5 cannot finish (full disk, quota, `ulimit -f`), as h5py raises it: an
+    OSError or, from closing the file, a RuntimeError, with the errno only in the message."""
+    def patch(monkeypatch, w: World) -> None:
+        import anndata
 
-    def failing(self, path, *a, **k):
-        Path(path).write_bytes(b"half")
-        raise OSError("Can't write data (file write failed: time = now, errno = 28, error message = 'No space "
-                      "left on device')")
+        def failing(self, path, *a, **k):
+            Path(path).write_bytes(b"half")
+            raise error
 
-    monkeypatch.setattr(anndata.AnnData, "write_h5ad", failing)
+        monkeypatch.setattr(anndata.AnnData, "write_h5ad", failing)
+    return patch
+
+
+DISK_FULL = OSError("Can't write data (file write failed: time = now, errno = 28, error message = 'No space left "
+                    "on device')")
+FILE_TOO_LARGE = RuntimeError("Can't decrement id ref count (unable to extend file properly, errno = 27, error "
+                              "message = 'File too large')")
+
+
+def user_files_beside_the_evaluation(w: World) -> None:
+    """The user's notes in the folder of an evaluation, which evaluating again would replace."""
+    (Path(w.paths["eval"]) / "NOTES.txt").write_text("mine\n")
 
 
 def unwritable_folder(monkeypatch, w: World) -> None:
@@ -339,7 +352,9 @@ CASES = [
     Case("fetch-disk-full-before", ["fetch", "new", "--from", "{h5ad}", *D], "MiB free", patch=disk_full,
          after_work=True),
     Case("fetch-disk-full-during", ["fetch", "new", "--from", "{h5ad}", *D], "the disk is full",
-         patch=hdf5_write_fails, after_work=True),
+         patch=hdf5_write_fails(DISK_FULL), after_work=True),
+    Case("fetch-file-size-limit-during", ["fetch", "new", "--from", "{h5ad}", *D], "the file size limit is reached",
+         patch=hdf5_write_fails(FILE_TOO_LARGE), after_work=True),
     Case("fetch-go-with-demo-options", ["fetch", "go", "--cells", "5", *D], "takes only"),
     Case("fetch-demo-options-with-from", ["fetch", "demo", "--cells", "50", "--from", "{h5ad}", *D], "only apply"),
     Case("fetch-import-options-without-from", ["fetch", "new", "--n-top-genes", "5", *D], "only apply with --from"),
@@ -493,11 +508,15 @@ CASES = [
     Case("predict-data-dir-is-a-file", [*PREDICT[:-2], "--data-dir", "{file}"], "is a file, not a folder"),
     Case("predict-after-dataset-refetched", PREDICT, "is stale: the dataset changed",
          change=refetch_other_version),
+    Case("predict-file-size-limit-during", PREDICT, "predictions.h5ad: the file size limit is reached",
+         patch=hdf5_write_fails(FILE_TOO_LARGE), after_work=True),
     # evaluate
     Case("evaluate-seed-negative", [*EVALUATE, "--seed", "-1"], "--seed takes a whole number"),
     Case("evaluate-seed-2^32", [*EVALUATE, "--seed", SEED_MAX_PLUS_1], "--seed takes"),
     Case("evaluate-out-is-a-file", [*EVALUATE, "--out", "{file}"], "is a file"),
     Case("evaluate-out-holds-other-files", [*EVALUATE, "--out", "{busy}"], "holds other files"),
+    Case("evaluate-out-holds-user-files-beside-an-evaluation", EVALUATE, "holds NOTES.txt, which this command "
+         "does not write", change=user_files_beside_the_evaluation),
     Case("evaluate-other-datasets-predictions", ["evaluate", "other", *EVALUATE[2:], "--split", "simulation_1"],
          "holds predictions for dataset 'demo', not 'other'"),
     Case("evaluate-split-replaced", EVALUATE, "the split file changed", change=replace_split),

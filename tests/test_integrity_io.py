@@ -89,6 +89,44 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["split.json"]
 
 
+def test_errors_inside_an_atomic_folder_name_the_folder_not_its_temporary(tmp_path):
+    """evaluate --out DIR: the temporary folder is gone when the user reads the message."""
+    out = tmp_path / "eval"
+    with pytest.raises(ReginaError) as failed:
+        with io.atomic_dir(out) as staging:
+            (staging / "plots").write_text("a file where a folder goes")
+            io.write_text(staging / "plots" / "a.png", "x")
+    assert str(failed.value).startswith(f"cannot write {out / 'plots' / 'a.png'}: ")
+    assert io.PART_MARK not in str(failed.value) and list(tmp_path.iterdir()) == []
+
+
+FETCH_TINY = ["fetch", "demo", "--cells", "400", "--genes", "200", "--singles", "4", "--doubles", "2"]
+
+
+def file_size_limit(size: int):
+    """`ulimit -f`: a write past `size` bytes fails with EFBIG (SIGXFSZ ignored, as Python does)."""
+    import resource
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return limit
+
+
+def test_a_file_size_limit_met_by_hdf5_is_one_line_without_a_crash(tmp_path):
+    """HDF5 fails inside h5py's close (RuntimeError), prints a traceback for every object it
+    cannot close, and segfaulted at exit closing them again: now one line, exit 2, nothing left."""
+    done = subprocess.run([sys.executable, "-m", "regina_cli", *FETCH_TINY, "--data-dir", str(tmp_path)],
+                          preexec_fn=file_size_limit(100_000), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) <= 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert lines[-1] == (f"error: cannot write {tmp_path / 'demo' / 'perturb_processed.h5ad'}: the file size "
+                         "limit is reached (`ulimit -f`, or the file system's largest file): free space or "
+                         "choose another folder")
+    assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []
+
+
 def test_a_path_under_a_file_is_one_line(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ReginaError, match="is a file, not a folder"):

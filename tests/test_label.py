@@ -262,6 +262,15 @@ def test_labels_of_an_older_version_of_the_dataset_are_refused(demo):
         load_labels("demo", "stress")
 
 
+@pytest.mark.parametrize("args", [["--method", "stress", "--split", "simulation_1"], ["--method", "obs:condition"]])
+def test_a_dataset_fetched_again_while_labelling_leaves_no_labels(demo, refetched_after_read, args):
+    """The record named the dataset as it was after the labels were computed: a `fetch --force`
+    committed in between gave labels of the old cells under the new dataset's hash."""
+    result = invoke("label", "demo", *args)
+    assert_user_error(result, "dataset demo changed while labelling", "run the command again")
+    assert not labels_dir().exists() or list(labels_dir().iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "args, fragments",
     [

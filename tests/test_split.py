@@ -183,6 +183,13 @@ def test_cli_json_output_for_scripts(demo):
     assert sum(r["conditions"] for r in out["summary"] if r["subgroup"] == "all") <= demo.obs["condition"].nunique()
 
 
+def test_a_dataset_fetched_again_while_splitting_leaves_no_split(demo, refetched_after_read):
+    """The split file recorded the dataset's hash when it was saved, not when its conditions were read."""
+    assert_user_error(invoke("split", "demo", "--seed", "1"), "dataset demo changed while splitting",
+                      "run the command again")
+    assert not splits_dir().exists() or list(splits_dir().iterdir()) == []
+
+
 def test_two_train_gene_fracs_are_two_splits_and_the_default_keeps_its_name(demo):
     """Splits differing only in --train-gene-frac were both named simulation_1: the second was
     refused, or replaced the first with --force."""

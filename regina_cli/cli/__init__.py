@@ -17,4 +17,10 @@ from regina_cli.cli import (  # noqa: F401  (registration side effect)
 
 
 def main() -> None:
-    app()
+    from regina_cli.io import skip_hdf5_shutdown
+
+    try:
+        app()
+    except SystemExit as done:
+        skip_hdf5_shutdown(done.code if isinstance(done.code, int) else 1)
+        raise

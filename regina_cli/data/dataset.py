@@ -123,24 +123,37 @@ def check_gears_layout(adata, source: str) -> None:
         raise ReginaError(f"{source} lacks the GEARS fields {', '.join(missing)}: fetch or import it again")
 
 
-def write_dataset(adata, name: str, data_dir=None, *, beside: dict[str, str] | None = None) -> tuple[Path, str]:
+class _Present(Exception):
+    """Raised under the folder lock to drop the staged files: the dataset is complete already."""
+
+
+def write_dataset(adata, name: str, data_dir=None, *, beside: dict[str, str] | None = None,
+                  replace: bool = True) -> tuple[Path, str] | None:
     """Write the dataset atomically, then its checksum (the mark of a complete fetch). `beside`:
     text files (name -> content) that belong to this version of the dataset (the demo's gene
     knowledge), staged with it and swapped in with it. The old set stays complete until every new
     file is written and hashed; the swap to the new set is not cut by SIGTERM, waits for another
     process's swap of the same dataset (`io.folder_locked`), and a SIGKILL inside it leaves no
-    checksum (an interrupted fetch, which the next fetch redoes whole)."""
+    checksum (an interrupted fetch, which the next fetch redoes whole). `replace=False` (fetch
+    without --force): None, and nothing written, when a complete dataset is there once the lock
+    is held (another fetch finished first)."""
     data_file = keys.dataset_file(name, data_dir)
-    with SignalsHeld() as held, contextlib.ExitStack() as lock:
-        with contextlib.ExitStack() as companions:
-            for file_name, text in (beside or {}).items():
-                companions.enter_context(atomic_path(data_file.parent / file_name)).write_text(text, encoding="utf-8")
-            with staged_h5ad(adata, data_file) as tmp:
-                digest = sha256_of(tmp)
-                lock.enter_context(folder_locked(data_file.parent))
-                held.hold()
-                checksum_file(data_file).unlink(missing_ok=True)
-        return data_file, record_checksum(data_file, digest)
+    try:
+        with SignalsHeld() as held, contextlib.ExitStack() as lock:
+            with contextlib.ExitStack() as companions:
+                for file_name, text in (beside or {}).items():
+                    staged = companions.enter_context(atomic_path(data_file.parent / file_name))
+                    staged.write_text(text, encoding="utf-8")
+                with staged_h5ad(adata, data_file) as tmp:
+                    digest = sha256_of(tmp)
+                    lock.enter_context(folder_locked(data_file.parent))
+                    if not replace and is_complete(name, data_dir):
+                        raise _Present
+                    held.hold()
+                    checksum_file(data_file).unlink(missing_ok=True)
+            return data_file, record_checksum(data_file, digest)
+    except _Present:
+        return None
 
 
 def read_dataset(name: str, data_dir=None, *, backed: bool = False):

@@ -195,7 +195,10 @@ def fetch(
         notes.append(f"warning: {name} holds only control cells ({counts['n_controls']:,}): there is nothing to "
                      "split, train on or predict; check the labels (--condition-key, --control)")
         log(notes[-1])
-    path, digest = write_dataset(adata, name, data_dir, beside=beside)
+    written = write_dataset(adata, name, data_dir, beside=beside, replace=force)
+    if written is None:  # another fetch without --force completed it meanwhile: theirs stays
+        return _present(name, data_file)
+    path, digest = written
     if beside:
         notes += _demo_notes(adata, name, data_dir, log)
     return FetchResult(

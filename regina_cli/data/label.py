@@ -27,7 +27,8 @@ import scipy.sparse as sp
 
 from regina_cli import keys
 from regina_cli.checks import check_data_dir, check_share
-from regina_cli.data.provenance import dataset_sha256, file_sha256, refuse_replacing, text_sha256
+from regina_cli.data.provenance import (dataset_sha256, file_sha256, refuse_replacing, text_sha256,
+                                        unchanged_dataset_sha256)
 from regina_cli.errors import ReginaError
 from regina_cli.io import write_json, write_text
 
@@ -274,6 +275,7 @@ def label_dataset(name: str, method: str, *, quantile: float | None = None, spli
     is_obs = obs_column_of(method) is not None  # checked before the (slow) read
     path = keys.labels_file(name, method, data_dir, split=split)
     split_obj = load_split(name, split, data_dir) if split is not None else None
+    read_sha256 = dataset_sha256(name, data_dir)  # before the read: checked again before the record names it
     adata = read_dataset(name, data_dir, backed=is_obs)  # obs columns need no expression matrix
     try:
         condition = adata.obs[keys.OBS_CONDITION].astype(str).to_numpy()
@@ -297,7 +299,8 @@ def label_dataset(name: str, method: str, *, quantile: float | None = None, spli
     balance = _balance(labels, sets)
     record = {"dataset": name, "method": method, "split": split, "fitted_on": fitted_on,
               "classes": list(labels.classes), **labels.details, "balance": balance,
-              keys.DATASET_SHA256: dataset_sha256(name, data_dir), keys.LABELS_SHA256: text_sha256(text),
+              keys.DATASET_SHA256: unchanged_dataset_sha256(name, data_dir, read_sha256, "labelling"),
+              keys.LABELS_SHA256: text_sha256(text),
               keys.SPLIT_SHA256: split_obj.sha256() if split_obj else None}
     write_text(path, text)
     write_json(record_file(path), record)  # last: the mark of a complete labels file

@@ -49,6 +49,16 @@ def dataset_sha256(name: str, data_dir=None) -> str | None:
     return recorded_checksum(keys.dataset_file(name, data_dir))
 
 
+def unchanged_dataset_sha256(name: str, data_dir, read: str | None, doing: str) -> str | None:
+    """The dataset's SHA-256 `read` (taken before the dataset was read), refused when it is no
+    longer the recorded one: a `fetch --force` committed meanwhile, and a record written now
+    would name the new dataset beside what was computed from the old one."""
+    if dataset_sha256(name, data_dir) != read:
+        raise ReginaError(f"dataset {name} changed while {doing} (fetched again meanwhile?): nothing was "
+                          "written; run the command again")
+    return read
+
+
 def changed(recorded: dict, current: dict) -> list[str]:
     """What changed since `recorded` was written: one phrase per hash field known on both sides."""
     return [f"{_WHAT.get(field, field)} changed ({recorded[field][:12]} -> {current[field][:12]})"

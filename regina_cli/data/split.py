@@ -31,7 +31,7 @@ from regina_cli.data.gears_split import (  # noqa: F401  (the split vocabulary, 
     CUSTOM_MODE, DEFAULT_SEED, DEFAULT_TRAIN_GENE_FRAC, MODES, SETS, SIMULATION_MODES, SUBGROUP_KEYS, SUBGROUPS,
     complete_subgroups, derived_subgroups, gears_split)
 from regina_cli.checks import check_data_dir, check_seed, check_share
-from regina_cli.data.provenance import content_sha256, dataset_sha256, refuse_replacing
+from regina_cli.data.provenance import content_sha256, dataset_sha256, refuse_replacing, unchanged_dataset_sha256
 from regina_cli.data.safe_pickle import is_pickle, safe_loads
 from regina_cli.errors import ReginaError
 from regina_cli.io import write_json
@@ -249,12 +249,17 @@ def _same_sets(saved: dict, split: Split) -> bool:
         return False
 
 
-def save_split(split: Split, data_dir: str | Path | None = None, *, force: bool = False) -> bool:
+def save_split(split: Split, data_dir: str | Path | None = None, *, force: bool = False,
+               made_from: str | None = None) -> bool:
     """Write the split with the dataset's SHA-256; replacing a split of other content needs `force`.
+    `made_from`: the SHA-256 taken before the dataset's conditions were read, refused if the
+    dataset changed since (None: the split is of the dataset as it is now).
     False: the file already held this split of the dataset as it is now, and nothing was written
     (a read-only folder will do, and the command says so instead of "wrote")."""
     path = keys.split_file(split.dataset, split.name, data_dir)
-    saved, current = _saved(path), dataset_sha256(split.dataset, data_dir)
+    current = (dataset_sha256(split.dataset, data_dir) if made_from is None else
+               unchanged_dataset_sha256(split.dataset, data_dir, made_from, "splitting"))
+    saved = _saved(path)
     same = _same_sets(saved, split)
     if same and saved.get(keys.DATASET_SHA256) == current:
         return False
@@ -404,6 +409,7 @@ def split_dataset(
         raise ReginaError(f"unknown split mode {mode!r}: choose one of {', '.join(MODES)}")
     user_split = read_split_file(split_file) if split_file is not None else None
     knowledge = resolve_knowledge(gene_knowledge, data_dir) if gene_knowledge is not None else None
+    read_sha256 = dataset_sha256(name, data_dir)  # before the read: checked again before the file names it
     adata = read_dataset(name, data_dir, backed=True)
     try:
         obs, measured = adata.obs, list(adata.var_names)
@@ -415,7 +421,7 @@ def split_dataset(
         name, conditions, mode=mode, seed=seed, train_gene_frac=train_gene_frac,
         user_split=user_split, source="split_file" if isinstance(split_file, dict) else str(split_file),
     )
-    written = save_split(split, data_dir, force=force)
+    written = save_split(split, data_dir, force=force, made_from=read_sha256)
     path = keys.split_file(split.dataset, split.name, data_dir)
     counts = obs[keys.OBS_CONDITION].astype(str).value_counts().to_dict()
     assigned = set(split.train) | set(split.val) | set(split.test)

@@ -24,6 +24,7 @@ PLOT_METRICS = ("pearson_delta", "mse_top20_de", "discrimination_score_l1", "mmd
 SCATTER_GENES = 50
 PCA_CELLS = 200
 TARGET_COLOUR = "#d62728"
+BY_SUBGROUP_PNG, TOP_DE_PNG, SCATTER_PNG, PCA_PNG = keys.PLOT_FILES
 
 
 def colours(names: list[str]) -> dict[str, str]:
@@ -247,7 +248,7 @@ def write_figures(result, truth, summary: dict, folder: Path) -> list[Path]:
     fig = Figure(figsize=(11, 8))
     _by_subgroup(fig, table, names, on, colour)
     fig.subplots_adjust(left=0.06, right=0.99, bottom=0.08, top=0.88, hspace=0.5, wspace=0.18)
-    paths.append(_savefig(fig, folder / "metric_by_subgroup.png"))
+    paths.append(_savefig(fig, folder / BY_SUBGROUP_PNG))
 
     fig = Figure(figsize=(11, 3.2 * len(examples)))
     axes = fig.subplots(len(examples), 1, squeeze=False)
@@ -255,14 +256,14 @@ def write_figures(result, truth, summary: dict, folder: Path) -> list[Path]:
         _delta_bars(ax, result, truth, condition, why, colour, set(models))
     _figure_legend(fig, axes.ravel())
     fig.subplots_adjust(left=0.07, right=0.99, bottom=0.08, top=1 - 0.45 / fig.get_figheight(), hspace=0.65)
-    paths.append(_savefig(fig, folder / "delta_top_de.png"))
+    paths.append(_savefig(fig, folder / TOP_DE_PNG))
 
     fig = Figure(figsize=(4.2 * len(examples), 4.4))
     axes = fig.subplots(1, len(examples), squeeze=False)
     for ax, (condition, why) in zip(axes[0], examples):
         _delta_scatter(ax, result, truth, condition, why, colour, set(models))
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.12, top=0.86, wspace=0.25)
-    paths.append(_savefig(fig, folder / "delta_scatter.png"))
+    paths.append(_savefig(fig, folder / SCATTER_PNG))
 
     if any(m.form == "cells" for m in result.models):
         rng = np.random.default_rng(summary["seed"])
@@ -272,5 +273,5 @@ def write_figures(result, truth, summary: dict, folder: Path) -> list[Path]:
         for ax, ok in zip(axes[0], drawn):
             ax.set_visible(ok)
         fig.subplots_adjust(left=0.05, right=0.99, bottom=0.12, top=0.86, wspace=0.25)
-        paths.append(_savefig(fig, folder / "pca_cells.png"))
+        paths.append(_savefig(fig, folder / PCA_PNG))
     return paths

@@ -418,7 +418,7 @@ def evaluate(
     check_options(seed=seed, max_true_cells=max_true_cells, threads=threads, model_name=model_name)
     paths = [Path(p) for p in (predictions if isinstance(predictions, (list, tuple)) else [predictions])]
     out = Path(out) if out is not None else paths[0].parent / keys.EVAL_DIR
-    check_out_folder(out, keys.METRICS_FILE)
+    check_out_folder(out, keys.METRICS_FILE, keys.EVAL_OUTPUTS)
     check_data_dir(data_dir, writes=False)
     for path in paths:
         for warning in check_predictions(name, path, split, data_dir, allow_stale=allow_stale):
