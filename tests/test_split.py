@@ -98,6 +98,14 @@ def test_simulation_holds_out_whole_genes_and_matches_derived_subgroups():
     assert {g: sorted(v) for g, v in derived.items()} == {g: sorted(v) for g, v in gears_groups["test_subgroup"].items()}
 
 
+def test_derived_subgroups_leave_out_a_single_whose_gene_trains_inside_a_combination():
+    """A held-out single "A+ctrl" whose gene A is trained on inside "A+B" is not an unseen gene: a
+    user reading unseen_single scores must not get it counted there (nor in any combo group)."""
+    groups = derived_subgroups(["ctrl", "A+B", "C+ctrl"], ["A+ctrl", "D+ctrl", "A+D", "A+C", "D+E"])
+    assert groups == {"combo_seen0": ["D+E"], "combo_seen1": ["A+D"], "combo_seen2": ["A+C"],
+                      "unseen_single": ["D+ctrl"]}
+
+
 def test_train_gene_frac_sets_the_number_of_training_genes():
     conditions = toy_conditions(n_genes=40, singles_only=True)
     for frac in (0.5, 0.75, 0.9):
