@@ -39,6 +39,24 @@ def test_dropout_rules_by_hand(rng):
     assert len(adata.uns[keys.UNS_TOP_DE_20][name]) == 20
 
 
+def test_top_non_zero_de_genes_skip_genes_zero_in_the_condition_and_in_the_controls(rng):
+    """`top_non_zero_de_20` (kept in every imported file, as GEARS writes it) skips a gene that is
+    zero under the condition even where the controls are zero too, which the non-drop-out list
+    keeps: with fewer than 20 genes both lists are the whole ranking less those genes."""
+    X = rng.uniform(0.5, 2.0, (20, 6)).astype(np.float32)
+    conditions = np.repeat(["ctrl", "A+ctrl"], 10)
+    X[conditions == "A+ctrl", 0] = 0.0  # drop-out under A
+    X[:, 1] = 0.0  # zero everywhere
+    obs = pd.DataFrame({"condition": conditions, "cell_type": "K562"}, index=[f"c{i}" for i in range(20)])
+    adata = ad.AnnData(sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(6)]))
+    add_gears_de(adata)
+
+    name = "K562_A+ctrl_1+1"
+    ranked = list(adata.uns[keys.UNS_RANK_GENES][name])
+    assert list(adata.uns[keys.UNS_TOP_DE_20][name]) == [g for g in ranked if g != "g0"]
+    assert list(adata.uns[keys.UNS_TOP_NON_ZERO_DE_20][name]) == [g for g in ranked if g not in ("g0", "g1")]
+
+
 def _gears_reference(adata):
     """Run cell-gears' get_DE_genes + get_dropout_non_zero_genes on a bare copy."""
     from gears.data_utils import get_DE_genes, get_dropout_non_zero_genes
