@@ -290,6 +290,45 @@ def test_folds_give_knowledge_weight_only_when_it_predicts_held_out_genes(inform
         assert float(prior.knowledge_weight) == 0.0
 
 
+def test_folds_never_use_a_held_out_gene_as_a_knowledge_neighbour(monkeypatch):
+    """The folds score the knowledge weight on genes they hold out; a held-out gene's own observed
+    effect must not reach the prediction of another held-out gene as its neighbour, or the folds
+    see the answers and choose a knowledge weight that unseen genes never earn."""
+    from regina_cli.config import build_config
+    from regina_cli.data.knowledge import ANNOTATION, TOP_K, GeneKnowledge
+    from regina_cli.data.split import Split
+    from regina_cli.data.tensors import CellTensors
+    from regina_cli.engine import expression_prior
+    from regina_cli.engine.condition_stats import condition_stats
+    from regina_cli.engine.gan_validation import training_control_mean
+    from regina_cli.engine.gene_prompts import prompt_gene_names
+
+    adata, train, targets = _grouped_screen()
+    knowledge = GeneKnowledge("test", ANNOTATION, targets, terms=[frozenset({t[0]}) for t in targets])
+    split = Split(dataset="g", mode="custom", seed=1, train_gene_frac=None, train=train, val=[], test=[],
+                  subgroups={"test_subgroup": {}, "val_subgroup": {}})
+    config = build_config(overrides=["gan.expression_prior=linear"])
+    table, _ = prompt_gene_names(split.train, list(adata.var_names), config.gan, targets)
+    cells = CellTensors.from_anndata(adata, split, device_data="always", prompt_genes=table)
+    stats = condition_stats(cells, torch.zeros(cells.n_cells, 4), cells.train_perturbed_idx)
+    seen, choose = [], expression_prior._choose_weights
+    monkeypatch.setattr(expression_prior, "_choose_weights",
+                        lambda folds, held_out, *rest: seen.append((folds, held_out)) or choose(folds, held_out, *rest))
+    prior = ExpressionPrior(cells.n_genes, len(table), 10,
+                            n_observed=len(expression_prior.observed_genes(cells, stats)), n_neighbours=TOP_K)
+    expression_prior.fit_expression_prior(prior, cells, stats, training_control_mean(cells), table, seed=2,
+                                          knowledge=knowledge)
+    (folds, held_out), = seen
+    held = {f: {g for h, g in held_out if h == f} for f in range(len(folds))}
+    assert any(len({g[0] for g in genes}) < len(genes) for genes in held.values())  # two of one programme
+    used = 0
+    for f, fold in enumerate(folds):
+        for gene, (neighbours, _) in fold.neighbours.items():
+            assert not held[f] & set(neighbours), (gene, neighbours, held[f])
+            used += gene in held[f]
+    assert used  # the held-out genes do get neighbours (the other, trained genes of their programme)
+
+
 def test_covariation_loadings_give_each_genes_regression_slope_in_the_controls():
     from regina_cli.engine.expression_prior import covariation_loadings
 
