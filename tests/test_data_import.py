@@ -357,6 +357,19 @@ def test_symbols_in_var_names_stay_when_no_column_names_more_targets(tmp_path, r
     assert list(read_dataset("ids").var_names[:2]) == ["A", "B"] and "gene names from" not in result.output
 
 
+def test_var_gene_name_is_the_default_naming_when_no_naming_names_more_targets(tmp_path, rng):
+    """A GEARS-style file (Ensembl var_names, symbols in var['gene_name']) whose targets are not
+    measured: no naming names more targets, so the genes keep GEARS' own var['gene_name'] symbols
+    and the summary says nothing about switching naming."""
+    screen = tiny_screen(rng, labels=("NT", "X1", "X2"))  # no target is measured
+    screen.var = pd.DataFrame({"gene_name": list(screen.var_names)},
+                              index=[f"ENSG{i:011d}" for i in range(screen.n_vars)])
+    screen.write_h5ad(tmp_path / "named.h5ad")
+    result = fetch_cli("named", "--from", tmp_path / "named.h5ad", *USER_LABELS)
+    assert result.exit_code == 0, result.output
+    assert list(read_dataset("named").var_names[:2]) == ["A", "B"] and "gene names from" not in result.output
+
+
 def _bad(tmp_path, rng, case: str):
     path = tmp_path / "bad.h5ad"
     args = []
