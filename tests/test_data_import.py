@@ -41,6 +41,7 @@ def tiny_screen(rng, labels=("NT", "A", "B", "A_B"), n_per=12, counts=True, key=
         ("control", "+", "ctrl"),
         ("Non-Targeting", "+", "ctrl"),
         ("non_targeting", "_", "ctrl"),
+        ("Non_Targeting", "_", "ctrl"),  # a control label holding the separator, in any case
         ("KLF1", "+", "KLF1+ctrl"),
         ("KLF1+ctrl", "+", "KLF1+ctrl"),
         ("ctrl+KLF1", "+", "KLF1+ctrl"),
@@ -127,6 +128,21 @@ def test_normalised_values_without_log_get_log1p_and_say_so(tmp_path, rng):
     expected = np.log1p(X / X.sum(1, keepdims=True) * 1e4)
     np.testing.assert_allclose(imported.X.toarray(), expected, rtol=1e-5, atol=1e-5)
     assert float(read_dataset("counts").X.max()) < 20
+
+
+def test_large_values_whose_cells_sum_to_different_totals_are_refused(rng):
+    """Only values normalised to one total per cell are taken for normalised-without-log and get
+    log1p; cell sums a few per cent apart (normalised, then some genes dropped; scaled data) are
+    neither, and are refused rather than trained on at the wrong scale."""
+    from regina_cli.data.importer import check_log_scale
+    from regina_cli.errors import ReginaError
+
+    X = rng.poisson(3.0, (30, 40)).astype(np.float64) + 1.0
+    normalised = X / X.sum(1, keepdims=True) * 1e4
+    assert check_log_scale(sp.csr_matrix(normalised.astype(np.float32)))
+    uneven = normalised * rng.uniform(0.97, 1.03, (30, 1))
+    with pytest.raises(ReginaError, match="neither raw counts"):
+        check_log_scale(sp.csr_matrix(uneven.astype(np.float32)))
 
 
 USER_LABELS = ("--condition-key", "perturbation", "--control", "NT", "--separator", "_")
