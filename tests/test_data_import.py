@@ -48,6 +48,7 @@ def tiny_screen(rng, labels=("NT", "A", "B", "A_B"), n_per=12, counts=True, key=
         ("KLF1+CEBPA", "+", "KLF1+CEBPA"),
         ("KLF1_CEBPA", "_", "KLF1+CEBPA"),
         ("KLF1_ctrl", "_", "KLF1+ctrl"),
+        ("KLF1_KLF1", "_", "KLF1+ctrl"),  # one gene named twice is a single
     ],
 )
 def test_label_spellings(label, separator, expected):
@@ -345,6 +346,46 @@ def test_gears_file_is_kept_verbatim(tmp_path):
         assert set(adata.uns[key]) == set(demo.uns[key])
         for group, value in demo.uns[key].items():
             np.testing.assert_array_equal(np.asarray(adata.uns[key][group]), np.asarray(value))
+
+
+@pytest.mark.parametrize("change", ["raw counts", "gene filter"])
+def test_a_gears_layout_file_with_counts_or_a_gene_filter_is_not_kept_verbatim(tmp_path, change):
+    """A file with GEARS' obs and uns fields is kept as it is only when nothing needs doing: raw
+    counts in X must still be normalised, and --n-top-genes must still filter the genes (with the
+    DE fields computed again over the genes kept)."""
+    demo = simulate_screen(n_cells=400, n_genes=180, n_singles=5, n_doubles=2, seed=5)
+    args = []
+    if change == "raw counts":
+        demo.X = sp.csr_matrix(np.round(np.expm1(demo.X.toarray()) * 3).astype(np.float32))
+    else:
+        args = ["--n-top-genes", "50"]
+    source, _ = write_dataset(demo, "gears_copy", tmp_path)
+    result = fetch_cli("changed", "--from", source, *args)
+    assert result.exit_code == 0, result.output
+    assert "GEARS layout found, but" in " ".join(result.output.split())
+    adata = read_dataset("changed")
+    if change == "raw counts":
+        assert adata.uns[keys.UNS_REGINA]["normalisation"].startswith("raw counts detected")
+        assert float(adata.X.max()) < 20
+    else:
+        assert adata.n_vars < demo.n_vars
+        assert all(set(genes) <= set(adata.var_names) for genes in adata.uns[keys.UNS_TOP_DE_20].values())
+
+
+def test_conditions_of_two_cells_are_kept_and_of_one_dropped(rng):
+    """Two cells in a cell type are enough for the DE test (`MIN_CELLS`): only a condition with a
+    single cell there is dropped, and the notes count exactly that cell."""
+    from regina_cli.data.importer import ImportOptions, to_gears_layout
+
+    screen = tiny_screen(rng, labels=("NT", "A", "B", "A_B"))
+    labels = screen.obs["perturbation"].astype(str).to_numpy()
+    keep = (labels != "B") | (np.cumsum(labels == "B") <= 2)  # B: 2 cells
+    keep &= (labels != "A_B") | (np.cumsum(labels == "A_B") <= 1)  # A_B: 1 cell
+    screen = screen[keep].copy()
+    adata, notes = to_gears_layout(screen, "two", ImportOptions(control="NT", condition_key="perturbation",
+                                                                separator="_"), log=lambda _: None)
+    counts = adata.obs[keys.OBS_CONDITION].astype(str).value_counts()
+    assert counts["B+ctrl"] == 2 and "A+B" not in counts and notes.dropped_cells == 1
 
 
 def test_a_gears_file_with_a_combination_in_both_orders_is_relabelled(tmp_path):
