@@ -55,6 +55,8 @@ class Server:
                     self.send_error(404)
                 elif kind == "html":
                     self._send(200, body, "text/html; charset=utf-8")
+                elif kind == "no_ranges":  # a server that ignores Range: always the whole file
+                    self._send(200, body)
                 elif kind == "truncated":  # announces the full length, sends half, hangs up
                     self.send_response(200)
                     self.send_header("Content-Length", str(len(body)))
@@ -106,6 +108,7 @@ def server(gears_zip):
             "/error.html": ("html", HTML_PAGE),
             "/page.bin": ("file", HTML_PAGE),
             "/forbidden.zip": ("forbidden", b""),
+            "/no_ranges.zip": ("no_ranges", gears_zip),
         }
     )
     yield srv
@@ -150,6 +153,20 @@ def test_resumes_from_partial_file(server, gears_zip):
     assert any("resuming" in line for line in lines)
     assert read_dataset("resumed").n_obs == 500
     assert not part.exists()
+
+
+def test_a_server_that_ignores_the_resume_request_gives_the_whole_file_once(server, gears_zip, tmp_path):
+    """A server answering a Range request with 200 and the whole file: the download starts again
+    from the first byte, not with the whole file appended to the part already there (a file
+    of the announced length that is not the file)."""
+    dest = tmp_path / "whole.zip"
+    part = tmp_path / "whole.zip.part"
+    part.write_bytes(gears_zip[:1000])
+    lines = []
+    download_module.download(f"{server.url}/no_ranges.zip", dest, log=lines.append, progress=False)
+    assert server.ranges[-1] == "bytes=1000-"
+    assert any("ignored the resume request" in line for line in lines)
+    assert dest.read_bytes() == gears_zip and not part.exists()
 
 
 def test_truncated_transfer_keeps_only_the_part_and_resumes(server):
