@@ -372,6 +372,21 @@ def test_a_gears_layout_file_with_counts_or_a_gene_filter_is_not_kept_verbatim(t
         assert all(set(genes) <= set(adata.var_names) for genes in adata.uns[keys.UNS_TOP_DE_20].values())
 
 
+def test_a_gears_layout_file_naming_a_gene_twice_gets_its_de_fields_computed_again(tmp_path):
+    """Two var_names alike make the file's DE gene lists ambiguous: the genes are made unique and
+    the DE fields computed again over them, not kept (nor renamed through a name of two genes)."""
+    demo = simulate_screen(n_cells=400, n_genes=180, n_singles=5, n_doubles=2, seed=5)
+    names = list(demo.var_names)
+    names[-1] = names[-2]
+    demo.var_names = names
+    source, _ = write_dataset(demo, "twice", tmp_path)
+    result = fetch_cli("twice", "--from", source)
+    assert result.exit_code == 0, result.output
+    assert "GEARS layout found, but var_names name a gene twice" in " ".join(result.output.split())
+    adata = read_dataset("twice")
+    assert adata.var_names.is_unique and not adata.uns[keys.UNS_REGINA]["kept_gears_fields"]
+
+
 def test_conditions_of_two_cells_are_kept_and_of_one_dropped(rng):
     """Two cells in a cell type are enough for the DE test (`MIN_CELLS`): only a condition with a
     single cell there is dropped, and the notes count exactly that cell."""
