@@ -169,6 +169,17 @@ def test_a_server_that_ignores_the_resume_request_gives_the_whole_file_once(serv
     assert dest.read_bytes() == gears_zip and not part.exists()
 
 
+def test_a_part_longer_than_the_servers_file_is_started_again(server, gears_zip, tmp_path):
+    """A `.part` left by another file under the same name, longer than the server's: its resume
+    request is refused with 416, and the download starts again from the first byte."""
+    dest = tmp_path / "other.zip"
+    part = tmp_path / "other.zip.part"
+    part.write_bytes(b"x" * (len(gears_zip) + 10))
+    download_module.download(f"{server.url}/norman.zip", dest, log=lambda _: None, progress=False)
+    assert server.ranges[-2:] == [f"bytes={len(gears_zip) + 10}-", None]
+    assert dest.read_bytes() == gears_zip and not part.exists()
+
+
 def test_truncated_transfer_keeps_only_the_part_and_resumes(server):
     url = f"{server.url}/truncated.zip"
     with pytest.raises(ReginaError, match="incomplete|broke off"):
