@@ -17,6 +17,7 @@ from regina_cli.data.knowledge import (
     ANNOTATION,
     EMBEDDING,
     TOP_K,
+    GeneKnowledge,
     load_gene_knowledge,
     predictability,
     resolve_knowledge,
@@ -113,6 +114,38 @@ def test_neighbours_never_include_the_gene_itself_and_work_for_both_kinds(tmp_pa
     # orthogonal to TP53, so no neighbour
     np.testing.assert_allclose(weights[0], [0.0, 1.0], atol=1e-6)
     assert usable.tolist() == [True, False] and not weights[1].any()
+
+
+def test_an_embedding_header_of_any_names_is_read_as_a_header(tmp_path):
+    """`DataFrame.to_csv` of an index without a name writes a header with an empty first cell;
+    another tool writes `symbol` or `feature`: a first row holding text is the header, whatever
+    it names the gene column."""
+    for first in ("", "feature_id"):
+        path = tmp_path / f"header_{first or 'empty'}.csv"
+        pd.DataFrame(VECTORS, index=pd.Index(GENES, name=first or None), columns=["a", "b", "c"]).to_csv(path)
+        knowledge = load_gene_knowledge(path)
+        assert knowledge.kind == EMBEDDING and knowledge.genes == GENES
+        np.testing.assert_allclose(knowledge.vectors(GENES)[0], VECTORS, rtol=1e-6)
+
+
+def test_embedding_neighbours_are_the_positively_similar_anchors_only():
+    """An anchor pointing away from a gene (negative cosine) is no neighbour: with it the weights
+    would hold a negative share and the others more than all of it, and the prior would move the
+    gene against that anchor's effect."""
+    table = np.array([[1.0, 0.0], [1.0, 1.0], [-1.0, 0.2]], dtype=np.float32)
+    embedding = GeneKnowledge("test", EMBEDDING, ["X", "A", "B"], table=table)
+    weights, usable = embedding.neighbours(["X"], anchors=["A", "B"])
+    np.testing.assert_allclose(weights, [[1.0, 0.0]], atol=1e-6)
+    assert usable.tolist() == [True]
+
+
+def test_genes_are_found_whatever_their_case_unless_two_differ_only_in_case():
+    """`myc` finds MYC; `abc` names neither ABC nor Abc when the file holds both, rather than
+    whichever came last."""
+    table = np.eye(3, dtype=np.float32)
+    knowledge = GeneKnowledge("test", EMBEDDING, ["MYC", "ABC", "Abc"], table=table)
+    assert knowledge.knows("myc") and knowledge.knows("ABC") and knowledge.knows("Abc")
+    assert not knowledge.knows("abc")
 
 
 class _Exploit:
