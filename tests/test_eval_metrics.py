@@ -238,6 +238,18 @@ def test_identical_cells_score_perfectly(cells):
     assert got["variance_pearson"] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_true_cells_all_alike_still_give_a_finite_mmd(cells):
+    """A condition whose true cells are all the same (one cell, or identical rows on the genes
+    scored) has a median distance of 0: the kernels fall back to a unit scale, so the MMD is a
+    number, 0 for the same cells and positive for others, never NaN."""
+    x, y = cells
+    alike = np.repeat(y[:1], 5, axis=0)
+    truth = TrueCells.build(torch.from_numpy(alike), random_projections(y.shape[1], seed=0))
+    assert torch.isfinite(truth.bandwidths).all() and (truth.bandwidths > 0).all()
+    assert _score(alike, truth)["mmd_rbf"] == pytest.approx(0.0, abs=1e-6)
+    assert _score(x, truth)["mmd_rbf"] > 0
+
+
 def test_random_projections_are_seeded_unit_vectors():
     a, b = random_projections(50, seed=7), random_projections(50, seed=7)
     assert torch.equal(a, b) and a.shape == (50, 100)
