@@ -51,6 +51,19 @@ def test_log2_fold_change_is_pdex_on_back_transformed_means():
     assert lfc[2] == float("inf") and lfc[3] == float("-inf")
 
 
+def test_de_ranks_order_the_significant_genes_only():
+    """A gene with the largest fold change but no significance (a noisy gene) is not DE and takes
+    no place in the ranking: the significant genes rank 0, 1, ... among themselves, as cell-eval
+    ranks its DE table."""
+    reference = Moments(torch.ones(1, 3, dtype=torch.float64), torch.full((1, 3), 0.01, dtype=torch.float64),
+                        torch.tensor([50.0], dtype=torch.float64))
+    target = Moments(torch.tensor([[3.0, 1.5, 1.2]], dtype=torch.float64),
+                     torch.tensor([[100.0, 0.01, 0.01]], dtype=torch.float64), torch.tensor([50.0], dtype=torch.float64))
+    rank, n = de_ranks(target, reference)
+    assert n.tolist() == [2]
+    assert rank[0, 1:].tolist() == [0, 1] and rank[0, 0] == np.iinfo(np.int64).max
+
+
 def _celleval_overlap(true_genes, pred_genes, k, metric):
     """cell-eval's DEComparison.compute_overlap for one perturbation (ranked significant genes)."""
     available = len(true_genes) if metric == "overlap" else len(pred_genes)
