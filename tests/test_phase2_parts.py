@@ -176,6 +176,35 @@ def test_prior_is_fitted_on_training_conditions_and_cross_fitted_for_them(monkey
     assert float(crossk[code["G1+ctrl"], g1]) == pytest.approx(3 * float(cross[code["G1+ctrl"], g1]), rel=1e-5)
 
 
+def test_condition_stats_are_each_conditions_latent_moments_and_mean_expression():
+    """The moment loss matches each condition's latent mean and spread (ddof 0) from
+    `condition_stats`; every statistic is checked against numpy on the cells asked for."""
+    from test_tensors import tiny_screen, tiny_split
+
+    from regina_cli.data.tensors import CellTensors
+    from regina_cli.engine.condition_stats import condition_stats
+
+    adata = tiny_screen()
+    cells = CellTensors.from_anndata(adata, tiny_split(), device_data="always")
+    latents = torch.as_tensor(np.random.default_rng(0).normal(2.0, 1.5, (cells.n_cells, 3)), dtype=torch.float32)
+    index = cells.train_perturbed_idx
+    stats = condition_stats(cells, latents, index)
+    codes = cells.condition_codes[index].numpy()
+    z, x = latents[index].double().numpy(), adata.X[index.numpy()]
+    x = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
+    for code in range(len(cells.conditions)):
+        rows = codes == code
+        assert float(stats.counts[code]) == rows.sum()
+        if not rows.any():
+            continue
+        np.testing.assert_allclose(stats.latent_mean[code].numpy(), z[rows].mean(0), rtol=1e-5)
+        np.testing.assert_allclose(stats.latent_std[code].numpy(), z[rows].std(0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(stats.expression_mean[code].numpy(), x[rows].mean(0), rtol=1e-5, atol=1e-6)
+    controls = cells.train_idx[cells.is_control[cells.train_idx]]
+    np.testing.assert_allclose(stats.latent_shift.numpy(),
+                               stats.latent_mean.numpy() - latents[controls].double().mean(0).numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_prior_falls_back_to_the_mean_change_when_no_training_target_is_measured():
     """A screen whose targets were filtered out of the genes: no linear model can be fitted, so an
     unseen target starts from the mean change over training conditions (train_mean), not zero."""
