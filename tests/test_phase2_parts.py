@@ -592,6 +592,35 @@ def test_a_trained_epoch_must_beat_the_untrained_start_beyond_noise():
     assert not selectable(torch.tensor([0.9]), torch.tensor([0.1]), 1.0)  # one condition: no standard error
     assert not selectable(start - 0.01, start, 1.0)
     assert selectable(start, None, 1.0)  # nothing to compare with yet
+    # one standard error of the mean gain, not one standard deviation: mean 0.06, SD 0.063, SE 0.028
+    gains = torch.tensor([0.10, 0.02, 0.06, 0.14, -0.02])
+    assert selectable(0.5 + gains, torch.full((5,), 0.5), 1.0)
+    # a condition without a score (a constant prediction: NaN Pearson) is left out, not fatal
+    assert selectable(torch.tensor([0.25, 0.36, 0.14, float("nan")]), torch.tensor([0.20, 0.30, 0.10, 0.5]), 1.0)
+
+
+def test_holdout_takes_a_share_of_at_least_two_training_conditions_and_leaves_two():
+    """`gan.validation_holdout`: a seeded share of the usable perturbed training conditions, at
+    least 2 (one condition is no validation), and never more than leaves 2 to train on."""
+    from types import SimpleNamespace
+
+    from regina_cli.engine.gan_validation import holdout_conditions
+
+    def cells(n_usable: int, n_unusable: int = 1):
+        n = 1 + n_usable + n_unusable
+        return SimpleNamespace(conditions=["ctrl"] + [f"G{i}+ctrl" for i in range(n - 1)],
+                               condition_codes=torch.arange(n).repeat_interleave(3),
+                               train_perturbed_idx=torch.arange(3, 3 * n),
+                               usable=torch.tensor([False] + [True] * n_usable + [False] * n_unusable))
+
+    assert len(holdout_conditions(cells(10), 0.1, seed=0)) == 2  # round(1.0) -> at least 2
+    assert len(holdout_conditions(cells(10), 0.3, seed=0)) == 3
+    assert len(holdout_conditions(cells(10), 0.9, seed=0)) == 8  # leaves 2 to train on
+    assert len(holdout_conditions(cells(3), 0.5, seed=0)) == 1
+    assert holdout_conditions(cells(2), 0.5, seed=0) == []
+    held = holdout_conditions(cells(10), 0.3, seed=4)
+    assert held == sorted(held) and held == holdout_conditions(cells(10), 0.3, seed=4)
+    assert "G10+ctrl" not in holdout_conditions(cells(10), 0.9, seed=1)  # unusable: never held out
 
 
 def test_clip_choice_pools_every_condition_predicted_unseen():
