@@ -599,6 +599,50 @@ def test_a_trained_epoch_must_beat_the_untrained_start_beyond_noise():
     assert selectable(torch.tensor([0.25, 0.36, 0.14, float("nan")]), torch.tensor([0.20, 0.30, 0.10, 0.5]), 1.0)
 
 
+def _plan(delta_true: torch.Tensor, top_de: torch.Tensor, groups: torch.Tensor):
+    from regina_cli.engine.gan_validation import ValidationPlan
+
+    k, g = delta_true.shape
+    return ValidationPlan(source="test", conditions=[f"G{i}+ctrl" for i in range(k)], held_out=[],
+                          rows=torch.arange(len(groups)), groups=groups,
+                          counts=torch.bincount(groups, minlength=k).double(), reference=torch.zeros(g, dtype=torch.float64),
+                          delta_true=delta_true, top_de=top_de, type_reference=torch.zeros(1, g, dtype=torch.float64))
+
+
+def test_validation_scores_the_datasets_top_20_de_genes_else_the_largest_true_changes():
+    """pearson_delta_top20_de is GEARS' metric on the dataset's own top-20 DE genes; only a
+    condition without a list falls back to its 20 largest true changes."""
+    from regina_cli.engine.gan_validation import score
+    from regina_cli.evaluate.metrics import pearson
+
+    rng = np.random.default_rng(0)
+    delta_true = torch.as_tensor(rng.normal(0, 1, (2, 30)))
+    pred = delta_true + torch.as_tensor(rng.normal(0, 1, (2, 30)))
+    listed = torch.arange(10, 30)  # not the largest changes
+    plan = _plan(delta_true, torch.stack([listed, torch.full((20,), -1)]), torch.tensor([0, 1]))
+    zeros = torch.zeros(2, 3, dtype=torch.float64)
+    got = score(plan, {"expression": pred, "ceiling": pred, "clipped": pred, "prompt": zeros + 1,
+                       "latent_shift": zeros + 1}, zeros + 1)
+    largest = delta_true[1].abs().topk(20).indices
+    expected = (pearson(pred[:1, listed], delta_true[:1, listed]) + pearson(pred[1:, largest], delta_true[1:, largest])) / 2
+    assert got.pearson_delta_top20_de == pytest.approx(float(expected), rel=1e-9)
+
+
+def test_real_latent_shift_is_measured_from_the_training_controls():
+    """The diagnostics (prompt_to_shift, shift_ratio, the ceiling) compare against each condition's
+    mean latent minus the training controls' mean latent, not its raw mean latent."""
+    from types import SimpleNamespace
+
+    from regina_cli.engine.gan_validation import group_latent_shift
+
+    latents = torch.tensor([[1.0, 1.0], [3.0, 1.0], [5.0, 2.0], [7.0, 4.0], [9.0, 9.0]])
+    cells = SimpleNamespace(train_idx=torch.arange(5), is_control=torch.tensor([True, True, False, False, True]))
+    plan = _plan(torch.zeros(1, 2, dtype=torch.float64), torch.full((1, 20), -1), torch.tensor([0, 0]))
+    plan.rows = torch.tensor([2, 3])
+    shift = group_latent_shift(plan, latents, cells)
+    torch.testing.assert_close(shift, torch.tensor([[6.0, 3.0]]) - torch.tensor([[13 / 3, 11 / 3]]))
+
+
 def test_holdout_takes_a_share_of_at_least_two_training_conditions_and_leaves_two():
     """`gan.validation_holdout`: a seeded share of the usable perturbed training conditions, at
     least 2 (one condition is no validation), and never more than leaves 2 to train on."""
