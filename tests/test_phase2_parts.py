@@ -589,6 +589,7 @@ def test_a_trained_epoch_must_beat_the_untrained_start_beyond_noise():
     assert selectable(start + torch.tensor([0.05, 0.06, 0.04]), start, 1.0)  # every condition gains
     assert not selectable(start + torch.tensor([0.20, -0.10, -0.07]), start, 1.0)  # mean +0.01, noise 0.09
     assert selectable(start + torch.tensor([0.20, -0.10, -0.07]), start, 0.0)
+    assert selectable(start - 0.01, start, 0.0) and selectable(torch.tensor([0.1]), torch.tensor([0.9]), 0.0)
     assert not selectable(torch.tensor([0.9]), torch.tensor([0.1]), 1.0)  # one condition: no standard error
     assert not selectable(start - 0.01, start, 1.0)
     assert selectable(start, None, 1.0)  # nothing to compare with yet
@@ -641,6 +642,20 @@ def test_real_latent_shift_is_measured_from_the_training_controls():
     plan.rows = torch.tensor([2, 3])
     shift = group_latent_shift(plan, latents, cells)
     torch.testing.assert_close(shift, torch.tensor([[6.0, 3.0]]) - torch.tensor([[13 / 3, 11 / 3]]))
+
+
+def test_validation_holds_out_training_conditions_only_when_gan_validation_holdout_asks():
+    """Too few predictable validation conditions: with gan.validation_holdout = 0 the plan still
+    holds out no training condition (every one stays in phase 2); with a share it does."""
+    from test_tensors import tiny_screen, tiny_split
+
+    from regina_cli.data.tensors import CellTensors
+    from regina_cli.engine.gan_validation import build_plan
+
+    adata = tiny_screen()
+    cells = CellTensors.from_anndata(adata, tiny_split(), device_data="always")
+    assert build_plan(cells, adata, seed=0, holdout=0.0, min_conditions=50).held_out == []
+    assert build_plan(cells, adata, seed=0, holdout=0.5, min_conditions=50).held_out
 
 
 def test_holdout_takes_a_share_of_at_least_two_training_conditions_and_leaves_two():
