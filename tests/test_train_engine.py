@@ -87,6 +87,20 @@ def test_rng_state_and_checkpoint_round_trip_with_weights_only(tmp_path):
     assert not list(tmp_path.glob(".*part*")), "no temporary file left behind"
 
 
+def test_weights_of_a_compiled_model_are_saved_under_the_plain_names():
+    """`--compile` wraps the model (`torch.compile`), whose state_dict names every weight
+    `_orig_mod.<name>`: model.pt must hold the plain names, or predict (an uncompiled model)
+    cannot load it. The copies are on the CPU and detached from the live weights."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    compiled = torch.compile(model)  # lazy: nothing is compiled until it is called
+    assert any("_orig_mod." in name for name in compiled.state_dict())
+    weights = ckpt.state_dict_to_cpu(compiled)
+    assert set(weights) == set(model.state_dict())
+    torch.nn.Sequential(torch.nn.Linear(3, 2)).load_state_dict(weights)
+    weights["0.weight"].add_(1.0)
+    assert not torch.equal(weights["0.weight"], model[0].weight)
+
+
 def test_history_appends_and_truncates_on_resume(tmp_path):
     paths = ckpt.ae_paths(tmp_path / "run")
     for epoch in (1, 2, 3):
