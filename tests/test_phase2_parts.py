@@ -17,6 +17,91 @@ from regina_cli.model.gan import ExpressionPrior
 from regina_cli.model.losses import bulk_loss, moment_loss, per_condition_moments
 
 
+def test_ridge_penalty_is_chosen_by_the_exact_leave_one_out_error():
+    """The closed-form leave-one-out error (hat values with the unpenalised bias's 1/n) picks the
+    penalty that refitting without each gene in turn would pick."""
+    from regina_cli.engine.gene_prompts import RIDGE_PENALTIES
+
+    rng = np.random.default_rng(0)
+    x = torch.as_tensor(rng.normal(size=(6, 3)))  # few genes: the bias's 1/n decides here
+    y = x @ torch.as_tensor(rng.normal(size=(3, 2))) * 0.5 + torch.as_tensor(rng.normal(size=(6, 2)))
+    scale = float(((x - x.mean(0)) ** 2).mean())
+
+    def refit_error(penalty: float) -> float:
+        errors = []
+        for i in range(len(x)):
+            keep = torch.arange(len(x)) != i
+            xk, yk = x[keep], y[keep]
+            xc, yc = xk - xk.mean(0), yk - yk.mean(0)
+            gram = xc.T @ xc + penalty * scale * len(x) * torch.eye(x.shape[1], dtype=x.dtype)
+            weight = torch.linalg.solve(gram, xc.T @ yc)
+            errors.append(((y[i] - (yk.mean(0) + (x[i] - xk.mean(0)) @ weight)) ** 2).mean().item())
+        return float(np.mean(errors))
+
+    best = min(RIDGE_PENALTIES, key=refit_error)
+    assert best not in (RIDGE_PENALTIES[0], RIDGE_PENALTIES[-1])  # an interior choice: the test can tell
+    assert ridge_fit(x, y)[2] == best
+
+
+def test_prompt_table_and_learned_vectors_follow_gan_learned_prompts():
+    """learned_prompts = unmeasured gives a learned vector only to trained targets the screen does
+    not measure (the others have an encoder prompt); perturbed gives one to every trained target."""
+    from regina_cli.config import build_config
+    from regina_cli.engine.gene_prompts import prompt_gene_names
+
+    train = ["ctrl", "A+ctrl", "B+ctrl", "A+X", "Y+ctrl"]
+    base = ["gan.expression_prior=none", "gan.gene_features=none"]  # neither adds genes to the table
+    unmeasured = build_config(overrides=base + ["gan.learned_prompts=unmeasured"]).gan
+    perturbed = build_config(overrides=base + ["gan.learned_prompts=perturbed"]).gan
+    assert prompt_gene_names(train, ["A", "B", "C"], unmeasured) == (["X", "Y"], ["X", "Y"])
+    assert prompt_gene_names(train, ["A", "B", "C"], perturbed) == (["A", "B", "X", "Y"], ["A", "B", "X", "Y"])
+
+
+def test_single_conditions_map_each_gene_to_its_own_single_never_a_double():
+    """A gene's observed effect (the prior, the ridge targets) is that of its single; a double
+    naming it first must not take that place."""
+    from types import SimpleNamespace
+
+    from regina_cli.engine.gene_prompts import single_conditions
+
+    cells = SimpleNamespace(conditions=["ctrl", "A+ctrl", "A+B", "B+ctrl", "C+D"])
+    assert single_conditions(cells, [1, 2, 3, 4]) == {"A": 1, "B": 3}
+    assert single_conditions(cells, [2, 4]) == {}
+
+
+def test_shift_initialisation_writes_only_the_genes_with_a_learned_vector():
+    """learned_prompt_init = shift starts each learned vector at its gene's real latent shift; a
+    gene of the table without a learned vector (row -1) writes nowhere, not over the last one."""
+    from types import SimpleNamespace
+
+    from regina_cli.engine.gene_prompts import initialise_gene_prompts
+    from regina_cli.model.gan import GenePrompts
+
+    prompts = GenePrompts(["A", "B", "C"], 2, learned_genes=["B"])
+    shifts = {"A": torch.tensor([1.0, 1.0]), "B": torch.tensor([2.0, -2.0]), "C": torch.tensor([5.0, 5.0])}
+    report = initialise_gene_prompts(SimpleNamespace(gene_prompts=prompts), shifts, learned_init="shift")
+    assert report["fitted_genes"] == 3
+    torch.testing.assert_close(prompts.learned.detach(), torch.tensor([[2.0, -2.0]]))
+
+
+def test_coexpression_features_are_correlations_whatever_each_genes_scale():
+    """The cells are standardised first: each gene's loadings are its correlations with the
+    components (squares summing to at most 1), so a gene on a 100x larger scale does not swamp the
+    ridge fit."""
+    from test_tensors import tiny_screen, tiny_split
+
+    from regina_cli.data.tensors import CellTensors
+    from regina_cli.engine.gene_prompts import coexpression_features
+
+    adata = tiny_screen()
+    x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
+    adata.X = (x * np.where(np.arange(adata.n_vars) == 0, 100.0, 1.0)).astype(np.float32)
+    cells = CellTensors.from_anndata(adata, tiny_split(), device_data="always")
+    features = coexpression_features(cells, list(cells.genes) + ["UNMEASURED"], dim=4, seed=0)
+    assert features.shape == (cells.n_genes + 1, 4) and not features[-1].any()
+    assert float(features.pow(2).sum(1).max()) <= 1.0 + 1e-4
+
+
 def test_expression_prior_sums_observed_effects_else_the_linear_model():
     prior = ExpressionPrior(n_genes=3, n_table=2, dim=2, n_observed=1)
     prior.embedding.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))  # G

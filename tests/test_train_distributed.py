@@ -59,7 +59,7 @@ def _step_on_two_ranks(rank: int, rendezvous: str, out: str) -> None:
     without clipping, and clipped to norm 0.5."""
     import torch.distributed as dist
 
-    from regina_cli.engine.distributed import DistContext, data_parallel
+    from regina_cli.engine.distributed import DistContext, any_rank, broadcast_floats, data_parallel
 
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     ctx = DistContext(rank, rank, 2, torch.device("cpu"))
@@ -70,6 +70,8 @@ def _step_on_two_ranks(rank: int, rendezvous: str, out: str) -> None:
         weight.grad = torch.tensor([3.0, 0.0]) if rank == 0 else torch.tensor([-1.0, 0.0])
         optimizer.step()
         found[str(clip)] = weight.detach().tolist()
+    found["any"] = any_rank(rank == 0, ctx)  # a stop signal only rank 0 saw
+    found["broadcast"] = broadcast_floats([float(rank), 7.0 + rank], ctx)
     with open(f"{out}.{rank}", "w") as handle:
         json.dump(found, handle)
     dist.destroy_process_group()
@@ -78,7 +80,8 @@ def _step_on_two_ranks(rank: int, rendezvous: str, out: str) -> None:
 def test_every_step_averages_the_gradients_over_the_ranks_and_then_clips(tmp_path):
     """`data_parallel`: each rank steps with the mean of the ranks' gradients (not their sum, which
     would scale the step with the number of GPUs), clipped after averaging, so every rank clips
-    the same gradient (clipping each rank's own first gives another step)."""
+    the same gradient (clipping each rank's own first gives another step). A stop signal one rank
+    sees stops them all (`any_rank`), and decisions use rank 0's numbers (`broadcast_floats`)."""
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "weights")
@@ -87,6 +90,7 @@ def test_every_step_averages_the_gradients_over_the_ranks_and_then_clips(tmp_pat
         found = json.loads(open(f"{out}.{rank}").read())
         assert found["0.0"] == pytest.approx([-1.0, 0.0])  # mean gradient [1, 0]
         assert found["0.5"] == pytest.approx([-0.5, 0.0])  # its clip to norm 0.5
+        assert found["any"] is True and found["broadcast"] == [0.0, 7.0]  # every rank stops; rank 0's numbers
 
 
 def test_a_user_error_on_one_rank_ends_every_process(tmp_path):
