@@ -56,6 +56,16 @@ def test_label_spellings(label, separator, expected):
     assert normalise_label(label, controls, separator) == expected
 
 
+def test_a_pair_spelled_both_ways_keeps_the_spelling_of_more_cells_else_the_first_sorted():
+    """One condition per pair of targets: the spelling more cells carry, and on a tie the first in
+    sort order, so the same file always gives the same label."""
+    from regina_cli.data.importer import merge_spellings
+
+    assert merge_spellings(pd.Series(["B+A"] * 3 + ["A+B"] * 2 + ["C+ctrl"])) == {"A+B": "B+A"}
+    assert merge_spellings(pd.Series(["B+A"] * 3 + ["A+B"] * 3)) == {"B+A": "A+B"}
+    assert merge_spellings(pd.Series(["A+B", "C+ctrl"])) == {}
+
+
 def test_papalexi_raw_counts_are_normalised(papalexi_path):
     result = fetch_cli("papalexi", "--from", papalexi_path)
     assert result.exit_code == 0, result.output
