@@ -106,6 +106,7 @@ def server(gears_zip):
             "/truncated.zip": ("truncated", gears_zip),
             "/corrupt.zip": ("file", bytes(corrupt)),
             "/error.html": ("html", HTML_PAGE),
+            "/busy": ("html", b"Service unavailable: please try again later"),  # no markup to sniff
             "/page.bin": ("file", HTML_PAGE),
             "/forbidden.zip": ("forbidden", b""),
             "/no_ranges.zip": ("no_ranges", gears_zip),
@@ -198,6 +199,7 @@ def test_truncated_transfer_keeps_only_the_part_and_resumes(server):
     [
         ("/corrupt.zip", "not a valid zip|corrupt"),
         ("/error.html", "web page"),
+        ("/busy", "web page"),
         ("/page.bin", "web page"),
         ("/forbidden.zip", "HTTP 403"),
         ("/nowhere.zip", "HTTP 404"),
