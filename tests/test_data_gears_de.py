@@ -57,6 +57,18 @@ def test_top_non_zero_de_genes_skip_genes_zero_in_the_condition_and_in_the_contr
     assert list(adata.uns[keys.UNS_TOP_NON_ZERO_DE_20][name]) == [g for g in ranked if g not in ("g0", "g1")]
 
 
+def test_a_cell_type_with_controls_only_has_nothing_to_rank(rng):
+    """A cell line screened with controls only (or whose perturbed cells were all dropped) gets
+    no DE list, and the other cell types theirs: scanpy is not asked to rank controls alone."""
+    X = rng.uniform(0.5, 2.0, (40, 10)).astype(np.float32)
+    conditions = ["ctrl"] * 10 + ["A+ctrl"] * 10 + ["ctrl"] * 20
+    cell_types = ["K562"] * 20 + ["RPE1"] * 20
+    obs = pd.DataFrame({"condition": conditions, "cell_type": cell_types}, index=[f"c{i}" for i in range(40)])
+    adata = ad.AnnData(sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(10)]))
+    add_gears_de(adata)
+    assert set(adata.uns[keys.UNS_RANK_GENES]) == {"K562_A+ctrl_1+1"}
+
+
 def _gears_reference(adata):
     """Run cell-gears' get_DE_genes + get_dropout_non_zero_genes on a bare copy."""
     from gears.data_utils import get_DE_genes, get_dropout_non_zero_genes
