@@ -98,6 +98,14 @@ def test_simulation_holds_out_whole_genes_and_matches_derived_subgroups():
     assert {g: sorted(v) for g, v in derived.items()} == {g: sorted(v) for g, v in gears_groups["test_subgroup"].items()}
 
 
+@pytest.mark.parametrize("mode", ["simulation", "combo_seen1", "single"])
+def test_gears_modes_refuse_conditions_of_three_genes(mode):
+    """GEARS' splits know singles and pairs only: a triple would be dropped or misfiled without a
+    word, so every generated mode refuses it and points to --split-file."""
+    with pytest.raises(ReginaError, match="at most two genes per condition.*--split-file"):
+        gears_split(["ctrl", "A+ctrl", "B+ctrl", "A+B", "A+B+C"], mode, seed=1)
+
+
 def test_derived_subgroups_leave_out_a_single_whose_gene_trains_inside_a_combination():
     """A held-out single "A+ctrl" whose gene A is trained on inside "A+B" is not an unseen gene: a
     user reading unseen_single scores must not get it counted there (nor in any combo group)."""
