@@ -443,6 +443,48 @@ def test_folds_never_use_a_held_out_gene_as_a_knowledge_neighbour(monkeypatch):
     assert used  # the held-out genes do get neighbours (the other, trained genes of their programme)
 
 
+def test_folds_give_an_unobserved_gene_of_a_held_out_double_its_knowledge_neighbours(monkeypatch):
+    """A held-out double A1+Z1 whose Z1 is never perturbed alone: the fold predicts Z1 from its
+    knowledge neighbours, as the fitted prior will, so the cross-fitted table the transition
+    trains on holds the same kind of prior as prediction uses."""
+    import anndata as ad
+
+    from regina_cli.config import build_config
+    from regina_cli.data.knowledge import ANNOTATION, TOP_K, GeneKnowledge
+    from regina_cli.data.split import Split
+    from regina_cli.data.tensors import CellTensors
+    from regina_cli.engine import expression_prior
+    from regina_cli.engine.condition_stats import condition_stats
+    from regina_cli.engine.gan_validation import training_control_mean
+    from regina_cli.engine.gene_prompts import prompt_gene_names
+
+    adata, train, targets = _grouped_screen()
+    double = adata[(adata.obs["condition"] == "A1+ctrl").to_numpy()].copy()
+    double.obs["condition"] = "A1+Z1"
+    double.obs_names = [f"z{i}" for i in range(double.n_obs)]
+    adata = ad.concat([adata, double], merge="same")
+    train = train + ["A1+Z1"]
+    knowledge = GeneKnowledge("test", ANNOTATION, targets + ["Z1"],
+                              terms=[frozenset({t[0]}) for t in targets] + [frozenset({"A"})])  # Z1: programme A
+    split = Split(dataset="g", mode="custom", seed=1, train_gene_frac=None, train=train, val=[], test=[],
+                  subgroups={"test_subgroup": {}, "val_subgroup": {}})
+    config = build_config(overrides=["gan.expression_prior=linear"])
+    table, _ = prompt_gene_names(split.train, list(adata.var_names), config.gan, targets + ["Z1"])
+    cells = CellTensors.from_anndata(adata, split, device_data="always", prompt_genes=table)
+    stats = condition_stats(cells, torch.zeros(cells.n_cells, 4), cells.train_perturbed_idx)
+    seen, choose = [], expression_prior._choose_weights
+    monkeypatch.setattr(expression_prior, "_choose_weights",
+                        lambda folds, *rest: seen.append(folds) or choose(folds, *rest))
+    prior = ExpressionPrior(cells.n_genes, len(table), 10,
+                            n_observed=len(expression_prior.observed_genes(cells, stats)), n_neighbours=TOP_K)
+    expression_prior.fit_expression_prior(prior, cells, stats, training_control_mean(cells), table, seed=0,
+                                          knowledge=knowledge)
+    (folds,) = seen
+    with_z1 = [fold for fold in folds if "Z1" in fold.neighbours]
+    assert len(with_z1) == 1  # the fold that holds A1+Z1 out
+    assert set(with_z1[0].neighbours["Z1"][0]) <= {f"A{i}" for i in range(6)}
+
+
 def test_covariation_loadings_give_each_genes_regression_slope_in_the_controls():
     from regina_cli.engine.expression_prior import covariation_loadings
 
