@@ -33,6 +33,15 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
     assert (other.X != read_dataset("a", tmp_path).X).nnz > 0
 
 
+def test_a_small_control_fraction_still_gives_every_cell_type_its_minimum_of_controls():
+    """`control_fraction` near 0 (the Python API takes any share in (0, 1)) must not leave a cell
+    type without the controls its DE ranking and every control-matched step need."""
+    adata = simulate_screen(n_cells=400, n_genes=200, n_singles=4, n_doubles=2, n_cell_types=2,
+                            control_fraction=0.001, seed=0)
+    controls = adata.obs[adata.obs[keys.OBS_CONDITION].astype(str) == keys.CTRL]
+    assert controls[keys.OBS_CELL_TYPE].astype(str).value_counts().min() >= 3
+
+
 def test_gears_layout(screen):
     assert sp.isspmatrix_csr(screen.X) and screen.X.dtype == np.float32
     assert all(key in screen.obs for key in GEARS_OBS) and all(key in screen.uns for key in GEARS_UNS)

@@ -110,6 +110,8 @@ def test_history_appends_and_truncates_on_resume(tmp_path):
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"] and rows[3]["val_cons"] == "0.5"
     ckpt.truncate_history(paths, 2)
     assert [r["epoch"] for r in ckpt.read_history(paths)] == ["1", "2"]
+    ckpt.append_history(paths, {"epoch": 3, "train_mse": 0.123456789, "val_cons": 12345.678})
+    assert ckpt.read_history(paths)[-1] == {"epoch": "3", "train_mse": "0.123457", "val_cons": "12345.7"}  # 6 digits
 
 
 def test_damaged_checkpoint_is_a_user_error(tmp_path):
