@@ -54,40 +54,33 @@ def test_two_gloo_processes_stay_in_sync(tmp_path):
     assert validation == ["val_mse", "val_cons", "val_variance_preservation", "val_clf_acc"]
 
 
-def _step_on_two_ranks(rank: int, rendezvous: str, out: str) -> None:
+def _step_on_two_ranks(ctx) -> dict:
     """One SGD step (lr 1) per rank, gradients [3, 0] on rank 0 and [-1, 0] on rank 1 (mean [1, 0]):
-    without clipping, and clipped to norm 0.5."""
-    import torch.distributed as dist
+    without clipping, and clipped to norm 0.5; then a flag only rank 0 raises, and rank 0's numbers."""
+    from regina_cli.engine.distributed import any_rank, broadcast_floats, data_parallel
 
-    from regina_cli.engine.distributed import DistContext, any_rank, broadcast_floats, data_parallel
-
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
-    ctx = DistContext(rank, rank, 2, torch.device("cpu"))
     found = {}
     for clip in (0.0, 0.5):
         weight = torch.nn.Parameter(torch.zeros(2))
         optimizer = data_parallel(torch.optim.SGD([weight], lr=1.0), ctx, clip=clip)
-        weight.grad = torch.tensor([3.0, 0.0]) if rank == 0 else torch.tensor([-1.0, 0.0])
+        weight.grad = torch.tensor([3.0, 0.0]) if ctx.rank == 0 else torch.tensor([-1.0, 0.0])
         optimizer.step()
         found[str(clip)] = weight.detach().tolist()
-    found["any"] = any_rank(rank == 0, ctx)  # a stop signal only rank 0 saw
-    found["broadcast"] = broadcast_floats([float(rank), 7.0 + rank], ctx)
-    with open(f"{out}.{rank}", "w") as handle:
-        json.dump(found, handle)
-    dist.destroy_process_group()
+    found["any"] = any_rank(ctx.rank == 0, ctx)  # a stop signal only rank 0 saw
+    found["broadcast"] = broadcast_floats([float(ctx.rank), 7.0 + ctx.rank], ctx)
+    return found
 
 
-def test_every_step_averages_the_gradients_over_the_ranks_and_then_clips(tmp_path):
+def test_every_step_averages_the_gradients_over_the_ranks_and_then_clips():
     """`data_parallel`: each rank steps with the mean of the ranks' gradients (not their sum, which
     would scale the step with the number of GPUs), clipped after averaging, so every rank clips
     the same gradient (clipping each rank's own first gives another step). A stop signal one rank
     sees stops them all (`any_rank`), and decisions use rank 0's numbers (`broadcast_floats`)."""
-    import torch.multiprocessing as mp
+    from regina_cli.engine.distributed import run_distributed
 
-    out = str(tmp_path / "weights")
-    mp.spawn(_step_on_two_ranks, args=(str(tmp_path / "rendezvous"), out), nprocs=2)
-    for rank in (0, 1):
-        found = json.loads(open(f"{out}.{rank}").read())
+    result = run_distributed(_step_on_two_ranks, {}, gpus=2, device="cpu")
+    assert len(result["per_rank"]) == 2
+    for found in result["per_rank"]:
         assert found["0.0"] == pytest.approx([-1.0, 0.0])  # mean gradient [1, 0]
         assert found["0.5"] == pytest.approx([-0.5, 0.0])  # its clip to norm 0.5
         assert found["any"] is True and found["broadcast"] == [0.0, 7.0]  # every rank stops; rank 0's numbers
