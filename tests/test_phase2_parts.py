@@ -370,28 +370,34 @@ def _grouped_screen(seed: int = 0):
     return adata, ["ctrl"] + [f"{t}+ctrl" for t in targets], targets
 
 
-@pytest.mark.parametrize("informative", [True, False])
-def test_folds_give_knowledge_weight_only_when_it_predicts_held_out_genes(informative):
+def _grouped_phase(terms=None):
+    """(knowledge, prompt table, CellTensors, condition stats) of `_grouped_screen`, with each
+    target annotated by its programme (or by `terms`)."""
     from regina_cli.config import build_config
-    from regina_cli.data.knowledge import ANNOTATION, TOP_K, GeneKnowledge
+    from regina_cli.data.knowledge import ANNOTATION, GeneKnowledge
     from regina_cli.data.split import Split
     from regina_cli.data.tensors import CellTensors
     from regina_cli.engine.condition_stats import condition_stats
-    from regina_cli.engine.expression_prior import fit_expression_prior, observed_genes
-    from regina_cli.engine.gan_validation import training_control_mean
     from regina_cli.engine.gene_prompts import prompt_gene_names
 
     adata, train, targets = _grouped_screen()
-    terms = [frozenset({t[0]}) for t in targets]  # the true programme, or a shuffled one
-    if not informative:
-        terms = [frozenset({"A" if i % 2 else "B"}) for i in range(len(targets))]
-    knowledge = GeneKnowledge("test", ANNOTATION, targets, terms=terms)
+    knowledge = GeneKnowledge("test", ANNOTATION, targets, terms=terms or [frozenset({t[0]}) for t in targets])
     split = Split(dataset="g", mode="custom", seed=1, train_gene_frac=None, train=train, val=[], test=[],
                   subgroups={"test_subgroup": {}, "val_subgroup": {}})
     config = build_config(overrides=["gan.expression_prior=linear"])
     table, _ = prompt_gene_names(split.train, list(adata.var_names), config.gan, targets)
     cells = CellTensors.from_anndata(adata, split, device_data="always", prompt_genes=table)
-    stats = condition_stats(cells, torch.zeros(cells.n_cells, 4), cells.train_perturbed_idx)
+    return knowledge, table, cells, condition_stats(cells, torch.zeros(cells.n_cells, 4), cells.train_perturbed_idx)
+
+
+@pytest.mark.parametrize("informative", [True, False])
+def test_folds_give_knowledge_weight_only_when_it_predicts_held_out_genes(informative):
+    from regina_cli.data.knowledge import TOP_K
+    from regina_cli.engine.expression_prior import fit_expression_prior, observed_genes
+    from regina_cli.engine.gan_validation import training_control_mean
+
+    terms = None if informative else [frozenset({"A" if i % 2 else "B"}) for i in range(12)]  # or shuffled
+    knowledge, table, cells, stats = _grouped_phase(terms)
     prior = ExpressionPrior(cells.n_genes, len(table), 10, n_observed=len(observed_genes(cells, stats)),
                             n_neighbours=TOP_K)
     cross = fit_expression_prior(prior, cells, stats, training_control_mean(cells), table, seed=0, knowledge=knowledge)
@@ -408,23 +414,11 @@ def test_folds_never_use_a_held_out_gene_as_a_knowledge_neighbour(monkeypatch):
     """The folds score the knowledge weight on genes they hold out; a held-out gene's own observed
     effect must not reach the prediction of another held-out gene as its neighbour, or the folds
     see the answers and choose a knowledge weight that unseen genes never earn."""
-    from regina_cli.config import build_config
-    from regina_cli.data.knowledge import ANNOTATION, TOP_K, GeneKnowledge
-    from regina_cli.data.split import Split
-    from regina_cli.data.tensors import CellTensors
+    from regina_cli.data.knowledge import TOP_K
     from regina_cli.engine import expression_prior
-    from regina_cli.engine.condition_stats import condition_stats
     from regina_cli.engine.gan_validation import training_control_mean
-    from regina_cli.engine.gene_prompts import prompt_gene_names
 
-    adata, train, targets = _grouped_screen()
-    knowledge = GeneKnowledge("test", ANNOTATION, targets, terms=[frozenset({t[0]}) for t in targets])
-    split = Split(dataset="g", mode="custom", seed=1, train_gene_frac=None, train=train, val=[], test=[],
-                  subgroups={"test_subgroup": {}, "val_subgroup": {}})
-    config = build_config(overrides=["gan.expression_prior=linear"])
-    table, _ = prompt_gene_names(split.train, list(adata.var_names), config.gan, targets)
-    cells = CellTensors.from_anndata(adata, split, device_data="always", prompt_genes=table)
-    stats = condition_stats(cells, torch.zeros(cells.n_cells, 4), cells.train_perturbed_idx)
+    knowledge, table, cells, stats = _grouped_phase()
     seen, choose = [], expression_prior._choose_weights
     monkeypatch.setattr(expression_prior, "_choose_weights",
                         lambda folds, held_out, *rest: seen.append((folds, held_out)) or choose(folds, held_out, *rest))
