@@ -26,6 +26,7 @@ from regina_cli.engine.distributed import DistContext, any_rank, barrier, broadc
 from regina_cli.engine.early_stopping import BestTracker
 from regina_cli.engine.preemption import StopOnSignal, TrainingInterrupted
 from regina_cli.engine.progress import TrainingProgress, format_losses
+from regina_cli.engine.run_meta import check_run_dataset, read_meta
 from regina_cli.errors import ReginaError
 
 CHECKPOINT_FORMAT = 2  # 2: named running loss terms
@@ -312,21 +313,26 @@ def check_resume_trains(paths: ckpt.PhasePaths, config, max_epochs: int, *, resu
         return
     state = ckpt.load_torch(paths.last, map_location="cpu", mmap=True)  # _restore reads the tensors later
     done, final = int(state.get("epoch", 0)), _final_stop(state.get("stop_reason", ""))
-    if final and paths.config.is_file() and ckpt.read_config(paths) != config:
-        raise ReginaError(f"{paths.dir} already finished ({final}), so resuming trains nothing and cannot take "
-                          "other settings: train a new --run to change them")
+    if final:
+        _refuse_other_settings(paths, config, final)
     if not final and max_epochs < done:
         raise ReginaError(f"{paths.dir} has trained {done} epochs already, more than --max-epochs {max_epochs}: "
                           f"pass --max-epochs {done} or more to resume")
 
 
-def finished_summary(paths: ckpt.PhasePaths, config, max_epochs: int, *, resume: bool) -> dict | None:
+def _refuse_other_settings(paths: ckpt.PhasePaths, config, reason: str) -> None:
+    if paths.config.is_file() and ckpt.read_config(paths) != config:
+        raise ReginaError(f"{paths.dir} already finished ({reason}), so resuming trains nothing and cannot take "
+                          "other settings: train a new --run to change them")
+
+
+def finished_summary(paths: ckpt.PhasePaths, config, max_epochs: int, *, resume: bool,
+                     dataset: str | None = None) -> dict | None:
     """A resume of a trained phase with nothing left to train (it stopped for good, or at this
     --max-epochs): the summary its meta.json recorded, with `nothing_to_resume` set and nothing
     written, so the phase never reads as unfinished meanwhile and a kill cannot leave it so.
-    None for anything else. Other settings are refused: the weights were not trained with them."""
-    from regina_cli.engine.run_meta import read_meta
-
+    None for anything else. Other settings, or another `dataset` than the run's, are refused:
+    the weights were not trained with them."""
     if not resume or not paths.last.is_file() or not paths.meta.is_file():
         return None
     meta = read_meta(paths)
@@ -335,9 +341,9 @@ def finished_summary(paths: ckpt.PhasePaths, config, max_epochs: int, *, resume:
     reason = meta.training.get("stop_reason", "")
     if not _final_stop(reason) and max_epochs > int(meta.training.get("epochs", 0)):
         return None
-    if paths.config.is_file() and ckpt.read_config(paths) != config:
-        raise ReginaError(f"{paths.dir} already finished ({reason}), so resuming trains nothing and cannot take "
-                          "other settings: train a new --run to change them")
+    _refuse_other_settings(paths, config, reason)
+    if dataset is not None:
+        check_run_dataset(meta, dataset, str(paths.run_dir))  # its genes: the dataset's hash, checked before
     return {**meta.training, "nothing_to_resume": True}
 
 

@@ -33,8 +33,8 @@ from regina_cli.engine.loop import (EpochBatches, amp_context, check_resume_trai
                                     fit, scaled_lr, seed_everything, steps_per_epoch)
 from regina_cli.engine.progress import TrainingProgress
 from regina_cli.engine.run_config import check_fixed_shapes, resolve_run_config
-from regina_cli.engine.run_meta import (RunMeta, check_resume, check_run_dataset, check_run_dir, config_sha256,
-                                       phase1_inputs, prepare_run_dir, read_meta, trained_data_dir, write_meta)
+from regina_cli.engine.run_meta import (RunMeta, check_resume, check_run_dir, config_sha256, phase1_inputs,
+                                       prepare_run_dir, trained_data_dir, write_meta)
 from regina_cli.errors import ReginaError, warnings_among
 from regina_cli.io import check_writable_folder
 
@@ -234,8 +234,8 @@ def train_autoencoder(
     check_resume(ckpt.ae_paths(run_dir), provenance, resume=resume)  # the config may change (shapes checked above)
     if config.model.gene_knowledge:  # read again by each process, for its notes; a bad file stops here
         resolve_knowledge(config.model.gene_knowledge, data_dir)
-    if (finished := finished_summary(ckpt.ae_paths(run_dir), config, config.ae.max_epochs, resume=resume)) is not None:
-        check_run_dataset(read_meta(ckpt.ae_paths(run_dir)), name, str(run_dir))  # its genes: the dataset's hash
+    finished = finished_summary(ckpt.ae_paths(run_dir), config, config.ae.max_epochs, resume=resume, dataset=name)
+    if finished is not None:
         return finished
     provenance[keys.CONFIG_SHA256] = config_sha256(config)
     kwargs = dict(name=name, split=split, labels=labels, run_dir=str(run_dir), config=config,
