@@ -439,6 +439,14 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+def ignore_stop_signals() -> None:
+    """For the rest of a process whose command succeeded: its outputs are complete, and a stop
+    signal during the interpreter's shutdown (about a second with torch loaded) would only turn
+    exit 0 into 128 + the signal, with no message, for work that is done."""
+    for signum in (*STOP_SIGNALS, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class Terminated(KeyboardInterrupt):
     """A stop signal (`STOP_SIGNALS`), raised like Ctrl-C's KeyboardInterrupt so that no `except
     Exception` swallows it; temporary outputs are removed on the way out and the exit code says

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import os
 import subprocess
 import sys
@@ -135,9 +136,6 @@ def test_an_interruption_is_one_error_line(capsys):
 
 def test_slurms_warning_signal_outside_training_is_an_interruption(capsys):
     """SIGUSR1 (`#SBATCH --signal=USR1@120`) killed any command but training on the spot."""
-    import os
-    import signal
-
     import typer
 
     from regina_cli.cli.common import user_errors
@@ -183,8 +181,6 @@ class SignalledWhileCollected:
     drops the exception it raises (as in a garbage-collector callback) and goes on."""
 
     def __del__(self):
-        import signal
-
         os.kill(os.getpid(), signal.SIGTERM)
         for _ in range(10000):  # the handler runs at one of these bytecodes
             pass
@@ -267,3 +263,19 @@ def test_result_tables_on_a_stdout_that_cannot_encode_them_are_escaped():
                           env={**os.environ, "PYTHONIOENCODING": "latin-1"})
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     assert b"pearson_delta \\u2191" in done.stdout
+
+
+@pytest.mark.parametrize("argv, code", [(["--version"], 0), (["predict", "--run", "no-such-run"], 2)])
+def test_a_stop_signal_during_shutdown_leaves_a_successful_exit_status(argv, code, tmp_path):
+    """A SIGTERM in the second a finished command spends shutting down (torch, h5py) ended it
+    with 143 and no message, so a batch script recorded complete work as killed. A command that
+    failed stays killable."""
+    script = ("import atexit, os, signal, sys\n"
+              "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
+              f"sys.argv = ['regina', *{argv!r}]\n"
+              "from regina_cli.cli import main\n"
+              "main()\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == (0 if code == 0 else -signal.SIGTERM), done.stderr
+    if code:
+        assert done.stderr.startswith("error: ")

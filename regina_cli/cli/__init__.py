@@ -17,10 +17,13 @@ from regina_cli.cli import (  # noqa: F401  (registration side effect)
 
 
 def main() -> None:
-    from regina_cli.io import skip_hdf5_shutdown
+    from regina_cli.io import ignore_stop_signals, skip_hdf5_shutdown
 
     try:
         app()
     except SystemExit as done:
-        skip_hdf5_shutdown(done.code if isinstance(done.code, int) else 1)
+        code = done.code if isinstance(done.code, int) else 1
+        skip_hdf5_shutdown(code)
+        if code == 0:
+            ignore_stop_signals()
         raise
