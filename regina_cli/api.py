@@ -11,6 +11,7 @@ docs/api.md documents every function with a worked example that tests/test_api.p
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 import warnings
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from regina_cli import keys
 from regina_cli.errors import ReginaError, warnings_among
+from regina_cli.global_state import leaves_global_state
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,6 +30,11 @@ if TYPE_CHECKING:
 
     from regina_cli.config import ReginaConfig
     from regina_cli.data.split import Split
+
+
+# The warn stack level of the user's line for a warning raised in a public function: its caller,
+# past `leaves_global_state`'s wrapper.
+_USER = 3
 
 
 def _silent(_: str) -> None:
@@ -42,41 +49,64 @@ def _progress(verbose: bool) -> str:
     return "plain" if verbose else "silent"
 
 
-def _name_of(value, attribute: str) -> str:
-    """A split or label method given as its name or as the result that made it."""
+def _name_of(value, attribute: str, what: str) -> str:
+    """A split or label method given as its name or as the result that made it (`what`: the
+    argument, for the message). A path is neither: its file name is not the name."""
     if value is None or isinstance(value, str):
         return value
-    if not hasattr(value, attribute):
-        raise ReginaError(f"expected a name or a result with .{attribute}, not {value!r}")
+    if isinstance(value, os.PathLike) or not hasattr(value, attribute):
+        raise ReginaError(f"{what}= takes a name or a result of regina.{'split' if what == 'split' else 'label'} "
+                          f"(with .{attribute}), not {value!r}")
     return getattr(value, attribute)
 
 
-def _split_of(split, name: str) -> str | None:
-    """A split's name; a `SplitResult` of another dataset is refused (its name alone would pick
-    this dataset's split of that name, which is another split)."""
-    found = _name_of(split, "name")
+def _split_of(split, name: str, data_dir) -> str | None:
+    """A split's name; a `SplitResult` of another dataset or data folder is refused (its name alone
+    would pick this folder's split of that name, which is another split)."""
+    found = _name_of(split, "name", "split")
     made_for = getattr(getattr(split, "split", None), "dataset", name)
     if made_for != name:
         raise ReginaError(f"split {found} was made for dataset {made_for!r}, not {name!r}: "
                           f"pass regina.split({name!r}, ...) or a split name")
+    path = getattr(split, "path", None)
+    if path is None:
+        return found
+    here = keys.split_file(name, found, data_dir)
+    if Path(path).resolve() != here.resolve():
+        raise ReginaError(f"split {found} was written to {path}, but this call reads {here}: pass "
+                          f"data_dir={str(Path(path).resolve().parents[2])!r}, or the split's name for this folder's")
     return found
 
 
 def _labels_of(labels, name: str, split: str | None, data_dir) -> str | None:
-    """A label method; a `LabelResult` of another dataset or split is refused, for the same reason."""
-    method = _name_of(labels, "method")
+    """A label method; a `LabelResult` of another dataset, split or data folder is refused, for the
+    same reason, and so are labels fitted on all cells where training would take those fitted on
+    the split (`data.label.labels_path`)."""
+    from regina_cli.data.label import labels_path
+
+    method = _name_of(labels, "method", "labels")
     path = getattr(labels, "path", None)
-    if path is not None:
-        own = {keys.labels_file(name, method, data_dir, split).resolve(), keys.labels_file(name, method, data_dir).resolve()}
-        if Path(path).resolve() not in own:
-            raise ReginaError(f"labels {path} are not {name}'s {method} labels for split {split}: pass "
-                              f"regina.label({name!r}, {method!r}, split={split!r}) or the method's name")
+    if path is None:
+        return method
+    path = Path(path).resolve()
+    own, shared = (keys.labels_file(name, method, data_dir, split).resolve(),
+                   keys.labels_file(name, method, data_dir).resolve())
+    if path not in (own, shared):
+        raise ReginaError(f"labels {path} are not {name}'s {method} labels for split {split}: pass "
+                          f"regina.label({name!r}, {method!r}, split={split!r}) or the method's name")
+    if path == shared and split is not None and labels_path(name, method, data_dir, split).resolve() == own:
+        raise ReginaError(f"labels {path} were fitted on all cells, but training on split {split} takes the labels "
+                          f"fitted on its training cells, {own}: pass labels={method!r} to train on those")
     return method
 
 
 def _run_dir(run) -> Path:
     """A run given as a path, a `TrainResult` or a `TrainedRun` (both have `run_dir`)."""
-    return Path(getattr(run, "run_dir", run))
+    found = getattr(run, "run_dir", run)
+    if not isinstance(found, (str, os.PathLike)):
+        raise ReginaError(f"run= takes a run folder (a str or Path), a TrainResult or a TrainedRun, "
+                          f"not {type(run).__name__}")
+    return Path(found)
 
 
 # --- fetch ---------------------------------------------------------------------------------------
@@ -138,6 +168,7 @@ def _staged_anndata(adata, data_dir):
             scratch.rmdir()
 
 
+@leaves_global_state
 def fetch(name: str, adata: AnnData | None = None, *, source: str | Path | None = None, force: bool = False,
           control: str | Sequence[str] | None = (), condition_key: str | None = None,
           cell_type_key: str | None = None, separator: str | None = None, n_top_genes: int | None = None,
@@ -171,10 +202,10 @@ def fetch(name: str, adata: AnnData | None = None, *, source: str | Path | None 
     else:
         result = fetch_dataset(name, source=None if source is None else str(source), **kwargs)
     for warning in warnings_among(result.notes):
-        warnings.warn(warning, stacklevel=2)
+        warnings.warn(warning, stacklevel=_USER)
     if result.action == "already present" and (adata is not None or source is not None or simulation):
         warnings.warn(f"{name} is already present and was not fetched again, so the options given did not "
-                      "apply: pass force=True to replace it", stacklevel=2)
+                      "apply: pass force=True to replace it", stacklevel=_USER)
     return read_dataset(name, data_dir, backed=backed)
 
 
@@ -185,7 +216,7 @@ class SplitResult:
 
     split: Split  # the condition lists: .train, .val, .test, .subgroups
     summary: pd.DataFrame  # per set and subgroup: conditions, cells, unmeasured, unpredictable
-    path: Path  # data/<name>/splits/<split name>.json
+    path: Path  # data/<name>/splits/<split name>.json (absolute: a notebook may change folder)
     n_unassigned: int  # dataset conditions in no set (GEARS leaves some out in combo/single modes)
     warnings: list[str]
 
@@ -200,6 +231,7 @@ class SplitResult:
         return f"SplitResult(name={self.name!r}, {sets}, n_unassigned={self.n_unassigned}, path={str(self.path)!r})"
 
 
+@leaves_global_state
 def split(name: str, *, mode: str = "simulation", seed: int = 1, train_gene_frac: float = 0.75,
           split_file: str | Path | dict | None = None, gene_knowledge: str | None = None, force: bool = False,
           data_dir: str | Path | None = None) -> SplitResult:
@@ -212,8 +244,8 @@ def split(name: str, *, mode: str = "simulation", seed: int = 1, train_gene_frac
     outcome = split_dataset(name, mode=mode, seed=seed, train_gene_frac=train_gene_frac, split_file=split_file,
                             data_dir=data_dir, gene_knowledge=gene_knowledge, force=force)
     for warning in outcome.warnings:
-        warnings.warn(warning, stacklevel=2)
-    return SplitResult(outcome.split, pd.DataFrame(outcome.summary), outcome.path, outcome.n_unassigned,
+        warnings.warn(warning, stacklevel=_USER)
+    return SplitResult(outcome.split, pd.DataFrame(outcome.summary), Path(outcome.path).resolve(), outcome.n_unassigned,
                        list(outcome.warnings))
 
 
@@ -226,9 +258,10 @@ class LabelResult:
     balance: pd.DataFrame = field(repr=False)  # one row per class: cells, share, and cells per split set
     fitted_on: str  # which cells the labels were fitted on, in words
     details: dict = field(repr=False)  # how they were obtained (stress: threshold, quantile, markers)
-    path: Path  # data/<name>/labels/<method>@<split>.csv (<method>.csv without a split)
+    path: Path  # data/<name>/labels/<method>@<split>.csv (<method>.csv without a split; absolute)
 
 
+@leaves_global_state
 def label(name: str, method: str, *, split: str | SplitResult | None = None, quantile: float | None = None,
           force: bool = False, data_dir: str | Path | None = None) -> LabelResult:
     """`regina label`: one cell-state class per cell (`stress`, `cell-cycle` or `obs:<column>`),
@@ -237,10 +270,10 @@ def label(name: str, method: str, *, split: str | SplitResult | None = None, qua
 
     from regina_cli.data.label import label_dataset
 
-    outcome = label_dataset(name, method, quantile=quantile, split=_split_of(split, name), data_dir=data_dir,
+    outcome = label_dataset(name, method, quantile=quantile, split=_split_of(split, name, data_dir), data_dir=data_dir,
                             force=force)
     return LabelResult(method, outcome.labels.cell_state, pd.DataFrame(outcome.balance), outcome.fitted_on,
-                       dict(outcome.labels.details), outcome.path)
+                       dict(outcome.labels.details), Path(outcome.path).resolve())
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -249,7 +282,7 @@ class TrainResult:
     """A finished training phase: pass it as the run of `train_gan` and `predict`, which then read
     the data folder it was trained on."""
 
-    run_dir: Path
+    run_dir: Path  # absolute, as data_dir
     phase: str  # "ae" or "gan"
     stop_reason: str
     epochs: int
@@ -268,9 +301,9 @@ def _trained(summary: dict, run_dir: Path, phase: str, config, source: str, data
     import pandas as pd
 
     for warning in summary.get("warnings", []):
-        warnings.warn(warning, stacklevel=3)
+        warnings.warn(warning, stacklevel=_USER + 1)
     history = pd.read_csv(run_dir / phase / keys.HISTORY_FILE)
-    return TrainResult(run_dir, phase, summary["stop_reason"], summary["epochs"], summary["best_epoch"],
+    return TrainResult(run_dir.resolve(), phase, summary["stop_reason"], summary["epochs"], summary["best_epoch"],
                        summary["best_metric"], summary["best_value"], keys.data_root(data_dir).resolve(), history, config,
                        source, list(summary.get("warnings", [])), summary)
 
@@ -280,6 +313,7 @@ def _data_dir_of(run, data_dir):
     return data_dir if data_dir is not None else getattr(run, "data_dir", None)
 
 
+@leaves_global_state
 def train_ae(name: str, *, split: str | SplitResult, labels: str | LabelResult, run: str | Path | None = None,
              preset: str | None = None, config_file: str | Path | None = None,
              overrides: list[str] | dict | None = None, max_epochs: int | None = None,
@@ -294,17 +328,18 @@ def train_ae(name: str, *, split: str | SplitResult, labels: str | LabelResult, 
     from regina_cli.engine.run_config import resolve_training_config
     from regina_cli.engine.train_ae import train_autoencoder
 
-    run_dir = Path(run) if run is not None else Path(keys.DEFAULT_RUNS_DIR) / name
+    run_dir = _run_dir(run) if run is not None else Path(keys.DEFAULT_RUNS_DIR) / name
     config, source = resolve_training_config(
         keys.AE_DIR, run_dir, dataset=name, resume=resume, data_dir=data_dir, preset=preset, config_file=config_file,
         overrides=overrides, max_epochs=max_epochs, batch_size=batch_size, gene_knowledge=gene_knowledge)
-    split_name = _split_of(split, name)
+    split_name = _split_of(split, name, data_dir)
     summary = train_autoencoder(name, split=split_name, labels=_labels_of(labels, name, split_name, data_dir),
                                 run_dir=run_dir, config=config, data_dir=data_dir, gpus=gpus, device=device,
                                 resume=resume, progress=_progress(verbose))
     return _trained(summary, run_dir, keys.AE_DIR, config, source, data_dir)
 
 
+@leaves_global_state
 def train_gan(run: str | Path | TrainResult, *, config_file: str | Path | None = None,
               overrides: list[str] | dict | None = None, max_epochs: int | None = None,
               batch_size: int | None = None, resume: bool = False, gpus: int = 1, device: str = "auto",
@@ -322,14 +357,16 @@ def train_gan(run: str | Path | TrainResult, *, config_file: str | Path | None =
     return _trained(summary, run_dir, keys.GAN_DIR, config, source, data_dir)
 
 
+@leaves_global_state
 def load_run(run: str | Path | TrainResult, *, device: str = "auto"):
     """A trained run's networks in eval mode (`TrainedRun`: autoencoder, gan, meta, config, device)."""
     from regina_cli.engine.trained import load_trained
 
-    return load_trained(_run_dir(run), device=device)
+    return load_trained(_run_dir(run).resolve(), device=device)
 
 
 # --- predict -------------------------------------------------------------------------------------
+@leaves_global_state
 def predict(run: str | Path | TrainResult, conditions: str | Sequence[str] = "test", *, n_cells: int = 100,
             seed: int = 0, out: str | Path | None = None, with_controls: bool = True, clip: bool | None = None,
             sparsify: bool = False, device: str = "auto", allow_stale: bool = False,
@@ -350,7 +387,7 @@ def predict(run: str | Path | TrainResult, conditions: str | Sequence[str] = "te
     result = run_prediction(_run_dir(run), conditions, n_cells=n_cells, seed=seed, out=out, device=device,
                             data_dir=_data_dir_of(run, data_dir), options=options, allow_stale=allow_stale)
     for warning in result.all_warnings:
-        warnings.warn(warning, stacklevel=2)
+        warnings.warn(warning, stacklevel=_USER)
     return anndata.read_h5ad(result.path)
 
 
@@ -479,6 +516,7 @@ def _metrics_frame(results: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index(["model", "group"])
 
 
+@leaves_global_state
 def evaluate(name: str, predictions, *, model_name: str | Sequence[str] | None = None,
              split: str | SplitResult | None = None, on: str = "test", out: str | Path | None = None,
              baselines: str | Sequence[str] = "all", plots: bool = True, condition_key: str = keys.OBS_CONDITION,
@@ -498,6 +536,11 @@ def evaluate(name: str, predictions, *, model_name: str | Sequence[str] | None =
     from regina_cli.evaluate.run import evaluate as evaluate_files, model_name_list
 
     items = list(predictions) if isinstance(predictions, (list, tuple)) else [predictions]
+    if not items:
+        raise ReginaError("predictions is an empty list: give at least one model's predictions")
+    if not (model_name is None or isinstance(model_name, str)
+            or (isinstance(model_name, (list, tuple)) and all(isinstance(n, str) for n in model_name))):
+        raise ReginaError(f"model_name takes a name or a list of names (text), not {model_name!r}")
     names = model_name_list(model_name)
     with tempfile.TemporaryDirectory(prefix="in-memory-predictions-") as folder:
         paths, called = _stage_predictions(items, names if names and len(names) == len(items) else None,
@@ -506,7 +549,7 @@ def evaluate(name: str, predictions, *, model_name: str | Sequence[str] | None =
         target = Path(out) if out is not None else None if keep else Path(folder) / keys.EVAL_DIR
         found = []
         try:
-            summary = evaluate_files(name, paths, split=_split_of(split, name), out=target,
+            summary = evaluate_files(name, paths, split=_split_of(split, name, data_dir), out=target,
                                      baselines=baselines, plots=plots and keep, condition_key=condition_key,
                                      separator=separator, model_name=names, on=on, data_dir=data_dir, seed=seed,
                                      device=device, max_true_cells=true_cells, threads=threads,
@@ -516,9 +559,10 @@ def evaluate(name: str, predictions, *, model_name: str | Sequence[str] | None =
             raise
         finally:  # a warning found before an error explains it (a stale file, say)
             for warning in found:
-                warnings.warn(_called(warning, called), stacklevel=2)
+                warnings.warn(_called(warning, called), stacklevel=_USER)
         written = Path(summary.pop("out"))
         if notice := genes_scored_notice(summary):  # the command line says so too
-            warnings.warn(notice, stacklevel=2)
+            warnings.warn(notice, stacklevel=_USER)
         per_condition = pd.read_csv(written / keys.PER_CONDITION_FILE)
-    return EvaluationResult(_metrics_frame(summary["results"]), per_condition, summary, written if keep else None)
+    return EvaluationResult(_metrics_frame(summary["results"]), per_condition, summary,
+                            written.resolve() if keep else None)

@@ -68,7 +68,7 @@ def test_doc_example_runs_and_returns_scverse_objects(notebook):
     assert (ae.phase, gan.phase, ae.epochs, gan.epochs) == ("ae", "gan", 2, 2)
     assert list(ae.history["epoch"]) == [1, 2] and ae.config.model.d_model == 16
     assert ae.config.ae.max_epochs == 2 and gan.config.gan.max_epochs == 2
-    assert gan.config_source == "phase 1 of runs/demo"
+    assert gan.config_source == f"phase 1 of {ae.run_dir}"
     # Predictions: every test condition (30 cells each), the real controls appended, clipped.
     conditions = pred.obs[keys.OBS_CONDITION].astype(str)
     assert set(conditions) == set(ns["split"].split.test) | {"ctrl"}
@@ -83,7 +83,7 @@ def test_doc_example_runs_and_returns_scverse_objects(notebook):
     overall = result.metrics.loc[("regina", "overall")]
     assert overall["n_conditions"] == len(ns["split"].split.test)
     assert np.isfinite(overall["pearson_delta"])
-    assert result.out == Path("runs/demo/eval") and (workdir / result.report).is_file()
+    assert result.out == (workdir / "runs/demo/eval").resolve() and result.report.is_file()
     both = ns["both"]
     assert set(both.per_condition["model"]) >= {"regina", "gears"} and both.out is None
     assert ns["screen"].uns["regina"]["condition_key"] == "perturbation"
@@ -275,6 +275,11 @@ def test_predict_checks_its_arguments_as_the_command_line_does(notebook, kwargs,
     (lambda pred, data: regina.evaluate("demo", pred, model_name=" ", data_dir=data), "--model-name must not"),
     (lambda pred, data: regina.split("demo", seed=1.5, data_dir=data), "--seed takes"),
     (lambda pred, data: regina.label("demo", "stress", split=123, data_dir=data), "a name or a result"),
+    (lambda pred, data: regina.label("demo", "stress", split=data / "demo" / "splits" / "simulation_1.json",
+                                     data_dir=data), "a name or a result"),  # read as the split 'simulation_1.json'
+    (lambda pred, data: regina.predict(3, data_dir=data), "run= takes a run folder"),
+    (lambda pred, data: regina.evaluate("demo", [], data_dir=data), "empty list"),
+    (lambda pred, data: regina.evaluate("demo", pred, model_name=3, data_dir=data), "model_name takes"),
 ])
 def test_api_argument_errors_are_regina_errors(notebook, call, fragment):
     namespace, workdir, _, _ = notebook
@@ -316,6 +321,36 @@ def test_a_split_or_labels_of_another_dataset_are_refused(notebook):
     with pytest.raises(regina.ReginaError, match="are not demo's stress labels for split simulation_1"):
         regina.train_ae("demo", split=ns["split"], labels=other_labels, run=workdir / "runs" / "x", data_dir=data)
     assert not (workdir / "runs" / "x").exists()
+
+
+def test_a_split_or_labels_of_another_data_folder_or_fitted_on_all_cells_are_refused(notebook, tmp_path):
+    """A SplitResult of another data folder trained on this folder's split of that name, and labels
+    fitted on all cells were swapped for the split's, both without a word."""
+    ns, workdir, *_ = notebook
+    data, elsewhere = workdir / "data", copy_of_notebook(notebook, tmp_path) / "data"
+    theirs = regina.split("demo", mode="simulation", seed=1, data_dir=elsewhere)
+    with pytest.raises(regina.ReginaError, match=f"was written to .*pass data_dir='{elsewhere.resolve()}'"):
+        regina.train_ae("demo", split=theirs, labels="stress", run=tmp_path / "x", data_dir=data)
+    all_cells = regina.label("demo", "stress", data_dir=elsewhere)
+    with pytest.raises(regina.ReginaError, match="were fitted on all cells, but training on split simulation_1"):
+        regina.train_ae("demo", split="simulation_1", labels=all_cells, run=tmp_path / "x", data_dir=elsewhere)
+    assert not (tmp_path / "x").exists()
+
+
+def test_results_hold_absolute_paths(notebook):
+    ns, workdir, *_ = notebook
+    assert all(path.is_absolute() for path in (ns["split"].path, ns["labels"].path, ns["ae"].run_dir,
+                                               ns["gan"].run_dir, ns["result"].out))
+
+
+def test_reading_a_run_leaves_the_notebooks_state_alone(notebook):
+    """Building the networks of `load_run` and drawing control cells in `predict` used the
+    notebook's torch random stream."""
+    ns, workdir, *_ = notebook
+    before = _notebook_state()
+    regina.load_run(ns["gan"], device="cpu")
+    regina.predict(ns["gan"], n_cells=2, out=workdir / "state.h5ad", data_dir=workdir / "data")
+    assert _notebook_state() == before
 
 
 def test_one_override_may_be_a_plain_string():
@@ -501,16 +536,39 @@ def test_duplicate_gene_names_are_made_unique_without_anndatas_advice(notebook):
             assert list(found.var_names) == genes
 
 
-def test_train_result_carries_its_data_folder(notebook, tmp_path):
+def _notebook_state() -> tuple:
+    """What a notebook's own code depends on: its next random draws, torch's thread count and
+    whether torch flushes denormal floats."""
+    import random
+
+    import torch
+
+    state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    draws = (random.random(), np.random.rand(), torch.rand(1).item(), torch.get_num_threads(),
+             torch.tensor([1e-40]).item() == 0.0)
+    random.setstate(state[0]), np.random.set_state(state[1]), torch.random.set_rng_state(state[2])
+    return draws
+
+
+def test_train_result_carries_its_data_folder_and_run(notebook, tmp_path):
     """train_gan(ae) and predict(gan) read ./data (or $REGINA_DATA) again, not the data_dir
-    phase 1 was trained on."""
+    phase 1 was trained on; a run given by a relative path was another folder's after os.chdir.
+    Training also left the notebook's random streams re-seeded at 0 and torch flushing denormals."""
+    import random
+
+    import torch
+
     ns, workdir, *_ = notebook
     root = copy_of_notebook(notebook, tmp_path / "elsewhere")
     data = (root / "data").resolve()
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    before = _notebook_state()
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        ae = regina.train_ae("demo", split="simulation_1", labels="stress", run=tmp_path / "run", preset="demo",
-                             overrides=ns["tiny"], max_epochs=1, data_dir="data")  # relative to this folder
+        ae = regina.train_ae("demo", split="simulation_1", labels="stress", run="run", preset="demo",
+                             overrides=ns["tiny"], max_epochs=1, data_dir="data")  # both relative to this folder
+    assert _notebook_state() == before
+    assert ae.run_dir == (root / "run").resolve()
     assert ae.data_dir == data and not keys.dataset_file("demo").exists()  # nothing at the default
     elsewhere = tmp_path / "another_folder"
     elsewhere.mkdir()
@@ -603,8 +661,9 @@ def test_fetch_and_train_ae_warn_what_the_command_line_warns(notebook, tmp_path)
     ns, workdir, *_ = notebook
     adata = ns["adata"]
     controls = adata[adata.obs[keys.OBS_CONDITION] == keys.CTRL].copy()
-    with pytest.warns(UserWarning, match="holds only control cells"):
+    with pytest.warns(UserWarning, match="holds only control cells") as fetched:
         regina.fetch("allctrl", controls, data_dir=tmp_path / "data")
+    assert fetched[0].filename == __file__  # the user's line, not REGINA's
     knowledge = tmp_path / "ensembl.tsv"
     knowledge.write_text("ENSG0001\tGO:1\nENSG0002\tGO:1\n")
     with warnings.catch_warnings(record=True) as caught:
@@ -615,3 +674,4 @@ def test_fetch_and_train_ae_warn_what_the_command_line_warns(notebook, tmp_path)
     said = [str(w.message) for w in caught]
     assert any("names none of the dataset's 200 genes" in s for s in said)
     assert ae.warnings and all(warning in said for warning in ae.warnings)
+    assert {w.filename for w in caught} == {__file__}
