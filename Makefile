@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
-# Each creates .venv and installs what it needs. torch==2.13.0 is passed explicitly so pip
-# takes the CPU wheel; pyproject keeps `torch>=2.3` for users with their own CUDA builds.
+# Each creates .venv and installs what it needs. torch==2.13.0 is pinned explicitly (the build
+# pip's index offers: a local CPU wheel store's CPU wheel, plain PyPI's CUDA-bundled one; see the
+# README's Set-up); pyproject keeps `torch>=2.3` for users with their own CUDA builds.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

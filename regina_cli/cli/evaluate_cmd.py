@@ -38,8 +38,8 @@ def evaluate_command(
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0: the cores the load average says "
                                 "are idle, at least 1)."),
     allow_stale: bool = typer.Option(
-        False, "--allow-stale", help="Score predictions whose run's dataset or split changed since (refused "
-        "otherwise), with a warning."),
+        False, "--allow-stale", help="Score predictions whose run's dataset or split changed since, or that "
+        "`predict --allow-stale` made (refused otherwise), with a warning."),
     data_dir: Path = DataDirOpt,
 ) -> None:
     """Precision (GEARS-comparable), cell-eval, distribution and DE metrics against baselines; writes

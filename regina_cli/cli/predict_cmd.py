@@ -40,7 +40,7 @@ def predict_command(
     clip: Optional[bool] = typer.Option(
         None, "--clip/--no-clip", show_default=False,
         help="Set negative predicted values to 0 (the data's range), or keep them. Default: what scored higher at "
-        "train-gan on the conditions it predicted unseen (gan/meta.json: clip_predictions, clip_evidence)."),
+        "train-gan on the conditions it predicted unseen (gan/meta.json: training.clip_predictions, training.clip_evidence)."),
     sparsify: bool = typer.Option(
         False, "--sparsify", help="Clip, zero values below half the data's smallest non-zero value, store X sparse."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
