@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from regina_cli import __version__
@@ -22,6 +23,17 @@ def test_version():
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0
     assert __version__ in result.output
+
+
+@pytest.mark.parametrize("args", [["--json", "--version"], ["--version", "--json"]])
+def test_version_as_json(args):
+    """`regina --json --version | jq` failed on the plain text."""
+    import json
+
+    from regina_cli.cli.app import hoist_global_flags
+
+    result = CliRunner().invoke(app, hoist_global_flags(args))
+    assert result.exit_code == 0 and json.loads(result.output) == {"version": __version__}
 
 
 def test_help_imports_no_heavy_library():

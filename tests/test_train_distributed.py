@@ -123,45 +123,76 @@ def test_a_user_error_on_one_rank_ends_every_process(tmp_path):
     assert len(errors) == 1 and "the write failed (is the disk full" in errors[0], result.stderr[-2000:]
 
 
-def test_an_srun_launch_on_a_busy_run_is_refused_by_every_process(tmp_path):
-    """Only rank 0 looked at the run's lock: refused, it left, and the other srun process waited
-    30 minutes for it in the process group. Every process now gets rank 0's verdict."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
+def _srun_screen(tmp_path):
+    """A tiny screen, split and labelled, for commands started as srun tasks."""
     from regina_cli.data.dataset import write_dataset
     from regina_cli.data.demo import simulate_screen
     from regina_cli.data.label import label_dataset
     from regina_cli.data.split import split_dataset
-    from regina_cli.io import run_lock
 
     data_dir = tmp_path / "data"
     write_dataset(simulate_screen(n_cells=300, n_genes=140, n_singles=6, n_doubles=3, seed=0), "screen", data_dir)
     split_dataset("screen", mode="simulation", seed=1, data_dir=data_dir)
     label_dataset("screen", "stress", split="simulation_1", data_dir=data_dir)
-    with socket.socket() as probe:  # a free port for the two processes to meet on
+    return data_dir
+
+
+def _srun_tasks(commands: list[list[str]]) -> list[tuple[int, str, str]]:
+    """Run `commands` as the tasks of one `srun -n N` step (its environment, no Slurm): (exit
+    status, stdout, stderr) of each."""
+    import socket
+
+    with socket.socket() as probe:  # a free port for the processes to meet on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    sets = [a for s in TINY for a in ("--set", s)]
-    command = [sys.executable, "-m", "regina_cli", "train-ae", "screen", "--split", "simulation_1", "--labels",
-               "stress", "--run", str(tmp_path / "run"), "--device", "cpu", "--data-dir", str(data_dir), *sets]
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                                       "TORCHELASTIC", "MASTER_"))}
+    tasks = [subprocess.Popen([sys.executable, "-m", "regina_cli", *command],
+                              env={**clean, "SLURM_STEP_NUM_TASKS": str(len(commands)), "SLURM_PROCID": str(rank),
+                                   "SLURM_LOCALID": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                   "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank, command in enumerate(commands)]
+    try:
+        outputs = [task.communicate(timeout=120) for task in tasks]
+    finally:
+        for task in tasks:
+            task.kill()
+    return [(task.returncode, out, err) for task, (out, err) in zip(tasks, outputs)]
+
+
+def _train_ae_command(data_dir, run) -> list[str]:
+    sets = [a for s in TINY for a in ("--set", s)]
+    return ["train-ae", "screen", "--split", "simulation_1", "--labels", "stress", "--run", str(run),
+            "--device", "cpu", "--data-dir", str(data_dir), *sets]
+
+
+def test_an_srun_launch_on_a_busy_run_is_refused_by_every_process(tmp_path):
+    """Only rank 0 looked at the run's lock: refused, it left, and the other srun process waited
+    30 minutes for it in the process group. Every process now gets rank 0's verdict."""
+    from regina_cli.io import run_lock
+
+    data_dir = _srun_screen(tmp_path)
     with run_lock(tmp_path / "run"):  # another job trains this run
-        ranks = [subprocess.Popen(command, env={**clean, "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": str(rank),
-                                                "SLURM_LOCALID": str(rank), "MASTER_ADDR": "127.0.0.1",
-                                                "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"},
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-        try:
-            outputs = [process.communicate(timeout=120) for process in ranks]
-        finally:
-            for process in ranks:
-                process.kill()
-    assert [process.returncode for process in ranks] == [2, 2], outputs
-    assert outputs[0][1].splitlines()[-1].startswith("error: ") and "is in use by another regina process" in outputs[0][1]
-    assert outputs[1][1].splitlines()[-1].startswith("rank 1: error: ")
+        results = _srun_tasks([_train_ae_command(data_dir, tmp_path / "run")] * 2)
+    assert [code for code, _, _ in results] == [2, 2], results
+    assert results[0][2].splitlines()[-1].startswith("error: ") and "is in use by another regina process" in results[0][2]
+    assert results[1][2].splitlines()[-1].startswith("rank 1: error: ")
+
+
+def test_an_srun_task_farm_is_refused_by_training_and_prints_elsewhere(tmp_path):
+    """`srun -n 2` running two independent commands: two trainings of different runs joined one
+    process group and waited in it forever (SIGTERM could not end them), and the second task's
+    `regina split` printed nothing, its result included, under `--json` too."""
+    data_dir = _srun_screen(tmp_path)
+    results = _srun_tasks([_train_ae_command(data_dir, tmp_path / "run0"), _train_ae_command(data_dir, tmp_path / "run1")])
+    assert [code for code, _, _ in results] == [2, 2], results
+    assert all("processes of this launch were given different training commands" in err for _, _, err in results)
+    assert not (tmp_path / "run0" / "ae" / "model.pt").exists() and not (tmp_path / "run1" / "ae" / "model.pt").exists()
+    results = _srun_tasks([["--json", "split", "screen", "--seed", str(seed), "--data-dir", str(data_dir)]
+                           for seed in (2, 3)])
+    assert [code for code, _, _ in results] == [0, 0], results
+    assert [json.loads(out)["split"] for _, out, _ in results] == ["simulation_2", "simulation_3"]
 
 
 def test_gpus_above_one_refuses_a_node_without_a_gpu_or_more_processes_than_cores(monkeypatch):

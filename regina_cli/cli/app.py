@@ -8,6 +8,7 @@ with `--json` also `{"error": ..., "exit_code": 2}` on stdout. Help is plain tex
 
 from __future__ import annotations
 
+import json
 import sys
 
 import typer
@@ -22,6 +23,9 @@ from regina_cli import __version__
 from regina_cli.cli.common import console, emit_error, print_error, set_output_mode
 
 GLOBAL_FLAGS = ("--quiet", "-q", "--json")
+# The commands whose processes under torchrun or `srun -n N` are one data-parallel launch, where
+# only the first prints; any other command is a process of its own (a task farm's).
+TRAINING_COMMANDS = ("train-ae", "train-gan")
 
 
 def hoist_global_flags(args: list[str]) -> list[str]:
@@ -69,22 +73,24 @@ app = typer.Typer(
 )
 
 
-def _version(value: bool) -> None:
+def _version(ctx: typer.Context, value: bool) -> None:
     if value:
-        typer.echo(f"regina {__version__}")
+        json_output = ctx.params.get("json_output")  # eager too, and hoisted in front: already read
+        typer.echo(json.dumps({"version": __version__}) if json_output else f"regina {__version__}")
         raise typer.Exit()
 
 
 @app.callback()
 def main_options(
+    ctx: typer.Context,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print errors only (also after the command)."),
-    json_output: bool = typer.Option(False, "--json", help="Print the result, or the error, as JSON on stdout "
-                                     "(also after the command)."),
+    json_output: bool = typer.Option(False, "--json", is_eager=True, help="Print the result, or the error, as JSON "
+                                     "on stdout (also after the command)."),
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
     from regina_cli.launch import scheduler_place
 
-    place = scheduler_place()
+    place = scheduler_place() if ctx.invoked_subcommand in TRAINING_COMMANDS else None
     set_output_mode(quiet=quiet, json_output=json_output, rank=place.rank if place else 0)

@@ -15,6 +15,7 @@ gradients DDP's forward hooks would silently leave unsynchronised.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -145,6 +146,8 @@ def _run_here(target: Callable, kwargs: dict, device: str, run_dir=None,
               recheck: Callable[[], None] = lambda: None) -> Any:
     ctx = setup(device)
     try:
+        if ctx.is_distributed:
+            _check_one_request(kwargs, run_dir, ctx)
         with contextlib.ExitStack() as held:
             refusal = ""
             if ctx.is_main:
@@ -161,6 +164,24 @@ def _run_here(target: Callable, kwargs: dict, device: str, run_dir=None,
             return target(ctx, **kwargs)
     finally:
         teardown(ctx)
+
+
+RANK_OWN = ("progress",)  # training arguments that differ by rank in one launch (only the first prints)
+
+
+def _check_one_request(kwargs: dict, run_dir, ctx: DistContext) -> None:
+    """Every process of a launch must have been given the same command. `srun -n N` running N
+    independent trainings (a task farm) joins them into one group, where collectives over data of
+    different sizes wait forever: refused on every process, naming the runs."""
+    asked = repr(sorted((k, v) for k, v in kwargs.items() if not callable(v) and k not in RANK_OWN))
+    mine = (str(Path(run_dir).resolve()) if run_dir is not None else "", hashlib.sha256(asked.encode()).hexdigest())
+    everyone: list = [None] * ctx.world_size
+    dist.all_gather_object(everyone, mine)
+    if len(set(everyone)) > 1:
+        runs = ", ".join(sorted({run for run, _ in everyone}))
+        raise ReginaError(f"the {ctx.world_size} processes of this launch were given different training commands "
+                          f"(runs: {runs}): one srun or torchrun launch trains one run in data parallel; start "
+                          "independent trainings as separate steps (`srun -n 1 ...` each, or a job array)")
 
 
 def _spawn(target: Callable, kwargs: dict, *, nprocs: int, device: str) -> Any:
