@@ -10,9 +10,10 @@ import sys
 import types
 
 from regina_cli.errors import ReginaError
-from regina_cli.mpl_config import use_private_config_dir
+from regina_cli.private_dirs import use_private_config_dir, use_private_numba_cache
 
-use_private_config_dir()  # before anything imports matplotlib (scanpy does)
+use_private_config_dir()  # before anything imports matplotlib or numba (scanpy does)
+use_private_numba_cache()
 
 __version__ = "0.1.0"
 

@@ -91,9 +91,19 @@ def data_root(data_dir: str | Path | None = None) -> Path:
     return Path(os.environ.get(ENV_DATA_DIR) or DEFAULT_DATA_DIR)
 
 
-def verified_dir() -> Path:
-    """Where `data.fingerprint` remembers full checksum checks: outside every data folder."""
-    base = os.environ.get(ENV_CACHE_HOME) or Path.home() / ".cache"
+def verified_dir() -> Path | None:
+    """Where `data.fingerprint` remembers full checksum checks: outside every data folder. None
+    without `$XDG_CACHE_HOME` and without a home folder ($HOME unset with no passwd entry, or
+    missing): nothing is remembered then, and no home folder is made."""
+    base = os.environ.get(ENV_CACHE_HOME)
+    if not base:
+        try:
+            home = Path.home()
+        except RuntimeError:  # "Could not determine home directory."
+            return None
+        if not home.is_dir():
+            return None
+        base = home / ".cache"
     return Path(base) / CACHE_APP_DIR / VERIFIED_DIR
 
 

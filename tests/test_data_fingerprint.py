@@ -133,3 +133,20 @@ def test_a_missing_home_is_not_created_for_the_cache(tmp_path, monkeypatch):
     time.sleep(3 * MARGIN_NS / 1e9)
     read_dataset("fp")
     assert not (tmp_path / "nonexistent").exists()
+
+
+def test_no_home_at_all_still_reads_the_dataset(tmp_path, monkeypatch):
+    """$HOME unset for a user with no passwd entry (a container run as any uid): every command
+    reading a dataset ended in "RuntimeError: Could not determine home directory."."""
+    from pathlib import Path
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv(keys.ENV_CACHE_HOME, raising=False)
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    monkeypatch.setattr(fingerprint, "RACY_MARGIN_NS", MARGIN_NS)
+    assert keys.verified_dir() is None
+    write_dataset(screen(), "fp")
+    time.sleep(3 * MARGIN_NS / 1e9)
+    assert read_dataset("fp").n_obs == screen().n_obs

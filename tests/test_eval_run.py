@@ -318,7 +318,7 @@ def test_figures_under_an_unwritable_home_print_nothing_on_stderr(tmp_path):
 def test_a_users_matplotlib_settings_are_kept_when_only_the_cache_is_unwritable(tmp_path, monkeypatch):
     """A writable config folder with the user's matplotlibrc beside an unwritable cache folder:
     MPLCONFIGDIR, which moves both, would hide the settings; matplotlib's own warning is the lesser harm."""
-    from regina_cli.mpl_config import ENV_MPLCONFIGDIR, use_private_config_dir
+    from regina_cli.private_dirs import ENV_MPLCONFIGDIR, use_private_config_dir
 
     (tmp_path / "file").write_text("")
     (tmp_path / "config" / "matplotlib").mkdir(parents=True)
@@ -331,6 +331,28 @@ def test_a_users_matplotlib_settings_are_kept_when_only_the_cache_is_unwritable(
     (tmp_path / "config" / "matplotlib" / "matplotlibrc").write_text("lines.linewidth: 7\n")
     use_private_config_dir()
     assert ENV_MPLCONFIGDIR not in os.environ
+
+
+def test_numba_caches_privately_where_neither_scanpys_folder_nor_the_users_cache_is_writable(tmp_path,
+                                                                                               monkeypatch):
+    """A shared read-only install and a read-only HOME: `fetch --n-top-genes` ended in numba's
+    "cannot cache function ...: no locator available" traceback."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from regina_cli.private_dirs import ENV_NUMBA_CACHE_DIR, use_private_numba_cache
+
+    (tmp_path / "file").write_text("")  # nothing can be made below a file
+    monkeypatch.delenv(ENV_NUMBA_CACHE_DIR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file" / "cache"))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: SimpleNamespace(origin=str(tmp_path / "file" / "scanpy" / "__init__.py")))
+    use_private_numba_cache()
+    assert Path(os.environ[ENV_NUMBA_CACHE_DIR]).is_dir()
+    monkeypatch.delenv(ENV_NUMBA_CACHE_DIR)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the user's cache can be made: numba's own
+    use_private_numba_cache()
+    assert ENV_NUMBA_CACHE_DIR not in os.environ
 
 
 def test_threads_above_the_cores_run_and_absurd_counts_are_refused():

@@ -152,8 +152,8 @@ def test_install_step_installs_the_project_itself(recipe, definition):
 
 def test_runtime_environment_and_entry_point(recipe):
     environ = dict(item.split("=", 1) for item in recipe.environ)
-    for cache in ("NUMBA_CACHE_DIR", "MPLCONFIGDIR"):
-        assert environ.get(cache, "").startswith("/tmp/"), f"{cache} must point at writable /tmp"
+    for cache in ("NUMBA_CACHE_DIR", "MPLCONFIGDIR"):  # a fixed /tmp folder is the first user's on a shared node
+        assert cache not in environ, f"{cache}: regina_cli.private_dirs makes a private one where needed"
     assert "/opt/venv/bin" in environ["PATH"]
     assert environ.get("PYTHONNOUSERSITE") == "1"
     assert recipe.cmd == 'exec regina "$@"'

@@ -38,8 +38,11 @@ def identity(path: Path) -> dict[str, int]:
 
 
 def _entry(path: Path) -> Path:
+    folder = keys.verified_dir()
+    if folder is None:
+        raise FileNotFoundError("no cache folder: no home folder and no $XDG_CACHE_HOME")
     key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()
-    return keys.verified_dir() / f"{key}.json"
+    return folder / f"{key}.json"
 
 
 def still_verified(path: Path, digest: str) -> bool:
@@ -55,7 +58,7 @@ def remember(path: Path, before: dict[str, int], digest: str, started_ns: int) -
     """Keep `path`'s identity after a full check that began at `started_ns` (wall clock) with the
     file's identity `before`; a racily fresh or meanwhile changed file is not kept, nor is any
     where the user has no home folder to keep a cache in ($HOME missing: it is not created)."""
-    if not os.environ.get(keys.ENV_CACHE_HOME) and not Path.home().is_dir():
+    if keys.verified_dir() is None:
         return
     try:
         if identity(path) != before or before["st_ctime_ns"] > started_ns - RACY_MARGIN_NS:

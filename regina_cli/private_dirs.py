@@ -1,7 +1,12 @@
-"""A private matplotlib config folder where the default one cannot be written (a read-only HOME,
-as on some HPC nodes). Matplotlib, imported by scanpy and by `regina evaluate`'s figures, would
-make a temporary one itself but warn about it on stderr: noise in a user's shell pipeline. Run
-before matplotlib is first imported (`import regina_cli` does); a user's MPLCONFIGDIR is kept.
+"""Private cache folders where the default ones cannot be written (a read-only HOME, a shared
+read-only install, as on HPC nodes and in containers run by any user). Run before matplotlib or
+numba is first imported (`import regina_cli` does); a user's own settings are kept.
+
+* Matplotlib, imported by scanpy and by `regina evaluate`'s figures, would make a temporary config
+  folder itself but warn about it on stderr: noise in a user's shell pipeline (MPLCONFIGDIR).
+* Numba, which compiles scanpy's functions with `cache=True`, fails with a traceback ("cannot cache
+  function ...: no locator available") when neither the package's own folder nor the user's
+  cache folder can be written (NUMBA_CACHE_DIR).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import sys
 from pathlib import Path
 
 ENV_MPLCONFIGDIR = "MPLCONFIGDIR"
+ENV_NUMBA_CACHE_DIR = "NUMBA_CACHE_DIR"
 
 
 def default_dirs() -> tuple[Path, Path]:
@@ -49,13 +55,36 @@ def use_private_config_dir() -> None:
             return
     except (OSError, RuntimeError):  # a folder that cannot be looked at, or no home at all
         pass
+    _use_temporary_folder(ENV_MPLCONFIGDIR, "regina-matplotlib-")
+
+
+def _use_temporary_folder(variable: str, prefix: str) -> None:
+    """Set `variable` to a new private temporary folder, removed at exit."""
     import atexit
     import shutil
     import tempfile
 
     try:
-        folder = tempfile.mkdtemp(prefix="regina-matplotlib-")
-    except OSError:  # no usable temporary folder either: matplotlib's own fallback says so
+        folder = tempfile.mkdtemp(prefix=prefix)
+    except OSError:  # no usable temporary folder either: the library's own fallback says so
         return
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    os.environ[ENV_MPLCONFIGDIR] = folder
+    os.environ[variable] = folder
+
+
+def use_private_numba_cache() -> None:
+    """Point an unset NUMBA_CACHE_DIR at a private temporary folder when numba could cache neither
+    beside scanpy's code (`__pycache__` in its package folder) nor in the user's cache folder."""
+    import importlib.util
+
+    if os.environ.get(ENV_NUMBA_CACHE_DIR):
+        return
+    try:
+        spec = importlib.util.find_spec("scanpy")
+        if spec is None or spec.origin is None or can_make(Path(spec.origin).parent / "__pycache__"):
+            return
+        if can_make(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "numba"):
+            return
+    except (OSError, RuntimeError, ValueError):  # a folder that cannot be looked at, or no home at all
+        pass
+    _use_temporary_folder(ENV_NUMBA_CACHE_DIR, "regina-numba-")
