@@ -2,7 +2,12 @@
 # The whole REGINA pipeline on one dataset, seven commands in order:
 #   fetch -> split -> label -> train-ae -> train-gan -> predict -> evaluate
 # Each step is skipped when its output already exists, so running the script again resumes
-# where it stopped (an interrupted training run continues from its last checkpoint).
+# where it stopped (an interrupted training run continues from its last checkpoint). A training
+# phase that has a checkpoint always runs again with --resume: REGINA then continues it, says
+# there is nothing to resume, or refuses it when it was trained with other settings (another
+# SEED, LABELS, CONFIG or dataset: set RUN_DIR to a new run), so a rerun never reports an old
+# run's results as new ones. Predictions older than phase 2, and an evaluation older than the
+# predictions, are made again. Remove predictions.h5ad to predict with another PREDICT_CELLS.
 #
 #   bash examples/pipeline.sh demo      # simulated screen, no network, CPU is enough
 #   bash examples/pipeline.sh norman    # downloads Norman et al. 2019 from GEARS' Dataverse
@@ -40,6 +45,10 @@ TRAIN_LAUNCH="${TRAIN_LAUNCH:-$REGINA}"       # launcher of the two training ste
 
 export REGINA_DATA="$DATA_DIR"
 SPLIT="${SPLIT_MODE}_${SEED}"
+if [[ $SPLIT_MODE == no_test ]]; then  # known before anything trains
+    echo "pipeline: SPLIT_MODE=no_test leaves no test conditions to predict and evaluate; pick another mode" >&2
+    exit 2
+fi
 DATASET="$DATA_DIR/$NAME"
 
 # --- Commands and options shared by the steps ------------------------------------------------------
@@ -58,33 +67,32 @@ config_opts=()
 # running step save its state and exit, then stop here (running the script again resumes).
 trap 'echo "pipeline: SIGTERM, stopping once the current step has saved its state" >&2; exit 143' TERM
 
-# finished OUTPUT: the step writing OUTPUT completed. Files are written atomically, so
-# existing means complete; a training phase is complete when its meta.json says "trained".
+# finished OUTPUT: the step writing OUTPUT completed (files are written atomically, so existing
+# means complete). An empty OUTPUT never is: the training steps always run (see the top).
 finished() {
-    case $1 in
-        */meta.json) grep -qs '"status": "trained"' "$1" ;;
-        *) [[ -e $1 ]] ;;
-    esac
+    [[ -n $1 && -e $1 ]]
 }
 
 step_number=0
-# step TITLE OUTPUT COMMAND...: run COMMAND unless OUTPUT shows the step already finished.
+# step TITLE OUTPUT INPUT COMMAND...: run COMMAND unless OUTPUT shows the step already finished
+# and is newer than INPUT (empty: no such input), the file it was made from.
 step() {
-    local title=$1 output=$2
-    shift 2
+    local title=$1 output=$2 input=$3
+    shift 3
     step_number=$((step_number + 1))
     printf '\n==> [%d/7] %s\n' "$step_number" "$title"
-    if finished "$output"; then
+    if finished "$output" && [[ -z $input || $output -nt $input ]]; then
         echo "    skipped: done already ($output)"
         return
     fi
     echo "    \$ $*"
     local started=$SECONDS
     "$@"
-    echo "    done in $((SECONDS - started)) s -> $output"
+    echo "    done in $((SECONDS - started)) s${output:+ -> $output}"
 }
 
-# resume_opt PHASE_DIR: --resume when a previous run of this phase stopped before finishing.
+# resume_opt PHASE_DIR: --resume when the phase has a checkpoint (interrupted, or finished: then
+# REGINA checks that it was trained with these settings and writes nothing).
 resume_opt() {
     [[ -e $1/last.pt ]] && echo --resume
     return 0
@@ -93,21 +101,21 @@ resume_opt() {
 echo "REGINA pipeline: dataset $NAME, data in $DATA_DIR, run in $RUN_DIR, split $SPLIT, labels $LABELS"
 [[ -n $CONFIG ]] && echo "config: $CONFIG"
 
-step "fetch $NAME" "$DATASET/perturb_processed.h5ad" \
+step "fetch $NAME" "$DATASET/perturb_processed.h5ad" "" \
     "${regina[@]}" fetch "$NAME" "${fetch_opts[@]}"
-step "split $NAME ($SPLIT)" "$DATASET/splits/$SPLIT.json" \
+step "split $NAME ($SPLIT)" "$DATASET/splits/$SPLIT.json" "" \
     "${regina[@]}" split "$NAME" --mode "$SPLIT_MODE" --seed "$SEED"
-step "label cells ($LABELS)" "$DATASET/labels/${LABELS//[:\/]/_}@$SPLIT.csv" \
+step "label cells ($LABELS)" "$DATASET/labels/${LABELS//[:\/]/_}@$SPLIT.csv" "" \
     "${regina[@]}" label "$NAME" --method "$LABELS" --split "$SPLIT"
-step "train phase 1: autoencoder" "$RUN_DIR/ae/meta.json" \
+step "train phase 1: autoencoder" "" "" \
     "${train_launch[@]}" train-ae "$NAME" --split "$SPLIT" --labels "$LABELS" --run "$RUN_DIR" \
     "${config_opts[@]}" "${train_opts[@]}" $(resume_opt "$RUN_DIR/ae")
-step "train phase 2: latent cycle-GAN" "$RUN_DIR/gan/meta.json" \
+step "train phase 2: latent cycle-GAN" "" "" \
     "${train_launch[@]}" train-gan --run "$RUN_DIR" "${train_opts[@]}" $(resume_opt "$RUN_DIR/gan")
-step "predict the test conditions" "$RUN_DIR/predictions.h5ad" \
+step "predict the test conditions" "$RUN_DIR/predictions.h5ad" "$RUN_DIR/gan/meta.json" \
     "${regina[@]}" predict --run "$RUN_DIR" --conditions test --cells "$PREDICT_CELLS" \
     "${device_opts[@]}"
-step "evaluate against the held-out cells and baselines" "$RUN_DIR/eval/metrics.json" \
+step "evaluate against the held-out cells and baselines" "$RUN_DIR/eval/metrics.json" "$RUN_DIR/predictions.h5ad" \
     "${regina[@]}" evaluate "$NAME" --predictions "$RUN_DIR/predictions.h5ad" --split "$SPLIT" --out "$RUN_DIR/eval" \
     "${device_opts[@]}"
 

@@ -279,3 +279,18 @@ def test_a_stop_signal_during_shutdown_leaves_a_successful_exit_status(argv, cod
     assert done.returncode == (0 if code == 0 else -signal.SIGTERM), done.stderr
     if code:
         assert done.stderr.startswith("error: ")
+
+
+def test_a_finished_phases_record_prints_with_its_null_scores(tmp_path, capsys):
+    """`train-gan --resume` of a finished phase 2 prints the record meta.json keeps, where -inf
+    (an epoch that may not be kept) and NaN are null: that ended in a TypeError traceback."""
+    from regina_cli.cli.train_cmd import _report
+
+    record = {"stop_reason": "max_epochs: reached 1 epochs", "epochs": 1, "best_epoch": 0,
+              "best_metric": "val_pearson_delta_selectable", "best_value": 0.5, "nothing_to_resume": True,
+              "last": {"epoch": 1, "val_pearson_delta_selectable": None, "val_collapse_index": None,
+                       "val_pearson_delta": 0.25}}
+    _report("train-gan", record, tmp_path / "gan")
+    out = capsys.readouterr()
+    assert "nothing to resume" in out.err
+    assert "may not be kept" in out.out and "0.25" in out.out

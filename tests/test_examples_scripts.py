@@ -175,7 +175,10 @@ def test_pipeline_skips_finished_steps_and_resumes_interrupted_training(fake_env
     assert train_ae.endswith("--resume")
 
 
-def test_pipeline_skips_a_trained_phase(fake_env):
+def test_pipeline_checks_a_trained_phase_by_resuming_it(fake_env):
+    """A trained phase was skipped on its meta.json alone, so SEED=2 (or other LABELS, CONFIG)
+    reported the seed-1 run's results as seed 2's, exit 0. It now runs with --resume, which
+    REGINA refuses for other settings and answers "nothing to resume" otherwise."""
     run_dir = Path(fake_env["RUNS_DIR"]) / "demo"
     (run_dir / "ae").mkdir(parents=True)
     (run_dir / "ae" / "model.pt").touch()
@@ -183,8 +186,30 @@ def test_pipeline_skips_a_trained_phase(fake_env):
     (run_dir / "ae" / "meta.json").write_text('{\n  "status": "trained"\n}\n')
     result = run(["bash", str(PIPELINE), "demo"], fake_env)
     assert result.returncode == 0, result.stderr
-    assert regina_steps(fake_env) == [s for s in STEPS if s != "train-ae"]
-    assert "--resume" not in "\n".join(calls(fake_env))
+    assert regina_steps(fake_env) == STEPS
+    train_ae = next(line for line in calls(fake_env) if "train-ae" in line)
+    assert train_ae.endswith("--resume")
+
+
+def test_pipeline_predicts_and_evaluates_again_after_phase_2_moved_on(fake_env):
+    """Predictions older than phase 2 (resumed with a higher MAX_EPOCHS) were kept, and so was
+    their evaluation."""
+    data, run_dir = Path(fake_env["DATA_DIR"]) / "demo", Path(fake_env["RUNS_DIR"]) / "demo"
+    outputs = ["perturb_processed.h5ad", "splits/simulation_1.json", "labels/stress@simulation_1.csv"]
+    for done in [data / o for o in outputs] + [run_dir / "predictions.h5ad", run_dir / "eval" / "metrics.json"]:
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.touch()
+    (run_dir / "gan").mkdir()
+    (run_dir / "gan" / "meta.json").write_text('{\n  "status": "trained"\n}\n')  # newer than the predictions
+    result = run(["bash", str(PIPELINE), "demo"], fake_env)
+    assert result.returncode == 0, result.stderr
+    assert regina_steps(fake_env) == STEPS[3:]
+
+
+def test_pipeline_refuses_a_split_without_test_conditions_before_training(fake_env):
+    result = run(["bash", str(PIPELINE), "demo"], {**fake_env, "SPLIT_MODE": "no_test"})
+    assert result.returncode == 2 and "no test conditions" in result.stderr
+    assert regina_steps(fake_env) == []
 
 
 def test_pipeline_stops_at_the_first_failing_step(fake_env, tmp_path):
@@ -210,6 +235,16 @@ def test_sbatch_one_node_trains_on_every_gpu_of_the_node(fake_env):
     assert regina_steps(env) == STEPS
     train = [line for line in calls(env) if "regina train-" in line]
     assert len(train) == 2 and all("--gpus 4" in line for line in train)
+
+
+def test_sbatch_job_array_tasks_train_their_own_seed_in_their_own_run(fake_env):
+    """`sbatch --array=1-3` ran three identical jobs on one run folder."""
+    env = {**slurm_env(fake_env, nodes=1), "SLURM_ARRAY_TASK_ID": "3"}
+    result = run(["bash", str(SBATCH), "demo"], env)
+    assert result.returncode == 0, result.stderr
+    log = "\n".join(calls(env))
+    assert "regina split demo --mode simulation --seed 3" in log
+    assert f"--run {Path(env['RUNS_DIR']) / 'demo_seed3'} " in log and "--split simulation_3" in log
 
 
 def test_sbatch_two_nodes_launch_training_through_torchrun_rendezvous(fake_env):
@@ -288,4 +323,7 @@ def test_pipeline_end_to_end_on_a_tiny_demo(tmp_path):
     again = subprocess.run(["bash", str(PIPELINE), "demo"], env=env, capture_output=True,
                            text=True, timeout=120, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("skipped:") == 7
+    assert again.stdout.count("skipped:") == 5 and again.stderr.count("nothing to resume") == 2
+    other_seed = subprocess.run(["bash", str(PIPELINE), "demo"], env={**env, "SEED": "2"}, capture_output=True,
+                                text=True, timeout=120, cwd=tmp_path)
+    assert other_seed.returncode == 2 and "was trained with --split simulation_1, not simulation_2" in other_seed.stderr

@@ -95,12 +95,13 @@ def _progress_mode() -> str:
     return "silent" if is_quiet() else "auto"
 
 
-def _last_value(key: str, value: float) -> str:
+def _last_value(key: str, value: float | None) -> str:
     """A validation metric as the summary shows it; phase 2's selection score is -inf (history.csv)
-    for an epoch that may not be kept, which the table says in words."""
-    if key.endswith("_selectable") and value == float("-inf"):
+    for an epoch that may not be kept, which the table says in words. The record in meta.json,
+    which a resume with nothing left to train shows, holds -inf and NaN as null."""
+    if key.endswith("_selectable") and (value is None or value == float("-inf")):
         return "- (not above epoch 0 by gan.selection_se standard errors: may not be kept)"
-    return f"{value:.4g}"
+    return "-" if value is None else f"{value:.4g}"
 
 
 def _report(command: str, summary: dict, phase_dir: Path) -> None:
