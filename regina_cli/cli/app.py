@@ -23,8 +23,9 @@ from regina_cli import __version__
 from regina_cli.cli.common import console, emit_error, print_error, set_output_mode
 
 GLOBAL_FLAGS = ("--quiet", "-q", "--json")
-# The commands whose processes under torchrun or `srun -n N` are one data-parallel launch, where
-# only the first prints; any other command is a process of its own (a task farm's).
+# The commands whose processes under `srun -n N` are one data-parallel launch, where only the first
+# prints; under srun any other command is a process of its own (a task farm's). torchrun's
+# processes are one launch whatever the command.
 TRAINING_COMMANDS = ("train-ae", "train-gan")
 
 
@@ -92,5 +93,7 @@ def main_options(
 ) -> None:
     from regina_cli.launch import scheduler_place
 
-    place = scheduler_place() if ctx.invoked_subcommand in TRAINING_COMMANDS else None
+    place = scheduler_place()
+    if place is not None and place.launcher == "srun" and ctx.invoked_subcommand not in TRAINING_COMMANDS:
+        place = None
     set_output_mode(quiet=quiet, json_output=json_output, rank=place.rank if place else 0)

@@ -57,10 +57,17 @@ def _to_stdout(text: str) -> None:
         sys.stdout.write(text)
 
 
-def emit_result(result: dict) -> None:
-    """With --json, the command's result as one JSON document on stdout (for scripts)."""
+def emit_result(result: dict, paths: tuple[str, ...] = ()) -> None:
+    """With --json, the command's result as one JSON document on stdout (for scripts). The files
+    under the keys `paths` (a path or a list of them) are named absolutely there, so a script may
+    use them from any folder; the terminal names them as the user gave them."""
     if _state["json"]:
+        result = {**result, **{key: _absolute(result[key]) for key in paths if result.get(key)}}
         _to_stdout(json.dumps(json_ready(result), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
+
+
+def _absolute(value):
+    return [_absolute(v) for v in value] if isinstance(value, list) else str(Path(value).resolve())
 
 
 def print_error(message: str) -> None:

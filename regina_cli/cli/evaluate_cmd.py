@@ -80,4 +80,5 @@ def evaluate_command(
     info(f"wrote {out_dir}" + (f" (open {out_dir / summary['report']})" if summary.get("report") else ""))
     emit_result({**summary, "warnings": warnings,
                  **({"report": str(out_dir / summary["report"])} if summary.get("report") else {}),
-                 **({"plots": [str(out_dir / p) for p in summary["plots"]]} if "plots" in summary else {})})
+                 **({"plots": [str(out_dir / p) for p in summary["plots"]]} if "plots" in summary else {})},
+                paths=("out", "report", "plots"))

@@ -33,7 +33,7 @@ def _show_go(result) -> None:
         ("sha256", result.sha256),
     ])
     info("use it with --gene-knowledge go")
-    emit_result(result.as_dict())
+    emit_result(result.as_dict(), paths=("path",))
 
 
 @app.command("fetch")
@@ -122,4 +122,4 @@ def fetch_command(
     ])
     for note in result.notes if result.action == "already present" else ():
         info(note)
-    emit_result(result.as_dict())
+    emit_result(result.as_dict(), paths=("path",))

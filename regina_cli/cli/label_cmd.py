@@ -48,4 +48,4 @@ def label_command(
     show(table)
     info(f"wrote {outcome.path}")
     emit_result({"labels": str(outcome.path), "method": method, "fitted_on": outcome.fitted_on,
-                 "balance": outcome.balance, **outcome.labels.details})
+                 "balance": outcome.balance, **outcome.labels.details}, paths=("labels",))

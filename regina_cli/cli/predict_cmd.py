@@ -80,4 +80,4 @@ def predict_command(
     emit_result({"predictions": str(result.path), "conditions": result.n_conditions, "cells": result.n_cells,
                  "new_conditions": result.n_new_conditions, "skipped": result.skipped, "sources": result.sources,
                  "device": result.device, "warnings": warnings, "clipped": result.clipped, "replaced": result.replaced,
-                 "seconds": round(result.seconds, 3)})
+                 "seconds": round(result.seconds, 3)}, paths=("predictions",))

@@ -68,4 +68,4 @@ def split_command(
     done = f"wrote {outcome.path}" if outcome.written else f"{outcome.path} already holds this split (nothing written)"
     info(f"{done}; later steps take it as --split {split.name}")
     emit_result({"split": split.name, "path": str(outcome.path), "written": outcome.written, "summary": outcome.summary,
-                 "unassigned_conditions": outcome.n_unassigned, "warnings": outcome.warnings})
+                 "unassigned_conditions": outcome.n_unassigned, "warnings": outcome.warnings}, paths=("path",))

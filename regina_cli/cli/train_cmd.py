@@ -135,4 +135,4 @@ def _report(command: str, summary: dict, phase_dir: Path) -> None:
     show(table)
     for warning in summary.get("warnings", []):
         info(f"[yellow]warning:[/] {warning}")
-    emit_result(summary)
+    emit_result(summary, paths=("run_dir",))
