@@ -65,6 +65,35 @@ def test_patience_stopper_and_best_tracker():
     assert flags == [True, True, False, False, True] and best.epoch == 5
 
 
+def test_a_flat_l_cons_is_not_a_rise():
+    """Only a rise by *more than* `min_delta` counts: with `ae.consistency_min_delta=0` a
+    consistency loss that settles (the same value epoch after epoch, e.g. saturated at 0) must not
+    read as "constantly increasing" and stop a healthy phase 1 after `patience` epochs."""
+    flat = [0.5, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert _first_stop(ConsistencyStopper(patience=2, min_delta=0.0, min_epochs=1), flat) is None
+    by_exactly_delta = [1.0, 1.5, 2.0, 2.5, 3.0]  # each rise equals min_delta: not more than it
+    assert _first_stop(ConsistencyStopper(patience=2, min_delta=0.5, min_epochs=1), by_exactly_delta) is None
+
+
+def test_a_resumed_phase_keeps_its_best_value_best_epoch_and_patience_count():
+    """Resume reloads the stopper and the best tracker from last.pt: a patience stopper that forgot
+    its best would count a worse epoch after the resume as a new best (phase 2 trained on past its
+    patience), and a tracker that forgot its epoch would record the wrong `best_epoch` in meta.json."""
+    stopper = PatienceStopper(metric="pearson_delta", patience=2)
+    best = BestTracker("pearson_delta", "max")
+    for epoch, value in enumerate([0.2, 0.5, 0.4], 1):
+        stopper.update(epoch, value)
+        best.update(epoch, value)
+    resumed_stopper = PatienceStopper(metric="pearson_delta", patience=2)
+    resumed_stopper.load_state_dict(stopper.state_dict())
+    resumed_best = BestTracker("pearson_delta", "max")
+    resumed_best.load_state_dict(best.state_dict())
+    assert (resumed_best.value, resumed_best.epoch) == (0.5, 2)
+    assert not resumed_best.update(4, 0.45) and resumed_best.epoch == 2
+    assert resumed_stopper.update(4, 0.45)  # a second epoch below 0.5: patience 2 is used up
+    assert "best of the trained epochs 0.5000" in resumed_stopper.reason
+
+
 def test_instance_noise_decays_linearly_between_start_and_end():
     cfg = GANConfig(instance_noise=0.1, noise_decay_start=20, noise_decay_end=80)
     assert instance_noise_std(cfg, 1) == 0.1
