@@ -163,6 +163,36 @@ def test_a_failed_checkpoint_write_advises_resume_only_when_there_is_something_t
         ckpt.save_torch(tmp_path / "best.pt", {})
 
 
+def test_a_failed_write_for_another_reason_is_not_blamed_on_the_disk(tmp_path, monkeypatch):
+    """Only torch's failed-write messages mean a full disk or quota: any other error of torch.save
+    (a bug, a tensor that cannot be serialised) must surface as itself, not as advice to free space
+    and resume, which would send the user after a problem they do not have."""
+    def broken(obj, path, *a, **k):
+        raise RuntimeError("cannot pickle 'generator' object")
+
+    monkeypatch.setattr(ckpt.torch, "save", broken)
+    with pytest.raises(RuntimeError, match="cannot pickle") as raised:
+        ckpt.save_torch(tmp_path / "last.pt", {})
+    assert not isinstance(raised.value, ReginaError)
+
+
+def test_a_checkpoint_holding_pickled_objects_is_refused(tmp_path):
+    """REGINA's .pt files hold tensors and plain containers only, and are loaded with
+    weights_only=True: a file holding pickled objects (a whole module, or code from someone else's
+    run directory) must be refused, never unpickled, which could run arbitrary code."""
+    foreign = tmp_path / "model.pt"
+    torch.save(torch.nn.Linear(2, 2), foreign)  # a pickled Module, not a state_dict
+    with pytest.raises(ReginaError, match="cannot read checkpoint"):
+        ckpt.load_torch(foreign)
+
+
+def test_a_missing_checkpoint_says_train_first_not_delete_it(tmp_path):
+    """A phase never trained has no .pt file: the error says so ("train this phase first"), not
+    "cannot read checkpoint ...; retrain or delete it", which names a file that is not there."""
+    with pytest.raises(ReginaError, match="does not exist; train this phase first"):
+        ckpt.load_torch(tmp_path / "ae" / "model.pt")
+
+
 def test_stop_on_signal_turns_sigterm_into_a_flag_and_restores_the_handler():
     before = signal.getsignal(signal.SIGTERM)
     with StopOnSignal() as signals:
