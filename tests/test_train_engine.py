@@ -94,6 +94,33 @@ def test_a_resumed_phase_keeps_its_best_value_best_epoch_and_patience_count():
     assert "best of the trained epochs 0.5000" in resumed_stopper.reason
 
 
+def test_an_epoch_has_at_least_one_step_and_a_rank_at_least_two_cells():
+    """Fewer training cells than one batch still trains one (partial) batch an epoch: zero steps
+    would "train" every epoch without a single update and report the untrained model as done. A
+    rank with a single cell is refused in words (BatchNorm cannot normalise one cell)."""
+    from regina_cli.engine.distributed import DistContext
+    from regina_cli.engine.loop import steps_per_epoch
+
+    one, four = (DistContext(0, 0, n, torch.device("cpu")) for n in (1, 4))
+    assert steps_per_epoch(50, 64, one) == 1
+    assert steps_per_epoch(200, 64, one) == 3  # the last partial batch is dropped
+    assert steps_per_epoch(8, 64, four) == 1  # two cells a rank
+    with pytest.raises(ReginaError, match="only 1 training cells for 1 process"):
+        steps_per_epoch(1, 64, one)
+    with pytest.raises(ReginaError, match="only 7 training cells for 4 process"):
+        steps_per_epoch(7, 64, four)
+
+
+def test_learning_rates_scale_with_the_global_batch_against_64_only_when_asked():
+    """`ae.lr_scale_batch` / `gan.lr_scale_batch` scale the rate by (batch x processes) / 64, the
+    reference batch the documented rates were tuned at; off (the default) the rate is as set."""
+    from regina_cli.engine.loop import scaled_lr
+
+    assert scaled_lr(1e-3, True, 256) == pytest.approx(4e-3)
+    assert scaled_lr(1e-3, True, 64) == pytest.approx(1e-3)
+    assert scaled_lr(1e-3, False, 256) == 1e-3
+
+
 def test_instance_noise_decays_linearly_between_start_and_end():
     cfg = GANConfig(instance_noise=0.1, noise_decay_start=20, noise_decay_end=80)
     assert instance_noise_std(cfg, 1) == 0.1

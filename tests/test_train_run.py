@@ -186,6 +186,25 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(demo
     assert history(tmp_path / "resumed")[-1]["train_mse"] == history(tmp_path / "straight")[-1]["train_mse"]
 
 
+def test_a_stop_signal_during_validation_stops_after_the_epoch_is_saved(demo_data, tmp_path, monkeypatch):
+    """A SIGTERM that arrives after an epoch's last step (during validation, say) is not seen by the
+    mid-epoch check: the loop must still stop once that epoch is saved, with the resume advice and
+    exit code 143, rather than train on into Slurm's SIGKILL."""
+    real_validate = AutoencoderPhase.validate
+
+    def signalled(self, epoch):
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_validate(self, epoch)
+
+    monkeypatch.setattr(AutoencoderPhase, "validate", signalled)
+    with pytest.raises(TrainingInterrupted, match="at epoch 1 .*--resume") as stopped:
+        train(demo_data, tmp_path / "run", tiny_config("ae.max_epochs=3"))
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert weights(tmp_path / "run" / "ae" / "last.pt")["epoch"] == 1
+    assert [r["epoch"] for r in history(tmp_path / "run")] == ["1"]
+
+
 def test_gan_resume_after_preemption_matches_an_uninterrupted_run(demo_data, tmp_path, monkeypatch):
     import shutil
 
