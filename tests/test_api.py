@@ -50,6 +50,52 @@ def notebook(tmp_path_factory):
     return namespace, workdir, caught, printed.getvalue()
 
 
+def test_a_first_call_that_imports_torch_leaves_it_as_a_fresh_import_would():
+    """A notebook's first REGINA call is often what imports torch and numpy: training then seeds
+    them and turns on denormal flushing. Restoring only libraries imported before the call left the
+    notebook's later torch code on REGINA's fixed seed and flushing tiny floats to zero."""
+    code = (
+        "import sys\n"
+        "from regina_cli.global_state import left_as_found\n"
+        "assert 'torch' not in sys.modules and 'numpy' not in sys.modules\n"
+        "with left_as_found():\n"
+        "    import torch\n"
+        "    torch.manual_seed(0); torch.set_flush_denormal(True); seeded = torch.rand(3)\n"
+        "    import numpy\n"
+        "    numpy.random.seed(0); numpy.random.rand(3)\n"
+        "continued = numpy.random.RandomState(0).rand(6)[3:]  # the seeded stream's next draws\n"
+        "print(torch.equal(torch.random.get_rng_state(), torch.Generator().get_state()),\n"
+        "      torch.tensor([1e-40]).item() != 0.0, not torch.equal(torch.rand(3), seeded),\n"
+        "      not numpy.array_equal(numpy.random.rand(3), continued))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True"] * 4, done.stdout
+
+
+def test_a_block_puts_back_the_notebooks_own_thread_count_and_denormal_flushing():
+    """What the notebook set itself comes back after a call: its torch thread count (scanpy's numba
+    layer and training change it) and its choice to flush denormal floats (training turns flushing
+    on; a notebook that had turned it on must not find it off, nor the other way round)."""
+    import torch
+
+    from regina_cli.global_state import left_as_found
+
+    threads, flushed = torch.get_num_threads(), torch.tensor([1e-40]).item() == 0.0
+    if not torch.set_flush_denormal(flushed):
+        pytest.skip("this CPU cannot flush denormal floats")
+    try:
+        for flushing in (True, False):
+            torch.set_flush_denormal(flushing)
+            with left_as_found():
+                torch.set_num_threads(threads + 1)
+                torch.set_flush_denormal(not flushing)
+            assert torch.get_num_threads() == threads
+            assert (torch.tensor([1e-40]).item() == 0.0) is flushing
+    finally:
+        torch.set_flush_denormal(flushed)
+        torch.set_num_threads(threads)
+
+
 def test_doc_has_the_whole_pipeline():
     code = "\n".join(doc_blocks())
     for step in ("fetch", "split", "label", "train_ae", "train_gan", "predict", "evaluate"):
