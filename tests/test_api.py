@@ -721,3 +721,38 @@ def test_fetch_and_train_ae_warn_what_the_command_line_warns(notebook, tmp_path)
     assert any("names none of the dataset's 200 genes" in s for s in said)
     assert ae.warnings and all(warning in said for warning in ae.warnings)
     assert {w.filename for w in caught} == {__file__}
+
+
+def _test_means(notebook) -> pd.DataFrame:
+    """Mean real expression of each test condition, indexed by condition: a perfect model's table."""
+    ns, *_ = notebook
+    adata, split = ns["adata"], ns["split"].split
+    test = adata[adata.obs[keys.OBS_CONDITION].isin(split.test)]
+    means = pd.DataFrame(test.X.toarray(), columns=test.var_names).groupby(
+        test.obs[keys.OBS_CONDITION].astype(str).to_numpy()).mean()
+    means.index.name = "condition"
+    return means
+
+
+def test_parts_of_one_model_in_memory_are_all_scored(notebook):
+    """Predictions of one model made in parts (a job array) and passed as a list under one name are
+    scored together: parts staged to one file would be read as the last part twice (the first part's
+    conditions lost, and the user told the parts overlap)."""
+    ns, workdir, *_ = notebook
+    means = _test_means(notebook)
+    half = len(means) // 2
+    result = regina.evaluate("demo", [means.iloc[:half], means.iloc[half:]], model_name=["m", "m"],
+                             baselines="none", data_dir=workdir / "data")
+    scored = result.per_condition.loc[result.per_condition["model"] == "m", "condition"]
+    assert sorted(scored) == sorted(means.index)
+
+
+def test_evaluating_a_file_keeps_the_results_in_eval_beside_it(notebook, tmp_path):
+    """Predictions given as a file path are scored as `regina evaluate FILE` scores them: the results
+    are kept in eval/ beside the file (only in-memory predictions keep nothing by default)."""
+    ns, workdir, *_ = notebook
+    path = tmp_path / "means.csv"
+    _test_means(notebook).reset_index().to_csv(path, index=False)
+    result = regina.evaluate("demo", path, baselines="none", plots=False, data_dir=workdir / "data")
+    assert result.out == (tmp_path / keys.EVAL_DIR).resolve()
+    assert (result.out / keys.METRICS_FILE).is_file()
