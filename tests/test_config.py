@@ -163,3 +163,12 @@ def test_layering_leaves_its_base_config_unchanged():
     base = ReginaConfig()
     layered(base, overrides=["ae.lr=0.5", "model.d_model=64", "model.n_heads=2"])
     assert base == ReginaConfig()
+
+
+def test_a_dataset_named_like_a_preset_trains_with_that_preset(tmp_path):
+    """`regina train-ae dixit ...` without --preset uses the dixit preset's loss weights (the
+    published settings for that screen), not sizes fitted to its gene count."""
+    from regina_cli.engine.run_config import resolve_run_config
+
+    config, source = resolve_run_config("ae", tmp_path / "run", dataset="dixit")
+    assert source == "preset dixit" and config == build_config(preset="dixit")
