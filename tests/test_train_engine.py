@@ -380,3 +380,45 @@ def test_training_stops_on_slurms_warning_signals(signum):
     with StopOnSignal() as stop:
         os.kill(os.getpid(), signum)
         assert stop.requested and stop.signum == signum
+
+
+def test_phase2_meta_starts_as_training_whatever_phase1_recorded():
+    """Phase 2's meta.json starts as a copy of phase 1's: it must read "training" (with no training
+    summary) until phase 2 finishes, or a phase 2 killed mid-way would pass for a trained one and
+    predict would use its unfinished weights without a word."""
+    from regina_cli.engine.run_meta import TRAINED, TRAINING, RunMeta
+
+    phase1 = RunMeta(phase="ae", dataset="d", split="s", labels="l", gene_names=["A"], label_classes=["x", "y"],
+                     cell_types=["all"], conditions=["ctrl"], train_conditions=["ctrl"], val_conditions=[],
+                     test_conditions=[], perturbed_genes=[], selection="variance_preservation",
+                     status=TRAINED, training={"stop_reason": "max_epochs: reached 1 epochs"})
+    phase2 = phase1.for_phase("gan", selection="pearson_delta_selectable")
+    assert phase2.status == TRAINING and not phase2.is_trained and phase2.training is None
+    assert phase2.phase == "gan" and phase2.gene_names == ["A"]
+
+
+def test_phase1_validation_scores_per_gene_mse_and_variance_preservation():
+    """history.csv's val_mse is the mean squared error per cell *and gene*, as train_mse is (a sum
+    over genes would read as a model hundreds of times worse on validation than in training), and
+    variance_preservation the Pearson correlation of real and reconstructed per-gene spreads."""
+    from regina_cli.config import build_config
+    from regina_cli.data.tensors import CellTensors
+    from regina_cli.engine.distributed import DistContext
+    from regina_cli.engine.train_ae import AutoencoderPhase
+    from regina_cli.model.autoencoder import Autoencoder
+    from test_tensors import tiny_labels, tiny_screen, tiny_split
+
+    adata = tiny_screen()
+    cells = CellTensors.from_anndata(adata, tiny_split(), tiny_labels(adata), device_data="always")
+    config = build_config(preset="demo", overrides=["model.seq_len=4", "model.d_model=16", "model.n_layers=1",
+                                                    "model.n_heads=2", "model.z_dim=8", "model.classifier_hidden=8"])
+    torch.manual_seed(0)
+    model = Autoencoder(cells.n_genes, len(cells.label_classes), config.model)
+    values = AutoencoderPhase(model, cells, config, DistContext(0, 0, 1, torch.device("cpu"))).validate(1)
+    model.eval()
+    x = cells.x[cells.val_idx].double()
+    with torch.no_grad():
+        rec = model.decoder(model.encoder(x.float())).double()
+    assert values["mse"] == pytest.approx(((rec - x) ** 2).mean().item(), rel=1e-5)
+    spread = torch.corrcoef(torch.stack([x.std(0), rec.std(0)]))[0, 1].item()
+    assert values["variance_preservation"] == pytest.approx(spread, rel=1e-4, abs=1e-6)
