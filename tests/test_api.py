@@ -50,6 +50,52 @@ def notebook(tmp_path_factory):
     return namespace, workdir, caught, printed.getvalue()
 
 
+def test_a_first_call_that_imports_torch_leaves_it_as_a_fresh_import_would():
+    """A notebook's first REGINA call is often what imports torch and numpy: training then seeds
+    them and turns on denormal flushing. Restoring only libraries imported before the call left the
+    notebook's later torch code on REGINA's fixed seed and flushing tiny floats to zero."""
+    code = (
+        "import sys\n"
+        "from regina_cli.global_state import left_as_found\n"
+        "assert 'torch' not in sys.modules and 'numpy' not in sys.modules\n"
+        "with left_as_found():\n"
+        "    import torch\n"
+        "    torch.manual_seed(0); torch.set_flush_denormal(True); seeded = torch.rand(3)\n"
+        "    import numpy\n"
+        "    numpy.random.seed(0); numpy.random.rand(3)\n"
+        "continued = numpy.random.RandomState(0).rand(6)[3:]  # the seeded stream's next draws\n"
+        "print(torch.equal(torch.random.get_rng_state(), torch.Generator().get_state()),\n"
+        "      torch.tensor([1e-40]).item() != 0.0, not torch.equal(torch.rand(3), seeded),\n"
+        "      not numpy.array_equal(numpy.random.rand(3), continued))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True"] * 4, done.stdout
+
+
+def test_a_block_puts_back_the_notebooks_own_thread_count_and_denormal_flushing():
+    """What the notebook set itself comes back after a call: its torch thread count (scanpy's numba
+    layer and training change it) and its choice to flush denormal floats (training turns flushing
+    on; a notebook that had turned it on must not find it off, nor the other way round)."""
+    import torch
+
+    from regina_cli.global_state import left_as_found
+
+    threads, flushed = torch.get_num_threads(), torch.tensor([1e-40]).item() == 0.0
+    if not torch.set_flush_denormal(flushed):
+        pytest.skip("this CPU cannot flush denormal floats")
+    try:
+        for flushing in (True, False):
+            torch.set_flush_denormal(flushing)
+            with left_as_found():
+                torch.set_num_threads(threads + 1)
+                torch.set_flush_denormal(not flushing)
+            assert torch.get_num_threads() == threads
+            assert (torch.tensor([1e-40]).item() == 0.0) is flushing
+    finally:
+        torch.set_flush_denormal(flushed)
+        torch.set_num_threads(threads)
+
+
 def test_doc_has_the_whole_pipeline():
     code = "\n".join(doc_blocks())
     for step in ("fetch", "split", "label", "train_ae", "train_gan", "predict", "evaluate"):
@@ -675,3 +721,38 @@ def test_fetch_and_train_ae_warn_what_the_command_line_warns(notebook, tmp_path)
     assert any("names none of the dataset's 200 genes" in s for s in said)
     assert ae.warnings and all(warning in said for warning in ae.warnings)
     assert {w.filename for w in caught} == {__file__}
+
+
+def _test_means(notebook) -> pd.DataFrame:
+    """Mean real expression of each test condition, indexed by condition: a perfect model's table."""
+    ns, *_ = notebook
+    adata, split = ns["adata"], ns["split"].split
+    test = adata[adata.obs[keys.OBS_CONDITION].isin(split.test)]
+    means = pd.DataFrame(test.X.toarray(), columns=test.var_names).groupby(
+        test.obs[keys.OBS_CONDITION].astype(str).to_numpy()).mean()
+    means.index.name = "condition"
+    return means
+
+
+def test_parts_of_one_model_in_memory_are_all_scored(notebook):
+    """Predictions of one model made in parts (a job array) and passed as a list under one name are
+    scored together: parts staged to one file would be read as the last part twice (the first part's
+    conditions lost, and the user told the parts overlap)."""
+    ns, workdir, *_ = notebook
+    means = _test_means(notebook)
+    half = len(means) // 2
+    result = regina.evaluate("demo", [means.iloc[:half], means.iloc[half:]], model_name=["m", "m"],
+                             baselines="none", data_dir=workdir / "data")
+    scored = result.per_condition.loc[result.per_condition["model"] == "m", "condition"]
+    assert sorted(scored) == sorted(means.index)
+
+
+def test_evaluating_a_file_keeps_the_results_in_eval_beside_it(notebook, tmp_path):
+    """Predictions given as a file path are scored as `regina evaluate FILE` scores them: the results
+    are kept in eval/ beside the file (only in-memory predictions keep nothing by default)."""
+    ns, workdir, *_ = notebook
+    path = tmp_path / "means.csv"
+    _test_means(notebook).reset_index().to_csv(path, index=False)
+    result = regina.evaluate("demo", path, baselines="none", plots=False, data_dir=workdir / "data")
+    assert result.out == (tmp_path / keys.EVAL_DIR).resolve()
+    assert (result.out / keys.METRICS_FILE).is_file()

@@ -71,6 +71,10 @@ def test_set_parses_yaml_values():
         ("gan.noise_decay_end=1", "noise_decay_end must not be before"),
         ("gan.modality=off", "gan.modality takes text, not False; quote the value"),
         ("model.gene_knowledge=true", "model.gene_knowledge takes text, not True"),
+        ("ae.lr=0", "ae.lr must be > 0"),  # an open bound: a zero learning rate trains nothing
+        ("runtime.compile=1", "true or false"),
+        ("ae.lr=true", "takes a number"),
+        ("model.discriminator_hidden=[]", "positive widths"),
     ],
 )
 def test_bad_overrides_are_one_line_errors(assignment, message):
@@ -117,3 +121,54 @@ def test_flags_layer_on_top_of_set_and_are_validated():
     assert config.ae.max_epochs == 7
     with pytest.raises(ReginaError, match="ae.batch_size must be >= 2"):
         build_config(flags={"ae": {"batch_size": -3}})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.gene_knowledge=go", "gan.expression_prior=none"], "set gan.expression_prior=linear too"),
+    (["gan.expression_prior=none", "gan.residual_decoding=false"], "set gan.residual_decoding=true too"),
+    (["gan.match_control_mean=false", "gan.residual_decoding=false"], "set gan.residual_decoding=true too"),
+])
+def test_settings_that_would_silently_do_nothing_together_are_refused(overrides, message):
+    """Gene knowledge reaches predictions only through the expression prior, and the prior and
+    the matched controls only through residual decoding: without the other key each would be
+    recorded in the run's config while changing nothing the user asked it to."""
+    with pytest.raises(ReginaError, match=message):
+        build_config(overrides=overrides)
+    build_config(overrides=overrides[:1])  # alone, with the defaults, each is fine
+
+
+def test_values_a_config_file_may_hold_are_taken_as_meant(tmp_path):
+    """A config file whose every line is commented out is the defaults, not an error; a whole
+    number written as 64.0 is 64; and noise may stop decaying the epoch it starts (a step)."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# ae:\n#   lr: 0.01\n")
+    assert build_config(config_file=empty) == build_config()
+    assert build_config(overrides=["ae.batch_size=64.0"]).ae.batch_size == 64
+    assert build_config(overrides=["gan.noise_decay_start=5", "gan.noise_decay_end=5"]).gan.noise_decay_end == 5
+
+
+def test_a_dataset_without_a_preset_gets_sizes_fitted_to_its_genes():
+    """`n_genes` picks the model sized to the gene count (a 300-gene screen is not trained with the
+    original 512-wide model, which would take hours on a laptop)."""
+    fitted = build_config(n_genes=300)
+    assert fitted.model.d_model == auto_preset(300)["model"]["d_model"] == 64
+    assert fitted.ae.max_epochs == auto_preset(300)["ae"]["max_epochs"]
+
+
+def test_layering_leaves_its_base_config_unchanged():
+    """`layered` returns a new config: a base read once (phase 1's saved config, say) and layered
+    for one purpose must not carry that purpose's overrides into the next comparison with it."""
+    from regina_cli.config import layered
+
+    base = ReginaConfig()
+    layered(base, overrides=["ae.lr=0.5", "model.d_model=64", "model.n_heads=2"])
+    assert base == ReginaConfig()
+
+
+def test_a_dataset_named_like_a_preset_trains_with_that_preset(tmp_path):
+    """`regina train-ae dixit ...` without --preset uses the dixit preset's loss weights (the
+    published settings for that screen), not sizes fitted to its gene count."""
+    from regina_cli.engine.run_config import resolve_run_config
+
+    config, source = resolve_run_config("ae", tmp_path / "run", dataset="dixit")
+    assert source == "preset dixit" and config == build_config(preset="dixit")

@@ -151,6 +151,117 @@ def test_clip_and_sparsify_give_data_like_values(tiny_run):
     np.testing.assert_allclose(dense[kept], plain.X[kept], rtol=1e-6)
 
 
+def test_the_reconstruction_baseline_is_the_mean_of_each_conditions_decoded_controls(tiny_run):
+    """varm `reconstruction` is what `regina evaluate` scores as the honest `reconstruction`
+    baseline: per condition, the *mean* of the model's decoded controls with no perturbation
+    applied. A sum (or a mean over the wrong cells) would make that baseline look absurdly bad
+    and the model look better than its own decoder."""
+    run, adata, ae_model, _ = tiny_run
+    written = ad.read_h5ad(predict(run, "G4+ctrl,G3+G1", n_cells=CELLS, seed=1, device="cpu"))
+    pred = written[written.obs[keys.OBS_PROMPT_SOURCE] != "control"]
+    reconstruction = written.varm[keys.VARM_RECONSTRUCTION]
+    ae_model.eval()
+    for condition in ("G4+ctrl", "G3+G1"):
+        started_from = pred.obs.loc[pred.obs[keys.OBS_CONDITION] == condition, keys.OBS_CONTROL_CELL]
+        x_ctrl = torch.as_tensor(adata[started_from.to_numpy()].X.toarray())
+        with torch.no_grad():
+            expected = ae_model.decoder(ae_model.encoder(x_ctrl)).mean(0).numpy()
+        np.testing.assert_allclose(reconstruction[condition].to_numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cells_are_shared_between_cell_types_by_largest_remainder():
+    """A condition measured as 1 cell of type x for every 2 of type y gets 10 predicted cells as
+    3 x and 7 y (shares 3.33 and 6.67): the spare cell goes to the largest remainder, so the
+    predicted population's mix is the closest to the real one."""
+    obs = pd.DataFrame({
+        keys.OBS_CONDITION: ["ctrl"] * 6 + ["A+ctrl"] * 3,
+        keys.OBS_CELL_TYPE: ["x", "x", "x", "y", "y", "y"] + ["x", "y", "y"],
+    }, index=[f"c{i}" for i in range(9)])
+    plan = sample_plan(obs, ["A+ctrl"], ["ctrl", "A+ctrl"], 10, seed=0)
+    assert plan.cells.groupby("cell_type").size().to_dict() == {"x": 3, "y": 7}
+
+
+def test_a_dataset_whose_genes_changed_is_refused_even_when_allowed_stale(tiny_run):
+    """The networks read genes by position: a re-fetched dataset with the same genes in another
+    order (or other genes) would feed every gene into another gene's slot and predict nonsense
+    without a word. `--allow-stale` lets a changed dataset through, so this check must stand alone."""
+    run, adata, *_ = tiny_run
+    write_dataset(adata[:, ::-1].copy(), "tiny")
+    with pytest.raises(ReginaError, match="no longer has the genes .* re-fetch the same dataset"):
+        predict(run, "G4+ctrl", n_cells=2, device="cpu", allow_stale=True)
+
+
+def test_matched_controls_start_every_prediction_from_the_training_control_mean(tiny_run):
+    """With `gan.match_control_mean` (the default) the controls drawn for a condition are shifted
+    onto the mean of the training controls of their cell type, as train-gan validated: predictions
+    from the raw draws would differ from what validation scored. Residual decoding of an unperturbed
+    control gives back the (shifted) control, so the `reconstruction` of each condition is the
+    training-control mean, weighted by its cells' cell types."""
+    run, adata, *_ = tiny_run
+    ckpt.write_config(ckpt.gan_paths(run), build_config(preset="original", overrides=[
+        *TINY_MODEL, "gan.residual_decoding=true", "gan.match_control_mean=true"]))
+    written = ad.read_h5ad(predict(run, "G4+ctrl,G3+G1", n_cells=CELLS, seed=2, device="cpu",
+                                   options=FileOptions(with_controls=False)))
+    x = adata.X.toarray()
+    is_ctrl = (adata.obs[keys.OBS_CONDITION] == "ctrl").to_numpy()
+    type_mean = {t: x[is_ctrl & (adata.obs[keys.OBS_CELL_TYPE] == t).to_numpy()].mean(0) for t in ("A", "B")}
+    for condition in ("G4+ctrl", "G3+G1"):
+        types = written.obs.loc[written.obs[keys.OBS_CONDITION] == condition, keys.OBS_CELL_TYPE].astype(str)
+        expected = np.mean([type_mean[t] for t in types], axis=0)
+        np.testing.assert_allclose(written.varm[keys.VARM_RECONSTRUCTION][condition].to_numpy(), expected,
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("label", ["NTC", "control", "Non-Targeting"])
+def test_every_control_spelling_is_refused_as_a_condition_to_predict(label):
+    """`--conditions NTC` (a control label as fetch reads them) is the control, not a gene named
+    NTC: the error must say so instead of "gene 'NTC' is not among the measured genes"."""
+    from types import SimpleNamespace
+
+    from regina_cli.engine.predict import resolve_conditions
+
+    with pytest.raises(ReginaError, match="is the control condition"):
+        resolve_conditions(label, SimpleNamespace(train=[], val=[], test=[]), ["ctrl", "A+ctrl"])
+
+
+def _file_of(obs: pd.DataFrame, x: np.ndarray, options: FileOptions, n_cells: int = 4):
+    """prediction_file.build for condition A+ctrl predicted from `obs`'s training controls."""
+    from regina_cli.engine import prediction_file
+
+    plan = sample_plan(obs, ["A+ctrl"], ["ctrl", "A+ctrl"], n_cells, seed=0)
+    rows = np.unique(plan.cells["control_row"].to_numpy())
+    predicted = np.full((len(plan), x.shape[1]), 0.05, dtype=np.float32)
+    return prediction_file.build(predicted, plan, ["A+ctrl"], ["g1", "g2", "g3"], sources={"A+ctrl": "measured"},
+                                 reconstruction=np.zeros((1, 3)), controls=(x[rows], obs.iloc[rows]),
+                                 options=options, provenance={})
+
+
+def test_a_screen_without_cell_types_gives_predictions_and_controls_one_cell_type():
+    """A screen without a cell_type column is one cell type, `all`, for the predicted cells and the
+    appended controls alike: a per-cell-type comparison (rank_genes_groups within a cell type,
+    cell-eval) must find the controls in the predictions' cell type."""
+    obs = pd.DataFrame({keys.OBS_CONDITION: ["ctrl"] * 6 + ["A+ctrl"] * 2}, index=[f"c{i}" for i in range(8)])
+    x = np.arange(24, dtype=np.float32).reshape(8, 3) / 10
+    made = _file_of(obs, x, FileOptions())
+    assert set(made.obs[keys.OBS_CELL_TYPE].astype(str)) == {"all"}
+
+
+def test_the_file_records_its_predicted_cell_count_and_sparsify_threshold():
+    """uns['regina'] says how many cells were *predicted* (evaluate adds these up over the parts
+    of a job array; the appended controls are not predictions) and the threshold `sparsify` used:
+    half the smallest non-zero value of the real controls, so a decoded value that small is noise
+    while every value a real cell can hold is kept."""
+    obs = pd.DataFrame({keys.OBS_CONDITION: ["ctrl"] * 6 + ["A+ctrl"] * 2}, index=[f"c{i}" for i in range(8)])
+    x = np.full((8, 3), 0.4, dtype=np.float32)
+    x[:, 0] = 0.0
+    x[2, 1] = 0.08  # the smallest non-zero control value
+    made = _file_of(obs, x, FileOptions(sparsify=True, clip=True), n_cells=6)
+    record = made.uns[keys.UNS_REGINA]
+    assert record["n_predicted_cells"] == 6 and made.n_obs == 12  # 6 predicted + the 6 controls they started from
+    assert record["sparsify_threshold"] == pytest.approx(0.04)
+    assert (made[:6].X.toarray() == 0.05).all()  # above the threshold: kept
+
+
 def test_predict_clips_by_default_where_validation_chose_it(tiny_run):
     """Without --clip/--no-clip, `predict` follows the run's `clip_predictions` (what scored higher
     on validation at train-gan); either flag overrides it; the file records what was done."""

@@ -65,6 +65,62 @@ def test_patience_stopper_and_best_tracker():
     assert flags == [True, True, False, False, True] and best.epoch == 5
 
 
+def test_a_flat_l_cons_is_not_a_rise():
+    """Only a rise by *more than* `min_delta` counts: with `ae.consistency_min_delta=0` a
+    consistency loss that settles (the same value epoch after epoch, e.g. saturated at 0) must not
+    read as "constantly increasing" and stop a healthy phase 1 after `patience` epochs."""
+    flat = [0.5, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert _first_stop(ConsistencyStopper(patience=2, min_delta=0.0, min_epochs=1), flat) is None
+    by_exactly_delta = [1.0, 1.5, 2.0, 2.5, 3.0]  # each rise equals min_delta: not more than it
+    assert _first_stop(ConsistencyStopper(patience=2, min_delta=0.5, min_epochs=1), by_exactly_delta) is None
+
+
+def test_a_resumed_phase_keeps_its_best_value_best_epoch_and_patience_count():
+    """Resume reloads the stopper and the best tracker from last.pt: a patience stopper that forgot
+    its best would count a worse epoch after the resume as a new best (phase 2 trained on past its
+    patience), and a tracker that forgot its epoch would record the wrong `best_epoch` in meta.json."""
+    stopper = PatienceStopper(metric="pearson_delta", patience=2)
+    best = BestTracker("pearson_delta", "max")
+    for epoch, value in enumerate([0.2, 0.5, 0.4], 1):
+        stopper.update(epoch, value)
+        best.update(epoch, value)
+    resumed_stopper = PatienceStopper(metric="pearson_delta", patience=2)
+    resumed_stopper.load_state_dict(stopper.state_dict())
+    resumed_best = BestTracker("pearson_delta", "max")
+    resumed_best.load_state_dict(best.state_dict())
+    assert (resumed_best.value, resumed_best.epoch) == (0.5, 2)
+    assert not resumed_best.update(4, 0.45) and resumed_best.epoch == 2
+    assert resumed_stopper.update(4, 0.45)  # a second epoch below 0.5: patience 2 is used up
+    assert "best of the trained epochs 0.5000" in resumed_stopper.reason
+
+
+def test_an_epoch_has_at_least_one_step_and_a_rank_at_least_two_cells():
+    """Fewer training cells than one batch still trains one (partial) batch an epoch: zero steps
+    would "train" every epoch without a single update and report the untrained model as done. A
+    rank with a single cell is refused in words (BatchNorm cannot normalise one cell)."""
+    from regina_cli.engine.distributed import DistContext
+    from regina_cli.engine.loop import steps_per_epoch
+
+    one, four = (DistContext(0, 0, n, torch.device("cpu")) for n in (1, 4))
+    assert steps_per_epoch(50, 64, one) == 1
+    assert steps_per_epoch(200, 64, one) == 3  # the last partial batch is dropped
+    assert steps_per_epoch(8, 64, four) == 1  # two cells a rank
+    with pytest.raises(ReginaError, match="only 1 training cells for 1 process"):
+        steps_per_epoch(1, 64, one)
+    with pytest.raises(ReginaError, match="only 7 training cells for 4 process"):
+        steps_per_epoch(7, 64, four)
+
+
+def test_learning_rates_scale_with_the_global_batch_against_64_only_when_asked():
+    """`ae.lr_scale_batch` / `gan.lr_scale_batch` scale the rate by (batch x processes) / 64, the
+    reference batch the documented rates were tuned at; off (the default) the rate is as set."""
+    from regina_cli.engine.loop import scaled_lr
+
+    assert scaled_lr(1e-3, True, 256) == pytest.approx(4e-3)
+    assert scaled_lr(1e-3, True, 64) == pytest.approx(1e-3)
+    assert scaled_lr(1e-3, False, 256) == 1e-3
+
+
 def test_instance_noise_decays_linearly_between_start_and_end():
     cfg = GANConfig(instance_noise=0.1, noise_decay_start=20, noise_decay_end=80)
     assert instance_noise_std(cfg, 1) == 0.1
@@ -132,6 +188,36 @@ def test_a_failed_checkpoint_write_advises_resume_only_when_there_is_something_t
     (tmp_path / "last.pt").write_bytes(b"an earlier epoch")
     with pytest.raises(ReginaError, match="then run again with --resume$"):
         ckpt.save_torch(tmp_path / "best.pt", {})
+
+
+def test_a_failed_write_for_another_reason_is_not_blamed_on_the_disk(tmp_path, monkeypatch):
+    """Only torch's failed-write messages mean a full disk or quota: any other error of torch.save
+    (a bug, a tensor that cannot be serialised) must surface as itself, not as advice to free space
+    and resume, which would send the user after a problem they do not have."""
+    def broken(obj, path, *a, **k):
+        raise RuntimeError("cannot pickle 'generator' object")
+
+    monkeypatch.setattr(ckpt.torch, "save", broken)
+    with pytest.raises(RuntimeError, match="cannot pickle") as raised:
+        ckpt.save_torch(tmp_path / "last.pt", {})
+    assert not isinstance(raised.value, ReginaError)
+
+
+def test_a_checkpoint_holding_pickled_objects_is_refused(tmp_path):
+    """REGINA's .pt files hold tensors and plain containers only, and are loaded with
+    weights_only=True: a file holding pickled objects (a whole module, or code from someone else's
+    run directory) must be refused, never unpickled, which could run arbitrary code."""
+    foreign = tmp_path / "model.pt"
+    torch.save(torch.nn.Linear(2, 2), foreign)  # a pickled Module, not a state_dict
+    with pytest.raises(ReginaError, match="cannot read checkpoint"):
+        ckpt.load_torch(foreign)
+
+
+def test_a_missing_checkpoint_says_train_first_not_delete_it(tmp_path):
+    """A phase never trained has no .pt file: the error says so ("train this phase first"), not
+    "cannot read checkpoint ...; retrain or delete it", which names a file that is not there."""
+    with pytest.raises(ReginaError, match="does not exist; train this phase first"):
+        ckpt.load_torch(tmp_path / "ae" / "model.pt")
 
 
 def test_stop_on_signal_turns_sigterm_into_a_flag_and_restores_the_handler():
@@ -294,3 +380,45 @@ def test_training_stops_on_slurms_warning_signals(signum):
     with StopOnSignal() as stop:
         os.kill(os.getpid(), signum)
         assert stop.requested and stop.signum == signum
+
+
+def test_phase2_meta_starts_as_training_whatever_phase1_recorded():
+    """Phase 2's meta.json starts as a copy of phase 1's: it must read "training" (with no training
+    summary) until phase 2 finishes, or a phase 2 killed mid-way would pass for a trained one and
+    predict would use its unfinished weights without a word."""
+    from regina_cli.engine.run_meta import TRAINED, TRAINING, RunMeta
+
+    phase1 = RunMeta(phase="ae", dataset="d", split="s", labels="l", gene_names=["A"], label_classes=["x", "y"],
+                     cell_types=["all"], conditions=["ctrl"], train_conditions=["ctrl"], val_conditions=[],
+                     test_conditions=[], perturbed_genes=[], selection="variance_preservation",
+                     status=TRAINED, training={"stop_reason": "max_epochs: reached 1 epochs"})
+    phase2 = phase1.for_phase("gan", selection="pearson_delta_selectable")
+    assert phase2.status == TRAINING and not phase2.is_trained and phase2.training is None
+    assert phase2.phase == "gan" and phase2.gene_names == ["A"]
+
+
+def test_phase1_validation_scores_per_gene_mse_and_variance_preservation():
+    """history.csv's val_mse is the mean squared error per cell *and gene*, as train_mse is (a sum
+    over genes would read as a model hundreds of times worse on validation than in training), and
+    variance_preservation the Pearson correlation of real and reconstructed per-gene spreads."""
+    from regina_cli.config import build_config
+    from regina_cli.data.tensors import CellTensors
+    from regina_cli.engine.distributed import DistContext
+    from regina_cli.engine.train_ae import AutoencoderPhase
+    from regina_cli.model.autoencoder import Autoencoder
+    from test_tensors import tiny_labels, tiny_screen, tiny_split
+
+    adata = tiny_screen()
+    cells = CellTensors.from_anndata(adata, tiny_split(), tiny_labels(adata), device_data="always")
+    config = build_config(preset="demo", overrides=["model.seq_len=4", "model.d_model=16", "model.n_layers=1",
+                                                    "model.n_heads=2", "model.z_dim=8", "model.classifier_hidden=8"])
+    torch.manual_seed(0)
+    model = Autoencoder(cells.n_genes, len(cells.label_classes), config.model)
+    values = AutoencoderPhase(model, cells, config, DistContext(0, 0, 1, torch.device("cpu"))).validate(1)
+    model.eval()
+    x = cells.x[cells.val_idx].double()
+    with torch.no_grad():
+        rec = model.decoder(model.encoder(x.float())).double()
+    assert values["mse"] == pytest.approx(((rec - x) ** 2).mean().item(), rel=1e-5)
+    spread = torch.corrcoef(torch.stack([x.std(0), rec.std(0)]))[0, 1].item()
+    assert values["variance_preservation"] == pytest.approx(spread, rel=1e-4, abs=1e-6)

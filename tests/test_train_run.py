@@ -186,6 +186,25 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(demo
     assert history(tmp_path / "resumed")[-1]["train_mse"] == history(tmp_path / "straight")[-1]["train_mse"]
 
 
+def test_a_stop_signal_during_validation_stops_after_the_epoch_is_saved(demo_data, tmp_path, monkeypatch):
+    """A SIGTERM that arrives after an epoch's last step (during validation, say) is not seen by the
+    mid-epoch check: the loop must still stop once that epoch is saved, with the resume advice and
+    exit code 143, rather than train on into Slurm's SIGKILL."""
+    real_validate = AutoencoderPhase.validate
+
+    def signalled(self, epoch):
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_validate(self, epoch)
+
+    monkeypatch.setattr(AutoencoderPhase, "validate", signalled)
+    with pytest.raises(TrainingInterrupted, match="at epoch 1 .*--resume") as stopped:
+        train(demo_data, tmp_path / "run", tiny_config("ae.max_epochs=3"))
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert weights(tmp_path / "run" / "ae" / "last.pt")["epoch"] == 1
+    assert [r["epoch"] for r in history(tmp_path / "run")] == ["1"]
+
+
 def test_gan_resume_after_preemption_matches_an_uninterrupted_run(demo_data, tmp_path, monkeypatch):
     import shutil
 
@@ -346,3 +365,38 @@ def test_predict_on_a_run_being_trained_says_so(demo_data, tmp_path):
         predict(run, "test", device="cpu", data_dir=demo_data)
     with run_lock(run), pytest.raises(ReginaError, match="is in use by another regina process"):
         predict(run, "test", device="cpu", data_dir=demo_data)
+
+
+def test_phase_shapes_are_fixed_by_the_weights_saved(demo_data, tmp_path):
+    """Phase 2 and every resume reload saved weights: a changed token count (model.seq_len) or a
+    changed phase-2 width on a phase-2 resume is refused in one line naming the key, not left to
+    fail as a shape mismatch deep inside torch after the run directory was touched."""
+    run = tmp_path / "run"
+    train(demo_data, run, tiny_config("ae.max_epochs=1"))
+    with pytest.raises(ReginaError, match="model.seq_len is fixed by the phase-1 run"):
+        resolve_run_config("gan", run, ConfigRequest(overrides=["model.seq_len=8"]))
+    train_gan(run, config=resolve_run_config("gan", run, ConfigRequest(overrides=["gan.max_epochs=1"]))[0],
+              data_dir=demo_data, device="cpu", progress="silent")
+    with pytest.raises(ReginaError, match="model.transition_hidden is fixed by the phase-2 run"):
+        resolve_run_config("gan", run, ConfigRequest(overrides=["model.transition_hidden=64"]), resume=True)
+
+
+def test_a_fresh_start_drops_the_history_of_a_start_killed_before_its_first_checkpoint(demo_data, tmp_path):
+    """A start killed between writing an epoch's history row and its checkpoint leaves history.csv
+    but no last.pt, so the next start is fresh: its history must not carry the dead start's rows
+    (the run would report epoch 1 twice)."""
+    paths = ckpt.ae_paths(tmp_path / "run")
+    ckpt.append_history(paths, {"epoch": 1, "train_mse": 9.0})
+    train(demo_data, tmp_path / "run", tiny_config("ae.max_epochs=2"))
+    assert [r["epoch"] for r in history(tmp_path / "run")] == ["1", "2"]
+    assert history(tmp_path / "run")[0]["train_mse"] != "9"
+
+
+def test_selection_by_val_mse_keeps_the_epoch_of_lowest_validation_mse(demo_data, tmp_path, monkeypatch):
+    """`ae.selection=val_mse` keeps the weights of the epoch with the *lowest* validation MSE."""
+    real_validate = AutoencoderPhase.validate
+    mse = {1: 3.0, 2: 1.0, 3: 2.0}
+    monkeypatch.setattr(AutoencoderPhase, "validate",
+                        lambda self, epoch: {**real_validate(self, epoch), "mse": mse[epoch]})
+    summary = train(demo_data, tmp_path / "run", tiny_config("ae.max_epochs=3", "ae.selection=val_mse"))
+    assert (summary["best_epoch"], summary["best_metric"], summary["best_value"]) == (2, "mse", 1.0)
