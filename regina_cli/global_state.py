@@ -28,18 +28,22 @@ def _torch_state(torch) -> dict:
 
 
 def _fresh_torch_state(torch) -> dict:
-    """What a first `import torch` gives: the default seed (a new Generator's), no flushing, the
-    thread count torch starts a thread with."""
+    """What a first `import torch` gives: a seed from the system's entropy (rng None), no
+    flushing, the thread count torch starts a thread with."""
     from regina_cli.devices import start_threads
 
-    return {"rng": torch.Generator().get_state(), "cuda_rng": None, "threads": start_threads(),
-            "flush_denormal": False}
+    return {"rng": None, "cuda_rng": None, "threads": start_threads(), "flush_denormal": False}
 
 
 def _restore_torch(torch, state: dict) -> None:
-    torch.random.set_rng_state(state["rng"])
+    if state["rng"] is None:
+        torch.seed()  # every device's generator, as a fresh import leaves them
+    else:
+        torch.random.set_rng_state(state["rng"])
     if state["cuda_rng"] is not None:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
+    elif torch.cuda.is_initialized():  # first used inside the block: reseeded as a fresh start would be
+        torch.cuda.seed_all()
     torch.set_num_threads(state["threads"])
     torch.set_flush_denormal(state["flush_denormal"])
 
