@@ -463,9 +463,27 @@ def evaluate(
         }
         with atomic_dir(out) as staging:  # every file appears at once, replacing the previous folder whole
             summary = report.write_report(result, context, staging, truth=truth, plots=plots)
-        for warning in model_warnings(summary):
+        for warning in [*model_warnings(summary), *cell_type_mix_warning(truth, name, baseline_names)]:
             warn(warning)
         return {**summary, "out": str(out)}
+
+
+def cell_type_mix_warning(truth, name: str, baselines: list[str]) -> list[str]:
+    """A screen of several cell types: pearson_delta is the change from the mean of all controls
+    (GEARS), so `regina predict`, which draws each condition's controls in that condition's own
+    cell-type mix, is credited with the mix, and the pooled baselines are not."""
+    obs = truth.adata.obs
+    if keys.OBS_CELL_TYPE not in obs:
+        return []
+    types = obs[keys.OBS_CELL_TYPE].astype(str).to_numpy()[truth.control_rows]
+    n_types = len(set(types))
+    if n_types < 2:
+        return []
+    pooled = ", ".join(b for b in baselines if b != "no_change") or "the pooled baselines"
+    return [f"{name} holds {n_types} cell types, and pearson_delta is the change from the mean of all its controls: "
+            "predictions drawn in each condition's own cell-type mix (as `regina predict` draws them) are credited "
+            f"with that mix, which no_change and {pooled} do not have; `reconstruction` has the same mix and no "
+            "perturbation, so judge REGINA against it"]
 
 
 def model_warnings(summary: dict) -> list[str]:
