@@ -92,13 +92,14 @@ def test_predict_seen_unseen_unmeasured_and_combinations(tiny_run):
     written = ad.read_h5ad(path)
     pred = written[written.obs[keys.OBS_PROMPT_SOURCE] != "control"]
     assert list(pred.var_names) == GENES and pred.X.shape == (CELLS * len(conditions), len(GENES))
-    expected_labels = conditions[:-1] + ["G7+ctrl"]  # GEARS spelling for a label the data lacks
+    # GEARS spelling for a label the data lacks, its targets sorted
+    expected_labels = ["G4+ctrl", "G3+G1", "NOTMEASURED+ctrl", "G4+NOTMEASURED", "G1+G2+G3", "G7+ctrl"]
     assert pred.obs[keys.OBS_CONDITION].value_counts().to_dict() == {c: CELLS for c in expected_labels}
     # named by condition (pred_<row> collided between the parts of a job array)
     assert sorted(pred.obs_names) == sorted(f"{c}_{n}" for c in expected_labels for n in range(CELLS))
     sources = pred.obs.groupby(keys.OBS_CONDITION, observed=True)[keys.OBS_PROMPT_SOURCE].first().astype(str)
     assert sources.to_dict() == {"G4+ctrl": "measured", "G3+G1": "measured", "NOTMEASURED+ctrl": "learned",
-                                 "NOTMEASURED+G4": "measured", "G1+G2+G3": "measured", "G7+ctrl": "measured"}
+                                 "G4+NOTMEASURED": "measured", "G1+G2+G3": "measured", "G7+ctrl": "measured"}
     # The real controls the predictions started from are appended under the control label, once each.
     appended = written[written.obs[keys.OBS_PROMPT_SOURCE] == "control"]
     assert set(appended.obs[keys.OBS_CONDITION]) == {"ctrl"}
@@ -113,7 +114,7 @@ def test_predict_seen_unseen_unmeasured_and_combinations(tiny_run):
     assert np.isfinite(pred.X).all()
 
     # Untrained transitions are identity + prompt: recompute one combination cell by hand.
-    row = int(np.flatnonzero(pred.obs[keys.OBS_CONDITION] == "NOTMEASURED+G4")[0])
+    row = int(np.flatnonzero(pred.obs[keys.OBS_CONDITION] == "G4+NOTMEASURED")[0])
     x_ctrl = torch.as_tensor(adata[pred.obs[keys.OBS_CONTROL_CELL].iloc[row]].X.toarray())
     ae_model.eval()
     with torch.no_grad():
@@ -128,6 +129,12 @@ def test_predict_seen_unseen_unmeasured_and_combinations(tiny_run):
     again = ad.read_h5ad(predict(run, ",".join(conditions), n_cells=CELLS, seed=3, device="cpu",
                                  out=run / "again.h5ad"))
     np.testing.assert_array_equal(again.X, written.X)
+    # A new combination asked alone in either order (two jobs of an array): one label, the same cells.
+    # "NOTMEASURED+G4" and "G4+NOTMEASURED" were two conditions with two draws of control cells.
+    alone = [ad.read_h5ad(predict(run, spelling, n_cells=CELLS, seed=3, device="cpu", out=run / f"{i}.h5ad"))
+             for i, spelling in enumerate(["NOTMEASURED + G4", "G4+NOTMEASURED"])]
+    assert [set(a.obs[keys.OBS_CONDITION]) for a in alone] == [{"G4+NOTMEASURED", "ctrl"}] * 2
+    np.testing.assert_array_equal(alone[0].X, alone[1].X)
     assert list(again.obs[keys.OBS_CONTROL_CELL]) == list(written.obs[keys.OBS_CONTROL_CELL])
     # The same conditions in another order and spelling are the dataset's conditions.
     reordered = ad.read_h5ad(predict(run, "G1+G3", n_cells=2, device="cpu", out=run / "r.h5ad",

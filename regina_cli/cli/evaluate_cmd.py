@@ -27,7 +27,9 @@ def evaluate_command(
     split: str = typer.Option(None, "--split", help="Split <mode>_<seed>, e.g. simulation_1 (simulation_1_0.5 at --train-gene-frac 0.5; default: the one `regina predict` recorded, else the only one)."),
     on: str = typer.Option("test", "--on", help="Score the split's test or val conditions (tune models on val)."),
     out: Path = typer.Option(None, "--out", help="Output folder (default: eval/ beside the first predictions file)."),
-    baselines: str = typer.Option("all", "--baselines", help="all, none, or a list: no_change,train_mean,additive,linear."),
+    baselines: str = typer.Option(
+        "all", "--baselines", help="all, none, or a list: no_change,train_mean,additive,linear. A file `regina "
+        "predict` wrote adds its own `reconstruction` (its decoded controls) whatever this says."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write report.html and PNG figures."),
     condition_key: str = typer.Option("condition", "--condition-key", help="Column holding the condition labels."),
     separator: str = typer.Option("+", "--separator", help="Gene separator of combinations in the labels (GEARS "

@@ -189,9 +189,10 @@ def check_request(n_cells: int, seed: int, out, options: FileOptions) -> None:
 def resolve_conditions(conditions: str | Sequence[str], split, data_conditions: Sequence[str]) -> list[str]:
     """`test` / `all` from the run's split, else the given labels, normalised and de-duplicated.
 
-    A label the dataset uses is kept as spelled (so predictions match the real cells); any
-    other is written in GEARS's spelling ("A" -> "A+ctrl"), and the same targets in another
-    order ("B+A" after "A+B") are the same condition.
+    A label the dataset uses is kept as spelled (so predictions match the real cells), in any
+    order of its targets; any other is written in GEARS's spelling ("A" -> "A+ctrl") with its
+    targets sorted, so "B+A" and "A+B" are one condition with one label and one draw of control
+    cells, in one request or in two jobs. Spaces around the targets are dropped.
     """
     if isinstance(conditions, str):
         if conditions.strip().lower() == "train":  # else read as gene `train`, "not among the measured genes"
@@ -215,11 +216,11 @@ def resolve_conditions(conditions: str | Sequence[str], split, data_conditions: 
         if control or is_control(label):
             what = "is the control condition" if control else "names no target gene"
             raise ReginaError(f"{label!r} {what}, not a perturbation; name perturbations like A+ctrl or A+B")
-        genes = parse_condition(label)  # the dataset's spelling when it measured these targets in any order,
+        genes = [g.strip() for g in parse_condition(label)]  # the dataset's spelling when it measured these targets,
         if len(set(genes)) < len(genes):
             twice = next(g for g in genes if genes.count(g) > 1)
             raise ReginaError(f"{label!r} names {twice} twice; a gene is perturbed once ({twice}+ctrl)")
-        out.append(by_genes.setdefault(frozenset(genes), canonical_condition(genes)))  # else the first asked
+        out.append(by_genes.get(frozenset(genes)) or canonical_condition(sorted(genes)))  # else sorted
     if not out:
         raise ReginaError("no conditions given; use --conditions test, all, or A+ctrl,A+B")
     return list(dict.fromkeys(out))
