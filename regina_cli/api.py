@@ -374,8 +374,8 @@ def predict(run: str | Path | TrainResult, conditions: str | Sequence[str] = "te
     """`regina predict`: predicted cells for `conditions` ("test", "val", "all", "A+ctrl,A+B" or a
     list), written to `out` (default `<run>/predictions.h5ad`) and returned as AnnData.
 
-    With `with_controls` the real control cells the predictions started from are appended under
-    the dataset's control label, so `sc.tl.rank_genes_groups(pred, "condition", reference="ctrl")`
+    With `with_controls` real control cells (every training control of the predicted cell types,
+    the mean the predictions were matched to) are appended under the dataset's control label, so `sc.tl.rank_genes_groups(pred, "condition", reference="ctrl")`
     runs on the result directly.
     """
     import anndata

@@ -35,8 +35,9 @@ def predict_command(
     ),
     with_controls: bool = typer.Option(
         True, "--with-controls/--no-controls",
-        help="Append the real control cells the predictions started from (condition = the dataset's control "
-        "label), so rank_genes_groups and cell-eval run on the file directly."),
+        help="Append real control cells (condition = the dataset's control label): every training control of "
+        "the predicted cell types, the mean the predictions were matched to (gan.match_control_mean), so "
+        "rank_genes_groups and cell-eval run on the file directly."),
     clip: Optional[bool] = typer.Option(
         None, "--clip/--no-clip", show_default=False,
         help="Set negative predicted values to 0 (the data's range), or keep them. Default: what scored higher at "

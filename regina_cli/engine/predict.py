@@ -123,7 +123,7 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
         check_memory(len(requested) * n_cells, len(genes), trained.device)
         plan = sample_plan(adata.obs, requested, split.train, n_cells, seed)
         x_pred, reconstruction = _run_networks(trained, adata, plan, requested, genes)
-        controls = read_controls(adata, plan)
+        controls = read_controls(adata, plan, every_training_control=trained.config.gan.match_control_mean)
     finally:
         adata.file.close()
     path = Path(out) if out is not None else run_dir / keys.PREDICTIONS_FILE
@@ -375,11 +375,19 @@ def _mean_of_rows(reader, rows: np.ndarray) -> np.ndarray:
     return total / len(rows)
 
 
-def read_controls(adata, plan: SamplePlan):
-    """The distinct control cells the predictions started from: (rows of X, their obs)."""
+def read_controls(adata, plan: SamplePlan, *, every_training_control: bool):
+    """The control cells appended to the predictions: (rows of X, their obs). With
+    `every_training_control` (`gan.match_control_mean`) every training control of the predicted
+    cell types, whose mean each prediction was moved onto: the few hundred cells drawn miss that
+    mean for rare genes, and `rank_genes_groups` against them called those genes changed in every
+    condition. Else the distinct control cells the predictions started from."""
     from regina_cli.data.rows import RowReader
 
-    rows = np.unique(plan.cells["control_row"].to_numpy())
+    if every_training_control:
+        pools = [plan.control_pools[t] for t in pd.unique(plan.cells["cell_type"])]
+        rows = np.unique(np.concatenate(pools))
+    else:
+        rows = np.unique(plan.cells["control_row"].to_numpy())
     reader = RowReader(adata)
     try:
         x = reader.read(rows)

@@ -2,8 +2,9 @@
 
 - obs `condition` (dataset spelling), `cell_type`, `control_cell` (the real control each
   predicted cell started from) and `prompt_source`;
-- the real control cells those predictions started from, appended under the dataset's control
-  label (`with_controls`, default on), so `sc.tl.rank_genes_groups(groupby="condition",
+- real control cells, appended under the dataset's control label (`with_controls`, default on):
+  every training control of the predicted cell types, whose mean the predictions were moved onto
+  (`gan.match_control_mean`), else the distinct ones they started from, so `sc.tl.rank_genes_groups(groupby="condition",
   reference="ctrl")` and cell-eval run on the file directly;
 - varm `reconstruction` (genes x conditions): the mean of the model's decoded controls with no
   perturbation applied, which `regina evaluate` scores as the honest `reconstruction` baseline
