@@ -470,9 +470,15 @@ def test_evaluate_refuses_stale_predictions_and_split_mismatches_warn(notebook, 
     root = copy_of_notebook(notebook, tmp_path)
     data, run = root / "data", root / "runs" / "demo"
     predictions = run / keys.PREDICTIONS_FILE
-    with pytest.warns(UserWarning, match="comes from a run trained on split simulation_1; scored on simulation_2"):
-        regina.split("demo", seed=2, data_dir=data)
+    with pytest.warns(UserWarning, match="comes from a run trained on split simulation_1; scored on simulation_2") as said:
+        other = regina.split("demo", seed=2, data_dir=data)
         regina.evaluate("demo", predictions, split="simulation_2", plots=False, out=root / "e2", data_dir=data)
+    # It said "may hold conditions the run trained on" while both splits were there to say which.
+    trained = set(regina.split("demo", seed=1, data_dir=data).split.train)
+    seen = sorted(c for c in {*other.split.val, *other.split.test} & trained if c != "ctrl")
+    text = next(str(w.message) for w in said if "comes from a run" in str(w.message))
+    assert (f"hold {len(seen)} condition(s) the run trained on" in text and seen[0] in text) if seen else \
+        "none of simulation_2's val and test conditions" in text
     regina.fetch("demo", n_cells=500, n_genes=200, n_singles=10, n_doubles=6, force=True, data_dir=data)
     regina.split("demo", seed=1, data_dir=data)  # the same conditions: the same split
     with pytest.raises(ReginaError, match="pass --force"):

@@ -112,8 +112,7 @@ def check_predictions(name: str, predictions: str | Path, split: str | None, dat
     if split:
         load_split(name, split, data_dir, allow_stale=allow_stale)  # a missing split is the error, not a warning
     if split and isinstance(made_split, str) and split != made_split:
-        warnings.append(f"{predictions} comes from a run trained on split {made_split}; scored on {split}, "
-                        "its test set may hold conditions the run trained on")
+        warnings.append(_other_split_warning(name, predictions, made_split, split, data_dir))
     current = {keys.DATASET_SHA256: dataset_sha256(name, data_dir)}
     if isinstance(made_split, str) and (split in (None, made_split)) and keys.split_file(
             name, made_split, data_dir).is_file():
@@ -124,6 +123,25 @@ def check_predictions(name: str, predictions: str | Path, split: str | None, dat
     reasons += [f"it was predicted with --allow-stale ({why})" for why in recorded_staleness(made)]
     return warnings + stale(f"prediction file {predictions}", reasons,
                             "predict again from a run trained on the current files", allow_stale=allow_stale)
+
+
+def _other_split_warning(name: str, predictions, made_split: str, split: str, data_dir) -> str:
+    """Predictions of a run trained on `made_split`, scored on `split`: which of the conditions
+    `split` holds out the run trained on (when its split file is still there to say)."""
+    from regina_cli.data.conditions import is_control
+    from regina_cli.data.split import load_split
+
+    said = f"{predictions} comes from a run trained on split {made_split}; scored on {split}"
+    if not keys.split_file(name, made_split, data_dir).is_file():
+        return f"{said}, whose held-out sets may hold conditions the run trained on"
+    trained = set(load_split(name, made_split, data_dir, allow_stale=True).train)
+    scored = load_split(name, split, data_dir, allow_stale=True)
+    seen = sorted(c for c in {*scored.val, *scored.test} & trained if not is_control(c))
+    if not seen:
+        return f"{said}: none of {split}'s val and test conditions was among the run's training conditions"
+    shown = ", ".join(seen[:8]) + (", ..." if len(seen) > 8 else "")
+    return (f"{said}, whose val and test sets hold {len(seen)} condition(s) the run trained on ({shown}): "
+            "their scores are not those of unseen conditions")
 
 
 def recorded_staleness(provenance: dict) -> list[str]:
