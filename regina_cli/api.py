@@ -272,6 +272,8 @@ def label(name: str, method: str, *, split: str | SplitResult | None = None, qua
 
     outcome = label_dataset(name, method, quantile=quantile, split=_split_of(split, name, data_dir), data_dir=data_dir,
                             force=force)
+    for warning in outcome.warnings:
+        warnings.warn(warning, stacklevel=_USER)
     return LabelResult(method, outcome.labels.cell_state, pd.DataFrame(outcome.balance), outcome.fitted_on,
                        dict(outcome.labels.details), Path(outcome.path).resolve())
 

@@ -328,3 +328,19 @@ def test_papalexi_labels_fitted_on_its_split(papalexi_path):
     s_genes, g2m_genes = cell_cycle_genes()
     sc.tl.score_genes_cell_cycle(expected, s_genes=s_genes, g2m_genes=g2m_genes)
     assert (phase.cell_state[train].to_numpy() == expected.obs["phase"].to_numpy()).all()
+
+
+def test_stress_labels_on_one_or_two_marker_genes_warn():
+    """Papalexi's 299 genes hold one stress marker (DNAJA2): 31 % of cells were labelled Stressed
+    on that one gene's expression without a word."""
+    import pandas as pd
+
+    from regina_cli.data.label import Labels, label_warnings
+
+    def labels(markers):
+        return Labels(pd.Series(["Homeostasis"]), ("Homeostasis", "Stressed"), {"markers": markers})
+
+    (warning,) = label_warnings(labels(["DNAJA2"]))
+    assert "rests on 1 marker gene(s) (DNAJA2)" in warning
+    assert label_warnings(labels(["ATF3", "DNAJA2", "HSPA5"])) == ()
+    assert label_warnings(Labels(pd.Series(["G1"]), ("G1",), {"column": "phase"})) == ()

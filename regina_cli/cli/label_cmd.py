@@ -46,6 +46,9 @@ def label_command(
     for row in outcome.balance:
         table.add_row(*(f"{row[c]:.1%}" if c == "share" else str(row[c]) for c in columns))
     show(table)
+    for warning in outcome.warnings:
+        info(f"[yellow]warning:[/] {warning}")
     info(f"wrote {outcome.path}")
     emit_result({"labels": str(outcome.path), "method": method, "fitted_on": outcome.fitted_on,
-                 "balance": outcome.balance, **outcome.labels.details}, paths=("labels",))
+                 "balance": outcome.balance, "warnings": list(outcome.warnings), **outcome.labels.details},
+                paths=("labels",))

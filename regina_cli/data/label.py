@@ -249,6 +249,19 @@ class LabelOutcome:
     labels: Labels
     fitted_on: str  # human-readable: which cells the labels were fitted on
     balance: list[dict]  # one row per class: cells overall and per split set
+    warnings: tuple[str, ...] = ()
+
+
+FEW_MARKERS = 3  # stress labels over fewer marker genes than this rest on one gene's noise
+
+
+def label_warnings(labels: Labels) -> tuple[str, ...]:
+    """What a user should know before training on `labels`: a stress score of one or two genes."""
+    markers = labels.details.get("markers")
+    if markers is not None and len(markers) < FEW_MARKERS:
+        return (f"the stress score rests on {len(markers)} marker gene(s) ({', '.join(markers)}): the classes follow "
+                "that gene's expression more than a stress state; consider --method cell-cycle or obs:<column>",)
+    return ()
 
 
 def _balance(labels: Labels, sets: dict[str, np.ndarray]) -> list[dict]:
@@ -304,7 +317,7 @@ def label_dataset(name: str, method: str, *, quantile: float | None = None, spli
               keys.SPLIT_SHA256: split_obj.sha256() if split_obj else None}
     write_text(path, text)
     write_json(record_file(path), record)  # last: the mark of a complete labels file
-    return LabelOutcome(path, labels, fitted_on, balance)
+    return LabelOutcome(path, labels, fitted_on, balance, label_warnings(labels))
 
 
 def record_file(path: Path) -> Path:
