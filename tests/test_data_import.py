@@ -124,6 +124,20 @@ def test_options_relabel_a_users_screen(tmp_path, rng):
     assert "RPE1_A+B_1+1" in read_dataset("lines").uns[keys.UNS_RANK_GENES]
 
 
+def test_a_control_label_matching_no_cell_warns_and_a_missing_cell_type_column_lists_the_columns(tmp_path, rng):
+    """`--control NT` on a screen whose controls are `ctrl` (found by the default labels) was taken
+    without a word; `--cell-type-key celltype` said the column was missing but not which exist."""
+    screen = tiny_screen(rng, labels=("ctrl", "A", "B", "A_B"))
+    screen.obs["line"] = "K562"
+    screen.write_h5ad(tmp_path / "screen.h5ad")
+    typo = fetch_cli("typo", "--from", tmp_path / "screen.h5ad", "--condition-key", "perturbation",
+                     "--control", "NT", "--separator", "_")
+    assert typo.exit_code == 0 and "warning: --control 'NT' matches no cell's obs['perturbation']" in typo.output
+    missing = fetch_cli("missing", "--from", tmp_path / "screen.h5ad", "--condition-key", "perturbation",
+                        "--separator", "_", "--cell-type-key", "celltype")
+    assert missing.exit_code == 2 and "(columns: perturbation, line)" in missing.output
+
+
 def test_normalised_values_without_log_get_log1p_and_say_so(tmp_path, rng):
     """A CPM-style export (normalize_total, no log1p) was taken for log data and kept as it was."""
     screen, logged = tiny_screen(rng), tiny_screen(np.random.default_rng(0))

@@ -28,7 +28,7 @@ from regina_cli.data.conditions import (CONTROL_LABELS, canonical_condition, con
                                        parse_condition)
 from regina_cli.data.dataset import GEARS_OBS, GEARS_UNS
 from regina_cli.data.sources import extract_zip, file_kind, locate_h5ad, read_h5ad
-from regina_cli.errors import ReginaError
+from regina_cli.errors import WARNING_PREFIX, ReginaError
 
 CELL_TYPE_FALLBACK_NOTE = "no cell-type column: every cell gets the cell type {!r}"
 TARGET_SUM = 1e4
@@ -431,6 +431,10 @@ def relabel(adata, name: str, options: ImportOptions, notes: ImportNotes, log: L
     """obs `condition` and `cell_type` in GEARS spelling (the original column is kept beside)."""
     column = pick_condition_column(adata, options.condition_key)
     raw = adata.obs[column]
+    present = {str(v).lower() for v in pd.unique(raw.astype(str))}
+    for label in options.control:
+        if label.lower() not in present:  # a typo: the default labels may still have found the controls
+            notes.say(f"{WARNING_PREFIX}--control {label!r} matches no cell's obs['{column}']", log)
     condition, merged = normalise_conditions(raw, options)
     if merged:
         notes.say("one condition per pair of targets: " + ", ".join(
@@ -441,7 +445,8 @@ def relabel(adata, name: str, options: ImportOptions, notes: ImportNotes, log: L
         examples = ", ".join(f"{a!r} -> {b!r}" for a, b in list(changed.items())[:3])
         notes.say(f"relabelled {notes.relabelled:,} cells to GEARS spelling ({examples}, ...)", log)
     if options.cell_type_key is not None and options.cell_type_key not in adata.obs:
-        raise ReginaError(f"obs has no column {options.cell_type_key!r}: fix --cell-type-key")
+        raise ReginaError(f"obs has no column {options.cell_type_key!r} (columns: "
+                          f"{', '.join(map(str, adata.obs.columns))}): fix --cell-type-key")
     cell_type_key = options.cell_type_key or keys.OBS_CELL_TYPE
     if cell_type_key in adata.obs:
         missing = _missing(adata.obs[cell_type_key])
