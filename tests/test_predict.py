@@ -319,6 +319,8 @@ def test_unknown_gene_is_a_clear_error(tiny_run):
         predict(run, "g10", device="cpu")
     with pytest.raises(ReginaError, match="not perturbed in training"):
         predict(run, "UNMEASURED2+G1", device="cpu")
+    with pytest.raises(ReginaError, match=r"write a combination as G4\+G1"):
+        predict(run, "G4_G1", device="cpu")  # another tool's separator: it offered "close names: G1"
     result = CliRunner().invoke(app, ["predict", "--run", str(run), "--conditions", "ctrl", "--device", "cpu"])
     assert result.exit_code != 0 and "control condition" in result.output
     assert not (run / keys.PREDICTIONS_FILE).exists()
