@@ -252,12 +252,11 @@ def check_targets(conditions: Sequence[str], genes: Sequence[str], prompt_genes:
     """Every target must be a measured gene or have a gene prompt."""
     for condition in conditions:
         for gene in unknown_targets(condition, genes, prompt_genes):
-            known = {*genes, *prompt_genes}
             parts = [p for p in re.split(r"[_\s;/|]+", gene) if p]
-            close = close_names(gene, [*genes, *prompt_genes])
-            if len(parts) > 1 and all(p in known for p in parts):  # `A_B`: another tool's separator
+            if len(parts) > 1 and all(p in {*genes, *prompt_genes} for p in parts):  # `A_B`: another tool's separator
                 hint = f"write a combination as {'+'.join(parts)}"
             else:
+                close = close_names(gene, [*genes, *prompt_genes])
                 hint = f"close names: {', '.join(close)}" if close else "check the spelling"
             raise ReginaError(
                 f"gene {gene!r} (condition {condition!r}) is not among the {len(genes)} measured genes "
