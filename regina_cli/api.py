@@ -540,9 +540,6 @@ def evaluate(name: str, predictions, *, model_name: str | Sequence[str] | None =
     items = list(predictions) if isinstance(predictions, (list, tuple)) else [predictions]
     if not items:
         raise ReginaError("predictions is an empty list: give at least one model's predictions")
-    if not (model_name is None or isinstance(model_name, str)
-            or (isinstance(model_name, (list, tuple)) and all(isinstance(n, str) for n in model_name))):
-        raise ReginaError(f"model_name takes a name or a list of names (text), not {model_name!r}")
     names = model_name_list(model_name)
     with tempfile.TemporaryDirectory(prefix="in-memory-predictions-") as folder:
         paths, called = _stage_predictions(items, names if names and len(names) == len(items) else None,

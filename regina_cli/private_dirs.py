@@ -19,11 +19,16 @@ ENV_MPLCONFIGDIR = "MPLCONFIGDIR"
 ENV_NUMBA_CACHE_DIR = "NUMBA_CACHE_DIR"
 
 
+def _user_cache() -> Path:
+    """The user's cache folder ($XDG_CACHE_HOME, else ~/.cache); RuntimeError without a home."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
 def default_dirs() -> tuple[Path, Path]:
     """(config, cache): the folders matplotlib picks without MPLCONFIGDIR (XDG ones on Linux)."""
     if sys.platform.startswith(("linux", "freebsd")):
         return (Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "matplotlib",
-                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "matplotlib")
+                _user_cache() / "matplotlib")
     return Path.home() / ".matplotlib", Path.home() / ".matplotlib"
 
 
@@ -83,7 +88,7 @@ def use_private_numba_cache() -> None:
         spec = importlib.util.find_spec("scanpy")
         if spec is None or spec.origin is None or can_make(Path(spec.origin).parent / "__pycache__"):
             return
-        if can_make(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "numba"):
+        if can_make(_user_cache() / "numba"):
             return
     except (OSError, RuntimeError, ValueError):  # a folder that cannot be looked at, or no home at all
         pass

@@ -316,7 +316,11 @@ def _resolve_split(name: str, split: str | None, provenance: dict, data_dir) -> 
 
 def model_name_list(model_name: str | list[str] | tuple | None) -> list[str] | None:
     """--model-name as a list (one name may come as a plain string from Python); None when not given."""
-    return [model_name] if isinstance(model_name, str) else None if model_name is None else list(model_name)
+    if model_name is None or isinstance(model_name, str):
+        return None if model_name is None else [model_name]
+    if not (isinstance(model_name, (list, tuple)) and all(isinstance(n, str) for n in model_name)):
+        raise ReginaError(f"model_name takes a name or a list of names (text), not {model_name!r}")
+    return list(model_name)
 
 
 def model_names(raws, given: list[str] | None) -> list[str]:
