@@ -523,7 +523,8 @@ def evaluate(name: str, predictions, *, model_name: str | Sequence[str] | None =
              split: str | SplitResult | None = None, on: str = "test", out: str | Path | None = None,
              baselines: str | Sequence[str] = "all", plots: bool = True, condition_key: str = keys.OBS_CONDITION,
              separator: str = keys.GENE_SEPARATOR, seed: int = 0, true_cells: int = 100, device: str = "auto",
-             threads: int = 0, allow_stale: bool = False, data_dir: str | Path | None = None) -> EvaluationResult:
+             threads: int = 0, allow_stale: bool = False, baseline_cell_types: str = "matched",
+             data_dir: str | Path | None = None) -> EvaluationResult:
     """`regina evaluate`: score predictions against dataset `name`'s held-out conditions and baselines.
 
     `predictions`: an AnnData (cells or one mean row per condition), a DataFrame (a `condition_key`
@@ -552,7 +553,8 @@ def evaluate(name: str, predictions, *, model_name: str | Sequence[str] | None =
                                      baselines=baselines, plots=plots and keep, condition_key=condition_key,
                                      separator=separator, model_name=names, on=on, data_dir=data_dir, seed=seed,
                                      device=device, max_true_cells=true_cells, threads=threads,
-                                     allow_stale=allow_stale, warn=found.append)
+                                     allow_stale=allow_stale, baseline_cell_types=baseline_cell_types,
+                                     warn=found.append)
         except ReginaError as exc:
             exc.args = (_called(str(exc), called),)
             raise

@@ -382,7 +382,7 @@ def test_a_screen_of_several_cell_types_warns_that_the_mix_is_credited():
                         keys.OBS_CELL_TYPE: ["K562", "A549", "K562", "A549"]}, index=list("abcd"))
     several = Truth(ad.AnnData(sp.csr_matrix(np.ones((4, 3), dtype=np.float32)), obs=obs))
     (warning,) = cell_type_mix_warning(several, "screen", ["no_change", "train_mean", "linear"])
-    assert "holds 2 cell types" in warning and "train_mean, linear do not have" in warning
+    assert "holds 2 cell types" in warning and "train_mean, linear, pooled, do not have" in warning
     obs[keys.OBS_CELL_TYPE] = "K562"
     one = Truth(ad.AnnData(sp.csr_matrix(np.ones((4, 3), dtype=np.float32)), obs=obs))
     assert cell_type_mix_warning(one, "screen", ["no_change"]) == []

@@ -30,6 +30,11 @@ def evaluate_command(
     baselines: str = typer.Option(
         "all", "--baselines", help="all, none, or a list: no_change,train_mean,additive,linear. A file `regina "
         "predict` wrote adds its own `reconstruction` (its decoded controls) whatever this says."),
+    baseline_cell_types: str = typer.Option(
+        "matched", "--baseline-cell-types", help="On a screen of several cell types (obs cell_type): matched fits "
+        "each baseline per cell type and mixes the types as each condition's cells are mixed, as `regina predict` "
+        "draws its controls; pooled fits them on all cells, as GEARS does (then the mix alone is credited to "
+        "REGINA). A screen of one cell type is the same either way."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write report.html and PNG figures."),
     condition_key: str = typer.Option("condition", "--condition-key", help="Column holding the condition labels."),
     separator: str = typer.Option("+", "--separator", help="Gene separator of combinations in the labels (GEARS "
@@ -58,7 +63,8 @@ def evaluate_command(
     summary = evaluate(
         name, list(predictions), split=split, out=out, baselines=baselines, plots=plots, condition_key=condition_key,
         separator=separator, model_name=model_name, on=on, data_dir=data_dir, seed=seed, device=device,
-        max_true_cells=true_cells, threads=threads, allow_stale=allow_stale, warn=warn,
+        max_true_cells=true_cells, threads=threads, allow_stale=allow_stale, baseline_cell_types=baseline_cell_types,
+        warn=warn,
     )
     for model in summary["models"]:
         if model["form"] == "means":
@@ -71,6 +77,9 @@ def evaluate_command(
                  f"{keys.STEADY_MEAN_CELLS}`)")
     if notice := genes_scored_notice(summary):
         info(notice)
+    if matched := summary["baselines_matched_to_cell_types"]:
+        info(f"baselines fitted per cell type ({', '.join(matched)}) and mixed as each condition's cells are "
+             "(--baseline-cell-types pooled: as GEARS)")
     idle = [b for b in summary["baselines"] if not any(b in c for c in summary["comparison"].values())]
     if idle:
         info(f"baseline(s) with no {on} condition they can predict: {', '.join(idle)} "

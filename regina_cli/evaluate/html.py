@@ -94,7 +94,10 @@ def _context(summary: dict) -> str:
         items.append(f"model <b>{html.escape(m['name'])}</b>: {html.escape(m['path'])} ({m['form']}, "
                      f"{m['n_conditions']} conditions, {m['n_target_conditions_not_predicted']} {summary['on']} "
                      f"conditions not predicted, {m['n_control_rows']} control rows)")
-    items.append("baselines: " + (", ".join(summary["baselines"]) or "none"))
+    matched = summary.get("baselines_matched_to_cell_types")
+    items.append("baselines: " + (", ".join(summary["baselines"]) or "none")
+                 + (f"; fitted per cell type ({html.escape(', '.join(matched))}) and mixed as each condition's "
+                    "cells are" if matched else ""))
     return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
 
 

@@ -30,6 +30,7 @@ from regina_cli.devices import available_cpus, resolve_device
 from regina_cli.errors import ReginaError
 from regina_cli.io import atomic_dir
 from regina_cli.evaluate.baselines import baseline_profiles, parse_baselines, perturbed_reference, training_data
+from regina_cli.evaluate.cell_type_baselines import matched_baselines, screen_cell_types
 from regina_cli.evaluate.de import Moments, de_ranks, overlap_metrics
 from regina_cli.evaluate.distribution import (PredictedCells, TrueCells, column_mean_var, distribution_metrics,
                                               random_projections)
@@ -42,6 +43,7 @@ from regina_cli.evaluate.predictions import CELLS, Predictions
 # deviations always use every true cell.
 MAX_TRUE_CELLS = 100
 TARGET_SETS = ("test", "val")
+BASELINE_CELL_TYPES = ("matched", "pooled")
 RECONSTRUCTION = keys.VARM_RECONSTRUCTION
 
 
@@ -106,6 +108,8 @@ class Scorer:
     profiles: np.ndarray  # [C, G] mean profiles
     reference_mean: np.ndarray  # [G] the predicted control mean its changes are measured from
     model: Predictions | None = None  # None for a baseline
+    # a baseline matched to cell types: condition -> control cell type -> predicted change
+    type_changes: dict[str, dict[str, np.ndarray]] | None = None
     cells: dict[str, dict] = field(default_factory=dict)  # condition -> {metric: value}
     moments: dict[str, tuple] = field(default_factory=dict)  # condition -> (target, reference) rows
 
@@ -119,8 +123,11 @@ def _control_moments(cells: np.ndarray, device):
     return mean.double(), var.double(), len(cells)
 
 
-def score_cells(scorers: list[Scorer], truth, *, seed: int, device, max_true_cells: int) -> None:
-    """Distribution metrics and DE moments of every scorer that has (or borrows) cells, in place."""
+def score_cells(scorers: list[Scorer], truth, *, seed: int, device, max_true_cells: int,
+                cell_types: np.ndarray | None = None) -> None:
+    """Distribution metrics and DE moments of every scorer that has (or borrows) cells, in place.
+    A baseline matched to cell types (`cell_types`: each dataset cell's) moves each borrowed control
+    cell by its own type's predicted change."""
     rng = np.random.default_rng(seed)
     projections = random_projections(len(truth.genes), seed, device=device)
     control_mean = torch.as_tensor(truth.control_mean, dtype=torch.float32, device=device)
@@ -149,9 +156,17 @@ def score_cells(scorers: list[Scorer], truth, *, seed: int, device, max_true_cel
             continue
         model, i = first
         rows = _control_rows(truth, model.control_cells[i], len(model.cells[i]), rng)
-        controls = PredictedCells.build(torch.from_numpy(truth.cells(rows)).to(device), reference)
+        raw = torch.from_numpy(truth.cells(rows)).to(device)
+        controls = PredictedCells.build(raw, reference)
         unshifted = _moments_row(controls.mean, controls.std, len(rows))
         for scorer in covered:
+            if scorer.type_changes is not None:
+                changes = scorer.type_changes[condition]
+                shifts = np.stack([changes[t] for t in cell_types[rows]])
+                moved = PredictedCells.build(raw + torch.as_tensor(shifts, dtype=raw.dtype, device=device), reference)
+                scorer.cells[condition] = distribution_metrics(moved, reference)
+                scorer.moments[condition] = (_moments_row(moved.mean, moved.std, len(rows)), unshifted)
+                continue
             j = scorer.conditions.index(condition)
             shift = torch.as_tensor(scorer.profiles[j], dtype=torch.float32, device=device) - control_mean
             scorer.cells[condition] = distribution_metrics(controls.shifted(shift, reference), reference)
@@ -213,6 +228,7 @@ class Evaluation:
     table: pd.DataFrame  # one row per (condition, model)
     profiles: dict[str, dict[str, np.ndarray]]  # baseline -> condition -> mean profile
     models: list[Predictions]
+    matched_cell_types: list[str] = field(default_factory=list)  # the baselines' cell types (empty: pooled)
 
 
 def _rows_of(gene_sets: GeneSets, rows: list[int]) -> GeneSets:
@@ -226,7 +242,8 @@ def _reconstructions(models: list[Predictions]) -> dict[str, dict[str, np.ndarra
     return {f"{RECONSTRUCTION}_{m.name}": m.reconstruction for m in shipped}
 
 
-def _scorers(models: list[Predictions], profiles: dict, conditions: list[str], control_mean) -> list[Scorer]:
+def _scorers(models: list[Predictions], profiles: dict, conditions: list[str], control_mean,
+             type_changes: dict) -> list[Scorer]:
     out = []
     for m in models:
         reference = control_mean if m.predicted_controls is None else m.predicted_controls.mean(0, dtype=np.float64)
@@ -234,21 +251,36 @@ def _scorers(models: list[Predictions], profiles: dict, conditions: list[str], c
     for name, by_condition in profiles.items():
         covered = [c for c in conditions if c in by_condition]
         if covered:
-            out.append(Scorer(name, covered, np.stack([by_condition[c] for c in covered]), control_mean))
+            out.append(Scorer(name, covered, np.stack([by_condition[c] for c in covered]), control_mean,
+                              type_changes=type_changes.get(name)))
     return out
 
 
+def _baselines(names: list[str], truth, train, conditions: list[str], cell_types: np.ndarray | None) -> tuple:
+    """(profiles, changes per cell type): pooled (GEARS) without `cell_types`, else matched to each
+    condition's cell-type mix (cell_type_baselines.py)."""
+    if cell_types is None:
+        return baseline_profiles(names, train, conditions), {}
+    matched = matched_baselines(names, truth, train, conditions, cell_types)
+    return matched.profiles, matched.changes
+
+
 def evaluate_loaded(truth, split, models: list[Predictions], *, baselines: list[str], seed: int = 0,
-                    device="cpu", max_true_cells: int = MAX_TRUE_CELLS, on: str = "test") -> Evaluation:
-    """The engine without file I/O, for notebooks (a test checks it scores as the command does)."""
+                    device="cpu", max_true_cells: int = MAX_TRUE_CELLS, on: str = "test",
+                    match_cell_types: bool = True) -> Evaluation:
+    """The engine without file I/O, for notebooks (a test checks it scores as the command does).
+    `match_cell_types`: on a screen of several cell types, fit the baselines per cell type and mix
+    them as each condition's cells are mixed (False: pooled, as GEARS)."""
     device = torch.device(device)
     conditions = sorted({c for m in models for c in m.conditions})
     train = training_data(truth, split.train)
     truth.prepare(conditions)
-    profiles = {**baseline_profiles(baselines, train, conditions), **_reconstructions(models)}
+    cell_types = screen_cell_types(truth) if match_cell_types else None
+    profiles, type_changes = _baselines(baselines, truth, train, conditions, cell_types)
+    profiles = {**profiles, **_reconstructions(models)}
     gene_sets = de_gene_sets(truth, conditions, device)
     position = {c: i for i, c in enumerate(conditions)}
-    scorers = _scorers(models, profiles, conditions, truth.control_mean)
+    scorers = _scorers(models, profiles, conditions, truth.control_mean, type_changes)
     reference = perturbed_reference(train)
 
     with torch.inference_mode():
@@ -257,7 +289,7 @@ def evaluate_loaded(truth, split, models: list[Predictions], *, baselines: list[
             subset = _rows_of(gene_sets, [position[c] for c in s.conditions])
             precision[s.name] = score_precision(s.profiles, truth, s.conditions, subset, device, reference)
             precision[s.name]["discrimination_score_l1"] = score_discrimination(s, truth, conditions, device)
-        score_cells(scorers, truth, seed=seed, device=device, max_true_cells=max_true_cells)
+        score_cells(scorers, truth, seed=seed, device=device, max_true_cells=max_true_cells, cell_types=cell_types)
         true_ranks = true_de_ranks(truth, sorted({c for s in scorers for c in s.moments}), device)
         de = {s.name: score_de(s, true_ranks) for s in scorers}
 
@@ -276,7 +308,8 @@ def evaluate_loaded(truth, split, models: list[Predictions], *, baselines: list[
             row.update({m: cells.get(m, float("nan")) for m in DISTRIBUTION_METRICS})
             row.update({m: de[s.name].get(condition, {}).get(m, float("nan")) for m in DE_METRICS})
             rows.append(row)
-    return Evaluation(pd.DataFrame(rows), profiles, models)
+    matched = [] if cell_types is None else sorted(set(cell_types[truth.control_rows]))
+    return Evaluation(pd.DataFrame(rows), profiles, models, matched)
 
 
 MAX_THREADS = 1024  # above the cores is allowed: a fixed --threads reruns bit-identically on a smaller allocation
@@ -398,13 +431,15 @@ def evaluate(
     max_true_cells: int = MAX_TRUE_CELLS,
     threads: int = 0,
     allow_stale: bool = False,
+    baseline_cell_types: str = "matched",
     warn: Callable[[str], None] = lambda message: None,
 ) -> dict:
     """Score prediction files against dataset `name` on a split; write metrics, table, report, plots.
 
     `threads`: CPU threads (0: the idle cores, see threads.py). `allow_stale`: score predictions
     whose run's dataset or split changed since (refused otherwise: `provenance.check_predictions`).
-    `warn` hears each warning when it is found (the command line prints it in yellow, the Python
+    `baseline_cell_types`: `matched` fits the baselines per cell type on a screen of several
+    (cell_type_baselines.py), `pooled` as GEARS does. `warn` hears each warning when it is found (the command line prints it in yellow, the Python
     API raises a UserWarning), so one given before an error is not lost. Returns the summary
     written to metrics.json plus `out` (the folder written).
     """
@@ -432,6 +467,9 @@ def evaluate(
             raise ReginaError(f"--on must be one of {', '.join(TARGET_SETS)}, not {on!r}")
         if not separator:
             raise ReginaError("--separator must not be empty")
+        if baseline_cell_types not in BASELINE_CELL_TYPES:
+            raise ReginaError(f"--baseline-cell-types must be one of {', '.join(BASELINE_CELL_TYPES)}, "
+                              f"not {baseline_cell_types!r}")
         baseline_names = parse_baselines(baselines)
         torch_device = resolve_device(device)
         # The dataset (checksum + read) and the prediction files are read side by side: both mostly
@@ -449,7 +487,8 @@ def evaluate(
         split_obj = load_split(name, split_name, data_dir, allow_stale=allow_stale)
         check_targets_predicted(models, truth, getattr(split_obj, on), f"{on} conditions of split {split_name}")
         result = evaluate_loaded(truth, split_obj, models, baselines=baseline_names, seed=seed,
-                                 device=torch_device, max_true_cells=max_true_cells, on=on)
+                                 device=torch_device, max_true_cells=max_true_cells, on=on,
+                                 match_cell_types=baseline_cell_types == "matched")
         context = {
             "dataset": name,
             "split": split_name,
@@ -464,10 +503,12 @@ def evaluate(
             "threads": n_threads,
             "max_true_cells": max_true_cells,
             "baselines": [b for b in result.profiles],
+            "baselines_matched_to_cell_types": result.matched_cell_types,
         }
         with atomic_dir(out) as staging:  # every file appears at once, replacing the previous folder whole
             summary = report.write_report(result, context, staging, truth=truth, plots=plots)
-        for warning in [*model_warnings(summary), *cell_type_mix_warning(truth, name, baseline_names)]:
+        mix_warnings = [] if result.matched_cell_types else cell_type_mix_warning(truth, name, baseline_names)
+        for warning in [*model_warnings(summary), *mix_warnings]:
             warn(warning)
         return {**summary, "out": str(out)}
 
@@ -476,18 +517,15 @@ def cell_type_mix_warning(truth, name: str, baselines: list[str]) -> list[str]:
     """A screen of several cell types: pearson_delta is the change from the mean of all controls
     (GEARS), so `regina predict`, which draws each condition's controls in that condition's own
     cell-type mix, is credited with the mix, and the pooled baselines are not."""
-    obs = truth.adata.obs
-    if keys.OBS_CELL_TYPE not in obs:
+    types = screen_cell_types(truth)
+    if types is None:
         return []
-    types = obs[keys.OBS_CELL_TYPE].astype(str).to_numpy()[truth.control_rows]
-    n_types = len(set(types))
-    if n_types < 2:
-        return []
+    n_types = len(set(types[truth.control_rows]))
     pooled = ", ".join(b for b in baselines if b != "no_change") or "the pooled baselines"
     return [f"{name} holds {n_types} cell types, and pearson_delta is the change from the mean of all its controls: "
             "predictions drawn in each condition's own cell-type mix (as `regina predict` draws them) are credited "
-            f"with that mix, which no_change and {pooled} do not have; `reconstruction` has the same mix and no "
-            "perturbation, so judge REGINA against it"]
+            f"with that mix, which no_change and {pooled}, pooled, do not have; `reconstruction` has the same mix "
+            "and no perturbation, so judge REGINA against it (or leave out --baseline-cell-types pooled)"]
 
 
 def model_warnings(summary: dict) -> list[str]:

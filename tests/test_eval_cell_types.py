@@ -1,0 +1,152 @@
+"""Baselines matched to each condition's cell-type mix (evaluate/cell_type_baselines.py).
+
+McFaline holds three cell lines: `regina predict` draws each condition's controls in that
+condition's own mix, so its predictions carried the mix (0.32 pearson_delta from the mix alone),
+while pooled baselines did not, and REGINA's lead over pooled train_mean was that credit.
+"""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from cli_helpers import assert_user_error, invoke
+from regina_cli import keys
+from regina_cli.evaluate.baselines import training_data
+from regina_cli.evaluate.cell_type_baselines import condition_mix, matched_baselines, screen_cell_types
+from regina_cli.evaluate.truth import Truth
+
+NAME = "lines"
+
+
+def _screen(groups: list[tuple[str, str, list[float], int]], seed: int = 0) -> ad.AnnData:
+    """AnnData from (condition, cell type, gene values, cells) groups, a little noise on each cell."""
+    rng = np.random.default_rng(seed)
+    rows, obs = [], []
+    for condition, cell_type, values, n in groups:
+        rows.append(np.asarray(values, dtype=np.float32) + rng.uniform(0, 0.01, (n, len(values))).astype(np.float32))
+        obs += [(condition, cell_type)] * n
+    frame = pd.DataFrame(obs, columns=[keys.OBS_CONDITION, keys.OBS_CELL_TYPE])
+    frame.index = [f"cell{i}" for i in range(len(frame))]
+    adata = ad.AnnData(sp.csr_matrix(np.vstack(rows)), obs=frame)
+    adata.var_names = [f"G{i}" for i in range(adata.n_vars)]
+    return adata
+
+
+def test_matched_baselines_mix_each_cell_types_prediction_as_the_conditions_cells_are_mixed():
+    adata = _screen([
+        ("ctrl", "A", [1, 0], 4), ("ctrl", "B", [3, 2], 4),
+        ("T+ctrl", "A", [2, 0], 3), ("T+ctrl", "B", [3, 4], 3),
+        ("U+ctrl", "A", [9, 9], 2), ("U+ctrl", "B", [3, 2], 3),  # 2 A cells: below MIN_CELLS for A
+        ("X+ctrl", "A", [5, 5], 6), ("X+ctrl", "B", [5, 5], 2),
+        ("Y+ctrl", "C", [5, 5], 3),  # a cell type without controls
+    ])
+    truth = Truth(adata)
+    types = screen_cell_types(truth)
+    assert condition_mix(truth, types, "X+ctrl") == {"A": 0.75, "B": 0.25}
+    train = training_data(truth, ["ctrl", "T+ctrl", "U+ctrl"])
+    matched = matched_baselines(["no_change", "train_mean"], truth, train, ["X+ctrl", "Y+ctrl"], types)
+
+    assert set(matched.profiles["no_change"]) == {"X+ctrl"}  # Y's cell type has no controls
+    np.testing.assert_allclose(matched.profiles["no_change"]["X+ctrl"], [1.5, 0.5], atol=0.01)
+    # A: T's cells only (U has 2 A cells); B: T's and U's cells pooled, 3 each
+    np.testing.assert_allclose(matched.profiles["train_mean"]["X+ctrl"], [0.75 * 2 + 0.25 * 3, 0.25 * 3], atol=0.01)
+    changes = matched.changes["train_mean"]["X+ctrl"]
+    np.testing.assert_allclose(changes["A"], [1, 0], atol=0.01)
+    np.testing.assert_allclose(changes["B"], [0, 1], atol=0.01)
+    assert set(changes) == {"A", "B", "C"}  # C (no baseline for it) moves by X's mixed change
+    np.testing.assert_allclose(changes["C"], 0.75 * changes["A"] + 0.25 * changes["B"])
+
+
+def test_one_cell_type_leaves_the_baselines_pooled():
+    adata = _screen([("ctrl", "A", [1, 0], 4), ("T+ctrl", "A", [2, 0], 3)])
+    assert screen_cell_types(Truth(adata)) is None
+    del adata.obs[keys.OBS_CELL_TYPE]
+    assert screen_cell_types(Truth(adata)) is None
+
+
+@pytest.fixture(scope="module")
+def lines(tmp_path_factory):
+    """Two cell lines with very different expression; the test conditions change nothing but
+    lean towards line A (6 A cells, 2 B), and predictions are exactly their controls in that mix."""
+    from regina_cli.data.dataset import write_dataset
+    from regina_cli.data.gears_de import add_gears_de
+    from regina_cli.data.split import make_split, save_split
+
+    rng = np.random.default_rng(1)
+    line_a, line_b = rng.uniform(0, 2, 12), rng.uniform(2, 4, 12)
+    effect = np.where(np.arange(12) < 4, 1.0, 0.0)
+    groups = [("ctrl", "A", line_a, 8), ("ctrl", "B", line_b, 8)]
+    for gene in ("T1", "T2", "T3"):
+        groups += [(f"{gene}+ctrl", "A", line_a + effect, 4), (f"{gene}+ctrl", "B", line_b + 2 * effect, 4)]
+    for gene in ("X1", "X2"):
+        groups += [(f"{gene}+ctrl", "A", line_a, 6), (f"{gene}+ctrl", "B", line_b, 2)]
+    adata = _screen(groups)
+    adata.var["gene_name"] = adata.var_names
+    add_gears_de(adata)
+    data_dir = tmp_path_factory.mktemp("data")
+    write_dataset(adata, NAME, data_dir)
+    split = make_split(NAME, sorted(set(adata.obs[keys.OBS_CONDITION])),
+                       user_split={"train": ["ctrl", "T1+ctrl", "T2+ctrl"], "val": ["T3+ctrl"],
+                                   "test": ["X1+ctrl", "X2+ctrl"]})
+    save_split(split, data_dir)
+
+    controls = adata.obs_names[adata.obs[keys.OBS_CONDITION] == "ctrl"]
+    drawn = list(controls[:8]) * 3 + list(controls[8:])  # 24 A, 8 B: the test conditions' mix
+    cells = np.vstack([adata[drawn].X.toarray()] * 2)
+    pred = ad.AnnData(cells, obs=pd.DataFrame({keys.OBS_CONDITION: ["X1+ctrl"] * 32 + ["X2+ctrl"] * 32,
+                                               keys.OBS_CONTROL_CELL: drawn * 2},
+                                              index=[f"p{i}" for i in range(64)]))
+    pred.var_names = adata.var_names.copy()
+    path = data_dir / "pred.h5ad"
+    pred.write_h5ad(path)
+    return adata, data_dir, path
+
+
+def _evaluate(lines, out, *extra):
+    adata, data_dir, path = lines
+    result = invoke("evaluate", NAME, "--data-dir", data_dir, "--predictions", path, "--out", out, "--no-plots",
+                    "--threads", "1", "--baselines", "no_change,train_mean", *extra)
+    table = pd.read_csv(out / keys.PER_CONDITION_FILE).set_index(["model", "condition"]) \
+        if result.exit_code == 0 else None
+    return result, table
+
+
+def test_evaluate_matches_baselines_to_the_mix_by_default_and_pooled_on_request(lines, tmp_path):
+    adata, _, _ = lines
+    result, table = _evaluate(lines, tmp_path / "matched")
+    assert result.exit_code == 0, result.output
+    assert "fitted per cell type (A, B)" in result.output and "warning" not in result.output
+    summary = json.loads((tmp_path / "matched" / keys.METRICS_FILE).read_text())
+    assert summary["baselines_matched_to_cell_types"] == ["A", "B"]
+    # no_change in the mix is what the model predicts: the same mean, and the same cells
+    for metric in ("pearson_delta", "nmse_all", "energy_distance", "variance_pearson", "l1_means"):
+        np.testing.assert_allclose(table.loc["no_change", metric].to_numpy(), table.loc["pred", metric].to_numpy(),
+                                   rtol=1e-5, atol=1e-6)
+    assert (table.loc["no_change", "pearson_delta"] > 0.99).all()
+    # train_mean moves each borrowed control by its own line's change: A +1, B +2 on genes 0-3
+    x = adata.X.toarray()
+    of = adata.obs
+    truth_x1 = x[(of[keys.OBS_CONDITION] == "X1+ctrl").to_numpy()].mean(0)
+    ctrl = {t: x[((of[keys.OBS_CONDITION] == "ctrl") & (of[keys.OBS_CELL_TYPE] == t)).to_numpy()].mean(0) for t in "AB"}
+    trained = of[keys.OBS_CONDITION].isin(["T1+ctrl", "T2+ctrl"])
+    change = {t: x[(trained & (of[keys.OBS_CELL_TYPE] == t)).to_numpy()].mean(0) - ctrl[t] for t in "AB"}
+    expected = 0.75 * (ctrl["A"] + change["A"]) + 0.25 * (ctrl["B"] + change["B"])
+    assert table.loc[("train_mean", "X1+ctrl"), "l1_means"] == pytest.approx(np.abs(expected - truth_x1).mean(), abs=1e-4)
+
+    result, pooled = _evaluate(lines, tmp_path / "pooled", "--baseline-cell-types", "pooled")
+    assert result.exit_code == 0, result.output
+    assert "holds 2 cell types" in result.output and "fitted per cell type" not in result.output
+    assert json.loads((tmp_path / "pooled" / keys.METRICS_FILE).read_text())["baselines_matched_to_cell_types"] == []
+    assert (pooled.loc["no_change", "pearson_delta"] == 0).all()
+
+
+def test_an_unknown_baseline_cell_types_value_is_one_error(lines, tmp_path):
+    result, _ = _evaluate(lines, tmp_path / "bad", "--baseline-cell-types", "mixed")
+    assert_user_error(result, "--baseline-cell-types must be one of matched, pooled", only_line=False)
+    assert not (tmp_path / "bad").exists()
