@@ -108,10 +108,10 @@ def lines(tmp_path_factory):
     return adata, data_dir, path
 
 
-def _evaluate(lines, out, *extra):
+def _evaluate(lines, out, *extra, plots: bool = False):
     adata, data_dir, path = lines
-    result = invoke("evaluate", NAME, "--data-dir", data_dir, "--predictions", path, "--out", out, "--no-plots",
-                    "--threads", "1", "--baselines", "no_change,train_mean", *extra)
+    result = invoke("evaluate", NAME, "--data-dir", data_dir, "--predictions", path, "--out", out,
+                    "--plots" if plots else "--no-plots", "--threads", "1", "--baselines", "no_change,train_mean", *extra)
     table = pd.read_csv(out / keys.PER_CONDITION_FILE).set_index(["model", "condition"]) \
         if result.exit_code == 0 else None
     return result, table
@@ -123,7 +123,7 @@ def test_evaluate_matches_baselines_to_the_mix_by_default_and_pooled_on_request(
     assert result.exit_code == 0, result.output
     assert "fitted per cell type (A, B)" in result.output and "warning" not in result.output
     summary = json.loads((tmp_path / "matched" / keys.METRICS_FILE).read_text())
-    assert summary["baselines_matched_to_cell_types"] == ["A", "B"]
+    assert summary["baselines_matched_to_cell_types"] == ["A", "B"] and summary["warnings"] == []
     # no_change in the mix is what the model predicts: the same mean, and the same cells
     for metric in ("pearson_delta", "nmse_all", "energy_distance", "variance_pearson", "l1_means"):
         np.testing.assert_allclose(table.loc["no_change", metric].to_numpy(), table.loc["pred", metric].to_numpy(),
@@ -139,10 +139,15 @@ def test_evaluate_matches_baselines_to_the_mix_by_default_and_pooled_on_request(
     expected = 0.75 * (ctrl["A"] + change["A"]) + 0.25 * (ctrl["B"] + change["B"])
     assert table.loc[("train_mean", "X1+ctrl"), "l1_means"] == pytest.approx(np.abs(expected - truth_x1).mean(), abs=1e-4)
 
-    result, pooled = _evaluate(lines, tmp_path / "pooled", "--baseline-cell-types", "pooled")
+    result, pooled = _evaluate(lines, tmp_path / "pooled", "--baseline-cell-types", "pooled", plots=True)
     assert result.exit_code == 0, result.output
     assert "holds 2 cell types" in result.output and "fitted per cell type" not in result.output
-    assert json.loads((tmp_path / "pooled" / keys.METRICS_FILE).read_text())["baselines_matched_to_cell_types"] == []
+    summary = json.loads((tmp_path / "pooled" / keys.METRICS_FILE).read_text())
+    assert summary["baselines_matched_to_cell_types"] == []
+    # the warning stays with the files, for whoever reads them after the terminal is gone
+    (warning,) = summary["warnings"]
+    assert warning.startswith(f"{NAME} holds 2 cell types")
+    assert "<b>warning:</b> " + warning[:40] in (tmp_path / "pooled" / keys.REPORT_FILE).read_text()
     assert (pooled.loc["no_change", "pearson_delta"] == 0).all()
 
 

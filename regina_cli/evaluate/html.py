@@ -98,6 +98,7 @@ def _context(summary: dict) -> str:
     items.append("baselines: " + (", ".join(summary["baselines"]) or "none")
                  + (f"; fitted per cell type ({html.escape(', '.join(matched))}) and mixed as each condition's "
                     "cells are" if matched else ""))
+    items += [f"<b>warning:</b> {html.escape(w)}" for w in summary.get("warnings", [])]
     return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
 
 

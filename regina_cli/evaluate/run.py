@@ -459,9 +459,15 @@ def evaluate(
     out = Path(out) if out is not None else paths[0].parent / keys.EVAL_DIR
     check_out_folder(out, keys.METRICS_FILE, keys.EVAL_OUTPUTS)
     check_data_dir(data_dir, writes=False)
+    heard = []  # every warning, also kept in metrics.json for whoever reads the files later
+
+    def note(message: str) -> None:
+        heard.append(message)
+        warn(message)
+
     for path in paths:
         for warning in check_predictions(name, path, split, data_dir, allow_stale=allow_stale):
-            warn(warning)
+            note(warning)
     with cpu_threads(threads) as n_threads, small_pages():
         if on not in TARGET_SETS:
             raise ReginaError(f"--on must be one of {', '.join(TARGET_SETS)}, not {on!r}")
@@ -505,11 +511,12 @@ def evaluate(
             "baselines": [b for b in result.profiles],
             "baselines_matched_to_cell_types": result.matched_cell_types,
         }
+        mix_warnings = [] if result.matched_cell_types else cell_type_mix_warning(truth, name, baseline_names)
+        for warning in [*model_warnings(context), *mix_warnings]:
+            note(warning)
+        context["warnings"] = heard
         with atomic_dir(out) as staging:  # every file appears at once, replacing the previous folder whole
             summary = report.write_report(result, context, staging, truth=truth, plots=plots)
-        mix_warnings = [] if result.matched_cell_types else cell_type_mix_warning(truth, name, baseline_names)
-        for warning in [*model_warnings(summary), *mix_warnings]:
-            warn(warning)
         return {**summary, "out": str(out)}
 
 
@@ -528,19 +535,20 @@ def cell_type_mix_warning(truth, name: str, baselines: list[str]) -> list[str]:
             "and no perturbation, so judge REGINA against it (or leave out --baseline-cell-types pooled)"]
 
 
-def model_warnings(summary: dict) -> list[str]:
+def model_warnings(context: dict) -> list[str]:
     """What is worth a warning about each model's predictions: conditions the dataset lacks,
-    values on another scale, conditions of the scored set left unpredicted."""
+    values on another scale, conditions of the scored set left unpredicted (from the evaluation's
+    context, so that metrics.json can keep them)."""
     found = []
-    for model in summary["models"]:
+    for model in context["models"]:
         if model["n_skipped_not_in_dataset"]:
             shown = ", ".join(model["skipped_not_in_dataset"][:5])
             found.append(f"{model['name']}: skipped {model['n_skipped_not_in_dataset']} predicted condition(s) not "
-                         f"in {summary['dataset']}: {shown}")
+                         f"in {context['dataset']}: {shown}")
         if model["scale_warning"]:
             found.append(f"{model['name']}: {model['scale_warning']}: predictions are scored against the dataset's "
                          "log1p of counts normalised per cell (normalize_total 1e4), so convert them first")
         if model["n_target_conditions_not_predicted"]:
-            found.append(f"{model['name']}: {model['n_target_conditions_not_predicted']} {summary['on']} "
+            found.append(f"{model['name']}: {model['n_target_conditions_not_predicted']} {context['on']} "
                          "condition(s) have no prediction")
     return found
