@@ -366,6 +366,12 @@ def test_gears_file_is_kept_verbatim(tmp_path):
     assert "GEARS layout found" in result.output and "DE gene lists renamed" in result.output
     adata = read_dataset("gears_copy")
     assert list(adata.var_names) == list(demo.var_names)
+    # the file's own IDs are kept, and predictions named by them are read through them
+    assert list(adata.var["gene_id"]) == [ensembl[g] for g in demo.var_names]
+    from regina_cli.evaluate.readers import RawPredictions, with_dataset_ids
+    raw = RawPredictions(source, np.zeros((1, 3), np.float32), [[ensembl[g] for g in demo.var_names[:3]]],
+                         np.array(["ctrl"], dtype=object), pd.DataFrame(index=[0]))
+    assert with_dataset_ids(raw, adata).gene_names[-1] == list(demo.var_names[:3])
     for key in GEARS_UNS:
         assert set(adata.uns[key]) == set(demo.uns[key])
         for group, value in demo.uns[key].items():

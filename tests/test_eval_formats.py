@@ -228,3 +228,98 @@ def test_a_missing_condition_column_names_a_few_columns_not_every_gene(tmp_path)
         read_predictions(tmp_path / "no_condition.csv", condition_key="condition", separator="+")
     message = str(raised.value)
     assert "column 'condition'" in message and "(1,001 in all)" in message and len(message) < 300
+
+
+def test_table_files_by_suffix_compressed_ones_read_and_other_types_refused(tmp_path):
+    """A .csv.gz and a .parquet were both opened as .h5ad ("file signature not found"), and a
+    comma-separated .txt (read tab-separated) dumped its whole header as one column name."""
+    from regina_cli.errors import ReginaError
+    from regina_cli.evaluate.readers import read_predictions
+
+    frame = pd.DataFrame({"condition": ["A+ctrl", "B+ctrl"], "G1": [1.0, 2.0], "G2": [0.5, 3.0]})
+    frame.to_csv(tmp_path / "means.csv.gz", index=False)
+    frame.to_csv(tmp_path / "means.tsv.gz", index=False, sep="\t")
+    for name in ("means.csv.gz", "means.tsv.gz"):
+        raw = read_predictions(tmp_path / name, condition_key="condition", separator="+")
+        assert raw.gene_names == [["G1", "G2"]] and raw.x.tolist() == [[1.0, 0.5], [2.0, 3.0]]
+    (tmp_path / "means.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ReginaError, match=r"unsupported file type '\.parquet'; give \.h5ad, \.csv or \.tsv"):
+        read_predictions(tmp_path / "means.parquet", condition_key="condition", separator="+")
+    wide = pd.DataFrame(np.ones((2, 500)), columns=[f"GENE{i}" for i in range(500)])
+    wide.insert(0, "condition", ["A+ctrl", "B+ctrl"])
+    wide.to_csv(tmp_path / "comma.txt", index=False)
+    with pytest.raises(ReginaError) as raised:
+        read_predictions(tmp_path / "comma.txt", condition_key="condition", separator="+")
+    message = str(raised.value)
+    assert "read as tab-separated, which gave one column" in message and len(message) < 400
+
+
+def test_an_h5ad_without_x_is_one_error(screen, data_dir, tmp_path):
+    """X=None (values only in a layer) crashed with numpy's AxisError and a traceback."""
+    adata, split = screen
+    pred = write_predictions(adata, split.test, tmp_path / "cells.h5ad")
+    pred.layers["predicted"] = pred.X.copy()
+    pred.X = None
+    pred.write_h5ad(tmp_path / "no_x.h5ad")
+    result = invoke("evaluate", NAME, "--data-dir", data_dir, "--predictions", tmp_path / "no_x.h5ad",
+                    "--out", tmp_path / "out")
+    assert_user_error(result, "has no X (layers: predicted)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_labels_missing_are_refused_and_labels_with_spaces_are_read(tmp_path):
+    """NaN labels became a condition named "nan"; ' A+ctrl' (a stray space) was skipped as unknown."""
+    from regina_cli.errors import ReginaError
+    from regina_cli.evaluate.readers import read_predictions
+
+    pd.DataFrame({"condition": [" A+ctrl", "B+ctrl ", " ctrl"], "G1": [1.0, 2.0, 0.0]}).to_csv(
+        tmp_path / "spaced.csv", index=False)
+    raw = read_predictions(tmp_path / "spaced.csv", condition_key="condition", separator="+")
+    assert list(raw.labels) == ["A+ctrl", "B+ctrl", "ctrl"]
+    pd.DataFrame({"condition": ["A+ctrl", None, "B+ctrl"], "G1": [1.0, 2.0, 0.0]}).to_csv(
+        tmp_path / "unlabelled.csv", index=False)
+    with pytest.raises(ReginaError, match=r"1 prediction row\(s\) have no condition label \(the first is row 2\)"):
+        read_predictions(tmp_path / "unlabelled.csv", condition_key="condition", separator="+")
+
+
+def test_a_condition_with_one_predicted_cell_gets_no_distribution_or_de_metrics(screen, run, tmp_path):
+    """A mean-profile file with one row repeated reads as cells, and each other condition's one
+    'cell' got an MMD, an energy distance and a Welch-test DE precision from a single cell."""
+    adata, split = screen
+    pred = write_predictions(adata, split.test, tmp_path / "cells.h5ad")
+    lone = split.test[0]
+    keep = np.ones(pred.n_obs, dtype=bool)
+    keep[np.flatnonzero(pred.obs[keys.OBS_CONDITION] == lone)[1:]] = False
+    pred[keep].copy().write_h5ad(tmp_path / "lone.h5ad")
+    result, summary, table = run("--predictions", tmp_path / "lone.h5ad", "--baselines", "train_mean", "--no-plots")
+    rows = table.set_index(["model", "condition"])
+    name = summary["models"][0]["name"]
+    for metric in ("mmd_rbf", "energy_distance", "de_precision_at_N", "variance_pearson"):
+        assert np.isnan(rows.loc[(name, lone), metric]) and np.isnan(rows.loc[("train_mean", lone), metric])
+        others = rows.loc[name].drop(index=lone)[metric]
+        assert others.notna().all()
+    assert np.isfinite(rows.loc[(name, lone), "pearson_delta"])  # its mean still counts
+    assert summary["models"][0]["n_single_cell_conditions"] == 1
+    assert "1 condition(s) have one predicted cell" in " ".join(result.output.split())
+
+
+def test_gears_combinations_without_the_separator_get_a_hint(screen, run, tmp_path):
+    adata, split = screen
+    means = _means(write_predictions(adata, split.test, tmp_path / "cells.h5ad"))
+    with open(tmp_path / "gears.pkl", "wb") as handle:
+        pickle.dump({_gears_label(c): means.loc[c].to_numpy(np.float32) for c in means.index}, handle)
+    doubles = sum("ctrl" not in c for c in means.index)
+    result, summary, _ = run("--predictions", tmp_path / "gears.pkl", "--baselines", "none", "--no-plots")
+    assert summary["models"][0]["n_skipped_written_a_b"] == doubles > 0
+    assert f"{doubles} of them are dataset genes joined by _" in " ".join(result.output.split())
+    assert any("pass --separator _" in w for w in summary["warnings"])
+
+
+def test_json_evaluate_without_plots_still_has_report_and_plots_keys(screen, data_dir, tmp_path):
+    adata, split = screen
+    write_predictions(adata, split.test, tmp_path / "cells.h5ad")
+    result = invoke("--json", "evaluate", NAME, "--data-dir", data_dir, "--predictions", tmp_path / "cells.h5ad",
+                    "--out", tmp_path / "out", "--baselines", "none", "--no-plots")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["report"] is None and document["plots"] == []

@@ -895,3 +895,40 @@ def test_a_decoder_at_learning_rate_0_gets_no_gradients_and_the_transitions_stil
     assert all(p.grad is None for p in autoencoder.decoder.parameters())
     assert all(torch.equal(v, autoencoder.decoder.state_dict()[k]) for k, v in decoder.items())
     assert not torch.equal(head, phase.gan.forward_block.head.weight)
+
+
+def test_prior_changes_are_averaged_over_cell_types_and_each_type_keeps_its_departure():
+    """McFaline's three cell lines: a condition's pooled mean minus the pooled control mean mixes its
+    effect with its cell-line mix. Within each type, then averaged in the controls' proportions."""
+    from types import SimpleNamespace
+
+    from regina_cli.engine.condition_stats import ConditionStats
+    from regina_cli.engine.expression_prior import average_over_cell_types
+
+    groups = [(0, 0, [1, 0], 4), (0, 1, [3, 2], 4),  # (condition code, cell type, values, cells): controls
+              (1, 0, [2, 0], 3), (1, 1, [3, 4], 3),  # X: +1 gene 0 in type a, +2 gene 1 in type b
+              (2, 0, [1, 1], 6), (2, 1, [3, 2], 2)]  # Y: +1 gene 1 in a; 2 cells of b, too few to count
+    x = torch.tensor([v for _, _, v, n in groups for _ in range(n)], dtype=torch.float32)
+    codes = torch.tensor([c for c, _, _, n in groups for _ in range(n)])
+    types = torch.tensor([t for _, t, _, n in groups for _ in range(n)])
+    cells = SimpleNamespace(train_idx=torch.arange(len(x)), is_control=codes == 0, cell_type_codes=types,
+                            condition_codes=codes, cell_types=["a", "b"], conditions=["ctrl", "X+ctrl", "Y+ctrl"],
+                            n_genes=2, device=torch.device("cpu"),
+                            batches=lambda index, size, shuffle: [(index, x[index])])
+    pooled = torch.stack([x[codes == c].mean(0) for c in range(3)])
+    stats = ConditionStats(counts=torch.tensor([8.0, 6.0, 8.0]), latent_mean=torch.zeros(3, 1),
+                           latent_std=torch.zeros(3, 1), expression_mean=pooled, control_latent_mean=torch.zeros(1))
+    prior = ExpressionPrior(n_genes=2, n_table=1, dim=2, n_cell_types=2)
+    reference = x[codes == 0].double().mean(0)  # [2, 1]
+    averaged = average_over_cell_types(prior, cells, stats, torch.nonzero(codes > 0).ravel(), reference)
+
+    torch.testing.assert_close(averaged.expression_mean[1], torch.tensor([2.5, 2.0]))  # [2, 1] + [0.5, 1]
+    torch.testing.assert_close(averaged.expression_mean[2], torch.tensor([2.0, 2.0]))  # type a alone: [0, 1]
+    torch.testing.assert_close(averaged.expression_mean[0], pooled[0])  # the controls stay
+    # departures from the average: a: X [0.5, -1], Y [0, 0]; b: X [-0.5, 1] (Y has too few b cells)
+    torch.testing.assert_close(prior.cell_type_change, torch.tensor([[0.25, -0.5], [-0.5, 1.0]]))
+    # per target, in the cell's own type; a type training did not see (-1) keeps the average
+    base = torch.ones(3, 2)
+    moved = prior.with_cell_type(base, torch.tensor([[-1, -1], [-1, -1], [-1, -1]]),
+                                 torch.tensor([[0, 1], [0, -1], [0, -1]]), torch.tensor([1, 0, -1]))
+    torch.testing.assert_close(moved, torch.tensor([[0.0, 3.0], [1.25, 0.5], [1.0, 1.0]]))

@@ -133,6 +133,15 @@ def test_real_screen_trains_and_reconstruction_improves(mcfaline_path, tmp_path)
     # no validation target has a prompt: two training conditions are held out of phase 2 to validate on
     assert gan_meta["validation_source"].startswith("2 training conditions held out")
     assert len(gan_meta["held_out_conditions"]) == 2 and set(gan_meta["held_out_conditions"]) <= set(meta["train_conditions"])
+    # the expression prior works per cell line (gan.prior_cell_types), and prediction finds each line's row
+    assert gan_meta["prior_cell_types"] == ["A172", "T98G", "U87MG"]
+    from regina_cli.engine.trained import load_trained
+    departures = load_trained(tmp_path / "run", device="cpu").gan.expression_prior.cell_type_change
+    assert departures.shape == (3, 500) and bool((departures.abs().sum(1) > 0).all())
+    trained = sorted(set(meta["train_conditions"]) - {"ctrl"} - set(gan_meta["held_out_conditions"]))[0]
+    result = runner.invoke(app, ["predict", "--run", str(tmp_path / "run"), "--conditions", trained, "--cells", "30",
+                                 "--data-dir", data_dir, "--out", str(tmp_path / "pred.h5ad")])
+    assert result.exit_code == 0, result.output
 
 
 def test_consistency_early_stopping_triggers_on_rising_l_cons(demo_data, tmp_path, monkeypatch):

@@ -89,7 +89,7 @@ def evaluate_command(
     # The written file names are relative to the output folder; the terminal and --json name them from here.
     out_dir = Path(summary["out"])
     info(f"wrote {out_dir}" + (f" (open {out_dir / summary['report']})" if summary.get("report") else ""))
-    emit_result({**summary, "warnings": warnings,
-                 **({"report": str(out_dir / summary["report"])} if summary.get("report") else {}),
-                 **({"plots": [str(out_dir / p) for p in summary["plots"]]} if "plots" in summary else {})},
+    emit_result({**summary, "warnings": warnings,  # report and plots present (null, []) with --no-plots too
+                 "report": str(out_dir / summary["report"]) if summary.get("report") else None,
+                 "plots": [str(out_dir / p) for p in summary.get("plots", [])]},
                 paths=("out", "report", "plots"))

@@ -101,6 +101,9 @@ def _missing(values: pd.Series) -> pd.Series:
     return values.isna() | values.astype(str).str.strip().isin(MISSING_TEXT)
 
 
+VAR_ORIGINAL_ID = "gene_id"  # var column keeping the file's var_names when symbols replace them
+
+
 def gene_names(adata, notes: ImportNotes, log: Log, targets: set[str] = frozenset()) -> pd.Index:
     """Gene symbols: var['gene_name'] if present, else var_names, unless one of the symbol columns
     (`SYMBOL_COLUMNS`) names more perturbation targets (Ensembl var_names with symbols beside
@@ -501,6 +504,8 @@ def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
     adata = adata.__class__(X=X, obs=adata.obs.copy(), var=adata.var.copy(), uns=uns)
     adata.var_names = genes
     adata.var[keys.VAR_GENE_NAME] = genes.to_numpy()
+    if not original_index.astype(str).equals(genes) and VAR_ORIGINAL_ID not in adata.var:
+        adata.var[VAR_ORIGINAL_ID] = original_index.astype(str).to_numpy()  # the file's own IDs (Ensembl, ...)
     adata = drop_empty_cells(adata, notes, log)
 
     if keep_gears:
@@ -508,7 +513,8 @@ def to_gears_layout(adata, name: str, options: ImportOptions, log: Log):
         notes.say("GEARS layout found: labels and DE fields kept as they are", log)
         if not original_index.astype(str).equals(genes):
             rekey_de_genes(adata.uns, original_index, genes)
-            notes.say("var_names switched to gene symbols (var['gene_name']); DE gene lists renamed", log)
+            notes.say(f"var_names switched to gene symbols (var['gene_name']; the file's own in "
+                      f"var['{VAR_ORIGINAL_ID}']); DE gene lists renamed", log)
         check_controls(adata.obs)
     else:
         if is_gears:

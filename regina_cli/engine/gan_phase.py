@@ -123,15 +123,20 @@ class CycleGANPhase:
                                 cells.n_targets[codes], self.config.gan, z_ctrl=z_ctrl, keep_learned=keep_learned,
                                 anchor_z=anchor_z)
 
-    def anchor(self, x_ctrl: torch.Tensor, z_ctrl: torch.Tensor, codes: torch.Tensor, *, training: bool):
-        """(cell, latent) that residual decoding starts from: the control, or with an expression
-        prior the control plus the condition's prior (cross-fitted for training conditions)."""
-        if self.gan.expression_prior is None:
+    def anchor(self, x_ctrl: torch.Tensor, z_ctrl: torch.Tensor, codes: torch.Tensor, controls: torch.Tensor, *,
+               training: bool):
+        """(cell, latent) that residual decoding starts from: the control (rows `controls`), or with
+        an expression prior the control plus the condition's prior in the control's cell type
+        (cross-fitted for training conditions)."""
+        prior_module = self.gan.expression_prior
+        if prior_module is None:
             return x_ctrl, z_ctrl
+        target_idx, prompt_idx = self.cells.target_idx[codes], self.cells.prompt_idx[codes]
+        cell_type = self.cells.cell_type_codes[controls]
         if training:
-            prior = self.train_prior[codes]
+            prior = prior_module.with_cell_type(self.train_prior[codes], target_idx, prompt_idx, cell_type)
         else:
-            prior = self.gan.expression_prior(self.cells.target_idx[codes], self.cells.prompt_idx[codes])
+            prior = prior_module(target_idx, prompt_idx, cell_type)
         return prior_anchor(self.ae.encoder, x_ctrl, z_ctrl, prior)
 
     def _keep_learned(self, codes: torch.Tensor) -> torch.Tensor | None:
@@ -152,7 +157,7 @@ class CycleGANPhase:
         noise = dict(noise_std=self._noise, generator=self.noise_generator)
         discriminators = (self.gan.discriminator, self.gan.control_discriminator)
         with amp_context(self.ctx.device, self.config.runtime.amp):
-            anchor = self.anchor(x_ctrl, z_ctrl, codes, training=True)
+            anchor = self.anchor(x_ctrl, z_ctrl, codes, ctrl, training=True)
             prompt = self.condition_prompt(x_ctrl, z_ctrl, codes, self._keep_learned(codes), anchor_z=anchor[1])
             for d in discriminators:
                 d.requires_grad_(False)
@@ -262,7 +267,7 @@ class CycleGANPhase:
         codes = self.cells.condition_codes[rows]
         residual = self.config.gan.residual_decoding
         with amp_context(self.ctx.device, self.config.runtime.amp):
-            anchor_x, anchor_z = self.anchor(x_ctrl, z_ctrl, codes, training=cross_fitted)
+            anchor_x, anchor_z = self.anchor(x_ctrl, z_ctrl, codes, controls, training=cross_fitted)
             prompt = self.condition_prompt(x_ctrl, z_ctrl, codes, anchor_z=anchor_z)
             z_pred = self.gan.predict_latent(z_ctrl, prompt, anchor_z)
             decoded = decode_prediction(self.ae.decoder, torch.cat([z_pred, z_ctrl + latent_shift[groups]]),

@@ -81,10 +81,11 @@ def top_components(x: torch.Tensor, k: int, generator: torch.Generator, oversamp
 
 @torch.no_grad()
 def mean_encoder_prompts(encoder, cells, latents: torch.Tensor, codes: list[int], cfg, seed: int,
-                         priors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         priors: torch.Tensor | None = None, prior_module=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean encoder prompt [len(codes), z] of each condition over a fixed sample of controls, and
     the mean latent offset E(X_ctrl + prior) - z_ctrl of its expression prior `priors`
-    [len(codes), G] (zeros without priors)."""
+    [len(codes), G] (zeros without priors), in each control's cell type (`prior_module`:
+    `ExpressionPrior.with_cell_type`)."""
     from regina_cli.model.prompt import build_prompt, fake_value
 
     generator = torch.Generator(cells.device).manual_seed(seed)
@@ -100,7 +101,11 @@ def mean_encoder_prompts(encoder, cells, latents: torch.Tensor, codes: list[int]
                               sign=cfg.prompt_sign)
         out[row] = prompt.float().mean(0)
         if priors is not None:
-            offsets[row] = (encoder(x_ctrl + priors[row]) - z_ctrl).float().mean(0)
+            prior = priors[row].expand(len(sample), -1)
+            if prior_module is not None:
+                prior = prior_module.with_cell_type(prior, targets, cells.prompt_idx[code].expand(len(sample), -1),
+                                                    cells.cell_type_codes[sample])
+            offsets[row] = (encoder(x_ctrl + prior) - z_ctrl).float().mean(0)
     return out, offsets
 
 

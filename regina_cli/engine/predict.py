@@ -423,6 +423,9 @@ def _run_networks(trained, adata, plan: SamplePlan, conditions, genes) -> tuple[
     cond_of_row = torch.as_tensor(plan.cells["condition_index"].to_numpy(), device=device)
     cfg = trained.config.gan
     shifts = matched_control_shifts(adata, plan, controls, control_pos, device) if cfg.match_control_mean else None
+    # each predicted cell's cell type as a row of the prior's cell_type_change (-1: a type training did not see)
+    cell_type = torch.as_tensor(pd.Categorical(plan.cells["cell_type"], categories=trained.meta.prior_cell_types
+                                               or []).codes.astype(np.int64), device=device)
     out = np.empty((len(plan), len(genes)), dtype=np.float32)
     reconstruction = torch.zeros((len(conditions), len(genes)), dtype=torch.float64, device=device)
     for start in range(0, len(plan), BATCH_CELLS):
@@ -432,7 +435,8 @@ def _run_networks(trained, adata, plan: SamplePlan, conditions, genes) -> tuple[
         z_ctrl = ae.encoder(x_ctrl)
         if shifts is not None:
             x_ctrl = x_ctrl + shifts[sl]
-        prior = None if gan.expression_prior is None else gan.expression_prior(target_idx[c], prompt_idx[c])
+        prior = None if gan.expression_prior is None else gan.expression_prior(target_idx[c], prompt_idx[c],
+                                                                               cell_type[sl])
         anchor_x, anchor_z = prior_anchor(ae.encoder, x_ctrl, z_ctrl, prior)
         prompt = condition_prompt(ae.encoder, gan, x_ctrl, target_idx[c], prompt_idx[c], n_targets[c], cfg,
                                   z_ctrl=z_ctrl, anchor_z=anchor_z)

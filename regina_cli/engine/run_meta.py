@@ -57,6 +57,7 @@ class RunMeta:
     learned_genes: list[str] | None = None  # those with a learned prompt vector
     gene_features: str | None = None  # what the gene prompts' feature vectors are
     prior_observed_genes: list[str] | None = None  # genes whose observed effect the expression prior keeps
+    prior_cell_types: list[str] | None = None  # the rows of the prior's cell_type_change (None: pooled)
     gene_knowledge: dict | None = None  # source, kind, sha256 and genes used of model.gene_knowledge
     held_out_conditions: list[str] | None = None  # training conditions kept out of phase 2 to validate on
     prompt_value: float | None = None

@@ -158,6 +158,7 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
     meta = ae_meta.for_phase(
         keys.GAN_DIR, prompt_genes=setup.prompt_genes, learned_genes=setup.learned_genes,
         prior_observed_genes=setup.built["observed_genes"],
+        prior_cell_types=list(cells.cell_types) if prior_cell_types(config, cells) else None,
         gene_knowledge=None if knowledge is None else {"source": knowledge.source, "kind": knowledge.kind,
                                                        "sha256": knowledge.sha256(), "genes_used": len(setup.known)},
         gene_features=gene_prompts.feature_source(g), prompt_value=g.prompt_value,
@@ -197,14 +198,18 @@ def build_phase(autoencoder, cells, config: ReginaConfig, ctx: DistContext,
                 learned_genes: list[str], knowledge=None) -> tuple[CycleGANPhase, dict]:
     """Phase 2 ready to train: the condition statistics, the cycle-GAN with its gene prompts, the
     expression prior (fitted, cross-fitted for training, knowledge rows) and the prompts' start."""
-    stats = condition_stats(cells, latents, phase_train_index(cells, plan.held_out if plan is not None else []))
+    index = phase_train_index(cells, plan.held_out if plan is not None else [])
+    stats = condition_stats(cells, latents, index)
     observed = observed_genes(cells, stats) if prior_dim(config) else []
     gan = build_gan(autoencoder, cells, config, prompt_genes, learned_genes, len(observed),
                     knowledge_given=knowledge is not None)
     train_prior = None
     if gan.expression_prior is not None:
         reference = plan.reference if plan is not None else gan_validation.training_control_mean(cells)
-        train_prior = expression_prior.fit_expression_prior(gan.expression_prior, cells, stats, reference,
+        prior_stats = stats
+        if prior_cell_types(config, cells):
+            prior_stats = expression_prior.average_over_cell_types(gan.expression_prior, cells, stats, index, reference)
+        train_prior = expression_prior.fit_expression_prior(gan.expression_prior, cells, prior_stats, reference,
                                                             prompt_genes, seed=config.runtime.seed,
                                                             knowledge=knowledge,
                                                             covariation_skip=config.gan.covariation_skip,
@@ -239,9 +244,16 @@ def build_gan(autoencoder, cells, config: ReginaConfig, prompt_genes: list[str],
                          learned_genes=learned_genes, n_genes=cells.n_genes, prior_dim=prior_dim(config),
                          prior_observed=n_observed,
                          prior_neighbours=prior_neighbours(config, knowledge_given),
-                         prior_covariation=prior_covariation(config)).to(cells.device)
+                         prior_covariation=prior_covariation(config),
+                         prior_cell_types=len(cells.cell_types) if prior_cell_types(config, cells) else 0
+                         ).to(cells.device)
     gan.correction_scale.fill_(config.gan.correction_scale)
     return gan
+
+
+def prior_cell_types(config: ReginaConfig, cells) -> bool:
+    """Whether the expression prior works per cell type (`gan.prior_cell_types`, several types)."""
+    return bool(prior_dim(config)) and config.gan.prior_cell_types and len(cells.cell_types) > 1
 
 
 def prior_dim(config: ReginaConfig) -> int:
@@ -274,7 +286,7 @@ def initialise_prompts(gan, encoder, cells, latents, stats: ConditionStats, conf
     codes = [c for c, name in enumerate(cells.conditions) if stats.counts[c] > 0 and not is_control(name)]
     encoder_prompts, prior_prompts = gene_prompts.mean_encoder_prompts(
         encoder, cells, latents, codes, g, seed=config.runtime.seed,
-        priors=None if train_prior is None else train_prior[codes])
+        priors=None if train_prior is None else train_prior[codes], prior_module=gan.expression_prior)
     shifts = stats.latent_shift[codes]
     measured = (cells.target_idx[codes] >= 0).any(1)
     if g.prompt_scale == "matched" and bool(measured.any()):

@@ -55,7 +55,8 @@ def load_trained(run_dir: str | Path, *, device: str = "auto") -> TrainedRun:
                              learned_genes=meta.learned_genes or [], n_genes=len(meta.gene_names),
                              prior_dim=prior_dim(config), prior_observed=len(meta.prior_observed_genes or []),
                              prior_neighbours=prior_neighbours(config, bool(meta.gene_knowledge)),
-                             prior_covariation=prior_covariation(config))
+                             prior_covariation=prior_covariation(config),
+                             prior_cell_types=len(meta.prior_cell_types or []))
         container = torch.nn.ModuleDict({"gan": gan, "decoder": autoencoder.decoder})
         container.load_state_dict(ckpt.load_torch(gan_paths.model))
         gan.to(dev).eval()

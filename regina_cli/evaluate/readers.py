@@ -22,7 +22,10 @@ from regina_cli.data.conditions import control_labels
 from regina_cli.errors import ReginaError
 
 TABLE_SEPARATORS = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".zip")  # a table may be compressed (pandas reads them)
 PICKLE_SUFFIXES = (".pkl", ".pickle")
+H5AD_SUFFIXES = (".h5ad", ".h5")
+SUPPORTED = ".h5ad, .csv or .tsv (also compressed: .csv.gz, ...), .txt (tab-separated) or a .pkl GEARS-style dict"
 
 
 @dataclass
@@ -40,7 +43,12 @@ def normalise_labels(labels, separator: str) -> np.ndarray:
     """Labels in REGINA's spelling: another tool's control label (`control`, `non-targeting`, ...,
     as `regina fetch` reads them) is `ctrl`, and `--separator` joins combinations with `+`."""
     controls = control_labels()
-    labels = np.asarray([keys.CTRL if str(v).strip().lower() in controls else str(v) for v in labels], dtype=object)
+    missing = pd.isna(pd.Series(labels, dtype=object)).to_numpy()
+    if missing.any():
+        raise ReginaError(f"{int(missing.sum())} prediction row(s) have no condition label (the first is row "
+                          f"{int(np.flatnonzero(missing)[0]) + 1}); label every row")
+    labels = [str(v).strip() for v in labels]
+    labels = np.asarray([keys.CTRL if v.lower() in controls else v for v in labels], dtype=object)
     if separator and separator != keys.GENE_SEPARATOR:
         labels = np.array([v.replace(separator, keys.GENE_SEPARATOR) for v in labels], dtype=object)
     return labels
@@ -59,7 +67,7 @@ SHOWN_COLUMNS = 8  # a gene table has thousands of columns: the error line names
 
 def missing_condition_column(source, key: str, columns, *, in_obs: bool) -> ReginaError:
     """`source` (a file, or what a Python caller passed) has no condition column `key`."""
-    names = [str(c) for c in columns]
+    names = [str(c) if len(str(c)) <= 40 else f"{str(c)[:40]}..." for c in columns]  # one long name: a wrong separator
     shown = ", ".join(names[:SHOWN_COLUMNS]) + (f", ... ({len(names):,} in all)" if len(names) > SHOWN_COLUMNS else "")
     return ReginaError(f"{source} has no {'obs ' if in_obs else ''}column '{key}' "
                        f"(columns: {shown or 'none'}); pass --condition-key")
@@ -74,6 +82,9 @@ def _read_h5ad(path: Path, condition_key: str, separator: str) -> RawPredictions
         raise ReginaError(f"cannot read {path} as an .h5ad file ({type(exc).__name__}: {exc})") from None
     if condition_key not in pred.obs:
         raise missing_condition_column(path, condition_key, pred.obs.columns, in_obs=True)
+    if pred.X is None:
+        raise ReginaError(f"{path} has no X (layers: {', '.join(pred.layers) or 'none'}); write the predicted "
+                          "values to X")
     x = pred.X.toarray() if sp.issparse(pred.X) else np.asarray(pred.X)
     x = np.asarray(x, dtype=np.float32)
     _check_finite(x, path, pred.obs_names)
@@ -96,11 +107,15 @@ def _read_h5ad(path: Path, condition_key: str, separator: str) -> RawPredictions
 
 def _read_table(path: Path, condition_key: str, separator: str) -> RawPredictions:
     try:
-        frame = pd.read_csv(path, sep=TABLE_SEPARATORS[path.suffix.lower()])
+        frame = pd.read_csv(path, sep=TABLE_SEPARATORS[_table_suffix(path)])
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise ReginaError(f"cannot read {path} as a table ({exc})") from None
     if condition_key not in frame:
-        raise missing_condition_column(path, condition_key, frame.columns, in_obs=False)
+        error = missing_condition_column(path, condition_key, frame.columns, in_obs=False)
+        if len(frame.columns) == 1:  # one column: the separator is not this file's
+            error = ReginaError(f"{error} (read as {'comma' if _table_suffix(path) == '.csv' else 'tab'}-separated, "
+                                "which gave one column: name a comma-separated file .csv, a tab-separated one .tsv)")
+        raise error
     for column in frame.columns.drop(condition_key):
         if not pd.api.types.is_numeric_dtype(frame[column]):
             numbers = pd.to_numeric(frame[column], errors="coerce")
@@ -145,6 +160,19 @@ def name_columns(raw: RawPredictions, dataset_genes: list[str]) -> RawPrediction
                               f"{len(dataset_genes)} genes; a GEARS-style pickle holds one mean per dataset gene, "
                               "in the dataset's gene order")
         raw.gene_names = [list(dataset_genes)]
+    return raw
+
+
+def with_dataset_ids(raw: RawPredictions, adata) -> RawPredictions:
+    """Also name the file's columns through the dataset's var['gene_id'], the file's own IDs
+    (Ensembl, ...) that `fetch --from` replaced by symbols, so predictions named by those IDs score."""
+    from regina_cli.data.importer import VAR_ORIGINAL_ID
+
+    if VAR_ORIGINAL_ID not in adata.var:
+        return raw
+    symbol = dict(zip(adata.var[VAR_ORIGINAL_ID].astype(str), adata.var_names.astype(str)))
+    raw.gene_names = raw.gene_names + [[symbol.get(n, n) for n in names] for names in raw.gene_names
+                                       if any(n in symbol for n in names)]
     return raw
 
 
@@ -193,17 +221,27 @@ def merge_parts(name: str, parts: list[RawPredictions]) -> RawPredictions:
                           obs[keep].reset_index(drop=True), reconstruction, provenance)
 
 
+def _table_suffix(path: Path) -> str:
+    """`.csv` of data.csv and data.csv.gz (the table's own suffix under a compression suffix)."""
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
+
+
 def read_predictions(path: str | Path, *, condition_key: str, separator: str) -> RawPredictions:
     """Any supported prediction file, with at least one row (pickles: see name_columns)."""
     path = Path(path)
     check_input_file(path, "prediction file", "not found; run `regina predict` or pass --predictions FILE")
     suffix = path.suffix.lower()
-    if suffix in TABLE_SEPARATORS:
+    if _table_suffix(path) in TABLE_SEPARATORS:
         raw = _read_table(path, condition_key, separator)
     elif suffix in PICKLE_SUFFIXES:
         raw = _read_pickle(path, separator)
-    else:
+    elif suffix in H5AD_SUFFIXES:
         raw = _read_h5ad(path, condition_key, separator)
+    else:
+        raise ReginaError(f"{path}: unsupported file type '{''.join(path.suffixes[-2:]) or path.name}'; give {SUPPORTED}")
     if len(raw.labels) == 0:
         raise ReginaError(f"{path} holds no predictions")
     return raw

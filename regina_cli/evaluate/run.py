@@ -44,6 +44,7 @@ from regina_cli.evaluate.predictions import CELLS, Predictions
 MAX_TRUE_CELLS = 100
 TARGET_SETS = ("test", "val")
 BASELINE_CELL_TYPES = ("matched", "pooled")
+MIN_PREDICTED_CELLS = 2  # fewer predicted cells of a condition get no distribution or DE metrics
 RECONSTRUCTION = keys.VARM_RECONSTRUCTION
 
 
@@ -146,6 +147,8 @@ def score_cells(scorers: list[Scorer], truth, *, seed: int, device, max_true_cel
             if condition not in scorer.model.conditions:
                 continue
             i = scorer.model.conditions.index(condition)
+            if len(scorer.model.cells[i]) < MIN_PREDICTED_CELLS:  # no spread, no test: left out (NaN)
+                continue
             cells = torch.from_numpy(scorer.model.cells[i]).to(device)
             predicted = PredictedCells.build(cells, reference)
             scorer.cells[condition] = distribution_metrics(predicted, reference)
@@ -400,11 +403,16 @@ def _model_context(model: Predictions, truth, targets: list[str]) -> dict:
     from regina_cli.data.provenance import recorded_staleness
 
     missing = sorted(_in_dataset_spelling(truth, targets) - set(model.conditions))
+    genes = set(truth.dataset_genes)
+    underscored = [c for c in model.skipped if "_" in c and all(g in genes for g in c.split("_"))]
+    single = [c for c, x in zip(model.conditions, model.cells) if len(x) < MIN_PREDICTED_CELLS] \
+        if model.form == CELLS else []
     provenance = {k: v.item() if isinstance(v, np.generic) else v for k, v in model.provenance.items()
                   if isinstance(v, (str, int, float, bool, np.generic))}
     return {
         "name": model.name, "path": model.path, "form": model.form, "n_conditions": len(model.conditions),
         "n_skipped_not_in_dataset": len(model.skipped), "skipped_not_in_dataset": model.skipped,
+        "n_skipped_written_a_b": len(underscored), "n_single_cell_conditions": len(single),
         "scale_warning": model.scale_warning,
         "n_target_conditions_not_predicted": len(missing), "target_conditions_not_predicted": missing,
         "n_control_rows": model.n_control_rows, "has_prompt_source": bool(model.prompt_source),
@@ -450,7 +458,7 @@ def evaluate(
     from regina_cli.evaluate import report
     from regina_cli.evaluate.pages import small_pages
     from regina_cli.evaluate.predictions import align, shared_genes
-    from regina_cli.evaluate.readers import name_columns, read_predictions
+    from regina_cli.evaluate.readers import name_columns, read_predictions, with_dataset_ids
     from regina_cli.evaluate.threads import cpu_threads
     from regina_cli.evaluate.truth import Truth
 
@@ -485,7 +493,7 @@ def evaluate(
                      for p in paths]
             adata = read_dataset(name, data_dir)
             dataset_genes = [str(g) for g in adata.var_names]
-            raws = [name_columns(r.result(), dataset_genes) for r in reads]
+            raws = [with_dataset_ids(name_columns(r.result(), dataset_genes), adata) for r in reads]
         raws, names = models_of(raws, model_names(raws, model_name_list(model_name)))
         truth = Truth(adata, shared_genes(raws, dataset_genes))
         models = [align(raw, truth, n) for raw, n in zip(raws, names)]
@@ -543,8 +551,16 @@ def model_warnings(context: dict) -> list[str]:
     for model in context["models"]:
         if model["n_skipped_not_in_dataset"]:
             shown = ", ".join(model["skipped_not_in_dataset"][:5])
+            hint = ""
+            if model["n_skipped_written_a_b"] and context["separator"] != "_":
+                hint = (f"; {model['n_skipped_written_a_b']} of them are dataset genes joined by _ (GEARS writes "
+                        "combinations A_B): pass --separator _")
             found.append(f"{model['name']}: skipped {model['n_skipped_not_in_dataset']} predicted condition(s) not "
-                         f"in {context['dataset']}: {shown}")
+                         f"in {context['dataset']}: {shown}{hint}")
+        if model["n_single_cell_conditions"]:
+            found.append(f"{model['name']}: {model['n_single_cell_conditions']} condition(s) have one predicted "
+                         "cell, too few for the distribution and DE metrics, which are left out for them (a file of "
+                         "mean profiles must hold one row per condition)")
         if model["scale_warning"]:
             found.append(f"{model['name']}: {model['scale_warning']}: predictions are scored against the dataset's "
                          "log1p of counts normalised per cell (normalize_total 1e4), so convert them first")

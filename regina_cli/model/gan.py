@@ -92,7 +92,8 @@ class LatentCycleGAN(_LoadsOlderRuns, nn.Module):
     def __init__(self, z_dim: int, cfg: ModelConfig, *, prompt_genes: Sequence[str] = (),
                  gene_features: torch.Tensor | None = None, learned_genes: Sequence[str] = (),
                  learned_init: torch.Tensor | None = None, n_genes: int = 0, prior_dim: int = 0,
-                 prior_observed: int = 0, prior_neighbours: int = 0, prior_covariation: int = 0):
+                 prior_observed: int = 0, prior_neighbours: int = 0, prior_covariation: int = 0,
+                 prior_cell_types: int = 0):
         super().__init__()
         self.forward_block = TransitionBlock(z_dim, cfg, direction=1)
         self.backward_block = TransitionBlock(z_dim, cfg, direction=-1)
@@ -106,7 +107,8 @@ class LatentCycleGAN(_LoadsOlderRuns, nn.Module):
         # runs saved before it kept all of it).
         self.register_buffer("correction_scale", torch.ones(()))
         self.expression_prior = (ExpressionPrior(n_genes, len(self.prompt_genes), prior_dim, prior_observed,
-                                                 prior_neighbours, prior_covariation) if prior_dim else None)
+                                                 prior_neighbours, prior_covariation, prior_cell_types)
+                                 if prior_dim else None)
 
     @property
     def prompt_genes(self) -> list[str]:
@@ -188,11 +190,15 @@ class ExpressionPrior(_LoadsOlderRuns, nn.Module):
                     know)
 
     where G W e + b is the linear gene-embedding model of Ahlmann-Eltze, Huber & Anders (2025),
-    fitted on the training pseudo-bulk.
+    fitted on the training pseudo-bulk. On a screen of several cell types (`gan.prior_cell_types`)
+    the changes above are each condition's change within each cell type, averaged over the types in
+    the controls' proportions (so a condition's own cell-type mix does not pass for its effect), and
+    a cell of type t adds, per target, `cell_type_change[t]`: how type t's change departs from
+    that average over the training conditions (a line that responds more keeps doing so).
     """
 
     def __init__(self, n_genes: int, n_table: int, dim: int, n_observed: int = 0, n_neighbours: int = 0,
-                 n_covariation: int = 0):
+                 n_covariation: int = 0, n_cell_types: int = 0):
         super().__init__()
         self.register_buffer("embedding", torch.zeros(n_genes, dim))
         self.register_buffer("weight", torch.zeros(dim, dim))
@@ -212,11 +218,23 @@ class ExpressionPrior(_LoadsOlderRuns, nn.Module):
         self.register_buffer("knockdown_scale", torch.ones(()))
         # the share of mean_change pooled over cells (`gan.prior_mean`): a record, mean_change holds it
         self.register_buffer("mean_pooling", torch.zeros(()))
+        self.register_buffer("cell_type_change", torch.zeros(n_cell_types, n_genes))
 
     # Runs saved before a term existed: without it (as constructed), and the own entry s itself.
     LEGACY_BUFFERS = {**dict.fromkeys(("neighbour_rows", "neighbour_weights", "knowledge_weight", "covariation",
-                                       "covariation_precision", "covariation_weight", "mean_pooling")),
+                                       "covariation_precision", "covariation_weight", "mean_pooling",
+                                       "cell_type_change")),
                       "knockdown_scale": 1.0}
+
+    def with_cell_type(self, prior: torch.Tensor, target_idx: torch.Tensor, prompt_idx: torch.Tensor,
+                       cell_type: torch.Tensor | None) -> torch.Tensor:
+        """`prior` [B, G] of cells of type `cell_type` [B] (-1: a type training did not see) plus,
+        per target, that type's departure from the average change; `prior` itself on one cell type."""
+        if cell_type is None or not len(self.cell_type_change):
+            return prior
+        n_targets = ((target_idx >= 0) | (prompt_idx >= 0)).sum(1, keepdim=True).to(prior.dtype)
+        known = (cell_type >= 0).unsqueeze(1).to(prior.dtype)
+        return prior + n_targets * known * self.cell_type_change[cell_type.clamp(min=0)].to(prior.dtype)
 
     def neighbour_effect(self, prompt_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(k [B, k, n_genes]: similarity-weighted observed effects of each target's knowledge
@@ -239,8 +257,10 @@ class ExpressionPrior(_LoadsOlderRuns, nn.Module):
             e = e + self.table_embedding[prompt_idx.clamp(min=0)] * other.unsqueeze(-1)
         return e
 
-    def forward(self, target_idx: torch.Tensor, prompt_idx: torch.Tensor) -> torch.Tensor:
-        """The prior change [B, n_genes] of each row's condition."""
+    def forward(self, target_idx: torch.Tensor, prompt_idx: torch.Tensor,
+                cell_type: torch.Tensor | None = None) -> torch.Tensor:
+        """The prior change [B, n_genes] of each row's condition (in cells of `cell_type`, see
+        `with_cell_type`)."""
         valid = (target_idx >= 0) | (prompt_idx >= 0)
         linear = (self.gene_embedding(target_idx, prompt_idx) @ self.weight.T) @ self.embedding.T + self.offset
         effect = self.mean_change + self.linear_weight * (linear - self.mean_change)
@@ -259,4 +279,4 @@ class ExpressionPrior(_LoadsOlderRuns, nn.Module):
         if len(self.observed):
             rows = torch.where(prompt_idx >= 0, self.observed_rows[prompt_idx.clamp(min=0)], -1)
             effect = torch.where((rows >= 0).unsqueeze(-1), self.observed[rows.clamp(min=0)], effect)
-        return (effect * valid.unsqueeze(-1)).sum(1)
+        return self.with_cell_type((effect * valid.unsqueeze(-1)).sum(1), target_idx, prompt_idx, cell_type)
