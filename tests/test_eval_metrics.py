@@ -280,3 +280,20 @@ def test_wasserstein_numpy_sort_is_exactly_torch_sort_s(monkeypatch):
     monkeypatch.setattr(distribution, "_sorted_rows", lambda x: torch.sort(x, dim=1).values)
     for (a, b), value in zip(pairs, fast):
         assert torch.equal(value, distribution.wasserstein_1d(a, b))
+
+
+def test_cells_moved_by_their_types_shift_keep_the_distances_of_a_rebuild():
+    """`PredictedCells.shifted_by_type` updates the pairwise distances instead of recomputing them
+    (the matched baselines of a screen of several cell types move each control by its own type's change)."""
+    from regina_cli.evaluate.distribution import PredictedCells, TrueCells, distribution_metrics, random_projections
+
+    gen = torch.Generator().manual_seed(0)
+    cells, true = torch.rand(30, 12, generator=gen) * 3, torch.rand(25, 12, generator=gen) * 3
+    truth = TrueCells.build(true, random_projections(12, 0))
+    shifts, types = torch.randn(3, 12, generator=gen), torch.randint(0, 3, (30,), generator=gen)
+    moved = PredictedCells.build(cells, truth).shifted_by_type(shifts, types, truth)
+    rebuilt = PredictedCells.build(cells + shifts[types], truth)
+    for name in ("cells", "d2_self", "d2_true", "projected", "mean", "std"):
+        torch.testing.assert_close(getattr(moved, name), getattr(rebuilt, name), atol=2e-4, rtol=1e-4)
+    expected, got = distribution_metrics(rebuilt, truth), distribution_metrics(moved, truth)
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-5)

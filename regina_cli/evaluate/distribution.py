@@ -163,6 +163,26 @@ class PredictedCells:
         return PredictedCells(self.cells + shift, self.d2_self, d2_true, self.projected + shift @ truth.projections,
                               self.mean + shift, self.std)
 
+    def shifted_by_type(self, shifts: torch.Tensor, types: torch.Tensor, truth: TrueCells) -> "PredictedCells":
+        """The same cells, each moved by its type's shift (`shifts` [T, G], `types` [n] rows of it),
+        distances updated instead of recomputed: with a = x.s_t and b = s_t.s_u,
+        |x_i + s_i - x_j - s_j|^2 = |x_i - x_j|^2 + 2 (a_i,ti - a_i,tj - a_j,ti + a_j,tj) + |s_ti - s_tj|^2,
+        which costs O(n^2 + (n+m) T G) against O(n^2 G) for a rebuild."""
+        a = self.cells @ shifts.T  # [n, T]
+        b = shifts @ shifts.T  # [T, T]
+        own = a.gather(1, types[:, None]).squeeze(1)  # x_i . s_ti
+        cross = a[:, types]  # [n, n]: x_i . s_tj
+        b_own = b.diagonal()[types]
+        d2_self = self.d2_self + 2.0 * (own[:, None] - cross - cross.T + own[None, :]) \
+            + b_own[:, None] + b_own[None, :] - 2.0 * b[types][:, types]
+        d2_self = d2_self.clamp_min_(0.0).fill_diagonal_(0.0)
+        d2_true = self.d2_true + 2.0 * own[:, None] - 2.0 * (truth.cells @ shifts.T)[:, types].T + b_own[:, None]
+        moved = self.cells + shifts[types]
+        mean, var = column_mean_var(moved)
+        std = var.sqrt() if len(moved) > 1 else torch.full_like(self.std, float("nan"))
+        return PredictedCells(moved, d2_self, d2_true.clamp_min_(0.0), self.projected + shifts[types] @ truth.projections,
+                              mean + truth.center, std)
+
 
 def distribution_metrics(pred: PredictedCells, truth: TrueCells) -> dict[str, float]:
     """All distribution metrics for one condition."""

@@ -159,14 +159,14 @@ def score_cells(scorers: list[Scorer], truth, *, seed: int, device, max_true_cel
             continue
         model, i = first
         rows = _control_rows(truth, model.control_cells[i], len(model.cells[i]), rng)
-        raw = torch.from_numpy(truth.cells(rows)).to(device)
-        controls = PredictedCells.build(raw, reference)
+        controls = PredictedCells.build(torch.from_numpy(truth.cells(rows)).to(device), reference)
         unshifted = _moments_row(controls.mean, controls.std, len(rows))
         for scorer in covered:
             if scorer.type_changes is not None:
+                present, types = np.unique(cell_types[rows], return_inverse=True)
                 changes = scorer.type_changes[condition]
-                shifts = np.stack([changes[t] for t in cell_types[rows]])
-                moved = PredictedCells.build(raw + torch.as_tensor(shifts, dtype=raw.dtype, device=device), reference)
+                shifts = torch.as_tensor(np.stack([changes[t] for t in present]), dtype=torch.float32, device=device)
+                moved = controls.shifted_by_type(shifts, torch.as_tensor(types, device=device), reference)
                 scorer.cells[condition] = distribution_metrics(moved, reference)
                 scorer.moments[condition] = (_moments_row(moved.mean, moved.std, len(rows)), unshifted)
                 continue
