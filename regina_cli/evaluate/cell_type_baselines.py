@@ -7,7 +7,8 @@ carry that move; baselines fitted on the pooled cells do not (on McFaline the mi
 pearson_delta of 0.32). Matched, each baseline is fitted per cell type, on that type's controls and
 training cells, and a condition's profile is its cell types' predictions mixed in the proportions
 of its measured cells. no_change becomes the mix of the types' control means: what a model that
-knows the mix and nothing about the perturbation scores. A screen of one cell type is unchanged.
+knows the mix and nothing about the perturbation scores. Systema's reference (the average training
+perturbation) is mixed likewise. A screen of one cell type is unchanged.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class MatchedBaselines:
     # baseline -> condition -> cell type -> [G] change from that type's control mean; a type the
     # baseline cannot predict for the condition gets the condition's mixed change
     changes: dict[str, dict[str, dict[str, np.ndarray]]]
+    # condition -> [G] Systema's average training perturbation, of each cell type, mixed likewise
+    references: dict[str, np.ndarray]
 
 
 def screen_cell_types(truth) -> np.ndarray | None:
@@ -77,6 +80,9 @@ def matched_baselines(names: list[str], truth, train: TrainingData, conditions: 
     mixes = {c: condition_mix(truth, cell_types, c) for c in conditions}
     every_type = [str(t) for t in np.unique(cell_types)]
     profiles, changes = {}, {}
+    type_references = {t: data.means.mean(0) for t, data in strata.items() if data.conditions}
+    references = {c: sum(share * type_references[t] for t, share in mix.items()) for c, mix in mixes.items()
+                  if mix and all(t in type_references for t in mix)}
     for name in names:
         per_type = {t: BASELINE_FUNCTIONS[name](data, conditions) for t, data in strata.items()}
         profiles[name], changes[name] = {}, {}
@@ -87,4 +93,4 @@ def matched_baselines(names: list[str], truth, train: TrainingData, conditions: 
             mixed = sum(share * own[t] for t, share in mix.items())
             profiles[name][condition] = sum(share * strata[t].control_mean for t, share in mix.items()) + mixed
             changes[name][condition] = {t: own.get(t, mixed) for t in every_type}
-    return MatchedBaselines(profiles, changes)
+    return MatchedBaselines(profiles, changes, references)

@@ -185,7 +185,8 @@ def precision_metrics(
 
     pred_mean, true_mean: [C, G] mean profiles; control_mean: [G]; true_std: [C, G] standard
     deviation (ddof 0) over the true cells; true_all_zero: [C, G] true where every true cell is 0;
-    perturbed_reference: [G] the average training perturbation (Systema's metrics are NaN without).
+    perturbed_reference: [G] the average training perturbation, or [C, G] one per condition (Systema's
+    metrics are NaN without).
     """
     pred_delta = pred_mean - control_mean
     true_delta = true_mean - control_mean

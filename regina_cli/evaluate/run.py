@@ -76,7 +76,8 @@ def _t(a, device, dtype=torch.float64) -> torch.Tensor:
 def score_precision(profiles: np.ndarray, truth, conditions: list[str], gene_sets: GeneSets, device,
                     perturbed_reference: np.ndarray | None = None) -> dict:
     """Precision metrics for mean profiles [C, G] of `conditions`: {metric: np.ndarray[C]};
-    `perturbed_reference` [G]: the average training perturbation (`baselines.perturbed_reference`)."""
+    `perturbed_reference` [G] or [C, G]: the average training perturbation (`baselines.perturbed_reference`;
+    per condition when matched to its cell-type mix)."""
     stats = [truth.stats(c) for c in conditions]
     out = precision_metrics(
         _t(profiles, device), _t(np.stack([s.mean for s in stats]), device), _t(truth.control_mean, device), gene_sets,
@@ -260,12 +261,13 @@ def _scorers(models: list[Predictions], profiles: dict, conditions: list[str], c
 
 
 def _baselines(names: list[str], truth, train, conditions: list[str], cell_types: np.ndarray | None) -> tuple:
-    """(profiles, changes per cell type): pooled (GEARS) without `cell_types`, else matched to each
-    condition's cell-type mix (cell_type_baselines.py)."""
+    """(profiles, changes per cell type, Systema's reference per condition): pooled (GEARS) without
+    `cell_types`, else matched to each condition's cell-type mix (cell_type_baselines.py)."""
+    pooled = perturbed_reference(train)
     if cell_types is None:
-        return baseline_profiles(names, train, conditions), {}
+        return baseline_profiles(names, train, conditions), {}, {c: pooled for c in conditions}
     matched = matched_baselines(names, truth, train, conditions, cell_types)
-    return matched.profiles, matched.changes
+    return matched.profiles, matched.changes, {c: matched.references.get(c, pooled) for c in conditions}
 
 
 def evaluate_loaded(truth, split, models: list[Predictions], *, baselines: list[str], seed: int = 0,
@@ -279,17 +281,17 @@ def evaluate_loaded(truth, split, models: list[Predictions], *, baselines: list[
     train = training_data(truth, split.train)
     truth.prepare(conditions)
     cell_types = screen_cell_types(truth) if match_cell_types else None
-    profiles, type_changes = _baselines(baselines, truth, train, conditions, cell_types)
+    profiles, type_changes, references = _baselines(baselines, truth, train, conditions, cell_types)
     profiles = {**profiles, **_reconstructions(models)}
     gene_sets = de_gene_sets(truth, conditions, device)
     position = {c: i for i, c in enumerate(conditions)}
     scorers = _scorers(models, profiles, conditions, truth.control_mean, type_changes)
-    reference = perturbed_reference(train)
-
     with torch.inference_mode():
         precision = {}
         for s in scorers:
             subset = _rows_of(gene_sets, [position[c] for c in s.conditions])
+            rows = [references[c] for c in s.conditions]
+            reference = None if any(r is None for r in rows) else np.stack(rows)
             precision[s.name] = score_precision(s.profiles, truth, s.conditions, subset, device, reference)
             precision[s.name]["discrimination_score_l1"] = score_discrimination(s, truth, conditions, device)
         score_cells(scorers, truth, seed=seed, device=device, max_true_cells=max_true_cells, cell_types=cell_types)
