@@ -474,6 +474,8 @@ CASES = [
     Case("gan-empty-run", ["train-gan", "--run", "", "--device", "cpu", *D], "--run"),
     Case("gan-sets-phase1-setting", [*GAN, "--set", "ae.lr=0.1"], "ae.lr is a phase-1 setting"),
     Case("gan-resume-below-epochs-done", [*GAN, "--resume", "--max-epochs", "0"], "has trained 1 epochs already"),
+    Case("gan-resume-changes-a-start-setting", [*GAN, "--resume", "--max-epochs", "2", "--set",
+                                                "gan.prior_cell_types=false"], "gan.prior_cell_types was set when phase 2"),
     # predict
     Case("predict-seed-negative", [*PREDICT, "--seed", "-1"], "--seed takes a whole number"),
     Case("predict-seed-2^32", [*PREDICT, "--seed", SEED_MAX_PLUS_1], "--seed takes"),

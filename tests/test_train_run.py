@@ -388,6 +388,12 @@ def test_phase_shapes_are_fixed_by_the_weights_saved(demo_data, tmp_path):
               data_dir=demo_data, device="cpu", progress="silent")
     with pytest.raises(ReginaError, match="model.transition_hidden is fixed by the phase-2 run"):
         resolve_run_config("gan", run, ConfigRequest(overrides=["model.transition_hidden=64"]), resume=True)
+    # what phase 2 fits when it starts is in its checkpoint too: a resume with another value crashed
+    # on the saved tensors (gan.prior_cell_types) or kept the old value without a word (gan.knockdown_scale)
+    for change in ("gan.prior_cell_types=false", "gan.knockdown_scale=4", "gan.covariation_components=8"):
+        with pytest.raises(ReginaError, match=f"{change.split('=')[0]} was set when phase 2 of .* started"):
+            resolve_run_config("gan", run, ConfigRequest(overrides=[change, "gan.max_epochs=2"]), resume=True)
+    resolve_run_config("gan", run, ConfigRequest(overrides=["gan.lr=0.001", "gan.max_epochs=2"]), resume=True)
 
 
 def test_a_fresh_start_drops_the_history_of_a_start_killed_before_its_first_checkpoint(demo_data, tmp_path):

@@ -24,6 +24,14 @@ from regina_cli.errors import ReginaError
 # Network shapes each phase's weights are saved with.
 AE_SHAPE_KEYS = ("seq_len", "d_model", "n_layers", "n_heads", "ff_mult", "z_dim", "classifier_hidden")
 GAN_SHAPE_KEYS = ("transition_hidden", "transition_blocks", "discriminator_hidden")
+# Phase-2 settings applied once, when it starts: they shape or fit what its checkpoint holds (the
+# expression prior, the prompts' table and scale, the held-out conditions, the kept correction), so
+# a resume that changed one would crash on the saved tensors or silently keep the old value.
+GAN_START_KEYS = ("prompt_value", "modality", "prompt_sign", "prompt_scale", "gene_features", "gene_feature_dim",
+                  "learned_prompts", "learned_prompt_init", "validation_holdout", "validation_min_conditions",
+                  "residual_decoding", "match_control_mean", "expression_prior", "knowledge_neighbours",
+                  "covariation_components", "covariation_cells", "prior_mean", "prior_cell_types", "covariation_skip",
+                  "knockdown_scale", "correction_scale")
 
 
 @dataclass
@@ -106,6 +114,13 @@ def check_fixed_shapes(phase: str, run_dir: str | Path, config: ReginaConfig, *,
             if getattr(config.model, name) != getattr(saved.model, name):
                 raise ReginaError(f"model.{name} is fixed by {owner} in {run_dir}; train a new run with "
                                   f"`regina {command}` to change it")
+    if phase == keys.GAN_DIR and resume and gan_config.is_file():
+        saved = ckpt.read_config(ckpt.gan_paths(run_dir))
+        for name in GAN_START_KEYS:
+            if getattr(config.gan, name) != getattr(saved.gan, name):
+                raise ReginaError(f"gan.{name} was set when phase 2 of {run_dir} started ({getattr(saved.gan, name)}): "
+                                  "its saved weights were built with it, so a resume keeps it; train a new --run to "
+                                  "change it")
     if phase == keys.GAN_DIR and ae_config.is_file():
         check_phase1_settings(run_dir, config, ckpt.read_config(ckpt.ae_paths(run_dir)))
 
