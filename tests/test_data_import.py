@@ -599,3 +599,20 @@ def test_gene_filter_errors(tmp_path, rng, args, message):
 
 def test_gene_filter_needs_from():
     assert "only apply with --from" in fetch_cli("demo", "--n-top-genes", "50").output
+
+
+def test_a_cell_type_with_a_slash_is_renamed_so_its_de_fields_survive_hdf5(tmp_path, rng):
+    """'RPE1/β' made DE field names HDF5 read back as nested folders: the conditions whose last
+    cell was of that type lost their top-20 DE metrics without a word."""
+    screen = tiny_screen(rng, n_per=24)
+    screen.obs["line"] = np.tile(["K562", "RPE1/β"], screen.n_obs // 2)
+    screen.write_h5ad(tmp_path / "screen.h5ad")
+    result = fetch_cli("lines", "--from", tmp_path / "screen.h5ad", "--condition-key", "perturbation",
+                       "--control", "NT", "--separator", "_", "--cell-type-key", "line")
+    assert result.exit_code == 0, result.output
+    assert "cell types renamed with _ for / ('RPE1/β' -> 'RPE1_β')" in " ".join(result.output.split())
+    adata = read_dataset("lines")
+    assert set(adata.obs[keys.OBS_CELL_TYPE]) == {"K562", "RPE1_β"}
+    assert set(adata.obs["line_original"]) == {"K562", "RPE1/β"}
+    ranked = adata.uns[keys.UNS_RANK_GENES]
+    assert all(not isinstance(v, dict) for v in ranked.values()) and any(k.startswith("RPE1_β_") for k in ranked)

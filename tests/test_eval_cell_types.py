@@ -168,3 +168,56 @@ def test_an_unknown_baseline_cell_types_value_is_one_error(lines, tmp_path):
     result, _ = _evaluate(lines, tmp_path / "bad", "--baseline-cell-types", "mixed")
     assert_user_error(result, "--baseline-cell-types must be one of matched, pooled", only_line=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_cell_type_too_small_for_a_baseline_of_its_own_takes_the_pooled_change():
+    """A cell type with no training condition of 3 or more cells left train_mean (and additive,
+    linear) without a prediction for every condition holding it, and the baseline disappeared."""
+    from regina_cli.evaluate.run import borrowed_warnings
+
+    adata = _screen([("ctrl", "A", [1, 0], 4), ("ctrl", "B", [3, 2], 4),
+                     ("T+ctrl", "A", [2, 0], 3), ("T+ctrl", "B", [5, 2], 1),  # one B cell: too few for B
+                     ("X+ctrl", "A", [5, 5], 2), ("X+ctrl", "B", [5, 5], 2)])
+    truth = Truth(adata)
+    train = training_data(truth, ["ctrl", "T+ctrl"])
+    matched = matched_baselines(["no_change", "train_mean"], truth, train, ["X+ctrl"], screen_cell_types(truth))
+    pooled_change = np.array([(3 * 2 + 5) / 4, 2 / 4]) - np.array([2.0, 1.0])  # T's 4 cells minus all controls
+    changes = matched.changes["train_mean"]["X+ctrl"]
+    np.testing.assert_allclose(changes["A"], [1, 0], atol=0.01)
+    np.testing.assert_allclose(changes["B"], pooled_change, atol=0.01)
+    np.testing.assert_allclose(matched.profiles["train_mean"]["X+ctrl"],
+                               0.5 * np.array([2, 0]) + 0.5 * (np.array([3, 2]) + pooled_change), atol=0.01)
+    assert matched.borrowed == {"train_mean": ["B"]}
+    (warning,) = borrowed_warnings(matched.borrowed)
+    assert warning.startswith("too few training cells of cell type(s) B for train_mean of their own")
+
+
+def test_baseline_controls_drawn_in_the_mix_and_apart_from_the_true_cells_sample():
+    """A file without obs control_cell: the baselines' controls were drawn from all controls, not in
+    the condition's cell-type mix, and from the stream that samples the true cells, so the model's
+    own distribution metrics changed with --baselines."""
+    from regina_cli.evaluate.run import _control_rows
+
+    adata = _screen([("ctrl", "A", [1, 0], 50), ("ctrl", "B", [3, 2], 50), ("X+ctrl", "A", [1, 0], 3)])
+    truth = Truth(adata)
+    types = screen_cell_types(truth)
+    rows = _control_rows(truth, None, 400, np.random.default_rng(0), {"A": 0.75, "B": 0.25}, types)
+    assert set(rows) <= set(truth.control_rows) and (types[rows] == "A").mean() == pytest.approx(0.75, abs=0.06)
+    assert (types[_control_rows(truth, None, 400, np.random.default_rng(0))] == "A").mean() == pytest.approx(0.5, abs=0.06)
+
+
+def test_a_models_scores_do_not_depend_on_the_baselines_scored_beside_it(lines, tmp_path):
+    adata, data_dir, path = lines
+    pred = ad.read_h5ad(path)
+    del pred.obs[keys.OBS_CONTROL_CELL]
+    pred.write_h5ad(tmp_path / "no_sources.h5ad")
+    tables = []
+    for baselines in ("none", "no_change,train_mean"):
+        out = tmp_path / baselines.replace(",", "_")
+        result = invoke("evaluate", NAME, "--data-dir", data_dir, "--predictions", tmp_path / "no_sources.h5ad",
+                        "--out", out, "--no-plots", "--threads", "1", "--baselines", baselines, "--true-cells", "3")
+        assert result.exit_code == 0, result.output
+        table = pd.read_csv(out / keys.PER_CONDITION_FILE)
+        tables.append(table[table.model == "no_sources"].set_index("condition"))
+    for metric in ("energy_distance", "mmd_rbf", "sliced_wasserstein"):
+        np.testing.assert_array_equal(tables[0][metric].to_numpy(), tables[1][metric].to_numpy())

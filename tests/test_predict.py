@@ -186,6 +186,11 @@ def test_cells_are_shared_between_cell_types_by_largest_remainder():
     }, index=[f"c{i}" for i in range(9)])
     plan = sample_plan(obs, ["A+ctrl"], ["ctrl", "A+ctrl"], 10, seed=0)
     assert plan.cells.groupby("cell_type").size().to_dict() == {"x": 3, "y": 7}
+    # a condition never measured is drawn in the training controls' proportions (here 1 x : 2 y),
+    # not split equally between the cell types
+    obs[keys.OBS_CELL_TYPE] = ["x", "x", "y", "y", "y", "y"] + ["x", "y", "y"]
+    plan = sample_plan(obs, ["B+ctrl"], ["ctrl", "A+ctrl"], 9, seed=0)
+    assert plan.cells.groupby("cell_type").size().to_dict() == {"x": 3, "y": 6}
 
 
 def test_a_dataset_whose_genes_changed_is_refused_even_when_allowed_stale(tiny_run):

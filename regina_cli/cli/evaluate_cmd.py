@@ -12,6 +12,10 @@ from regina_cli.cli.app import app
 from regina_cli.cli.common import DataDirOpt, emit_result, info, show, user_errors
 
 
+IDLE_REASONS = {"additive": "needs combinations whose singles were both trained",
+                "linear": "needs measured target genes", "train_mean": "needs perturbed training cells"}
+
+
 @app.command("evaluate")
 @user_errors
 def evaluate_command(
@@ -33,8 +37,9 @@ def evaluate_command(
     baseline_cell_types: str = typer.Option(
         "matched", "--baseline-cell-types", help="On a screen of several cell types (obs cell_type): matched fits "
         "each baseline per cell type and mixes the types as each condition's cells are mixed, as `regina predict` "
-        "draws its controls; pooled fits them on all cells, as GEARS does (then the mix alone is credited to "
-        "REGINA). A screen of one cell type is the same either way."),
+        "draws its controls, and so is Systema's reference of pearson_delta_pert (every model's); pooled fits them "
+        "on all cells, as GEARS does (then the mix alone is credited to REGINA). A screen of one cell type is the "
+        "same either way."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write report.html and PNG figures."),
     condition_key: str = typer.Option("condition", "--condition-key", help="Column holding the condition labels."),
     separator: str = typer.Option("+", "--separator", help="Gene separator of combinations in the labels (GEARS "
@@ -82,8 +87,8 @@ def evaluate_command(
              "(--baseline-cell-types pooled: as GEARS)")
     idle = [b for b in summary["baselines"] if not any(b in c for c in summary["comparison"].values())]
     if idle:
-        info(f"baseline(s) with no {on} condition they can predict: {', '.join(idle)} "
-             "(additive needs both singles in training; linear needs measured target genes)")
+        why = "; ".join(f"{b} {IDLE_REASONS[b]}" for b in idle if b in IDLE_REASONS)
+        info(f"baseline(s) with no {on} condition they can predict: {', '.join(idle)}" + (f" ({why})" if why else ""))
     for table in summary_tables(summary):
         show(table)
     # The written file names are relative to the output folder; the terminal and --json name them from here.

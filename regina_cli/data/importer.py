@@ -457,6 +457,8 @@ def relabel(adata, name: str, options: ImportOptions, notes: ImportNotes, log: L
             raise ReginaError(f"{int(missing.sum())} cells have no cell type in obs['{cell_type_key}'] (missing or "
                               "empty): drop them or fill the column")
         cell_type = adata.obs[cell_type_key].astype(str).to_numpy()
+        if slashed := sorted({t for t in cell_type if "/" in t}):
+            cell_type = _without_slashes(adata, cell_type, cell_type_key, slashed, notes, log)
     else:
         cell_type = name
         notes.say(CELL_TYPE_FALLBACK_NOTE.format(name), log)
@@ -466,6 +468,23 @@ def relabel(adata, name: str, options: ImportOptions, notes: ImportNotes, log: L
     keep_own_column(adata, keys.OBS_CELL_TYPE, cell_type_key, "the cell types", notes, log)
     adata.obs[keys.OBS_CONDITION] = condition.to_numpy()
     adata.obs[keys.OBS_CELL_TYPE] = cell_type
+
+
+def _without_slashes(adata, cell_type: np.ndarray, key: str, slashed: list[str], notes: ImportNotes, log: Log):
+    """Cell types with `_` for `/`: the GEARS DE fields are named "<cell type>_<condition>_1+1", and
+    HDF5 reads a `/` in a name as a folder, so those fields came back nested and the top-20 DE
+    metrics of those cells' conditions were lost. The original names stay in obs."""
+    renamed = np.array([t.replace("/", "_") for t in cell_type], dtype=object)
+    clash = sorted({t.replace("/", "_") for t in slashed} & (set(cell_type) - set(slashed)))
+    if clash:
+        raise ReginaError(f"cell type {clash[0]!r} exists, and so does {clash[0]!r} spelled with '/': rename one "
+                          "(HDF5 cannot store '/' in the DE fields' names)")
+    column = free_column(adata.obs, f"{key}_original")
+    adata.obs[column] = cell_type
+    shown = ", ".join(f"{t!r} -> {t.replace('/', '_')!r}" for t in slashed[:3])
+    notes.say(f"cell types renamed with _ for / ({shown}): HDF5 reads '/' in the DE fields' names as a folder; "
+              f"the original names are in obs['{column}']", log)
+    return renamed
 
 
 def check_has_x(adata) -> None:

@@ -288,7 +288,9 @@ class SamplePlan:
 
 def sample_plan(obs: pd.DataFrame, conditions: Sequence[str], train_conditions: Sequence[str],
                 n_cells: int, seed: int) -> SamplePlan:
-    """Which control cell each predicted cell starts from, per condition and cell type.
+    """Which control cell each predicted cell starts from, per condition and cell type: in the
+    condition's measured cell-type mix, or for a condition never measured in the training
+    controls' proportions.
 
     Controls come from the training controls of the same cell type, drawn with replacement
     only when a cell type has fewer controls than cells requested. Each condition draws from its
@@ -311,8 +313,8 @@ def sample_plan(obs: pd.DataFrame, conditions: Sequence[str], train_conditions: 
         n_new += not measured
         # Cell types the condition was measured in (and that have controls to start from).
         weights = counts.loc[cond, counts.columns.isin(list(pools))] if measured else pd.Series(dtype=float)
-        if weights.sum() == 0:
-            weights = pd.Series(1, index=sorted(pools))
+        if weights.sum() == 0:  # never measured: in the training controls' proportions
+            weights = pd.Series({t: len(pools[t]) for t in sorted(pools)})
         rng = np.random.default_rng([seed, _name_key(cond)])
         for ct, k in _allocate(weights, n_cells).items():
             picks = rng.choice(pools[ct], size=k, replace=k > len(pools[ct]))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from regina_cli import keys
-from regina_cli.evaluate.baselines import BASELINE_FUNCTIONS, TrainingData
+from regina_cli.evaluate.baselines import BASELINE_FUNCTIONS, TrainingData, perturbed_reference
 from regina_cli.evaluate.truth import group_statistics
 
 MIN_CELLS = 3  # cells of one cell type a training condition needs to enter that type's pseudo-bulk
@@ -34,6 +34,8 @@ class MatchedBaselines:
     changes: dict[str, dict[str, dict[str, np.ndarray]]]
     # condition -> [G] Systema's average training perturbation, of each cell type, mixed likewise
     references: dict[str, np.ndarray]
+    # baseline -> cell types that took the pooled baseline's change somewhere (too few training cells)
+    borrowed: dict[str, list[str]]
 
 
 def screen_cell_types(truth) -> np.ndarray | None:
@@ -74,23 +76,36 @@ def _per_type_training(truth, train: TrainingData, cell_types: np.ndarray) -> di
 
 def matched_baselines(names: list[str], truth, train: TrainingData, conditions: list[str],
                       cell_types: np.ndarray) -> MatchedBaselines:
-    """Every baseline of `names` fitted per cell type; a condition is predicted only where the
-    baseline predicts each cell type its measured cells hold."""
+    """Every baseline of `names` fitted per cell type. A cell type it cannot predict a condition in
+    (too few training cells of that type) takes the pooled baseline's change from its own control
+    mean (`borrowed` says where); a condition holding cells of a type without controls is not
+    predicted."""
     strata = _per_type_training(truth, train, cell_types)
     mixes = {c: condition_mix(truth, cell_types, c) for c in conditions}
     every_type = [str(t) for t in np.unique(cell_types)]
-    profiles, changes = {}, {}
-    type_references = {t: data.means.mean(0) for t, data in strata.items() if data.conditions}
-    references = {c: sum(share * type_references[t] for t, share in mix.items()) for c, mix in mixes.items()
-                  if mix and all(t in type_references for t in mix)}
+    profiles, changes, borrowed = {}, {}, {}
+    pooled_reference = perturbed_reference(train)
+    references = {}
+    if pooled_reference is not None:
+        type_references = {t: data.means.mean(0) if data.conditions
+                           else data.control_mean + pooled_reference - train.control_mean for t, data in strata.items()}
+        references = {c: sum(share * type_references[t] for t, share in mix.items()) for c, mix in mixes.items()
+                      if mix and all(t in strata for t in mix)}
     for name in names:
         per_type = {t: BASELINE_FUNCTIONS[name](data, conditions) for t, data in strata.items()}
-        profiles[name], changes[name] = {}, {}
+        pooled = BASELINE_FUNCTIONS[name](train, conditions)
+        profiles[name], changes[name], borrowed[name] = {}, {}, set()
         for condition, mix in mixes.items():
-            if not mix or any(condition not in per_type.get(t, {}) for t in mix):
+            if not mix or any(t not in strata for t in mix):
                 continue
             own = {t: per_type[t][condition] - strata[t].control_mean for t in strata if condition in per_type[t]}
+            missing = [t for t in mix if t not in own]
+            if missing:
+                if condition not in pooled:
+                    continue
+                own.update({t: pooled[condition] - train.control_mean for t in missing})
+                borrowed[name].update(missing)
             mixed = sum(share * own[t] for t, share in mix.items())
             profiles[name][condition] = sum(share * strata[t].control_mean for t, share in mix.items()) + mixed
             changes[name][condition] = {t: own.get(t, mixed) for t in every_type}
-    return MatchedBaselines(profiles, changes, references)
+    return MatchedBaselines(profiles, changes, references, {n: sorted(t) for n, t in borrowed.items() if t})

@@ -72,7 +72,8 @@ METRICS: dict[str, MetricInfo] = {
     # --- Systema (Vinas Torne et al. 2025): change from the perturbed reference, not from control ---
     "pearson_delta_pert": MetricInfo(
         True, "Systema: Pearson of predicted vs true mean minus the average training perturbation (each training "
-        "condition's mean counted once), all genes; what a prediction says beyond the change perturbations share "
+        "condition's mean counted once; on a screen of several cell types with matched baselines, each type's, mixed "
+        "as the condition's cells are), all genes; what a prediction says beyond the change perturbations share "
         "(train_mean, which pools cells, scores about 0 where training conditions have alike cell counts)", "precision",
     ),
     "pearson_delta_pert_top20_de": MetricInfo(

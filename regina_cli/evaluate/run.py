@@ -6,7 +6,8 @@ DE metrics per condition -> metrics.json, per_condition.csv, report.html and plo
 
 Baselines produce mean profiles, not cells. To give them distribution metrics that are comparable
 with a model's, each baseline's cells are the very control cells the (first) model started from
-(obs `control_cell`; a seeded random draw of control cells when the file has none), shifted by the
+(obs `control_cell`; when the file has none, a seeded draw of control cells, in the condition's
+cell-type mix where the baselines are matched, from a stream of its own), shifted by the
 baseline's predicted change. `no_change` is then literally the control cells. A prediction file
 may ship its own baseline: varm['reconstruction'] (the model's decoded controls, no perturbation
 applied), scored like the others under the name `reconstruction`. When the predictions are mean
@@ -30,7 +31,7 @@ from regina_cli.devices import available_cpus, resolve_device
 from regina_cli.errors import ReginaError
 from regina_cli.io import atomic_dir
 from regina_cli.evaluate.baselines import baseline_profiles, parse_baselines, perturbed_reference, training_data
-from regina_cli.evaluate.cell_type_baselines import matched_baselines, screen_cell_types
+from regina_cli.evaluate.cell_type_baselines import condition_mix, matched_baselines, screen_cell_types
 from regina_cli.evaluate.de import Moments, de_ranks, overlap_metrics
 from regina_cli.evaluate.distribution import (PredictedCells, TrueCells, column_mean_var, distribution_metrics,
                                               random_projections)
@@ -91,14 +92,23 @@ def _subsample(rows: np.ndarray, limit: int, rng: np.random.Generator) -> np.nda
     return rows if len(rows) <= limit else np.sort(rng.choice(rows, limit, replace=False))
 
 
-def _control_rows(truth, names: np.ndarray | None, n: int, rng: np.random.Generator) -> np.ndarray:
-    """The control cells a prediction came from, else a seeded draw of `n` control cells."""
+def _control_rows(truth, names: np.ndarray | None, n: int, rng: np.random.Generator,
+                  mix: dict[str, float] | None = None, cell_types: np.ndarray | None = None) -> np.ndarray:
+    """The control cells a prediction came from, else a seeded draw of `n` control cells: in the
+    cell-type `mix` given (each dataset cell's type in `cell_types`), else from all controls."""
     if names is not None:
         index = truth.adata.obs_names.get_indexer(names)
         if (index >= 0).all():
             return index
     pool = truth.control_rows
-    return rng.choice(pool, n, replace=n > len(pool))
+    if not mix:
+        return rng.choice(pool, n, replace=n > len(pool))
+    kinds = rng.choice(list(mix), n, p=np.array(list(mix.values())) / sum(mix.values()))
+    rows = np.empty(n, dtype=np.int64)
+    for kind in mix:
+        drawn, of_kind = kinds == kind, pool[cell_types[pool] == kind]
+        rows[drawn] = rng.choice(of_kind, int(drawn.sum()), replace=drawn.sum() > len(of_kind))
+    return rows
 
 
 @dataclass
@@ -131,6 +141,7 @@ def score_cells(scorers: list[Scorer], truth, *, seed: int, device, max_true_cel
     A baseline matched to cell types (`cell_types`: each dataset cell's) moves each borrowed control
     cell by its own type's predicted change."""
     rng = np.random.default_rng(seed)
+    draws = np.random.default_rng([seed, 1])  # the baselines' controls: the true cells' sample stays the same
     projections = random_projections(len(truth.genes), seed, device=device)
     control_mean = torch.as_tensor(truth.control_mean, dtype=torch.float32, device=device)
     models = [s for s in scorers if s.model is not None and s.model.form == CELLS]
@@ -159,7 +170,8 @@ def score_cells(scorers: list[Scorer], truth, *, seed: int, device, max_true_cel
         if not covered or first is None:
             continue
         model, i = first
-        rows = _control_rows(truth, model.control_cells[i], len(model.cells[i]), rng)
+        mix = None if cell_types is None else condition_mix(truth, cell_types, condition)
+        rows = _control_rows(truth, model.control_cells[i], len(model.cells[i]), draws, mix, cell_types)
         controls = PredictedCells.build(torch.from_numpy(truth.cells(rows)).to(device), reference)
         unshifted = _moments_row(controls.mean, controls.std, len(rows))
         for scorer in covered:
@@ -233,6 +245,7 @@ class Evaluation:
     profiles: dict[str, dict[str, np.ndarray]]  # baseline -> condition -> mean profile
     models: list[Predictions]
     matched_cell_types: list[str] = field(default_factory=list)  # the baselines' cell types (empty: pooled)
+    borrowed: dict[str, list[str]] = field(default_factory=dict)  # baseline -> cell types given the pooled change
 
 
 def _rows_of(gene_sets: GeneSets, rows: list[int]) -> GeneSets:
@@ -261,13 +274,15 @@ def _scorers(models: list[Predictions], profiles: dict, conditions: list[str], c
 
 
 def _baselines(names: list[str], truth, train, conditions: list[str], cell_types: np.ndarray | None) -> tuple:
-    """(profiles, changes per cell type, Systema's reference per condition): pooled (GEARS) without
-    `cell_types`, else matched to each condition's cell-type mix (cell_type_baselines.py)."""
+    """(profiles, changes per cell type, Systema's reference per condition, cell types that took
+    the pooled change): pooled (GEARS) without `cell_types`, else matched to each condition's
+    cell-type mix (cell_type_baselines.py)."""
     pooled = perturbed_reference(train)
     if cell_types is None:
-        return baseline_profiles(names, train, conditions), {}, {c: pooled for c in conditions}
+        return baseline_profiles(names, train, conditions), {}, {c: pooled for c in conditions}, {}
     matched = matched_baselines(names, truth, train, conditions, cell_types)
-    return matched.profiles, matched.changes, {c: matched.references.get(c, pooled) for c in conditions}
+    return (matched.profiles, matched.changes, {c: matched.references.get(c, pooled) for c in conditions},
+            matched.borrowed)
 
 
 def evaluate_loaded(truth, split, models: list[Predictions], *, baselines: list[str], seed: int = 0,
@@ -281,7 +296,7 @@ def evaluate_loaded(truth, split, models: list[Predictions], *, baselines: list[
     train = training_data(truth, split.train)
     truth.prepare(conditions)
     cell_types = screen_cell_types(truth) if match_cell_types else None
-    profiles, type_changes, references = _baselines(baselines, truth, train, conditions, cell_types)
+    profiles, type_changes, references, borrowed = _baselines(baselines, truth, train, conditions, cell_types)
     profiles = {**profiles, **_reconstructions(models)}
     gene_sets = de_gene_sets(truth, conditions, device)
     position = {c: i for i, c in enumerate(conditions)}
@@ -314,7 +329,7 @@ def evaluate_loaded(truth, split, models: list[Predictions], *, baselines: list[
             row.update({m: de[s.name].get(condition, {}).get(m, float("nan")) for m in DE_METRICS})
             rows.append(row)
     matched = [] if cell_types is None else sorted(set(cell_types[truth.control_rows]))
-    return Evaluation(pd.DataFrame(rows), profiles, models, matched)
+    return Evaluation(pd.DataFrame(rows), profiles, models, matched, borrowed)
 
 
 MAX_THREADS = 1024  # above the cores is allowed: a fixed --threads reruns bit-identically on a smaller allocation
@@ -519,9 +534,12 @@ def evaluate(
             "threads": n_threads,
             "max_true_cells": max_true_cells,
             "baselines": [b for b in result.profiles],
+            "baseline_cell_types": baseline_cell_types,
             "baselines_matched_to_cell_types": result.matched_cell_types,
         }
-        mix_warnings = [] if result.matched_cell_types else cell_type_mix_warning(truth, name, baseline_names)
+        scored = [b for b in baseline_names if result.profiles.get(b)]
+        mix_warnings = borrowed_warnings(result.borrowed) if result.matched_cell_types else \
+            cell_type_mix_warning(truth, name, scored)
         for warning in [*model_warnings(context), *mix_warnings]:
             note(warning)
         context["warnings"] = heard
@@ -543,6 +561,15 @@ def cell_type_mix_warning(truth, name: str, baselines: list[str]) -> list[str]:
             "predictions drawn in each condition's own cell-type mix (as `regina predict` draws them) are credited "
             f"with that mix, which no_change and {pooled}, pooled, do not have; `reconstruction` has the same mix "
             "and no perturbation, so judge REGINA against it (or leave out --baseline-cell-types pooled)"]
+
+
+def borrowed_warnings(borrowed: dict[str, list[str]]) -> list[str]:
+    """Matched baselines that took the pooled change in a cell type with too few training cells."""
+    by_types: dict[tuple, list[str]] = {}
+    for baseline, types in borrowed.items():
+        by_types.setdefault(tuple(types), []).append(baseline)
+    return [f"too few training cells of cell type(s) {', '.join(types)} for {', '.join(names)} of their own: there "
+            "they predict the pooled change (from each type's own control mean)" for types, names in by_types.items()]
 
 
 def model_warnings(context: dict) -> list[str]:
