@@ -372,13 +372,14 @@ def load_run(run: str | Path | TrainResult, *, device: str = "auto"):
 def predict(run: str | Path | TrainResult, conditions: str | Sequence[str] = "test", *, n_cells: int = 100,
             seed: int = 0, out: str | Path | None = None, with_controls: bool = True, clip: bool | None = None,
             sparsify: bool = False, device: str = "auto", allow_stale: bool = False,
-            data_dir: str | Path | None = None) -> AnnData:
+            cell_types: str | Sequence[str] | None = None, data_dir: str | Path | None = None) -> AnnData:
     """`regina predict`: predicted cells for `conditions` ("test", "val", "all", "A+ctrl,A+B" or a
     list), written to `out` (default `<run>/predictions.h5ad`) and returned as AnnData.
 
     With `with_controls` real control cells (every training control of the predicted cell types,
     the mean the predictions were matched to) are appended under the dataset's control label, so `sc.tl.rank_genes_groups(pred, "condition", reference="ctrl")`
-    runs on the result directly.
+    runs on the result directly. `cell_types` ("K562,RPE1" or a list): predict only in those cell
+    types (default: each condition's measured mix).
     """
     import anndata
 
@@ -387,7 +388,8 @@ def predict(run: str | Path | TrainResult, conditions: str | Sequence[str] = "te
 
     options = FileOptions(with_controls=with_controls, clip=clip, sparsify=sparsify)
     result = run_prediction(_run_dir(run), conditions, n_cells=n_cells, seed=seed, out=out, device=device,
-                            data_dir=_data_dir_of(run, data_dir), options=options, allow_stale=allow_stale)
+                            data_dir=_data_dir_of(run, data_dir), options=options, allow_stale=allow_stale,
+                            cell_types=cell_types)
     for warning in result.all_warnings:
         warnings.warn(warning, stacklevel=_USER)
     return anndata.read_h5ad(result.path)

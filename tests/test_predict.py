@@ -464,3 +464,29 @@ def test_a_run_finds_the_data_it_was_trained_on_from_anywhere(tmp_path, monkeypa
     shutil.move(trained_on, tmp_path / "moved")
     with pytest.raises(ReginaError, match=f"trained on the data in {trained_on}, which no longer holds 'tiny'"):
         predict(run, "G1", n_cells=4, device="cpu")
+
+
+def test_cell_types_restrict_where_a_condition_is_predicted(tiny_run):
+    """A multi-line screen's user asks for a perturbation in one line (measured in another, say):
+    there was no way to, every condition was drawn in its measured mix."""
+    obs = pd.DataFrame({
+        keys.OBS_CONDITION: ["ctrl"] * 6 + ["A+ctrl"] * 3,
+        keys.OBS_CELL_TYPE: ["x", "x", "y", "y", "y", "z"] + ["x", "x", "x"],
+    }, index=[f"c{i}" for i in range(9)])
+    in_y = sample_plan(obs, ["A+ctrl"], ["ctrl", "A+ctrl"], 6, seed=0, cell_types=["y"])
+    assert set(in_y.cells["cell_type"]) == {"y"} and len(in_y) == 6  # measured only in x: moved to y
+    both = sample_plan(obs, ["A+ctrl"], ["ctrl", "A+ctrl"], 6, seed=0, cell_types=["z", "x"])
+    assert both.cells.groupby("cell_type").size().to_dict() == {"x": 6}  # its measured mix, within those asked
+    with pytest.raises(ReginaError, match=r"--cell-types: 'w' has no training control cells to start from; "
+                                          r"cell types with them: x, y, z"):
+        sample_plan(obs, ["A+ctrl"], ["ctrl", "A+ctrl"], 6, seed=0, cell_types=["x", "w"])
+
+    run, adata, *_ = tiny_run
+    types = sorted(set(adata.obs[keys.OBS_CELL_TYPE]))
+    written = ad.read_h5ad(predict(run, "G4+ctrl", n_cells=CELLS, device="cpu", cell_types=f" {types[-1]} ,"))
+    predicted = written.obs[keys.OBS_CONDITION] == "G4+ctrl"
+    assert set(written.obs.loc[predicted, keys.OBS_CELL_TYPE]) == {types[-1]}
+    assert set(written.obs[keys.OBS_CELL_TYPE]) == {types[-1]}  # the appended controls too
+    assert written.uns[keys.UNS_REGINA]["cell_types"] == types[-1]
+    result = CliRunner().invoke(app, ["predict", "--run", str(run), "--conditions", "G4+ctrl", "--cell-types", ","])
+    assert result.exit_code == 2 and "--cell-types is empty" in result.output

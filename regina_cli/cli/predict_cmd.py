@@ -30,6 +30,11 @@ def predict_command(
     cells: int = typer.Option(100, "--cells", help=f"Predicted cells per condition ({keys.STEADY_MEAN_CELLS} when "
                               "scoring mean changes: fewer leave sampling noise in each condition's mean)."),
     seed: int = typer.Option(0, "--seed", help="Seed for drawing the control cells."),
+    cell_types: Optional[str] = typer.Option(
+        None, "--cell-types", show_default=False,
+        help="Predict only in these cell types (comma-separated, as in obs cell_type), e.g. a perturbation "
+        "measured in K562 predicted in RPE1 (default: each condition's measured cell-type mix; a condition never "
+        "measured in the training controls' proportions)."),
     out: Path = typer.Option(
         None, "--out", help="Output h5ad (default: <run>/predictions.h5ad).", show_default=False
     ),
@@ -62,7 +67,7 @@ def predict_command(
         chosen = "test" if conditions is None else conditions
     options = FileOptions(with_controls=with_controls, clip=clip, sparsify=sparsify)
     result = run_prediction(run, chosen, n_cells=cells, seed=seed, out=out, device=device, data_dir=data_dir,
-                            options=options, allow_stale=allow_stale)
+                            options=options, allow_stale=allow_stale, cell_types=cell_types)
     warnings = result.all_warnings
     for warning in warnings:
         info(f"[bold yellow]warning:[/] {warning}")

@@ -71,17 +71,21 @@ class PredictionResult:
 
 def predict(run_dir: str | Path, conditions: str | Sequence[str], *, n_cells: int = 100, seed: int = 0,
             out: str | Path | None = None, device: str = "auto", data_dir: str | Path | None = None,
-            options: FileOptions | None = None, allow_stale: bool = False) -> Path:
+            options: FileOptions | None = None, allow_stale: bool = False,
+            cell_types: str | Sequence[str] | None = None) -> Path:
     """Write predictions for `conditions` ("test", "val", "all", "A+ctrl,A+B" or a list); returns the file."""
     return run_prediction(run_dir, conditions, n_cells=n_cells, seed=seed, out=out, device=device,
-                          data_dir=data_dir, options=options, allow_stale=allow_stale).path
+                          data_dir=data_dir, options=options, allow_stale=allow_stale, cell_types=cell_types).path
 
 
 def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_cells: int = 100, seed: int = 0,
                    out: str | Path | None = None, device: str = "auto", data_dir: str | Path | None = None,
-                   options: FileOptions | None = None, allow_stale: bool = False) -> PredictionResult:
+                   options: FileOptions | None = None, allow_stale: bool = False,
+                   cell_types: str | Sequence[str] | None = None) -> PredictionResult:
     """`predict` plus what the CLI reports (counts, device, time). A run whose dataset, split,
-    labels, config or phase-1 weights changed after training is refused (`allow_stale`: warned)."""
+    labels, config or phase-1 weights changed after training is refused (`allow_stale`: warned).
+    `cell_types` ("K562,RPE1" or a list): predict only in these cell types (default: each
+    condition's measured mix, see `sample_plan`)."""
     from regina_cli.checks import check_data_dir
     from regina_cli.data.dataset import read_dataset
     from regina_cli.data.split import load_split
@@ -92,6 +96,7 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
     started = time.perf_counter()
     options = options or FileOptions()
     conditions = condition_list(conditions)
+    chosen_types = cell_type_list(cell_types)
     check_request(n_cells, seed, out, options)
     run_dir = Path(run_dir)
     data_dir = run_data_dir(run_dir, data_dir)
@@ -122,7 +127,7 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
                                   "run's gene knowledge")
         check_targets(requested, genes, prompt_genes)
         check_memory(len(requested) * n_cells, len(genes), trained.device)
-        plan = sample_plan(adata.obs, requested, split.train, n_cells, seed)
+        plan = sample_plan(adata.obs, requested, split.train, n_cells, seed, cell_types=chosen_types)
         x_pred, reconstruction = _run_networks(trained, adata, plan, requested, genes)
         controls = read_controls(adata, plan, every_training_control=trained.config.gan.match_control_mean)
     finally:
@@ -133,7 +138,8 @@ def run_prediction(run_dir: str | Path, conditions: str | Sequence[str], *, n_ce
         x_pred, plan, requested, genes, sources=sources, reconstruction=reconstruction, controls=controls,
         options=options, provenance={
             "run": str(run_dir), "dataset": meta.dataset, "split": meta.split, "seed": seed,
-            "cells_per_condition": n_cells, "prompt_value": trained.config.gan.prompt_value,
+            "cells_per_condition": n_cells, "cell_types": ",".join(chosen_types) if chosen_types else "as measured",
+            "prompt_value": trained.config.gan.prompt_value,
             "decoding": "residual: X_ctrl + D(T(z)) - D(z)" if trained.config.gan.residual_decoding
             else "D(T(z_ctrl, prompt))", "skipped_conditions": list(skipped), "stale": warnings,
             **{k: v for k, v in meta.hashes().items() if v}})
@@ -286,11 +292,26 @@ class SamplePlan:
         return len(self.cells)
 
 
+def cell_type_list(cell_types: str | Sequence[str] | None) -> list[str] | None:
+    """--cell-types as a list (a comma-separated string, or a list from Python); None: not given."""
+    if cell_types is None:
+        return None
+    if isinstance(cell_types, str):
+        cell_types = cell_types.split(",")
+    if not (isinstance(cell_types, (list, tuple)) and all(isinstance(t, str) for t in cell_types)):
+        raise ReginaError(f"cell_types takes a comma-separated string or a list of names, not {cell_types!r}")
+    chosen = list(dict.fromkeys(t.strip() for t in cell_types if t.strip()))
+    if not chosen:
+        raise ReginaError("--cell-types is empty: name at least one cell type, or leave it out")
+    return chosen
+
+
 def sample_plan(obs: pd.DataFrame, conditions: Sequence[str], train_conditions: Sequence[str],
-                n_cells: int, seed: int) -> SamplePlan:
+                n_cells: int, seed: int, cell_types: list[str] | None = None) -> SamplePlan:
     """Which control cell each predicted cell starts from, per condition and cell type: in the
     condition's measured cell-type mix, or for a condition never measured in the training
-    controls' proportions.
+    controls' proportions; with `cell_types`, only in those (a condition measured in none of them
+    in their controls' proportions: a perturbation moved to another cell type).
 
     Controls come from the training controls of the same cell type, drawn with replacement
     only when a cell type has fewer controls than cells requested. Each condition draws from its
@@ -306,6 +327,12 @@ def sample_plan(obs: pd.DataFrame, conditions: Sequence[str], train_conditions: 
     if len(control_rows) == 0:
         raise ReginaError("the dataset has no training control cells to start predictions from")
     pools = {t: control_rows[cell_type[control_rows] == t] for t in pd.unique(cell_type[control_rows])}
+    if cell_types is not None:
+        unknown = [t for t in cell_types if t not in pools]
+        if unknown:
+            raise ReginaError(f"--cell-types: {', '.join(map(repr, unknown))} has no training control cells to "
+                              f"start from; cell types with them: {', '.join(map(str, sorted(pools)))}")
+        pools = {t: pools[t] for t in cell_types}
     counts = pd.crosstab(condition, cell_type)
     parts, n_new = [], 0
     for c_idx, cond in enumerate(conditions):

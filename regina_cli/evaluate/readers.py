@@ -178,7 +178,7 @@ def with_dataset_ids(raw: RawPredictions, adata) -> RawPredictions:
 
 # What makes prediction files parts of one prediction: the same run, inputs and drawing rule.
 PART_IDENTITY = ("run", "ae_model_sha256", "config_sha256", "dataset_sha256", "split_sha256", "seed", "clip",
-                 "sparsify", "cells_per_condition")
+                 "sparsify", "cells_per_condition", "cell_types")
 
 
 def merge_parts(name: str, parts: list[RawPredictions]) -> RawPredictions:
