@@ -221,3 +221,43 @@ def test_a_models_scores_do_not_depend_on_the_baselines_scored_beside_it(lines, 
         tables.append(table[table.model == "no_sources"].set_index("condition"))
     for metric in ("energy_distance", "mmd_rbf", "sliced_wasserstein"):
         np.testing.assert_array_equal(tables[0][metric].to_numpy(), tables[1][metric].to_numpy())
+
+
+def test_only_the_controls_cell_types_count():
+    """Controls of one type (other types only among perturbed cells) leave the baselines pooled,
+    and the mix warning counts the controls' types."""
+    from regina_cli.evaluate.run import cell_type_mix_warning
+
+    adata = _screen([("ctrl", "A", [1, 0], 4), ("T+ctrl", "A", [2, 0], 3), ("T+ctrl", "B", [3, 0], 3)])
+    assert screen_cell_types(Truth(adata)) is None
+    adata = _screen([("ctrl", "A", [1, 0], 4), ("ctrl", "B", [3, 2], 4), ("T+ctrl", "C", [2, 0], 3)])
+    (warning,) = cell_type_mix_warning(Truth(adata), "screen", ["no_change"])
+    assert "holds 2 cell types" in warning
+
+
+def test_matched_train_mean_weights_each_training_condition_by_its_cells_of_the_type():
+    adata = _screen([
+        ("ctrl", "A", [1, 0], 4), ("ctrl", "B", [3, 2], 4),
+        ("T+ctrl", "B", [4, 2], 3), ("U+ctrl", "B", [3, 6], 5),  # B changes: T [1, 0] (3 cells), U [0, 4] (5)
+        ("T+ctrl", "A", [2, 0], 3), ("U+ctrl", "A", [2, 0], 3),
+        ("X+ctrl", "B", [5, 5], 4),
+    ])
+    truth = Truth(adata)
+    types = screen_cell_types(truth)
+    train = training_data(truth, ["ctrl", "T+ctrl", "U+ctrl"])
+    matched = matched_baselines(["train_mean"], truth, train, ["X+ctrl"], types)
+    np.testing.assert_allclose(matched.changes["train_mean"]["X+ctrl"]["B"], [3 / 8, 20 / 8], atol=0.01)
+
+
+def test_a_condition_with_cells_of_a_type_without_controls_gets_no_matched_baseline():
+    adata = _screen([
+        ("ctrl", "A", [1, 0], 4), ("ctrl", "B", [3, 2], 4),
+        ("T+ctrl", "A", [2, 0], 3), ("T+ctrl", "B", [3, 4], 3),
+        ("X+ctrl", "A", [5, 5], 3), ("X+ctrl", "C", [5, 5], 3),  # C has no controls to fit on
+        ("Y+ctrl", "A", [5, 5], 3),
+    ])
+    truth = Truth(adata)
+    train = training_data(truth, ["ctrl", "T+ctrl"])
+    matched = matched_baselines(["no_change", "train_mean"], truth, train, ["X+ctrl", "Y+ctrl"],
+                                screen_cell_types(truth))
+    assert set(matched.profiles["train_mean"]) == set(matched.changes["train_mean"]) == {"Y+ctrl"}

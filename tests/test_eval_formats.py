@@ -323,3 +323,74 @@ def test_json_evaluate_without_plots_still_has_report_and_plots_keys(screen, dat
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     assert document["report"] is None and document["plots"] == []
+
+
+def test_table_suffix_is_the_last_one_and_h5_files_read_as_anndata(tmp_path):
+    """A name with dots before its suffix (preds.seed0.csv) is still a table; .h5 is an AnnData."""
+    from regina_cli.evaluate.readers import read_predictions
+
+    frame = pd.DataFrame({"condition": ["A+ctrl", "B+ctrl"], "G1": [1.0, 2.0]})
+    frame.to_csv(tmp_path / "preds.seed0.csv", index=False)
+    assert read_predictions(tmp_path / "preds.seed0.csv", condition_key="condition", separator="+").x.tolist() == \
+        [[1.0], [2.0]]
+    pred = ad.AnnData(np.ones((2, 1), dtype=np.float32), obs=pd.DataFrame({"condition": ["A+ctrl", "B+ctrl"]},
+                                                                          index=["a", "b"]))
+    pred.var_names = ["G1"]
+    pred.write_h5ad(tmp_path / "cells.h5")
+    assert list(read_predictions(tmp_path / "cells.h5", condition_key="condition", separator="+").labels) == \
+        ["A+ctrl", "B+ctrl"]
+
+
+def test_dataset_ids_add_a_naming_and_keep_the_files_own():
+    """Columns named by the file's IDs gain a naming in symbols (an ID the dataset lacks kept as it
+    is); the file's own naming stays a candidate, and a file named by symbols is left alone."""
+    from regina_cli.evaluate.readers import RawPredictions, with_dataset_ids
+
+    adata = ad.AnnData(np.zeros((1, 3), np.float32), var=pd.DataFrame({"gene_id": ["E1", "E2", "E3"]},
+                                                                     index=["A", "B", "C"]))
+
+    def raw(names):
+        return RawPredictions("p", np.zeros((1, len(names)), np.float32), [names], np.array(["ctrl"], dtype=object),
+                              pd.DataFrame(index=[0]))
+
+    assert with_dataset_ids(raw(["E2", "E1", "NEW"]), adata).gene_names == [["E2", "E1", "NEW"], ["B", "A", "NEW"]]
+    assert with_dataset_ids(raw(["A", "B"]), adata).gene_names == [["A", "B"]]
+
+
+def test_model_context_counts_a_b_skips_of_dataset_genes_and_conditions_below_two_cells():
+    from types import SimpleNamespace
+
+    from regina_cli.evaluate.predictions import CELLS
+    from regina_cli.evaluate.run import _model_context
+
+    truth = SimpleNamespace(dataset_genes=["GA", "GB"], resolve=lambda c: c)
+    model = SimpleNamespace(name="m", path="p", form=CELLS,
+                            conditions=["GA+ctrl", "GB+ctrl", "GA+GB"],
+                            cells=[np.zeros((1, 2)), np.zeros((2, 2)), np.zeros((3, 2))],
+                            skipped=["GA_GB", "GA_NOPE", "GB", "NOPE"], scale_warning=None, n_control_rows=0,
+                            prompt_source=None, provenance={})
+    context = _model_context(model, truth, ["GA+ctrl"])
+    assert context["n_skipped_written_a_b"] == 1  # GA_GB; not GA_NOPE (not a gene), nor GB (no _)
+    assert context["n_single_cell_conditions"] == 1  # GA+ctrl's one cell; two cells are scored
+
+
+def test_a_condition_with_two_predicted_cells_is_scored(screen, run, tmp_path):
+    adata, split = screen
+    pred = write_predictions(adata, split.test, tmp_path / "cells.h5ad")
+    pair = split.test[0]
+    keep = np.ones(pred.n_obs, dtype=bool)
+    keep[np.flatnonzero(pred.obs[keys.OBS_CONDITION] == pair)[2:]] = False
+    pred[keep].copy().write_h5ad(tmp_path / "pair.h5ad")
+    _, summary, table = run("--predictions", tmp_path / "pair.h5ad", "--baselines", "none", "--no-plots")
+    row = table.set_index(["model", "condition"]).loc[(summary["models"][0]["name"], pair)]
+    assert row[["mmd_rbf", "energy_distance", "de_precision_at_N"]].notna().all()
+
+
+def test_warnings_about_the_prediction_files_run_are_kept_in_metrics_json(screen, run, tmp_path):
+    adata, split = screen
+    pred = write_predictions(adata, split.test, tmp_path / "cells.h5ad")
+    pred.uns[keys.UNS_REGINA] = {"dataset": NAME, "split": "elsewhere"}
+    pred.write_h5ad(tmp_path / "other_split.h5ad")
+    _, summary, _ = run("--predictions", tmp_path / "other_split.h5ad", "--split", split.name, "--baselines", "none",
+                        "--no-plots")
+    assert any("comes from a run trained on split elsewhere" in w for w in summary["warnings"])

@@ -932,3 +932,98 @@ def test_prior_changes_are_averaged_over_cell_types_and_each_type_keeps_its_depa
     moved = prior.with_cell_type(base, torch.tensor([[-1, -1], [-1, -1], [-1, -1]]),
                                  torch.tensor([[0, 1], [0, -1], [0, -1]]), torch.tensor([1, 0, -1]))
     torch.testing.assert_close(moved, torch.tensor([[0.0, 3.0], [1.25, 0.5], [1.0, 1.0]]))
+
+
+def test_prior_cell_type_average_uses_the_control_shares_the_phase_index_and_spares_thin_conditions():
+    """Controls 3:1 weight the types 3:1; a condition with too few cells of every type keeps its
+    pooled mean; a condition outside `index` (held out of phase 2) shapes no departure."""
+    from types import SimpleNamespace
+
+    from regina_cli.engine.condition_stats import ConditionStats
+    from regina_cli.engine.expression_prior import average_over_cell_types
+
+    groups = [(0, 0, [1, 0], 6), (0, 1, [3, 2], 2),  # controls: a 6 cells, b 2
+              (1, 0, [2, 0], 3), (1, 1, [3, 4], 3),  # X: d_a [1, 0], d_b [0, 2]
+              (2, 0, [5, 5], 2), (2, 1, [5, 5], 1),  # Z: too few cells of each type
+              (3, 0, [9, 9], 3), (3, 1, [9, 9], 3)]  # H: held out of phase 2
+    x = torch.tensor([v for _, _, v, n in groups for _ in range(n)], dtype=torch.float32)
+    codes = torch.tensor([c for c, _, _, n in groups for _ in range(n)])
+    types = torch.tensor([t for _, t, _, n in groups for _ in range(n)])
+    cells = SimpleNamespace(train_idx=torch.arange(len(x)), is_control=codes == 0, cell_type_codes=types,
+                            condition_codes=codes, cell_types=["a", "b"],
+                            conditions=["ctrl", "X+ctrl", "Z+ctrl", "H+ctrl"], n_genes=2, device=torch.device("cpu"),
+                            batches=lambda index, size, shuffle: [(index, x[index])])
+    pooled = torch.stack([x[codes == c].mean(0) for c in range(4)])
+    stats = ConditionStats(counts=torch.tensor([8.0, 6.0, 3.0, 0.0]), latent_mean=torch.zeros(4, 1),
+                           latent_std=torch.zeros(4, 1), expression_mean=pooled, control_latent_mean=torch.zeros(1))
+    prior = ExpressionPrior(n_genes=2, n_table=1, dim=2, n_cell_types=2)
+    reference = torch.tensor([1.5, 0.5], dtype=torch.float64)
+    index = torch.nonzero((codes == 1) | (codes == 2)).ravel()
+    averaged = average_over_cell_types(prior, cells, stats, index, reference)
+
+    torch.testing.assert_close(averaged.expression_mean[1], torch.tensor([2.25, 1.0]))  # + 0.75 [1, 0] + 0.25 [0, 2]
+    torch.testing.assert_close(averaged.expression_mean[2], pooled[2])
+    torch.testing.assert_close(prior.cell_type_change, torch.tensor([[0.25, -0.5], [-0.75, 1.5]]))
+
+
+def test_the_prior_in_a_cell_type_adds_that_types_departure_per_target():
+    prior = ExpressionPrior(n_genes=2, n_table=1, dim=2, n_cell_types=2)
+    prior.cell_type_change.copy_(torch.tensor([[0.0, 1.0], [2.0, 0.0]]))
+    targets, prompts = torch.tensor([[0, 1], [0, -1], [1, -1]]), torch.full((3, 2), -1)
+    typed = prior(targets, prompts, torch.tensor([0, 1, -1])) - prior(targets, prompts)
+    torch.testing.assert_close(typed, torch.tensor([[0.0, 2.0], [2.0, 0.0], [0.0, 0.0]]))
+    pooled = ExpressionPrior(n_genes=2, n_table=1, dim=2)  # one cell type: no rows, the codes are ignored
+    torch.testing.assert_close(pooled(targets, prompts, torch.tensor([-1, -1, -1])), pooled(targets, prompts))
+
+
+def test_prior_cell_types_needs_the_option_a_prior_and_several_types():
+    from types import SimpleNamespace
+
+    from regina_cli.config import build_config
+    from regina_cli.engine.train_gan import prior_cell_types
+
+    two, one = SimpleNamespace(cell_types=["A", "B"]), SimpleNamespace(cell_types=["A"])
+    assert prior_cell_types(build_config(), two) and not prior_cell_types(build_config(), one)
+    assert not prior_cell_types(build_config(overrides=["gan.prior_cell_types=false"]), two)
+
+
+def test_phase2_anchors_and_prompt_offsets_start_from_the_controls_cell_type(monkeypatch):
+    """Each control's anchor holds the prior in its own cell type (fitted or cross-fitted), and
+    the prompts' start offsets E(X_ctrl + prior) - z_ctrl see the same."""
+    from regina_cli.engine import gene_prompts
+
+    seen = {}
+    original = gene_prompts.mean_encoder_prompts
+
+    def spy(*args, **kwargs):
+        seen["prior_module"] = kwargs.get("prior_module")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gene_prompts, "mean_encoder_prompts", spy)
+    phase, autoencoder = tiny_built_phase("gan.prompt_scale=matched")  # fits the prompts' start
+    prior = phase.gan.expression_prior
+    assert seen["prior_module"] is prior and prior.cell_type_change.shape[0] == 2
+    cells = phase.cells
+    prior.cell_type_change.copy_(torch.stack([torch.zeros(cells.n_genes), torch.full((cells.n_genes,), 3.0)]))
+    controls = cells.train_idx[cells.is_control[cells.train_idx]]
+    controls = torch.stack([controls[cells.cell_type_codes[controls] == t][0] for t in (0, 1)])
+    code = next(c for c, name in enumerate(cells.conditions) if name != "ctrl" and (cells.target_idx[c] >= 0).any())
+    codes = torch.tensor([code, code])
+    n = ((cells.target_idx[codes] >= 0) | (cells.prompt_idx[codes] >= 0)).sum(1, keepdim=True).float()
+    x_ctrl = cells.rows(controls).float()
+    z_ctrl = autoencoder.encoder(x_ctrl)
+    step = n * prior.cell_type_change[cells.cell_type_codes[controls]]
+    fitted = prior(cells.target_idx[codes], cells.prompt_idx[codes])
+    with torch.no_grad():
+        anchor_x, _ = phase.anchor(x_ctrl, z_ctrl, codes, controls, training=False)
+        torch.testing.assert_close(anchor_x - x_ctrl, fitted + step)
+        anchor_x, _ = phase.anchor(x_ctrl, z_ctrl, codes, controls, training=True)
+        torch.testing.assert_close(anchor_x - x_ctrl, phase.train_prior[codes].float() + step)
+
+    from regina_cli.engine.gan_phase import encode_all
+    latents = encode_all(autoencoder.encoder, cells, "off")
+    offsets = [gene_prompts.mean_encoder_prompts(autoencoder.encoder, cells, latents, [code], phase.config.gan, seed=0,
+                                                 priors=fitted[:1], prior_module=module)[1]
+               for module in (None, prior)]
+    assert not torch.allclose(offsets[0], offsets[1])
+
