@@ -378,6 +378,22 @@ def test_gears_file_is_kept_verbatim(tmp_path):
             np.testing.assert_array_equal(np.asarray(adata.uns[key][group]), np.asarray(value))
 
 
+def test_a_files_own_gene_id_column_is_kept_when_symbols_replace_its_var_names(tmp_path):
+    demo = simulate_screen(n_cells=300, n_genes=140, n_singles=3, n_doubles=1, seed=5)
+    symbols = list(demo.var_names)
+    demo.var["gene_id"] = [f"ENSG{i:011d}" for i in range(demo.n_vars)]
+    demo.var[keys.VAR_GENE_NAME] = symbols
+    probe = {g: f"probe{i}" for i, g in enumerate(symbols)}  # neither symbols nor the IDs
+    demo.var_names = [probe[g] for g in symbols]
+    for key in (keys.UNS_RANK_GENES, keys.UNS_TOP_DE_20, keys.UNS_TOP_NON_ZERO_DE_20):
+        demo.uns[key] = {k: np.array([probe[g] for g in v]) for k, v in demo.uns[key].items()}
+    source, _ = write_dataset(demo, "with_ids", tmp_path)
+    result = fetch_cli("with_ids", "--from", source)
+    assert result.exit_code == 0, result.output
+    adata = read_dataset("with_ids")
+    assert list(adata.var_names) == symbols and list(adata.var["gene_id"]) == list(demo.var["gene_id"])
+
+
 @pytest.mark.parametrize("change", ["raw counts", "gene filter"])
 def test_a_gears_layout_file_with_counts_or_a_gene_filter_is_not_kept_verbatim(tmp_path, change):
     """A file with GEARS' obs and uns fields is kept as it is only when nothing needs doing: raw
