@@ -282,16 +282,22 @@ def test_labels_missing_are_refused_and_labels_with_spaces_are_read(tmp_path):
         read_predictions(tmp_path / "unlabelled.csv", condition_key="condition", separator="+")
 
 
+def _first_condition_cut_to(n_cells: int, screen, tmp_path):
+    """(the first test condition, a predictions file where it keeps only `n_cells` cells)."""
+    adata, split = screen
+    pred = write_predictions(adata, split.test, tmp_path / "cells.h5ad")
+    condition = split.test[0]
+    keep = np.ones(pred.n_obs, dtype=bool)
+    keep[np.flatnonzero(pred.obs[keys.OBS_CONDITION] == condition)[n_cells:]] = False
+    pred[keep].copy().write_h5ad(tmp_path / f"cut{n_cells}.h5ad")
+    return condition, tmp_path / f"cut{n_cells}.h5ad"
+
+
 def test_a_condition_with_one_predicted_cell_gets_no_distribution_or_de_metrics(screen, run, tmp_path):
     """A mean-profile file with one row repeated reads as cells, and each other condition's one
     'cell' got an MMD, an energy distance and a Welch-test DE precision from a single cell."""
-    adata, split = screen
-    pred = write_predictions(adata, split.test, tmp_path / "cells.h5ad")
-    lone = split.test[0]
-    keep = np.ones(pred.n_obs, dtype=bool)
-    keep[np.flatnonzero(pred.obs[keys.OBS_CONDITION] == lone)[1:]] = False
-    pred[keep].copy().write_h5ad(tmp_path / "lone.h5ad")
-    result, summary, table = run("--predictions", tmp_path / "lone.h5ad", "--baselines", "train_mean", "--no-plots")
+    lone, path = _first_condition_cut_to(1, screen, tmp_path)
+    result, summary, table = run("--predictions", path, "--baselines", "train_mean", "--no-plots")
     rows = table.set_index(["model", "condition"])
     name = summary["models"][0]["name"]
     for metric in ("mmd_rbf", "energy_distance", "de_precision_at_N", "variance_pearson"):
@@ -375,13 +381,8 @@ def test_model_context_counts_a_b_skips_of_dataset_genes_and_conditions_below_tw
 
 
 def test_a_condition_with_two_predicted_cells_is_scored(screen, run, tmp_path):
-    adata, split = screen
-    pred = write_predictions(adata, split.test, tmp_path / "cells.h5ad")
-    pair = split.test[0]
-    keep = np.ones(pred.n_obs, dtype=bool)
-    keep[np.flatnonzero(pred.obs[keys.OBS_CONDITION] == pair)[2:]] = False
-    pred[keep].copy().write_h5ad(tmp_path / "pair.h5ad")
-    _, summary, table = run("--predictions", tmp_path / "pair.h5ad", "--baselines", "none", "--no-plots")
+    pair, path = _first_condition_cut_to(2, screen, tmp_path)
+    _, summary, table = run("--predictions", path, "--baselines", "none", "--no-plots")
     row = table.set_index(["model", "condition"]).loc[(summary["models"][0]["name"], pair)]
     assert row[["mmd_rbf", "energy_distance", "de_precision_at_N"]].notna().all()
 
