@@ -294,3 +294,18 @@ def test_a_finished_phases_record_prints_with_its_null_scores(tmp_path, capsys):
     out = capsys.readouterr()
     assert "nothing to resume" in out.err
     assert "may not be kept" in out.out and "0.25" in out.out
+
+
+def test_train_gan_says_which_correction_it_kept_and_on_what(tmp_path, capsys):
+    from regina_cli.cli.train_cmd import _report
+
+    record = {"stop_reason": "patience", "epochs": 3, "best_epoch": 1, "best_metric": "val_pearson_delta",
+              "best_value": 0.5, "last": {},
+              "correction_choice": {"correction_scale": 0.0, "configured": 0.5, "evidence": {
+                  "training_held_out": {"conditions": 7, "pearson_delta": 0.31, "pearson_delta_prior_alone": 0.33}}}}
+    _report("train-gan", record, tmp_path / "gan")
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())  # the table's cells, unwrapped
+    assert "expression prior, decoded" in out and "0.3100 / 0.3300 (7 conditions)" in out
+    record["correction_choice"] = {"correction_scale": 0.5, "configured": 0.5, "evidence": {}}
+    _report("train-gan", record, tmp_path / "gan")
+    assert "nothing scored" in capsys.readouterr().out

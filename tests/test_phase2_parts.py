@@ -1027,3 +1027,50 @@ def test_phase2_anchors_and_prompt_offsets_start_from_the_controls_cell_type(mon
                for module in (None, prior)]
     assert not torch.allclose(offsets[0], offsets[1])
 
+
+def test_correction_choice_keeps_the_prior_alone_only_where_the_pooled_evidence_says_so():
+    """The configured scale against 0 on every condition predicted unseen, weighted by conditions:
+    one validation condition cannot outvote five held-out training conditions; ties and no
+    evidence keep the configured scale, and the phase is left at the chosen one."""
+    from types import SimpleNamespace
+
+    from regina_cli.engine.correction_choice import choose_correction
+
+    def fake_phase(validation: dict, training: dict, n_val: int = 1):
+        scale = torch.tensor(0.5)
+
+        def scored(table):
+            return SimpleNamespace(pearson_delta=table[float(scale)])
+
+        return SimpleNamespace(
+            gan=SimpleNamespace(correction_scale=scale),
+            val_plan=SimpleNamespace(conditions=["V+ctrl"] * n_val) if validation else None,
+            validation_scores=lambda: scored(validation),
+            cross_fitted_scores=lambda: (scored(training), 5) if training else None)
+
+    phase = fake_phase({0.5: 0.40, 0.0: 0.45}, {0.5: 0.30, 0.0: 0.28})  # 1 x +0.05 against 5 x -0.02
+    record = choose_correction(phase, held_out=True)
+    assert record["correction_scale"] == 0.5 == float(phase.gan.correction_scale) and record["configured"] == 0.5
+    assert record["evidence"]["validation"] == {"conditions": 1, "pearson_delta": 0.40,
+                                                "pearson_delta_prior_alone": 0.45}
+    assert record["evidence"]["training_held_out"]["conditions"] == 5
+    assert choose_correction(fake_phase({0.5: 0.40, 0.0: 0.45}, {0.5: 0.30, 0.0: 0.28}),
+                             held_out=False)["correction_scale"] == 0.0  # training saw them: validation alone
+    phase = fake_phase({0.5: 0.40, 0.0: 0.41}, {0.5: 0.30, 0.0: 0.31})
+    assert choose_correction(phase, held_out=True)["correction_scale"] == 0.0 == float(phase.gan.correction_scale)
+    assert choose_correction(fake_phase({0.5: 0.40, 0.0: 0.40}, {}), held_out=True)["correction_scale"] == 0.5
+    nothing = choose_correction(fake_phase({0.5: float("nan"), 0.0: float("nan")}, {}), held_out=True)
+    assert nothing["correction_scale"] == 0.5 and nothing["evidence"] == {}
+
+
+def test_correction_choice_on_the_built_phase_scores_both_scales_on_held_out_conditions():
+    from regina_cli.engine.correction_choice import choose_correction
+
+    phase, _ = tiny_built_phase()
+    record = choose_correction(phase, held_out=True)
+    held_out = record["evidence"]["training_held_out"]
+    assert held_out["conditions"] == 4
+    assert held_out["pearson_delta"] != pytest.approx(held_out["pearson_delta_prior_alone"], abs=1e-6)
+    assert float(phase.gan.correction_scale) == record["correction_scale"] in (0.0, record["configured"])
+    chosen_is_alone = held_out["pearson_delta_prior_alone"] > held_out["pearson_delta"]
+    assert (record["correction_scale"] == 0.0) == chosen_is_alone

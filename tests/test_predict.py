@@ -365,6 +365,13 @@ def test_predict_from_a_run_trained_by_the_engine(tmp_path):
     assert float(history[0]["val_fit_pearson_delta"]) == pytest.approx(start, abs=1e-5)  # history keeps 6 digits
     assert all(-1 <= float(row["val_fit_pearson_delta"]) <= 1 for row in history)
     assert -1 <= float(history[1]["val_fit_collapse_index"]) <= 1
+    # the kept correction was chosen on that same evidence, and the saved model predicts with it
+    correction = training["correction_choice"]
+    assert correction["configured"] == 0.5 and set(correction["evidence"]) == {"validation", "training_held_out"}
+    at_chosen = "pearson_delta_prior_alone" if correction["correction_scale"] == 0 else "pearson_delta"
+    assert correction["evidence"]["training_held_out"][at_chosen] == pytest.approx(start, abs=1e-6)
+    saved = ckpt.load_torch(ckpt.gan_paths(run).model)["gan.correction_scale"]
+    assert float(saved) == correction["correction_scale"] in (0.0, 0.5)
 
 
 def test_cells_follow_the_conditions_cell_type_mix():

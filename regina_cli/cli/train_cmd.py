@@ -104,6 +104,14 @@ def _last_value(key: str, value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+def _evidence(evidence: dict | None, first: str, second: str) -> str:
+    """A choice's evidence (`engine.clip_choice.evidence` and alike) in words: both scores per source."""
+    from regina_cli.engine.clip_choice import LABELS
+
+    return "; ".join(f"{LABELS.get(k, k)} {e[first]:.4f} / {e[second]:.4f} ({e['conditions']} conditions)"
+                     for k, e in (evidence or {}).items()) or "nothing scored"
+
+
 def _report(command: str, summary: dict, phase_dir: Path) -> None:
     if summary.get("nothing_to_resume"):
         info(f"{phase_dir} already finished ({summary['stop_reason']}): nothing to resume, nothing written; "
@@ -119,13 +127,14 @@ def _report(command: str, summary: dict, phase_dir: Path) -> None:
                       f"knowledge {fit['prior_knowledge_weight']:g}; a measured target's own entry "
                       f"{fit['prior_knockdown_entry']:.3g}")
     if "clip_predictions" in summary:
-        from regina_cli.engine import clip_choice
-
-        found = "; ".join(f"{clip_choice.LABELS.get(k, k)} {e['pearson_delta_clipped']:.4f} / "
-                          f"{e['pearson_delta']:.4f} ({e['conditions']} conditions)"
-                          for k, e in (summary.get("clip_evidence") or {}).items())
+        found = _evidence(summary.get("clip_evidence"), "pearson_delta_clipped", "pearson_delta")
         table.add_row("predict clips at 0", f"{'yes' if summary['clip_predictions'] else 'no'} (pearson_delta "
-                      f"clipped / as decoded: {found or 'nothing scored'})")
+                      f"clipped / as decoded: {found})")
+    if correction := summary.get("correction_choice"):
+        kept = ("0: predictions are the expression prior, decoded; the transition does not move them"
+                if correction["correction_scale"] == 0 else f"{correction['correction_scale']:g}")
+        found = _evidence(correction["evidence"], "pearson_delta", "pearson_delta_prior_alone")
+        table.add_row("kept correction", f"{kept} (pearson_delta at {correction['configured']:g} / at 0: {found})")
     last = summary.get("last") or {}
     for key in sorted(k for k in last if k.startswith("val_")):
         table.add_row(f"last {key}", _last_value(key, last[key]))

@@ -186,12 +186,22 @@ class CycleGANPhase:
             scheduler.step()
 
     @torch.no_grad()
-    def validate(self, epoch: int) -> dict[str, float]:
+    def validation_means(self) -> dict:
+        """The validation conditions' predicted means as the model is now (`gan_validation.group_means`)."""
         with self._evaluating():
-            means = gan_validation.group_means(self.val_plan, self.cells, self._predict,
-                                               seed=self.config.runtime.seed + 7,
-                                               match_control_mean=self.config.gan.match_control_mean)
-        self.scores = gan_validation.score(self.val_plan, means, self._val_shift)
+            return gan_validation.group_means(self.val_plan, self.cells, self._predict,
+                                              seed=self.config.runtime.seed + 7,
+                                              match_control_mean=self.config.gan.match_control_mean)
+
+    def validation_scores(self, means: dict | None = None) -> gan_validation.ValidationScores:
+        """The validation scores of `means` (default: the model as it is now)."""
+        return gan_validation.score(self.val_plan, self.validation_means() if means is None else means,
+                                    self._val_shift)
+
+    @torch.no_grad()
+    def validate(self, epoch: int) -> dict[str, float]:
+        means = self.validation_means()
+        self.scores = self.validation_scores(means)
         per_condition = gan_validation.condition_pearson(self.val_plan, means)
         if epoch == 0 and self.start_pearson is None:  # the untrained model (validate_initial): the start
             self.start_pearson = per_condition

@@ -33,7 +33,7 @@ from regina_cli.data.conditions import condition_genes, is_control
 from regina_cli.data.knowledge import TOP_K, resolve_knowledge
 from regina_cli.data.provenance import file_sha256
 from regina_cli.engine import checkpoint as ckpt
-from regina_cli.engine import clip_choice, expression_prior, gan_validation, gene_prompts
+from regina_cli.engine import clip_choice, correction_choice, expression_prior, gan_validation, gene_prompts
 from regina_cli.engine.condition_stats import ConditionStats, condition_stats
 from regina_cli.engine.distributed import (DistContext, broadcast_state, check_process_count, check_run_free,
                                            parameter_checksum, run_distributed)
@@ -149,6 +149,9 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
     setup = setup_phase(ctx, run_dir, config, data_dir)
     phase, plan, cells, knowledge = setup.phase, setup.plan, setup.cells, setup.knowledge
     autoencoder, gan = phase.ae, phase.gan
+    correction = None
+    if ctx.is_main and g.correction_choice and gan.expression_prior is not None and g.correction_scale > 0:
+        correction = correction_choice.choose_correction(phase, held_out=clip_choice.cross_fitted_start(g))
     held_out = phase.cross_fitted_scores() if ctx.is_main and clip_choice.cross_fitted_start(g) else None
     if ctx.is_main and resume:
         phase.remember_start()
@@ -184,7 +187,7 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
     summary.update({"run_dir": str(paths.run_dir), "phase": paths.phase, "selection": metric,
                     "parameter_checksum": parameter_checksum(gan), "prompt_fit": setup.built["prompt_fit"],
                     "diagnostics": best.as_dict() if best else {}, "clip_evidence": clip_evidence,
-                    "clip_predictions": clip_choice.clip_chosen(clip_evidence),
+                    "clip_predictions": clip_choice.clip_chosen(clip_evidence), "correction_choice": correction,
                     "warnings": ((best.warnings(prior_kept=prior_kept) if best else [])
                                  + untrained_kept(summary, g.expression_prior, g.selection_se))})
     if ctx.is_main:
