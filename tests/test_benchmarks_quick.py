@@ -191,11 +191,12 @@ def test_holdout_compares_arms_on_the_same_held_out_training_conditions(tmp_path
                       data_dir=data, device="cpu", progress="silent")
     out = tmp_path / "holdout.md"
     done = run("holdout.py", "--workdir", str(tmp_path), "--datasets", "demo", "--seeds", "1", "--draws", "0",
-               "--phase1-from", "p1", "--arm", "noprior=gan.expression_prior=none", "--max-epochs", "2",
+               "--phase1-from", "p1", "--arm", "noprior=gan.expression_prior=none",
+               "--arm", "trained=gan.correction_choice=false", "--max-epochs", "2",
                "--out", str(out), cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads(out.with_suffix(".json").read_text())
-    assert [r["arm"] for r in results] == ["default", "noprior"] and not any("failed" in r for r in results)
+    assert [r["arm"] for r in results] == ["default", "noprior", "trained"] and not any("failed" in r for r in results)
     assert results[0]["conditions"] == results[1]["conditions"]  # the same draw for every arm
     from regina_cli.config import ReginaConfig, load_yaml
 
@@ -206,9 +207,10 @@ def test_holdout_compares_arms_on_the_same_held_out_training_conditions(tmp_path
     assert "| default | 1 |" in text and "| noprior | 1 |" in text and "| train_mean | " in text
     for r in results:  # what each epoch did to the held-out conditions, epoch 0 first, as history.csv has it
         history = (folder / "runs" / "holdout" / f"{r['arm']}-draw0" / "gan" / "history.csv").read_text().splitlines()
-        assert len(r["by_epoch"]["pearson_delta"]) == len(history) - 1 == 3
+        # the default arm keeps the prior alone here (gan.correction_choice) and trains nothing
+        assert len(r["by_epoch"]["pearson_delta"]) == len(history) - 1 == (1 if r["arm"] == "default" else 3)
         assert r["by_epoch"]["pearson_delta"][0] == r["epoch0"]
-    fit = results[0]["by_epoch"]["fit_pearson_delta"]  # the conditions phase 2 trained on: only with a prior
+    fit = results[2]["by_epoch"]["fit_pearson_delta"]  # the conditions phase 2 trained on: only with a prior
     assert len(fit) == 3 and all(-1 <= v <= 1 for v in fit)
     assert np.isnan(results[1]["by_epoch"]["fit_pearson_delta"]).all()
     by_epoch = text.split("Validation by epoch")[1]
@@ -223,7 +225,8 @@ def test_holdout_compares_arms_on_the_same_held_out_training_conditions(tmp_path
     model = folder / "runs" / "holdout" / "default-draw0" / "gan" / "model.pt"
     trained_at = model.stat().st_mtime_ns
     again = run("holdout.py", "--workdir", str(tmp_path), "--datasets", "demo", "--seeds", "1", "--draws", "0",
-                "--phase1-from", "p1", "--arm", "noprior=gan.expression_prior=none", "--reuse", "--cells", "300",
+                "--phase1-from", "p1", "--arm", "noprior=gan.expression_prior=none",
+                "--arm", "trained=gan.correction_choice=false", "--reuse", "--cells", "300",
                 "--clip", "--out", str(out), cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     rescored = json.loads(out.with_suffix(".json").read_text())

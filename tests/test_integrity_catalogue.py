@@ -38,7 +38,8 @@ from regina_cli.cli import app
 
 TINY = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.z_dim=16", "model.ff_mult=2",
         "model.classifier_hidden=16", "model.transition_hidden=32", "model.discriminator_hidden=[32,16]",
-        "ae.batch_size=64", "ae.lr=0.003", "gan.batch_size=64", "gan.discriminator_every=2"]
+        "ae.batch_size=64", "ae.lr=0.003", "gan.batch_size=64", "gan.discriminator_every=2",
+        "gan.correction_choice=false"]  # phase 2 trains: the resume and writer cases need its epochs
 SETS = [a for s in TINY for a in ("--set", s)]
 SEED_MAX_PLUS_1 = str(2**32)
 

@@ -35,8 +35,11 @@ from test_tensors import GENES, tiny_labels, tiny_screen, tiny_split
 CELLS = 10
 
 
+# gan.correction_choice off: these runs test phase-2 training, which the choice skips where it keeps
+# the prior alone (test_a_run_that_keeps_the_prior_alone_trains_nothing tests that path).
 TINY_MODEL = ["model.seq_len=4", "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.z_dim=8",
-              "model.classifier_hidden=8", "model.transition_hidden=16", "model.discriminator_hidden=[16,8]"]
+              "model.classifier_hidden=8", "model.transition_hidden=16", "model.discriminator_hidden=[16,8]",
+              "gan.correction_choice=false"]
 
 
 def write_tiny_dataset():
@@ -365,13 +368,38 @@ def test_predict_from_a_run_trained_by_the_engine(tmp_path):
     assert float(history[0]["val_fit_pearson_delta"]) == pytest.approx(start, abs=1e-5)  # history keeps 6 digits
     assert all(-1 <= float(row["val_fit_pearson_delta"]) <= 1 for row in history)
     assert -1 <= float(history[1]["val_fit_collapse_index"]) <= 1
-    # the kept correction was chosen on that same evidence, and the saved model predicts with it
-    correction = training["correction_choice"]
-    assert correction["configured"] == 0.5 and set(correction["evidence"]) == {"validation", "training_held_out"}
-    at_chosen = "pearson_delta_prior_alone" if correction["correction_scale"] == 0 else "pearson_delta"
-    assert correction["evidence"]["training_held_out"][at_chosen] == pytest.approx(start, abs=1e-6)
-    saved = ckpt.load_torch(ckpt.gan_paths(run).model)["gan.correction_scale"]
-    assert float(saved) == correction["correction_scale"] in (0.0, 0.5)
+
+
+def test_a_run_that_keeps_the_prior_alone_trains_nothing(tmp_path):
+    """On the tiny screen the untrained model scores higher at correction 0 than at 0.5 on the
+    conditions it predicts unseen, so train-gan keeps the prior alone: the transition would move
+    no prediction, so nothing is trained, the record says why, a resume has nothing to do, and
+    the saved model predicts at 0."""
+    from regina_cli.engine.correction_choice import PRIOR_ALONE
+    from regina_cli.engine.train_ae import train_autoencoder
+    from regina_cli.engine.train_gan import train_gan
+
+    write_tiny_dataset()
+    config = build_config(overrides=[*TINY_MODEL, "ae.max_epochs=1", "ae.min_epochs=1", "ae.batch_size=32",
+                                     "gan.max_epochs=2", "gan.batch_size=32", "gan.correction_choice=true"])
+    run = tmp_path / "runs" / "alone"
+    train_autoencoder("tiny", split=tiny_split().name, labels="stress", run_dir=run, config=config, device="cpu",
+                      progress="silent")
+    summary = train_gan(run, device="cpu", progress="silent")
+    correction = summary["correction_choice"]
+    assert correction["configured"] == 0.5 and correction["correction_scale"] == 0.0
+    assert set(correction["evidence"]) == {"validation", "training_held_out"}
+    assert sum(e["conditions"] * (e["pearson_delta_prior_alone"] - e["pearson_delta"])
+               for e in correction["evidence"].values()) > 0
+    assert summary["epochs"] == 0 and summary["best_epoch"] == 0 and summary["stop_reason"].endswith(PRIOR_ALONE)
+    paths = ckpt.gan_paths(run)
+    assert [int(row["epoch"]) for row in ckpt.read_history(paths)] == [0]
+    start = ckpt.read_history(paths)[0]
+    assert float(start["val_fit_pearson_delta"]) == pytest.approx(
+        correction["evidence"]["training_held_out"]["pearson_delta_prior_alone"], abs=1e-5)
+    assert float(ckpt.load_torch(paths.model)["gan.correction_scale"]) == 0.0
+    again = train_gan(run, device="cpu", progress="silent", resume=True)
+    assert again["nothing_to_resume"] and again["stop_reason"] == summary["stop_reason"]
 
 
 def test_cells_follow_the_conditions_cell_type_mix():

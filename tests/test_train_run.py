@@ -24,7 +24,8 @@ from regina_cli.errors import ReginaError
 
 TINY = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.z_dim=16", "model.ff_mult=2",
         "model.classifier_hidden=16", "model.transition_hidden=32", "model.discriminator_hidden=[32,16]",
-        "ae.batch_size=64", "ae.lr=0.003", "gan.batch_size=64", "gan.discriminator_every=2"]
+        "ae.batch_size=64", "ae.lr=0.003", "gan.batch_size=64", "gan.discriminator_every=2",
+        "gan.correction_choice=false"]  # phase 2 trains (the choice can keep the prior alone: test_predict)
 
 
 @pytest.fixture(autouse=True)

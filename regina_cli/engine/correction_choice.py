@@ -8,7 +8,9 @@ it changes nothing; on Papalexi it helps in some runs and not in others (benchma
 model at the configured scale and at 0 (the prior alone) on the conditions it predicts without having seen
 them, as `clip_choice` does: its validation conditions and, where the untrained model saw nothing
 of them, its training conditions predicted from the prior fitted without each. It keeps 0 where
-that scores higher pooled over every such condition, and trains and validates with it.
+that scores higher pooled over every such condition. The transition then moves no prediction, so
+phase 2 trains nothing (the untrained start, validated as epoch 0, is the model); otherwise it
+trains and validates at the configured scale.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import math
 
 from regina_cli.engine.clip_choice import TRAINING_HELD_OUT, VALIDATION
+
+PRIOR_ALONE = "the prior alone kept, which training cannot change: nothing trained"
 
 
 def _score(phase, held_out: bool) -> dict[str, tuple[float, int]]:
@@ -44,3 +48,8 @@ def choose_correction(phase, *, held_out: bool) -> dict:
     return {"correction_scale": chosen, "configured": configured,
             "evidence": {k: {"conditions": kept[k][1], "pearson_delta": kept[k][0], "pearson_delta_prior_alone": alone[k][0]}
                          for k in sorted(shared)}}
+
+
+def prior_alone(record: dict | None) -> bool:
+    """Whether a `choose_correction` record kept 0 (None: no choice was made)."""
+    return record is not None and record["correction_scale"] == 0

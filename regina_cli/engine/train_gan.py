@@ -35,8 +35,8 @@ from regina_cli.data.provenance import file_sha256
 from regina_cli.engine import checkpoint as ckpt
 from regina_cli.engine import clip_choice, correction_choice, expression_prior, gan_validation, gene_prompts
 from regina_cli.engine.condition_stats import ConditionStats, condition_stats
-from regina_cli.engine.distributed import (DistContext, broadcast_state, check_process_count, check_run_free,
-                                           parameter_checksum, run_distributed)
+from regina_cli.engine.distributed import (DistContext, broadcast_floats, broadcast_state, check_process_count,
+                                           check_run_free, parameter_checksum, run_distributed)
 from regina_cli.engine.early_stopping import BestTracker, PatienceStopper
 from regina_cli.engine.expression_prior import PRIOR_DIM, observed_genes
 from regina_cli.engine.gan_phase import CycleGANPhase, encode_all, phase_train_index
@@ -152,6 +152,8 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
     correction = None
     if ctx.is_main and g.correction_choice and gan.expression_prior is not None and g.correction_scale > 0:
         correction = correction_choice.choose_correction(phase, held_out=clip_choice.cross_fitted_start(g))
+    prior_alone = broadcast_floats([float(correction_choice.prior_alone(correction))], ctx)[0] > 0
+    max_epochs = 0 if prior_alone else g.max_epochs  # the transition cannot move what is predicted
     held_out = phase.cross_fitted_scores() if ctx.is_main and clip_choice.cross_fitted_start(g) else None
     if ctx.is_main and resume:
         phase.remember_start()
@@ -173,14 +175,20 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
         ckpt.write_config(paths, config)
         write_meta(paths, meta)
     setup.adata.file.close()  # CellTensors holds what it needs (and its own file handle when streaming)
-    bar = TrainingProgress("train-gan", max_epochs=g.max_epochs, mode=progress if ctx.is_main else "silent")
+    bar = TrainingProgress("train-gan", max_epochs=max_epochs, mode=progress if ctx.is_main else "silent")
     if plan.source != gan_validation.FROM_VALIDATION:
         bar.message(f"note: validating on {plan.source}")
+    if prior_alone:
+        bar.message("note: the expression prior alone scored higher than with the transition's correction on the "
+                    "conditions predicted unseen, so predictions are the prior, decoded, and phase 2 trains nothing "
+                    "(gan.correction_choice=false trains at gan.correction_scale)")
 
     metric = gan_validation.SELECTION_METRIC
-    summary = fit(phase, ctx, paths, max_epochs=g.max_epochs,
+    summary = fit(phase, ctx, paths, max_epochs=max_epochs,
                   stopper=PatienceStopper(metric=metric, patience=g.patience),
                   best=BestTracker(metric, "max"), progress=bar, resume=resume)
+    if prior_alone:
+        summary["stop_reason"] = f"correction_choice: {correction_choice.PRIOR_ALONE}"
     best = best_epoch_scores(paths, summary["best_epoch"])
     prior_kept = summary["best_epoch"] == 0 and g.expression_prior != "none"
     clip_evidence = clip_choice.evidence(best, len(plan.conditions), held_out)
