@@ -395,3 +395,32 @@ def test_warnings_about_the_prediction_files_run_are_kept_in_metrics_json(screen
     _, summary, _ = run("--predictions", tmp_path / "other_split.h5ad", "--split", split.name, "--baselines", "none",
                         "--no-plots")
     assert any("comes from a run trained on split elsewhere" in w for w in summary["warnings"])
+
+
+def test_predictions_named_by_the_datasets_gene_ids_score_as_if_named_by_symbols(tmp_path):
+    """A dataset fetched from a file named by Ensembl IDs keeps them in var gene_id; a tool's
+    predictions named by those IDs are read through them, end to end."""
+    from eval_helpers import write_screen
+
+    data = tmp_path / "data"
+    adata, split = write_screen(data)
+    ids = {g: f"ENSG{i:011d}" for i, g in enumerate(adata.var_names)}
+    stored = ad.read_h5ad(data / NAME / keys.DATA_FILE)
+    stored.var["gene_id"] = [ids[g] for g in stored.var_names]
+    from regina_cli.data.dataset import write_dataset
+
+    write_dataset(stored, NAME, data)
+    from regina_cli.data.split import save_split
+
+    save_split(split, data, force=True)  # the same split of the dataset, now with its IDs
+    by_symbol = write_predictions(adata, split.test, tmp_path / "symbols.h5ad")
+    by_id = by_symbol.copy()
+    by_id.var_names = [ids[g] for g in by_symbol.var_names]
+    by_id.write_h5ad(tmp_path / "ids.h5ad")
+    tables = []
+    for name in ("symbols", "ids"):
+        result = invoke("evaluate", NAME, "--data-dir", data, "--predictions", tmp_path / f"{name}.h5ad",
+                        "--model-name", "m", "--baselines", "none", "--no-plots", "--out", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        tables.append(pd.read_csv(tmp_path / name / keys.PER_CONDITION_FILE).set_index("condition").sort_index())
+    np.testing.assert_allclose(tables[1][PRECISION], tables[0][PRECISION], rtol=1e-6)
