@@ -1,11 +1,12 @@
 """`--gpus 2 --device cpu`: two data-parallel gloo processes started through torchrun's elastic
-launcher train phase 1; the ranks must end with identical weights, and rank 0 alone writes. One
+launcher train phase 1 and phase 2; the ranks must end with identical weights, and rank 0 alone writes. One
 process trains on the threads torch started with."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -52,6 +53,26 @@ def test_two_gloo_processes_stay_in_sync(tmp_path):
     header = (run_dir / "ae" / "history.csv").read_text().splitlines()[0].split(",")
     validation = [c for c in header if c.startswith("val_")]
     assert validation == ["val_mse", "val_cons", "val_variance_preservation", "val_clf_acc"]
+
+    # Phase 2 on two processes: rank 0 alone chooses the kept correction, and every rank follows
+    # it (the same scale, the same number of epochs: none where it keeps the prior alone).
+    from regina_cli.engine.train_gan import train_gan
+
+    for choice, run in (("true", run_dir), ("false", tmp_path / "trained")):
+        if choice == "false":
+            shutil.copytree(run_dir / "ae", run / "ae")
+        config = build_config(preset="demo", overrides=[*TINY, "gan.max_epochs=1", "gan.batch_size=32",
+                                                        f"gan.correction_choice={choice}"])
+        gan = train_gan(run, config=config, data_dir=data_dir, gpus=2, device="cpu", progress="silent")
+        ranks = gan["per_rank"]
+        assert ranks[0]["parameter_checksum"] == ranks[1]["parameter_checksum"]
+        assert ranks[0]["epochs"] == ranks[1]["epochs"] == gan["epochs"]
+        scale = float(torch.load(run / "gan" / "model.pt", weights_only=True)["gan.correction_scale"])
+        if choice == "true":
+            assert gan["epochs"] == (0 if gan["correction_choice"]["correction_scale"] == 0 else 1)
+            assert scale == gan["correction_choice"]["correction_scale"]
+        else:
+            assert gan["epochs"] == 1 and scale == 0.5 and gan["correction_choice"] is None
 
 
 def _step_on_two_ranks(ctx) -> dict:
