@@ -1,6 +1,6 @@
 """`--gpus 2 --device cpu`: two data-parallel gloo processes started through torchrun's elastic
-launcher train phase 1 and phase 2; the ranks must end with identical weights, and rank 0 alone writes. One
-process trains on the threads torch started with."""
+launcher train phase 1 and phase 2; the ranks must end with identical weights, and rank 0 alone
+writes. One process trains on the threads torch started with."""
 
 from __future__ import annotations
 
