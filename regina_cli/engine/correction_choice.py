@@ -5,12 +5,12 @@ transition's move. Whether that move helps depends on the screen: on McFaline, w
 known only through gene knowledge, it cost 0.014 on validation (0.715 against 0.729); on the demo
 it changes nothing; on Papalexi it helps in some runs and not in others (benchmarks/README.md,
 "Keeping the correction or the prior alone"). So before training each run scores the untrained
-model at the configured scale and at 0 (the prior alone) on the conditions it predicts without having seen
-them, as `clip_choice` does: its validation conditions and, where the untrained model saw nothing
-of them, its training conditions predicted from the prior fitted without each. It keeps 0 where
-that scores higher pooled over every such condition. The transition then moves no prediction, so
-phase 2 trains nothing (the untrained start, validated as epoch 0, is the model); otherwise it
-trains and validates at the configured scale.
+model at the configured scale and at 0 (the prior alone) on the conditions it predicts without
+having seen them, as `clip_choice` does: its validation conditions and, where the untrained model
+saw nothing of them, its training conditions predicted from the prior fitted without each. It
+keeps 0 where that scores higher pooled over every such condition. The transition then moves no
+prediction, so phase 2 trains nothing (the untrained start, validated as epoch 0, is the model);
+otherwise it trains and validates at the configured scale.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ def choose_correction(phase, *, held_out: bool) -> dict:
     gain = sum(alone[k][1] * (alone[k][0] - kept[k][0]) for k in shared)
     chosen = 0.0 if shared and gain > 0 else configured
     scale.fill_(chosen)
-    return {"correction_scale": chosen, "configured": configured,
-            "evidence": {k: {"conditions": kept[k][1], "pearson_delta": kept[k][0], "pearson_delta_prior_alone": alone[k][0]}
-                         for k in sorted(shared)}}
+    evidence = {k: {"conditions": kept[k][1], "pearson_delta": kept[k][0],
+                    "pearson_delta_prior_alone": alone[k][0]} for k in sorted(shared)}
+    return {"correction_scale": chosen, "configured": configured, "evidence": evidence}
 
 
 def prior_alone(record: dict | None) -> bool:
