@@ -32,6 +32,15 @@ class ConditionStats:
         return self.latent_mean - self.control_latent_mean
 
 
+def expression_sums(cells, rows: torch.Tensor, keys: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """[n_keys, G] float64 sums of the expression of cells `rows`, each cell added to the row its
+    key gives (`keys`: one per cell of `cells`), read in chunks of CHUNK cells."""
+    sums = torch.zeros((n_keys, cells.n_genes), dtype=torch.float64, device=cells.device)
+    for chunk, x in cells.batches(rows, CHUNK, shuffle=False):
+        sums.index_add_(0, keys[chunk], x.double())
+    return sums
+
+
 def condition_stats(cells, latents: torch.Tensor, index: torch.Tensor) -> ConditionStats:
     """Statistics of the cells `index` grouped by condition (plus the training controls)."""
     n_codes, dev = len(cells.conditions), cells.device
@@ -41,9 +50,7 @@ def condition_stats(cells, latents: torch.Tensor, index: torch.Tensor) -> Condit
     z = latents[index].double()
     z_sum = torch.zeros((n_codes, z.shape[1]), dtype=torch.float64, device=dev).index_add_(0, codes, z)
     z_sq = torch.zeros_like(z_sum).index_add_(0, codes, z * z)
-    x_sum = torch.zeros((n_codes, cells.n_genes), dtype=torch.float64, device=dev)
-    for chunk, x in cells.batches(index, CHUNK, shuffle=False):
-        x_sum.index_add_(0, cells.condition_codes[chunk], x.double())
+    x_sum = expression_sums(cells, index, cells.condition_codes, n_codes)
     n = counts.clamp_min(1).unsqueeze(1)
     mean = z_sum / n
     std = (z_sq / n - mean * mean).clamp_min(0).sqrt()

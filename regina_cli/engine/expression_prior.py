@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from regina_cli.data.conditions import canonical_condition, is_control, parse_condition
+from regina_cli.engine.condition_stats import expression_sums
 from regina_cli.engine.gene_prompts import sampled_rows, single_conditions, top_components
 from regina_cli.evaluate.baselines import LINEAR_PCA_DIM, LinearModel, TrainingData, fit_linear
 
@@ -309,18 +310,16 @@ def average_over_cell_types(prior, cells, stats, index: torch.Tensor, reference:
     average: how type t departs from it (`ExpressionPrior.with_cell_type`). A condition with too
     few cells of every type keeps its pooled mean. `index`: the cells phase 2 trains on.
     """
-    from regina_cli.engine.gan_validation import CHUNK, control_means_by_type
+    from regina_cli.engine.gan_validation import control_means_by_type
 
     n_types, n_codes = len(cells.cell_types), len(cells.conditions)
     controls = cells.train_idx[cells.is_control[cells.train_idx]]
     share = torch.bincount(cells.cell_type_codes[controls], minlength=n_types).double()
     share /= share.sum()
     type_controls = control_means_by_type(cells)  # [T, G]
-    keys = cells.condition_codes[index] * n_types + cells.cell_type_codes[index]
-    counts = torch.bincount(keys, minlength=n_codes * n_types).double().view(n_codes, n_types)
-    sums = torch.zeros((n_codes * n_types, cells.n_genes), dtype=torch.float64, device=cells.device)
-    for chunk, x in cells.batches(index, CHUNK, shuffle=False):
-        sums.index_add_(0, cells.condition_codes[chunk] * n_types + cells.cell_type_codes[chunk], x.double())
+    keys = cells.condition_codes * n_types + cells.cell_type_codes  # each cell's (condition, type)
+    counts = torch.bincount(keys[index], minlength=n_codes * n_types).double().view(n_codes, n_types)
+    sums = expression_sums(cells, index, keys, n_codes * n_types)
     within = sums.view(n_codes, n_types, -1) / counts.clamp_min(1).unsqueeze(2) - type_controls  # d_t
     enough = (counts >= MIN_TYPE_CELLS).double()
     weights = enough * share

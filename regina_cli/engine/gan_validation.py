@@ -32,6 +32,7 @@ import torch
 
 from regina_cli import keys
 from regina_cli.data.conditions import gears_condition_names
+from regina_cli.engine.condition_stats import expression_sums
 from regina_cli.evaluate.metrics import pearson
 
 SELECTION_METRIC = "pearson_delta_selectable"  # pearson_delta where `selectable`; top-20 DE is recorded beside it
@@ -198,9 +199,7 @@ def control_means_by_type(cells) -> torch.Tensor:
     """Mean expression of the training controls of each cell type [n_cell_types, G] (float64)."""
     controls = cells.train_idx[cells.is_control[cells.train_idx]]
     types = cells.cell_type_codes[controls]
-    sums = torch.zeros((len(cells.cell_types), cells.n_genes), dtype=torch.float64, device=cells.device)
-    for chunk, x in cells.batches(controls, CHUNK, shuffle=False):
-        sums.index_add_(0, cells.cell_type_codes[chunk], x.double())
+    sums = expression_sums(cells, controls, cells.cell_type_codes, len(cells.cell_types))
     counts = torch.bincount(types, minlength=len(cells.cell_types)).double().clamp_min(1)
     return sums / counts.unsqueeze(1)
 
