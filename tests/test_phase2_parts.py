@@ -1049,17 +1049,21 @@ def test_correction_choice_keeps_the_prior_alone_only_where_the_pooled_evidence_
             cross_fitted_scores=lambda: (scored(training), 5) if training else None)
 
     phase = fake_phase({0.5: 0.40, 0.0: 0.45}, {0.5: 0.30, 0.0: 0.28})  # 1 x +0.05 against 5 x -0.02
-    record = choose_correction(phase, held_out=True)
+    record, training = choose_correction(phase, held_out=True)
     assert record["correction_scale"] == 0.5 == float(phase.gan.correction_scale) and record["configured"] == 0.5
+    assert training[0].pearson_delta == 0.30 and training[1] == 5  # the training scores at the chosen scale
     assert record["evidence"]["validation"] == {"conditions": 1, "pearson_delta": 0.40,
                                                 "pearson_delta_prior_alone": 0.45}
     assert record["evidence"]["training_held_out"]["conditions"] == 5
     assert choose_correction(fake_phase({0.5: 0.40, 0.0: 0.45}, {0.5: 0.30, 0.0: 0.28}),
-                             held_out=False)["correction_scale"] == 0.0  # training saw them: validation alone
+                             held_out=False) == ({"correction_scale": 0.0, "configured": 0.5, "evidence": {
+                                 "validation": {"conditions": 1, "pearson_delta": 0.40,
+                                                "pearson_delta_prior_alone": 0.45}}}, None)  # training saw them
     phase = fake_phase({0.5: 0.40, 0.0: 0.41}, {0.5: 0.30, 0.0: 0.31})
-    assert choose_correction(phase, held_out=True)["correction_scale"] == 0.0 == float(phase.gan.correction_scale)
-    assert choose_correction(fake_phase({0.5: 0.40, 0.0: 0.40}, {}), held_out=True)["correction_scale"] == 0.5
-    nothing = choose_correction(fake_phase({0.5: float("nan"), 0.0: float("nan")}, {}), held_out=True)
+    record, training = choose_correction(phase, held_out=True)
+    assert record["correction_scale"] == 0.0 == float(phase.gan.correction_scale) and training[0].pearson_delta == 0.31
+    assert choose_correction(fake_phase({0.5: 0.40, 0.0: 0.40}, {}), held_out=True)[0]["correction_scale"] == 0.5
+    nothing, _ = choose_correction(fake_phase({0.5: float("nan"), 0.0: float("nan")}, {}), held_out=True)
     assert nothing["correction_scale"] == 0.5 and nothing["evidence"] == {}
 
 
@@ -1067,10 +1071,12 @@ def test_correction_choice_on_the_built_phase_scores_both_scales_on_held_out_con
     from regina_cli.engine.correction_choice import choose_correction
 
     phase, _ = tiny_built_phase()
-    record = choose_correction(phase, held_out=True)
+    record, training = choose_correction(phase, held_out=True)
     held_out = record["evidence"]["training_held_out"]
     assert held_out["conditions"] == 4
     assert held_out["pearson_delta"] != pytest.approx(held_out["pearson_delta_prior_alone"], abs=1e-6)
     assert float(phase.gan.correction_scale) == record["correction_scale"] in (0.0, record["configured"])
     chosen_is_alone = held_out["pearson_delta_prior_alone"] > held_out["pearson_delta"]
     assert (record["correction_scale"] == 0.0) == chosen_is_alone
+    rescored, n = phase.cross_fitted_scores()  # what train-gan reuses instead of scoring again
+    assert n == 4 and training[0] == rescored

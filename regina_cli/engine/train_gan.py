@@ -149,12 +149,13 @@ def _train_gan_process(ctx: DistContext, *, run_dir, config: ReginaConfig, data_
     setup = setup_phase(ctx, run_dir, config, data_dir)
     phase, plan, cells, knowledge = setup.phase, setup.plan, setup.cells, setup.knowledge
     autoencoder, gan = phase.ae, phase.gan
-    correction = None
+    correction = held_out = None
     if ctx.is_main and g.correction_choice and gan.expression_prior is not None and g.correction_scale > 0:
-        correction = correction_choice.choose_correction(phase, held_out=clip_choice.cross_fitted_start(g))
+        correction, held_out = correction_choice.choose_correction(phase, held_out=clip_choice.cross_fitted_start(g))
+    elif ctx.is_main and clip_choice.cross_fitted_start(g):
+        held_out = phase.cross_fitted_scores()
     prior_alone = broadcast_floats([float(correction_choice.prior_alone(correction))], ctx)[0] > 0
     max_epochs = 0 if prior_alone else g.max_epochs  # the transition cannot move what is predicted
-    held_out = phase.cross_fitted_scores() if ctx.is_main and clip_choice.cross_fitted_start(g) else None
     if ctx.is_main and resume:
         phase.remember_start()
     broadcast_state(gan, ctx)
