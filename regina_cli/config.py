@@ -189,6 +189,14 @@ class GANConfig:
                            "against 0.332 on its strongest responders; higher in 6 of 15 runs, lower in 6) and 0.516 "
                            "against 0.519 on the demo (benchmarks/README.md).",
                            choices=("conditions", "cells", "chosen"))
+    prior_per_gene: bool = _opt(True, "With an expression prior: the mean change an unseen target starts from "
+                                "counts each training combination's change divided by its number of targets (the "
+                                "change of one gene), instead of whole, which starts every unseen single from a "
+                                "change inflated by the combinations'. A screen of singles is the same either way. "
+                                "On the demo (split seeds 1-3) level in pearson_delta (validation 0.494 against "
+                                "0.496, held-out training conditions 0.517 against 0.519) with predictions less "
+                                "alike (validation collapse index 0.331 against 0.362, truth 0.194; "
+                                "benchmarks/README.md).")
     prior_cell_types: bool = _opt(True, "With an expression prior, on a screen of several cell types (obs "
                                   "cell_type): fit the prior on each condition's change within each cell type, "
                                   "averaged over the types in the controls' proportions, and give each predicted "

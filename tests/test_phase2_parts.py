@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from regina_cli.data.conditions import parse_condition
 from regina_cli.engine.gan_validation import ValidationScores, mean_matching_offsets, mean_pairwise_correlation
 from regina_cli.engine.gene_prompts import ridge_fit
 from regina_cli.model.gan import ExpressionPrior
@@ -260,6 +261,14 @@ def test_prior_is_fitted_on_training_conditions_and_cross_fitted_for_them(monkey
     share = float(chosen.mean_pooling)
     assert share in expression_prior.POOLINGS and float(prior.mean_pooling) == 0.0
     np.testing.assert_allclose(chosen.mean_change.numpy(), once + share * (pooled - once), atol=1e-5)
+    # `gan.prior_per_gene`: the training double G1+G2 counts as the change of one gene (half of it)
+    per_gene = ExpressionPrior(cells.n_genes, len(table), 10, n_observed=3)
+    fit_expression_prior(per_gene, cells, stats, control, table, seed=0, prior_per_gene=True)
+    targets = np.array([len(parse_condition(cells.conditions[c])) for c in codes])
+    assert 2 in targets
+    halved = expression_prior._mean_changes(stats, codes, control.double().numpy(), "conditions", targets)[0]
+    np.testing.assert_allclose(per_gene.mean_change.numpy(), halved, atol=1e-5)
+    assert not np.allclose(halved, once, atol=1e-3)
     # ... and the table the transition trains on carries k (a measured training single: its own gene)
     g1 = genes.index("G1")
     assert abs(float(cross[code["G1+ctrl"], g1])) > 0.1
@@ -631,7 +640,7 @@ def test_knockdown_scale_multiplies_the_targets_own_entry_only():
 def test_prior_mean_change_counts_conditions_once_or_by_their_cells():
     """`gan.prior_mean`: conditions average each condition's change once; cells pool them by cell
     count, as train_mean does (a 3-cell condition then weighs three times a 1-cell one); chosen
-    keeps both for the folds to mix."""
+    keeps both for the folds to mix; per gene, a double's change counts halved."""
     from types import SimpleNamespace
 
     from regina_cli.engine.expression_prior import _mean_changes
@@ -645,6 +654,9 @@ def test_prior_mean_change_counts_conditions_once_or_by_their_cells():
     np.testing.assert_allclose(_mean_changes(stats, [1, 2], control, "cells")[0], [2.0, 0.0])
     both = _mean_changes(stats, [1, 2], control, "chosen")
     np.testing.assert_allclose(np.stack(both), [[3.0, 0.0], [2.0, 0.0]])
+    # `gan.prior_per_gene`: each change divided by its number of targets (code 2 a double)
+    per_gene = _mean_changes(stats, [1, 2], control, "chosen", np.array([1, 2]))
+    np.testing.assert_allclose(np.stack(per_gene), [[1.75, 0.0], [1.375, 0.0]])
 
 
 @pytest.mark.parametrize("pooled_predicts", [True, False])

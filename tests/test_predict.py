@@ -417,6 +417,31 @@ def test_cells_follow_the_conditions_cell_type_mix():
     assert list(plan.control_names) == list(controls.index)
 
 
+def test_each_cell_types_draw_is_moved_onto_that_types_training_control_mean():
+    """`gan.match_control_mean` on a screen of several cell types: every (condition, cell type)
+    group of predicted cells starts from controls whose mean is that type's training-control mean
+    exactly; a mix-up of the type codes would move a type onto another type's mean."""
+    from regina_cli.engine.predict import matched_control_shifts
+
+    rng = np.random.default_rng(0)
+    types = ["y", "y", "x", "x", "x", "y", "z", "z", "x", "y"] * 3
+    x = rng.normal(size=(34, 5)).astype(np.float32)
+    x[np.flatnonzero(np.array(types) == "y")] += 4.0  # each type's controls sit apart
+    x[np.flatnonzero(np.array(types) == "z")] -= 4.0
+    obs = pd.DataFrame({keys.OBS_CONDITION: ["ctrl"] * 30 + ["A+ctrl"] * 4,
+                        keys.OBS_CELL_TYPE: types + ["z", "x", "y", "y"]}, index=[f"c{i}" for i in range(34)])
+    adata = ad.AnnData(x, obs=obs)
+    plan = sample_plan(obs, ["B+ctrl", "A+ctrl"], ["ctrl", "A+ctrl"], 9, seed=0)
+    rows, inverse = np.unique(plan.cells["control_row"].to_numpy(), return_inverse=True)
+    controls, position = torch.from_numpy(x[rows]), torch.as_tensor(inverse)
+    moved = (controls[position] + matched_control_shifts(adata, plan, controls, position, "cpu")).numpy()
+    groups = plan.cells.groupby(["condition_index", "cell_type"]).indices
+    assert {t for _, t in groups} == {"x", "y", "z"}
+    for (_, cell_type), members in groups.items():
+        pool = np.flatnonzero((obs[keys.OBS_CONDITION] == "ctrl") & (obs[keys.OBS_CELL_TYPE] == cell_type))
+        np.testing.assert_allclose(moved[members].mean(0), x[pool].mean(0), atol=1e-5)
+
+
 def test_control_cells_are_drawn_without_replacement_while_there_are_enough():
     """Each predicted cell starts from another control cell as long as the cell type has enough:
     drawing with replacement regardless repeats controls, and the repeats shrink the predicted

@@ -160,7 +160,7 @@ def _choose_weights(fold_effects: list[_Effects], held_out: list[tuple[int, str]
 def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt_genes: list[str], *,
                          seed: int, knowledge=None, covariation_skip: int = 0,
                          covariation_cells: str = "controls", prior_mean: str = "conditions",
-                         knockdown_scale: float = 1.0) -> torch.Tensor:
+                         prior_per_gene: bool = False, knockdown_scale: float = 1.0) -> torch.Tensor:
     """Fit `prior` (`model.gan.ExpressionPrior`) on every perturbed training condition in `stats`
     and return the cross-fitted prior of each condition code [C, G]: a training condition gets the
     fold model that left it out (and not its own observed effect); other codes the full prior.
@@ -178,7 +178,8 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
     fold's own, so a held-out gene's cells never shape its slopes), how far a measured target's
     co-varying genes follow its knock-down. `prior_mean`: the mean change counts each condition
     once (`conditions`), by its cell count (`cells`, train_mean's pooling), or the folds choose the
-    share pooled over cells (`chosen`, among `POOLINGS`) first, on the measured held-out targets.
+    share pooled over cells (`chosen`, among `POOLINGS`) first, on the measured held-out targets;
+    with `prior_per_gene` each condition's change is divided by its number of targets first.
     The folds choose these weights with a measured target's own entry at 1 x the median
     self-change; `knockdown_scale` k applies to the cross-fitted table and the fitted prior only.
     Choosing them at k lost on the demo's validation conditions (benchmarks/README.md).
@@ -192,6 +193,10 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
     observed = {g: stats.expression_mean[code].double().cpu().numpy() - mean for g, code in singles.items()}
     full = _fit(_training_data(cells, stats, codes, mean))
     with_perturbed = covariation_cells == "training"
+
+    def mean_changes(kept: list[int]) -> tuple:
+        targets = np.array([len(parse_condition(cells.conditions[c])) for c in kept]) if prior_per_gene else None
+        return _mean_changes(stats, kept, mean, prior_mean, targets)
 
     def covariation(kept: list[int]) -> dict:  # training cells: only the conditions this fit may see
         c, p = cell_covariation(cells, components, covariation_skip, seed, kept if with_perturbed else None)
@@ -207,7 +212,7 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
         held_genes = {g for g, c in singles.items() if c in held}
         unseen_here = {g for c in held for g in parse_condition(cells.conditions[c])
                        if g in held_genes or g not in observed}
-        once, pooled = _mean_changes(stats, kept, mean, prior_mean)
+        once, pooled = mean_changes(kept)
         fold_effects.append(_Effects(model, observed, once, 1.0,
                                      median_self_effect(observed, full.gene_index, exclude=held_genes),
                                      _neighbours(knowledge, unseen_here, observed, exclude=held_genes),
@@ -217,7 +222,7 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
         fold_effects, held_out_singles, observed, knowledge is not None, fold_effects[0].covariation is not None,
         POOLINGS if prior_mean == "chosen" else (0.0,))
     needed = (set(prompt_genes) | {g for name in cells.conditions for g in parse_condition(name)}) - set(observed)
-    once, pooled = _mean_changes(stats, codes, mean, prior_mean)
+    once, pooled = mean_changes(codes)
     effects = _Effects(full, observed, once, weight,
                        median_self_effect(observed, full.gene_index), _neighbours(knowledge, needed, observed),
                        knowledge_weight, **(shared or covariation(codes)), covariation_weight=covariation_weight,
@@ -334,13 +339,18 @@ def average_over_cell_types(prior, cells, stats, index: torch.Tensor, reference:
     return replace(stats, expression_mean=means)
 
 
-def _mean_changes(stats, codes: list[int], control_mean: np.ndarray, prior_mean: str) -> tuple:
+def _mean_changes(stats, codes: list[int], control_mean: np.ndarray, prior_mean: str,
+                  targets: np.ndarray | None = None) -> tuple:
     """(the mean change, the change pooled over cells or None): the mean change counts each
     condition once, or (`prior_mean` cells) by its cell count, as train_mean pools it; with `chosen`
-    the pooled change comes too, for the folds to mix in."""
-    means = stats.expression_mean[codes].double().cpu().numpy()
+    the pooled change comes too, for the folds to mix in. `targets` (each code's number of target
+    genes, `gan.prior_per_gene`) divides each change by it: the change of one gene, where a
+    combination's change holds two."""
+    changes = stats.expression_mean[codes].double().cpu().numpy() - control_mean
+    if targets is not None:
+        changes = changes / targets[:, None]
     counts = stats.counts[codes].double().cpu().numpy()
-    once, pooled = means.mean(0) - control_mean, counts @ means / counts.sum() - control_mean
+    once, pooled = changes.mean(0), counts @ changes / counts.sum()
     return {"conditions": (once, None), "cells": (pooled, None), "chosen": (once, pooled)}[prior_mean]
 
 

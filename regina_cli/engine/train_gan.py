@@ -227,6 +227,7 @@ def build_phase(autoencoder, cells, config: ReginaConfig, ctx: DistContext,
                                                             covariation_skip=config.gan.covariation_skip,
                                                             covariation_cells=config.gan.covariation_cells,
                                                             prior_mean=config.gan.prior_mean,
+                                                            prior_per_gene=config.gan.prior_per_gene,
                                                             knockdown_scale=config.gan.knockdown_scale)
         if knowledge is not None:
             expression_prior.fill_knowledge_embeddings(gan.expression_prior, knowledge, cells.genes, prompt_genes)
