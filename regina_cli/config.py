@@ -172,12 +172,13 @@ class GANConfig:
                                        "genes (0 where it does not predict; 0 here turns the term off). On the demo's "
                                        "validation conditions pearson_delta rose from 0.409 to 0.464 (seeds 1-3; "
                                        "benchmarks/README.md).", **_NON_NEGATIVE)
-    covariation_cells: str = _opt("controls", "Cells whose co-variation the co-variation term reads: controls (the "
-                                  "training controls), or training (the controls and the perturbed training cells; "
-                                  "each fold of the fit reads only the conditions it may see). controls by default: "
-                                  "training scored 0.466 against 0.464 on the demo's validation conditions (lower "
-                                  "in seed 1, higher in 2 and 3) and 0.567 against 0.551 on Papalexi's held-out "
-                                  "training singles, too little to change the default.",
+    covariation_cells: str = _opt("training", "Cells whose co-variation the co-variation term reads: controls (the "
+                                  "training controls), or training (the controls and the perturbed training cells, "
+                                  "each centred on its cell type's mean; each fold of the fit reads only the "
+                                  "conditions it may see). training by default: on training conditions held out of "
+                                  "phase 2 the demo scored 0.532 against 0.517 (higher in 7 of 9 runs; collapse "
+                                  "index 0.257 against 0.292) and Papalexi 0.335 against 0.334 (15 runs); demo "
+                                  "validation 0.497 against 0.494 (benchmarks/README.md).",
                                   choices=("controls", "training"))
     prior_mean: str = _opt("conditions", "How the prior's mean change (its start for an unseen target) averages the "
                            "training conditions: conditions (each counts once), cells (each condition by its cell "
