@@ -535,6 +535,35 @@ def test_cell_covariation_is_measured_within_each_cell_type_and_on_the_cells_ask
     assert cell_covariation(cells, 0, 0, seed=0) == (None, None)
 
 
+def test_within_condition_co_variation_leaves_out_what_a_perturbation_shifts():
+    """`gan.covariation_cells=within`: each cell is centred on its own condition's mean, so a
+    perturbation that shifts genes 0 and 2 together (every cell alike) adds no co-variation, while
+    cells that vary together within a condition still do; `training` counts both."""
+    from types import SimpleNamespace
+
+    from regina_cli.engine.expression_prior import cell_covariation
+
+    rng = np.random.default_rng(0)
+    condition = np.repeat([0, 1, 2], 200)  # controls, P (a shift), Q (genes 0 and 1 vary together)
+    x = rng.normal(0, 0.3, (600, 3))
+    x[condition == 1] += [2.0, 0.0, 2.0]
+    x[condition == 2] += rng.normal(0, 1.0, (200, 1)) * [1.0, 1.0, 0.0]
+    x = torch.as_tensor(x)
+    cells = SimpleNamespace(train_idx=torch.arange(600), is_control=torch.as_tensor(condition == 0),
+                            cell_type_codes=torch.zeros(600, dtype=torch.long),
+                            condition_codes=torch.as_tensor(condition), cell_types=["a"],
+                            conditions=["ctrl", "P+ctrl", "Q+ctrl"],
+                            batches=lambda index, size, shuffle: [(index, x[index].float())])
+
+    def slopes_on_gene_0(**kwargs):
+        loadings, precision = cell_covariation(cells, 3, 0, seed=0, codes=[1, 2], **kwargs)
+        return loadings @ loadings[0] * precision[0]
+
+    assert slopes_on_gene_0()[2] > 0.5  # training: P's shift looks like co-variation
+    within = slopes_on_gene_0(within=True)
+    assert abs(within[2]) < 0.1 and within[1] > 0.5  # within: only Q's cells co-vary
+
+
 def test_prior_moves_genes_that_co_vary_with_a_measured_target_along_with_its_knockdown():
     prior = ExpressionPrior(n_genes=3, n_table=1, dim=2, n_covariation=1)
     prior.covariation.copy_(torch.tensor([[1.0], [2.0], [0.0]]))  # C: genes 0 and 1 co-vary, 2 does not
