@@ -210,10 +210,15 @@ class GANConfig:
                                   "validation condition each) validation pearson_delta 0.688 against 0.669 (training "
                                   "conditions predicted from priors fitted without them 0.662 against 0.651, higher in "
                                   "3 of 3 seeds); both stay below train_mean matched to the cell lines (benchmarks/README.md).")
-    covariation_skip: int = _opt(2, "Leading principal components of the controls left out of the co-variation "
-                                 "term: the axes every gene moves on (cell cycle, stress, depth), which would give "
-                                 "every knock-down one shared shift. 0 keeps them (demo validation 0.420 instead "
-                                 "of 0.464).", **_NON_NEGATIVE)
+    covariation_skip: int = _opt(4, "Leading principal components of the cells the co-variation term reads left "
+                                 "out of it: the axes every gene moves on (cell cycle, stress, depth), which would "
+                                 "give every knock-down one shared shift. 0 keeps them (controls: demo validation "
+                                 "0.420 instead of 0.464 at 2). 4 with gan.covariation_cells=within: against 2, "
+                                 "level in pearson_delta on held-out training conditions (demo 0.560 against 0.561, "
+                                 "Papalexi 0.335 against 0.333, higher in 7 of 15 runs and lower in 1) and demo "
+                                 "validation (0.524 against 0.523), with predictions less alike (validation "
+                                 "collapse index 0.252 against 0.335, truth 0.194; benchmarks/README.md).",
+                                 **_NON_NEGATIVE)
     knockdown_scale: float = _opt(2.0, "With an expression prior: a measured unseen target's own entry is this times "
                                   "the median change of the measured training targets in their own conditions: how "
                                   "much the knock-down counts against the shared mean change. On training conditions "
