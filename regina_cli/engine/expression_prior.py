@@ -174,10 +174,10 @@ def fit_expression_prior(prior, cells, stats, control_mean: torch.Tensor, prompt
     With gene knowledge, and neighbour slots in `prior` (`gan.knowledge_neighbours`), the folds also
     choose how far an unseen gene moves towards the observed effects of its knowledge neighbours;
     with co-variation columns in `prior` (`gan.covariation_components`, past the
-    `covariation_skip` leading directions of the training controls, or with `covariation_cells =
-    "training"` of the controls and the training cells of the conditions a fit may see: each
-    fold's own, so a held-out gene's cells never shape its slopes), how far a measured target's
-    co-varying genes follow its knock-down. `prior_mean`: the mean change counts each condition
+    `covariation_skip` leading directions of the training controls, or with `covariation_cells`
+    `training` or `within` of the controls and the training cells of the conditions a fit may see:
+    each fold's own, so a held-out gene's cells never shape its slopes), how far a measured
+    target's co-varying genes follow its knock-down. `prior_mean`: the mean change counts each condition
     once (`conditions`), by its cell count (`cells`, train_mean's pooling), or the folds choose the
     share pooled over cells (`chosen`, among `POOLINGS`) first, on the measured held-out targets;
     with `prior_per_gene` each condition's change is divided by its number of targets first.
@@ -276,12 +276,11 @@ def cell_covariation(cells, components: int, skip: int, seed: int, codes: list[i
     generator = torch.Generator().manual_seed(seed)
     index, x = sampled_rows(cells, index, COVARIATION_CELLS, generator)
     groups = cells.cell_type_codes[index]  # co-variation within a cell type, not between types
-    n_groups = len(cells.cell_types)
     if within:
-        groups = cells.condition_codes[index] * n_groups + groups
-        n_groups *= len(cells.conditions)
-    sums = torch.zeros((n_groups, x.shape[1]), dtype=x.dtype, device=x.device).index_add_(0, groups, x)
-    x -= (sums / torch.bincount(groups, minlength=n_groups).clamp_min(1).unsqueeze(1))[groups]
+        groups = cells.condition_codes[index] * len(cells.cell_types) + groups
+    _, groups = torch.unique(groups, return_inverse=True)  # only the groups present: bounded by the cells
+    sums = torch.zeros((int(groups.max()) + 1, x.shape[1]), dtype=x.dtype, device=x.device).index_add_(0, groups, x)
+    x -= (sums / torch.bincount(groups).unsqueeze(1))[groups]
     loadings, precision = covariation_loadings(x, components, generator, skip=skip)
     return loadings.cpu().numpy(), precision.cpu().numpy()
 

@@ -30,8 +30,8 @@ GAN_SHAPE_KEYS = ("transition_hidden", "transition_blocks", "discriminator_hidde
 GAN_START_KEYS = ("prompt_value", "modality", "prompt_sign", "prompt_scale", "gene_features", "gene_feature_dim",
                   "learned_prompts", "learned_prompt_init", "validation_holdout", "validation_min_conditions",
                   "residual_decoding", "match_control_mean", "expression_prior", "knowledge_neighbours",
-                  "covariation_components", "covariation_cells", "prior_mean", "prior_per_gene", "prior_cell_types", "covariation_skip",
-                  "knockdown_scale", "correction_scale", "correction_choice")
+                  "covariation_components", "covariation_cells", "prior_mean", "prior_per_gene", "prior_cell_types",
+                  "covariation_skip", "knockdown_scale", "correction_scale", "correction_choice")
 
 
 @dataclass
