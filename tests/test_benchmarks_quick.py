@@ -93,6 +93,45 @@ def test_denoised_collapse_index_recovers_the_noise_free_similarity():
     assert measured < noise_free - 0.1 and abs(denoised - noise_free) < 0.06
 
 
+def test_demo_oracle_rebuilds_the_fetched_screens_design_and_its_expected_values():
+    """`demo_oracle.py` replays the simulator's random stream from the screen's recorded options:
+    the same genes (a dropped target left out), conditions and cell type base rate, so fresh
+    control cells sit where the screen's do (closer than with the base rate alone); `knowable`
+    keeps each target's programs and replaces every draw by its expected value."""
+    import numpy as np
+    import pytest
+
+    sys.path.insert(0, str(BENCHMARKS))
+    import demo_oracle
+    from regina_cli import keys
+    from regina_cli.data.demo import DEMO_OPTIONS, simulate_demo
+
+    adata, _ = simulate_demo(n_cells=3000, n_genes=300, n_singles=6, n_doubles=3, drop_targets=0.2, seed=5)
+    record = adata.uns[keys.UNS_REGINA]["simulation"]
+    design, measured, base = demo_oracle.rebuild({k: record[k] for k in DEMO_OPTIONS})
+    assert list(design.genes[measured]) == list(adata.var_names) and (~measured).sum() == 1
+    assert set(design.conditions) == set(adata.obs[keys.OBS_CONDITION])
+
+    def control_mean(x):
+        return np.asarray(x.mean(0)).ravel()
+
+    real = control_mean(adata.X[(adata.obs[keys.OBS_CONDITION] == keys.CTRL).to_numpy()])
+    fresh = demo_oracle.cells(design, measured, base, [], 3000, seed=0)
+    alone = demo_oracle.cells(design, measured, design.base, [], 3000, seed=0)
+    assert np.abs(control_mean(fresh.X) - real).mean() < 0.5 * np.abs(control_mean(alone.X) - real).mean()
+
+    known = demo_oracle.knowable(design, stress=True)
+    singles = [i for i, c in enumerate(design.conditions) if c.endswith("+" + keys.CTRL)]
+    doubles = [i for i, c in enumerate(design.conditions) if c != keys.CTRL and i not in singles]
+    assert known.program_shift[singles, 0] == pytest.approx(demo_oracle.STRESS_CHANCE * demo_oracle.STRESS_MEAN)
+    a, b = design.conditions[doubles[0]].split("+")
+    row = {c: i for i, c in enumerate(design.conditions)}
+    np.testing.assert_allclose(known.program_shift[doubles[0]], demo_oracle.INTERACTION_MEAN * (
+        known.program_shift[row[f"{a}+ctrl"]] + known.program_shift[row[f"{b}+ctrl"]]), rtol=1e-5)
+    assert set(np.unique(known.effect[singles])) == {0.0, np.float32(demo_oracle.STRENGTH_MEAN)}
+    assert not demo_oracle.knowable(design, stress=False).program_shift[:, 0].any()
+
+
 def test_prior_study_scores_held_out_measured_singles():
     """Each measured single held out in turn: a screen of one shared change plus each target's own
     knock-down rewards the prior's knock-down entry, train_mean scores the shared part, and the
