@@ -24,6 +24,7 @@ from regina_cli.data.conditions import canonical_condition, is_control, parse_co
 from regina_cli.engine.condition_stats import expression_sums
 from regina_cli.engine.gene_prompts import sampled_rows, single_conditions, top_components
 from regina_cli.evaluate.baselines import LINEAR_PCA_DIM, LinearModel, TrainingData, fit_linear
+from regina_cli.model.losses import per_condition_means
 
 FOLDS = 10
 KNOWLEDGE_CHUNK = 1000  # genes per similarity computation (bounds its memory)
@@ -279,8 +280,7 @@ def cell_covariation(cells, components: int, skip: int, seed: int, codes: list[i
     if within:
         groups = cells.condition_codes[index] * len(cells.cell_types) + groups
     _, groups = torch.unique(groups, return_inverse=True)  # only the groups present: bounded by the cells
-    sums = torch.zeros((int(groups.max()) + 1, x.shape[1]), dtype=x.dtype, device=x.device).index_add_(0, groups, x)
-    x -= (sums / torch.bincount(groups).unsqueeze(1))[groups]
+    x -= per_condition_means(x, groups, int(groups.max()) + 1)[1][groups]
     loadings, precision = covariation_loadings(x, components, generator, skip=skip)
     return loadings.cpu().numpy(), precision.cpu().numpy()
 
